@@ -1,0 +1,67 @@
+//! `kvrelay bench`: each bench runs kvrelay's path and its physical baseline in the same
+//! process, interleaved, and prints one JSON object per line.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+
+mod copy;
+mod hash;
+mod store;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Gather and scatter of a Llama-3-8B-shaped request against one memcpy of the same bytes.
+    Copy(copy::CopyArgs),
+    /// sha256_cbor chunk keys of 1M tokens against a plain sha256 of the same CBOR bytes.
+    Hash(hash::HashArgs),
+    /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read.
+    Store(store::StoreArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
+    match cmd {
+        BenchCommand::Copy(args) => copy::run(args),
+        BenchCommand::Hash(args) => hash::run(args),
+        BenchCommand::Store(args) => store::run(args),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `f` `rounds` times and returns the fastest duration: the least disturbed by a noisy
+/// machine.
+pub fn best_of(rounds: usize, mut f: impl FnMut()) -> Duration {
+    (0..rounds.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .min()
+        .expect("at least one round")
+}
+
+/// One result line. `unit` is the figure's key ("gbps" or "mtok_s"); `ratio` is
+/// kvrelay / baseline, so higher is better and 1.0 means as fast as the baseline.
+pub fn print_result(bench: &str, unit: &str, value: f64, baseline: f64, extra: serde_json::Value) {
+    let mut line = serde_json::json!({
+        "bench": bench,
+        unit: round3(value),
+        "baseline": round3(baseline),
+        "ratio": round3(value / baseline),
+    });
+    if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
+        line.extend(extra);
+    }
+    println!("{line}");
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Gigabytes (1e9 bytes) per second.
+pub fn gbps(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64() / 1e9
+}

@@ -1,0 +1,8 @@
+//! Chunk keys: how a run of tokens is named in every tier and on the wire.
+//!
+//! `key` is the LMCache-compatible `CacheKey`; `hash` chunks token ids and computes the
+//! prefix-chained chunk hashes.
+
+mod key;
+
+pub use key::{CacheKey, KeyError};

@@ -1,0 +1,18 @@
+//! kvrelay: moves LLM KV cache between a prefill engine and a decode engine, and between
+//! memory tiers.
+//!
+//! Data flows one way: [`layout`] describes engine KV memory, [`plan`] turns a request's
+//! blocks into coalesced byte runs, and a [`device`], a [`store`] tier or a channel moves
+//! those runs. [`keys`] names chunks exactly as LMCache does; [`connector`] is the
+//! vLLM-shaped API an engine calls; [`config`] reads LMCache YAML and vLLM's JSON.
+
+pub mod config;
+pub mod connector;
+pub mod device;
+pub mod dtype;
+pub mod keys;
+pub mod layout;
+pub mod plan;
+pub mod store;
+
+pub use dtype::KvDtype;

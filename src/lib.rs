@@ -1,0 +1,1 @@
+//! Support code shared by kvrelay's examples and criterion benches.
