@@ -9,7 +9,11 @@ mod keys_cmd;
 mod store_cmd;
 
 #[derive(Parser)]
-#[command(name = "kvrelay", version, about = "Move LLM KV cache between engines and tiers")]
+#[command(
+    name = "kvrelay",
+    version,
+    about = "Move LLM KV cache between engines and tiers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

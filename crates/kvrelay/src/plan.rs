@@ -1,1 +1,463 @@
-//! plan (in progress)
+//! Copy plans: the coalesced list of contiguous byte runs that moves a request's KV between
+//! a paged layout and LMCache's chunk format, or between two paged layouts.
+//!
+//! A plan only names buffers by index and bytes by offset, so the same plan drives a host
+//! memcpy loop, a device's batched async copies and a network scatter/gather.
+
+use std::ops::Range;
+
+use crate::layout::{KvCacheSpec, KvLayout};
+
+/// One contiguous copy of `len` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyRun {
+    pub src_buffer: u32,
+    pub src_offset: usize,
+    pub dst_buffer: u32,
+    pub dst_offset: usize,
+    pub len: usize,
+}
+
+/// What a plan side addresses: engine KV memory in a paged layout, or chunk buffers (one
+/// per [`ChunkWindow`], in LMCache's `KV_2LTD` / `KV_MLA_FMT` format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Paged,
+    Chunks,
+}
+
+/// One chunk of a request: tokens `start..start + tokens` of the request, of which the first
+/// `skip_leading` are not copied (the engine already holds them, e.g. from its own prefix
+/// cache). The chunk buffer always has room for all `tokens`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkWindow {
+    pub start: usize,
+    pub tokens: usize,
+    pub skip_leading: usize,
+}
+
+/// A plan that cannot be built or executed safely.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    #[error("block id {block_id} is out of range: the cache has {num_blocks} blocks")]
+    BlockOutOfRange { block_id: u32, num_blocks: usize },
+    #[error(
+        "{tokens} tokens need {needed} blocks of {block_size}, but the block table has {available}"
+    )]
+    BlockTableTooShort {
+        tokens: usize,
+        needed: usize,
+        available: usize,
+        block_size: usize,
+    },
+    #[error("chunk window {index} is invalid: {reason}")]
+    BadWindow { index: usize, reason: String },
+    #[error("layouts hold different KV geometry (layers, heads, head size, dtype or attention kind): {src:?} vs {dst:?}")]
+    GeometryMismatch {
+        src: Box<KvCacheSpec>,
+        dst: Box<KvCacheSpec>,
+    },
+    #[error("plan {side} side needs {expected} buffers, {found} were given")]
+    BufferCount {
+        side: &'static str,
+        expected: usize,
+        found: usize,
+    },
+    #[error("plan {side} buffer {buffer} needs {needed} bytes but has {len}")]
+    BufferTooSmall {
+        side: &'static str,
+        buffer: usize,
+        needed: usize,
+        len: usize,
+    },
+}
+
+/// A coalesced list of copies, with the extent each buffer must have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyPlan {
+    runs: Vec<CopyRun>,
+    source: Endpoint,
+    dest: Endpoint,
+    src_extents: Vec<usize>,
+    dst_extents: Vec<usize>,
+    total_bytes: usize,
+}
+
+impl CopyPlan {
+    pub fn runs(&self) -> &[CopyRun] {
+        &self.runs
+    }
+
+    pub fn source(&self) -> Endpoint {
+        self.source
+    }
+
+    pub fn dest(&self) -> Endpoint {
+        self.dest
+    }
+
+    /// Bytes moved by the whole plan.
+    pub fn total_bytes(&self) -> usize {
+        self.total_bytes
+    }
+
+    /// For each source buffer, how many bytes from its start the plan reads.
+    pub fn src_extents(&self) -> &[usize] {
+        &self.src_extents
+    }
+
+    /// For each destination buffer, how many bytes from its start the plan writes.
+    pub fn dst_extents(&self) -> &[usize] {
+        &self.dst_extents
+    }
+
+    /// The plan that copies the same bytes back: a scatter from a gather and vice versa.
+    pub fn inverse(&self) -> CopyPlan {
+        CopyPlan {
+            runs: self
+                .runs
+                .iter()
+                .map(|r| CopyRun {
+                    src_buffer: r.dst_buffer,
+                    src_offset: r.dst_offset,
+                    dst_buffer: r.src_buffer,
+                    dst_offset: r.src_offset,
+                    len: r.len,
+                })
+                .collect(),
+            source: self.dest,
+            dest: self.source,
+            src_extents: self.dst_extents.clone(),
+            dst_extents: self.src_extents.clone(),
+            total_bytes: self.total_bytes,
+        }
+    }
+
+    /// Checks buffer counts and sizes for both sides before any byte moves, so a plan can
+    /// never read or write outside the buffers it is given.
+    pub fn check_buffers(
+        &self,
+        src_lens: impl ExactSizeIterator<Item = usize>,
+        dst_lens: impl ExactSizeIterator<Item = usize>,
+    ) -> Result<(), PlanError> {
+        check_side("source", &self.src_extents, src_lens)?;
+        check_side("destination", &self.dst_extents, dst_lens)
+    }
+
+    /// Executes the plan with host memcpy after checking every buffer.
+    pub fn execute(&self, src: &[&[u8]], dst: &mut [&mut [u8]]) -> Result<(), PlanError> {
+        self.check_buffers(src.iter().map(|b| b.len()), dst.iter().map(|b| b.len()))?;
+        for run in &self.runs {
+            let from = &src[run.src_buffer as usize][run.src_offset..run.src_offset + run.len];
+            dst[run.dst_buffer as usize][run.dst_offset..run.dst_offset + run.len]
+                .copy_from_slice(from);
+        }
+        Ok(())
+    }
+}
+
+fn check_side(
+    side: &'static str,
+    extents: &[usize],
+    lens: impl ExactSizeIterator<Item = usize>,
+) -> Result<(), PlanError> {
+    if lens.len() != extents.len() {
+        return Err(PlanError::BufferCount {
+            side,
+            expected: extents.len(),
+            found: lens.len(),
+        });
+    }
+    for (buffer, (&needed, len)) in extents.iter().zip(lens).enumerate() {
+        if len < needed {
+            return Err(PlanError::BufferTooSmall {
+                side,
+                buffer,
+                needed,
+                len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Accumulates runs, merging each with the previous one when both sides continue it.
+struct PlanBuilder {
+    runs: Vec<CopyRun>,
+    src_extents: Vec<usize>,
+    dst_extents: Vec<usize>,
+    total_bytes: usize,
+}
+
+impl PlanBuilder {
+    fn new(src_buffers: usize, dst_buffers: usize) -> Self {
+        PlanBuilder {
+            runs: Vec::new(),
+            src_extents: vec![0; src_buffers],
+            dst_extents: vec![0; dst_buffers],
+            total_bytes: 0,
+        }
+    }
+
+    fn push(&mut self, src: (usize, usize), dst: (usize, usize), len: usize) {
+        let ((src_buffer, src_offset), (dst_buffer, dst_offset)) = (src, dst);
+        self.total_bytes += len;
+        let src_end = &mut self.src_extents[src_buffer];
+        *src_end = (*src_end).max(src_offset + len);
+        let dst_end = &mut self.dst_extents[dst_buffer];
+        *dst_end = (*dst_end).max(dst_offset + len);
+        let (src_buffer, dst_buffer) = (src_buffer as u32, dst_buffer as u32);
+        if let Some(last) = self.runs.last_mut() {
+            if last.src_buffer == src_buffer
+                && last.dst_buffer == dst_buffer
+                && last.src_offset + last.len == src_offset
+                && last.dst_offset + last.len == dst_offset
+            {
+                last.len += len;
+                return;
+            }
+        }
+        self.runs.push(CopyRun {
+            src_buffer,
+            src_offset,
+            dst_buffer,
+            dst_offset,
+            len,
+        });
+    }
+
+    fn finish(self, source: Endpoint, dest: Endpoint) -> CopyPlan {
+        CopyPlan {
+            runs: self.runs,
+            source,
+            dest,
+            src_extents: self.src_extents,
+            dst_extents: self.dst_extents,
+            total_bytes: self.total_bytes,
+        }
+    }
+}
+
+/// Maps request token positions to (block id, slot) through a checked block table.
+struct BlockTable<'a> {
+    block_ids: &'a [u32],
+    block_size: usize,
+}
+
+impl<'a> BlockTable<'a> {
+    /// Checks that `block_ids` covers `tokens` tokens and that every id used is in range.
+    fn new(layout: &KvLayout, block_ids: &'a [u32], tokens: usize) -> Result<Self, PlanError> {
+        let spec = layout.spec();
+        let needed = tokens.div_ceil(spec.block_size);
+        if needed > block_ids.len() {
+            return Err(PlanError::BlockTableTooShort {
+                tokens,
+                needed,
+                available: block_ids.len(),
+                block_size: spec.block_size,
+            });
+        }
+        if let Some(&block_id) = block_ids[..needed]
+            .iter()
+            .find(|&&id| id as usize >= spec.num_blocks)
+        {
+            return Err(PlanError::BlockOutOfRange {
+                block_id,
+                num_blocks: spec.num_blocks,
+            });
+        }
+        Ok(BlockTable {
+            block_ids,
+            block_size: spec.block_size,
+        })
+    }
+
+    fn slot(&self, token: usize) -> (usize, usize) {
+        (
+            self.block_ids[token / self.block_size] as usize,
+            token % self.block_size,
+        )
+    }
+}
+
+/// Bytes of the unit copied per step: a whole token row when every layout involved keeps
+/// a token's heads together, else one head.
+fn copy_unit(spec: &KvCacheSpec, layouts: &[&KvLayout]) -> usize {
+    if layouts.iter().all(|l| l.heads_contiguous()) {
+        spec.row_bytes()
+    } else {
+        spec.head_bytes()
+    }
+}
+
+/// Plans the gather of `windows` of a request whose tokens live in `block_ids` (the
+/// request's block table, token `t` in block `block_ids[t / block_size]`) into one chunk
+/// buffer per window. Invert the plan for the scatter.
+pub fn paged_to_chunks(
+    layout: &KvLayout,
+    block_ids: &[u32],
+    windows: &[ChunkWindow],
+) -> Result<CopyPlan, PlanError> {
+    let spec = layout.spec();
+    let mut last_token = 0;
+    for (index, w) in windows.iter().enumerate() {
+        let bad = |reason: String| PlanError::BadWindow { index, reason };
+        if w.tokens == 0 {
+            return Err(bad("it holds no tokens".into()));
+        }
+        if w.skip_leading > w.tokens {
+            return Err(bad(format!(
+                "skip_leading {} exceeds its {} tokens",
+                w.skip_leading, w.tokens
+            )));
+        }
+        let end = w
+            .start
+            .checked_add(w.tokens)
+            .ok_or_else(|| bad("its token range overflows".into()))?;
+        last_token = last_token.max(end);
+    }
+    let table = BlockTable::new(layout, block_ids, last_token)?;
+    let unit = copy_unit(spec, &[layout]);
+    let heads_per_unit = unit / spec.head_bytes();
+    let mut plan = PlanBuilder::new(layout.num_buffers(), windows.len());
+    for (chunk, w) in windows.iter().enumerate() {
+        for plane in 0..spec.kv_planes() {
+            for layer in 0..spec.num_layers {
+                let first_row = (plane * spec.num_layers + layer) * w.tokens;
+                for t in w.skip_leading..w.tokens {
+                    let (block, slot) = table.slot(w.start + t);
+                    for head in (0..spec.num_kv_heads).step_by(heads_per_unit) {
+                        let at = layout.locate(layer, plane, block, slot, head);
+                        let in_chunk =
+                            (first_row + t) * spec.row_bytes() + head * spec.head_bytes();
+                        plan.push((at.buffer, at.offset), (chunk, in_chunk), unit);
+                    }
+                }
+            }
+        }
+    }
+    Ok(plan.finish(Endpoint::Paged, Endpoint::Chunks))
+}
+
+/// Plans copying request tokens `tokens` from one paged cache to another, each with its
+/// own layout, block size and block table.
+pub fn paged_to_paged(
+    src: &KvLayout,
+    src_block_ids: &[u32],
+    dst: &KvLayout,
+    dst_block_ids: &[u32],
+    tokens: Range<usize>,
+) -> Result<CopyPlan, PlanError> {
+    let spec = src.spec();
+    if spec.chunk_fingerprint() != dst.spec().chunk_fingerprint() {
+        return Err(PlanError::GeometryMismatch {
+            src: Box::new(*spec),
+            dst: Box::new(*dst.spec()),
+        });
+    }
+    let src_table = BlockTable::new(src, src_block_ids, tokens.end)?;
+    let dst_table = BlockTable::new(dst, dst_block_ids, tokens.end)?;
+    let unit = copy_unit(spec, &[src, dst]);
+    let heads_per_unit = unit / spec.head_bytes();
+    let mut plan = PlanBuilder::new(src.num_buffers(), dst.num_buffers());
+    for plane in 0..spec.kv_planes() {
+        for layer in 0..spec.num_layers {
+            for t in tokens.clone() {
+                let (src_block, src_slot) = src_table.slot(t);
+                let (dst_block, dst_slot) = dst_table.slot(t);
+                for head in (0..spec.num_kv_heads).step_by(heads_per_unit) {
+                    let from = src.locate(layer, plane, src_block, src_slot, head);
+                    let to = dst.locate(layer, plane, dst_block, dst_slot, head);
+                    plan.push((from.buffer, from.offset), (to.buffer, to.offset), unit);
+                }
+            }
+        }
+    }
+    Ok(plan.finish(Endpoint::Paged, Endpoint::Paged))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::KvDtype;
+    use crate::layout::{AttentionKind, LayoutKind};
+
+    fn layout(kind: LayoutKind) -> KvLayout {
+        let spec = KvCacheSpec {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_size: 8,
+            dtype: KvDtype::F16,
+            block_size: 4,
+            num_blocks: 6,
+            attention: AttentionKind::Mha,
+        };
+        KvLayout::new(spec, kind).unwrap()
+    }
+
+    fn window(start: usize, tokens: usize, skip_leading: usize) -> ChunkWindow {
+        ChunkWindow {
+            start,
+            tokens,
+            skip_leading,
+        }
+    }
+
+    #[test]
+    fn nhd_runs_coalesce_across_a_block_and_adjacent_blocks() {
+        let layout = layout(LayoutKind::FlashAttnNhd);
+        // Blocks 2 and 3 are adjacent in memory: one run per (plane, layer).
+        let plan = paged_to_chunks(&layout, &[2, 3], &[window(0, 8, 0)]).unwrap();
+        assert_eq!(plan.runs().len(), 4);
+        assert_eq!(plan.total_bytes(), layout.spec().chunk_bytes(8));
+        // Blocks 3 then 1 are not: two runs per (plane, layer).
+        let plan = paged_to_chunks(&layout, &[3, 1], &[window(0, 8, 0)]).unwrap();
+        assert_eq!(plan.runs().len(), 8);
+    }
+
+    #[test]
+    fn bad_block_tables_and_windows_are_errors() {
+        let layout = layout(LayoutKind::FlashAttnNhd);
+        assert!(matches!(
+            paged_to_chunks(&layout, &[0], &[window(0, 5, 0)]),
+            Err(PlanError::BlockTableTooShort { needed: 2, .. })
+        ));
+        assert!(matches!(
+            paged_to_chunks(&layout, &[6], &[window(0, 4, 0)]),
+            Err(PlanError::BlockOutOfRange { block_id: 6, .. })
+        ));
+        assert!(matches!(
+            paged_to_chunks(&layout, &[0], &[window(0, 2, 3)]),
+            Err(PlanError::BadWindow { index: 0, .. })
+        ));
+        assert!(matches!(
+            paged_to_chunks(&layout, &[0], &[window(usize::MAX, 2, 0)]),
+            Err(PlanError::BadWindow { .. })
+        ));
+        let plan = paged_to_chunks(&layout, &[0], &[window(0, 4, 0)]).unwrap();
+        let src = vec![0u8; layout.buffer_bytes()];
+        let mut small = vec![0u8; 8];
+        assert!(matches!(
+            plan.execute(&[&src, &src], &mut [&mut small]),
+            Err(PlanError::BufferTooSmall { .. })
+        ));
+        assert!(matches!(
+            plan.execute(&[&src], &mut [&mut small]),
+            Err(PlanError::BufferCount { .. })
+        ));
+    }
+
+    #[test]
+    fn paged_to_paged_rejects_other_geometry() {
+        let a = layout(LayoutKind::FlashAttnNhd);
+        let mut spec = *a.spec();
+        spec.head_size = 16;
+        let b = KvLayout::new(spec, LayoutKind::FlashAttnNhd).unwrap();
+        assert!(matches!(
+            paged_to_paged(&a, &[0], &b, &[0], 0..4),
+            Err(PlanError::GeometryMismatch { .. })
+        ));
+    }
+}

@@ -44,7 +44,13 @@ impl CacheKey {
         chunk_hash: u64,
         dtype: KvDtype,
     ) -> Result<Self, KeyError> {
-        Self::with_model(Self::model_name(model)?, world_size, worker_id, chunk_hash, dtype)
+        Self::with_model(
+            Self::model_name(model)?,
+            world_size,
+            worker_id,
+            chunk_hash,
+            dtype,
+        )
     }
 
     /// Validates a model name once so that many keys can share it.
