@@ -1,1 +1,200 @@
-//! device (in progress)
+//! Copy engines: the [`Device`] trait moves the runs of a [`CopyPlan`] between engine KV
+//! memory and host buffers.
+//!
+//! The shape follows what vendor runtimes offer (RBLN `rbln_memcpy_{v2h,h2v}_async` plus one
+//! `rbln_device_synchronize`; Ascend `aclrtMemcpyAsync` on a stream plus one stream
+//! synchronize): a plan is started as one batch of copies and completed by one wait. The
+//! host implementation copies with memcpy and is always available.
+
+mod host;
+
+use std::sync::Arc;
+
+pub use host::{HostBuffer, HostDevice, HostKvCache};
+
+use crate::layout::KvLayout;
+use crate::plan::{CopyPlan, Endpoint, PlanError};
+
+/// A device copy that failed or could not be started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("plan copies {from:?} to {to:?}, which this call does not do")]
+    WrongDirection { from: Endpoint, to: Endpoint },
+    #[error("engine memory for layout {layout} needs {expected} regions of at least {bytes} bytes; got {found} regions{detail}")]
+    BadRegions {
+        layout: String,
+        expected: usize,
+        bytes: usize,
+        found: usize,
+        detail: String,
+    },
+    #[error("cannot allocate {len} bytes of host memory aligned to {align}")]
+    OutOfHostMemory { len: usize, align: usize },
+    #[error("{device} runtime error in {call}: {message}")]
+    Runtime {
+        device: String,
+        call: &'static str,
+        message: String,
+    },
+}
+
+/// One registered buffer of engine KV memory: a device virtual address (or, for the host
+/// device, a host pointer) and its length in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub addr: u64,
+    pub len: usize,
+}
+
+/// The engine's KV memory as registered with a connector: a layout and one region per
+/// layout buffer.
+#[derive(Clone)]
+pub struct EngineMemory {
+    layout: KvLayout,
+    regions: Vec<Region>,
+    /// Keeps memory kvrelay allocated itself alive while any registration uses it.
+    _owner: Option<Arc<HostKvCache>>,
+}
+
+impl std::fmt::Debug for EngineMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineMemory")
+            .field("layout", &self.layout)
+            .field("regions", &self.regions)
+            .finish()
+    }
+}
+
+impl EngineMemory {
+    /// Registers engine memory described by raw addresses, as an engine hands over its KV
+    /// tensors (`data_ptr()` of each layer).
+    ///
+    /// # Safety
+    /// Every region must be memory of the device it is used with, valid for reads and writes
+    /// of `len` bytes for as long as this value or a clone of it lives, and the engine must
+    /// not touch the blocks of a request while a copy of that request runs (vLLM's connector
+    /// contract guarantees this).
+    pub unsafe fn from_raw(layout: KvLayout, regions: Vec<Region>) -> Result<Self, DeviceError> {
+        let bad = |detail: String| DeviceError::BadRegions {
+            layout: layout.kind().to_string(),
+            expected: layout.num_buffers(),
+            bytes: layout.buffer_bytes(),
+            found: regions.len(),
+            detail,
+        };
+        if regions.len() != layout.num_buffers() {
+            return Err(bad(String::new()));
+        }
+        if let Some((i, r)) = regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.len < layout.buffer_bytes() || r.addr == 0)
+        {
+            return Err(bad(format!(
+                " (region {i} is {} bytes at {:#x})",
+                r.len, r.addr
+            )));
+        }
+        Ok(EngineMemory {
+            layout,
+            regions,
+            _owner: None,
+        })
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+}
+
+/// A started copy. [`PendingCopy::wait`] completes it; dropping it waits too, because the
+/// buffers it borrows must not be reused while a device may still write them.
+#[must_use = "a started copy must be waited for"]
+pub struct PendingCopy<'a> {
+    wait: Option<Box<dyn FnOnce() -> Result<(), DeviceError> + Send + 'a>>,
+}
+
+impl<'a> PendingCopy<'a> {
+    /// A copy that already finished when it was started.
+    pub fn done() -> Self {
+        PendingCopy { wait: None }
+    }
+
+    /// A copy that finishes when `wait` returns.
+    pub fn new(wait: impl FnOnce() -> Result<(), DeviceError> + Send + 'a) -> Self {
+        PendingCopy {
+            wait: Some(Box::new(wait)),
+        }
+    }
+
+    /// Blocks until every copy of the plan has landed.
+    pub fn wait(mut self) -> Result<(), DeviceError> {
+        self.wait.take().map_or(Ok(()), |wait| wait())
+    }
+}
+
+impl Drop for PendingCopy<'_> {
+    fn drop(&mut self) {
+        if let Some(wait) = self.wait.take() {
+            if let Err(error) = wait() {
+                tracing::error!(%error, "copy dropped without wait() failed");
+            }
+        }
+    }
+}
+
+/// A copy engine between engine KV memory and host memory.
+///
+/// Implementations check every run against the registered regions and the host buffers
+/// before the first byte moves, start the whole plan as one batch, and complete it with one
+/// synchronize in [`PendingCopy::wait`].
+pub trait Device: Send + Sync {
+    /// A short name for logs and figures ("host", "rbln:0", ...).
+    fn name(&self) -> &str;
+
+    /// Host memory the device copies to and from fastest: aligned, and pinned or registered
+    /// with the runtime where it supports that.
+    fn alloc_staging(&self, len: usize) -> Result<HostBuffer, DeviceError>;
+
+    /// Starts a gather plan ([`Endpoint::Paged`] to [`Endpoint::Chunks`]): engine memory to
+    /// host buffers.
+    fn start_gather<'a>(
+        &'a self,
+        plan: &'a CopyPlan,
+        engine: &'a EngineMemory,
+        host: &'a mut [&'a mut [u8]],
+    ) -> Result<PendingCopy<'a>, DeviceError>;
+
+    /// Starts a scatter plan ([`Endpoint::Chunks`] to [`Endpoint::Paged`]): host buffers
+    /// into engine memory.
+    fn start_scatter<'a>(
+        &'a self,
+        plan: &'a CopyPlan,
+        host: &'a [&'a [u8]],
+        engine: &'a EngineMemory,
+    ) -> Result<PendingCopy<'a>, DeviceError>;
+}
+
+/// Checks that `plan` runs from `source` to `dest`, and that its buffers fit.
+pub fn check_plan(
+    plan: &CopyPlan,
+    source: Endpoint,
+    dest: Endpoint,
+    src_lens: impl ExactSizeIterator<Item = usize>,
+    dst_lens: impl ExactSizeIterator<Item = usize>,
+) -> Result<(), DeviceError> {
+    if plan.source() != source || plan.dest() != dest {
+        return Err(DeviceError::WrongDirection {
+            from: plan.source(),
+            to: plan.dest(),
+        });
+    }
+    Ok(plan.check_buffers(src_lens, dst_lens)?)
+}

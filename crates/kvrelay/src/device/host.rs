@@ -1,0 +1,283 @@
+//! The host device: engine KV memory in ordinary process memory, copied with memcpy.
+
+use std::alloc::Layout as AllocLayout;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use super::{check_plan, Device, DeviceError, EngineMemory, PendingCopy, Region};
+use crate::layout::KvLayout;
+use crate::plan::{CopyPlan, Endpoint};
+
+/// Zeroed host memory with a fixed alignment: 4 KiB, or 2 MiB for buffers of 2 MiB and
+/// more, which is what DMA engines and huge pages want.
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    alloc: AllocLayout,
+}
+
+// SAFETY: HostBuffer owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for HostBuffer {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    const SMALL_ALIGN: usize = 4096;
+    const HUGE_ALIGN: usize = 2 << 20;
+
+    pub fn zeroed(len: usize) -> Result<Self, DeviceError> {
+        let align = if len >= Self::HUGE_ALIGN {
+            Self::HUGE_ALIGN
+        } else {
+            Self::SMALL_ALIGN
+        };
+        let oom = DeviceError::OutOfHostMemory { len, align };
+        // A zero-sized allocation is undefined; allocate one byte and expose none.
+        let alloc = AllocLayout::from_size_align(len.max(1), align).map_err(|_| oom.clone())?;
+        // SAFETY: `alloc` has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(alloc) };
+        let ptr = NonNull::new(ptr).ok_or(oom)?;
+        Ok(HostBuffer { ptr, len, alloc })
+    }
+
+    pub fn alignment(&self) -> usize {
+        self.alloc.align()
+    }
+}
+
+impl std::ops::Deref for HostBuffer {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live, initialized (zeroed) allocation of at least len bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for HostBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.alloc) }
+    }
+}
+
+/// A paged KV cache in host memory: what a CPU engine (and every test) registers.
+pub struct HostKvCache {
+    layout: KvLayout,
+    buffers: Vec<HostBuffer>,
+}
+
+impl HostKvCache {
+    pub fn new(layout: KvLayout) -> Result<Arc<Self>, DeviceError> {
+        let buffers = (0..layout.num_buffers())
+            .map(|_| HostBuffer::zeroed(layout.buffer_bytes()))
+            .collect::<Result<_, _>>()?;
+        Ok(Arc::new(HostKvCache { layout, buffers }))
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    /// The registration a connector takes; it keeps this cache alive.
+    pub fn engine_memory(self: &Arc<Self>) -> EngineMemory {
+        let regions = self
+            .buffers
+            .iter()
+            .map(|b| Region {
+                addr: b.as_ptr() as u64,
+                len: b.len(),
+            })
+            .collect();
+        EngineMemory {
+            layout: self.layout,
+            regions,
+            _owner: Some(Arc::clone(self)),
+        }
+    }
+
+    /// Read access to buffer `index`.
+    ///
+    /// # Safety
+    /// No copy may write this buffer while the slice lives (the engine's side of the
+    /// connector contract: it does not read blocks whose load is in flight).
+    pub unsafe fn buffer(&self, index: usize) -> &[u8] {
+        let b = &self.buffers[index];
+        // SAFETY: the allocation lives as long as self; the caller rules out writers.
+        unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) }
+    }
+
+    /// Write access to buffer `index`, as an engine writes KV during a forward pass.
+    ///
+    /// # Safety
+    /// No other reference to this buffer, and no copy touching it, may exist while the
+    /// slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn buffer_mut(&self, index: usize) -> &mut [u8] {
+        let b = &self.buffers[index];
+        // SAFETY: the allocation lives as long as self; the caller guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(b.as_ptr() as *mut u8, b.len()) }
+    }
+}
+
+/// Copies plans with memcpy. Copies complete before `start_*` returns.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostDevice;
+
+impl Device for HostDevice {
+    fn name(&self) -> &str {
+        "host"
+    }
+
+    fn alloc_staging(&self, len: usize) -> Result<HostBuffer, DeviceError> {
+        HostBuffer::zeroed(len)
+    }
+
+    fn start_gather<'a>(
+        &'a self,
+        plan: &'a CopyPlan,
+        engine: &'a EngineMemory,
+        host: &'a mut [&'a mut [u8]],
+    ) -> Result<PendingCopy<'a>, DeviceError> {
+        let regions = engine.regions();
+        check_plan(
+            plan,
+            Endpoint::Paged,
+            Endpoint::Chunks,
+            regions.iter().map(|r| r.len),
+            host.iter().map(|b| b.len()),
+        )?;
+        for run in plan.runs() {
+            let src = regions[run.src_buffer as usize].addr as *const u8;
+            let dst = &mut host[run.dst_buffer as usize][run.dst_offset..][..run.len];
+            // SAFETY: check_plan proved src_offset + len is within the region, which
+            // EngineMemory's contract makes valid host memory not written during the copy;
+            // dst is a distinct &mut slice, so the ranges cannot overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.add(run.src_offset), dst.as_mut_ptr(), run.len)
+            };
+        }
+        Ok(PendingCopy::done())
+    }
+
+    fn start_scatter<'a>(
+        &'a self,
+        plan: &'a CopyPlan,
+        host: &'a [&'a [u8]],
+        engine: &'a EngineMemory,
+    ) -> Result<PendingCopy<'a>, DeviceError> {
+        let regions = engine.regions();
+        check_plan(
+            plan,
+            Endpoint::Chunks,
+            Endpoint::Paged,
+            host.iter().map(|b| b.len()),
+            regions.iter().map(|r| r.len),
+        )?;
+        for run in plan.runs() {
+            let src = &host[run.src_buffer as usize][run.src_offset..][..run.len];
+            let dst = regions[run.dst_buffer as usize].addr as *mut u8;
+            // SAFETY: check_plan proved dst_offset + len is within the region, which
+            // EngineMemory's contract makes valid, unaliased host memory during the copy;
+            // src is a shared slice of other memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(run.dst_offset), run.len)
+            };
+        }
+        Ok(PendingCopy::done())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::KvDtype;
+    use crate::layout::{AttentionKind, KvCacheSpec, LayoutKind};
+    use crate::plan::{paged_to_chunks, ChunkWindow};
+
+    fn cache() -> Arc<HostKvCache> {
+        let spec = KvCacheSpec {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_size: 4,
+            dtype: KvDtype::Bf16,
+            block_size: 4,
+            num_blocks: 8,
+            attention: AttentionKind::Mha,
+        };
+        HostKvCache::new(KvLayout::new(spec, LayoutKind::FlashAttnHnd).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn gather_then_scatter_into_another_cache_round_trips() {
+        let (a, b) = (cache(), cache());
+        for i in 0..a.layout().num_buffers() {
+            // SAFETY: no copy is running.
+            let buf = unsafe { a.buffer_mut(i) };
+            buf.iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = (j * 7 + i) as u8);
+        }
+        let windows = [ChunkWindow {
+            start: 0,
+            tokens: 6,
+            skip_leading: 0,
+        }];
+        let plan = paged_to_chunks(a.layout(), &[5, 2], &windows).unwrap();
+        let device = HostDevice;
+        let mut chunk = device
+            .alloc_staging(a.layout().spec().chunk_bytes(6))
+            .unwrap();
+        assert_eq!(chunk.alignment(), 4096);
+        let (mem_a, mem_b) = (a.engine_memory(), b.engine_memory());
+        {
+            let mut host = [&mut chunk[..]];
+            device
+                .start_gather(&plan, &mem_a, &mut host)
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+        let scatter = plan.inverse();
+        device
+            .start_scatter(&scatter, &[&chunk[..]], &mem_b)
+            .unwrap()
+            .wait()
+            .unwrap();
+        for run in plan.runs() {
+            let (i, o, n) = (run.src_buffer as usize, run.src_offset, run.len);
+            // SAFETY: no copy is running.
+            let (x, y) = unsafe { (&a.buffer(i)[o..o + n], &b.buffer(i)[o..o + n]) };
+            assert_eq!(x, y);
+        }
+        // The wrong direction and undersized buffers are refused before any byte moves.
+        assert!(matches!(
+            device.start_scatter(&plan, &[&chunk[..]], &mem_b),
+            Err(DeviceError::WrongDirection { .. })
+        ));
+        let tiny = [0u8; 16];
+        assert!(matches!(
+            device.start_scatter(&scatter, &[&tiny[..]], &mem_b),
+            Err(DeviceError::Plan(_))
+        ));
+    }
+
+    #[test]
+    fn raw_registration_checks_regions() {
+        let layout = *cache().layout();
+        // SAFETY: rejected before any use.
+        let short =
+            unsafe { EngineMemory::from_raw(layout, vec![Region { addr: 4096, len: 1 }; 2]) };
+        assert!(matches!(short, Err(DeviceError::BadRegions { .. })));
+        // SAFETY: rejected before any use.
+        let missing = unsafe { EngineMemory::from_raw(layout, vec![]) };
+        assert!(matches!(missing, Err(DeviceError::BadRegions { .. })));
+    }
+}
