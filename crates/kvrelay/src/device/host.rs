@@ -4,9 +4,10 @@ use std::alloc::Layout as AllocLayout;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use super::stream::{prefetch_run, stream_copy, stream_fence, STREAMING_THRESHOLD};
 use super::{check_plan, Device, DeviceError, EngineMemory, PendingCopy, Region};
 use crate::layout::KvLayout;
-use crate::plan::{CopyPlan, Endpoint};
+use crate::plan::{CopyPlan, CopyRun, Endpoint};
 
 /// Zeroed host memory with a fixed alignment: 4 KiB, or 2 MiB for buffers of 2 MiB and
 /// more, which is what DMA engines and huge pages want.
@@ -37,6 +38,12 @@ impl HostBuffer {
         // SAFETY: `alloc` has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(alloc) };
         let ptr = NonNull::new(ptr).ok_or(oom)?;
+        if align == Self::HUGE_ALIGN {
+            // Huge pages spare the TLB misses of plans that hop between scattered blocks.
+            // Advice only: failure (e.g. THP disabled) leaves ordinary pages.
+            // SAFETY: the range is exactly the allocation we own, 2 MiB aligned.
+            unsafe { libc::madvise(ptr.as_ptr().cast(), alloc.size(), libc::MADV_HUGEPAGE) };
+        }
         Ok(HostBuffer { ptr, len, alloc })
     }
 
@@ -127,6 +134,21 @@ impl HostKvCache {
     }
 }
 
+type RawCopy = unsafe fn(*mut u8, *const u8, usize);
+
+/// Streaming stores for plans larger than the cache, plain memcpy for small ones.
+fn copy_fn(plan: &CopyPlan) -> RawCopy {
+    unsafe fn memcpy(dst: *mut u8, src: *const u8, len: usize) {
+        // SAFETY: forwarded from the caller, who upholds stream_copy's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
+    }
+    if plan.total_bytes() >= STREAMING_THRESHOLD {
+        stream_copy
+    } else {
+        memcpy
+    }
+}
+
 /// Copies plans with memcpy. Copies complete before `start_*` returns.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostDevice;
@@ -144,7 +166,7 @@ impl Device for HostDevice {
         &'a self,
         plan: &'a CopyPlan,
         engine: &'a EngineMemory,
-        host: &'a mut [&'a mut [u8]],
+        host: &'a mut [&mut [u8]],
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = engine.regions();
         check_plan(
@@ -154,23 +176,27 @@ impl Device for HostDevice {
             regions.iter().map(|r| r.len),
             host.iter().map(|b| b.len()),
         )?;
-        for run in plan.runs() {
-            let src = regions[run.src_buffer as usize].addr as *const u8;
+        let copy = copy_fn(plan);
+        let source = |run: &CopyRun| regions[run.src_buffer as usize].addr as *const u8;
+        for (i, run) in plan.runs().iter().enumerate() {
+            if let Some(next) = plan.runs().get(i + 1) {
+                prefetch_run(source(next).wrapping_add(next.src_offset), next.len);
+            }
+            let src = source(run);
             let dst = &mut host[run.dst_buffer as usize][run.dst_offset..][..run.len];
             // SAFETY: check_plan proved src_offset + len is within the region, which
             // EngineMemory's contract makes valid host memory not written during the copy;
             // dst is a distinct &mut slice, so the ranges cannot overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.add(run.src_offset), dst.as_mut_ptr(), run.len)
-            };
+            unsafe { copy(dst.as_mut_ptr(), src.add(run.src_offset), run.len) };
         }
+        stream_fence();
         Ok(PendingCopy::done())
     }
 
     fn start_scatter<'a>(
         &'a self,
         plan: &'a CopyPlan,
-        host: &'a [&'a [u8]],
+        host: &'a [&[u8]],
         engine: &'a EngineMemory,
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = engine.regions();
@@ -181,16 +207,16 @@ impl Device for HostDevice {
             host.iter().map(|b| b.len()),
             regions.iter().map(|r| r.len),
         )?;
+        let copy = copy_fn(plan);
         for run in plan.runs() {
             let src = &host[run.src_buffer as usize][run.src_offset..][..run.len];
             let dst = regions[run.dst_buffer as usize].addr as *mut u8;
             // SAFETY: check_plan proved dst_offset + len is within the region, which
             // EngineMemory's contract makes valid, unaliased host memory during the copy;
             // src is a shared slice of other memory.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(run.dst_offset), run.len)
-            };
+            unsafe { copy(dst.add(run.dst_offset), src.as_ptr(), run.len) };
         }
+        stream_fence();
         Ok(PendingCopy::done())
     }
 }

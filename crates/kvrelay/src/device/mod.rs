@@ -7,6 +7,7 @@
 //! host implementation copies with memcpy and is always available.
 
 mod host;
+mod stream;
 
 use std::sync::Arc;
 
@@ -169,7 +170,7 @@ pub trait Device: Send + Sync {
         &'a self,
         plan: &'a CopyPlan,
         engine: &'a EngineMemory,
-        host: &'a mut [&'a mut [u8]],
+        host: &'a mut [&mut [u8]],
     ) -> Result<PendingCopy<'a>, DeviceError>;
 
     /// Starts a scatter plan ([`Endpoint::Chunks`] to [`Endpoint::Paged`]): host buffers
@@ -177,7 +178,7 @@ pub trait Device: Send + Sync {
     fn start_scatter<'a>(
         &'a self,
         plan: &'a CopyPlan,
-        host: &'a [&'a [u8]],
+        host: &'a [&[u8]],
         engine: &'a EngineMemory,
     ) -> Result<PendingCopy<'a>, DeviceError>;
 }
