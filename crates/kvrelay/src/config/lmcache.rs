@@ -328,10 +328,10 @@ enum Origin<'a> {
 }
 
 impl Origin<'_> {
-    fn describe(&self, key: &str) -> String {
+    fn describe(&self) -> String {
         match self {
             Origin::Yaml(name) => (*name).to_string(),
-            Origin::Env => format!("environment variable {}", env_name(key)),
+            Origin::Env => "environment".to_string(),
             Origin::ExtraConfig => "kv_connector_extra_config".to_string(),
         }
     }
@@ -496,7 +496,7 @@ impl LmcacheConfig {
     /// `PDConfig.from_cache_engine_config`).
     fn validate_pd(&self) -> Result<(), ConfigError> {
         let Some(role) = self.pd_role else {
-            return missing("pd_role", "enable_pd");
+            return missing("pd_role (sender or receiver)", "enable_pd");
         };
         if self.pd_buffer_size.unwrap_or(0) == 0 {
             return missing("pd_buffer_size (bytes, > 0)", "enable_pd");
@@ -520,7 +520,10 @@ impl LmcacheConfig {
                 let init = self.pd_peer_init_port.as_deref().unwrap_or_default();
                 let alloc = self.pd_peer_alloc_port.as_deref().unwrap_or_default();
                 if init.is_empty() || alloc.is_empty() {
-                    return missing("pd_peer_init_port and pd_peer_alloc_port", "pd_role receiver");
+                    return missing(
+                        "pd_peer_init_port and pd_peer_alloc_port",
+                        "pd_role receiver",
+                    );
                 }
                 // Both lists are indexed by TP rank.
                 if init.len() != alloc.len() {
@@ -568,7 +571,11 @@ impl LmcacheConfig {
             // An empty file (or one with only comments) is an empty config, as in LMCache.
             Value::Null => return Ok(()),
             Value::Object(map) => map,
-            other => return Err(parse_err(format!("expected a mapping of keys, found {other}"))),
+            other => {
+                return Err(parse_err(format!(
+                    "expected a mapping of keys, found {other}"
+                )))
+            }
         };
         for (key, value) in &map {
             self.apply(Origin::Yaml(name), key, Raw::Json(value))?;
@@ -583,7 +590,7 @@ impl LmcacheConfig {
             Ok(false) => {}
             Err(expected) => {
                 return Err(ConfigError::BadValue {
-                    origin: origin.describe(key),
+                    origin: origin.describe(),
                     key: origin.spell(key),
                     value: raw.display(),
                     expected,
@@ -592,11 +599,14 @@ impl LmcacheConfig {
         }
         if let Some((_, default)) = UNSUPPORTED.iter().find(|(k, _)| *k == key) {
             if default.matches(raw) {
-                tracing::debug!(key, "LMCache key kvrelay does not implement, left at its default");
+                tracing::debug!(
+                    key,
+                    "LMCache key kvrelay does not implement, left at its default"
+                );
                 return Ok(());
             }
             return Err(ConfigError::UnsupportedKey {
-                origin: origin.describe(key),
+                origin: origin.describe(),
                 key: origin.spell(key),
                 value: raw.display(),
                 default: default.to_string(),
@@ -604,13 +614,13 @@ impl LmcacheConfig {
         }
         if let Some((_, new)) = RENAMED.iter().find(|(old, _)| *old == key) {
             return Err(ConfigError::RenamedKey {
-                origin: origin.describe(key),
+                origin: origin.describe(),
                 old: origin.spell(key),
                 new: origin.spell(new),
             });
         }
         Err(ConfigError::UnknownKey {
-            origin: origin.describe(key),
+            origin: origin.describe(),
             what: origin.what(),
             key: origin.spell(key),
             suggestion: nearest(key, known_keys()).map(|k| origin.spell(&k)),
@@ -694,14 +704,20 @@ mod tests {
         let mut cfg = LmcacheConfig::default();
         for key in SUPPORTED {
             // Null converts only for optional fields; what matters is that the key is routed.
-            assert_ne!(cfg.set_field(key, Raw::Json(&Value::Null)), Ok(false), "{key}");
+            assert_ne!(
+                cfg.set_field(key, Raw::Json(&Value::Null)),
+                Ok(false),
+                "{key}"
+            );
         }
     }
 
     #[test]
     fn local_disk_path_strips_file_scheme() {
-        let mut cfg = LmcacheConfig::default();
-        cfg.local_disk = Some("file:///mnt/nvme/".into());
+        let mut cfg = LmcacheConfig {
+            local_disk: Some("file:///mnt/nvme/".into()),
+            ..LmcacheConfig::default()
+        };
         assert_eq!(cfg.local_disk_path(), Some(PathBuf::from("/mnt/nvme/")));
         cfg.local_disk = Some("/data/kv".into());
         assert_eq!(cfg.local_disk_path(), Some(PathBuf::from("/data/kv")));

@@ -84,7 +84,10 @@ fn did_you_mean(suggestion: &Option<String>) -> String {
 }
 
 /// The candidate closest to `key`, if it is close enough to be a plausible typo.
-pub(crate) fn nearest<'a>(key: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub(crate) fn nearest<'a>(
+    key: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     // Jaro-Winkler favours shared prefixes, which is how config keys are usually mistyped
     // (`chunck_size`, `max_local_cpu`); 0.8 keeps unrelated names from being suggested.
     candidates

@@ -153,18 +153,22 @@ impl<T: ConfigValue> ConfigValue for Option<T> {
 
 impl<T: ConfigValue> ConfigValue for Vec<T> {
     fn expected() -> String {
-        format!("a list of {} (or one value)", T::expected())
+        format!("{}, or a list of them", T::expected())
     }
     // LMCache's list converters take CSV ("7300,7301") or JSON ("[7300, 7301]") text.
     fn from_text(s: &str) -> Option<Self> {
         let s = s.trim();
         if s.starts_with('[') {
-            return serde_json::from_str::<Value>(s).ok().and_then(|v| Self::from_json(&v));
+            return serde_json::from_str::<Value>(s)
+                .ok()
+                .and_then(|v| Self::from_json(&v));
         }
         if s.is_empty() {
             return Some(Vec::new());
         }
-        s.split(',').map(|item| T::from_text(unquote(item))).collect()
+        s.split(',')
+            .map(|item| T::from_text(unquote(item)))
+            .collect()
     }
     // A scalar becomes a one-element list, as `_to_int_list(7300)` gives `[7300]`.
     fn from_json(v: &Value) -> Option<Self> {
@@ -217,9 +221,12 @@ pub(crate) fn yaml_to_json(v: serde_yaml_ng::Value) -> Result<Value, String> {
             }
         }
         Y::String(s) => Value::String(s),
-        Y::Sequence(items) => {
-            Value::Array(items.into_iter().map(yaml_to_json).collect::<Result<_, _>>()?)
-        }
+        Y::Sequence(items) => Value::Array(
+            items
+                .into_iter()
+                .map(yaml_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
         Y::Mapping(m) => {
             let mut out = Map::new();
             for (k, v) in m {
@@ -260,8 +267,14 @@ mod tests {
         assert_eq!(Vec::<u16>::from_raw(Raw::Text("7300, 7301")), want);
         assert_eq!(Vec::<u16>::from_raw(Raw::Text("[7300,7301]")), want);
         assert_eq!(Vec::<u16>::from_raw(Raw::Json(&json!([7300, 7301]))), want);
-        assert_eq!(Vec::<u16>::from_raw(Raw::Json(&json!(7300))), Some(vec![7300]));
-        assert_eq!(Vec::<u16>::from_raw(Raw::Text("\"[7300]\"")), Some(vec![7300]));
+        assert_eq!(
+            Vec::<u16>::from_raw(Raw::Json(&json!(7300))),
+            Some(vec![7300])
+        );
+        assert_eq!(
+            Vec::<u16>::from_raw(Raw::Text("\"[7300]\"")),
+            Some(vec![7300])
+        );
         assert_eq!(Vec::<u16>::from_raw(Raw::Text("7300,x")), None);
         assert_eq!(Vec::<u16>::from_raw(Raw::Json(&json!(70000))), None);
     }

@@ -56,7 +56,10 @@ const CONNECTORS: &[(&str, Option<ConnectorKind>)] = &[
     // LMCache-Ascend); all speak LMCache's protocol and config.
     ("LMCacheConnectorV1Dynamic", Some(ConnectorKind::Lmcache)),
     ("RBLNLMCacheConnectorV1", Some(ConnectorKind::Lmcache)),
-    ("LMCacheAscendConnectorV1Dynamic", Some(ConnectorKind::Lmcache)),
+    (
+        "LMCacheAscendConnectorV1Dynamic",
+        Some(ConnectorKind::Lmcache),
+    ),
     // LMCache as a separate server process, reached over ZMQ with CUDA-IPC handles.
     ("LMCacheMPConnector", None),
     ("NixlConnector", None),
@@ -356,9 +359,12 @@ impl ConnectorExtraConfig {
             let k = key.as_str();
             match k {
                 "shared_storage_path" => {
-                    extra.shared_storage_path = PathBuf::from(convert::<String>(EXTRA_ORIGIN, k, v)?)
+                    extra.shared_storage_path =
+                        PathBuf::from(convert::<String>(EXTRA_ORIGIN, k, v)?)
                 }
-                "discard_partial_chunks" => extra.discard_partial_chunks = convert(EXTRA_ORIGIN, k, v)?,
+                "discard_partial_chunks" => {
+                    extra.discard_partial_chunks = convert(EXTRA_ORIGIN, k, v)?
+                }
                 "skip_last_n_tokens" => extra.skip_last_n_tokens = convert(EXTRA_ORIGIN, k, v)?,
                 "lmcache_rpc_port" => {
                     // LMCache formats it into a socket path, so "producer1" and 5 both work.
