@@ -1,1 +1,163 @@
-//! connector (in progress)
+//! The vLLM-shaped connector API: a scheduler half that decides what to load and save, and
+//! a worker half that moves the bytes. CONTRACT.md beside this file says who calls what,
+//! in which order and on which thread.
+//!
+//! Both connectors share the worker ([`KvWorker`]); they differ only in the scheduler
+//! policy: [`SharedStorageScheduler`] keeps vLLM's baseline semantics,
+//! [`LmcacheScheduler`] LMCache's chunked, prefix-chained ones.
+
+mod lmcache;
+mod shared_storage;
+mod worker;
+
+use std::sync::Arc;
+
+pub use lmcache::{LmcachePolicy, LmcacheScheduler};
+pub use shared_storage::SharedStorageScheduler;
+pub use worker::{ConnectorStats, KvWorker};
+
+use crate::config::{ConfigError, KvRole};
+use crate::device::DeviceError;
+use crate::keys::{CacheKey, KeyError};
+use crate::plan::{ChunkWindow, PlanError};
+use crate::store::StoreError;
+
+/// A connector call that cannot be carried out.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectorError {
+    #[error("the worker has no KV caches registered; call register_kv_caches first")]
+    NotRegistered,
+    #[error("registered KV caches hold other geometry than the connector was built for: {0}")]
+    GeometryMismatch(String),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Hash(String),
+}
+
+/// What makes one engine's chunk keys: the fields of LMCache's `CacheEngineKey` other
+/// than the hash.
+#[derive(Clone, Debug)]
+pub struct KeyPrefix {
+    pub model: Arc<str>,
+    pub world_size: u32,
+    pub worker_id: u32,
+    pub dtype: crate::KvDtype,
+}
+
+impl KeyPrefix {
+    pub fn key(&self, chunk_hash: u64) -> Result<CacheKey, KeyError> {
+        CacheKey::with_model(
+            Arc::clone(&self.model),
+            self.world_size,
+            self.worker_id,
+            chunk_hash,
+            self.dtype,
+        )
+    }
+}
+
+/// The scheduler's view of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    pub id: &'a str,
+    /// Every token so far: the prompt, then generated tokens.
+    pub tokens: &'a [u32],
+    pub num_prompt_tokens: usize,
+}
+
+/// A request scheduled in this step, as `build_connector_meta` sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduledRequest<'a> {
+    pub request: RequestView<'a>,
+    /// The request's whole block table.
+    pub block_ids: &'a [u32],
+    /// Tokens whose KV will be in the paged cache once this step's forward has run.
+    pub num_computed_tokens: usize,
+}
+
+/// One chunk to move: its key and where its tokens sit in the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkTransfer {
+    pub key: CacheKey,
+    pub window: ChunkWindow,
+}
+
+/// What the worker must do for one request in one step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestTransfer {
+    pub request_id: String,
+    pub block_ids: Vec<u32>,
+    /// Chunks to load before the forward, in token order.
+    pub loads: Vec<ChunkTransfer>,
+    /// Chunks to save after the forward, in token order.
+    pub saves: Vec<ChunkTransfer>,
+}
+
+/// The per-step message from the scheduler half to the worker half.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectorMetadata {
+    pub requests: Vec<RequestTransfer>,
+}
+
+/// The scheduler half of a connector (vLLM's `KVConnectorRole.SCHEDULER`).
+pub trait SchedulerConnector: Send {
+    /// How many tokens beyond `num_computed_tokens` the connector can load, and whether the
+    /// load is asynchronous. `None` asks the scheduler to try again next step. Free of side
+    /// effects that matter: it may be called several times for one request.
+    fn get_num_new_matched_tokens(
+        &mut self,
+        request: &RequestView<'_>,
+        num_computed_tokens: usize,
+    ) -> Result<Option<(usize, bool)>, ConnectorError>;
+
+    /// Called once the request's blocks are allocated; `num_external_tokens` is what
+    /// `get_num_new_matched_tokens` returned (0: nothing to load).
+    fn update_state_after_alloc(
+        &mut self,
+        request: &RequestView<'_>,
+        block_ids: &[u32],
+        num_external_tokens: usize,
+    );
+
+    /// Builds this step's metadata and resets the per-step state.
+    fn build_connector_meta(
+        &mut self,
+        scheduled: &[ScheduledRequest<'_>],
+    ) -> Result<ConnectorMetadata, ConnectorError>;
+
+    /// The request is done. Returns whether its blocks must stay allocated until the worker
+    /// reports it in `finished_sending`, and the `kv_transfer_params` for the response.
+    fn request_finished(
+        &mut self,
+        request: &RequestView<'_>,
+        block_ids: &[u32],
+    ) -> (bool, Option<serde_json::Value>);
+}
+
+/// Which direction a role moves KV in.
+pub(crate) fn saves(role: KvRole) -> bool {
+    role.is_producer()
+}
+
+/// Chunk windows of `len` tokens cut at multiples of `chunk_size`, for chunks that end
+/// after `from`, with the tokens before `from` skipped.
+pub(crate) fn windows_from(from: usize, len: usize, chunk_size: usize) -> Vec<ChunkWindow> {
+    (from / chunk_size * chunk_size..len)
+        .step_by(chunk_size)
+        .map(|start| ChunkWindow {
+            start,
+            tokens: chunk_size.min(len - start),
+            skip_leading: from.saturating_sub(start),
+        })
+        .collect()
+}
