@@ -326,6 +326,24 @@ fn sha256_cbor_chunk(prefix: u64, chunk: &[u32]) -> u64 {
     fold_sha256(sha)
 }
 
+/// Appends the exact CBOR message that sha256_cbor hashes for one chunk,
+/// `cbor([prefix, [tokens...], []])`, to `out`. For debugging against `cbor2` and for benches;
+/// [`ChunkHasher`] streams the same bytes without building them.
+pub fn sha256_cbor_message(prefix: u64, chunk: &[u32], out: &mut Vec<u8>) {
+    let mut head = [0u8; 9];
+    out.push(0x83);
+    let len = put_head(&mut head, MAJOR_UINT, prefix);
+    out.extend_from_slice(&head[..len]);
+    let len = put_head(&mut head, MAJOR_ARRAY, chunk.len() as u64);
+    out.extend_from_slice(&head[..len]);
+    out.reserve(chunk.len() * 5 + 1);
+    for &token in chunk {
+        let len = put_head(&mut head, MAJOR_UINT, token as u64);
+        out.extend_from_slice(&head[..len]);
+    }
+    out.push(0x80);
+}
+
 // ---- xxh3_128 ---------------------------------------------------------------------------------
 
 /// The high 64 bits: the first 8 bytes of XXH3-128's canonical (big-endian) digest.
@@ -446,18 +464,21 @@ mod tests {
         assert_eq!(&out[..3], &[0x99, 0x01, 0x00]);
     }
 
-    /// Builds the whole CBOR message with the reference encoder and hashes it in one go.
+    /// Builds the whole CBOR message with the plain encoder and hashes it in one go.
     fn reference_sha256_cbor(prefix: u64, chunk: &[u32]) -> u64 {
-        let mut msg = vec![0x83];
-        reference_uint(&mut msg, prefix);
-        let mut head = [0u8; 9];
-        let len = put_head(&mut head, MAJOR_ARRAY, chunk.len() as u64);
-        msg.extend_from_slice(&head[..len]);
-        for &t in chunk {
-            reference_uint(&mut msg, t as u64);
-        }
-        msg.push(0x80);
+        let mut msg = Vec::new();
+        sha256_cbor_message(prefix, chunk, &mut msg);
         u64::from_be_bytes(Sha256::digest(&msg)[..8].try_into().unwrap())
+    }
+
+    #[test]
+    fn message_bytes_match_the_reference_notes() {
+        let mut msg = Vec::new();
+        let chunk: Vec<u32> = (1..=256).collect();
+        sha256_cbor_message(0x9bd96a485ad84efd, &chunk, &mut msg);
+        let start = [0x83, 0x1b, 0x9b, 0xd9, 0x6a, 0x48, 0x5a, 0xd8, 0x4e, 0xfd, 0x99, 1, 0, 1, 2];
+        assert_eq!(&msg[..start.len()], &start);
+        assert_eq!(msg.last(), Some(&0x80));
     }
 
     fn reference_xxh3(prefix: u64, chunk: &[u32]) -> u64 {
