@@ -3,6 +3,11 @@
 //! `key` is the LMCache-compatible `CacheKey`; `hash` chunks token ids and computes the
 //! prefix-chained chunk hashes.
 
+mod hash;
 mod key;
 
+pub use hash::{
+    default_seed, sha256_cbor_message, ChunkHashes, ChunkHasher, HashAlgorithm, HashError, DEFAULT_CHUNK_SIZE,
+    DEFAULT_SEED,
+};
 pub use key::{CacheKey, KeyError};
