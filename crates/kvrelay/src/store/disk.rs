@@ -75,6 +75,9 @@ pub struct DiskTierOptions {
     pub file_mode: u32,
     /// A temp file whose writer is still alive is left alone until it is this old.
     pub stale_temp_after: Duration,
+    /// Remove stale temp files on open. Inspection tools turn it off so that only `gc`
+    /// changes the directory.
+    pub clean_on_open: bool,
 }
 
 impl DiskTierOptions {
@@ -85,6 +88,7 @@ impl DiskTierOptions {
             create: true,
             file_mode: 0o600,
             stale_temp_after: Duration::from_secs(3600),
+            clean_on_open: true,
         }
     }
 
@@ -171,8 +175,8 @@ enum Check {
 }
 
 impl DiskTier {
-    /// Opens (or, with `opts.create`, creates) the tier in `dir`, removes stale temp files,
-    /// and rebuilds the index from the chunk headers so the cache survives restarts.
+    /// Opens (or, with `opts.create`, creates) the tier in `dir`, removes stale temp files
+    /// (unless `opts.clean_on_open` is off), and rebuilds the index from the chunk headers so the cache survives restarts.
     pub fn open(dir: impl AsRef<Path>, opts: DiskTierOptions) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         prepare_dir(&dir, &opts)?;
@@ -189,7 +193,9 @@ impl DiskTier {
                 rejected: 0,
             }),
         };
-        tier.remove_stale_temps()?;
+        if tier.opts.clean_on_open {
+            tier.remove_stale_temps()?;
+        }
         tier.rebuild_index()?;
         Ok(tier)
     }
