@@ -52,8 +52,14 @@ fn ls_lists_chunks_and_total() {
         .lines()
         .find(|l| l.starts_with(&key(2).to_string()))
         .expect("key 2 listed");
-    assert_eq!(line, format!("{}\t32 tokens\t2000 bytes\t000000000000feed", key(2)));
-    assert!(stdout.contains("total: 3 chunks, 6000 bytes, 0 bad"), "{stdout}");
+    assert_eq!(
+        line,
+        format!("{}\t32 tokens\t2000 bytes\t000000000000feed", key(2))
+    );
+    assert!(
+        stdout.contains("total: 3 chunks, 6000 bytes, 0 bad"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -88,7 +94,10 @@ fn gc_removes_bad_chunks_temps_and_evicts_to_max_bytes() {
     let out = kvrelay(&["gc"], dir.path());
     let stdout = text(&out);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("removed 1 bad chunks, 1 temp files, evicted 0"), "{stdout}");
+    assert!(
+        stdout.contains("removed 1 bad chunks, 1 temp files, evicted 0"),
+        "{stdout}"
+    );
     assert!(!bad.exists() && !temp.exists());
 
     // Keys 2 and 3 remain; a budget below both files evicts the older, key 2.
@@ -112,7 +121,10 @@ fn a_missing_or_foreign_directory_exits_2() {
             let out = kvrelay(&[cmd], &dir);
             let all = text(&out);
             assert_eq!(out.status.code(), Some(2), "{cmd}: {all}");
-            assert!(all.contains("not a usable kvrelay disk tier directory"), "{all}");
+            assert!(
+                all.contains("not a usable kvrelay disk tier directory"),
+                "{all}"
+            );
         }
         assert!(!base.path().join("missing").exists());
     }

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvrelay::keys::CacheKey;
-use kvrelay::store::{
-    ChunkMeta, CpuTier, DiskTier, DiskTierOptions, StoreError, Tier, TierStack,
-};
+use kvrelay::store::{ChunkMeta, CpuTier, DiskTier, DiskTierOptions, StoreError, Tier, TierStack};
 use kvrelay::KvDtype;
 
 const FP: u64 = 0x1234_5678_9abc_def0;
@@ -20,8 +18,14 @@ const ROLE_ENV: &str = "KVRELAY_STORE_TEST_ROLE";
 const DIR_ENV: &str = "KVRELAY_STORE_TEST_DIR";
 
 fn key(i: u64) -> CacheKey {
-    CacheKey::new("test/model", 2, 1, i.wrapping_mul(0x9e37_79b9_7f4a_7c15), KvDtype::Bf16)
-        .unwrap()
+    CacheKey::new(
+        "test/model",
+        2,
+        1,
+        i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        KvDtype::Bf16,
+    )
+    .unwrap()
 }
 
 fn meta(k: &CacheKey) -> ChunkMeta {
@@ -60,14 +64,23 @@ fn put(tier: &dyn Tier, k: &CacheKey, len: usize) {
 fn assert_chunk(tier: &dyn Tier, k: &CacheKey, len: usize) {
     let chunk = tier.get(k, FP).unwrap().expect("chunk present");
     assert_eq!(chunk.meta, meta(k));
-    assert!(chunk.data[..] == content(k, len)[..], "content of {k} differs");
+    assert!(
+        chunk.data[..] == content(k, len)[..],
+        "content of {k} differs"
+    );
 }
 
 fn temp_files(dir: &Path) -> Vec<PathBuf> {
     fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(".tmp-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(".tmp-")
+        })
         .collect()
 }
 
@@ -159,7 +172,11 @@ fn damaged_chunks_are_misses_that_verify_names() {
     let path = |i: usize| disk.chunk_path(&keys[i]);
     let flip = |p: &Path, at: u64| {
         let mut bytes = fs::read(p).unwrap();
-        let at = if at == u64::MAX { bytes.len() - 1 } else { at as usize };
+        let at = if at == u64::MAX {
+            bytes.len() - 1
+        } else {
+            at as usize
+        };
         bytes[at] ^= 0x40;
         // Rewritten through a new file, as a reader must never see a file change in place.
         let tmp = p.with_extension("flip");
@@ -192,9 +209,18 @@ fn damaged_chunks_are_misses_that_verify_names() {
     expected.sort();
     assert_eq!(named, expected);
     let reasons: Vec<String> = listing.bad.iter().map(|b| b.error.to_string()).collect();
-    assert!(reasons.iter().any(|r| r.contains("truncated")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("payload checksum")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("header checksum")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("truncated")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("payload checksum")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("header checksum")),
+        "{reasons:?}"
+    );
     assert_eq!(listing.entries.len(), 1);
 
     // Through the stack: a counted miss, and the bad bytes never reach the cpu tier.
@@ -248,9 +274,7 @@ fn stack_counts_prefix_hits_and_promotes_disk_hits() {
     let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
     let keys: Vec<CacheKey> = (0..8).map(key).collect();
     for k in &keys[..3] {
-        stack
-            .put(k, meta(k), &content(k, small_len(k)))
-            .unwrap();
+        stack.put(k, meta(k), &content(k, small_len(k))).unwrap();
     }
     for k in &keys[3..5] {
         put(&*disk, k, small_len(k));
@@ -285,10 +309,15 @@ fn stack_put_fails_only_when_no_tier_stores() {
     stack.put(&k, meta(&k), &content(&k, 4096)).unwrap();
     assert!(!small.contains(&k) && big.contains(&k));
     let only_small = TierStack::new(vec![small]);
-    let err = only_small.put(&k, meta(&k), &content(&k, 4096)).unwrap_err();
+    let err = only_small
+        .put(&k, meta(&k), &content(&k, 4096))
+        .unwrap_err();
     assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
     let none = TierStack::new(vec![]);
-    assert!(matches!(none.put(&k, meta(&k), &[1]), Err(StoreError::NoTiers)));
+    assert!(matches!(
+        none.put(&k, meta(&k), &[1]),
+        Err(StoreError::NoTiers)
+    ));
 }
 
 #[test]
@@ -308,7 +337,9 @@ fn directory_checks_and_permissions() {
     let foreign = base.path().join("foreign");
     fs::create_dir(&foreign).unwrap();
     fs::write(foreign.join("notes.txt"), "mine").unwrap();
-    let err = DiskTier::open(&foreign, DiskTierOptions::new(1 << 20)).err().unwrap();
+    let err = DiskTier::open(&foreign, DiskTierOptions::new(1 << 20))
+        .err()
+        .unwrap();
     assert!(matches!(err, StoreError::BadDirectory { .. }), "{err:?}");
 
     let dir = base.path().join("a/b/tier");
@@ -331,7 +362,9 @@ fn gc_removes_temp_files_of_dead_writers_only() {
     let tier = open(dir.path(), 1 << 20);
     // Above any pid_max: no such process.
     let dead = dir.path().join(".tmp-2000000000-0");
-    let live = dir.path().join(format!(".tmp-{}-99999", std::process::id()));
+    let live = dir
+        .path()
+        .join(format!(".tmp-{}-99999", std::process::id()));
     fs::write(&dead, b"partial").unwrap();
     fs::write(&live, b"in flight").unwrap();
     let report = tier.gc(None).unwrap();
@@ -391,7 +424,10 @@ fn two_processes_share_a_disk_tier() {
             let k = key(i);
             if let Some(chunk) = reader.get(&k, FP).unwrap() {
                 assert_eq!(chunk.meta, meta(&k));
-                assert!(chunk.data[..] == content(&k, len(&k))[..], "torn read of {k}");
+                assert!(
+                    chunk.data[..] == content(&k, len(&k))[..],
+                    "torn read of {k}"
+                );
                 hits += 1;
             }
         }
@@ -436,8 +472,7 @@ fn a_killed_writer_leaves_no_partial_chunk() {
     let mut writer = spawn_role(NAME, "endless_writer", dir.path());
     let deadline = Instant::now() + Duration::from_secs(60);
     // Kill it mid-put: once a few chunks are visible and a temp file is being written.
-    while !(tier_files_bytes(dir.path()) >= 2 * CHUNK as u64 && !temp_files(dir.path()).is_empty())
-    {
+    while tier_files_bytes(dir.path()) < 2 * CHUNK as u64 || temp_files(dir.path()).is_empty() {
         assert!(Instant::now() < deadline, "writer made no progress");
         assert!(writer.try_wait().unwrap().is_none(), "writer exited early");
         std::thread::sleep(Duration::from_millis(1));

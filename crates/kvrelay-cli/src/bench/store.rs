@@ -42,8 +42,8 @@ fn temp_dir(parent: Option<&Path>) -> Result<tempfile::TempDir, String> {
         Some(dir) => builder
             .tempdir_in(dir)
             .map_err(|e| format!("{}: {e}", dir.display())),
-        None => builder
-            .tempdir_in(".")
+        None => std::env::current_dir()
+            .and_then(|cwd| builder.tempdir_in(cwd))
             .or_else(|_| builder.tempdir())
             .map_err(|e| format!("temp dir: {e}")),
     }
@@ -82,7 +82,9 @@ pub fn run(args: StoreArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .len() as usize;
     let pad = vec![0u8; file_len - args.chunk_bytes];
-    let plain_paths: Vec<PathBuf> = (0..count).map(|i| plain_dir.join(format!("{i}.bin"))).collect();
+    let plain_paths: Vec<PathBuf> = (0..count)
+        .map(|i| plain_dir.join(format!("{i}.bin")))
+        .collect();
     let mut read_buf = vec![0u8; file_len];
 
     let clear = || -> Result<(), String> {
@@ -96,7 +98,8 @@ pub fn run(args: StoreArgs) -> Result<(), String> {
         Ok(())
     };
 
-    let (mut put, mut write, mut get, mut read) = (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
+    let (mut put, mut write, mut get, mut read) =
+        (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
     let mut failure: Option<String> = None;
     // Interleaved rounds, so a noisy moment hurts both sides alike; best of each.
     for _ in 0..args.rounds.max(1) {
@@ -150,7 +153,19 @@ pub fn run(args: StoreArgs) -> Result<(), String> {
         "chunk_bytes": args.chunk_bytes,
         "dir": root.path().display().to_string(),
     });
-    print_result("store_put", "gbps", gbps(total, put), gbps(total, write), extra.clone());
-    print_result("store_get", "gbps", gbps(total, get), gbps(total, read), extra);
+    print_result(
+        "store_put",
+        "gbps",
+        gbps(total, put),
+        gbps(total, write),
+        extra.clone(),
+    );
+    print_result(
+        "store_get",
+        "gbps",
+        gbps(total, get),
+        gbps(total, read),
+        extra,
+    );
     Ok(())
 }

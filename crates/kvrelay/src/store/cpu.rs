@@ -224,7 +224,14 @@ mod tests {
         let held2 = tier.get(&key(2), 7).unwrap().unwrap();
         let err = tier.put(&key(3), META, &[3; 100]).unwrap_err();
         assert!(
-            matches!(err, StoreError::BudgetExhausted { needed: 100, budget: 200, in_use: 200 }),
+            matches!(
+                err,
+                StoreError::BudgetExhausted {
+                    needed: 100,
+                    budget: 200,
+                    in_use: 200
+                }
+            ),
             "{err:?}"
         );
         assert_eq!(keys_in(&tier, 4), [0, 2]);
@@ -239,7 +246,16 @@ mod tests {
     fn rejects_a_chunk_larger_than_the_budget() {
         let tier = CpuTier::new(64);
         let err = tier.put(&key(0), META, &[0; 65]).unwrap_err();
-        assert!(matches!(err, StoreError::TooLarge { size: 65, budget: 64 }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                StoreError::TooLarge {
+                    size: 65,
+                    budget: 64
+                }
+            ),
+            "{err:?}"
+        );
         assert_eq!(tier.stats().entries, 0);
     }
 
@@ -249,7 +265,10 @@ mod tests {
         tier.put(&key(0), META, &[0; 80]).unwrap();
         tier.put(&key(0), META, &[9; 60]).unwrap();
         assert_eq!(tier.stats().bytes, 60);
-        assert_eq!(&tier.get(&key(0), 7).unwrap().unwrap().data[..], &[9; 60][..]);
+        assert_eq!(
+            &tier.get(&key(0), 7).unwrap().unwrap().data[..],
+            &[9; 60][..]
+        );
         assert!(tier.remove(&key(0)).unwrap());
         assert!(!tier.remove(&key(0)).unwrap());
         assert_eq!(tier.stats().bytes, 0);
@@ -261,7 +280,14 @@ mod tests {
         tier.put(&key(0), META, &[0; 10]).unwrap();
         let err = tier.get(&key(0), 8).unwrap_err();
         assert!(
-            matches!(err, StoreError::FingerprintMismatch { expected: 8, found: 7, .. }),
+            matches!(
+                err,
+                StoreError::FingerprintMismatch {
+                    expected: 8,
+                    found: 7,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         assert!(tier.get(&key(1), 7).unwrap().is_none());

@@ -303,7 +303,9 @@ impl DiskTier {
             let DirItem::Temp { path, pid } = item else {
                 continue;
             };
-            let Ok(meta) = fs::metadata(&path) else { continue };
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
             let age = meta
                 .modified()
                 .ok()
@@ -451,10 +453,7 @@ impl Tier for DiskTier {
     fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError> {
         let key_str = key.to_string();
         let id = file_id(&key_str);
-        let header = encode_header(&key_str, meta, data).ok_or_else(|| StoreError::TooLarge {
-            size: key_str.len() as u64,
-            budget: MAX_KEY_LEN as u64,
-        })?;
+        let header = encode_header(&key_str, meta, data)?;
         let file_bytes = (header.len() + data.len()) as u64;
         for victim in self.reserve(id, file_bytes)? {
             if let Err(err) = unlink(&victim) {
@@ -462,7 +461,8 @@ impl Tier for DiskTier {
             }
         }
         let path = self.path_of(id);
-        self.write_chunk(&path, &header, data).inspect_err(|_| self.forget(id))
+        self.write_chunk(&path, &header, data)
+            .inspect_err(|_| self.forget(id))
     }
 
     fn remove(&self, key: &CacheKey) -> Result<bool, StoreError> {
@@ -595,9 +595,12 @@ fn process_alive(pid: i32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn encode_header(key: &str, meta: ChunkMeta, payload: &[u8]) -> Option<Vec<u8>> {
+fn encode_header(key: &str, meta: ChunkMeta, payload: &[u8]) -> Result<Vec<u8>, StoreError> {
     if key.len() > MAX_KEY_LEN {
-        return None;
+        return Err(StoreError::KeyTooLong {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
     }
     let header_len = (FIXED_HEADER + key.len()).next_multiple_of(HEADER_ALIGN);
     let mut h = vec![0u8; header_len];
@@ -612,7 +615,7 @@ fn encode_header(key: &str, meta: ChunkMeta, payload: &[u8]) -> Option<Vec<u8>> 
     h[FIXED_HEADER..FIXED_HEADER + key.len()].copy_from_slice(key.as_bytes());
     let checksum = header_checksum(&h);
     h[48..56].copy_from_slice(&checksum.to_le_bytes());
-    Some(h)
+    Ok(h)
 }
 
 fn header_checksum(header: &[u8]) -> u64 {
@@ -722,8 +725,8 @@ fn map_and_check(
     // are immutable after their atomic rename and kvrelay never truncates or rewrites them
     // (it only unlinks), so the mapped bytes cannot change or vanish under the reader. The
     // length was read from the same open file, and every offset below is bounds-checked.
-    let map = unsafe { MmapOptions::new().populate().map(file) }
-        .map_err(|e| StoreError::io(path, e))?;
+    let map =
+        unsafe { MmapOptions::new().populate().map(file) }.map_err(|e| StoreError::io(path, e))?;
     let header = decode_header(path, &map, file_len)?;
     match expect {
         Some((key, fingerprint)) => {
@@ -746,7 +749,10 @@ fn map_and_check(
             if name.and_then(parse_file_id) != Some(file_id(&header.key)) {
                 return Err(corrupt(
                     path,
-                    format!("file name does not match the key {:?} in its header", header.key),
+                    format!(
+                        "file name does not match the key {:?} in its header",
+                        header.key
+                    ),
                 ));
             }
         }

@@ -64,9 +64,15 @@ pub enum StoreError {
     #[error("chunk of {size} bytes is larger than the tier's whole budget of {budget} bytes")]
     TooLarge { size: u64, budget: u64 },
     #[error("no room for {needed} bytes: budget {budget} bytes, {in_use} bytes held by readers cannot be evicted")]
-    BudgetExhausted { needed: u64, budget: u64, in_use: u64 },
+    BudgetExhausted {
+        needed: u64,
+        budget: u64,
+        in_use: u64,
+    },
     #[error("{path} is not a usable kvrelay disk tier directory: {reason}")]
     BadDirectory { path: PathBuf, reason: String },
+    #[error("key string of {len} bytes is longer than the {max} bytes a chunk header holds")]
+    KeyTooLong { len: usize, max: usize },
     #[error("the tier stack has no tiers")]
     NoTiers,
 }
@@ -89,6 +95,7 @@ impl StoreError {
             StoreError::TooLarge { .. } => "too_large",
             StoreError::BudgetExhausted { .. } => "budget_exhausted",
             StoreError::BadDirectory { .. } => "bad_directory",
+            StoreError::KeyTooLong { .. } => "key_too_long",
             StoreError::NoTiers => "no_tiers",
         }
     }
