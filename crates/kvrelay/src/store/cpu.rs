@@ -40,7 +40,6 @@ struct Inner {
 /// Memory is only over budget when a reader keeps a chunk that a later put replaced: the
 /// old bytes live until that reader drops them.
 pub struct CpuTier {
-    name: String,
     budget: u64,
     inner: Mutex<Inner>,
 }
@@ -48,7 +47,6 @@ pub struct CpuTier {
 impl CpuTier {
     pub fn new(budget_bytes: u64) -> Self {
         CpuTier {
-            name: "cpu".to_string(),
             budget: budget_bytes,
             inner: Mutex::new(Inner {
                 index: LruIndex::new(),
@@ -64,7 +62,7 @@ impl CpuTier {
 
 impl Tier for CpuTier {
     fn name(&self) -> &str {
-        &self.name
+        "cpu"
     }
 
     fn contains(&self, key: &CacheKey) -> bool {

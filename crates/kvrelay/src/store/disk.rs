@@ -526,10 +526,11 @@ fn prepare_dir(dir: &Path, opts: &DiskTierOptions) -> Result<(), StoreError> {
             text.trim_end()
         ))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Temp files do not count: another process may be writing the marker right now.
             let empty = fs::read_dir(dir)
                 .map_err(|e| StoreError::io(dir, e))?
-                .next()
-                .is_none();
+                .filter_map(Result::ok)
+                .all(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX));
             if !(opts.create && empty) {
                 return Err(bad(format!(
                     "no {MARKER} file, so it is not a kvrelay disk tier (kvrelay only takes over empty directories)"
