@@ -1,1 +1,272 @@
-//! store (in progress)
+//! Storage tiers: the [`Tier`] trait and the ordered [`TierStack`] that an engine saves to
+//! and loads from.
+//!
+//! Tiers follow LMCache's storage manager (reference §3.6): a put writes through to every
+//! tier, a lookup counts leading hits across tiers in order, and a hit in a lower tier is
+//! promoted into the tiers above it. Unlike LMCache's local disk backend, the disk tier keeps
+//! a checksummed header in every file, so it survives restarts and is shared by processes.
+//!
+//! Exactness comes first (DESIGN invariant 1): a tier that finds a chunk it cannot trust
+//! returns an error, and the stack turns that error into a counted, logged miss.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::keys::CacheKey;
+
+pub mod cpu;
+pub mod disk;
+mod lru;
+
+pub use cpu::CpuTier;
+pub use disk::{BadChunk, DiskEntry, DiskTier, DiskTierOptions, GcReport, Listing};
+
+/// What a reader must know about a chunk besides its key to use its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkMeta {
+    /// Identifies the engine layout the bytes were gathered from; a reader with a different
+    /// layout must not load them.
+    pub layout_fingerprint: u64,
+    /// Tokens the chunk covers (the last chunk of a request may be partial).
+    pub num_tokens: u32,
+}
+
+/// One chunk of KV as a tier returns it. `data` may borrow the tier's memory (a CPU entry or
+/// a disk mapping); while it is alive, the CPU tier will not evict that entry.
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub meta: ChunkMeta,
+    pub data: Bytes,
+}
+
+/// Why a tier could not store or return a chunk.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt chunk: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("chunk {key}: layout fingerprint {found:#018x} does not match the expected {expected:#018x} (saved by another model or layout)")]
+    FingerprintMismatch {
+        key: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("chunk of {size} bytes is larger than the tier's whole budget of {budget} bytes")]
+    TooLarge { size: u64, budget: u64 },
+    #[error("no room for {needed} bytes: budget {budget} bytes, {in_use} bytes held by readers cannot be evicted")]
+    BudgetExhausted {
+        needed: u64,
+        budget: u64,
+        in_use: u64,
+    },
+    #[error("{path} is not a usable kvrelay disk tier directory: {reason}")]
+    BadDirectory { path: PathBuf, reason: String },
+    #[error("key string of {len} bytes is longer than the {max} bytes a chunk header holds")]
+    KeyTooLong { len: usize, max: usize },
+    #[error("the tier stack has no tiers")]
+    NoTiers,
+}
+
+impl StoreError {
+    /// Wraps an IO error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A short, stable name for the kind of failure, used in counters and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Io { .. } => "io",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::FingerprintMismatch { .. } => "fingerprint_mismatch",
+            StoreError::TooLarge { .. } => "too_large",
+            StoreError::BudgetExhausted { .. } => "budget_exhausted",
+            StoreError::BadDirectory { .. } => "bad_directory",
+            StoreError::KeyTooLong { .. } => "key_too_long",
+            StoreError::NoTiers => "no_tiers",
+        }
+    }
+}
+
+/// A snapshot of one tier's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    pub entries: u64,
+    /// Payload bytes held (the disk tier counts whole files).
+    pub bytes: u64,
+    pub budget: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    /// Chunks found but unusable: bad checksum, truncated, torn, wrong key in the header.
+    pub corrupt: u64,
+    /// Chunks found but saved under another layout fingerprint.
+    pub rejected: u64,
+}
+
+/// One storage tier. Implementations are shared between threads.
+pub trait Tier: Send + Sync {
+    fn name(&self) -> &str;
+    fn contains(&self, key: &CacheKey) -> bool;
+    /// `Ok(None)`: absent. `Err`: present but unusable (corrupt, truncated, torn, saved with
+    /// another layout fingerprint, IO error).
+    fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError>;
+    fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError>;
+    /// Returns whether the key was present.
+    fn remove(&self, key: &CacheKey) -> Result<bool, StoreError>;
+    fn stats(&self) -> TierStats;
+}
+
+/// A snapshot of the stack's lookup counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Chunks copied from a lower tier into a higher one.
+    pub promotions: u64,
+    /// Tier errors met during `get`, by reason; each made that tier a miss.
+    pub corrupt: u64,
+    pub fingerprint_mismatch: u64,
+    pub io_errors: u64,
+    pub other_errors: u64,
+}
+
+#[derive(Default)]
+struct StackCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    promotions: AtomicU64,
+    corrupt: AtomicU64,
+    fingerprint_mismatch: AtomicU64,
+    io_errors: AtomicU64,
+    other_errors: AtomicU64,
+}
+
+/// An ordered list of tiers, highest (fastest) first.
+pub struct TierStack {
+    tiers: Vec<Arc<dyn Tier>>,
+    counters: StackCounters,
+}
+
+impl fmt::Debug for TierStack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.tiers.iter().map(|t| t.name()).collect();
+        f.debug_struct("TierStack").field("tiers", &names).finish()
+    }
+}
+
+impl TierStack {
+    pub fn new(tiers: Vec<Arc<dyn Tier>>) -> Self {
+        TierStack {
+            tiers,
+            counters: StackCounters::default(),
+        }
+    }
+
+    pub fn tiers(&self) -> &[Arc<dyn Tier>] {
+        &self.tiers
+    }
+
+    /// Number of leading keys present in some tier; stops at the first key found nowhere
+    /// (a chunk after a gap is useless: its KV depends on the missing prefix).
+    pub fn prefix_hits(&self, keys: &[CacheKey]) -> usize {
+        keys.iter()
+            .take_while(|key| self.tiers.iter().any(|tier| tier.contains(key)))
+            .count()
+    }
+
+    /// The first tier holding a valid chunk wins, and the chunk is copied into the tiers
+    /// above it. A tier error is a miss in that tier: counted, logged, and the search goes on
+    /// to the next tier, so bad bytes are never returned.
+    pub fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Option<Chunk> {
+        for (level, tier) in self.tiers.iter().enumerate() {
+            match tier.get(key, expected_fingerprint) {
+                Ok(Some(chunk)) => {
+                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    self.promote(key, &chunk, &self.tiers[..level]);
+                    return Some(chunk);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    self.count_error(&err);
+                    tracing::warn!(tier = tier.name(), %key, reason = err.reason(), error = %err, "unusable chunk treated as a miss");
+                }
+            }
+        }
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// Writes through to every tier. Fails only if no tier stored the chunk (then with the
+    /// first tier's error); partial failures are logged.
+    pub fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError> {
+        let mut first_error = None;
+        let mut stored = false;
+        for tier in &self.tiers {
+            match tier.put(key, meta, data) {
+                Ok(()) => stored = true,
+                Err(err) => {
+                    tracing::warn!(tier = tier.name(), %key, reason = err.reason(), error = %err, "put failed in one tier");
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        match (stored, first_error) {
+            (true, _) => Ok(()),
+            (false, Some(err)) => Err(err),
+            (false, None) => Err(StoreError::NoTiers),
+        }
+    }
+
+    pub fn stats(&self) -> StackStats {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StackStats {
+            hits: load(&c.hits),
+            misses: load(&c.misses),
+            promotions: load(&c.promotions),
+            corrupt: load(&c.corrupt),
+            fingerprint_mismatch: load(&c.fingerprint_mismatch),
+            io_errors: load(&c.io_errors),
+            other_errors: load(&c.other_errors),
+        }
+    }
+
+    fn promote(&self, key: &CacheKey, chunk: &Chunk, above: &[Arc<dyn Tier>]) {
+        for tier in above {
+            match tier.put(key, chunk.meta, &chunk.data) {
+                Ok(()) => {
+                    self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                }
+                // A full upper tier is normal under load; the chunk is still returned.
+                Err(err) => {
+                    tracing::debug!(tier = tier.name(), %key, error = %err, "promotion skipped")
+                }
+            }
+        }
+    }
+
+    fn count_error(&self, err: &StoreError) {
+        let c = &self.counters;
+        let counter = match err {
+            StoreError::Corrupt { .. } => &c.corrupt,
+            StoreError::FingerprintMismatch { .. } => &c.fingerprint_mismatch,
+            StoreError::Io { .. } => &c.io_errors,
+            _ => &c.other_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

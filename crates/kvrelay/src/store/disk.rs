@@ -1,0 +1,804 @@
+//! The local disk tier: one immutable, checksummed file per chunk, shared by every process
+//! on the host that opens the same directory.
+//!
+//! Crash safety comes from the write protocol, not from locks: a put writes a unique temp
+//! file (`.tmp-<pid>-<n>`) in the directory and renames it over the chunk's name, so a chunk
+//! is either wholly visible or not at all. A killed writer leaves only a temp file, which
+//! `open` and `gc` remove once its process is gone. Files are never modified after the rename
+//! and kvrelay only ever unlinks them, which is what makes zero-copy reads through a mapping
+//! sound (see [`DiskTier::get`]).
+//!
+//! File format (little-endian), one file per chunk, named `<xxh3-128 of the key string>.kvc`
+//! so that no key can name a path outside the directory:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `KVRCHUNK` |
+//! | 8 | 2 | format version (1) |
+//! | 10 | 2 | reserved, zero |
+//! | 12 | 4 | header length (fixed part + key, padded to 64 bytes) |
+//! | 16 | 4 | key length |
+//! | 20 | 4 | tokens in the chunk |
+//! | 24 | 8 | layout fingerprint |
+//! | 32 | 8 | payload length |
+//! | 40 | 8 | payload checksum, xxh3-64 |
+//! | 48 | 8 | header checksum, xxh3-64 of bytes 0..48, then (as seed) of 56..header length |
+//! | 56 | key length | the key's LMCache string form |
+
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use memmap2::{Mmap, MmapOptions};
+use parking_lot::Mutex;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
+
+use super::lru::LruIndex;
+use super::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
+use crate::keys::CacheKey;
+
+const MAGIC: [u8; 8] = *b"KVRCHUNK";
+const FORMAT_VERSION: u16 = 1;
+const FIXED_HEADER: usize = 56;
+const HEADER_ALIGN: usize = 64;
+/// Longer keys are refused: a real key is a model name and four short fields.
+const MAX_KEY_LEN: usize = 4096;
+const MAX_HEADER: usize = (FIXED_HEADER + MAX_KEY_LEN).next_multiple_of(HEADER_ALIGN);
+const CHUNK_EXT: &str = "kvc";
+const TEMP_PREFIX: &str = ".tmp-";
+/// A directory without this file is not a kvrelay tier: `open` refuses to manage (and so
+/// possibly delete) files there.
+const MARKER: &str = ".kvrelay-disk-tier";
+const MARKER_TEXT: &str = "kvrelay disk tier, chunk format 1\n";
+
+/// Makes temp file names unique among the tiers of one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// How to open a disk tier.
+#[derive(Clone, Debug)]
+pub struct DiskTierOptions {
+    /// Bytes of chunk files (headers included) this process keeps in the directory. Across
+    /// processes the budget is approximate: each evicts from what it has seen.
+    pub budget_bytes: u64,
+    /// fsync each chunk and the directory on put. Off by default: the checksums catch data a
+    /// power loss tore, and a torn chunk is a miss.
+    pub fsync: bool,
+    /// Create the directory (and mark it as a tier) if it is missing or empty.
+    pub create: bool,
+    /// Permission bits of chunk files; the directory gets the matching execute bits.
+    /// Owner-only (0o600) by default.
+    pub file_mode: u32,
+    /// A temp file whose writer is still alive is left alone until it is this old.
+    pub stale_temp_after: Duration,
+    /// Remove stale temp files on open. Inspection tools turn it off so that only `gc`
+    /// changes the directory.
+    pub clean_on_open: bool,
+}
+
+impl DiskTierOptions {
+    pub fn new(budget_bytes: u64) -> Self {
+        DiskTierOptions {
+            budget_bytes,
+            fsync: false,
+            create: true,
+            file_mode: 0o600,
+            stale_temp_after: Duration::from_secs(3600),
+            clean_on_open: true,
+        }
+    }
+
+    fn dir_mode(&self) -> u32 {
+        // Read permission on the directory without execute is useless: add x wherever r is.
+        self.file_mode | ((self.file_mode & 0o444) >> 2) | 0o700
+    }
+}
+
+/// One chunk file as `list` or `verify` saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskEntry {
+    pub key: String,
+    pub path: PathBuf,
+    pub num_tokens: u32,
+    pub layout_fingerprint: u64,
+    pub payload_bytes: u64,
+    pub file_bytes: u64,
+    /// Last write or successful read by any process.
+    pub modified: SystemTime,
+}
+
+/// A chunk file that failed a check, and why.
+#[derive(Debug)]
+pub struct BadChunk {
+    pub path: PathBuf,
+    pub error: StoreError,
+}
+
+/// The chunk files of a directory, sorted by key, and those that failed the check.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub entries: Vec<DiskEntry>,
+    pub bad: Vec<BadChunk>,
+}
+
+/// What `gc` removed.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub removed_bad: Vec<BadChunk>,
+    pub removed_temp: Vec<PathBuf>,
+    /// Valid chunks evicted, least recently used first, to meet `max_bytes`.
+    pub evicted: Vec<DiskEntry>,
+    pub bytes_freed: u64,
+}
+
+struct Inner {
+    /// File id (xxh3-128 of the key string) → file bytes.
+    index: LruIndex<u128, u64>,
+    bytes: u64,
+    hits: u64,
+    misses: u64,
+    evictions: u64,
+    corrupt: u64,
+    rejected: u64,
+}
+
+/// Chunks in files under one directory, with a byte budget and LRU eviction.
+pub struct DiskTier {
+    dir: PathBuf,
+    opts: DiskTierOptions,
+    inner: Mutex<Inner>,
+}
+
+struct Header {
+    key: String,
+    header_len: usize,
+    num_tokens: u32,
+    layout_fingerprint: u64,
+    payload_len: u64,
+    payload_checksum: u64,
+}
+
+enum DirItem {
+    Chunk(PathBuf),
+    Temp { path: PathBuf, pid: Option<i32> },
+}
+
+/// How far `scan_chunks` checks each file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Header,
+    Full,
+}
+
+impl DiskTier {
+    /// Opens (or, with `opts.create`, creates) the tier in `dir`, removes stale temp files
+    /// (unless `opts.clean_on_open` is off), and rebuilds the index from the chunk headers so the cache survives restarts.
+    pub fn open(dir: impl AsRef<Path>, opts: DiskTierOptions) -> Result<Self, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        prepare_dir(&dir, &opts)?;
+        let tier = DiskTier {
+            dir,
+            opts,
+            inner: Mutex::new(Inner {
+                index: LruIndex::new(),
+                bytes: 0,
+                hits: 0,
+                misses: 0,
+                evictions: 0,
+                corrupt: 0,
+                rejected: 0,
+            }),
+        };
+        if tier.opts.clean_on_open {
+            tier.remove_stale_temps()?;
+        }
+        tier.rebuild_index()?;
+        Ok(tier)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path a key's chunk has in this tier.
+    pub fn chunk_path(&self, key: &CacheKey) -> PathBuf {
+        self.path_of(file_id(&key.to_string()))
+    }
+
+    fn path_of(&self, id: u128) -> PathBuf {
+        self.dir.join(format!("{id:032x}.{CHUNK_EXT}"))
+    }
+
+    /// Every chunk file with its header checked (not the payload checksum).
+    pub fn list(&self) -> Result<Listing, StoreError> {
+        self.scan_chunks(Check::Header)
+    }
+
+    /// Every chunk file with every check a reader makes, payload checksum included.
+    pub fn verify(&self) -> Result<Listing, StoreError> {
+        self.scan_chunks(Check::Full)
+    }
+
+    /// Removes chunks that fail `verify` and stale temp files; with `max_bytes`, then evicts
+    /// the least recently used chunks until the files total at most that many bytes.
+    pub fn gc(&self, max_bytes: Option<u64>) -> Result<GcReport, StoreError> {
+        let mut report = GcReport::default();
+        let listing = self.verify()?;
+        for bad in listing.bad {
+            report.bytes_freed += fs::metadata(&bad.path).map(|m| m.len()).unwrap_or(0);
+            if unlink(&bad.path)? {
+                report.removed_bad.push(bad);
+            }
+        }
+        report.removed_temp = self.remove_stale_temps()?;
+        if let Some(max_bytes) = max_bytes {
+            let mut entries = listing.entries;
+            entries.sort_by_key(|e| e.modified);
+            let mut total: u64 = entries.iter().map(|e| e.file_bytes).sum();
+            for entry in entries {
+                if total <= max_bytes {
+                    break;
+                }
+                total -= entry.file_bytes;
+                if unlink(&entry.path)? {
+                    report.bytes_freed += entry.file_bytes;
+                    report.evicted.push(entry);
+                }
+            }
+        }
+        self.rebuild_index()?;
+        Ok(report)
+    }
+
+    fn read_dir(&self) -> Result<Vec<DirItem>, StoreError> {
+        let entries = fs::read_dir(&self.dir).map_err(|e| StoreError::io(&self.dir, e))?;
+        let mut items = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(&self.dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(rest) = name.strip_prefix(TEMP_PREFIX) {
+                let pid = rest.split('-').next().and_then(|p| p.parse().ok());
+                items.push(DirItem::Temp {
+                    path: entry.path(),
+                    pid,
+                });
+            } else if parse_file_id(name).is_some() {
+                items.push(DirItem::Chunk(entry.path()));
+            }
+        }
+        Ok(items)
+    }
+
+    fn scan_chunks(&self, check: Check) -> Result<Listing, StoreError> {
+        let mut listing = Listing::default();
+        for item in self.read_dir()? {
+            let DirItem::Chunk(path) = item else { continue };
+            let result = match check {
+                Check::Header => read_header(&path),
+                Check::Full => verify_file(&path),
+            };
+            match result {
+                Ok(entry) => listing.entries.push(entry),
+                // Unlinked by another process since the directory was read: not a chunk now.
+                Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => listing.bad.push(BadChunk { path, error }),
+            }
+        }
+        listing.entries.sort_by(|a, b| a.key.cmp(&b.key));
+        listing.bad.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(listing)
+    }
+
+    /// Removes temp files whose writer is gone or that are older than `stale_temp_after`.
+    fn remove_stale_temps(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let own_pid = std::process::id() as i32;
+        let now = SystemTime::now();
+        let mut removed = Vec::new();
+        for item in self.read_dir()? {
+            let DirItem::Temp { path, pid } = item else {
+                continue;
+            };
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            let writer_gone = pid.is_some_and(|pid| pid != own_pid && !process_alive(pid));
+            if (writer_gone || age >= self.opts.stale_temp_after) && unlink(&path)? {
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn rebuild_index(&self) -> Result<(), StoreError> {
+        let listing = self.list()?;
+        for bad in &listing.bad {
+            tracing::warn!(path = %bad.path.display(), error = %bad.error, "bad chunk left out of the index; `kvrelay store gc` removes it");
+        }
+        let mut entries = listing.entries;
+        entries.sort_by_key(|e| e.modified);
+        let mut inner = self.inner.lock();
+        inner.index.clear();
+        inner.bytes = 0;
+        for entry in entries {
+            inner.index.insert(file_id(&entry.key), entry.file_bytes);
+            inner.bytes += entry.file_bytes;
+        }
+        Ok(())
+    }
+
+    /// Records that the file `id` exists with `file_bytes`, as the most recently used.
+    fn note_present(&self, id: u128, file_bytes: u64) {
+        let mut inner = self.inner.lock();
+        if let Some(old) = inner.index.insert(id, file_bytes) {
+            inner.bytes -= old;
+        }
+        inner.bytes += file_bytes;
+    }
+
+    fn forget(&self, id: u128) {
+        let mut inner = self.inner.lock();
+        if let Some(old) = inner.index.remove(&id) {
+            inner.bytes -= old;
+        }
+    }
+
+    /// Reserves `file_bytes` for `id` in the index, choosing least recently used victims to
+    /// stay within budget. Returns the victims' paths, to unlink outside the lock.
+    fn reserve(&self, id: u128, file_bytes: u64) -> Result<Vec<PathBuf>, StoreError> {
+        let budget = self.opts.budget_bytes;
+        if file_bytes > budget {
+            return Err(StoreError::TooLarge {
+                size: file_bytes,
+                budget,
+            });
+        }
+        let mut inner = self.inner.lock();
+        if let Some(old) = inner.index.remove(&id) {
+            inner.bytes -= old;
+        }
+        let mut victims = Vec::new();
+        while inner.bytes + file_bytes > budget {
+            let Some((&victim, &size)) = inner.index.iter_lru().next() else {
+                break;
+            };
+            inner.index.remove(&victim);
+            inner.bytes -= size;
+            inner.evictions += 1;
+            victims.push(self.path_of(victim));
+        }
+        inner.index.insert(id, file_bytes);
+        inner.bytes += file_bytes;
+        Ok(victims)
+    }
+
+    fn write_chunk(&self, path: &Path, header: &[u8], data: &[u8]) -> Result<(), StoreError> {
+        write_atomically(&self.dir, path, &[header, data], &self.opts)
+    }
+}
+
+impl Tier for DiskTier {
+    fn name(&self) -> &str {
+        "disk"
+    }
+
+    /// Checks the file system, not only the index, so chunks written or evicted by other
+    /// processes are seen.
+    fn contains(&self, key: &CacheKey) -> bool {
+        let id = file_id(&key.to_string());
+        match fs::metadata(self.path_of(id)) {
+            Ok(meta) => {
+                self.note_present(id, meta.len());
+                true
+            }
+            Err(_) => {
+                self.forget(id);
+                false
+            }
+        }
+    }
+
+    fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError> {
+        let key_str = key.to_string();
+        let id = file_id(&key_str);
+        let path = self.path_of(id);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(id);
+                self.inner.lock().misses += 1;
+                return Ok(None);
+            }
+            Err(e) => return Err(StoreError::io(path, e)),
+        };
+        let result = map_and_check(&path, &file, Some((&key_str, expected_fingerprint)));
+        let (map, header) = match result {
+            Ok(ok) => ok,
+            Err(err) => {
+                let mut inner = self.inner.lock();
+                match err {
+                    StoreError::FingerprintMismatch { .. } => inner.rejected += 1,
+                    StoreError::Corrupt { .. } => inner.corrupt += 1,
+                    _ => {}
+                }
+                return Err(err);
+            }
+        };
+        // Records the access for LRU across processes and restarts; best effort, as a
+        // read-only reader may not own the file.
+        let _ = file.set_modified(SystemTime::now());
+        self.note_present(id, map.len() as u64);
+        self.inner.lock().hits += 1;
+        let meta = ChunkMeta {
+            layout_fingerprint: header.layout_fingerprint,
+            num_tokens: header.num_tokens,
+        };
+        // Zero copy: the chunk keeps the mapping alive. Sound because kvrelay never modifies
+        // or truncates a chunk file after its rename, it only unlinks it, and an unlinked
+        // file stays mapped until the last `Bytes` drops. (A foreign process truncating the
+        // file would fault the reader; the directory is owner-only for that reason.)
+        let data = Bytes::from_owner(map).slice(header.header_len..);
+        Ok(Some(Chunk { meta, data }))
+    }
+
+    fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError> {
+        let key_str = key.to_string();
+        let id = file_id(&key_str);
+        let header = encode_header(&key_str, meta, data)?;
+        let file_bytes = (header.len() + data.len()) as u64;
+        for victim in self.reserve(id, file_bytes)? {
+            if let Err(err) = unlink(&victim) {
+                tracing::warn!(error = %err, "evicting a chunk failed");
+            }
+        }
+        let path = self.path_of(id);
+        self.write_chunk(&path, &header, data)
+            .inspect_err(|_| self.forget(id))
+    }
+
+    fn remove(&self, key: &CacheKey) -> Result<bool, StoreError> {
+        let id = file_id(&key.to_string());
+        self.forget(id);
+        unlink(&self.path_of(id))
+    }
+
+    fn stats(&self) -> TierStats {
+        let inner = self.inner.lock();
+        TierStats {
+            entries: inner.index.len() as u64,
+            bytes: inner.bytes,
+            budget: self.opts.budget_bytes,
+            hits: inner.hits,
+            misses: inner.misses,
+            evictions: inner.evictions,
+            corrupt: inner.corrupt,
+            rejected: inner.rejected,
+        }
+    }
+}
+
+fn file_id(key: &str) -> u128 {
+    xxh3_128(key.as_bytes())
+}
+
+fn parse_file_id(name: &str) -> Option<u128> {
+    let stem = name.strip_suffix(CHUNK_EXT)?.strip_suffix('.')?;
+    if stem.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(stem, 16).ok()
+}
+
+fn prepare_dir(dir: &Path, opts: &DiskTierOptions) -> Result<(), StoreError> {
+    let bad = |reason: String| StoreError::BadDirectory {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    match fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => return Err(bad("not a directory".into())),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound && opts.create => {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(opts.dir_mode())
+                .create(dir)
+                .map_err(|e| StoreError::io(dir, e))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(bad("it does not exist".into()))
+        }
+        Err(e) => return Err(StoreError::io(dir, e)),
+    }
+    let marker = dir.join(MARKER);
+    match fs::read_to_string(&marker) {
+        Ok(text) if text == MARKER_TEXT => Ok(()),
+        Ok(text) => Err(bad(format!(
+            "{MARKER} says {:?}; expected {MARKER_TEXT:?}",
+            text.trim_end()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Temp files do not count: another process may be writing the marker right now.
+            let empty = fs::read_dir(dir)
+                .map_err(|e| StoreError::io(dir, e))?
+                .filter_map(Result::ok)
+                .all(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX));
+            if !(opts.create && empty) {
+                return Err(bad(format!(
+                    "no {MARKER} file, so it is not a kvrelay disk tier (kvrelay only takes over empty directories)"
+                )));
+            }
+            // Atomic, so a process opening the directory at the same time sees all or nothing.
+            write_atomically(dir, &marker, &[MARKER_TEXT.as_bytes()], opts)
+        }
+        Err(e) => Err(StoreError::io(marker, e)),
+    }
+}
+
+/// Writes `parts` to a fresh temp file in `dir` and renames it to `path`.
+fn write_atomically(
+    dir: &Path,
+    path: &Path,
+    parts: &[&[u8]],
+    opts: &DiskTierOptions,
+) -> Result<(), StoreError> {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(opts.file_mode)
+            .open(&tmp)?;
+        for part in parts {
+            file.write_all(part)?;
+        }
+        if opts.fsync {
+            file.sync_data()?;
+        }
+        fs::rename(&tmp, path)?;
+        if opts.fsync {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        StoreError::io(path, e)
+    })
+}
+
+/// Unlinks a file; `Ok(false)` if it was already gone.
+fn unlink(path: &Path) -> Result<bool, StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::io(path, e)),
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        // 0 and negative pids address process groups in kill(2); never probe those.
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that `pid` (a positive pid,
+    // checked above) exists and may be signalled. It touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn encode_header(key: &str, meta: ChunkMeta, payload: &[u8]) -> Result<Vec<u8>, StoreError> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(StoreError::KeyTooLong {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    let header_len = (FIXED_HEADER + key.len()).next_multiple_of(HEADER_ALIGN);
+    let mut h = vec![0u8; header_len];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(header_len as u32).to_le_bytes());
+    h[16..20].copy_from_slice(&(key.len() as u32).to_le_bytes());
+    h[20..24].copy_from_slice(&meta.num_tokens.to_le_bytes());
+    h[24..32].copy_from_slice(&meta.layout_fingerprint.to_le_bytes());
+    h[32..40].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    h[40..48].copy_from_slice(&xxh3_64(payload).to_le_bytes());
+    h[FIXED_HEADER..FIXED_HEADER + key.len()].copy_from_slice(key.as_bytes());
+    let checksum = header_checksum(&h);
+    h[48..56].copy_from_slice(&checksum.to_le_bytes());
+    Ok(h)
+}
+
+fn header_checksum(header: &[u8]) -> u64 {
+    xxh3_64_with_seed(&header[FIXED_HEADER..], xxh3_64(&header[..48]))
+}
+
+fn corrupt(path: &Path, reason: String) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn too_short(path: &Path, file_len: u64) -> StoreError {
+    corrupt(
+        path,
+        format!("truncated: {file_len} bytes, shorter than the {FIXED_HEADER}-byte header"),
+    )
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Parses and checks a header from the start of a file of `file_len` bytes: magic, version,
+/// lengths, header checksum, and that the file is exactly header plus payload long.
+fn decode_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header, StoreError> {
+    if bytes.len() < FIXED_HEADER {
+        return Err(too_short(path, file_len));
+    }
+    if bytes[0..8] != MAGIC {
+        return Err(corrupt(path, "bad magic: not a kvrelay chunk".into()));
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != FORMAT_VERSION {
+        return Err(corrupt(
+            path,
+            format!("format version {version}; this kvrelay reads {FORMAT_VERSION}"),
+        ));
+    }
+    let header_len = le_u32(bytes, 12) as usize;
+    let key_len = le_u32(bytes, 16) as usize;
+    if key_len > MAX_KEY_LEN
+        || header_len != (FIXED_HEADER + key_len).next_multiple_of(HEADER_ALIGN)
+    {
+        return Err(corrupt(
+            path,
+            format!("bad header: length {header_len} with a key of {key_len} bytes"),
+        ));
+    }
+    if bytes.len() < header_len {
+        return Err(corrupt(
+            path,
+            format!("truncated: {file_len} bytes, shorter than its {header_len}-byte header"),
+        ));
+    }
+    let header = &bytes[..header_len];
+    let (stored, computed) = (le_u64(header, 48), header_checksum(header));
+    if stored != computed {
+        return Err(corrupt(
+            path,
+            format!("header checksum mismatch: stored {stored:#018x}, computed {computed:#018x}"),
+        ));
+    }
+    let key = std::str::from_utf8(&header[FIXED_HEADER..FIXED_HEADER + key_len])
+        .map_err(|_| corrupt(path, "key in the header is not UTF-8".into()))?
+        .to_string();
+    let payload_len = le_u64(header, 32);
+    let expected = (header_len as u64).checked_add(payload_len);
+    if expected != Some(file_len) {
+        let reason = match expected {
+            Some(expected) if file_len < expected => {
+                format!("truncated: {file_len} bytes, header says {expected}")
+            }
+            _ => format!("{file_len} bytes, but header says {payload_len} payload bytes"),
+        };
+        return Err(corrupt(path, reason));
+    }
+    Ok(Header {
+        key,
+        header_len,
+        num_tokens: le_u32(header, 20),
+        layout_fingerprint: le_u64(header, 24),
+        payload_len,
+        payload_checksum: le_u64(header, 40),
+    })
+}
+
+/// Maps a chunk file and runs every check a reader needs. With `expect`, also checks that
+/// the header names that key and layout fingerprint (the fingerprint before the payload
+/// checksum, so another model's chunk costs no hashing); without, checks that the file name
+/// matches the key in the header.
+fn map_and_check(
+    path: &Path,
+    file: &File,
+    expect: Option<(&str, u64)>,
+) -> Result<(Mmap, Header), StoreError> {
+    let file_len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+    if file_len < FIXED_HEADER as u64 {
+        return Err(too_short(path, file_len));
+    }
+    // SAFETY: the mapping is read-only and private to this call until returned. Chunk files
+    // are immutable after their atomic rename and kvrelay never truncates or rewrites them
+    // (it only unlinks), so the mapped bytes cannot change or vanish under the reader. The
+    // length was read from the same open file, and every offset below is bounds-checked.
+    let map =
+        unsafe { MmapOptions::new().populate().map(file) }.map_err(|e| StoreError::io(path, e))?;
+    let header = decode_header(path, &map, file_len)?;
+    match expect {
+        Some((key, fingerprint)) => {
+            if header.key != key {
+                return Err(corrupt(
+                    path,
+                    format!("header names key {:?}, expected {key:?}", header.key),
+                ));
+            }
+            if header.layout_fingerprint != fingerprint {
+                return Err(StoreError::FingerprintMismatch {
+                    key: header.key,
+                    expected: fingerprint,
+                    found: header.layout_fingerprint,
+                });
+            }
+        }
+        None => {
+            let name = path.file_name().and_then(OsStr::to_str);
+            if name.and_then(parse_file_id) != Some(file_id(&header.key)) {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "file name does not match the key {:?} in its header",
+                        header.key
+                    ),
+                ));
+            }
+        }
+    }
+    let computed = xxh3_64(&map[header.header_len..]);
+    if computed != header.payload_checksum {
+        return Err(corrupt(
+            path,
+            format!(
+                "payload checksum mismatch: stored {:#018x}, computed {computed:#018x}",
+                header.payload_checksum
+            ),
+        ));
+    }
+    Ok((map, header))
+}
+
+fn entry_of(path: &Path, header: Header, meta: &fs::Metadata) -> DiskEntry {
+    DiskEntry {
+        path: path.to_path_buf(),
+        num_tokens: header.num_tokens,
+        layout_fingerprint: header.layout_fingerprint,
+        payload_bytes: header.payload_len,
+        file_bytes: meta.len(),
+        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        key: header.key,
+    }
+}
+
+/// Reads and checks only the header of a chunk file.
+fn read_header(path: &Path) -> Result<DiskEntry, StoreError> {
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+    let mut buf = Vec::with_capacity(MAX_HEADER);
+    file.take(MAX_HEADER as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| StoreError::io(path, e))?;
+    let header = decode_header(path, &buf, meta.len())?;
+    Ok(entry_of(path, header, &meta))
+}
+
+/// Runs every check on a chunk file, as `get` would.
+fn verify_file(path: &Path) -> Result<DiskEntry, StoreError> {
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+    let (_, header) = map_and_check(path, &file, None)?;
+    Ok(entry_of(path, header, &meta))
+}

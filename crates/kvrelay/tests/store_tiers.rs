@@ -1,0 +1,499 @@
+//! Disk tier and tier stack behaviour: restarts, corruption, fingerprints, promotion, and
+//! several processes sharing one directory (children re-execute this test binary).
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvrelay::keys::CacheKey;
+use kvrelay::store::{ChunkMeta, CpuTier, DiskTier, DiskTierOptions, StoreError, Tier, TierStack};
+use kvrelay::KvDtype;
+
+const FP: u64 = 0x1234_5678_9abc_def0;
+/// Tells a re-executed test binary which child role to play.
+const ROLE_ENV: &str = "KVRELAY_STORE_TEST_ROLE";
+const DIR_ENV: &str = "KVRELAY_STORE_TEST_DIR";
+
+fn key(i: u64) -> CacheKey {
+    CacheKey::new(
+        "test/model",
+        2,
+        1,
+        i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        KvDtype::Bf16,
+    )
+    .unwrap()
+}
+
+fn meta(k: &CacheKey) -> ChunkMeta {
+    ChunkMeta {
+        layout_fingerprint: FP,
+        num_tokens: (k.chunk_hash % 256) as u32 + 1,
+    }
+}
+
+/// Content derived from the key alone, so any process can check what it reads.
+fn content(k: &CacheKey, len: usize) -> Vec<u8> {
+    let mut x = k.chunk_hash | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sizes vary by key so a chunk mixed up with another shows up as a length mismatch too.
+fn small_len(k: &CacheKey) -> usize {
+    16 * 1024 + (k.chunk_hash % 61) as usize * 1024
+}
+
+fn open(dir: &Path, budget: u64) -> DiskTier {
+    DiskTier::open(dir, DiskTierOptions::new(budget)).unwrap()
+}
+
+fn put(tier: &dyn Tier, k: &CacheKey, len: usize) {
+    tier.put(k, meta(k), &content(k, len)).unwrap();
+}
+
+fn assert_chunk(tier: &dyn Tier, k: &CacheKey, len: usize) {
+    let chunk = tier.get(k, FP).unwrap().expect("chunk present");
+    assert_eq!(chunk.meta, meta(k));
+    assert!(
+        chunk.data[..] == content(k, len)[..],
+        "content of {k} differs"
+    );
+}
+
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(".tmp-")
+        })
+        .collect()
+}
+
+fn spawn_role(test_name: &str, role: &str, dir: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test_name, "--nocapture"])
+        .env(ROLE_ENV, role)
+        .env(DIR_ENV, dir)
+        .spawn()
+        .unwrap()
+}
+
+/// `Some(dir)` when this process is a child started to play `role`.
+fn child_role(role: &str) -> Option<PathBuf> {
+    let is_role = std::env::var(ROLE_ENV).ok().as_deref() == Some(role);
+    is_role.then(|| PathBuf::from(std::env::var(DIR_ENV).unwrap()))
+}
+
+fn is_child() -> bool {
+    std::env::var_os(ROLE_ENV).is_some()
+}
+
+#[test]
+fn survives_a_restart_with_the_same_index() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<CacheKey> = (0..12).map(key).collect();
+    let before = {
+        let tier = open(dir.path(), 1 << 30);
+        for k in &keys {
+            put(&tier, k, small_len(k));
+        }
+        tier.stats()
+    };
+    let on_disk: u64 = tier_files_bytes(dir.path());
+    assert_eq!(before.entries, 12);
+    assert_eq!(before.bytes, on_disk);
+
+    let tier = open(dir.path(), 1 << 30);
+    let after = tier.stats();
+    assert_eq!((after.entries, after.bytes), (before.entries, before.bytes));
+    for k in &keys {
+        assert!(tier.contains(k));
+        assert_chunk(&tier, k, small_len(k));
+    }
+    let listing = tier.list().unwrap();
+    assert!(listing.bad.is_empty());
+    assert_eq!(listing.entries.len(), 12);
+    for entry in &listing.entries {
+        let k: CacheKey = entry.key.parse().unwrap();
+        assert_eq!(entry.payload_bytes, small_len(&k) as u64);
+        assert_eq!(entry.num_tokens, meta(&k).num_tokens);
+        assert_eq!(entry.layout_fingerprint, FP);
+    }
+
+    // Reopened with a budget of what is there now: one more chunk must evict to fit.
+    let tier = open(dir.path(), after.bytes);
+    let extra = key(100);
+    put(&tier, &extra, small_len(&extra));
+    let stats = tier.stats();
+    assert!(stats.evictions >= 1);
+    assert!(stats.bytes <= stats.budget);
+    assert_eq!(stats.bytes, tier_files_bytes(dir.path()));
+    assert_chunk(&tier, &extra, small_len(&extra));
+}
+
+fn tier_files_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "kvc"))
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn damaged_chunks_are_misses_that_verify_names() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(open(dir.path(), 1 << 30));
+    let keys: Vec<CacheKey> = (0..5).map(key).collect();
+    for k in &keys {
+        put(&*disk, k, small_len(k));
+    }
+    let path = |i: usize| disk.chunk_path(&keys[i]);
+    let flip = |p: &Path, at: u64| {
+        let mut bytes = fs::read(p).unwrap();
+        let at = if at == u64::MAX {
+            bytes.len() - 1
+        } else {
+            at as usize
+        };
+        bytes[at] ^= 0x40;
+        // Rewritten through a new file, as a reader must never see a file change in place.
+        let tmp = p.with_extension("flip");
+        fs::write(&tmp, bytes).unwrap();
+        fs::rename(tmp, p).unwrap();
+    };
+    let len = fs::metadata(path(0)).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(path(0))
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    flip(&path(1), u64::MAX); // last payload byte
+    flip(&path(2), 21); // num_tokens, in the fixed header
+    flip(&path(3), 60); // the key string, in the header
+    let bad: Vec<PathBuf> = (0..4).map(path).collect();
+
+    for k in &keys[..4] {
+        let err = disk.get(k, FP).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+    assert_eq!(disk.stats().corrupt, 4);
+    assert_chunk(&*disk, &keys[4], small_len(&keys[4]));
+
+    let listing = disk.verify().unwrap();
+    let mut named: Vec<PathBuf> = listing.bad.iter().map(|b| b.path.clone()).collect();
+    named.sort();
+    let mut expected = bad.clone();
+    expected.sort();
+    assert_eq!(named, expected);
+    let reasons: Vec<String> = listing.bad.iter().map(|b| b.error.to_string()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("truncated")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("payload checksum")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("header checksum")),
+        "{reasons:?}"
+    );
+    assert_eq!(listing.entries.len(), 1);
+
+    // Through the stack: a counted miss, and the bad bytes never reach the cpu tier.
+    let cpu = Arc::new(CpuTier::new(1 << 30));
+    let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
+    for k in &keys[..4] {
+        assert!(stack.get(k, FP).is_none());
+        assert!(!cpu.contains(k));
+    }
+    let stats = stack.stats();
+    assert_eq!((stats.corrupt, stats.misses, stats.hits), (4, 4, 0));
+
+    let report = disk.gc(None).unwrap();
+    assert_eq!(report.removed_bad.len(), 4);
+    assert!(disk.verify().unwrap().bad.is_empty());
+    assert_eq!(disk.stats().entries, 1);
+}
+
+#[test]
+fn another_layout_fingerprint_is_rejected() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(open(dir.path(), 1 << 30));
+    let k = key(7);
+    put(&*disk, &k, 4096);
+    let err = disk.get(&k, FP + 1).unwrap_err();
+    assert!(
+        matches!(err, StoreError::FingerprintMismatch { expected, found, .. } if expected == FP + 1 && found == FP),
+        "{err:?}"
+    );
+    assert_eq!(disk.stats().rejected, 1);
+
+    let cpu = Arc::new(CpuTier::new(1 << 20));
+    let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
+    assert!(stack.get(&k, FP + 1).is_none());
+    assert_eq!(stack.stats().fingerprint_mismatch, 1);
+    assert!(!cpu.contains(&k));
+    assert!(stack.get(&k, FP).is_some());
+}
+
+#[test]
+fn stack_counts_prefix_hits_and_promotes_disk_hits() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = Arc::new(CpuTier::new(1 << 30));
+    let disk = Arc::new(open(dir.path(), 1 << 30));
+    let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
+    let keys: Vec<CacheKey> = (0..8).map(key).collect();
+    for k in &keys[..3] {
+        stack.put(k, meta(k), &content(k, small_len(k))).unwrap();
+    }
+    for k in &keys[3..5] {
+        put(&*disk, k, small_len(k));
+    }
+    // keys[5] is missing; keys[6] after the gap does not count.
+    put(&*cpu, &keys[6], small_len(&keys[6]));
+    assert!(cpu.remove(&keys[1]).unwrap());
+    assert_eq!(stack.prefix_hits(&keys), 5);
+    assert_eq!(stack.prefix_hits(&keys[5..]), 0);
+
+    for k in [&keys[1], &keys[3]] {
+        assert!(!cpu.contains(k));
+        let chunk = stack.get(k, FP).unwrap();
+        assert!(chunk.data[..] == content(k, small_len(k))[..]);
+        assert!(cpu.contains(k), "disk hit of {k} not promoted");
+        assert_chunk(&*cpu, k, small_len(k));
+    }
+    assert!(stack.get(&keys[5], FP).is_none());
+    let stats = stack.stats();
+    assert_eq!((stats.hits, stats.misses, stats.promotions), (2, 1, 2));
+}
+
+#[test]
+fn stack_put_fails_only_when_no_tier_stores() {
+    if is_child() {
+        return;
+    }
+    let small = Arc::new(CpuTier::new(1024));
+    let big = Arc::new(CpuTier::new(1 << 20));
+    let stack = TierStack::new(vec![small.clone(), big.clone()]);
+    let k = key(1);
+    stack.put(&k, meta(&k), &content(&k, 4096)).unwrap();
+    assert!(!small.contains(&k) && big.contains(&k));
+    let only_small = TierStack::new(vec![small]);
+    let err = only_small
+        .put(&k, meta(&k), &content(&k, 4096))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
+    let none = TierStack::new(vec![]);
+    assert!(matches!(
+        none.put(&k, meta(&k), &[1]),
+        Err(StoreError::NoTiers)
+    ));
+}
+
+#[test]
+fn directory_checks_and_permissions() {
+    if is_child() {
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let missing = base.path().join("missing");
+    let opts = DiskTierOptions {
+        create: false,
+        ..DiskTierOptions::new(1 << 20)
+    };
+    let err = DiskTier::open(&missing, opts.clone()).err().unwrap();
+    assert!(matches!(err, StoreError::BadDirectory { .. }), "{err:?}");
+
+    let foreign = base.path().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let err = DiskTier::open(&foreign, DiskTierOptions::new(1 << 20))
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::BadDirectory { .. }), "{err:?}");
+
+    let dir = base.path().join("a/b/tier");
+    let tier = open(&dir, 1 << 20);
+    let k = key(3);
+    put(&tier, &k, 1000);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&tier.chunk_path(&k)), 0o600);
+    // The tier now has a marker: opening without `create` works.
+    assert!(DiskTier::open(&dir, opts).is_ok());
+}
+
+#[test]
+fn gc_removes_temp_files_of_dead_writers_only() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tier = open(dir.path(), 1 << 20);
+    // Above any pid_max: no such process.
+    let dead = dir.path().join(".tmp-2000000000-0");
+    let live = dir
+        .path()
+        .join(format!(".tmp-{}-99999", std::process::id()));
+    fs::write(&dead, b"partial").unwrap();
+    fs::write(&live, b"in flight").unwrap();
+    let report = tier.gc(None).unwrap();
+    assert_eq!(report.removed_temp, vec![dead.clone()]);
+    assert!(!dead.exists() && live.exists());
+}
+
+#[test]
+fn gc_evicts_least_recently_used_down_to_max_bytes() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tier = open(dir.path(), 1 << 30);
+    let keys: Vec<CacheKey> = (0..4).map(key).collect();
+    for k in &keys {
+        put(&tier, k, 10_000);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Reading key 0 makes it the most recently used.
+    assert_chunk(&tier, &keys[0], 10_000);
+    let one = fs::metadata(tier.chunk_path(&keys[0])).unwrap().len();
+    let report = tier.gc(Some(2 * one)).unwrap();
+    let evicted: Vec<&str> = report.evicted.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(evicted, [keys[1].to_string(), keys[2].to_string()]);
+    assert_eq!(report.bytes_freed, 2 * one);
+    assert!(tier.contains(&keys[0]) && tier.contains(&keys[3]));
+    assert_eq!(tier.stats().bytes, 2 * one);
+}
+
+#[test]
+fn two_processes_share_a_disk_tier() {
+    const NAME: &str = "two_processes_share_a_disk_tier";
+    const KEYS: u64 = 64;
+    let len = |k: &CacheKey| 64 * 1024 + (k.chunk_hash % 61) as usize * 4096;
+    if let Some(dir) = child_role("writer") {
+        // A budget of about a third of the keys, so eviction runs while the parent reads;
+        // three passes, so chunks are also replaced under the reader.
+        let tier = open(&dir, 24 * 320 * 1024);
+        for _ in 0..3 {
+            for i in 0..KEYS {
+                put(&tier, &key(i), len(&key(i)));
+            }
+        }
+        return;
+    }
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reader = open(dir.path(), 1 << 30);
+    let mut writer = spawn_role(NAME, "writer", dir.path());
+    let (mut hits, mut rounds) = (0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        for i in 0..KEYS {
+            let k = key(i);
+            if let Some(chunk) = reader.get(&k, FP).unwrap() {
+                assert_eq!(chunk.meta, meta(&k));
+                assert!(
+                    chunk.data[..] == content(&k, len(&k))[..],
+                    "torn read of {k}"
+                );
+                hits += 1;
+            }
+        }
+        rounds += 1;
+        if let Some(status) = writer.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "writer did not finish");
+    };
+    assert!(status.success(), "writer failed: {status}");
+    // The final state: what is visible is whole, and the writer's own budget held.
+    for i in 0..KEYS {
+        let k = key(i);
+        if reader.contains(&k) {
+            assert_chunk(&reader, &k, len(&k));
+            hits += 1;
+        }
+    }
+    assert!(reader.verify().unwrap().bad.is_empty());
+    assert!(tier_files_bytes(dir.path()) <= 24 * 320 * 1024);
+    assert!(hits > 0, "reader never saw a chunk ({rounds} rounds)");
+    eprintln!("reader: {hits} verified chunks in {rounds} rounds");
+}
+
+#[test]
+fn a_killed_writer_leaves_no_partial_chunk() {
+    const NAME: &str = "a_killed_writer_leaves_no_partial_chunk";
+    const CHUNK: usize = 16 << 20;
+    if let Some(dir) = child_role("endless_writer") {
+        let tier = open(&dir, 256 << 20);
+        // Bounded, in case the parent dies before it kills us.
+        for i in 0..256 {
+            put(&tier, &key(i), CHUNK);
+        }
+        return;
+    }
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tier = open(dir.path(), 1 << 30);
+    let mut writer = spawn_role(NAME, "endless_writer", dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Kill it mid-put: once a few chunks are visible and a temp file is being written.
+    while tier_files_bytes(dir.path()) < 2 * CHUNK as u64 || temp_files(dir.path()).is_empty() {
+        assert!(Instant::now() < deadline, "writer made no progress");
+        assert!(writer.try_wait().unwrap().is_none(), "writer exited early");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+
+    let temps = temp_files(dir.path());
+    let listing = tier.verify().unwrap();
+    assert!(listing.bad.is_empty(), "{:?}", listing.bad);
+    assert!(listing.entries.len() >= 2);
+    for entry in &listing.entries {
+        let k: CacheKey = entry.key.parse().unwrap();
+        assert_chunk(&tier, &k, CHUNK);
+    }
+    let report = tier.gc(None).unwrap();
+    assert_eq!(report.removed_temp.len(), temps.len());
+    assert!(temp_files(dir.path()).is_empty());
+    eprintln!(
+        "killed writer left {} chunks and {} temp files",
+        listing.entries.len(),
+        temps.len()
+    );
+}
