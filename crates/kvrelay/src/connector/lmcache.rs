@@ -30,7 +30,6 @@ pub struct LmcachePolicy {
 struct PendingLoad {
     from: usize,
     to: usize,
-    block_ids: Vec<u32>,
 }
 
 /// LMCache's scheduler half.
@@ -135,7 +134,7 @@ impl SchedulerConnector for LmcacheScheduler {
     fn update_state_after_alloc(
         &mut self,
         request: &RequestView<'_>,
-        block_ids: &[u32],
+        _block_ids: &[u32],
         num_external_tokens: usize,
     ) {
         // Decide from the token count, not from the blocks (vLLM 0.33's rule).
@@ -145,15 +144,10 @@ impl SchedulerConnector for LmcacheScheduler {
         }
         let hit = self.lookups.get(request.id).copied().unwrap_or(0);
         let to = hit.min(request.tokens.len());
-        let from = to.saturating_sub(num_external_tokens + usize::from(hit == request.tokens.len()));
-        self.loads.insert(
-            request.id.to_string(),
-            PendingLoad {
-                from,
-                to,
-                block_ids: block_ids.to_vec(),
-            },
-        );
+        let from =
+            to.saturating_sub(num_external_tokens + usize::from(hit == request.tokens.len()));
+        self.loads
+            .insert(request.id.to_string(), PendingLoad { from, to });
     }
 
     fn build_connector_meta(
@@ -167,7 +161,8 @@ impl SchedulerConnector for LmcacheScheduler {
                 Some(load) => {
                     // What was loaded is stored already: never save it again.
                     let saved = self.saved_upto.entry(id.to_string()).or_insert(0);
-                    *saved = (*saved).max(load.to / self.hasher.chunk_size() * self.hasher.chunk_size());
+                    *saved =
+                        (*saved).max(load.to / self.hasher.chunk_size() * self.hasher.chunk_size());
                     self.chunks(s.request.tokens, load.from, load.to)?
                 }
                 None => Vec::new(),
@@ -181,7 +176,9 @@ impl SchedulerConnector for LmcacheScheduler {
                     save_chunks = self.chunks(s.request.tokens, saved / chunk * chunk, end)?;
                     // Saves always gather whole chunks; drop the chunks already complete.
                     save_chunks.retain(|c| c.window.start + c.window.tokens > saved);
-                    save_chunks.iter_mut().for_each(|c| c.window.skip_leading = 0);
+                    save_chunks
+                        .iter_mut()
+                        .for_each(|c| c.window.skip_leading = 0);
                     self.saved_upto.insert(id.to_string(), end);
                 }
             }

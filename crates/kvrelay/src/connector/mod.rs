@@ -6,12 +6,14 @@
 //! policy: [`SharedStorageScheduler`] keeps vLLM's baseline semantics,
 //! [`LmcacheScheduler`] LMCache's chunked, prefix-chained ones.
 
+mod build;
 mod lmcache;
 mod shared_storage;
 mod worker;
 
 use std::sync::Arc;
 
+pub use build::{build_connector, Connector, EngineIdentity};
 pub use lmcache::{LmcachePolicy, LmcacheScheduler};
 pub use shared_storage::SharedStorageScheduler;
 pub use worker::{ConnectorStats, KvWorker};

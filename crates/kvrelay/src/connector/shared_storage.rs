@@ -52,7 +52,12 @@ impl SharedStorageScheduler {
     }
 
     /// The whole prefix `tokens[..len]` as one entry.
-    fn entry(&self, tokens: &[u32], len: usize, from: usize) -> Result<ChunkTransfer, ConnectorError> {
+    fn entry(
+        &self,
+        tokens: &[u32],
+        len: usize,
+        from: usize,
+    ) -> Result<ChunkTransfer, ConnectorError> {
         let hasher = ChunkHasher::new(self.algorithm, &self.seed, len)
             .map_err(|e| ConnectorError::Hash(e.to_string()))?;
         let hash = hasher.chunk_hashes(&tokens[..len])[0];
@@ -81,7 +86,10 @@ impl SchedulerConnector for SharedStorageScheduler {
         }
         let entry = self.entry(request.tokens, len, 0)?;
         let found = self.tiers.prefix_hits(std::slice::from_ref(&entry.key)) == 1;
-        Ok(Some((if found { len - num_computed_tokens } else { 0 }, false)))
+        Ok(Some((
+            if found { len - num_computed_tokens } else { 0 },
+            false,
+        )))
     }
 
     fn update_state_after_alloc(
@@ -115,7 +123,11 @@ impl SchedulerConnector for SharedStorageScheduler {
             // Save once, when the whole prompt has been computed: full blocks only, never
             // the last prompt token.
             let len = align_to_block_size(prompt, self.block_size);
-            if saves(self.role) && s.num_computed_tokens >= prompt && len > 0 && !self.saved.contains(id) {
+            if saves(self.role)
+                && s.num_computed_tokens >= prompt
+                && len > 0
+                && !self.saved.contains(id)
+            {
                 self.saved.insert(id.to_string());
                 save.push(self.entry(s.request.tokens, len, 0)?);
             }

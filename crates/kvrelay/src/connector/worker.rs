@@ -137,17 +137,24 @@ impl KvWorker {
             }
         }
         let tokens = |loads: &[ChunkTransfer]| -> usize {
-            loads.iter().map(|l| l.window.tokens - l.window.skip_leading).sum()
+            loads
+                .iter()
+                .map(|l| l.window.tokens - l.window.skip_leading)
+                .sum()
         };
         self.stats.loaded_tokens += tokens(&request.loads[..loaded]);
         let failed = &request.loads[loaded..];
         if let Some(first) = failed.first() {
             self.stats.failed_load_tokens += tokens(failed);
-            let last = failed.last().map_or(0, |l| l.window.start + l.window.tokens);
+            let last = failed
+                .last()
+                .map_or(0, |l| l.window.start + l.window.tokens);
             let from = first.window.start + first.window.skip_leading;
             let block_size = self.spec.block_size;
             self.load_errors.extend(
-                request.block_ids[from / block_size..last.div_ceil(block_size)].iter().copied(),
+                request.block_ids[from / block_size..last.div_ceil(block_size)]
+                    .iter()
+                    .copied(),
             );
         }
         self.stats.load_time += started.elapsed();
@@ -214,7 +221,10 @@ impl KvWorker {
 
     /// Requests whose asynchronous sends and receives finished. kvrelay's tier connectors
     /// finish every transfer inside the step, so there are none.
-    pub fn get_finished(&mut self, _finished_req_ids: &HashSet<String>) -> (HashSet<String>, HashSet<String>) {
+    pub fn get_finished(
+        &mut self,
+        _finished_req_ids: &HashSet<String>,
+    ) -> (HashSet<String>, HashSet<String>) {
         (HashSet::new(), HashSet::new())
     }
 

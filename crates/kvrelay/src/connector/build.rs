@@ -1,0 +1,132 @@
+//! Builds a connector from vLLM's `--kv-transfer-config` and LMCache's YAML.
+
+use std::sync::Arc;
+
+use super::{
+    ConnectorError, KeyPrefix, KvWorker, LmcachePolicy, LmcacheScheduler, SchedulerConnector,
+    SharedStorageScheduler,
+};
+use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig};
+use crate::device::Device;
+use crate::keys::{default_seed, ChunkHasher, HashAlgorithm};
+use crate::layout::KvCacheSpec;
+use crate::store::{CpuTier, DiskTier, DiskTierOptions, Tier, TierStack};
+
+/// LMCache sizes are in GiB.
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Who this engine is, as chunk keys name it.
+#[derive(Clone, Debug)]
+pub struct EngineIdentity {
+    /// The model name or path given to the engine; part of every key.
+    pub model: String,
+    pub world_size: u32,
+    pub worker_id: u32,
+}
+
+/// Both halves of one connector, over one shared tier list.
+pub struct Connector {
+    pub scheduler: Box<dyn SchedulerConnector>,
+    pub worker: KvWorker,
+    pub tiers: Arc<TierStack>,
+}
+
+/// Builds the connector `transfer` names, for caches of geometry `spec` moved by `device`.
+pub fn build_connector(
+    transfer: &KvTransferConfig,
+    lmcache: &LmcacheConfig,
+    identity: &EngineIdentity,
+    spec: KvCacheSpec,
+    device: Arc<dyn Device>,
+) -> Result<Connector, ConnectorError> {
+    spec.validate()
+        .map_err(|e| ConnectorError::GeometryMismatch(e.to_string()))?;
+    let role = transfer.kv_role.ok_or_else(|| ConfigError::Invalid {
+        reason: "kv_role is required when kv_connector is set".into(),
+    })?;
+    let prefix = KeyPrefix {
+        model: crate::keys::CacheKey::model_name(&identity.model)?,
+        world_size: identity.world_size,
+        worker_id: identity.worker_id,
+        dtype: spec.dtype,
+    };
+    let extra = &transfer.kv_connector_extra_config;
+    let (tiers, scheduler): (Arc<TierStack>, Box<dyn SchedulerConnector>) = match transfer
+        .connector_kind()?
+    {
+        ConnectorKind::SharedStorage => {
+            let disk = DiskTier::open(&extra.shared_storage_path, DiskTierOptions::new(u64::MAX))?;
+            let tiers = Arc::new(TierStack::new(vec![Arc::new(disk) as Arc<dyn Tier>]));
+            let scheduler = SharedStorageScheduler::new(
+                role,
+                spec.block_size,
+                HashAlgorithm::default(),
+                default_seed(),
+                prefix,
+                Arc::clone(&tiers),
+            );
+            (tiers, Box::new(scheduler))
+        }
+        ConnectorKind::Lmcache => {
+            let mut lmcache = lmcache.clone();
+            transfer.apply_lmcache_overrides(&mut lmcache)?;
+            let tiers = Arc::new(lmcache_tiers(&lmcache)?);
+            let algorithm: HashAlgorithm = lmcache
+                .pre_caching_hash_algorithm
+                .parse()
+                .map_err(|e| ConnectorError::Hash(format!("{e}")))?;
+            let hasher = ChunkHasher::new(algorithm, &default_seed(), lmcache.chunk_size)
+                .map_err(|e| ConnectorError::Hash(e.to_string()))?;
+            let policy = LmcachePolicy {
+                role,
+                discard_partial_chunks: extra.discard_partial_chunks || !lmcache.save_unfull_chunk,
+                skip_last_n_tokens: extra.skip_last_n_tokens,
+                save_decode_cache: lmcache.save_decode_cache,
+                min_retrieve_tokens: lmcache.min_retrieve_tokens as usize,
+            };
+            let scheduler = LmcacheScheduler::new(policy, hasher, prefix, Arc::clone(&tiers));
+            (tiers, Box::new(scheduler))
+        }
+    };
+    if role == KvRole::Consumer && tiers.tiers().is_empty() {
+        return Err(ConfigError::Invalid {
+            reason: "a kv_consumer needs at least one tier".into(),
+        }
+        .into());
+    }
+    let worker = KvWorker::new(device, Arc::clone(&tiers), spec);
+    Ok(Connector {
+        scheduler,
+        worker,
+        tiers,
+    })
+}
+
+/// LMCache's tier order: local CPU, then local disk.
+fn lmcache_tiers(config: &LmcacheConfig) -> Result<TierStack, ConnectorError> {
+    if let Some(url) = &config.remote_url {
+        return Err(ConfigError::UnsupportedValue {
+            key: "remote_url".into(),
+            value: url.clone(),
+            reason: "remote tiers are not built yet; use local_cpu and local_disk".into(),
+        }
+        .into());
+    }
+    let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
+    if config.local_cpu && config.max_local_cpu_size > 0.0 {
+        tiers.push(Arc::new(CpuTier::new(
+            (config.max_local_cpu_size * GIB) as u64,
+        )));
+    }
+    if let Some(dir) = config.local_disk_path() {
+        let budget = (config.max_local_disk_size * GIB) as u64;
+        tiers.push(Arc::new(DiskTier::open(dir, DiskTierOptions::new(budget))?));
+    }
+    if tiers.is_empty() {
+        return Err(ConfigError::Invalid {
+            reason: "no storage tier is enabled: set local_cpu with max_local_cpu_size > 0, or local_disk with max_local_disk_size > 0".into(),
+        }
+        .into());
+    }
+    Ok(TierStack::new(tiers))
+}
