@@ -28,7 +28,7 @@
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -36,7 +36,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use memmap2::{Mmap, MmapOptions};
 use parking_lot::Mutex;
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed, Xxh3Default};
 
 use super::lru::LruIndex;
 use super::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
@@ -381,8 +381,25 @@ impl DiskTier {
         Ok(victims)
     }
 
-    fn write_chunk(&self, path: &Path, header: &[u8], data: &[u8]) -> Result<(), StoreError> {
-        write_atomically(&self.dir, path, &[header, data], &self.opts)
+    /// Writes the payload in pieces, hashing each piece just before writing it (so it is
+    /// still in cache), then the header, which needs the checksum, at the start.
+    fn write_chunk(
+        &self,
+        path: &Path,
+        key: &str,
+        meta: ChunkMeta,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        const PIECE: usize = 1 << 20;
+        let header_len = header_len(key.len());
+        write_atomically(&self.dir, path, &self.opts, |file| {
+            let mut hasher = Xxh3Default::new();
+            for (i, piece) in data.chunks(PIECE).enumerate() {
+                hasher.update(piece);
+                file.write_all_at(piece, (header_len + i * PIECE) as u64)?;
+            }
+            file.write_all_at(&encode_header(key, meta, data.len(), hasher.digest()), 0)
+        })
     }
 }
 
@@ -453,15 +470,20 @@ impl Tier for DiskTier {
     fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError> {
         let key_str = key.to_string();
         let id = file_id(&key_str);
-        let header = encode_header(&key_str, meta, data)?;
-        let file_bytes = (header.len() + data.len()) as u64;
+        if key_str.len() > MAX_KEY_LEN {
+            return Err(StoreError::KeyTooLong {
+                len: key_str.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        let file_bytes = (header_len(key_str.len()) + data.len()) as u64;
         for victim in self.reserve(id, file_bytes)? {
             if let Err(err) = unlink(&victim) {
                 tracing::warn!(error = %err, "evicting a chunk failed");
             }
         }
         let path = self.path_of(id);
-        self.write_chunk(&path, &header, data)
+        self.write_chunk(&path, &key_str, meta, data)
             .inspect_err(|_| self.forget(id))
     }
 
@@ -537,30 +559,30 @@ fn prepare_dir(dir: &Path, opts: &DiskTierOptions) -> Result<(), StoreError> {
                 )));
             }
             // Atomic, so a process opening the directory at the same time sees all or nothing.
-            write_atomically(dir, &marker, &[MARKER_TEXT.as_bytes()], opts)
+            write_atomically(dir, &marker, opts, |mut file| {
+                file.write_all(MARKER_TEXT.as_bytes())
+            })
         }
         Err(e) => Err(StoreError::io(marker, e)),
     }
 }
 
-/// Writes `parts` to a fresh temp file in `dir` and renames it to `path`.
+/// Lets `fill` write a fresh temp file in `dir`, then renames it to `path`.
 fn write_atomically(
     dir: &Path,
     path: &Path,
-    parts: &[&[u8]],
     opts: &DiskTierOptions,
+    fill: impl FnOnce(&File) -> io::Result<()>,
 ) -> Result<(), StoreError> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
     let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(opts.file_mode)
             .open(&tmp)?;
-        for part in parts {
-            file.write_all(part)?;
-        }
+        fill(&file)?;
         if opts.fsync {
             file.sync_data()?;
         }
@@ -596,14 +618,13 @@ fn process_alive(pid: i32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn encode_header(key: &str, meta: ChunkMeta, payload: &[u8]) -> Result<Vec<u8>, StoreError> {
-    if key.len() > MAX_KEY_LEN {
-        return Err(StoreError::KeyTooLong {
-            len: key.len(),
-            max: MAX_KEY_LEN,
-        });
-    }
-    let header_len = (FIXED_HEADER + key.len()).next_multiple_of(HEADER_ALIGN);
+fn header_len(key_len: usize) -> usize {
+    (FIXED_HEADER + key_len).next_multiple_of(HEADER_ALIGN)
+}
+
+/// The header of a chunk; the caller has checked `key` against `MAX_KEY_LEN`.
+fn encode_header(key: &str, meta: ChunkMeta, payload_len: usize, payload_checksum: u64) -> Vec<u8> {
+    let header_len = header_len(key.len());
     let mut h = vec![0u8; header_len];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -611,12 +632,12 @@ fn encode_header(key: &str, meta: ChunkMeta, payload: &[u8]) -> Result<Vec<u8>, 
     h[16..20].copy_from_slice(&(key.len() as u32).to_le_bytes());
     h[20..24].copy_from_slice(&meta.num_tokens.to_le_bytes());
     h[24..32].copy_from_slice(&meta.layout_fingerprint.to_le_bytes());
-    h[32..40].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    h[40..48].copy_from_slice(&xxh3_64(payload).to_le_bytes());
+    h[32..40].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    h[40..48].copy_from_slice(&payload_checksum.to_le_bytes());
     h[FIXED_HEADER..FIXED_HEADER + key.len()].copy_from_slice(key.as_bytes());
     let checksum = header_checksum(&h);
     h[48..56].copy_from_slice(&checksum.to_le_bytes());
-    Ok(h)
+    h
 }
 
 fn header_checksum(header: &[u8]) -> u64 {
@@ -663,9 +684,7 @@ fn decode_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header, Sto
     }
     let header_len = le_u32(bytes, 12) as usize;
     let key_len = le_u32(bytes, 16) as usize;
-    if key_len > MAX_KEY_LEN
-        || header_len != (FIXED_HEADER + key_len).next_multiple_of(HEADER_ALIGN)
-    {
+    if key_len > MAX_KEY_LEN || header_len != self::header_len(key_len) {
         return Err(corrupt(
             path,
             format!("bad header: length {header_len} with a key of {key_len} bytes"),
