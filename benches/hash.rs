@@ -12,7 +12,7 @@ const TOKENS: usize = 1_000_000;
 const VOCAB: u32 = 128_256;
 
 fn chunk_keys(c: &mut Criterion) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b76_7265_6c61_79);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x006b_7672_656c_6179);
     let tokens: Vec<u32> = (0..TOKENS).map(|_| rng.gen_range(0..VOCAB)).collect();
     let mut out = vec![0u64; TOKENS.div_ceil(DEFAULT_CHUNK_SIZE)];
 
@@ -23,8 +23,8 @@ fn chunk_keys(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Elements(TOKENS as u64));
     for algorithm in HashAlgorithm::ALL {
-        let hasher = ChunkHasher::new(algorithm, DEFAULT_SEED, DEFAULT_CHUNK_SIZE)
-            .expect("valid hasher");
+        let hasher =
+            ChunkHasher::new(algorithm, DEFAULT_SEED, DEFAULT_CHUNK_SIZE).expect("valid hasher");
         group.bench_function(algorithm.name(), |b| {
             b.iter(|| {
                 hasher.for_each_chunk(black_box(&tokens), |i, _, hash| out[i] = hash);

@@ -33,12 +33,22 @@ fn prints_the_cbor2_vector_keys() {
     let cases = v["cases"].as_array().unwrap();
     // Every seed and chunk size, on the 257- and 4097-token lists.
     let mut checked = 0;
-    for case in cases.iter().filter(|c| [3, 4].contains(&c["tokens"].as_u64().unwrap())) {
+    for case in cases
+        .iter()
+        .filter(|c| [3, 4].contains(&c["tokens"].as_u64().unwrap()))
+    {
         let tokens = lists[case["tokens"].as_u64().unwrap() as usize].to_string();
         let chunk = case["chunk_size"].as_u64().unwrap().to_string();
         let seed = case["seed"].as_str().unwrap();
         let mut args = MODEL.to_vec();
-        args.extend(["--hash", "sha256_cbor", "--seed", seed, "--chunk-size", &chunk]);
+        args.extend([
+            "--hash",
+            "sha256_cbor",
+            "--seed",
+            seed,
+            "--chunk-size",
+            &chunk,
+        ]);
         args.extend(["--world-size", "1", "--worker-id", "0"]);
         let out = keys(&args, &tokens);
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -84,14 +94,26 @@ fn bad_input_fails_with_a_message() {
         (dtype_bf16.to_vec(), "[4294967296]", "4294967296 at index 0"),
         (dtype_bf16.to_vec(), "[1.5]", "1.5 at index 0"),
         (dtype_bf16.to_vec(), "[\"7\"]", "index 0"),
-        (vec!["--model", "m", "--dtype", "complex64"], "[1]", "complex64"),
+        (
+            vec!["--model", "m", "--dtype", "complex64"],
+            "[1]",
+            "complex64",
+        ),
         (
             [&dtype_bf16[..], &["--world-size", "2", "--worker-id", "2"]].concat(),
             "[]",
             "worker_id 2",
         ),
-        ([&dtype_bf16[..], &["--chunk-size", "0"]].concat(), "[1]", "chunk_size"),
-        ([&dtype_bf16[..], &["--hash", "builtin"]].concat(), "[1]", "CPython"),
+        (
+            [&dtype_bf16[..], &["--chunk-size", "0"]].concat(),
+            "[1]",
+            "chunk_size",
+        ),
+        (
+            [&dtype_bf16[..], &["--hash", "builtin"]].concat(),
+            "[1]",
+            "CPython",
+        ),
         ([&dtype_bf16[..], &["--hash", "md5"]].concat(), "[1]", "md5"),
         (vec!["--model", "a@b", "--dtype", "half"], "[1]", "'@'"),
     ];

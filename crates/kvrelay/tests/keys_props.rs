@@ -4,12 +4,21 @@ use kvrelay::keys::{ChunkHasher, HashAlgorithm};
 use proptest::prelude::*;
 
 fn algorithm() -> impl Strategy<Value = HashAlgorithm> {
-    prop_oneof![Just(HashAlgorithm::Sha256Cbor), Just(HashAlgorithm::Xxh3_128)]
+    prop_oneof![
+        Just(HashAlgorithm::Sha256Cbor),
+        Just(HashAlgorithm::Xxh3_128)
+    ]
 }
 
 /// Token ids of every CBOR width, mostly vocabulary-sized.
 fn token() -> impl Strategy<Value = u32> {
-    prop_oneof![0u32..24, 24u32..256, 256u32..65536, 65536u32..200_000, any::<u32>()]
+    prop_oneof![
+        0u32..24,
+        24u32..256,
+        256u32..65536,
+        65536u32..200_000,
+        any::<u32>()
+    ]
 }
 
 proptest! {
@@ -75,7 +84,11 @@ fn seed_and_algorithm_change_every_hash() {
     let a = ChunkHasher::new(HashAlgorithm::Sha256Cbor, "0", 256).unwrap();
     let b = ChunkHasher::new(HashAlgorithm::Sha256Cbor, "1", 256).unwrap();
     let c = ChunkHasher::new(HashAlgorithm::Xxh3_128, "0", 256).unwrap();
-    let (ha, hb, hc) = (a.chunk_hashes(&tokens), b.chunk_hashes(&tokens), c.chunk_hashes(&tokens));
+    let (ha, hb, hc) = (
+        a.chunk_hashes(&tokens),
+        b.chunk_hashes(&tokens),
+        c.chunk_hashes(&tokens),
+    );
     for i in 0..ha.len() {
         assert_ne!(ha[i], hb[i]);
         assert_ne!(ha[i], hc[i]);

@@ -78,7 +78,9 @@ impl FromStr for HashAlgorithm {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum HashError {
-    #[error("unknown hash algorithm {0:?}: expected sha256_cbor (alias sha256_cbor_64bit) or xxh3_128")]
+    #[error(
+        "unknown hash algorithm {0:?}: expected sha256_cbor (alias sha256_cbor_64bit) or xxh3_128"
+    )]
     UnknownAlgorithm(String),
     #[error(
         "hash algorithm \"builtin\" is CPython's hash(), keyed per process by $PYTHONHASHSEED and \
@@ -203,7 +205,9 @@ impl Iterator for ChunkHashes<'_> {
         }
         let start = self.start;
         let end = self.tokens.len().min(start + self.hasher.chunk_size);
-        let hash = self.hasher.hash_chunk(self.prefix, &self.tokens[start..end]);
+        let hash = self
+            .hasher
+            .hash_chunk(self.prefix, &self.tokens[start..end]);
         self.prefix = hash;
         self.start = end;
         Some((start..end, hash))
@@ -480,7 +484,10 @@ mod tests {
             (500, &[0x19, 0x01, 0xf4]),
             (70_000, &[0x1a, 0x00, 0x01, 0x11, 0x70]),
             (1 << 32, &[0x1b, 0, 0, 0, 1, 0, 0, 0, 0]),
-            (u64::MAX, &[0x1b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            (
+                u64::MAX,
+                &[0x1b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            ),
         ];
         for (value, bytes) in cases {
             let mut out = [0u8; 9];
@@ -504,7 +511,9 @@ mod tests {
         let mut msg = Vec::new();
         let chunk: Vec<u32> = (1..=256).collect();
         sha256_cbor_message(0x9bd96a485ad84efd, &chunk, &mut msg);
-        let start = [0x83, 0x1b, 0x9b, 0xd9, 0x6a, 0x48, 0x5a, 0xd8, 0x4e, 0xfd, 0x99, 1, 0, 1, 2];
+        let start = [
+            0x83, 0x1b, 0x9b, 0xd9, 0x6a, 0x48, 0x5a, 0xd8, 0x4e, 0xfd, 0x99, 1, 0, 1, 2,
+        ];
         assert_eq!(&msg[..start.len()], &start);
         assert_eq!(msg.last(), Some(&0x80));
     }
@@ -574,7 +583,10 @@ mod tests {
     #[test]
     fn names_parse_and_print() {
         for algorithm in HashAlgorithm::ALL {
-            assert_eq!(algorithm.to_string().parse::<HashAlgorithm>(), Ok(algorithm));
+            assert_eq!(
+                algorithm.to_string().parse::<HashAlgorithm>(),
+                Ok(algorithm)
+            );
         }
         assert_eq!(
             "sha256_cbor_64bit".parse::<HashAlgorithm>(),

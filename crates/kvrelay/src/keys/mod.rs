@@ -7,7 +7,7 @@ mod hash;
 mod key;
 
 pub use hash::{
-    default_seed, sha256_cbor_message, ChunkHashes, ChunkHasher, HashAlgorithm, HashError, DEFAULT_CHUNK_SIZE,
-    DEFAULT_SEED,
+    default_seed, sha256_cbor_message, ChunkHasher, ChunkHashes, HashAlgorithm, HashError,
+    DEFAULT_CHUNK_SIZE, DEFAULT_SEED,
 };
 pub use key::{CacheKey, KeyError};
