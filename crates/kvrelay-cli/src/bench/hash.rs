@@ -30,7 +30,7 @@ pub fn run(args: HashArgs) -> Result<(), String> {
     if args.tokens == 0 {
         return Err("--tokens must be at least 1".into());
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b76_7265_6c61_79);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x006b_7672_656c_6179);
     let tokens: Vec<u32> = (0..args.tokens).map(|_| rng.gen_range(0..VOCAB)).collect();
     let new = |algorithm| {
         ChunkHasher::new(algorithm, DEFAULT_SEED, args.chunk_size).map_err(|e| e.to_string())
