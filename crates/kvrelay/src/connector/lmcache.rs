@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{
-    saves, windows_from, ChunkTransfer, ConnectorError, ConnectorMetadata, KeyPrefix,
-    RequestTransfer, RequestView, ScheduledRequest, SchedulerConnector,
+    saves, windows_from, ChunkTransfer, ConnectorError, ConnectorMetadata, KeyPrefix, RequestView,
+    ScheduledRequest, SchedulerConnector,
 };
 use crate::config::KvRole;
 use crate::keys::ChunkHasher;
@@ -182,14 +182,7 @@ impl SchedulerConnector for LmcacheScheduler {
                     self.saved_upto.insert(id.to_string(), end);
                 }
             }
-            if !loads.is_empty() || !save_chunks.is_empty() {
-                meta.requests.push(RequestTransfer {
-                    request_id: id.to_string(),
-                    block_ids: s.block_ids.to_vec(),
-                    loads,
-                    saves: save_chunks,
-                });
-            }
+            meta.push(s, loads, save_chunks);
         }
         Ok(meta)
     }

@@ -111,6 +111,25 @@ pub struct ConnectorMetadata {
     pub requests: Vec<RequestTransfer>,
 }
 
+impl ConnectorMetadata {
+    /// Adds a request's work for this step, if it has any.
+    pub(crate) fn push(
+        &mut self,
+        scheduled: &ScheduledRequest<'_>,
+        loads: Vec<ChunkTransfer>,
+        saves: Vec<ChunkTransfer>,
+    ) {
+        if !loads.is_empty() || !saves.is_empty() {
+            self.requests.push(RequestTransfer {
+                request_id: scheduled.request.id.to_string(),
+                block_ids: scheduled.block_ids.to_vec(),
+                loads,
+                saves,
+            });
+        }
+    }
+}
+
 /// The scheduler half of a connector (vLLM's `KVConnectorRole.SCHEDULER`).
 pub trait SchedulerConnector: Send {
     /// How many tokens beyond `num_computed_tokens` the connector can load, and whether the

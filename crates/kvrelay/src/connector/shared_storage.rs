@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{
-    saves, windows_from, ChunkTransfer, ConnectorError, ConnectorMetadata, KeyPrefix,
-    RequestTransfer, RequestView, ScheduledRequest, SchedulerConnector,
+    saves, windows_from, ChunkTransfer, ConnectorError, ConnectorMetadata, KeyPrefix, RequestView,
+    ScheduledRequest, SchedulerConnector,
 };
 use crate::config::KvRole;
 use crate::keys::{ChunkHasher, HashAlgorithm};
@@ -131,14 +131,7 @@ impl SchedulerConnector for SharedStorageScheduler {
                 self.saved.insert(id.to_string());
                 save.push(self.entry(s.request.tokens, len, 0)?);
             }
-            if !loads.is_empty() || !save.is_empty() {
-                meta.requests.push(RequestTransfer {
-                    request_id: id.to_string(),
-                    block_ids: s.block_ids.to_vec(),
-                    loads,
-                    saves: save,
-                });
-            }
+            meta.push(s, loads, save);
         }
         Ok(meta)
     }

@@ -84,14 +84,23 @@ impl KvWorker {
     /// nothing left to wait for. A chunk that is missing or unusable ends its request's
     /// load: the blocks from there on are reported by `get_block_ids_with_load_errors`.
     pub fn start_load_kv(&mut self) -> Result<(), ConnectorError> {
+        self.for_each_request(|r| !r.loads.is_empty(), Self::load_request)
+    }
+
+    /// Runs `work` on each selected request of the bound metadata, stopping at an error.
+    fn for_each_request(
+        &mut self,
+        select: fn(&RequestTransfer) -> bool,
+        mut work: impl FnMut(&mut Self, &RequestTransfer) -> Result<(), ConnectorError>,
+    ) -> Result<(), ConnectorError> {
         let Some(metadata) = self.metadata.take() else {
             return Ok(());
         };
         let result = metadata
             .requests
             .iter()
-            .filter(|r| !r.loads.is_empty())
-            .try_for_each(|r| self.load_request(r));
+            .filter(|r| select(r))
+            .try_for_each(|r| work(self, r));
         self.metadata = Some(metadata);
         result
     }
@@ -170,16 +179,7 @@ impl KvWorker {
 
     /// Saves this step's chunks into every tier before the paged cache can be reused.
     pub fn wait_for_save(&mut self) -> Result<(), ConnectorError> {
-        let Some(metadata) = self.metadata.take() else {
-            return Ok(());
-        };
-        let result = metadata
-            .requests
-            .iter()
-            .filter(|r| !r.saves.is_empty())
-            .try_for_each(|r| self.save_request(r));
-        self.metadata = Some(metadata);
-        result
+        self.for_each_request(|r| !r.saves.is_empty(), Self::save_request)
     }
 
     fn save_request(&mut self, request: &RequestTransfer) -> Result<(), ConnectorError> {
