@@ -14,6 +14,8 @@ use crate::plan::{CopyPlan, CopyRun, Endpoint};
 pub struct HostBuffer {
     ptr: NonNull<u8>,
     len: usize,
+    /// Size and alignment of what `ptr` points at: a heap allocation for small buffers, a
+    /// private anonymous mapping (size rounded up to 2 MiB) for huge ones.
     alloc: AllocLayout,
 }
 
@@ -27,23 +29,74 @@ impl HostBuffer {
     const HUGE_ALIGN: usize = 2 << 20;
 
     pub fn zeroed(len: usize) -> Result<Self, DeviceError> {
-        let align = if len >= Self::HUGE_ALIGN {
-            Self::HUGE_ALIGN
-        } else {
-            Self::SMALL_ALIGN
+        if len >= Self::HUGE_ALIGN {
+            return Self::mapped(len);
+        }
+        let oom = DeviceError::OutOfHostMemory {
+            len,
+            align: Self::SMALL_ALIGN,
         };
-        let oom = DeviceError::OutOfHostMemory { len, align };
         // A zero-sized allocation is undefined; allocate one byte and expose none.
-        let alloc = AllocLayout::from_size_align(len.max(1), align).map_err(|_| oom.clone())?;
+        let alloc =
+            AllocLayout::from_size_align(len.max(1), Self::SMALL_ALIGN).map_err(|_| oom.clone())?;
         // SAFETY: `alloc` has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(alloc) };
         let ptr = NonNull::new(ptr).ok_or(oom)?;
-        if align == Self::HUGE_ALIGN {
-            // Huge pages spare the TLB misses of plans that hop between scattered blocks.
-            // Advice only: failure (e.g. THP disabled) leaves ordinary pages.
-            // SAFETY: the range is exactly the allocation we own, 2 MiB aligned.
-            unsafe { libc::madvise(ptr.as_ptr().cast(), alloc.size(), libc::MADV_HUGEPAGE) };
+        Ok(HostBuffer { ptr, len, alloc })
+    }
+
+    /// A 2 MiB aligned anonymous mapping advised for huge pages before any page is touched.
+    /// (The allocator's `alloc_zeroed` at this alignment memsets the memory first, which
+    /// faults it in as 4 KiB pages that the advice then no longer changes.)
+    fn mapped(len: usize) -> Result<Self, DeviceError> {
+        let oom = DeviceError::OutOfHostMemory {
+            len,
+            align: Self::HUGE_ALIGN,
+        };
+        let size = len
+            .checked_next_multiple_of(Self::HUGE_ALIGN)
+            .ok_or(oom.clone())?;
+        let alloc =
+            AllocLayout::from_size_align(size, Self::HUGE_ALIGN).map_err(|_| oom.clone())?;
+        // Over-map by one alignment so an aligned range of `size` bytes lies inside.
+        let map_len = size.checked_add(Self::HUGE_ALIGN).ok_or(oom.clone())?;
+        // SAFETY: a fresh private anonymous mapping aliases nothing; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(oom);
         }
+        let base = base.cast::<u8>();
+        let head = base.align_offset(Self::HUGE_ALIGN);
+        let tail = map_len - head - size;
+        // head <= HUGE_ALIGN, so head + size <= map_len: both pointers stay in the mapping.
+        let start = base.wrapping_add(head);
+        let end = start.wrapping_add(size);
+        // SAFETY: [base, start) and [end, base + map_len) are parts of the mapping just
+        // created that no pointer refers to; mmap returns page-aligned memory and head,
+        // size are multiples of the page size, so both ranges are page aligned.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base.cast(), head);
+            }
+            if tail > 0 {
+                libc::munmap(end.cast(), tail);
+            }
+        }
+        // Huge pages spare the TLB misses of plans that hop between scattered blocks.
+        // Advice only: failure (e.g. THP disabled) leaves ordinary pages.
+        // SAFETY: the range is exactly the mapping we own, 2 MiB aligned, not yet touched.
+        unsafe { libc::madvise(start.cast(), size, libc::MADV_HUGEPAGE) };
+        let ptr = NonNull::new(start).ok_or(oom)?;
+        // Anonymous mappings read as zeros, so the buffer is zeroed without touching it.
         Ok(HostBuffer { ptr, len, alloc })
     }
 
@@ -70,8 +123,13 @@ impl std::ops::DerefMut for HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.alloc) }
+        if self.alloc.align() == Self::HUGE_ALIGN {
+            // SAFETY: `mapped` left exactly alloc.size() bytes mapped at ptr; unmapped once.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.alloc.size()) };
+        } else {
+            // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.alloc) }
+        }
     }
 }
 
@@ -293,6 +351,21 @@ mod tests {
             device.start_scatter(&scatter, &[&tiny[..]], &mem_b),
             Err(DeviceError::Plan(_))
         ));
+    }
+
+    #[test]
+    fn huge_buffers_are_zeroed_aligned_and_writable() {
+        for len in [2 << 20, (2 << 20) + 1, (6 << 20) - 4096] {
+            let mut buf = HostBuffer::zeroed(len).unwrap();
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.alignment(), 2 << 20);
+            assert_eq!(buf.as_ptr() as usize % (2 << 20), 0);
+            assert!(buf.iter().step_by(4096).all(|&b| b == 0));
+            assert_eq!(buf[len - 1], 0);
+            buf.fill(0xa5);
+            assert!(buf.iter().all(|&b| b == 0xa5));
+        }
+        assert_eq!(HostBuffer::zeroed(0).unwrap().len(), 0);
     }
 
     #[test]
