@@ -4,7 +4,10 @@ use std::alloc::Layout as AllocLayout;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::stream::{prefetch_run, stream_copy, stream_fence, STREAMING_THRESHOLD};
+use super::stream::{
+    prefetch_run, stream_copy, stream_copy_scattered, stream_fence, PREFETCH_AHEAD,
+    STREAMING_THRESHOLD,
+};
 use super::{check_plan, Device, DeviceError, EngineMemory, PendingCopy, Region};
 use crate::layout::KvLayout;
 use crate::plan::{CopyPlan, CopyRun, Endpoint};
@@ -195,15 +198,52 @@ impl HostKvCache {
 type RawCopy = unsafe fn(*mut u8, *const u8, usize);
 
 /// Streaming stores for plans larger than the cache, plain memcpy for small ones.
-fn copy_fn(plan: &CopyPlan) -> RawCopy {
+/// `scattered_source`: the runs' sources are scattered blocks, not one sequential buffer.
+fn copy_fn(plan: &CopyPlan, scattered_source: bool) -> RawCopy {
     unsafe fn memcpy(dst: *mut u8, src: *const u8, len: usize) {
         // SAFETY: forwarded from the caller, who upholds stream_copy's contract.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
     }
-    if plan.total_bytes() >= STREAMING_THRESHOLD {
-        stream_copy
-    } else {
+    if plan.total_bytes() < STREAMING_THRESHOLD {
         memcpy
+    } else if scattered_source {
+        stream_copy_scattered
+    } else {
+        stream_copy
+    }
+}
+
+/// Keeps the starts of upcoming runs prefetched [`PREFETCH_AHEAD`] bytes past the end of
+/// the run being copied: the next run for runs of KiBs, several runs ahead for runs of a
+/// few hundred bytes, which are too short to prefetch within.
+struct Lookahead {
+    /// The first run not yet prefetched.
+    next: usize,
+    /// Bytes of the plan from the start of the current run to the start of `next`.
+    distance: usize,
+}
+
+impl Lookahead {
+    fn new() -> Self {
+        Lookahead {
+            next: 0,
+            distance: 0,
+        }
+    }
+
+    /// Call before copying `runs[i]`, with `prefetch` issuing the prefetch of one run's
+    /// start (`prefetch_run`); then [`Lookahead::passed`] after it.
+    fn before(&mut self, runs: &[CopyRun], i: usize, mut prefetch: impl FnMut(&CopyRun)) {
+        let reach = runs[i].len + PREFETCH_AHEAD;
+        while let Some(run) = runs.get(self.next).filter(|_| self.distance < reach) {
+            prefetch(run);
+            self.distance += run.len;
+            self.next += 1;
+        }
+    }
+
+    fn passed(&mut self, run: &CopyRun) {
+        self.distance -= run.len;
     }
 }
 
@@ -234,18 +274,21 @@ impl Device for HostDevice {
             regions.iter().map(|r| r.len),
             host.iter().map(|b| b.len()),
         )?;
-        let copy = copy_fn(plan);
+        let copy = copy_fn(plan, true);
         let source = |run: &CopyRun| regions[run.src_buffer as usize].addr as *const u8;
-        for (i, run) in plan.runs().iter().enumerate() {
-            if let Some(next) = plan.runs().get(i + 1) {
-                prefetch_run(source(next).wrapping_add(next.src_offset), next.len);
-            }
+        let runs = plan.runs();
+        let mut lookahead = Lookahead::new();
+        for (i, run) in runs.iter().enumerate() {
+            lookahead.before(runs, i, |r| {
+                prefetch_run(source(r).wrapping_add(r.src_offset), r.len)
+            });
             let src = source(run);
             let dst = &mut host[run.dst_buffer as usize][run.dst_offset..][..run.len];
             // SAFETY: check_plan proved src_offset + len is within the region, which
             // EngineMemory's contract makes valid host memory not written during the copy;
             // dst is a distinct &mut slice, so the ranges cannot overlap.
             unsafe { copy(dst.as_mut_ptr(), src.add(run.src_offset), run.len) };
+            lookahead.passed(run);
         }
         stream_fence();
         Ok(PendingCopy::done())
@@ -265,7 +308,8 @@ impl Device for HostDevice {
             host.iter().map(|b| b.len()),
             regions.iter().map(|r| r.len),
         )?;
-        let copy = copy_fn(plan);
+        // The source is the sequential chunk buffers: stream_copy prefetches across runs.
+        let copy = copy_fn(plan, false);
         for run in plan.runs() {
             let src = &host[run.src_buffer as usize][run.src_offset..][..run.len];
             let dst = regions[run.dst_buffer as usize].addr as *mut u8;
@@ -366,6 +410,97 @@ mod tests {
             assert!(buf.iter().all(|&b| b == 0xa5));
         }
         assert_eq!(HostBuffer::zeroed(0).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn lookahead_prefetches_each_run_once_before_it_is_copied() {
+        for lens in [
+            vec![32768; 5],
+            vec![256; 20],
+            vec![100, 5000, 1, 1, 2000, 64, 4096],
+        ] {
+            let runs: Vec<CopyRun> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| CopyRun {
+                    src_buffer: 0,
+                    src_offset: i,
+                    dst_buffer: 0,
+                    dst_offset: i,
+                    len,
+                })
+                .collect();
+            let mut lookahead = Lookahead::new();
+            let mut prefetched = Vec::new();
+            for (i, run) in runs.iter().enumerate() {
+                lookahead.before(&runs, i, |r| prefetched.push(r.src_offset));
+                // Every run up to the next one is prefetched, in order, exactly once...
+                assert_eq!(prefetched, (0..prefetched.len()).collect::<Vec<_>>());
+                assert!(prefetched.len() >= (i + 2).min(runs.len()));
+                // ...and none that starts more than PREFETCH_AHEAD past this run's end.
+                let last = prefetched.len() - 1;
+                let start: usize = lens[i..last].iter().sum();
+                assert!(last <= i + 1 || start < run.len + PREFETCH_AHEAD);
+                lookahead.passed(run);
+            }
+            assert_eq!(prefetched.len(), runs.len());
+        }
+    }
+
+    #[test]
+    fn streaming_gather_and_scatter_round_trip() {
+        // 64 blocks of 64 KiB per layer buffer: large enough to take the streaming path.
+        let spec = KvCacheSpec {
+            num_layers: 2,
+            num_kv_heads: 8,
+            head_size: 128,
+            dtype: KvDtype::Bf16,
+            block_size: 16,
+            num_blocks: 64,
+            attention: AttentionKind::Mha,
+        };
+        for kind in [LayoutKind::FlashAttnNhd, LayoutKind::FlashAttnHnd] {
+            let layout = KvLayout::new(spec, kind).unwrap();
+            let (a, b) = (
+                HostKvCache::new(layout).unwrap(),
+                HostKvCache::new(layout).unwrap(),
+            );
+            for i in 0..layout.num_buffers() {
+                // SAFETY: no copy is running.
+                let buf = unsafe { a.buffer_mut(i) };
+                buf.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = (j * 7 + j / 251 + i) as u8);
+            }
+            let blocks: Vec<u32> = (0..32).map(|i| (i * 37 + 5) % 64).collect();
+            let windows = [ChunkWindow {
+                start: 0,
+                tokens: 32 * 16,
+                skip_leading: 0,
+            }];
+            let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+            assert!(plan.total_bytes() >= STREAMING_THRESHOLD);
+            let device = HostDevice;
+            let mut chunk = device.alloc_staging(spec.chunk_bytes(32 * 16)).unwrap();
+            let (mem_a, mem_b) = (a.engine_memory(), b.engine_memory());
+            device
+                .start_gather(&plan, &mem_a, &mut [&mut chunk[..]])
+                .unwrap()
+                .wait()
+                .unwrap();
+            device
+                .start_scatter(&plan.inverse(), &[&chunk[..]], &mem_b)
+                .unwrap()
+                .wait()
+                .unwrap();
+            for run in plan.runs() {
+                let (i, o, n) = (run.src_buffer as usize, run.src_offset, run.len);
+                // SAFETY: no copy is running.
+                let (x, y) = unsafe { (&a.buffer(i)[o..o + n], &b.buffer(i)[o..o + n]) };
+                assert_eq!(x, y);
+                assert_eq!(&chunk[run.dst_offset..][..n], x);
+            }
+        }
     }
 
     #[test]
