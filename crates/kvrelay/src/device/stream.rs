@@ -45,8 +45,14 @@ unsafe fn stream_copy_impl<const PAST_END: bool>(dst: *mut u8, src: *const u8, l
         // Copy the unaligned head normally so the streamed part starts on a 16-byte
         // boundary, as _mm_stream_si128 requires.
         let head = dst.align_offset(16).min(len);
-        // SAFETY: head <= len, and the caller guarantees both ranges for len bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
+        // Runs are usually aligned multiples of 64 bytes. For gathers (no PAST_END), skipping
+        // the memcpy calls for an empty head and tail made 256-byte runs ~7% faster; for
+        // scatters it made them ~6% slower (the scattered streaming stores seem to drain
+        // better with the gap), so they keep the calls.
+        if PAST_END || head > 0 {
+            // SAFETY: head <= len, and the caller guarantees both ranges for len bytes.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
+        }
         let mut done = head;
         // Without PAST_END, prefetch only while the target is inside this run; reading
         // another block's bytes would only waste memory bandwidth.
@@ -70,8 +76,10 @@ unsafe fn stream_copy_impl<const PAST_END: bool>(dst: *mut u8, src: *const u8, l
             unsafe { stream_line(dst.add(done), src.add(done)) };
             done += LINE;
         }
-        // SAFETY: the tail lies within the caller's ranges.
-        unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), len - done) };
+        if PAST_END || done < len {
+            // SAFETY: the tail lies within the caller's ranges.
+            unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), len - done) };
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
