@@ -4,7 +4,10 @@ use std::alloc::Layout as AllocLayout;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::stream::{prefetch_run, stream_copy, stream_fence, STREAMING_THRESHOLD};
+use super::stream::{
+    prefetch_run, stream_copy, stream_copy_scattered, stream_fence, PREFETCH_AHEAD,
+    STREAMING_THRESHOLD,
+};
 use super::{check_plan, Device, DeviceError, EngineMemory, PendingCopy, Region};
 use crate::layout::KvLayout;
 use crate::plan::{CopyPlan, CopyRun, Endpoint};
@@ -14,6 +17,8 @@ use crate::plan::{CopyPlan, CopyRun, Endpoint};
 pub struct HostBuffer {
     ptr: NonNull<u8>,
     len: usize,
+    /// Size and alignment of what `ptr` points at: a heap allocation for small buffers, a
+    /// private anonymous mapping (size rounded up to 2 MiB) for huge ones.
     alloc: AllocLayout,
 }
 
@@ -27,23 +32,74 @@ impl HostBuffer {
     const HUGE_ALIGN: usize = 2 << 20;
 
     pub fn zeroed(len: usize) -> Result<Self, DeviceError> {
-        let align = if len >= Self::HUGE_ALIGN {
-            Self::HUGE_ALIGN
-        } else {
-            Self::SMALL_ALIGN
+        if len >= Self::HUGE_ALIGN {
+            return Self::mapped(len);
+        }
+        let oom = DeviceError::OutOfHostMemory {
+            len,
+            align: Self::SMALL_ALIGN,
         };
-        let oom = DeviceError::OutOfHostMemory { len, align };
         // A zero-sized allocation is undefined; allocate one byte and expose none.
-        let alloc = AllocLayout::from_size_align(len.max(1), align).map_err(|_| oom.clone())?;
+        let alloc =
+            AllocLayout::from_size_align(len.max(1), Self::SMALL_ALIGN).map_err(|_| oom.clone())?;
         // SAFETY: `alloc` has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(alloc) };
         let ptr = NonNull::new(ptr).ok_or(oom)?;
-        if align == Self::HUGE_ALIGN {
-            // Huge pages spare the TLB misses of plans that hop between scattered blocks.
-            // Advice only: failure (e.g. THP disabled) leaves ordinary pages.
-            // SAFETY: the range is exactly the allocation we own, 2 MiB aligned.
-            unsafe { libc::madvise(ptr.as_ptr().cast(), alloc.size(), libc::MADV_HUGEPAGE) };
+        Ok(HostBuffer { ptr, len, alloc })
+    }
+
+    /// A 2 MiB aligned anonymous mapping advised for huge pages before any page is touched.
+    /// (The allocator's `alloc_zeroed` at this alignment memsets the memory first, which
+    /// faults it in as 4 KiB pages that the advice then no longer changes.)
+    fn mapped(len: usize) -> Result<Self, DeviceError> {
+        let oom = DeviceError::OutOfHostMemory {
+            len,
+            align: Self::HUGE_ALIGN,
+        };
+        let size = len
+            .checked_next_multiple_of(Self::HUGE_ALIGN)
+            .ok_or(oom.clone())?;
+        let alloc =
+            AllocLayout::from_size_align(size, Self::HUGE_ALIGN).map_err(|_| oom.clone())?;
+        // Over-map by one alignment so an aligned range of `size` bytes lies inside.
+        let map_len = size.checked_add(Self::HUGE_ALIGN).ok_or(oom.clone())?;
+        // SAFETY: a fresh private anonymous mapping aliases nothing; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(oom);
         }
+        let base = base.cast::<u8>();
+        let head = base.align_offset(Self::HUGE_ALIGN);
+        let tail = map_len - head - size;
+        // head <= HUGE_ALIGN, so head + size <= map_len: both pointers stay in the mapping.
+        let start = base.wrapping_add(head);
+        let end = start.wrapping_add(size);
+        // SAFETY: [base, start) and [end, base + map_len) are parts of the mapping just
+        // created that no pointer refers to; mmap returns page-aligned memory and head,
+        // size are multiples of the page size, so both ranges are page aligned.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base.cast(), head);
+            }
+            if tail > 0 {
+                libc::munmap(end.cast(), tail);
+            }
+        }
+        // Huge pages spare the TLB misses of plans that hop between scattered blocks.
+        // Advice only: failure (e.g. THP disabled) leaves ordinary pages.
+        // SAFETY: the range is exactly the mapping we own, 2 MiB aligned, not yet touched.
+        unsafe { libc::madvise(start.cast(), size, libc::MADV_HUGEPAGE) };
+        let ptr = NonNull::new(start).ok_or(oom)?;
+        // Anonymous mappings read as zeros, so the buffer is zeroed without touching it.
         Ok(HostBuffer { ptr, len, alloc })
     }
 
@@ -70,8 +126,13 @@ impl std::ops::DerefMut for HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.alloc) }
+        if self.alloc.align() == Self::HUGE_ALIGN {
+            // SAFETY: `mapped` left exactly alloc.size() bytes mapped at ptr; unmapped once.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.alloc.size()) };
+        } else {
+            // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.alloc) }
+        }
     }
 }
 
@@ -137,15 +198,52 @@ impl HostKvCache {
 type RawCopy = unsafe fn(*mut u8, *const u8, usize);
 
 /// Streaming stores for plans larger than the cache, plain memcpy for small ones.
-fn copy_fn(plan: &CopyPlan) -> RawCopy {
+/// `scattered_source`: the runs' sources are scattered blocks, not one sequential buffer.
+fn copy_fn(plan: &CopyPlan, scattered_source: bool) -> RawCopy {
     unsafe fn memcpy(dst: *mut u8, src: *const u8, len: usize) {
         // SAFETY: forwarded from the caller, who upholds stream_copy's contract.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
     }
-    if plan.total_bytes() >= STREAMING_THRESHOLD {
-        stream_copy
-    } else {
+    if plan.total_bytes() < STREAMING_THRESHOLD {
         memcpy
+    } else if scattered_source {
+        stream_copy_scattered
+    } else {
+        stream_copy
+    }
+}
+
+/// Keeps the starts of upcoming runs prefetched [`PREFETCH_AHEAD`] bytes past the end of
+/// the run being copied: the next run for runs of KiBs, several runs ahead for runs of a
+/// few hundred bytes, which are too short to prefetch within.
+struct Lookahead {
+    /// The first run not yet prefetched.
+    next: usize,
+    /// Bytes of the plan from the start of the current run to the start of `next`.
+    distance: usize,
+}
+
+impl Lookahead {
+    fn new() -> Self {
+        Lookahead {
+            next: 0,
+            distance: 0,
+        }
+    }
+
+    /// Call before copying `runs[i]`, with `prefetch` issuing the prefetch of one run's
+    /// start (`prefetch_run`); then [`Lookahead::passed`] after it.
+    fn before(&mut self, runs: &[CopyRun], i: usize, mut prefetch: impl FnMut(&CopyRun)) {
+        let reach = runs[i].len + PREFETCH_AHEAD;
+        while let Some(run) = runs.get(self.next).filter(|_| self.distance < reach) {
+            prefetch(run);
+            self.distance += run.len;
+            self.next += 1;
+        }
+    }
+
+    fn passed(&mut self, run: &CopyRun) {
+        self.distance -= run.len;
     }
 }
 
@@ -176,18 +274,21 @@ impl Device for HostDevice {
             regions.iter().map(|r| r.len),
             host.iter().map(|b| b.len()),
         )?;
-        let copy = copy_fn(plan);
+        let copy = copy_fn(plan, true);
         let source = |run: &CopyRun| regions[run.src_buffer as usize].addr as *const u8;
-        for (i, run) in plan.runs().iter().enumerate() {
-            if let Some(next) = plan.runs().get(i + 1) {
-                prefetch_run(source(next).wrapping_add(next.src_offset), next.len);
-            }
+        let runs = plan.runs();
+        let mut lookahead = Lookahead::new();
+        for (i, run) in runs.iter().enumerate() {
+            lookahead.before(runs, i, |r| {
+                prefetch_run(source(r).wrapping_add(r.src_offset), r.len)
+            });
             let src = source(run);
             let dst = &mut host[run.dst_buffer as usize][run.dst_offset..][..run.len];
             // SAFETY: check_plan proved src_offset + len is within the region, which
             // EngineMemory's contract makes valid host memory not written during the copy;
             // dst is a distinct &mut slice, so the ranges cannot overlap.
             unsafe { copy(dst.as_mut_ptr(), src.add(run.src_offset), run.len) };
+            lookahead.passed(run);
         }
         stream_fence();
         Ok(PendingCopy::done())
@@ -207,7 +308,8 @@ impl Device for HostDevice {
             host.iter().map(|b| b.len()),
             regions.iter().map(|r| r.len),
         )?;
-        let copy = copy_fn(plan);
+        // The source is the sequential chunk buffers: stream_copy prefetches across runs.
+        let copy = copy_fn(plan, false);
         for run in plan.runs() {
             let src = &host[run.src_buffer as usize][run.src_offset..][..run.len];
             let dst = regions[run.dst_buffer as usize].addr as *mut u8;
@@ -293,6 +395,112 @@ mod tests {
             device.start_scatter(&scatter, &[&tiny[..]], &mem_b),
             Err(DeviceError::Plan(_))
         ));
+    }
+
+    #[test]
+    fn huge_buffers_are_zeroed_aligned_and_writable() {
+        for len in [2 << 20, (2 << 20) + 1, (6 << 20) - 4096] {
+            let mut buf = HostBuffer::zeroed(len).unwrap();
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.alignment(), 2 << 20);
+            assert_eq!(buf.as_ptr() as usize % (2 << 20), 0);
+            assert!(buf.iter().step_by(4096).all(|&b| b == 0));
+            assert_eq!(buf[len - 1], 0);
+            buf.fill(0xa5);
+            assert!(buf.iter().all(|&b| b == 0xa5));
+        }
+        assert_eq!(HostBuffer::zeroed(0).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn lookahead_prefetches_each_run_once_before_it_is_copied() {
+        for lens in [
+            vec![32768; 5],
+            vec![256; 20],
+            vec![100, 5000, 1, 1, 2000, 64, 4096],
+        ] {
+            let runs: Vec<CopyRun> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| CopyRun {
+                    src_buffer: 0,
+                    src_offset: i,
+                    dst_buffer: 0,
+                    dst_offset: i,
+                    len,
+                })
+                .collect();
+            let mut lookahead = Lookahead::new();
+            let mut prefetched = Vec::new();
+            for (i, run) in runs.iter().enumerate() {
+                lookahead.before(&runs, i, |r| prefetched.push(r.src_offset));
+                // Every run up to the next one is prefetched, in order, exactly once...
+                assert_eq!(prefetched, (0..prefetched.len()).collect::<Vec<_>>());
+                assert!(prefetched.len() >= (i + 2).min(runs.len()));
+                // ...and none that starts more than PREFETCH_AHEAD past this run's end.
+                let last = prefetched.len() - 1;
+                let start: usize = lens[i..last].iter().sum();
+                assert!(last <= i + 1 || start < run.len + PREFETCH_AHEAD);
+                lookahead.passed(run);
+            }
+            assert_eq!(prefetched.len(), runs.len());
+        }
+    }
+
+    #[test]
+    fn streaming_gather_and_scatter_round_trip() {
+        // 64 blocks of 64 KiB per layer buffer: large enough to take the streaming path.
+        let spec = KvCacheSpec {
+            num_layers: 2,
+            num_kv_heads: 8,
+            head_size: 128,
+            dtype: KvDtype::Bf16,
+            block_size: 16,
+            num_blocks: 64,
+            attention: AttentionKind::Mha,
+        };
+        for kind in [LayoutKind::FlashAttnNhd, LayoutKind::FlashAttnHnd] {
+            let layout = KvLayout::new(spec, kind).unwrap();
+            let (a, b) = (
+                HostKvCache::new(layout).unwrap(),
+                HostKvCache::new(layout).unwrap(),
+            );
+            for i in 0..layout.num_buffers() {
+                // SAFETY: no copy is running.
+                let buf = unsafe { a.buffer_mut(i) };
+                buf.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = (j * 7 + j / 251 + i) as u8);
+            }
+            let blocks: Vec<u32> = (0..32).map(|i| (i * 37 + 5) % 64).collect();
+            let windows = [ChunkWindow {
+                start: 0,
+                tokens: 32 * 16,
+                skip_leading: 0,
+            }];
+            let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+            assert!(plan.total_bytes() >= STREAMING_THRESHOLD);
+            let device = HostDevice;
+            let mut chunk = device.alloc_staging(spec.chunk_bytes(32 * 16)).unwrap();
+            let (mem_a, mem_b) = (a.engine_memory(), b.engine_memory());
+            device
+                .start_gather(&plan, &mem_a, &mut [&mut chunk[..]])
+                .unwrap()
+                .wait()
+                .unwrap();
+            device
+                .start_scatter(&plan.inverse(), &[&chunk[..]], &mem_b)
+                .unwrap()
+                .wait()
+                .unwrap();
+            for run in plan.runs() {
+                let (i, o, n) = (run.src_buffer as usize, run.src_offset, run.len);
+                // SAFETY: no copy is running.
+                let (x, y) = unsafe { (&a.buffer(i)[o..o + n], &b.buffer(i)[o..o + n]) };
+                assert_eq!(x, y);
+                assert_eq!(&chunk[run.dst_offset..][..n], x);
+            }
+        }
     }
 
     #[test]
