@@ -176,6 +176,8 @@ lmcache_schema! {
     lookup_timeout_ms: u64 = 3000,
     /// Skip a retrieve that would load fewer tokens than this (0 = never skip).
     min_retrieve_tokens: u64 = 0,
+    /// Load KV in the background; the engine keeps serving other requests meanwhile.
+    enable_async_loading: bool = false,
 }
 
 /// An LMCache default, for a key kvrelay does not implement.
@@ -262,7 +264,6 @@ const UNSUPPORTED: &[(&str, LmDefault)] = &[
     ("external_lookup_client", Null),
     ("py_enable_gc", Bool(true)),
     ("numa_mode", Null),
-    ("enable_async_loading", Bool(false)),
     ("internal_api_server_enabled", Bool(false)),
     ("internal_api_server_port_start", Int(6999)),
     ("priority_limit", Null),
