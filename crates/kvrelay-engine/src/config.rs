@@ -175,7 +175,7 @@ impl LlamaConfig {
                 original_max_position_embeddings: 8192,
             }),
             max_position_embeddings: 131_072,
-            tie_word_embeddings: true,
+            tie_word_embeddings: false,
             bos_token_id: Some(crate::tokenizer::BYTE_BOS),
             eos_token_id: Some(TokenIds::One(crate::tokenizer::BYTE_EOS)),
             architectures: vec!["LlamaForCausalLM".into()],

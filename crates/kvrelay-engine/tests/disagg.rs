@@ -39,13 +39,23 @@ fn configs(
     role: &str,
     async_loading: bool,
 ) -> (KvTransferConfig, LmcacheConfig) {
+    configs_with_policy(kind, dir, role, async_loading, "recompute")
+}
+
+fn configs_with_policy(
+    kind: Kind,
+    dir: &Path,
+    role: &str,
+    async_loading: bool,
+    policy: &str,
+) -> (KvTransferConfig, LmcacheConfig) {
     let connector = match kind {
         Kind::SharedStorage => "SharedStorageConnector",
         Kind::Lmcache => "LMCacheConnectorV1",
     };
     let transfer = KvTransferConfig::from_json_str(&format!(
         r#"{{"kv_connector": "{connector}", "kv_role": "{role}",
-            "kv_load_failure_policy": "recompute",
+            "kv_load_failure_policy": "{policy}",
             "kv_connector_extra_config": {{"shared_storage_path": "{}"}}}}"#,
         dir.join("shared").display()
     ))
@@ -170,4 +180,199 @@ fn asynchronous_loads_decode_like_a_colocated_run() {
     );
     assert_same_tokens(&decode, &colocated, "async");
     assert!(decode[4].hit_tokens >= 192, "{:?}", decode[4]);
+}
+
+/// Flips bytes in the middle of every stored chunk file under `dir` whose name sorts at
+/// position `which` (the disk tier names files by key hash, so this is an arbitrary chunk).
+fn corrupt_one_chunk(dir: &Path, which: usize) -> std::path::PathBuf {
+    let mut files: Vec<_> = walk(dir)
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).map_or(false, |m| m.len() > 1024))
+        .collect();
+    files.sort();
+    let victim = files[which % files.len()].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&victim, bytes).unwrap();
+    victim
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_corrupted_chunk_is_recomputed_and_decode_still_matches() {
+    let config = EngineConfig {
+        block_size: 16,
+        max_num_batched_tokens: 48,
+        ..EngineConfig::default()
+    };
+    let ps = prompts(&[100, 70]);
+    let colocated = engine(&config)
+        .generate(&ps, SamplingParams::greedy(5))
+        .unwrap();
+    for (kind, async_loading) in [
+        (Kind::SharedStorage, false),
+        (Kind::Lmcache, false),
+        (Kind::Lmcache, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        run(
+            &config,
+            kind,
+            dir.path(),
+            "kv_producer",
+            async_loading,
+            &ps,
+            1,
+        );
+        corrupt_one_chunk(dir.path(), 1);
+        let decode = run(
+            &config,
+            kind,
+            dir.path(),
+            "kv_consumer",
+            async_loading,
+            &ps,
+            5,
+        );
+        let what = format!("{kind:?} async={async_loading}");
+        assert_same_tokens(&decode, &colocated, &what);
+        let recomputed: usize = decode.iter().map(|o| o.recomputed_tokens).sum();
+        assert!(recomputed > 0, "{what}: nothing was recomputed: {decode:?}");
+    }
+}
+
+#[test]
+fn the_fail_policy_ends_a_request_whose_load_failed() {
+    let config = EngineConfig {
+        block_size: 16,
+        ..EngineConfig::default()
+    };
+    let ps = prompts(&[100]);
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        &config,
+        Kind::Lmcache,
+        dir.path(),
+        "kv_producer",
+        false,
+        &ps,
+        1,
+    );
+    corrupt_one_chunk(dir.path(), 0);
+    let mut e = engine(&config);
+    let (transfer, lmcache) =
+        configs_with_policy(Kind::Lmcache, dir.path(), "kv_consumer", false, "fail");
+    e.connect(&transfer, &lmcache, MODEL, Arc::new(HostDevice))
+        .unwrap();
+    let out = e.generate(&ps, SamplingParams::greedy(5)).unwrap();
+    assert!(
+        matches!(out[0].finish_reason, kvrelay_engine::FinishReason::Error(_)),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn preemption_under_block_pressure_gives_the_same_tokens() {
+    let roomy = EngineConfig {
+        block_size: 16,
+        max_num_batched_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let tight = EngineConfig {
+        num_blocks: Some(12),
+        ..roomy.clone()
+    };
+    let ps = prompts(&[90, 80, 60]);
+    let expected = engine(&roomy)
+        .generate(&ps, SamplingParams::greedy(20))
+        .unwrap();
+    let mut e = engine(&tight);
+    let got = e.generate(&ps, SamplingParams::greedy(20)).unwrap();
+    assert!(e.stats().preemptions > 0, "the cache was not tight enough");
+    assert_same_tokens(&got, &expected, "preempted");
+}
+
+#[test]
+fn bad_requests_are_rejected_with_a_reason() {
+    let config = EngineConfig {
+        max_model_len: 64,
+        block_size: 16,
+        ..EngineConfig::default()
+    };
+    let mut e = engine(&config);
+    let greedy = SamplingParams::greedy(4);
+    for (prompt, needle) in [
+        (vec![], "empty prompt"),
+        (vec![1; 64], "does not fit max_model_len"),
+        (vec![100_000], "outside the vocabulary"),
+    ] {
+        let err = e.add_request("r", prompt, greedy).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+    e.add_request("r", vec![1, 2], greedy).unwrap();
+    let err = e.add_request("r", vec![1], greedy).unwrap_err().to_string();
+    assert!(err.contains("already in use"), "{err}");
+}
+
+#[test]
+fn a_written_checkpoint_loads_back_to_the_same_model() {
+    use kvrelay_engine::weights::Weights;
+    use kvrelay_engine::LlamaConfig;
+    let dir = tempfile::tempdir().unwrap();
+    for tied in [false, true] {
+        let mut llama = LlamaConfig::tiny_random();
+        llama.tie_word_embeddings = tied;
+        let weights = Weights::random(&llama, 3);
+        weights.save(&llama, dir.path()).unwrap();
+        let loaded = Model::load(dir.path(), 256).unwrap();
+        assert_eq!(loaded.config, llama);
+        assert_eq!(loaded.weights(), &weights, "tied = {tied}");
+        let config = EngineConfig {
+            max_model_len: 256,
+            ..EngineConfig::default()
+        };
+        let ps = prompts(&[40]);
+        let a = Engine::new(Model::new(llama.clone(), weights, 256), config.clone())
+            .unwrap()
+            .generate(&ps, SamplingParams::greedy(4))
+            .unwrap();
+        let b = Engine::new(loaded, config)
+            .unwrap()
+            .generate(&ps, SamplingParams::greedy(4))
+            .unwrap();
+        assert_same_tokens(&a, &b, "reloaded");
+    }
+}
+
+#[test]
+fn a_checkpoint_with_a_wrong_tensor_shape_is_a_clear_error() {
+    use kvrelay_engine::weights::Weights;
+    use kvrelay_engine::LlamaConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let llama = LlamaConfig::tiny_random();
+    Weights::random(&llama, 1).save(&llama, dir.path()).unwrap();
+    let mut wrong = llama.clone();
+    wrong.intermediate_size += 1;
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
+    let err = Model::load(dir.path(), 64).err().unwrap().to_string();
+    assert!(err.contains("gate_proj") && err.contains("shape"), "{err}");
 }
