@@ -15,5 +15,8 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
-# The main job, end to end: two processes sharing a disk tier.
+# The main job, end to end on embedded defaults: the seed's LMCache smoke, prefill and
+# decode as two processes of the reference engine sharing KV through a local-disk tier.
+cargo run --release --example disagg_lmcache_smoke -- --role both --strict-lmcache --require-lmcache-hit
+# Byte-level check of the same path with two different paged layouts.
 cargo run --release --example kv_roundtrip

@@ -125,14 +125,14 @@ impl LlamaConfig {
         if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} is 0"));
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} is odd; RoPE needs pairs",
                 self.head_dim()

@@ -119,7 +119,7 @@ impl Model {
     /// The embedded test model.
     pub fn tiny_random(max_positions: usize) -> Self {
         let config = LlamaConfig::tiny_random();
-        let weights = Weights::random(&config, 0x6b76_7265_6c61_79);
+        let weights = Weights::random(&config, 0x006b_7672_656c_6179);
         Model::new(config, weights, max_positions)
     }
 

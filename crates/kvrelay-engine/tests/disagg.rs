@@ -187,7 +187,7 @@ fn asynchronous_loads_decode_like_a_colocated_run() {
 fn corrupt_one_chunk(dir: &Path, which: usize) -> std::path::PathBuf {
     let mut files: Vec<_> = walk(dir)
         .into_iter()
-        .filter(|p| std::fs::metadata(p).map_or(false, |m| m.len() > 1024))
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 1024))
         .collect();
     files.sort();
     let victim = files[which % files.len()].clone();
