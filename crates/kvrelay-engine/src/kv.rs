@@ -10,6 +10,18 @@ use kvrelay::KvDtype;
 
 use crate::EngineError;
 
+/// One head of one token in the paged cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadSlot {
+    pub layer: usize,
+    /// 0 = K, 1 = V.
+    pub plane: usize,
+    pub block: u32,
+    /// Token position inside the block.
+    pub slot: usize,
+    pub head: usize,
+}
+
 /// Paged KV memory the forward pass writes and the connector copies.
 ///
 /// Access goes through raw pointers, one head row at a time, never through a slice of a
@@ -61,20 +73,17 @@ impl PagedKv {
         self.cache.engine_memory()
     }
 
-    fn head_ptr(
-        &self,
-        layer: usize,
-        plane: usize,
-        block: u32,
-        slot: usize,
-        head: usize,
-    ) -> *mut u8 {
+    fn head_ptr(&self, at: HeadSlot) -> *mut u8 {
         let spec = self.layout.spec();
         assert!(
-            (block as usize) < spec.num_blocks && slot < spec.block_size,
-            "block {block} slot {slot} is outside the KV cache"
+            (at.block as usize) < spec.num_blocks && at.slot < spec.block_size,
+            "block {} slot {} is outside the KV cache",
+            at.block,
+            at.slot
         );
-        let at = self.layout.locate(layer, plane, block as usize, slot, head);
+        let at = self
+            .layout
+            .locate(at.layer, at.plane, at.block as usize, at.slot, at.head);
         debug_assert!(at.offset + spec.head_bytes() <= self.layout.buffer_bytes());
         // SAFETY: locate() of in-range indices is inside the buffer (checked above and by
         // the layout's construction).
@@ -86,18 +95,10 @@ impl PagedKv {
     /// # Safety
     /// No connector copy may be writing or reading this block concurrently (the engine only
     /// writes blocks of requests it is computing, the connector only those in its metadata).
-    pub unsafe fn write_head(
-        &self,
-        layer: usize,
-        plane: usize,
-        block: u32,
-        slot: usize,
-        head: usize,
-        values: &[f32],
-    ) {
+    pub unsafe fn write_head(&self, at: HeadSlot, values: &[f32]) {
         let spec = self.layout.spec();
         debug_assert_eq!(values.len(), spec.head_size);
-        let ptr = self.head_ptr(layer, plane, block, slot, head);
+        let ptr = self.head_ptr(at);
         // SAFETY: head_ptr points at head_bytes() bytes of this cache; the caller excludes
         // concurrent access to the block.
         let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, spec.head_bytes()) };
@@ -112,17 +113,9 @@ impl PagedKv {
     ///
     /// # Safety
     /// As for [`PagedKv::write_head`].
-    pub unsafe fn read_head(
-        &self,
-        layer: usize,
-        plane: usize,
-        block: u32,
-        slot: usize,
-        head: usize,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn read_head(&self, at: HeadSlot, out: &mut [f32]) {
         let spec = self.layout.spec();
-        let ptr = self.head_ptr(layer, plane, block, slot, head);
+        let ptr = self.head_ptr(at);
         // SAFETY: as in write_head.
         let bytes = unsafe { std::slice::from_raw_parts(ptr, spec.head_bytes()) };
         match spec.dtype {

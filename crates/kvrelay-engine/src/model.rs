@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::config::LlamaConfig;
-use crate::kv::PagedKv;
+use crate::kv::{HeadSlot, PagedKv};
 use crate::ops::{axpy, dot, linear, rms_norm, swiglu};
 use crate::weights::Weights;
 use crate::EngineError;
@@ -231,20 +231,25 @@ impl Model {
         let (head_dim, num_heads, num_kv_heads) =
             (c.head_dim(), c.num_attention_heads, c.num_kv_heads());
         let block_size = kv.layout().spec().block_size;
-        let slot = |pos: usize| (seq.block_table[pos / block_size], pos % block_size);
+        let at = |pos: usize, plane: usize, head: usize| HeadSlot {
+            layer,
+            plane,
+            block: seq.block_table[pos / block_size],
+            slot: pos % block_size,
+            head,
+        };
         for (i, (k_row, v_row)) in k_rows
             .chunks_exact(num_kv_heads * head_dim)
             .zip(v_rows.chunks_exact(num_kv_heads * head_dim))
             .enumerate()
         {
-            let (block, offset) = slot(seq.start + i);
             for head in 0..num_kv_heads {
                 let range = head * head_dim..(head + 1) * head_dim;
                 // SAFETY: the block belongs to this sequence, which the engine is computing;
                 // the connector does not copy it during the forward pass.
                 unsafe {
-                    kv.write_head(layer, 0, block, offset, head, &k_row[range.clone()]);
-                    kv.write_head(layer, 1, block, offset, head, &v_row[range]);
+                    kv.write_head(at(seq.start + i, 0, head), &k_row[range.clone()]);
+                    kv.write_head(at(seq.start + i, 1, head), &v_row[range]);
                 }
             }
         }
@@ -253,20 +258,12 @@ impl Model {
         let mut keys = vec![0.0f32; num_kv_heads * end * head_dim];
         let mut values = vec![0.0f32; num_kv_heads * end * head_dim];
         for pos in 0..end {
-            let (block, offset) = slot(pos);
             for head in 0..num_kv_heads {
-                let at = (head * end + pos) * head_dim;
+                let row = (head * end + pos) * head_dim..(head * end + pos + 1) * head_dim;
                 // SAFETY: as above.
                 unsafe {
-                    kv.read_head(layer, 0, block, offset, head, &mut keys[at..at + head_dim]);
-                    kv.read_head(
-                        layer,
-                        1,
-                        block,
-                        offset,
-                        head,
-                        &mut values[at..at + head_dim],
-                    );
+                    kv.read_head(at(pos, 0, head), &mut keys[row.clone()]);
+                    kv.read_head(at(pos, 1, head), &mut values[row]);
                 }
             }
         }

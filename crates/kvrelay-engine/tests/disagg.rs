@@ -15,6 +15,15 @@ fn engine(config: &EngineConfig) -> Engine {
     Engine::new(Model::tiny_random(config.max_model_len), config.clone()).unwrap()
 }
 
+/// 16-token blocks and a step budget of `max_num_batched_tokens` (chunked prefill).
+fn small(max_num_batched_tokens: usize) -> EngineConfig {
+    EngineConfig {
+        block_size: 16,
+        max_num_batched_tokens,
+        ..EngineConfig::default()
+    }
+}
+
 fn prompts(lengths: &[usize]) -> Vec<Vec<u32>> {
     lengths
         .iter()
@@ -100,11 +109,7 @@ fn assert_same_tokens(decode: &[RequestOutput], colocated: &[RequestOutput], wha
 
 #[test]
 fn batched_prompts_equal_single_prompts() {
-    let config = EngineConfig {
-        block_size: 16,
-        max_num_batched_tokens: 64,
-        ..EngineConfig::default()
-    };
+    let config = small(64);
     let ps = prompts(&[70, 5, 33]);
     let batched = engine(&config)
         .generate(&ps, SamplingParams::greedy(6))
@@ -150,11 +155,7 @@ fn every_layout_and_connector_decodes_like_a_colocated_run() {
 
 #[test]
 fn asynchronous_loads_decode_like_a_colocated_run() {
-    let config = EngineConfig {
-        block_size: 16,
-        max_num_batched_tokens: 48,
-        ..EngineConfig::default()
-    };
+    let config = small(48);
     let ps = prompts(&[100, 7, 64, 45, 200]);
     let colocated = engine(&config)
         .generate(&ps, SamplingParams::greedy(5))
@@ -215,11 +216,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn a_corrupted_chunk_is_recomputed_and_decode_still_matches() {
-    let config = EngineConfig {
-        block_size: 16,
-        max_num_batched_tokens: 48,
-        ..EngineConfig::default()
-    };
+    let config = small(48);
     let ps = prompts(&[100, 70]);
     let colocated = engine(&config)
         .generate(&ps, SamplingParams::greedy(5))
@@ -288,11 +285,7 @@ fn the_fail_policy_ends_a_request_whose_load_failed() {
 
 #[test]
 fn preemption_under_block_pressure_gives_the_same_tokens() {
-    let roomy = EngineConfig {
-        block_size: 16,
-        max_num_batched_tokens: 64,
-        ..EngineConfig::default()
-    };
+    let roomy = small(64);
     let tight = EngineConfig {
         num_blocks: Some(12),
         ..roomy.clone()
