@@ -536,3 +536,121 @@ fn mapped_path(lib: Library) -> (Library, Option<String>) {
     // SAFETY: `raw` came from `into_raw` above and is turned back into its only owner.
     (unsafe { Library::from_raw(raw) }, path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_a_typed_error_naming_it() {
+        let err = Runtime::open("/nonexistent/librbln.so", AbiCheck::Strict).unwrap_err();
+        match &err {
+            LoadError::Open { path, message } => {
+                assert_eq!(path, "/nonexistent/librbln.so");
+                assert!(message.contains("No such file"), "{message}");
+            }
+            other => panic!("expected Open, got {other:?}"),
+        }
+        // Without an explicit path every candidate is listed with its reason.
+        let candidates = vec![
+            Candidate::AlreadyLoaded("librbln-not-loaded.so"),
+            Candidate::RebelPackage("/nonexistent/tvm/librbln.so".into()),
+            Candidate::System("librbln-not-installed.so"),
+        ];
+        let err = Runtime::load_from(candidates, AbiCheck::Strict).unwrap_err();
+        let LoadError::NotFound { tried } = &err else {
+            panic!("expected NotFound, got {err:?}");
+        };
+        assert_eq!(tried.len(), 3);
+        assert_eq!(tried[1].reason, "no such file");
+        let text = err.to_string();
+        assert!(text.contains("RBLN_RUNTIME_LIB"), "{text}");
+        assert!(
+            text.contains("/nonexistent/tvm/librbln.so (rebel package)"),
+            "{text}"
+        );
+    }
+
+    /// libc stands in for a runtime that lacks symbols: it opens, and each call reports
+    /// the symbol it needs.
+    #[test]
+    fn a_missing_symbol_is_an_error_at_the_call_not_at_load() {
+        let err = Runtime::open("libc.so.6", AbiCheck::Strict).unwrap_err();
+        assert!(matches!(err, LoadError::AbiUnknown { .. }), "{err:?}");
+        assert!(err.to_string().contains("RBLN_SKIP_ABI_CHECK"));
+
+        let rt = Runtime::open("libc.so.6", AbiCheck::Skip).unwrap();
+        assert!(rt.origin().path.contains("libc"), "{:?}", rt.origin());
+        assert_eq!(
+            rt.abi(),
+            Abi {
+                current: None,
+                min_supported: None
+            }
+        );
+        assert!(!rt.is_test_double());
+        assert_eq!(rt.missing_symbols(), SYMBOLS);
+        let err = rt.device_synchronize(0).unwrap_err();
+        match &err {
+            RblnError::MissingSymbol { call, symbol, .. } => {
+                assert_eq!(*call, "rbln::rbln_device_synchronize");
+                assert_eq!(*symbol, "_ZN4rbln23rbln_device_synchronizeEj");
+            }
+            other => panic!("expected MissingSymbol, got {other:?}"),
+        }
+        // The failed lookup is remembered, and reported again the same way.
+        assert_eq!(rt.device_synchronize(0).unwrap_err(), err);
+        assert!(matches!(
+            rt.device_count(),
+            Err(RblnError::MissingSymbol {
+                symbol: "rbln_get_device_count",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn abi_ranges_must_include_the_built_abi() {
+        let abi = |current, min_supported| Abi {
+            current,
+            min_supported,
+        };
+        assert_eq!(abi(Some(6), Some(6)).supports_built(), Some(true));
+        assert_eq!(abi(Some(8), Some(5)).supports_built(), Some(true));
+        assert_eq!(abi(Some(6), None).supports_built(), Some(true));
+        assert_eq!(abi(Some(5), Some(1)).supports_built(), Some(false));
+        assert_eq!(abi(Some(7), Some(7)).supports_built(), Some(false));
+        assert_eq!(abi(Some(7), None).supports_built(), Some(false));
+        assert_eq!(abi(None, Some(6)).supports_built(), None);
+    }
+
+    #[test]
+    fn mangled_names_encode_their_declarations() {
+        assert_eq!(SYMBOLS.len(), 14);
+        for s in SYMBOLS {
+            assert!(!s.name.ends_with('\0'));
+            // C++ functions in namespace rbln carry their mangled name; C ones do not.
+            let short = s.declaration.trim_start_matches("rbln::");
+            if s.declaration.starts_with("rbln::") {
+                assert!(
+                    s.name
+                        .starts_with(&format!("_ZN4rbln{}{short}E", short.len())),
+                    "{s:?}"
+                );
+            } else {
+                assert_eq!(s.name, s.declaration);
+            }
+        }
+    }
+
+    #[test]
+    fn status_codes_name_themselves() {
+        assert_eq!(RblnStatus::SUCCESS.result("x"), Ok(()));
+        let err = RblnStatus::INVALID.result("rbln::rbln_free").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rbln::rbln_free returned RBLNRetCode_INVALID (2)"
+        );
+        assert_eq!(RblnStatus(-3).to_string(), "unknown RBLNRetCode -3");
+    }
+}

@@ -127,7 +127,8 @@ mod tests {
 
     #[test]
     fn default_order_is_loaded_then_rebel_packages_then_system() {
-        let venv = tempfile_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let venv = dir.path();
         std::fs::create_dir_all(venv.join("lib/python3.11/site-packages")).unwrap();
         std::fs::create_dir_all(venv.join("lib/python3.12/site-packages")).unwrap();
         let order = search_order(env(&[
@@ -152,12 +153,5 @@ mod tests {
         assert_eq!(order[6], pkg("/p2/tvm/librbln.so".into()));
         assert!(order.contains(&pkg("/usr/lib/python3/dist-packages/tvm/librbln.so".into())));
         assert_eq!(order.last(), Some(&Candidate::System("librbln.so")));
-        std::fs::remove_dir_all(venv).unwrap();
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("rbln-sys-search-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 }
