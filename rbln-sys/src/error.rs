@@ -78,6 +78,18 @@ pub enum RblnError {
     },
 }
 
+impl RblnError {
+    /// The runtime function the failed call was for.
+    pub fn call(&self) -> &'static str {
+        match self {
+            RblnError::Status { call, .. }
+            | RblnError::MissingSymbol { call, .. }
+            | RblnError::OutOfBounds { call, .. }
+            | RblnError::InvalidValue { call, .. } => call,
+        }
+    }
+}
+
 /// One library that was tried while searching, and why it was not used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attempt {
