@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use kvrelay::device::rbln::{AbiCheck, AllocKind, DeviceMemory, LoadError, Runtime};
+use kvrelay::device::rbln::{AbiCheck, AllocKind, DeviceMemory, LoadError, Runtime, Staging};
 use kvrelay::device::{
     Device, DeviceError, EngineMemory, HostDevice, HostKvCache, RblnDevice, Region,
 };
@@ -49,6 +49,8 @@ fn runtime() -> Arc<Runtime> {
 fn device() -> RblnDevice {
     RblnDevice::new(runtime(), 0).unwrap()
 }
+
+const POLICIES: [Staging; 2] = [Staging::Auto, Staging::Never];
 
 /// Runs the ignored test `name` of this binary in a child process with `env` (plus
 /// `RBLN_EMU_LIB`), asserts that exactly it ran and passed, and returns its stdout.
@@ -163,7 +165,7 @@ fn plan(layout: &KvLayout) -> CopyPlan {
     paged_to_chunks(layout, &[7, 2, 5], &windows).unwrap()
 }
 
-fn staging(device: &dyn Device, plan: &CopyPlan) -> Vec<kvrelay::device::HostBuffer> {
+fn staging_buffers(device: &dyn Device, plan: &CopyPlan) -> Vec<kvrelay::device::HostBuffer> {
     plan.dst_extents()
         .iter()
         .map(|&len| device.alloc_staging(len).unwrap())
@@ -175,7 +177,7 @@ fn gather(
     plan: &CopyPlan,
     memory: &EngineMemory,
 ) -> Vec<kvrelay::device::HostBuffer> {
-    let mut chunks = staging(device, plan);
+    let mut chunks = staging_buffers(device, plan);
     let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
     device
         .start_gather(plan, memory, &mut host)
@@ -223,55 +225,71 @@ fn gather_then_scatter_round_trips_and_matches_the_host_device() {
             let layout = KvLayout::new(spec(block_size, heads), kind).unwrap();
             let what = format!("{kind} bs {block_size} heads {heads}");
             let plan = plan(&layout);
-            let rbln = device();
-            let (src, dst) = (
-                DeviceCache::new(layout, AllocKind::Eager),
-                DeviceCache::new(layout, AllocKind::Eager),
-            );
-            src.fill();
-            rbln.verify_engine_memory(&src.memory).unwrap();
-            let (host_src, host_dst) = (host_cache(layout, true), host_cache(layout, false));
-
-            let before = rbln.calls();
-            let chunks = gather(&rbln, &plan, &src.memory);
-            let calls = rbln.calls().since(&before);
-            let host_chunks = gather(&HostDevice, &plan, &host_src.engine_memory());
-            for (a, b) in chunks.iter().zip(&host_chunks) {
-                assert!(
-                    a[..] == b[..],
-                    "{what}: gathered chunks differ from HostDevice's"
+            for staging in POLICIES {
+                let what = format!("{what} {staging:?}");
+                let rbln = device().with_staging(staging);
+                let (src, dst) = (
+                    DeviceCache::new(layout, AllocKind::Eager),
+                    DeviceCache::new(layout, AllocKind::Eager),
                 );
-            }
-            // One async copy per coalesced run, one synchronize.
-            assert_eq!(calls.plans, 1, "{what}");
-            assert_eq!(calls.copies, plan.runs().len() as u64, "{what}");
-            assert_eq!(calls.synchronizes, 1, "{what}");
-            assert_eq!(calls.synchronous_copies, 0, "{what}");
-            assert!(calls.total() <= plan.runs().len() as u64 + 1);
+                src.fill();
+                rbln.verify_engine_memory(&src.memory).unwrap();
+                let (host_src, host_dst) = (host_cache(layout, true), host_cache(layout, false));
 
-            let inverse = plan.inverse();
-            let before = rbln.calls();
-            scatter(&rbln, &inverse, &chunks, &dst.memory);
-            assert!(rbln.calls().since(&before).total() <= inverse.runs().len() as u64 + 1);
-            scatter(
-                &HostDevice,
-                &inverse,
-                &host_chunks,
-                &host_dst.engine_memory(),
-            );
-            for i in 0..layout.num_buffers() {
-                let got = dst.read(i);
-                // SAFETY: no copy is running.
-                let want = unsafe { host_dst.buffer(i) };
-                assert!(
-                    got == want,
-                    "{what}: buffer {i} differs from HostDevice's scatter"
+                let before = rbln.calls();
+                let chunks = gather(&rbln, &plan, &src.memory);
+                let calls = rbln.calls().since(&before);
+                let host_chunks = gather(&HostDevice, &plan, &host_src.engine_memory());
+                for (a, b) in chunks.iter().zip(&host_chunks) {
+                    assert!(
+                        a[..] == b[..],
+                        "{what}: gathered chunks differ from HostDevice's"
+                    );
+                }
+                // Never: one async copy per coalesced run. Auto: these plans of (token, head)
+                // runs are staged, one copy per contiguous device range. One synchronize.
+                let runs = plan.runs().len() as u64;
+                assert_eq!(calls.plans, 1, "{what}");
+                assert_eq!(calls.synchronizes, 1, "{what}");
+                assert_eq!(calls.synchronous_copies, 0, "{what}");
+                if staging == Staging::Never {
+                    assert_eq!((calls.copies, calls.staged_plans), (runs, 0), "{what}");
+                } else {
+                    assert_eq!(calls.staged_plans, 1, "{what}");
+                    // With several heads a block's heads merge: far fewer calls than runs.
+                    let fewer = if heads > 1 {
+                        calls.copies * 4
+                    } else {
+                        calls.copies + 1
+                    };
+                    assert!(fewer <= runs, "{what}: {calls:?} for {runs} runs");
+                }
+                assert!(calls.total() <= runs + 1, "{what}");
+
+                let inverse = plan.inverse();
+                let before = rbln.calls();
+                scatter(&rbln, &inverse, &chunks, &dst.memory);
+                assert!(rbln.calls().since(&before).total() <= inverse.runs().len() as u64 + 1);
+                scatter(
+                    &HostDevice,
+                    &inverse,
+                    &host_chunks,
+                    &host_dst.engine_memory(),
                 );
-                // Every byte the plan moved is the source's, exactly.
-                let original = src.read(i);
-                for run in plan.runs().iter().filter(|r| r.src_buffer as usize == i) {
-                    let range = run.src_offset..run.src_offset + run.len;
-                    assert_eq!(got[range.clone()], original[range], "{what}");
+                for i in 0..layout.num_buffers() {
+                    let got = dst.read(i);
+                    // SAFETY: no copy is running.
+                    let want = unsafe { host_dst.buffer(i) };
+                    assert!(
+                        got == want,
+                        "{what}: buffer {i} differs from HostDevice's scatter"
+                    );
+                    // Every byte the plan moved is the source's, exactly.
+                    let original = src.read(i);
+                    for run in plan.runs().iter().filter(|r| r.src_buffer as usize == i) {
+                        let range = run.src_offset..run.src_offset + run.len;
+                        assert_eq!(got[range.clone()], original[range], "{what}");
+                    }
                 }
             }
         }
@@ -304,7 +322,8 @@ fn async_copies_land_only_at_synchronize_and_dropping_a_pending_copy_waits() {
     let before = rbln.calls();
     let chunks = gather(&rbln, &plan, &lazy.memory);
     let calls = rbln.calls().since(&before);
-    assert_eq!(calls.synchronous_copies, plan.runs().len() as u64);
+    assert_eq!(calls.synchronous_copies, calls.copies);
+    assert!(calls.copies > 0);
     let host_chunks = gather(
         &HostDevice,
         &plan,
@@ -316,7 +335,7 @@ fn async_copies_land_only_at_synchronize_and_dropping_a_pending_copy_waits() {
     // returns.
     let eager = DeviceCache::new(layout, AllocKind::Eager);
     eager.fill();
-    let mut dropped = staging(&rbln, &plan);
+    let mut dropped = staging_buffers(&rbln, &plan);
     {
         let mut host: Vec<&mut [u8]> = dropped.iter_mut().map(|c| &mut c[..]).collect();
         let pending = rbln.start_gather(&plan, &eager.memory, &mut host).unwrap();
@@ -330,9 +349,15 @@ fn async_copies_land_only_at_synchronize_and_dropping_a_pending_copy_waits() {
 
 #[test]
 fn an_out_of_range_copy_is_a_runtime_error_and_writes_nothing_out_of_range() {
+    for staging in POLICIES {
+        out_of_range_copy(staging);
+    }
+}
+
+fn out_of_range_copy(staging: Staging) {
     let layout = KvLayout::new(spec(4, 2), LayoutKind::RblnBlocksFirst).unwrap();
     let rt = runtime();
-    let rbln = device();
+    let rbln = device().with_staging(staging);
     // The engine claims full-size buffers, but buffer 1 really holds only 4 of 10 blocks.
     let real = layout.buffer_bytes() * 4 / 10;
     let sentinel = |len| vec![0xeeu8; len];
@@ -392,29 +417,42 @@ fn an_out_of_range_copy_is_a_runtime_error_and_writes_nothing_out_of_range() {
     }
     let calls = rbln.calls().since(&before);
     assert_eq!(
-        calls.copies,
-        failing as u64 + 1,
-        "no copy is started after the failure"
-    );
-    assert_eq!(
         calls.synchronizes, 1,
         "the started copies are drained before returning"
     );
-    // Device memory holds exactly the runs started before the failure, sentinel elsewhere.
-    for (i, m) in full.iter().enumerate() {
-        let mut want = sentinel(m.len());
-        for run in plan.runs()[..failing]
-            .iter()
-            .filter(|r| r.dst_buffer as usize == i)
-        {
-            want[run.dst_offset..][..run.len].copy_from_slice(&chunk[run.src_offset..][..run.len]);
+    // What the whole plan would write; anything else must still be the sentinel.
+    let mut planned: Vec<Vec<Option<u8>>> = full.iter().map(|m| vec![None; m.len()]).collect();
+    for run in plan.runs() {
+        for k in 0..run.len {
+            if let Some(b) = planned[run.dst_buffer as usize].get_mut(run.dst_offset + k) {
+                *b = Some(chunk[run.src_offset + k]);
+            }
         }
+    }
+    for (i, m) in full.iter().enumerate() {
         let mut got = vec![0u8; m.len()];
         m.read(0, &mut got).unwrap();
-        assert!(
-            got == want,
-            "buffer {i} was written outside the started runs"
+        let stray = (0..got.len()).find(|&j| got[j] != 0xee && planned[i][j] != Some(got[j]));
+        assert_eq!(
+            stray, None,
+            "{staging:?}: buffer {i} holds a byte the plan never wrote"
         );
+        if staging == Staging::Never {
+            // Exactly the runs started before the failure landed; no later one started.
+            assert_eq!(calls.copies, failing as u64 + 1);
+            let mut want = sentinel(m.len());
+            for run in plan.runs()[..failing]
+                .iter()
+                .filter(|r| r.dst_buffer as usize == i)
+            {
+                want[run.dst_offset..][..run.len]
+                    .copy_from_slice(&chunk[run.src_offset..][..run.len]);
+            }
+            assert!(
+                got == want,
+                "buffer {i} was written outside the started runs"
+            );
+        }
     }
     let mut got = vec![0u8; 1 << 16];
     neighbour.read(0, &mut got).unwrap();
@@ -424,17 +462,14 @@ fn an_out_of_range_copy_is_a_runtime_error_and_writes_nothing_out_of_range() {
         "a neighbouring allocation was written"
     );
 
-    // A gather reading past the real end leaves that run's host bytes untouched.
-    let gather_plan = paged_to_chunks(
-        &layout,
-        &[7],
-        &[ChunkWindow {
-            start: 0,
-            tokens: 4,
-            skip_leading: 0,
-        }],
-    )
-    .unwrap();
+    // A gather reading past the real end leaves the failing run's host bytes untouched
+    // (and, staged, every host byte: nothing is copied out after a failure).
+    let window = ChunkWindow {
+        start: 0,
+        tokens: 4,
+        skip_leading: 0,
+    };
+    let gather_plan = paged_to_chunks(&layout, &[7], &[window]).unwrap();
     let failing = gather_plan
         .runs()
         .iter()
@@ -457,6 +492,9 @@ fn an_out_of_range_copy_is_a_runtime_error_and_writes_nothing_out_of_range() {
     );
     let run = gather_plan.runs()[failing];
     assert!(out[run.dst_offset..][..run.len].iter().all(|&b| b == 0x11));
+    if staging == Staging::Auto {
+        assert!(out.iter().all(|&b| b == 0x11));
+    }
 
     // Host pointers are not device memory: registration checks catch them.
     let host = host_cache(layout, false);
@@ -555,7 +593,16 @@ fn library_search_and_abi_check_give_typed_errors() {
 
 #[test]
 fn injected_runtime_failures_surface_as_errors() {
-    run_child("child_fail_after", &[("RBLN_EMU_FAIL_AFTER", "5")], &[]);
+    for staging in ["never", "auto"] {
+        run_child(
+            "child_fail_after",
+            &[
+                ("RBLN_EMU_FAIL_AFTER", "5"),
+                ("KVRELAY_TEST_STAGING", staging),
+            ],
+            &[],
+        );
+    }
 }
 
 /// Prints what `Runtime::load()` (the process-wide search) makes of this environment.
@@ -584,7 +631,8 @@ fn child_load_after_open() {
     println!("LOADED {:?} {:?}", rt.origin().candidate, rt.abi());
 }
 
-/// With RBLN_EMU_FAIL_AFTER=5, the sixth copy call fails.
+/// With RBLN_EMU_FAIL_AFTER=5, the sixth copy call fails; KVRELAY_TEST_STAGING picks the
+/// staging policy.
 #[test]
 #[ignore = "run by injected_runtime_failures_surface_as_errors in a child process"]
 fn child_fail_after() {
@@ -592,10 +640,15 @@ fn child_fail_after() {
     // Allocation and filling: 3 synchronous copies (one per buffer).
     let cache = DeviceCache::new(layout, AllocKind::Eager);
     cache.fill();
-    let rbln = device();
+    let staging = match std::env::var("KVRELAY_TEST_STAGING").as_deref() {
+        Ok("never") => Staging::Never,
+        Ok("auto") => Staging::Auto,
+        other => panic!("KVRELAY_TEST_STAGING must be never or auto, not {other:?}"),
+    };
+    let rbln = device().with_staging(staging);
     let plan = plan(&layout);
     assert!(plan.runs().len() > 3);
-    let mut chunks = staging(&rbln, &plan);
+    let mut chunks = staging_buffers(&rbln, &plan);
     chunks.iter_mut().for_each(|c| c.fill(0x5a));
     let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
     let err = rbln
@@ -609,7 +662,10 @@ fn child_fail_after() {
     assert!(message.contains("RBLNRetCode_FAILURE"), "{message}");
     let calls = rbln.calls();
     assert_eq!((calls.copies, calls.synchronizes), (3, 1));
-    // The two copies admitted landed; the failed one and those after it wrote nothing.
+    assert_eq!(calls.staged_plans, u64::from(staging == Staging::Auto));
+    // Never: the two copies admitted landed; the failed one and those after it wrote
+    // nothing. Auto: nothing reaches the caller's buffers after a failure.
+    let landed = if staging == Staging::Never { 2 } else { 0 };
     let host_chunks = gather(
         &HostDevice,
         &plan,
@@ -617,7 +673,7 @@ fn child_fail_after() {
     );
     for (i, run) in plan.runs().iter().enumerate() {
         let got = &chunks[run.dst_buffer as usize][run.dst_offset..][..run.len];
-        if i < 2 {
+        if i < landed {
             assert_eq!(
                 got,
                 &host_chunks[run.dst_buffer as usize][run.dst_offset..][..run.len]

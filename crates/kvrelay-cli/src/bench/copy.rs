@@ -32,6 +32,12 @@ pub struct CopyArgs {
     /// RBLN_RUNTIME_LIB and rbln-sys's search order; needs the `rbln` feature).
     #[arg(long, default_value = "host")]
     device: String,
+    /// With `--device rbln`: `auto` copies plans of many small runs through a device-shaped
+    /// host buffer (one runtime call per contiguous device range); `never` makes one runtime
+    /// call per run.
+    #[cfg(feature = "rbln")]
+    #[arg(long, default_value = "auto")]
+    rbln_staging: String,
 }
 
 /// What every device's bench shares: the request and its plans.
@@ -169,7 +175,7 @@ pub fn run(args: CopyArgs) -> Result<(), String> {
     match args.device.as_str() {
         "host" => run_host(setup),
         #[cfg(feature = "rbln")]
-        "rbln" => super::copy_rbln::run(setup),
+        "rbln" => super::copy_rbln::run(setup, &args.rbln_staging),
         #[cfg(not(feature = "rbln"))]
         "rbln" => Err(
             "--device rbln needs a kvrelay built with the `rbln` feature \

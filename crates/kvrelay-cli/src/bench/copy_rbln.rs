@@ -6,14 +6,25 @@
 //! host memcpy through an emulator, and every line says `"emulated": true`: they measure
 //! kvrelay's per-call overhead, not an NPU.
 
-use kvrelay::device::rbln::{AllocKind, DeviceMemory, RblnError};
+use kvrelay::device::rbln::{AllocKind, DeviceMemory, RblnError, Staging};
 use kvrelay::device::{Device, DeviceError, EngineMemory, HostBuffer, RblnDevice, Region};
 use rand::Rng;
 
 use super::copy::{print_pair, time_rounds, Setup, Step};
 
-pub fn run(setup: Setup) -> Result<(), String> {
-    let device = RblnDevice::open(0).map_err(|e| e.to_string())?;
+pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
+    let staging = match staging {
+        "auto" => Staging::Auto,
+        "never" => Staging::Never,
+        other => {
+            return Err(format!(
+                "unknown --rbln-staging {other:?}; known: auto, never"
+            ))
+        }
+    };
+    let device = RblnDevice::open(0)
+        .map_err(|e| e.to_string())?
+        .with_staging(staging);
     let runtime = std::sync::Arc::clone(device.runtime());
     let mut extra = setup.extra(device.name());
     let Setup {
@@ -101,6 +112,8 @@ pub fn run(setup: Setup) -> Result<(), String> {
     extra["async_copies_per_plan"] = per_plan(calls.copies).into();
     extra["synchronizes_per_plan"] = per_plan(calls.synchronizes).into();
     extra["synchronous_copies"] = calls.synchronous_copies.into();
+    extra["staging"] = format!("{staging:?}").to_lowercase().into();
+    extra["staged_plans"] = calls.staged_plans.into();
     print_pair(bytes, best, extra);
     drop(buffers);
     Ok(())
