@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvrelay::device::{Device, DeviceError, HostBuffer, HostDevice, HostKvCache};
+use kvrelay::device::{Device, DeviceError, EngineMemory, HostBuffer, HostDevice, HostKvCache};
 use kvrelay::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
 use kvrelay::plan::{paged_to_chunks, ChunkWindow, CopyPlan};
 use kvrelay::KvDtype;
@@ -110,6 +110,50 @@ pub(super) fn time_rounds(
     Ok(best)
 }
 
+/// The request's chunk buffers from `device`'s staging allocator, faulted in before timing.
+pub(super) fn chunk_buffers(
+    device: &dyn Device,
+    spec: &KvCacheSpec,
+    windows: &[ChunkWindow],
+) -> Result<Vec<HostBuffer>, String> {
+    let mut chunks = windows
+        .iter()
+        .map(|w| device.alloc_staging(spec.chunk_bytes(w.tokens)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    chunks.iter_mut().for_each(|c| c.fill(1));
+    Ok(chunks)
+}
+
+/// Runs a gather or scatter step through `device`, or returns `None` for a baseline step.
+pub(super) fn plan_step(
+    device: &dyn Device,
+    step: Step,
+    (gather, scatter): (&CopyPlan, &CopyPlan),
+    memory: &EngineMemory,
+    chunks: &mut [HostBuffer],
+) -> Option<Result<(), DeviceError>> {
+    match step {
+        Step::Gather => {
+            let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
+            Some(
+                device
+                    .start_gather(gather, memory, &mut host)
+                    .and_then(|p| p.wait()),
+            )
+        }
+        Step::Scatter => {
+            let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+            Some(
+                device
+                    .start_scatter(scatter, &host, memory)
+                    .and_then(|p| p.wait()),
+            )
+        }
+        Step::GatherBaseline | Step::ScatterBaseline => None,
+    }
+}
+
 /// Prints the gather and scatter lines from [`time_rounds`]' result.
 pub(super) fn print_pair(bytes: usize, best: [Duration; 4], extra: serde_json::Value) {
     for (name, ours, baseline) in [
@@ -207,11 +251,7 @@ fn run_host(setup: Setup) -> Result<(), String> {
         rng.fill(unsafe { cache.buffer_mut(i) });
     }
     let memory = cache.engine_memory();
-    let mut chunks = windows
-        .iter()
-        .map(|w| device.alloc_staging(spec.chunk_bytes(w.tokens)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let mut chunks = chunk_buffers(&device, &spec, &windows)?;
     // The baseline's buffers come from the same allocator as kvrelay's (2 MiB aligned, huge
     // pages where THP allows) and are faulted in before timing, so both sides copy between
     // the same kind of memory. (In 4 KiB-page Vecs the memcpy measured 15-17.5 GB/s,
@@ -220,29 +260,14 @@ fn run_host(setup: Setup) -> Result<(), String> {
     let mut baseline_dst = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
     rng.fill(&mut baseline_src[..]);
     baseline_dst.fill(1);
-    // Fault in the chunk buffers before timing.
-    chunks.iter_mut().for_each(|c| c.fill(1));
 
     let best = time_rounds(rounds, |step| {
-        let result = match step {
-            Step::Gather => {
-                let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
-                device
-                    .start_gather(&gather, &memory, &mut host)
-                    .and_then(|p| p.wait())
-            }
-            Step::Scatter => {
-                let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-                device
-                    .start_scatter(&scatter, &host, &memory)
-                    .and_then(|p| p.wait())
-            }
-            Step::GatherBaseline | Step::ScatterBaseline => {
+        plan_step(&device, step, (&gather, &scatter), &memory, &mut chunks)
+            .unwrap_or_else(|| {
                 baseline_dst.copy_from_slice(&baseline_src);
                 Ok(())
-            }
-        };
-        result.map_err(|e: DeviceError| format!("{} failed: {e}", step.name()))
+            })
+            .map_err(|e| format!("{} failed: {e}", step.name()))
     })?;
     std::hint::black_box(&baseline_dst);
     let mut extra = extra;

@@ -10,7 +10,7 @@ use kvrelay::device::rbln::{AllocKind, DeviceMemory, RblnError, Staging};
 use kvrelay::device::{Device, DeviceError, EngineMemory, HostBuffer, RblnDevice, Region};
 use rand::Rng;
 
-use super::copy::{print_pair, time_rounds, Setup, Step};
+use super::copy::{chunk_buffers, plan_step, print_pair, time_rounds, Setup, Step};
 
 pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
     let staging = match staging {
@@ -65,12 +65,7 @@ pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
     device
         .verify_engine_memory(&memory)
         .map_err(|e| e.to_string())?;
-    let mut chunks = windows
-        .iter()
-        .map(|w| device.alloc_staging(spec.chunk_bytes(w.tokens)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    chunks.iter_mut().for_each(|c| c.fill(1));
+    let mut chunks = chunk_buffers(&device, &spec, &windows)?;
     let baseline_device =
         DeviceMemory::new(&runtime, 0, bytes, AllocKind::Eager).map_err(runtime_error)?;
     let mut baseline_host = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
@@ -78,27 +73,16 @@ pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
 
     let before = device.calls();
     let best = time_rounds(rounds, |step| {
-        let result = match step {
-            Step::Gather => {
-                let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
-                device
-                    .start_gather(&gather, &memory, &mut host)
-                    .and_then(|p| p.wait())
-            }
-            Step::Scatter => {
-                let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-                device
-                    .start_scatter(&scatter, &host, &memory)
-                    .and_then(|p| p.wait())
-            }
-            Step::GatherBaseline => baseline_device
-                .read(0, &mut baseline_host)
-                .map_err(|e| runtime_failure(&device, e)),
-            Step::ScatterBaseline => baseline_device
-                .write(0, &baseline_host)
-                .map_err(|e| runtime_failure(&device, e)),
-        };
-        result.map_err(|e| format!("{} failed: {e}", step.name()))
+        plan_step(&device, step, (&gather, &scatter), &memory, &mut chunks)
+            .unwrap_or_else(|| {
+                if matches!(step, Step::GatherBaseline) {
+                    baseline_device.read(0, &mut baseline_host)
+                } else {
+                    baseline_device.write(0, &baseline_host)
+                }
+                .map_err(|e| runtime_failure(&device, e))
+            })
+            .map_err(|e| format!("{} failed: {e}", step.name()))
     })?;
     let calls = device.calls().since(&before);
     let per_plan = |n: u64| n as f64 / calls.plans.max(1) as f64;
