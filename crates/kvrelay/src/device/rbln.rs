@@ -322,13 +322,19 @@ struct DeviceRange {
 
 impl StagedPlan {
     fn new(runs: &[CopyRun], device_side: impl Fn(&CopyRun) -> (u32, usize)) -> Self {
-        let mut order: Vec<usize> = (0..runs.len()).collect();
-        order.sort_unstable_by_key(|&i| device_side(&runs[i]));
+        // Sort (device position, run index) pairs: keys next to each other sort several
+        // times faster than comparisons that chase each run.
+        let mut order: Vec<((u32, usize), usize)> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, run)| (device_side(run), i))
+            .collect();
+        order.sort_unstable();
         let mut ranges: Vec<DeviceRange> = Vec::new();
         let mut run_staging = vec![0; runs.len()];
         let mut end = 0usize;
-        for i in order {
-            let ((buffer, offset), len) = (device_side(&runs[i]), runs[i].len);
+        for ((buffer, offset), i) in order {
+            let len = runs[i].len;
             match ranges.last_mut() {
                 // Touching or overlapping the previous range: extend it.
                 Some(r) if r.buffer == buffer && offset <= r.offset + r.len => {
