@@ -20,3 +20,13 @@ cargo test --workspace --all-targets
 cargo run --release --example disagg_lmcache_smoke -- --role both --strict-lmcache --require-lmcache-hit
 # Byte-level check of the same path with two different paged layouts.
 cargo run --release --example kv_roundtrip
+# RBLN (feature `rbln`): build the rbln-emu test double that tests/device_rbln.rs loads
+# through the real loading path, lint and test with the feature, and check that the
+# committed rbln-sys bindings are what bindgen makes of wrapper.h (needs libclang).
+cargo build -p rbln-emu
+cargo clippy --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln -- -D warnings
+cargo test --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln
+if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq libclang-dev
+fi
+scripts/check_rbln_bindings.sh

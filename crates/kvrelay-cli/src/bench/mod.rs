@@ -7,12 +7,15 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 mod copy;
+#[cfg(feature = "rbln")]
+mod copy_rbln;
 mod hash;
 mod store;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Gather and scatter of a Llama-3-8B-shaped request against one memcpy of the same bytes.
+    /// Gather and scatter of a Llama-3-8B-shaped request against one copy of the same bytes
+    /// (memcpy on the host device; the runtime's own copy with `--device rbln`).
     Copy(copy::CopyArgs),
     /// sha256_cbor chunk keys of 1M tokens against a plain sha256 of the same CBOR bytes.
     Hash(hash::HashArgs),
