@@ -218,7 +218,8 @@ fn a_request_larger_than_the_buffer_is_refused_at_once() {
     assert!(matches!(err, TransferError::BufferTooSmall { .. }), "{err}");
 
     // A long allocation timeout: a wait instead of the immediate refusal would hang here.
-    let cfg = config("tcp", 2, "pd_allocation_timeout_sec: 600\n", None);
+    let mut cfg = config("tcp", 2, "", None);
+    cfg.allocation_timeout = Duration::from_secs(600);
     let rx = PdReceiver::bind(&cfg, 0).unwrap();
     let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
     let err = request("big", 3, false).send(&mut tx);
