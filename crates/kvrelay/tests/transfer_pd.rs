@@ -69,10 +69,17 @@ struct Request {
 
 /// `n` chunks of random bytes; the last one partial when `partial_tail`.
 fn request(id: &str, n: usize, partial_tail: bool) -> Request {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(id.len() as u64 * 31 + n as u64);
+    let seed = id.bytes().fold(n as u64, |h, b| {
+        h.wrapping_mul(31).wrapping_add(u64::from(b))
+    });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let chunks = (0..n)
         .map(|i| {
-            let tokens = if partial_tail && i == n - 1 { 5 } else { CHUNK_TOKENS };
+            let tokens = if partial_tail && i == n - 1 {
+                5
+            } else {
+                CHUNK_TOKENS
+            };
             let mut data = vec![0u8; spec().chunk_bytes(tokens)];
             rng.fill(&mut data[..]);
             let key = CacheKey::new("m", 1, 0, rng.gen(), KvDtype::Bf16).unwrap();
@@ -167,8 +174,17 @@ fn end_to_end(channel: &str) {
         assert_eq!(stats.chunks, r.chunks.len());
         assert!(stats.notified);
         assert_eq!(stats.channel.as_str(), channel);
-        let note = notes.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
-        assert_eq!(note, KvReady { request_id: r.id.clone(), rank: 0 });
+        let note = notes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            note,
+            KvReady {
+                request_id: r.id.clone(),
+                rank: 0
+            }
+        );
         let ready = rx.wait_ready(&r.id, Duration::from_secs(20)).unwrap();
         assert_eq!(ready.chunks, r.chunks.len());
     }
@@ -236,7 +252,10 @@ fn allocation_wait_is_bounded_and_ends_in_a_typed_timeout() {
     let full = request("full", 2, false);
     full.send(&mut tx).unwrap();
     let next = request("next", 1, false);
-    assert_eq!(refused_code(next.send(&mut tx)), ErrorCode::AllocationTimeout);
+    assert_eq!(
+        refused_code(next.send(&mut tx)),
+        ErrorCode::AllocationTimeout
+    );
     assert_eq!(rx.occupancy().waiting, 0);
     // Consuming frees the pages; the same request then goes through.
     full.consume_and_check(&rx);
@@ -271,7 +290,9 @@ fn cancel_and_ttl_free_unconsumed_pages() {
     let abandoned = request("abandoned", 3, false);
     abandoned.send(&mut tx).unwrap();
     // Nobody consumes it: the TTL reclaims its pages.
-    eventually("TTL reclaims unconsumed pages", || rx.occupancy().used_pages == 0);
+    eventually("TTL reclaims unconsumed pages", || {
+        rx.occupancy().used_pages == 0
+    });
     assert!(rx.get(&abandoned.chunks[0].0).is_none());
     assert!(matches!(
         rx.wait_ready("abandoned", Duration::from_secs(1)),
@@ -290,10 +311,16 @@ fn mismatched_chunks_are_rejected_before_any_byte_moves() {
     let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
     let mut r = request("bad", 2, false);
     r.chunks[1].1.layout_fingerprint ^= 1;
-    assert!(matches!(r.send(&mut tx), Err(TransferError::BadChunk { index: 1, .. })));
+    assert!(matches!(
+        r.send(&mut tx),
+        Err(TransferError::BadChunk { index: 1, .. })
+    ));
     let mut r = request("short", 2, false);
     r.chunks[0].2.pop();
-    assert!(matches!(r.send(&mut tx), Err(TransferError::BadChunk { index: 0, .. })));
+    assert!(matches!(
+        r.send(&mut tx),
+        Err(TransferError::BadChunk { index: 0, .. })
+    ));
     assert_eq!(rx.occupancy().used_pages, 0);
 }
 
@@ -304,7 +331,9 @@ fn send(stream: &mut TcpStream, m: &Message) {
 }
 
 fn recv(stream: &mut TcpStream) -> Message {
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     match read_frame(stream, frame::MAX_CONTROL_BODY).unwrap() {
         Incoming::Message(m) => m,
         Incoming::Data(..) => panic!("unexpected data frame"),
@@ -324,8 +353,19 @@ fn raw_attach(rx: &PdReceiver, channel: ChannelKind) -> TcpStream {
             nonce: [7; NONCE_LEN],
         },
     );
-    assert!(matches!(recv(&mut init), Message::Challenge { auth_required: false, .. }));
-    send(&mut init, &Message::Auth { proof: [0; MAC_LEN] });
+    assert!(matches!(
+        recv(&mut init),
+        Message::Challenge {
+            auth_required: false,
+            ..
+        }
+    ));
+    send(
+        &mut init,
+        &Message::Auth {
+            proof: [0; MAC_LEN],
+        },
+    );
     let Message::Welcome { token, .. } = recv(&mut init) else {
         panic!("no welcome")
     };
@@ -351,7 +391,9 @@ fn raw_alloc(alloc: &mut TcpStream, r: &Request) -> (u32, Vec<u32>) {
 
 /// Reads until the peer closes; returns the `Error` frame it sent first, if any.
 fn closed_with(stream: &mut TcpStream) -> Option<ErrorCode> {
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let code = match read_frame(stream, frame::MAX_CONTROL_BODY) {
         Ok(Incoming::Message(Message::Error { code, .. })) => Some(code),
         _ => None,
@@ -372,13 +414,21 @@ fn sender_dropped_mid_transfer_frees_its_pages_and_the_receiver_keeps_serving() 
         assert_eq!(rx.occupancy().used_pages, 3);
         if channel == ChannelKind::Tcp {
             // Half of the first chunk, then the sender vanishes.
-            let d = DataHeader { grant, chunk: 0, offset: 0 };
+            let d = DataHeader {
+                grant,
+                chunk: 0,
+                offset: 0,
+            };
             let half = &r.chunks[0].2[..page() / 2];
-            alloc.write_all(&data_prefix(&d, half.len() as u32)).unwrap();
+            alloc
+                .write_all(&data_prefix(&d, half.len() as u32))
+                .unwrap();
             alloc.write_all(half).unwrap();
         }
         drop(alloc);
-        eventually("pages of the dead sender are freed", || rx.occupancy().used_pages == 0);
+        eventually("pages of the dead sender are freed", || {
+            rx.occupancy().used_pages == 0
+        });
         assert!(matches!(
             rx.wait_ready("dies", Duration::from_secs(1)),
             Err(TransferError::RequestEnded { .. })
@@ -424,7 +474,8 @@ fn garbage_and_truncated_frames_close_only_their_connection() {
     }
     // A frame with a wrong magic gets a Protocol error frame back before the close.
     let mut s = TcpStream::connect(rx.init_addr()).unwrap();
-    s.write_all(b"XXXX\x01\x01\x00\x00\x00\x00\x00\x00").unwrap();
+    s.write_all(b"XXXX\x01\x01\x00\x00\x00\x00\x00\x00")
+        .unwrap();
     assert_eq!(closed_with(&mut s), Some(ErrorCode::Protocol));
     // An attach with a made-up session token is refused.
     let mut s = TcpStream::connect(rx.alloc_addr()).unwrap();
@@ -450,16 +501,58 @@ fn out_of_bounds_data_is_rejected_and_nothing_lands_outside_the_grant() {
     let len = r.chunks[0].2.len() as u64;
     let hostile: Vec<(DataHeader, u32)> = vec![
         // Past the chunk's declared length (but inside the page).
-        (DataHeader { grant: 0, chunk: 0, offset: 0 }, len as u32 + 1),
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: 0,
+            },
+            len as u32 + 1,
+        ),
         // A chunk the grant does not have.
-        (DataHeader { grant: 0, chunk: 1, offset: 0 }, 16),
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 1,
+                offset: 0,
+            },
+            16,
+        ),
         // An offset far outside the page.
-        (DataHeader { grant: 0, chunk: 0, offset: 3 * page() as u64 }, 16),
-        (DataHeader { grant: 0, chunk: 0, offset: u64::MAX - 4 }, 16),
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: 3 * page() as u64,
+            },
+            16,
+        ),
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: u64::MAX - 4,
+            },
+            16,
+        ),
         // A gap: not the next byte of the chunk.
-        (DataHeader { grant: 0, chunk: 0, offset: 8 }, 16),
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: 8,
+            },
+            16,
+        ),
         // Someone else's grant.
-        (DataHeader { grant: 77, chunk: 0, offset: 0 }, 16),
+        (
+            DataHeader {
+                grant: 77,
+                chunk: 0,
+                offset: 0,
+            },
+            16,
+        ),
     ];
     for (mut d, n) in hostile {
         let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
@@ -469,7 +562,11 @@ fn out_of_bounds_data_is_rejected_and_nothing_lands_outside_the_grant() {
         }
         let _ = alloc.write_all(&data_prefix(&d, n));
         let _ = alloc.write_all(&vec![0xAB; n as usize]);
-        assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol), "{d:?} accepted");
+        assert_eq!(
+            closed_with(&mut alloc),
+            Some(ErrorCode::Protocol),
+            "{d:?} accepted"
+        );
         eventually("hostile grant freed", || rx.occupancy().used_pages == 4);
     }
     // Sealing a chunk whose bytes never came, and committing early, are refused too.
@@ -479,7 +576,14 @@ fn out_of_bounds_data_is_rejected_and_nothing_lands_outside_the_grant() {
     assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
     let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
     let (grant, _) = raw_alloc(&mut alloc, &r);
-    send(&mut alloc, &Message::Seal { grant, chunk: 0, checksum: 0 });
+    send(
+        &mut alloc,
+        &Message::Seal {
+            grant,
+            chunk: 0,
+            checksum: 0,
+        },
+    );
     assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
 
     eventually("hostile grants freed", || rx.occupancy().used_pages == 4);
@@ -494,17 +598,37 @@ fn a_checksum_mismatch_is_a_miss_never_loaded() {
     let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
     let (grant, _) = raw_alloc(&mut alloc, &r);
     for (i, (_, _, data)) in r.chunks.iter().enumerate() {
-        let d = DataHeader { grant, chunk: i as u32, offset: 0 };
-        alloc.write_all(&data_prefix(&d, data.len() as u32)).unwrap();
+        let d = DataHeader {
+            grant,
+            chunk: i as u32,
+            offset: 0,
+        };
+        alloc
+            .write_all(&data_prefix(&d, data.len() as u32))
+            .unwrap();
         alloc.write_all(data).unwrap();
         let mut checksum = frame::checksum(data);
         if i == 1 {
             checksum ^= 1;
         }
-        send(&mut alloc, &Message::Seal { grant, chunk: i as u32, checksum });
+        send(
+            &mut alloc,
+            &Message::Seal {
+                grant,
+                chunk: i as u32,
+                checksum,
+            },
+        );
     }
     send(&mut alloc, &Message::Commit { grant });
-    assert!(matches!(recv(&mut alloc), Message::Committed { verified: 1, rejected: 1, .. }));
+    assert!(matches!(
+        recv(&mut alloc),
+        Message::Committed {
+            verified: 1,
+            rejected: 1,
+            ..
+        }
+    ));
     // The whole request is dropped: no chunk of it is ever loaded.
     assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
     assert_eq!(rx.occupancy().used_pages, 0);
@@ -535,8 +659,19 @@ fn wrong_shared_secret_is_rejected() {
             nonce: [3; NONCE_LEN],
         },
     );
-    assert!(matches!(recv(&mut init), Message::Challenge { auth_required: true, .. }));
-    send(&mut init, &Message::Auth { proof: [0x5a; MAC_LEN] });
+    assert!(matches!(
+        recv(&mut init),
+        Message::Challenge {
+            auth_required: true,
+            ..
+        }
+    ));
+    send(
+        &mut init,
+        &Message::Auth {
+            proof: [0x5a; MAC_LEN],
+        },
+    );
     assert_eq!(closed_with(&mut init), Some(ErrorCode::AuthFailed));
     // A sender that does not hold the secret also sees a receiver that does not hold it.
     let open_rx = PdReceiver::bind(&config("tcp", 4, "", None), 0).unwrap();
@@ -551,13 +686,23 @@ fn wrong_shared_secret_is_rejected() {
     let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
     let r = request("authed", 2, false);
     r.send(&mut tx).unwrap();
-    assert_eq!(notes.recv_timeout(Duration::from_secs(20)).unwrap().unwrap().request_id, "authed");
+    assert_eq!(
+        notes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .unwrap()
+            .request_id,
+        "authed"
+    );
     r.consume_and_check(&rx);
     let (proxy_port, notes) = fake_proxy(Some(b"alpha"));
     let unsigned = config("tcp", 4, "", Some(proxy_port));
     let mut tx = PdSender::connect(&unsigned, peer(&open_rx), 0).unwrap();
     request("unsigned", 1, false).send(&mut tx).unwrap();
-    assert!(notes.recv_timeout(Duration::from_secs(20)).unwrap().is_err());
+    assert!(notes
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .is_err());
 }
 
 #[test]
@@ -596,12 +741,42 @@ fn unsupported_channels_are_named() {
 }
 
 #[test]
+fn requests_sharing_keys_are_each_served() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    // Two prompts with the same prefix: equal keys, equal bytes, separate pages.
+    let a = request("a", 2, false);
+    let b = Request {
+        id: "b".into(),
+        chunks: a.chunks.clone(),
+    };
+    a.send(&mut tx).unwrap();
+    b.send(&mut tx).unwrap();
+    assert_eq!(rx.occupancy().used_pages, 4);
+    for r in [&a, &b] {
+        // Either request's copy may serve a key; both stay waitable.
+        assert_eq!(
+            rx.wait_ready(&r.id, Duration::from_secs(20))
+                .unwrap()
+                .chunks,
+            2
+        );
+        r.consume_and_check(&rx);
+    }
+    assert_eq!(rx.wait_ready("a", Duration::ZERO).unwrap().chunks, 2);
+    assert_eq!(rx.occupancy().used_pages, 0);
+}
+
+#[test]
 fn several_senders_share_one_receiver() {
     let cfg = config("tcp", 32, "", None);
     let rx = PdReceiver::bind(&cfg, 0).unwrap();
     let addr: SocketAddr = rx.init_addr();
     assert!(addr.ip().is_loopback());
-    let requests: Vec<Request> = (0..4).map(|i| request(&format!("par-{i}"), 4, i % 2 == 0)).collect();
+    let requests: Vec<Request> = (0..4)
+        .map(|i| request(&format!("par-{i}"), 4, i % 2 == 0))
+        .collect();
     std::thread::scope(|s| {
         for r in &requests {
             let (cfg, peer) = (&cfg, peer(&rx));

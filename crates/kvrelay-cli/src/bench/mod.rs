@@ -9,6 +9,7 @@ use clap::Subcommand;
 mod copy;
 mod hash;
 mod store;
+mod transfer;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -18,6 +19,8 @@ pub enum BenchCommand {
     Hash(hash::HashArgs),
     /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read.
     Store(store::StoreArgs),
+    /// A PD request sent over loopback (tcp or shm) against a plain socket stream or a memcpy.
+    Transfer(transfer::TransferArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
@@ -25,6 +28,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Copy(args) => copy::run(args),
         BenchCommand::Hash(args) => hash::run(args),
         BenchCommand::Store(args) => store::run(args),
+        BenchCommand::Transfer(args) => transfer::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -695,9 +695,7 @@ mod tests {
     #[test]
     fn registry_covers_lmcache_schema_once() {
         // 108 keys in LMCache 0.5.6's `_CONFIG_DEFINITIONS`, plus kvrelay's own.
-        let all: Vec<&str> = known_keys()
-            .filter(|k| !KVRELAY_KEYS.contains(k))
-            .collect();
+        let all: Vec<&str> = known_keys().filter(|k| !KVRELAY_KEYS.contains(k)).collect();
         assert_eq!(all.len(), 108);
         let mut dedup = all.clone();
         dedup.sort();

@@ -7,7 +7,7 @@
 //! host implementation copies with memcpy and is always available.
 
 mod host;
-mod stream;
+pub(crate) mod stream;
 
 use std::sync::Arc;
 

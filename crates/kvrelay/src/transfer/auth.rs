@@ -25,12 +25,21 @@ fn mac(secret: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     m
 }
 
-fn proof_mac(secret: &[u8], role: Role, sender_nonce: &[u8], receiver_nonce: &[u8], rank: u32) -> HmacSha256 {
+fn proof_mac(
+    secret: &[u8],
+    role: Role,
+    sender_nonce: &[u8],
+    receiver_nonce: &[u8],
+    rank: u32,
+) -> HmacSha256 {
     let label: &[u8] = match role {
         Role::Sender => b"kvrelay-pd-v1 sender",
         Role::Receiver => b"kvrelay-pd-v1 receiver",
     };
-    mac(secret, &[label, sender_nonce, receiver_nonce, &rank.to_le_bytes()])
+    mac(
+        secret,
+        &[label, sender_nonce, receiver_nonce, &rank.to_le_bytes()],
+    )
 }
 
 /// The proof `role` sends; all zeros when no secret is configured.
@@ -67,19 +76,38 @@ fn notify_mac(secret: &[u8], request_id: &str, rank: u32) -> HmacSha256 {
     let id_len = (request_id.len() as u32).to_le_bytes();
     mac(
         secret,
-        &[b"kvrelay-pd-v1 notify", &id_len, request_id.as_bytes(), &rank.to_le_bytes()],
+        &[
+            b"kvrelay-pd-v1 notify",
+            &id_len,
+            request_id.as_bytes(),
+            &rank.to_le_bytes(),
+        ],
     )
 }
 
 /// The MAC of a KV-ready notification; all zeros when no secret is configured.
-pub(crate) fn notification_mac(secret: Option<&[u8]>, request_id: &str, rank: u32) -> [u8; MAC_LEN] {
+pub(crate) fn notification_mac(
+    secret: Option<&[u8]>,
+    request_id: &str,
+    rank: u32,
+) -> [u8; MAC_LEN] {
     secret.map_or([0; MAC_LEN], |s| {
-        notify_mac(s, request_id, rank).finalize().into_bytes().into()
+        notify_mac(s, request_id, rank)
+            .finalize()
+            .into_bytes()
+            .into()
     })
 }
 
-pub(crate) fn verify_notification(secret: &[u8], request_id: &str, rank: u32, tag: &[u8; MAC_LEN]) -> bool {
-    notify_mac(secret, request_id, rank).verify_slice(tag).is_ok()
+pub(crate) fn verify_notification(
+    secret: &[u8],
+    request_id: &str,
+    rank: u32,
+    tag: &[u8; MAC_LEN],
+) -> bool {
+    notify_mac(secret, request_id, rank)
+        .verify_slice(tag)
+        .is_ok()
 }
 
 /// `N` bytes from the kernel's CSPRNG.

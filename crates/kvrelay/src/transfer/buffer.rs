@@ -42,11 +42,12 @@ unsafe impl Sync for HostPages {}
 
 impl HostPages {
     pub(crate) fn new(len: usize) -> Result<Self, TransferError> {
-        let mut buf =
-            HostBuffer::zeroed(len).map_err(|e| TransferError::Config(format!("PD buffer: {e}")))?;
-        let base = NonNull::new(buf.as_mut_ptr()).ok_or_else(|| {
-            TransferError::Config("PD buffer: null allocation".into())
-        })?;
+        let mut buf = HostBuffer::zeroed(len)
+            .map_err(|e| TransferError::Config(format!("PD buffer: {e}")))?;
+        // Fault every page in now, not while the first request's bytes arrive.
+        buf.fill(0);
+        let base = NonNull::new(buf.as_mut_ptr())
+            .ok_or_else(|| TransferError::Config("PD buffer: null allocation".into()))?;
         Ok(HostPages { base, buf })
     }
 }
@@ -110,8 +111,15 @@ struct Request {
     expires: Instant,
 }
 
-/// Bounded record of requests that ended without being consumed, for `wait_ready`.
+/// Bounded record of requests that are gone, for `wait_ready`.
 const ENDED_KEPT: usize = 1024;
+
+#[derive(Clone, Copy)]
+enum Ended {
+    /// Every chunk was taken (possibly by another request with the same keys).
+    Consumed(ReadyRequest),
+    Failed(&'static str),
+}
 
 struct State {
     free: Vec<u32>,
@@ -124,7 +132,7 @@ struct State {
     queue: VecDeque<u64>,
     next_ticket: u64,
     next_grant: u32,
-    ended: VecDeque<(Arc<str>, &'static str)>,
+    ended: VecDeque<(Arc<str>, Ended)>,
     closed: bool,
 }
 
@@ -284,7 +292,11 @@ impl PdBuffer {
         let s = &self.shared;
         let mut st = s.state.lock();
         let rejected = verified.iter().filter(|ok| !**ok).count() as u32;
-        let Some(id) = st.requests.get_key_value(request_id).map(|(k, _)| Arc::clone(k)) else {
+        let Some(id) = st
+            .requests
+            .get_key_value(request_id)
+            .map(|(k, _)| Arc::clone(k))
+        else {
             return Err(ended(request_id, "it was reclaimed"));
         };
         let Some(req) = st.requests.get_mut(request_id) else {
@@ -292,7 +304,11 @@ impl PdBuffer {
         };
         let cancelled = matches!(req.phase, Phase::Receiving { cancelled: true });
         if cancelled || rejected > 0 || verified.len() != req.slots.len() {
-            let reason = if cancelled { "cancelled" } else { "chunks failed verification" };
+            let reason = if cancelled {
+                "cancelled"
+            } else {
+                "chunks failed verification"
+            };
             self.remove(&mut st, request_id, reason);
             drop(st);
             s.changed.notify_all();
@@ -355,10 +371,7 @@ impl PdBuffer {
                 }
             }
         }
-        if st.ended.len() == ENDED_KEPT {
-            st.ended.pop_front();
-        }
-        st.ended.push_back((id, reason));
+        record_end(st, id, Ended::Failed(reason));
         tracing::debug!(request = request_id, reason, "PD request removed");
     }
 
@@ -393,7 +406,9 @@ impl PdBuffer {
         let (meta, page, len) = (slot.meta, slot.page, slot.len);
         req.held -= 1;
         if req.held == 0 {
+            let info = ready_info(req);
             st.requests.remove(&id);
+            record_end(&mut st, id, Ended::Consumed(info));
         }
         let lease = PageLease {
             shared: Arc::clone(s),
@@ -424,13 +439,14 @@ impl PdBuffer {
             self.expire(&mut st, now);
             if let Some(req) = st.requests.get(request_id) {
                 if req.phase == Phase::Ready {
-                    return Ok(ReadyRequest {
-                        chunks: req.slots.len(),
-                        tokens: req.slots.iter().map(|s| u64::from(s.meta.num_tokens)).sum(),
-                    });
+                    return Ok(ready_info(req));
                 }
-            } else if let Some((_, reason)) = st.ended.iter().rev().find(|(id, _)| &**id == request_id) {
-                return Err(ended(request_id, reason));
+            } else if let Some((_, end)) = st.ended.iter().rev().find(|(id, _)| &**id == request_id)
+            {
+                return match *end {
+                    Ended::Consumed(info) => Ok(info),
+                    Ended::Failed(reason) => Err(ended(request_id, reason)),
+                };
             }
             if st.closed {
                 return Err(TransferError::ShuttingDown);
@@ -470,6 +486,20 @@ fn ended(request_id: &str, reason: &str) -> TransferError {
         request: request_id.to_string(),
         reason: reason.to_string(),
     }
+}
+
+fn ready_info(req: &Request) -> ReadyRequest {
+    ReadyRequest {
+        chunks: req.slots.len(),
+        tokens: req.slots.iter().map(|s| u64::from(s.meta.num_tokens)).sum(),
+    }
+}
+
+fn record_end(st: &mut State, id: Arc<str>, end: Ended) {
+    if st.ended.len() == ENDED_KEPT {
+        st.ended.pop_front();
+    }
+    st.ended.push_back((id, end));
 }
 
 fn next_expiry(st: &State) -> Option<Instant> {

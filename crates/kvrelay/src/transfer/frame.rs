@@ -435,10 +435,7 @@ pub fn header(kind: MsgType, body_len: u32) -> [u8; HEADER_LEN] {
 /// Header and fixed body of a `Data` frame carrying `payload_len` bytes.
 pub fn data_prefix(d: &DataHeader, payload_len: u32) -> [u8; HEADER_LEN + DATA_HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN + DATA_HEADER_LEN];
-    out[..HEADER_LEN].copy_from_slice(&header(
-        MsgType::Data,
-        DATA_HEADER_LEN as u32 + payload_len,
-    ));
+    out[..HEADER_LEN].copy_from_slice(&header(MsgType::Data, DATA_HEADER_LEN as u32 + payload_len));
     out[12..16].copy_from_slice(&d.grant.to_le_bytes());
     out[16..20].copy_from_slice(&d.chunk.to_le_bytes());
     out[20..28].copy_from_slice(&d.offset.to_le_bytes());
@@ -462,7 +459,10 @@ pub fn decode_header(h: &[u8; HEADER_LEN], max_body: u32) -> Result<(MsgType, u3
     }
     let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     let (min, max) = match kind {
-        MsgType::Data => (DATA_HEADER_LEN as u32, DATA_HEADER_LEN as u32 + MAX_DATA_PAYLOAD),
+        MsgType::Data => (
+            DATA_HEADER_LEN as u32,
+            DATA_HEADER_LEN as u32 + MAX_DATA_PAYLOAD,
+        ),
         _ => (0, max_body),
     };
     if len > max {
@@ -553,9 +553,7 @@ pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
         MsgType::AllocGrant => {
             let grant = r.u32("grant")?;
             let n = r.count("page count", MAX_CHUNKS, 4)?;
-            let pages = (0..n)
-                .map(|_| r.u32("page"))
-                .collect::<Result<_, _>>()?;
+            let pages = (0..n).map(|_| r.u32("page")).collect::<Result<_, _>>()?;
             Message::AllocGrant { grant, pages }
         }
         MsgType::Seal => Message::Seal {
@@ -619,13 +617,13 @@ pub fn decode(bytes: &[u8], max_body: u32) -> Result<Frame<'_>, FrameError> {
         });
     }
     if kind == MsgType::Data {
-        let (d, payload) = body
-            .split_first_chunk::<DATA_HEADER_LEN>()
-            .ok_or(FrameError::Truncated {
-                kind,
-                field: "data header",
-                need: DATA_HEADER_LEN,
-            })?;
+        let (d, payload) =
+            body.split_first_chunk::<DATA_HEADER_LEN>()
+                .ok_or(FrameError::Truncated {
+                    kind,
+                    field: "data header",
+                    need: DATA_HEADER_LEN,
+                })?;
         return Ok(Frame::Data(decode_data_header(d), payload));
     }
     decode_body(kind, body).map(Frame::Message)
@@ -841,12 +839,20 @@ impl<'a> Reader<'a> {
     }
     /// A count of items of at least `min_item` bytes each: bounded by `max` and by what the
     /// body can still hold, so a lying count cannot make us allocate.
-    fn count(&mut self, field: &'static str, max: u32, min_item: usize) -> Result<usize, FrameError> {
+    fn count(
+        &mut self,
+        field: &'static str,
+        max: u32,
+        min_item: usize,
+    ) -> Result<usize, FrameError> {
         let n = self.u32(field)?;
         if n > max || n as usize > self.buf.len() / min_item {
             return Err(self.bad(
                 field,
-                format!("{n} exceeds the bound {max} or the {} bytes left", self.buf.len()),
+                format!(
+                    "{n} exceeds the bound {max} or the {} bytes left",
+                    self.buf.len()
+                ),
             ));
         }
         Ok(n as usize)
@@ -881,7 +887,9 @@ mod tests {
                 auth_required: true,
                 proof: [2; MAC_LEN],
             },
-            Message::Auth { proof: [9; MAC_LEN] },
+            Message::Auth {
+                proof: [9; MAC_LEN],
+            },
             Message::Welcome {
                 token: [4; TOKEN_LEN],
                 page_size: 4096,
@@ -893,7 +901,9 @@ mod tests {
                 code: ErrorCode::AllocationTimeout,
                 message: "waited".into(),
             },
-            Message::Attach { token: [5; TOKEN_LEN] },
+            Message::Attach {
+                token: [5; TOKEN_LEN],
+            },
             Message::AllocRequest {
                 request_id: "req-1".into(),
                 chunks: vec![ChunkDecl {

@@ -70,6 +70,7 @@ pub use channel::{Channel, Put};
 pub use frame::{ChannelKind, ErrorCode, FrameError};
 pub use receiver::PdReceiver;
 pub use sender::{read_notification, KvReady, PdSender, SendStats};
+pub use tcp::tune_socket;
 
 use crate::config::{LmcacheConfig, SecretString};
 use crate::layout::KvCacheSpec;
@@ -100,7 +101,9 @@ pub enum TransferError {
         pages: usize,
         total: usize,
     },
-    #[error("request {request:?}: no {pages} free pages within {waited:?} ({free} of {total} free)")]
+    #[error(
+        "request {request:?}: no {pages} free pages within {waited:?} ({free} of {total} free)"
+    )]
     AllocationTimeout {
         request: String,
         pages: usize,

@@ -15,11 +15,11 @@ use xxhash_rust::xxh3::Xxh3Default;
 use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{HostPages, Occupancy, PageMemory, PdBuffer, ReadyRequest};
 use super::frame::{
-    checksum as checksum_of, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, GrantCheck, Incoming, Message,
-    MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    checksum as checksum_of, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, GrantCheck,
+    Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
 use super::shm::ShmPages;
-use super::tcp::tune;
+use super::tcp::tune_socket;
 use super::{PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::Chunk;
@@ -76,8 +76,9 @@ impl PdReceiver {
                 config.chunk_size, config.max_prefill_len
             )));
         }
-        let len = usize::try_from(pages * page_size as u64)
-            .map_err(|_| TransferError::Config("pd_buffer_size exceeds the address space".into()))?;
+        let len = usize::try_from(pages * page_size as u64).map_err(|_| {
+            TransferError::Config("pd_buffer_size exceeds the address space".into())
+        })?;
         let peer = PdPeer::from_config(config, rank)?;
         let (memory, shm): (Box<dyn PageMemory>, _) = match config.channel {
             ChannelKind::Tcp => (Box::new(HostPages::new(len)?), None),
@@ -89,9 +90,8 @@ impl PdReceiver {
         };
         let buffer = PdBuffer::new(memory, page_size, config.ttl)?;
         let bind = |port: u16| {
-            TcpListener::bind((peer.host.as_str(), port)).map_err(|e| {
-                TransferError::io(format!("binding PD port {}:{port}", peer.host), e)
-            })
+            TcpListener::bind((peer.host.as_str(), port))
+                .map_err(|e| TransferError::io(format!("binding PD port {}:{port}", peer.host), e))
         };
         let (init, alloc) = (bind(peer.init_port)?, bind(peer.alloc_port)?);
         let addr = |l: &TcpListener| {
@@ -294,8 +294,10 @@ struct AbortGuard<'a> {
 impl Drop for AbortGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.buffer
-                .abort(self.request_id, "the sender's connection ended before commit");
+            self.buffer.abort(
+                self.request_id,
+                "the sender's connection ended before commit",
+            );
         }
     }
 }
@@ -313,7 +315,11 @@ impl Inner {
         Some(id)
     }
 
-    fn set_timeouts(stream: &TcpStream, read: Option<Duration>, write: Duration) -> Result<(), TransferError> {
+    fn set_timeouts(
+        stream: &TcpStream,
+        read: Option<Duration>,
+        write: Duration,
+    ) -> Result<(), TransferError> {
         stream
             .set_read_timeout(read)
             .and_then(|()| stream.set_write_timeout(Some(write)))
@@ -337,7 +343,10 @@ impl Inner {
         if rank != self.rank {
             return Err(refused(
                 ErrorCode::WrongRank,
-                format!("this is receiver rank {}, the sender is rank {rank}", self.rank),
+                format!(
+                    "this is receiver rank {}, the sender is rank {rank}",
+                    self.rank
+                ),
             ));
         }
         if channel != self.config.channel {
@@ -370,11 +379,21 @@ impl Inner {
                 proof: proof(secret, Role::Receiver, &sender_nonce, &receiver_nonce, rank),
             },
         )?;
-        let Message::Auth { proof: sender_proof } = read_message(stream, MAX_HANDSHAKE_BODY)? else {
+        let Message::Auth {
+            proof: sender_proof,
+        } = read_message(stream, MAX_HANDSHAKE_BODY)?
+        else {
             return Err(TransferError::Protocol("expected Auth".into()));
         };
         if let Some(secret) = secret {
-            if !verify_proof(secret, Role::Sender, &sender_nonce, &receiver_nonce, rank, &sender_proof) {
+            if !verify_proof(
+                secret,
+                Role::Sender,
+                &sender_nonce,
+                &receiver_nonce,
+                rank,
+                &sender_proof,
+            ) {
                 return Err(TransferError::AuthFailed(
                     "the sender does not hold this receiver's pd_shared_secret".into(),
                 ));
@@ -411,13 +430,14 @@ impl Inner {
             return Err(TransferError::Protocol("expected Attach".into()));
         };
         let issued = self.sessions.lock().remove(&token);
-        if !issued.is_some_and(|t| t.elapsed() < cfg.handshake_timeout) {
+        let fresh = matches!(issued, Some(t) if t.elapsed() < cfg.handshake_timeout);
+        if !fresh {
             return Err(refused(
                 ErrorCode::BadSession,
                 "unknown or expired session token; redo the init handshake".into(),
             ));
         }
-        tune(stream);
+        tune_socket(stream);
         loop {
             // Idle between requests: no timeout (keepalive notices a vanished peer).
             Self::set_timeouts(stream, None, cfg.io_timeout)?;
@@ -427,7 +447,9 @@ impl Inner {
                 Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Ok(())
                 }
-                Err(ReadError::Io(e)) => return Err(TransferError::io("reading from the PD sender", e)),
+                Err(ReadError::Io(e)) => {
+                    return Err(TransferError::io("reading from the PD sender", e))
+                }
                 Err(ReadError::Frame(e)) => return Err(e.into()),
             };
             let Message::AllocRequest { request_id, chunks } = message else {
@@ -445,19 +467,41 @@ impl Inner {
             reason,
         };
         if request_id.is_empty() || chunks.is_empty() {
-            return Err(bad(0, "a request needs an id and at least one chunk".into()));
+            return Err(bad(
+                0,
+                "a request needs an id and at least one chunk".into(),
+            ));
         }
         let spec = &self.config.spec;
         for (i, c) in chunks.iter().enumerate() {
             let tokens = c.meta.num_tokens as usize;
             if c.meta.layout_fingerprint != self.fingerprint {
-                return Err(bad(i, format!("layout fingerprint {:#018x} is not the receiver's {:#018x}", c.meta.layout_fingerprint, self.fingerprint)));
+                return Err(bad(
+                    i,
+                    format!(
+                        "layout fingerprint {:#018x} is not the receiver's {:#018x}",
+                        c.meta.layout_fingerprint, self.fingerprint
+                    ),
+                ));
             }
             if tokens == 0 || tokens > self.config.chunk_size {
-                return Err(bad(i, format!("{tokens} tokens; a chunk holds 1..={}", self.config.chunk_size)));
+                return Err(bad(
+                    i,
+                    format!(
+                        "{tokens} tokens; a chunk holds 1..={}",
+                        self.config.chunk_size
+                    ),
+                ));
             }
             if c.len != spec.chunk_bytes(tokens) as u64 {
-                return Err(bad(i, format!("{} bytes; {tokens} tokens are {} bytes", c.len, spec.chunk_bytes(tokens))));
+                return Err(bad(
+                    i,
+                    format!(
+                        "{} bytes; {tokens} tokens are {} bytes",
+                        c.len,
+                        spec.chunk_bytes(tokens)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -472,9 +516,10 @@ impl Inner {
         chunks: &[ChunkDecl],
     ) -> Result<(), TransferError> {
         let cfg = &self.config;
-        let admitted = self
-            .check_chunks(request_id, chunks)
-            .and_then(|()| self.buffer.reserve(request_id, chunks, cfg.allocation_timeout));
+        let admitted = self.check_chunks(request_id, chunks).and_then(|()| {
+            self.buffer
+                .reserve(request_id, chunks, cfg.allocation_timeout)
+        });
         let grant = match admitted {
             Ok(grant) => grant,
             Err(TransferError::ShuttingDown) => return Err(TransferError::ShuttingDown),
@@ -506,7 +551,12 @@ impl Inner {
         let mut check = GrantCheck::new(
             grant.id,
             page_size as u64,
-            grant.pages.iter().copied().zip(chunks.iter().map(|c| c.len)).collect(),
+            grant
+                .pages
+                .iter()
+                .copied()
+                .zip(chunks.iter().map(|c| c.len))
+                .collect(),
         );
         let deadline = Instant::now() + cfg.ttl;
         let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
@@ -523,7 +573,9 @@ impl Inner {
                     if cfg.channel != ChannelKind::Tcp {
                         return Err(FrameError::Unexpected(MsgType::Data).into());
                     }
-                    let range = check.admit(&d, u64::from(len)).map_err(TransferError::Protocol)?;
+                    let range = check
+                        .admit(&d, u64::from(len))
+                        .map_err(TransferError::Protocol)?;
                     let hasher = match &mut open {
                         Some((chunk, h)) if *chunk == d.chunk => h,
                         Some((chunk, _)) => {
@@ -538,14 +590,21 @@ impl Inner {
                     // inside its granted page, and the grant gives this connection sole use
                     // of that page until commit or abort.
                     let dst = unsafe {
-                        std::slice::from_raw_parts_mut(self.buffer.ptr_at(range.start as usize), len as usize)
+                        std::slice::from_raw_parts_mut(
+                            self.buffer.ptr_at(range.start as usize),
+                            len as usize,
+                        )
                     };
                     stream
                         .read_exact(dst)
                         .map_err(|e| TransferError::io("reading chunk data", e))?;
                     hasher.update(dst);
                 }
-                Ok(Incoming::Message(Message::Seal { grant: g, chunk, checksum })) => {
+                Ok(Incoming::Message(Message::Seal {
+                    grant: g,
+                    chunk,
+                    checksum,
+                })) => {
                     let i = chunk as usize;
                     if g != grant.id || verified.get(i) != Some(&None) {
                         return Err(TransferError::Protocol(format!(
@@ -568,7 +627,10 @@ impl Inner {
                             // buffer; chunk lengths were checked to fit a page. Only the
                             // sender writes it, and it sealed the chunk.
                             let bytes = unsafe {
-                                std::slice::from_raw_parts(self.buffer.ptr_at(offset), chunks[i].len as usize)
+                                std::slice::from_raw_parts(
+                                    self.buffer.ptr_at(offset),
+                                    chunks[i].len as usize,
+                                )
                             };
                             checksum_of(bytes)
                         }
@@ -604,7 +666,9 @@ impl Inner {
                     return Err(FrameError::Unexpected(other.kind()).into())
                 }
                 Err(ReadError::Frame(e)) => return Err(e.into()),
-                Err(ReadError::Io(e)) => return Err(TransferError::io("reading from the PD sender", e)),
+                Err(ReadError::Io(e)) => {
+                    return Err(TransferError::io("reading from the PD sender", e))
+                }
             }
         }
     }

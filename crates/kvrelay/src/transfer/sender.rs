@@ -4,23 +4,21 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use xxhash_rust::xxh3::Xxh3Default;
-
 use super::auth::{notification_mac, proof, random, verify_notification, verify_proof, Role};
 use super::channel::{Channel, Put};
 use super::frame::{
-    read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message, MsgType,
-    ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
+    checksum, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message,
+    MsgType, ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
     MAX_REQUEST_ID,
 };
 use super::shm::ShmChannel;
-use super::tcp::{tune, TcpChannel};
+use super::tcp::{tune_socket, TcpChannel};
 use super::{PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::ChunkMeta;
 
-/// Bytes per put: small enough that the checksum reads the segment from cache right after
-/// the channel read it, large enough that per-frame costs vanish.
+/// Bytes per put: large enough that per-frame costs vanish, small enough that the receiver
+/// hashes each segment while it is still in its cache.
 const SEGMENT: usize = 256 << 10;
 
 /// What one [`PdSender::send_request`] did.
@@ -124,10 +122,16 @@ impl PdSender {
             reason,
         };
         if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID {
-            return Err(bad(0, format!("request id must be 1..={MAX_REQUEST_ID} bytes")));
+            return Err(bad(
+                0,
+                format!("request id must be 1..={MAX_REQUEST_ID} bytes"),
+            ));
         }
         if chunks.is_empty() || chunks.len() > MAX_CHUNKS as usize {
-            return Err(bad(0, format!("{} chunks; a request has 1..={MAX_CHUNKS}", chunks.len())));
+            return Err(bad(
+                0,
+                format!("{} chunks; a request has 1..={MAX_CHUNKS}", chunks.len()),
+            ));
         }
         let fingerprint = self.config.spec.chunk_fingerprint();
         let mut decls = Vec::with_capacity(chunks.len());
@@ -135,10 +139,23 @@ impl PdSender {
             let tokens = meta.num_tokens as usize;
             let expected = self.config.spec.chunk_bytes(tokens);
             if meta.layout_fingerprint != fingerprint {
-                return Err(bad(i, format!("layout fingerprint {:#018x} is not this engine's {fingerprint:#018x}", meta.layout_fingerprint)));
+                return Err(bad(
+                    i,
+                    format!(
+                        "layout fingerprint {:#018x} is not this engine's {fingerprint:#018x}",
+                        meta.layout_fingerprint
+                    ),
+                ));
             }
             if tokens == 0 || tokens > self.config.chunk_size || data.len() != expected {
-                return Err(bad(i, format!("{} bytes for {tokens} tokens; expected 1..={} tokens and {expected} bytes", data.len(), self.config.chunk_size)));
+                return Err(bad(
+                    i,
+                    format!(
+                        "{} bytes for {tokens} tokens; expected 1..={} tokens and {expected} bytes",
+                        data.len(),
+                        self.config.chunk_size
+                    ),
+                ));
             }
             let key_len = key.to_string().len();
             if key_len > MAX_KEY {
@@ -229,22 +246,29 @@ impl Link {
             return Err(unexpected(&challenge));
         };
         let secret = cfg.secret();
+        let receiver_proven = |s: &[u8]| {
+            auth_required
+                && verify_proof(
+                    s,
+                    Role::Receiver,
+                    &sender_nonce,
+                    &receiver_nonce,
+                    rank,
+                    &receiver_proof,
+                )
+        };
         match secret {
-            Some(s) => {
-                if !auth_required
-                    || !verify_proof(s, Role::Receiver, &sender_nonce, &receiver_nonce, rank, &receiver_proof)
-                {
-                    return Err(TransferError::AuthFailed(
-                        "the receiver does not hold this sender's pd_shared_secret".into(),
-                    ));
-                }
+            Some(s) if !receiver_proven(s) => {
+                return Err(TransferError::AuthFailed(
+                    "the receiver does not hold this sender's pd_shared_secret".into(),
+                ))
             }
             None if auth_required => {
                 return Err(TransferError::AuthFailed(
                     "the receiver requires pd_shared_secret, which this sender does not set".into(),
                 ))
             }
-            None => {}
+            _ => {}
         }
         let auth = Message::Auth {
             proof: proof(secret, Role::Sender, &sender_nonce, &receiver_nonce, rank),
@@ -280,12 +304,17 @@ impl Link {
         };
         drop(init);
         let mut stream = connect(&peer.host, peer.alloc_port, timeout)?;
-        tune(&stream);
+        tune_socket(&stream);
         stream
             .set_write_timeout(Some(cfg.io_timeout))
             .map_err(|e| TransferError::io("setting socket timeouts", e))?;
         write(&mut stream, &Message::Attach { token }.encode())?;
-        tracing::debug!(rank, host = peer.host, channel = cfg.channel.as_str(), "PD sender attached");
+        tracing::debug!(
+            rank,
+            host = peer.host,
+            channel = cfg.channel.as_str(),
+            "PD sender attached"
+        );
         Ok(Link {
             stream,
             channel,
@@ -322,37 +351,57 @@ impl Link {
         }
         let alloc_wait = started.elapsed();
         set_read(&self.stream, cfg.io_timeout)?;
-        let mut bytes = 0u64;
-        for (i, ((_, _, data), page)) in chunks.iter().zip(&pages).enumerate() {
-            let mut hasher = Xxh3Default::new();
-            let base = *page as u64 * self.page_size as u64;
-            for (k, segment) in data.chunks(SEGMENT).enumerate() {
-                let offset = (k * SEGMENT) as u64;
-                let dst = Put {
+        let bytes = chunks.iter().map(|(_, _, d)| d.len() as u64).sum();
+        // The checksums are computed on a helper thread while this one moves the bytes:
+        // hashing costs about as much CPU as copying, so doing both here would halve the
+        // rate. The channel holds at most one checksum per chunk.
+        std::thread::scope(|scope| {
+            let (sums_tx, sums) = std::sync::mpsc::sync_channel(chunks.len());
+            scope.spawn(move || {
+                for (_, _, data) in chunks {
+                    // The receiver of `sums` is gone only when the transfer failed.
+                    if sums_tx.send(checksum(data)).is_err() {
+                        return;
+                    }
+                }
+            });
+            for (i, ((_, _, data), page)) in chunks.iter().zip(&pages).enumerate() {
+                let base = u64::from(*page) * self.page_size as u64;
+                for (k, segment) in data.chunks(SEGMENT).enumerate() {
+                    let offset = (k * SEGMENT) as u64;
+                    let dst = Put {
+                        grant,
+                        chunk: i as u32,
+                        chunk_offset: offset,
+                        remote_offset: base + offset,
+                    };
+                    self.channel.put(&mut self.stream, dst, segment)?;
+                }
+                self.channel.fence(&mut self.stream)?;
+                let checksum = sums
+                    .recv()
+                    .map_err(|_| TransferError::Protocol("checksum thread ended early".into()))?;
+                let seal = Message::Seal {
                     grant,
                     chunk: i as u32,
-                    chunk_offset: offset,
-                    remote_offset: base + offset,
+                    checksum,
                 };
-                self.channel.put(&mut self.stream, dst, segment)?;
-                hasher.update(segment);
+                write(&mut self.stream, &seal.encode())?;
             }
-            self.channel.fence(&mut self.stream)?;
-            let seal = Message::Seal {
-                grant,
-                chunk: i as u32,
-                checksum: hasher.digest(),
-            };
-            write(&mut self.stream, &seal.encode())?;
-            bytes += data.len() as u64;
-        }
+            Ok::<(), TransferError>(())
+        })?;
         write(&mut self.stream, &Message::Commit { grant }.encode())?;
         let reply = read_message(&mut self.stream, MAX_CONTROL_BODY)?;
-        let Message::Committed { grant: g, rejected, .. } = reply else {
+        let Message::Committed {
+            grant: g, rejected, ..
+        } = reply
+        else {
             return Err(unexpected(&reply));
         };
         if g != grant {
-            return Err(TransferError::Protocol(format!("Committed for grant {g}, expected {grant}")));
+            return Err(TransferError::Protocol(format!(
+                "Committed for grant {g}, expected {grant}"
+            )));
         }
         if rejected > 0 {
             return Err(TransferError::ChunksRejected {
@@ -372,7 +421,13 @@ impl Link {
 }
 
 /// Tells the proxy that `request_id`'s KV is ready in receiver rank `rank`.
-fn notify(cfg: &PdConfig, host: &str, port: u16, request_id: &str, rank: u32) -> Result<(), TransferError> {
+fn notify(
+    cfg: &PdConfig,
+    host: &str,
+    port: u16,
+    request_id: &str,
+    rank: u32,
+) -> Result<(), TransferError> {
     let mut stream = connect(host, port, cfg.handshake_timeout)?;
     let message = Message::Notify {
         request_id: request_id.to_string(),

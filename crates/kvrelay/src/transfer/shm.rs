@@ -2,10 +2,10 @@
 //! the sender copies chunk bytes straight into the granted pages.
 
 use std::fs::{File, OpenOptions};
+use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::net::TcpStream;
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -14,6 +14,7 @@ use super::buffer::PageMemory;
 use super::channel::{Channel, Put};
 use super::frame::ChannelKind;
 use super::TransferError;
+use crate::device::stream::{stream_copy, stream_fence};
 
 const SHM_DIR: &str = "/dev/shm";
 const PREFIX: &str = "kvrelay-pd-";
@@ -60,8 +61,8 @@ impl ShmPages {
         // SAFETY: the file was just created with O_EXCL and mode 0600; the only other
         // writers are senders of this user, which write granted pages only (see the module
         // documentation of `transfer` for the trust model).
-        let mut map = unsafe { MmapOptions::new().populate().map_mut(file) }
-            .map_err(|e| io("mapping", e))?;
+        let mut map =
+            unsafe { MmapOptions::new().populate().map_mut(file) }.map_err(|e| io("mapping", e))?;
         let base = NonNull::new(map.as_mut_ptr())
             .ok_or_else(|| TransferError::Config("shm mapping at null".into()))?;
         Ok(ShmPages {
@@ -155,14 +156,18 @@ impl Channel for ShmChannel {
                 self.map.len()
             )));
         };
-        target.copy_from_slice(src);
+        // Streaming stores: the destination is read by another process, so filling this
+        // cache with it (and reading each line before overwriting it) would only cost.
+        // SAFETY: `target` and `src` are valid for src.len() bytes and cannot overlap: one
+        // is our shared mapping, the other the caller's slice of its own memory.
+        unsafe { stream_copy(target.as_mut_ptr(), src.as_ptr(), src.len()) };
         Ok(())
     }
 
     fn fence(&mut self, _control: &mut TcpStream) -> Result<(), TransferError> {
-        // The Seal frame that follows is written by a syscall, which orders these stores
-        // before it; the fence states that ordering in the memory model.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        // Streaming stores are weakly ordered: drain them before the Seal frame tells the
+        // receiver to read the page.
+        stream_fence();
         Ok(())
     }
 }

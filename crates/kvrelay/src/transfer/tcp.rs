@@ -11,10 +11,10 @@ use super::TransferError;
 /// side keeps Linux's autotuning, which grows past what `SO_RCVBUF` may be set to.
 const SEND_BUFFER: libc::c_int = 4 << 20;
 
-/// Tunes a PD connection: no Nagle delay for the small control frames, a large send
+/// Tunes a PD connection (public so benchmarks can give their baselines the same options): no Nagle delay for the small control frames, a large send
 /// buffer, and keepalive probes so a vanished peer is noticed on an idle connection.
 /// Failures only cost speed or liveness detection, so they are logged, not returned.
-pub(crate) fn tune(stream: &TcpStream) {
+pub fn tune_socket(stream: &TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "TCP_NODELAY not set");
     }
