@@ -11,6 +11,7 @@ mod copy;
 mod copy_rbln;
 mod hash;
 mod store;
+mod transfer;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -21,6 +22,8 @@ pub enum BenchCommand {
     Hash(hash::HashArgs),
     /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read.
     Store(store::StoreArgs),
+    /// A PD request sent over loopback (tcp or shm) against a plain socket stream or a memcpy.
+    Transfer(transfer::TransferArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
@@ -28,6 +31,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Copy(args) => copy::run(args),
         BenchCommand::Hash(args) => hash::run(args),
         BenchCommand::Store(args) => store::run(args),
+        BenchCommand::Transfer(args) => transfer::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,8 @@ mod vllm;
 
 use std::path::PathBuf;
 
-pub use lmcache::{LmcacheConfig, PdRole, HASH_ALGORITHMS, TRANSFER_CHANNELS};
+pub use lmcache::{LmcacheConfig, PdRole, HASH_ALGORITHMS, KVRELAY_KEYS, TRANSFER_CHANNELS};
+pub use value::SecretString;
 pub use vllm::{
     ConnectorExtraConfig, ConnectorKind, KvLoadFailurePolicy, KvRole, KvTransferConfig,
     CONNECTOR_EXTRA_KEYS,

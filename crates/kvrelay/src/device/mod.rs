@@ -9,7 +9,7 @@
 mod host;
 #[cfg(feature = "rbln")]
 pub mod rbln;
-mod stream;
+pub(crate) mod stream;
 
 use std::sync::Arc;
 
