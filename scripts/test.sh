@@ -25,7 +25,7 @@ cargo run --release --example kv_roundtrip
 # committed rbln-sys bindings are what bindgen makes of wrapper.h (needs libclang).
 cargo build -p rbln-emu
 cargo clippy --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln -- -D warnings
-cargo test --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln
+cargo test -p kvrelay -p kvrelay-cli -p rbln-sys --all-targets --features kvrelay/rbln,kvrelay-cli/rbln
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq libclang-dev
 fi
