@@ -75,6 +75,11 @@ pub enum StoreError {
     KeyTooLong { len: usize, max: usize },
     #[error("the tier stack has no tiers")]
     NoTiers,
+    #[error("the {tier} tier is read-only here: {reason}")]
+    ReadOnly {
+        tier: &'static str,
+        reason: &'static str,
+    },
 }
 
 impl StoreError {
@@ -96,6 +101,7 @@ impl StoreError {
             StoreError::BudgetExhausted { .. } => "budget_exhausted",
             StoreError::BadDirectory { .. } => "bad_directory",
             StoreError::KeyTooLong { .. } => "key_too_long",
+            StoreError::ReadOnly { .. } => "read_only",
             StoreError::NoTiers => "no_tiers",
         }
     }
