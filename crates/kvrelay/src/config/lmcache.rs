@@ -127,7 +127,7 @@ lmcache_schema! {
     local_disk: Option<String> = None,
     /// Size of the disk tier, GB. The disk tier needs both this and `local_disk`.
     max_local_disk_size: f64 = 0.0,
-    /// Remote tier URL (e.g. `redis://host:port`).
+    /// Remote tier URL (e.g. `redis://host:port`); one of [`super::REMOTE_SCHEMES`].
     remote_url: Option<String> = None,
     /// Also store KV produced during decode, at chunk boundaries.
     save_decode_cache: bool = false,
@@ -486,6 +486,7 @@ impl LmcacheConfig {
                 self.pd_allocation_timeout_sec
             ));
         }
+        self.validate_remote()?;
         if self.enable_pd {
             self.validate_pd()?;
         }
