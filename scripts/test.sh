@@ -11,9 +11,16 @@ fi
 if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential
 fi
+# The Redis tier's tests start their own redis-server processes.
+if ! command -v redis-server >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq redis-server
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
+# The Redis tier (feature `redis`) against real redis-server processes, cluster included.
+cargo clippy -p kvrelay -p kvrelay-cli --features kvrelay/redis,kvrelay-cli/redis --all-targets -- -D warnings
+cargo test -p kvrelay --features redis --test store_redis --test remote_config --lib
 # The main job, end to end: two processes sharing a disk tier.
 cargo run --release --example kv_roundtrip

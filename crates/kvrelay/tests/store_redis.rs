@@ -250,7 +250,8 @@ fn corrupt_wrong_size_and_foreign_values_are_counted_misses() {
     let t = Arc::new(tier(&server.url(), opts()));
     let stack = TierStack::new(vec![Arc::clone(&t) as Arc<dyn Tier>]);
     let fp = SPEC.chunk_fingerprint();
-    let cases: [(&str, fn(&[u8]) -> Vec<u8>); 4] = [
+    type Damage = fn(&[u8]) -> Vec<u8>;
+    let cases: [(&str, Damage); 4] = [
         // Same length, one flipped bit.
         ("kv_bytes", |v| {
             let mut v = v.to_vec();

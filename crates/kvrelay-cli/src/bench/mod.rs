@@ -9,6 +9,8 @@ use clap::Subcommand;
 mod copy;
 mod hash;
 mod store;
+#[cfg(feature = "redis")]
+mod store_redis;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -16,7 +18,8 @@ pub enum BenchCommand {
     Copy(copy::CopyArgs),
     /// sha256_cbor chunk keys of 1M tokens against a plain sha256 of the same CBOR bytes.
     Hash(hash::HashArgs),
-    /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read.
+    /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read;
+    /// `--tier redis`: the Redis tier against plain SET/GET of the same values.
     Store(store::StoreArgs),
 }
 

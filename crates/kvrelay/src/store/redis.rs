@@ -564,7 +564,8 @@ enum Target {
 
 enum Conn {
     Single(redis::Connection),
-    Cluster(redis::cluster::ClusterConnection),
+    // Boxed: a cluster connection is several times the size of a single one.
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl Conn {
@@ -587,7 +588,7 @@ impl Conn {
                 for cmd in cmds {
                     pipe.add_command(cmd);
                 }
-                pipe.query(conn)
+                pipe.query(conn.as_mut())
             }
         }
     }
@@ -751,7 +752,7 @@ impl Pool {
                 let conn = client.get_connection()?;
                 conn.set_read_timeout(io)?;
                 conn.set_write_timeout(io)?;
-                Ok(Conn::Cluster(conn))
+                Ok(Conn::Cluster(Box::new(conn)))
             }
         }
     }
