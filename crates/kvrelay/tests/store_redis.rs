@@ -21,6 +21,8 @@ use kvrelay::layout::{AttentionKind, KvCacheSpec};
 use kvrelay::store::remote::RemoteMetadata;
 use kvrelay::store::{ChunkMeta, CpuTier, RedisTier, RemoteOptions, StoreError, Tier, TierStack};
 use kvrelay::KvDtype;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use tempfile::TempDir;
 
 const SPEC: KvCacheSpec = KvCacheSpec {
@@ -153,15 +155,9 @@ fn meta(tokens: u32) -> ChunkMeta {
 
 /// Chunk bytes derived from the key, so a mixed-up chunk shows.
 fn content(k: &CacheKey, tokens: u32) -> Vec<u8> {
-    let mut x = k.chunk_hash | 1;
-    (0..SPEC.chunk_bytes(tokens as usize))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut data = vec![0u8; SPEC.chunk_bytes(tokens as usize)];
+    StdRng::seed_from_u64(k.chunk_hash ^ u64::from(tokens)).fill_bytes(&mut data);
+    data
 }
 
 fn put(t: &dyn Tier, k: &CacheKey, tokens: u32) -> Vec<u8> {
