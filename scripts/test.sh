@@ -22,5 +22,6 @@ cargo test --workspace --all-targets
 # The Redis tier (feature `redis`) against real redis-server processes, cluster included.
 cargo clippy -p kvrelay -p kvrelay-cli --features kvrelay/redis,kvrelay-cli/redis --all-targets -- -D warnings
 cargo test -p kvrelay --features redis --test store_redis --test remote_config --lib
+cargo test -p kvrelay-cli --features redis --test bench_redis
 # The main job, end to end: two processes sharing a disk tier.
 cargo run --release --example kv_roundtrip
