@@ -435,6 +435,149 @@ fn bad_urls_are_typed_errors() {
     }
     let t = tier("redis://user:hunter2@127.0.0.1:1", opts());
     assert_eq!(t.endpoint(), "redis://user:***@127.0.0.1:1");
+    // TLS and unix-socket URLs build; with nothing listening they are misses, not panics.
+    for url in ["rediss://127.0.0.1:1", "unix:///nonexistent/redis.sock"] {
+        let t = tier(url, opts());
+        assert!(!t.contains(&key(0)), "{url}");
+        assert_eq!(t.stats().unavailable, 1, "{url}");
+    }
+}
+
+/// Set in the re-executed test binary that runs the TLS client half.
+const TLS_URL_ENV: &str = "KVRELAY_TEST_TLS_URL";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}); the TLS test needs it"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `rediss://` against a TLS redis-server whose certificate a test CA signed. The client
+/// half runs in a re-executed copy of this test binary with `SSL_CERT_FILE` naming the CA,
+/// so the process environment of the other tests is left alone.
+#[test]
+fn tls_round_trip() {
+    if let Ok(url) = std::env::var(TLS_URL_ENV) {
+        let t = tier(&url, opts());
+        let data = put(&t, &key(0), 16);
+        assert_eq!(get_data(&t, &key(0)), Some(data));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=kvrelay test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    let port = free_port();
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .arg("--tls-cert-file")
+        .arg(d.join("server.pem"))
+        .arg("--tls-key-file")
+        .arg(d.join("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(d.join("ca.pem"))
+        .arg("--dir")
+        .arg(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Readiness: the TLS port accepts connections.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "TLS redis-server did not listen");
+        sleep(Duration::from_millis(20));
+    }
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "tls_round_trip", "--nocapture"])
+        .env(TLS_URL_ENV, format!("rediss://127.0.0.1:{port}"))
+        .env("SSL_CERT_FILE", d.join("ca.pem"))
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        child.status.success(),
+        "TLS client half failed:\n{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    // The child ran the test rather than filtering it out.
+    assert!(String::from_utf8_lossy(&child.stdout).contains("1 passed"));
 }
 
 /// Three masters on loopback, slots split evenly, joined with CLUSTER MEET.

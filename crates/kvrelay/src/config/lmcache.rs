@@ -168,7 +168,8 @@ lmcache_schema! {
     extra_config: Option<Map<String, Value>> = None,
     /// Store the trailing partial chunk too. Forced on with `enable_pd`, as in LMCache.
     save_unfull_chunk: bool = false,
-    /// Timeout of a blocking remote get, seconds.
+    /// Timeout of a blocking remote get, seconds; kvrelay's Redis tier bounds every read
+    /// and write with it.
     blocking_timeout_secs: u64 = 10,
     /// Eviction policy; kvrelay implements `LRU`.
     cache_policy: String = "LRU".to_string(),

@@ -9,10 +9,10 @@
 //! | `<key>metadata` | LMCache's 28-byte `RemoteMetadata` ([`RemoteMetadata`]) | LMCache and kvrelay |
 //! | `<key>kvrelay` | kvrelay's 64-byte check record (below) | kvrelay only |
 //!
-//! The checksums live in a key of their own because LMCache reads both of its values whole:
-//! it copies `kv_bytes` into a buffer of exactly `metadata.length` bytes, and newer LMCache
-//! sizes the metadata's shape groups from the value's length, so bytes appended to either
-//! would break an LMCache reader. A separate key is invisible to it.
+//! The checksums live in a key of their own because LMCache takes both of its values whole:
+//! `kv_bytes` is the chunk, `metadata.length` bytes long, and the multi-group form of
+//! `RemoteMetadata` counts its shape groups by the value's length, so bytes appended to
+//! either would be misread by an LMCache reader. A key it never asks for is invisible to it.
 //!
 //! Check record (little-endian):
 //!
@@ -193,17 +193,15 @@ impl RedisTier {
         }
         // rustls needs a process-wide crypto provider; an error only means one is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let target = match url.split_once("://") {
-            Some((scheme, rest)) if CLUSTER_SCHEMES.iter().any(|(s, _)| *s == scheme) => {
-                let node_scheme = CLUSTER_SCHEMES
-                    .iter()
-                    .find(|(s, _)| *s == scheme)
-                    .map_or("redis", |(_, n)| n);
-                Target::Cluster(
-                    cluster_client(node_scheme, rest, &opts).map_err(|e| bad_url(e.to_string()))?,
-                )
-            }
-            _ => Target::Single(redis::Client::open(url).map_err(|e| bad_url(e.to_string()))?),
+        let cluster = url.split_once("://").and_then(|(scheme, rest)| {
+            let (_, node_scheme) = CLUSTER_SCHEMES.iter().find(|(s, _)| *s == scheme)?;
+            Some((*node_scheme, rest))
+        });
+        let target = match cluster {
+            Some((node_scheme, rest)) => Target::Cluster(
+                cluster_client(node_scheme, rest, &opts).map_err(|e| bad_url(e.to_string()))?,
+            ),
+            None => Target::Single(redis::Client::open(url).map_err(|e| bad_url(e.to_string()))?),
         };
         Ok(RedisTier {
             pool: Pool::new(target, endpoint, &opts),
