@@ -11,9 +11,10 @@ fi
 if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential
 fi
-# The Redis tier's tests start their own redis-server processes.
-if ! command -v redis-server >/dev/null 2>&1; then
-  apt-get update -qq && apt-get install -y -qq redis-server
+# The Redis tier's tests start their own redis-server processes (openssl makes the TLS
+# test's certificates).
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq redis-server openssl
 fi
 
 cargo fmt --all -- --check
