@@ -24,5 +24,18 @@ cargo test --workspace --all-targets
 cargo clippy -p kvrelay -p kvrelay-cli --features kvrelay/redis,kvrelay-cli/redis --all-targets -- -D warnings
 cargo test -p kvrelay --features redis --test store_redis --test remote_config --lib
 cargo test -p kvrelay-cli --features redis --test bench_redis
-# The main job, end to end: two processes sharing a disk tier.
+# The main job, end to end on embedded defaults: the seed's LMCache smoke, prefill and
+# decode as two processes of the reference engine sharing KV through a local-disk tier.
+cargo run --release --example disagg_lmcache_smoke -- --role both --strict-lmcache --require-lmcache-hit
+# Byte-level check of the same path with two different paged layouts.
 cargo run --release --example kv_roundtrip
+# RBLN (feature `rbln`): build the rbln-emu test double that tests/device_rbln.rs loads
+# through the real loading path, lint and test with the feature, and check that the
+# committed rbln-sys bindings are what bindgen makes of wrapper.h (needs libclang).
+cargo build -p rbln-emu
+cargo clippy --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln -- -D warnings
+cargo test -p kvrelay -p kvrelay-cli -p rbln-sys --all-targets --features kvrelay/rbln,kvrelay-cli/rbln
+if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq libclang-dev
+fi
+scripts/check_rbln_bindings.sh

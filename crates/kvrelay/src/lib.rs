@@ -2,8 +2,8 @@
 //! memory tiers.
 //!
 //! Data flows one way: [`layout`] describes engine KV memory, [`plan`] turns a request's
-//! blocks into coalesced byte runs, and a [`device`], a [`store`] tier or a channel moves
-//! those runs. [`keys`] names chunks exactly as LMCache does; [`connector`] is the
+//! blocks into coalesced byte runs, and a [`device`], a [`store`] tier or a [`transfer`] channel
+//! moves those runs. [`keys`] names chunks exactly as LMCache does; [`connector`] is the
 //! vLLM-shaped API an engine calls; [`config`] reads LMCache YAML and vLLM's JSON.
 
 pub mod config;
@@ -14,5 +14,6 @@ pub mod keys;
 pub mod layout;
 pub mod plan;
 pub mod store;
+pub mod transfer;
 
 pub use dtype::KvDtype;

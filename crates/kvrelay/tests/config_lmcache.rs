@@ -336,7 +336,7 @@ fn validation_rules() {
         ConfigError::BadValue { .. }
     ));
     assert!(matches!(
-        invalid("transfer_channel: tcp"),
+        invalid("transfer_channel: rdma"),
         ConfigError::BadValue { .. }
     ));
     assert!(matches!(

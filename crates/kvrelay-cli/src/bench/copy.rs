@@ -1,16 +1,18 @@
-//! `kvrelay bench copy`: gather and scatter of a Llama-3-8B-shaped request through the host
-//! device, each against one memcpy of the same number of bytes.
+//! `kvrelay bench copy`: gather and scatter of a Llama-3-8B-shaped request through a device,
+//! each against the device's physical baseline: for the host device one memcpy of the same
+//! number of bytes; for `--device rbln` (feature `rbln`) one runtime copy of the same bytes
+//! between one device allocation and one host buffer.
 
 use std::time::{Duration, Instant};
 
-use kvrelay::device::{Device, DeviceError, HostBuffer, HostDevice, HostKvCache};
+use kvrelay::device::{Device, DeviceError, EngineMemory, HostBuffer, HostDevice, HostKvCache};
 use kvrelay::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
-use kvrelay::plan::{paged_to_chunks, ChunkWindow};
+use kvrelay::plan::{paged_to_chunks, ChunkWindow, CopyPlan};
 use kvrelay::KvDtype;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::{best_of, gbps, print_result};
+use super::{gbps, print_result};
 
 #[derive(clap::Args)]
 pub struct CopyArgs {
@@ -26,6 +28,146 @@ pub struct CopyArgs {
     /// Timed rounds per path; the fastest counts.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
+    /// The copy engine: `host` (memcpy), or `rbln` (the RBLN runtime found through
+    /// RBLN_RUNTIME_LIB and rbln-sys's search order; needs the `rbln` feature).
+    #[arg(long, default_value = "host")]
+    device: String,
+    /// With `--device rbln`: `auto` copies plans of many small runs through a device-shaped
+    /// host buffer (one runtime call per contiguous device range); `never` makes one runtime
+    /// call per run.
+    #[cfg(feature = "rbln")]
+    #[arg(long, default_value = "auto")]
+    rbln_staging: String,
+}
+
+/// What every device's bench shares: the request and its plans.
+pub(super) struct Setup {
+    pub kind: LayoutKind,
+    pub spec: KvCacheSpec,
+    pub layout: KvLayout,
+    pub windows: Vec<ChunkWindow>,
+    pub gather: CopyPlan,
+    pub scatter: CopyPlan,
+    pub plan_ms: f64,
+    pub rng: rand::rngs::StdRng,
+    pub rounds: usize,
+}
+
+impl Setup {
+    /// The fields every result line of this bench carries.
+    pub fn extra(&self, device: &str) -> serde_json::Value {
+        serde_json::json!({
+            "layout": self.kind.name(),
+            "tokens": self.windows.iter().map(|w| w.tokens).sum::<usize>(),
+            "bytes": self.gather.total_bytes(),
+            "runs": self.gather.runs().len(),
+            "plan_build_ms": (self.plan_ms * 1000.0).round() / 1000.0,
+            "device": device,
+        })
+    }
+}
+
+/// One timed step of a bench round.
+#[derive(Clone, Copy)]
+pub(super) enum Step {
+    Gather,
+    GatherBaseline,
+    Scatter,
+    ScatterBaseline,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Gather => "gather",
+            Step::GatherBaseline => "gather baseline",
+            Step::Scatter => "scatter",
+            Step::ScatterBaseline => "scatter baseline",
+        }
+    }
+}
+
+/// Runs `rounds` rounds of (gather, its baseline, scatter, its baseline), interleaved so
+/// drift on a noisy machine hits both, and returns the fastest time of each step.
+pub(super) fn time_rounds(
+    rounds: usize,
+    mut step: impl FnMut(Step) -> Result<(), String>,
+) -> Result<[Duration; 4], String> {
+    let steps = [
+        Step::Gather,
+        Step::GatherBaseline,
+        Step::Scatter,
+        Step::ScatterBaseline,
+    ];
+    let mut best = [Duration::MAX; 4];
+    for _ in 0..rounds.max(1) {
+        for (i, s) in steps.into_iter().enumerate() {
+            let started = Instant::now();
+            step(s)?;
+            best[i] = best[i].min(started.elapsed());
+        }
+    }
+    Ok(best)
+}
+
+/// The request's chunk buffers from `device`'s staging allocator, faulted in before timing.
+pub(super) fn chunk_buffers(
+    device: &dyn Device,
+    spec: &KvCacheSpec,
+    windows: &[ChunkWindow],
+) -> Result<Vec<HostBuffer>, String> {
+    let mut chunks = windows
+        .iter()
+        .map(|w| device.alloc_staging(spec.chunk_bytes(w.tokens)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    chunks.iter_mut().for_each(|c| c.fill(1));
+    Ok(chunks)
+}
+
+/// Runs a gather or scatter step through `device`, or returns `None` for a baseline step.
+pub(super) fn plan_step(
+    device: &dyn Device,
+    step: Step,
+    (gather, scatter): (&CopyPlan, &CopyPlan),
+    memory: &EngineMemory,
+    chunks: &mut [HostBuffer],
+) -> Option<Result<(), DeviceError>> {
+    match step {
+        Step::Gather => {
+            let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
+            Some(
+                device
+                    .start_gather(gather, memory, &mut host)
+                    .and_then(|p| p.wait()),
+            )
+        }
+        Step::Scatter => {
+            let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+            Some(
+                device
+                    .start_scatter(scatter, &host, memory)
+                    .and_then(|p| p.wait()),
+            )
+        }
+        Step::GatherBaseline | Step::ScatterBaseline => None,
+    }
+}
+
+/// Prints the gather and scatter lines from [`time_rounds`]' result.
+pub(super) fn print_pair(bytes: usize, best: [Duration; 4], extra: serde_json::Value) {
+    for (name, ours, baseline) in [
+        ("copy_gather", best[0], best[1]),
+        ("copy_scatter", best[2], best[3]),
+    ] {
+        print_result(
+            name,
+            "gbps",
+            gbps(bytes, ours),
+            gbps(bytes, baseline),
+            extra.clone(),
+        );
+    }
 }
 
 pub fn run(args: CopyArgs) -> Result<(), String> {
@@ -63,6 +205,44 @@ pub fn run(args: CopyArgs) -> Result<(), String> {
     let gather = paged_to_chunks(&layout, &block_ids, &windows).map_err(|e| e.to_string())?;
     let plan_ms = plan_started.elapsed().as_secs_f64() * 1e3;
     let scatter = gather.inverse();
+    let setup = Setup {
+        kind,
+        spec,
+        layout,
+        windows,
+        gather,
+        scatter,
+        plan_ms,
+        rng,
+        rounds: args.rounds,
+    };
+    match args.device.as_str() {
+        "host" => run_host(setup),
+        #[cfg(feature = "rbln")]
+        "rbln" => super::copy_rbln::run(setup, &args.rbln_staging),
+        #[cfg(not(feature = "rbln"))]
+        "rbln" => Err(
+            "--device rbln needs a kvrelay built with the `rbln` feature \
+                       (cargo run -p kvrelay-cli --features rbln -- bench copy --device rbln)"
+                .into(),
+        ),
+        other => Err(format!("unknown --device {other:?}; known: host, rbln")),
+    }
+}
+
+fn run_host(setup: Setup) -> Result<(), String> {
+    let device = HostDevice;
+    let extra = setup.extra(device.name());
+    let Setup {
+        spec,
+        layout,
+        windows,
+        gather,
+        scatter,
+        mut rng,
+        rounds,
+        ..
+    } = setup;
     let bytes = gather.total_bytes();
 
     let cache = HostKvCache::new(layout).map_err(|e| e.to_string())?;
@@ -71,12 +251,7 @@ pub fn run(args: CopyArgs) -> Result<(), String> {
         rng.fill(unsafe { cache.buffer_mut(i) });
     }
     let memory = cache.engine_memory();
-    let device = HostDevice;
-    let mut chunks = windows
-        .iter()
-        .map(|w| device.alloc_staging(spec.chunk_bytes(w.tokens)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let mut chunks = chunk_buffers(&device, &spec, &windows)?;
     // The baseline's buffers come from the same allocator as kvrelay's (2 MiB aligned, huge
     // pages where THP allows) and are faulted in before timing, so both sides copy between
     // the same kind of memory. (In 4 KiB-page Vecs the memcpy measured 15-17.5 GB/s,
@@ -85,52 +260,19 @@ pub fn run(args: CopyArgs) -> Result<(), String> {
     let mut baseline_dst = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
     rng.fill(&mut baseline_src[..]);
     baseline_dst.fill(1);
-    // Fault in the chunk buffers before timing.
-    chunks.iter_mut().for_each(|c| c.fill(1));
 
-    let run_gather = |chunks: &mut [HostBuffer]| -> Result<(), DeviceError> {
-        let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
-        let pending = device.start_gather(&gather, &memory, &mut host)?;
-        pending.wait()
-    };
-    let run_scatter = |chunks: &[HostBuffer]| -> Result<(), DeviceError> {
-        let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-        let pending = device.start_scatter(&scatter, &host, &memory)?;
-        pending.wait()
-    };
-    // Interleave kvrelay's path with the baseline so drift on a noisy machine hits both.
-    let mut best = [Duration::MAX; 4];
-    for _ in 0..args.rounds.max(1) {
-        let started = Instant::now();
-        run_gather(&mut chunks).map_err(|e| format!("gather failed: {e}"))?;
-        best[0] = best[0].min(started.elapsed());
-        best[1] = best[1].min(best_of(1, || baseline_dst.copy_from_slice(&baseline_src)));
-        let started = Instant::now();
-        run_scatter(&chunks).map_err(|e| format!("scatter failed: {e}"))?;
-        best[2] = best[2].min(started.elapsed());
-        best[3] = best[3].min(best_of(1, || baseline_dst.copy_from_slice(&baseline_src)));
-    }
+    let best = time_rounds(rounds, |step| {
+        plan_step(&device, step, (&gather, &scatter), &memory, &mut chunks)
+            .unwrap_or_else(|| {
+                baseline_dst.copy_from_slice(&baseline_src);
+                Ok(())
+            })
+            .map_err(|e| format!("{} failed: {e}", step.name()))
+    })?;
     std::hint::black_box(&baseline_dst);
-    for (name, ours, baseline) in [
-        ("copy_gather", best[0], best[1]),
-        ("copy_scatter", best[2], best[3]),
-    ] {
-        print_result(
-            name,
-            "gbps",
-            gbps(bytes, ours),
-            gbps(bytes, baseline),
-            serde_json::json!({
-                "baseline_kind": "one memcpy of the same bytes",
-                "baseline_buffers": "host buffers as kvrelay's (huge pages), pre-faulted",
-                "layout": kind.name(),
-                "tokens": args.tokens,
-                "bytes": bytes,
-                "runs": gather.runs().len(),
-                "plan_build_ms": (plan_ms * 1000.0).round() / 1000.0,
-                "device": device.name(),
-            }),
-        );
-    }
+    let mut extra = extra;
+    extra["baseline_kind"] = "one memcpy of the same bytes".into();
+    extra["baseline_buffers"] = "host buffers as kvrelay's (huge pages), pre-faulted".into();
+    print_pair(bytes, best, extra);
     Ok(())
 }

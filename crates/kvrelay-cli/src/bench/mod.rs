@@ -7,20 +7,26 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 mod copy;
+#[cfg(feature = "rbln")]
+mod copy_rbln;
 mod hash;
 mod store;
 #[cfg(feature = "redis")]
 mod store_redis;
+mod transfer;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Gather and scatter of a Llama-3-8B-shaped request against one memcpy of the same bytes.
+    /// Gather and scatter of a Llama-3-8B-shaped request against one copy of the same bytes
+    /// (memcpy on the host device; the runtime's own copy with `--device rbln`).
     Copy(copy::CopyArgs),
     /// sha256_cbor chunk keys of 1M tokens against a plain sha256 of the same CBOR bytes.
     Hash(hash::HashArgs),
     /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read;
     /// `--tier redis`: the Redis tier against plain SET/GET of the same values.
     Store(store::StoreArgs),
+    /// A PD request sent over loopback (tcp or shm) against a plain socket stream or a memcpy.
+    Transfer(transfer::TransferArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
@@ -28,6 +34,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Copy(args) => copy::run(args),
         BenchCommand::Hash(args) => hash::run(args),
         BenchCommand::Store(args) => store::run(args),
+        BenchCommand::Transfer(args) => transfer::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,15 +11,27 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::value::{yaml_to_json, ConfigValue, Raw};
+use super::value::{yaml_to_json, ConfigValue, Raw, SecretString};
 use super::vllm::CONNECTOR_EXTRA_KEYS;
 use super::{nearest, ConfigError};
 
 /// `pre_caching_hash_algorithm` values kvrelay can compute.
 pub const HASH_ALGORITHMS: &[&str] = &["sha256_cbor", "sha256_cbor_64bit", "xxh3_128"];
 
-/// `transfer_channel` values: LMCache's (`nixl`, `mock_memory`) and LMCache-Ascend's.
-pub const TRANSFER_CHANNELS: &[&str] = &["nixl", "mock_memory", "hccl", "hcomm_onesided", "hixl"];
+/// `transfer_channel` values: LMCache's (`nixl`, `mock_memory`), LMCache-Ascend's, and
+/// kvrelay's own host transports `tcp` (any host) and `shm` (same host).
+pub const TRANSFER_CHANNELS: &[&str] = &[
+    "nixl",
+    "mock_memory",
+    "hccl",
+    "hcomm_onesided",
+    "hixl",
+    "tcp",
+    "shm",
+];
+
+/// Keys kvrelay adds to LMCache's schema (LMCache itself would warn and ignore them).
+pub const KVRELAY_KEYS: &[&str] = &["pd_shared_secret", "pd_buffer_ttl_sec"];
 
 /// Eviction policies kvrelay implements (LMCache also has LFU, FIFO and MRU).
 const CACHE_POLICIES: &[&str] = &["LRU"];
@@ -171,12 +183,21 @@ lmcache_schema! {
     /// Timeout of a blocking remote get, seconds; kvrelay's Redis tier bounds every read
     /// and write with it.
     blocking_timeout_secs: u64 = 10,
+    /// kvrelay extension: a shared secret that PD peers prove with HMAC-SHA256 during the
+    /// handshake (both sides must set the same value; unset on both = no authentication).
+    /// It authenticates peers; it does not encrypt the KV bytes.
+    pd_shared_secret: Option<SecretString> = None,
+    /// kvrelay extension: seconds a receiver keeps KV that arrived but was never consumed
+    /// (e.g. the client went away after prefill) before freeing its pages.
+    pd_buffer_ttl_sec: f64 = 300.0,
     /// Eviction policy; kvrelay implements `LRU`.
     cache_policy: String = "LRU".to_string(),
     /// Timeout of a lookup, milliseconds.
     lookup_timeout_ms: u64 = 3000,
     /// Skip a retrieve that would load fewer tokens than this (0 = never skip).
     min_retrieve_tokens: u64 = 0,
+    /// Load KV in the background; the engine keeps serving other requests meanwhile.
+    enable_async_loading: bool = false,
 }
 
 /// An LMCache default, for a key kvrelay does not implement.
@@ -263,7 +284,6 @@ const UNSUPPORTED: &[(&str, LmDefault)] = &[
     ("external_lookup_client", Null),
     ("py_enable_gc", Bool(true)),
     ("numa_mode", Null),
-    ("enable_async_loading", Bool(false)),
     ("internal_api_server_enabled", Bool(false)),
     ("internal_api_server_port_start", Int(6999)),
     ("priority_limit", Null),
@@ -487,6 +507,12 @@ impl LmcacheConfig {
                 self.pd_allocation_timeout_sec
             ));
         }
+        if !(self.pd_buffer_ttl_sec.is_finite() && self.pd_buffer_ttl_sec > 0.0) {
+            return invalid(format!(
+                "pd_buffer_ttl_sec = {} must be a finite number of seconds > 0",
+                self.pd_buffer_ttl_sec
+            ));
+        }
         self.validate_remote()?;
         if self.enable_pd {
             self.validate_pd()?;
@@ -671,13 +697,16 @@ mod tests {
 
     #[test]
     fn registry_covers_lmcache_schema_once() {
-        // 108 keys in LMCache 0.5.6's `_CONFIG_DEFINITIONS`.
-        let all: Vec<&str> = known_keys().collect();
+        // 108 keys in LMCache 0.5.6's `_CONFIG_DEFINITIONS`, plus kvrelay's own.
+        let all: Vec<&str> = known_keys().filter(|k| !KVRELAY_KEYS.contains(k)).collect();
         assert_eq!(all.len(), 108);
         let mut dedup = all.clone();
         dedup.sort();
         dedup.dedup();
         assert_eq!(dedup.len(), all.len(), "a key is listed twice");
+        for key in KVRELAY_KEYS {
+            assert!(SUPPORTED.contains(key), "kvrelay key {key} is not a field");
+        }
         for (old, new) in RENAMED {
             assert!(!all.contains(old), "{old} is both renamed and a schema key");
             assert!(all.contains(new), "{old} renames to unknown key {new}");

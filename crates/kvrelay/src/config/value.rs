@@ -136,6 +136,36 @@ impl ConfigValue for String {
     }
 }
 
+/// A config string that must not appear in logs: `Debug` prints `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(secret: impl Into<String>) -> Self {
+        SecretString(secret.into())
+    }
+
+    /// The secret's bytes, for the code that authenticates with it.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl ConfigValue for SecretString {
+    fn expected() -> String {
+        "a non-empty string".into()
+    }
+    fn from_text(s: &str) -> Option<Self> {
+        (!s.is_empty()).then(|| SecretString(s.to_string()))
+    }
+}
+
 impl<T: ConfigValue> ConfigValue for Option<T> {
     fn expected() -> String {
         format!("{} or null", T::expected())

@@ -83,6 +83,7 @@ pub fn build_connector(
                 skip_last_n_tokens: extra.skip_last_n_tokens,
                 save_decode_cache: lmcache.save_decode_cache,
                 min_retrieve_tokens: lmcache.min_retrieve_tokens as usize,
+                async_loading: lmcache.enable_async_loading,
             };
             let scheduler = LmcacheScheduler::new(policy, hasher, prefix, Arc::clone(&tiers));
             (tiers, Box::new(scheduler))

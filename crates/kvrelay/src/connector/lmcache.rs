@@ -23,6 +23,9 @@ pub struct LmcachePolicy {
     pub save_decode_cache: bool,
     /// Below this many loadable tokens, load nothing.
     pub min_retrieve_tokens: usize,
+    /// Load in the background while the engine runs other requests (`enable_async_loading`;
+    /// kvrelay reports the load through `get_finished`, as vLLM's asynchronous connectors do).
+    pub async_loading: bool,
 }
 
 /// A load decided by `get_num_new_matched_tokens`, confirmed by `update_state_after_alloc`.
@@ -128,7 +131,7 @@ impl SchedulerConnector for LmcacheScheduler {
         if need < self.policy.min_retrieve_tokens {
             need = 0;
         }
-        Ok(Some((need, false)))
+        Ok(Some((need, self.policy.async_loading && need > 0)))
     }
 
     fn update_state_after_alloc(
@@ -182,7 +185,7 @@ impl SchedulerConnector for LmcacheScheduler {
                     self.saved_upto.insert(id.to_string(), end);
                 }
             }
-            meta.push(s, loads, save_chunks);
+            meta.push(s, loads, self.policy.async_loading, save_chunks);
         }
         Ok(meta)
     }

@@ -44,6 +44,8 @@ pub enum ConnectorError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Hash(String),
+    #[error("asynchronous KV loader: {0}")]
+    Loader(String),
 }
 
 /// What makes one engine's chunk keys: the fields of LMCache's `CacheEngineKey` other
@@ -101,6 +103,9 @@ pub struct RequestTransfer {
     pub block_ids: Vec<u32>,
     /// Chunks to load before the forward, in token order.
     pub loads: Vec<ChunkTransfer>,
+    /// Load in the background: the request waits (vLLM's `WAITING_FOR_REMOTE_KVS`) until
+    /// the worker reports it in `get_finished`'s received set.
+    pub load_async: bool,
     /// Chunks to save after the forward, in token order.
     pub saves: Vec<ChunkTransfer>,
 }
@@ -117,12 +122,14 @@ impl ConnectorMetadata {
         &mut self,
         scheduled: &ScheduledRequest<'_>,
         loads: Vec<ChunkTransfer>,
+        load_async: bool,
         saves: Vec<ChunkTransfer>,
     ) {
         if !loads.is_empty() || !saves.is_empty() {
             self.requests.push(RequestTransfer {
                 request_id: scheduled.request.id.to_string(),
                 block_ids: scheduled.block_ids.to_vec(),
+                load_async: load_async && !loads.is_empty(),
                 loads,
                 saves,
             });

@@ -1,8 +1,10 @@
 //! The worker half shared by both connectors: loads chunks into the paged cache before the
 //! forward and saves them after it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,7 +15,8 @@ use crate::layout::KvCacheSpec;
 use crate::plan::{paged_to_chunks, ChunkWindow};
 use crate::store::{ChunkMeta, TierStack};
 
-/// Running totals a user can read (and the smoke examples print).
+/// Transfer figures a user can read (the smoke examples print them), for the whole worker
+/// and for each request.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConnectorStats {
     /// Tokens written into the paged cache from chunks.
@@ -29,6 +32,79 @@ pub struct ConnectorStats {
     pub skipped_saves: usize,
 }
 
+impl ConnectorStats {
+    fn add(&mut self, other: &ConnectorStats) {
+        self.loaded_tokens += other.loaded_tokens;
+        self.loaded_bytes += other.loaded_bytes;
+        self.load_time += other.load_time;
+        self.failed_load_tokens += other.failed_load_tokens;
+        self.saved_chunks += other.saved_chunks;
+        self.saved_bytes += other.saved_bytes;
+        self.save_time += other.save_time;
+        self.skipped_saves += other.skipped_saves;
+    }
+}
+
+/// What a load needs, shared with the background loader.
+#[derive(Clone)]
+struct LoadContext {
+    device: Arc<dyn Device>,
+    tiers: Arc<TierStack>,
+    spec: KvCacheSpec,
+    memory: EngineMemory,
+}
+
+/// The result of loading one request's chunks.
+struct LoadOutcome {
+    request_id: String,
+    stats: ConnectorStats,
+    /// Blocks whose KV did not arrive; the engine recomputes from the first of them.
+    failed_blocks: Vec<u32>,
+}
+
+/// A background thread running asynchronous loads one request at a time.
+struct Loader {
+    jobs: Option<SyncSender<(LoadContext, RequestTransfer)>>,
+    done: Receiver<LoadOutcome>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Asynchronous loads queued beyond this make `start_load_kv` wait for room.
+const MAX_QUEUED_LOADS: usize = 1024;
+
+impl Loader {
+    fn start() -> Result<Self, ConnectorError> {
+        let (jobs, queue) = sync_channel::<(LoadContext, RequestTransfer)>(MAX_QUEUED_LOADS);
+        let (results, done) = channel();
+        let thread = std::thread::Builder::new()
+            .name("kvrelay-loader".into())
+            .spawn(move || {
+                for (context, request) in queue {
+                    if results.send(context.load(&request)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| ConnectorError::Loader(e.to_string()))?;
+        Ok(Loader {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread after the loads already queued, which write
+        // into engine memory the thread keeps alive.
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The worker half (vLLM's `KVConnectorRole.WORKER`).
 pub struct KvWorker {
     device: Arc<dyn Device>,
@@ -38,6 +114,8 @@ pub struct KvWorker {
     metadata: Option<ConnectorMetadata>,
     load_errors: HashSet<u32>,
     stats: ConnectorStats,
+    per_request: HashMap<String, ConnectorStats>,
+    loader: Option<Loader>,
 }
 
 impl KvWorker {
@@ -51,6 +129,8 @@ impl KvWorker {
             metadata: None,
             load_errors: HashSet::new(),
             stats: ConnectorStats::default(),
+            per_request: HashMap::new(),
+            loader: None,
         }
     }
 
@@ -79,12 +159,21 @@ impl KvWorker {
         self.memory.as_ref().ok_or(ConnectorError::NotRegistered)
     }
 
+    fn record(&mut self, request_id: &str, stats: &ConnectorStats) {
+        self.stats.add(stats);
+        self.per_request
+            .entry(request_id.to_string())
+            .or_default()
+            .add(stats);
+    }
+
     /// Loads every chunk this step asks for into the paged cache, before the forward.
-    /// Loads complete here (synchronously, as LMCache's), so `wait_for_layer_load` has
-    /// nothing left to wait for. A chunk that is missing or unusable ends its request's
+    /// Synchronous loads complete here (as LMCache's do), so `wait_for_layer_load` has
+    /// nothing left to wait for; asynchronous ones are handed to the loader thread and
+    /// reported by `get_finished`. A chunk that is missing or unusable ends its request's
     /// load: the blocks from there on are reported by `get_block_ids_with_load_errors`.
     pub fn start_load_kv(&mut self) -> Result<(), ConnectorError> {
-        self.for_each_request(|r| !r.loads.is_empty(), Self::load_request)
+        self.for_each_request(|r| !r.loads.is_empty(), Self::start_load)
     }
 
     /// Runs `work` on each selected request of the bound metadata, stopping at an error.
@@ -105,69 +194,34 @@ impl KvWorker {
         result
     }
 
-    fn load_request(&mut self, request: &RequestTransfer) -> Result<(), ConnectorError> {
-        let started = Instant::now();
-        let fingerprint = self.spec.chunk_fingerprint();
-        let mut chunks: Vec<Bytes> = Vec::with_capacity(request.loads.len());
-        for load in &request.loads {
-            let expected = self.spec.chunk_bytes(load.window.tokens);
-            match self.tiers.get(&load.key, fingerprint) {
-                Some(chunk)
-                    if chunk.data.len() == expected
-                        && chunk.meta.num_tokens as usize == load.window.tokens =>
-                {
-                    chunks.push(chunk.data)
-                }
-                Some(chunk) => {
-                    tracing::warn!(key = %load.key, len = chunk.data.len(), expected, "chunk has the wrong size; recomputing");
-                    break;
-                }
-                None => break,
-            }
-        }
-        let windows: Vec<ChunkWindow> = request.loads[..chunks.len()]
-            .iter()
-            .map(|l| l.window)
-            .collect();
-        let mut loaded = chunks.len();
-        if !windows.is_empty() {
-            let memory = self.memory()?;
-            let plan = paged_to_chunks(memory.layout(), &request.block_ids, &windows)?.inverse();
-            let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-            let copied = self
-                .device
-                .start_scatter(&plan, &host, memory)
-                .and_then(|pending| pending.wait());
-            if let Err(error) = copied {
-                tracing::warn!(request = %request.request_id, %error, "loading KV failed; recomputing");
-                loaded = 0;
-            } else {
-                self.stats.loaded_bytes += plan.total_bytes();
-            }
-        }
-        let tokens = |loads: &[ChunkTransfer]| -> usize {
-            loads
-                .iter()
-                .map(|l| l.window.tokens - l.window.skip_leading)
-                .sum()
+    fn start_load(&mut self, request: &RequestTransfer) -> Result<(), ConnectorError> {
+        let context = LoadContext {
+            device: Arc::clone(&self.device),
+            tiers: Arc::clone(&self.tiers),
+            spec: self.spec,
+            memory: self.memory()?.clone(),
         };
-        self.stats.loaded_tokens += tokens(&request.loads[..loaded]);
-        let failed = &request.loads[loaded..];
-        if let Some(first) = failed.first() {
-            self.stats.failed_load_tokens += tokens(failed);
-            let last = failed
-                .last()
-                .map_or(0, |l| l.window.start + l.window.tokens);
-            let from = first.window.start + first.window.skip_leading;
-            let block_size = self.spec.block_size;
-            self.load_errors.extend(
-                request.block_ids[from / block_size..last.div_ceil(block_size)]
-                    .iter()
-                    .copied(),
-            );
+        if !request.load_async {
+            let outcome = context.load(request);
+            self.finish_load(outcome);
+            return Ok(());
         }
-        self.stats.load_time += started.elapsed();
+        if self.loader.is_none() {
+            self.loader = Some(Loader::start()?);
+        }
+        let jobs = self
+            .loader
+            .as_ref()
+            .and_then(|l| l.jobs.as_ref())
+            .expect("a started loader has a queue");
+        jobs.send((context, request.clone()))
+            .map_err(|_| ConnectorError::Loader("the loader thread has stopped".into()))?;
         Ok(())
+    }
+
+    fn finish_load(&mut self, outcome: LoadOutcome) {
+        self.record(&outcome.request_id, &outcome.stats);
+        self.load_errors.extend(outcome.failed_blocks);
     }
 
     /// Blocks until `layer`'s KV is in the paged cache. Loads finish in `start_load_kv`.
@@ -189,43 +243,58 @@ impl KvWorker {
             .iter()
             .filter(|s| self.tiers.prefix_hits(std::slice::from_ref(&s.key)) == 0)
             .collect();
-        self.stats.skipped_saves += request.saves.len() - saves.len();
-        if saves.is_empty() {
-            return Ok(());
+        let mut stats = ConnectorStats {
+            skipped_saves: request.saves.len() - saves.len(),
+            ..ConnectorStats::default()
+        };
+        if !saves.is_empty() {
+            let windows: Vec<ChunkWindow> = saves.iter().map(|s| s.window).collect();
+            let memory = self.memory()?;
+            let plan = paged_to_chunks(memory.layout(), &request.block_ids, &windows)?;
+            let mut staging = windows
+                .iter()
+                .map(|w| self.device.alloc_staging(self.spec.chunk_bytes(w.tokens)))
+                .collect::<Result<Vec<_>, _>>()?;
+            {
+                let mut host: Vec<&mut [u8]> = staging.iter_mut().map(|b| &mut b[..]).collect();
+                let pending = self.device.start_gather(&plan, memory, &mut host)?;
+                pending.wait()?;
+            }
+            let fingerprint = self.spec.chunk_fingerprint();
+            for (save, buffer) in saves.iter().zip(&staging) {
+                let meta = ChunkMeta {
+                    layout_fingerprint: fingerprint,
+                    num_tokens: save.window.tokens as u32,
+                };
+                self.tiers.put(&save.key, meta, buffer)?;
+                stats.saved_chunks += 1;
+                stats.saved_bytes += buffer.len();
+            }
+            stats.save_time = started.elapsed();
         }
-        let windows: Vec<ChunkWindow> = saves.iter().map(|s| s.window).collect();
-        let memory = self.memory()?;
-        let plan = paged_to_chunks(memory.layout(), &request.block_ids, &windows)?;
-        let mut staging = windows
-            .iter()
-            .map(|w| self.device.alloc_staging(self.spec.chunk_bytes(w.tokens)))
-            .collect::<Result<Vec<_>, _>>()?;
-        {
-            let mut host: Vec<&mut [u8]> = staging.iter_mut().map(|b| &mut b[..]).collect();
-            let pending = self.device.start_gather(&plan, memory, &mut host)?;
-            pending.wait()?;
-        }
-        let fingerprint = self.spec.chunk_fingerprint();
-        for (save, buffer) in saves.iter().zip(&staging) {
-            let meta = ChunkMeta {
-                layout_fingerprint: fingerprint,
-                num_tokens: save.window.tokens as u32,
-            };
-            self.tiers.put(&save.key, meta, buffer)?;
-            self.stats.saved_chunks += 1;
-            self.stats.saved_bytes += buffer.len();
-        }
-        self.stats.save_time += started.elapsed();
+        self.record(&request.request_id, &stats);
         Ok(())
     }
 
-    /// Requests whose asynchronous sends and receives finished. kvrelay's tier connectors
-    /// finish every transfer inside the step, so there are none.
+    /// Requests whose asynchronous sends and receives finished. Saves finish inside the
+    /// step, so the sent set is always empty; the received set names the asynchronous
+    /// loads that landed (their failed blocks are in `get_block_ids_with_load_errors` by
+    /// the same call, as vLLM requires).
     pub fn get_finished(
         &mut self,
         _finished_req_ids: &HashSet<String>,
     ) -> (HashSet<String>, HashSet<String>) {
-        (HashSet::new(), HashSet::new())
+        let mut received = HashSet::new();
+        let outcomes: Vec<LoadOutcome> = self
+            .loader
+            .as_ref()
+            .map(|l| l.done.try_iter().collect())
+            .unwrap_or_default();
+        for outcome in outcomes {
+            received.insert(outcome.request_id.clone());
+            self.finish_load(outcome);
+        }
+        (HashSet::new(), received)
     }
 
     /// Block ids whose load failed since the last call; the engine recomputes them.
@@ -233,7 +302,97 @@ impl KvWorker {
         std::mem::take(&mut self.load_errors)
     }
 
+    /// Totals over every request.
     pub fn stats(&self) -> &ConnectorStats {
         &self.stats
+    }
+
+    /// One request's transfers so far; the engine takes them when the request finishes.
+    pub fn take_request_stats(&mut self, request_id: &str) -> ConnectorStats {
+        self.per_request.remove(request_id).unwrap_or_default()
+    }
+}
+
+impl LoadContext {
+    /// Loads `request`'s chunks, in token order, up to the first one that is missing or
+    /// unusable; everything from there on is reported as failed.
+    fn load(&self, request: &RequestTransfer) -> LoadOutcome {
+        let started = Instant::now();
+        let fingerprint = self.spec.chunk_fingerprint();
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(request.loads.len());
+        for load in &request.loads {
+            let expected = self.spec.chunk_bytes(load.window.tokens);
+            match self.tiers.get(&load.key, fingerprint) {
+                Some(chunk)
+                    if chunk.data.len() == expected
+                        && chunk.meta.num_tokens as usize == load.window.tokens =>
+                {
+                    chunks.push(chunk.data)
+                }
+                Some(chunk) => {
+                    tracing::warn!(key = %load.key, len = chunk.data.len(), expected, "chunk has the wrong size; recomputing");
+                    break;
+                }
+                None => break,
+            }
+        }
+        let mut stats = ConnectorStats::default();
+        let loaded = match self.scatter(request, &chunks) {
+            Ok(bytes) => {
+                stats.loaded_bytes = bytes;
+                chunks.len()
+            }
+            Err(error) => {
+                tracing::warn!(request = %request.request_id, %error, "loading KV failed; recomputing");
+                0
+            }
+        };
+        let tokens = |loads: &[ChunkTransfer]| -> usize {
+            loads
+                .iter()
+                .map(|l| l.window.tokens - l.window.skip_leading)
+                .sum()
+        };
+        stats.loaded_tokens = tokens(&request.loads[..loaded]);
+        let failed = &request.loads[loaded..];
+        let mut failed_blocks = Vec::new();
+        if let (Some(first), Some(last)) = (failed.first(), failed.last()) {
+            stats.failed_load_tokens = tokens(failed);
+            let from = first.window.start + first.window.skip_leading;
+            let to = last.window.start + last.window.tokens;
+            let block_size = self.spec.block_size;
+            let blocks = request
+                .block_ids
+                .get(from / block_size..to.div_ceil(block_size).min(request.block_ids.len()))
+                .unwrap_or_default();
+            failed_blocks.extend_from_slice(blocks);
+        }
+        stats.load_time = started.elapsed();
+        LoadOutcome {
+            request_id: request.request_id.clone(),
+            stats,
+            failed_blocks,
+        }
+    }
+
+    /// Writes the chunks into the request's blocks; returns the bytes moved.
+    fn scatter(
+        &self,
+        request: &RequestTransfer,
+        chunks: &[Bytes],
+    ) -> Result<usize, ConnectorError> {
+        if chunks.is_empty() {
+            return Ok(0);
+        }
+        let windows: Vec<ChunkWindow> = request.loads[..chunks.len()]
+            .iter()
+            .map(|l| l.window)
+            .collect();
+        let plan = paged_to_chunks(self.memory.layout(), &request.block_ids, &windows)?.inverse();
+        let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+        self.device
+            .start_scatter(&plan, &host, &self.memory)?
+            .wait()?;
+        Ok(plan.total_bytes())
     }
 }

@@ -7,11 +7,15 @@
 //! host implementation copies with memcpy and is always available.
 
 mod host;
-mod stream;
+#[cfg(feature = "rbln")]
+pub mod rbln;
+pub(crate) mod stream;
 
 use std::sync::Arc;
 
 pub use host::{HostBuffer, HostDevice, HostKvCache};
+#[cfg(feature = "rbln")]
+pub use rbln::{RblnDevice, RuntimeCalls};
 
 use crate::layout::KvLayout;
 use crate::plan::{CopyPlan, Endpoint, PlanError};

@@ -1,0 +1,741 @@
+//! The engine loop: a vLLM-shaped scheduler (waiting and running queues, chunked prefill,
+//! a block pool, preemption by recomputation) that calls a kvrelay connector's hooks in
+//! vLLM's order (reference/lmcache_vllm.md §1.1).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvrelay::config::{KvLoadFailurePolicy, KvTransferConfig, LmcacheConfig};
+use kvrelay::connector::{
+    build_connector, Connector, ConnectorStats, EngineIdentity, RequestView, ScheduledRequest,
+};
+use kvrelay::device::Device;
+use kvrelay::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
+use kvrelay::KvDtype;
+use serde::Serialize;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::kv::PagedKv;
+use crate::model::{LayerHooks, Model, SeqInput};
+use crate::ops::argmax;
+use crate::EngineError;
+
+/// How the engine batches and where its KV lives.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_num_seqs: usize,
+    /// Token budget of one step (chunked prefill splits longer prompts).
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    /// KV blocks; by default enough for `max_num_seqs` requests of `max_model_len`.
+    pub num_blocks: Option<usize>,
+    pub layout: LayoutKind,
+    pub kv_dtype: KvDtype,
+    /// How long the engine waits without progress (only asynchronous loads pending) before
+    /// giving up with [`EngineError::Stalled`].
+    pub stall_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 512,
+            max_model_len: 4096,
+            block_size: 16,
+            num_blocks: None,
+            layout: LayoutKind::FlashAttnNhd,
+            kv_dtype: KvDtype::Bf16,
+            stall_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl EngineConfig {
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+            .unwrap_or(self.max_num_seqs * self.max_model_len.div_ceil(self.block_size))
+    }
+}
+
+/// Greedy sampling limits of one request.
+#[derive(Clone, Copy, Debug)]
+pub struct SamplingParams {
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+}
+
+impl SamplingParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        SamplingParams {
+            max_tokens,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token.
+    Stop,
+    /// `max_tokens` or the model length.
+    Length,
+    /// The request failed (a KV load failed under the "fail" policy).
+    Error(String),
+}
+
+/// What a finished request produced, and what its KV transfers cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestOutput {
+    pub request_id: String,
+    pub prompt_token_count: usize,
+    pub output_token_count: usize,
+    pub output_token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// xxh3-64 over the logits of every sampled position, in order: equal digests mean the
+    /// model computed bit-identical logits.
+    pub logits_digest: String,
+    /// Prompt tokens whose KV the connector loaded instead of the engine computing it.
+    pub hit_tokens: usize,
+    /// Tokens whose KV load failed and that the engine recomputed.
+    pub recomputed_tokens: usize,
+    /// This request's connector transfers.
+    #[serde(skip)]
+    pub transfer: ConnectorStats,
+    /// From arrival to the first sampled token.
+    pub time_to_first_token_sec: f64,
+    pub elapsed_sec: f64,
+    pub kv_transfer_params: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Waiting,
+    /// Blocks allocated, KV loading asynchronously (vLLM's `WAITING_FOR_REMOTE_KVS`).
+    WaitingForRemoteKv,
+    Running,
+}
+
+struct Request {
+    id: String,
+    tokens: Vec<u32>,
+    num_prompt_tokens: usize,
+    num_computed: usize,
+    blocks: Vec<u32>,
+    params: SamplingParams,
+    state: State,
+    arrived: Instant,
+    first_token: Option<Instant>,
+    digest: Xxh3,
+    hit_tokens: usize,
+    recomputed_tokens: usize,
+    /// Tokens loaded by an asynchronous load in flight.
+    pending_external: usize,
+}
+
+impl Request {
+    fn view(&self) -> RequestView<'_> {
+        RequestView {
+            id: &self.id,
+            tokens: &self.tokens,
+            num_prompt_tokens: self.num_prompt_tokens,
+        }
+    }
+
+    fn output_len(&self) -> usize {
+        self.tokens.len() - self.num_prompt_tokens
+    }
+}
+
+/// Running totals of the engine.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct EngineStats {
+    pub steps: usize,
+    pub computed_tokens: usize,
+    pub preemptions: usize,
+}
+
+pub struct Engine {
+    model: Model,
+    config: EngineConfig,
+    kv: PagedKv,
+    free_blocks: VecDeque<u32>,
+    requests: HashMap<String, Request>,
+    waiting: VecDeque<String>,
+    running: Vec<String>,
+    connector: Option<Connector>,
+    failure_policy: KvLoadFailurePolicy,
+    /// Requests whose asynchronous load the worker reported finished.
+    finished_recving: HashSet<String>,
+    /// Requests whose blocks stay allocated until the worker reports their send finished.
+    sending: HashMap<String, Vec<u32>>,
+    /// Requests finished since the last step, for the worker's `get_finished`.
+    just_finished: HashSet<String>,
+    eos: Vec<u32>,
+    stats: EngineStats,
+}
+
+/// The connector hooks inside the forward pass.
+struct WorkerHooks<'a>(Option<&'a mut kvrelay::connector::KvWorker>);
+
+impl LayerHooks for WorkerHooks<'_> {
+    fn wait_for_layer_load(&mut self, layer: usize) {
+        if let Some(worker) = self.0.as_deref_mut() {
+            worker.wait_for_layer_load(layer);
+        }
+    }
+    fn save_kv_layer(&mut self, layer: usize) {
+        if let Some(worker) = self.0.as_deref_mut() {
+            worker.save_kv_layer(layer);
+        }
+    }
+}
+
+impl Engine {
+    /// An engine over `model`; KV memory is allocated in `config.layout`.
+    pub fn new(model: Model, config: EngineConfig) -> Result<Self, EngineError> {
+        if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
+            return Err(EngineError::Config(
+                "max_num_seqs and max_num_batched_tokens must be at least 1".into(),
+            ));
+        }
+        if config.max_model_len > model.max_positions() {
+            return Err(EngineError::Config(format!(
+                "max_model_len {} exceeds the {} positions the model was built for",
+                config.max_model_len,
+                model.max_positions()
+            )));
+        }
+        let spec = KvCacheSpec {
+            num_layers: model.config.num_hidden_layers,
+            num_kv_heads: model.config.num_kv_heads(),
+            head_size: model.config.head_dim(),
+            dtype: config.kv_dtype,
+            block_size: config.block_size,
+            num_blocks: config.num_blocks(),
+            attention: AttentionKind::Mha,
+        };
+        let layout = KvLayout::new(spec, config.layout)
+            .map_err(|e| EngineError::Config(format!("KV layout: {e}")))?;
+        let kv = PagedKv::new(layout)?;
+        let eos = model
+            .config
+            .eos_token_id
+            .as_ref()
+            .map(|ids| ids.to_vec())
+            .unwrap_or_default();
+        Ok(Engine {
+            free_blocks: (0..spec.num_blocks as u32).collect(),
+            model,
+            config,
+            kv,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            connector: None,
+            failure_policy: KvLoadFailurePolicy::Recompute,
+            finished_recving: HashSet::new(),
+            sending: HashMap::new(),
+            just_finished: HashSet::new(),
+            eos,
+            stats: EngineStats::default(),
+        })
+    }
+
+    /// The geometry connectors must be built for.
+    pub fn kv_spec(&self) -> KvCacheSpec {
+        *self.kv.layout().spec()
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Links a connector: registers the KV memory with its worker (vLLM's
+    /// `register_kv_caches` at init). `policy` is what to do when a load fails.
+    pub fn attach_connector(
+        &mut self,
+        mut connector: Connector,
+        policy: KvLoadFailurePolicy,
+    ) -> Result<(), EngineError> {
+        connector
+            .worker
+            .register_kv_caches(self.kv.engine_memory())?;
+        self.connector = Some(connector);
+        self.failure_policy = policy;
+        Ok(())
+    }
+
+    /// Builds the connector `transfer` names (with `lmcache` for LMCache's keys) for this
+    /// engine's KV geometry, moving bytes with `device`, and attaches it. Load failures
+    /// follow `transfer.kv_load_failure_policy`.
+    pub fn connect(
+        &mut self,
+        transfer: &KvTransferConfig,
+        lmcache: &LmcacheConfig,
+        model_name: &str,
+        device: Arc<dyn Device>,
+    ) -> Result<(), EngineError> {
+        let identity = EngineIdentity {
+            model: model_name.to_string(),
+            world_size: 1,
+            worker_id: 0,
+        };
+        let connector = build_connector(transfer, lmcache, &identity, self.kv_spec(), device)?;
+        self.attach_connector(connector, transfer.kv_load_failure_policy)
+    }
+
+    pub fn connector(&self) -> Option<&Connector> {
+        self.connector.as_ref()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Queues a request. Fails when it can never be served.
+    pub fn add_request(
+        &mut self,
+        id: impl Into<String>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
+        let id = id.into();
+        let bad = |reason: String| Err(EngineError::BadRequest(reason));
+        if self.requests.contains_key(&id) {
+            return bad(format!("request id {id} is already in use"));
+        }
+        if prompt.is_empty() {
+            return bad(format!("request {id} has an empty prompt"));
+        }
+        if params.max_tokens == 0 {
+            return bad(format!("request {id}: max_tokens must be at least 1"));
+        }
+        if let Some(t) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.config.vocab_size)
+        {
+            return bad(format!(
+                "request {id}: token id {t} is outside the vocabulary of {}",
+                self.model.config.vocab_size
+            ));
+        }
+        if prompt.len() >= self.config.max_model_len {
+            return bad(format!(
+                "request {id}: prompt of {} tokens does not fit max_model_len {}",
+                prompt.len(),
+                self.config.max_model_len
+            ));
+        }
+        let needed = (prompt.len() + params.max_tokens)
+            .min(self.config.max_model_len)
+            .div_ceil(self.config.block_size);
+        if needed > self.kv_spec().num_blocks {
+            return bad(format!(
+                "request {id} needs {needed} KV blocks; the cache has {}",
+                self.kv_spec().num_blocks
+            ));
+        }
+        self.requests.insert(
+            id.clone(),
+            Request {
+                id: id.clone(),
+                num_prompt_tokens: prompt.len(),
+                tokens: prompt,
+                num_computed: 0,
+                blocks: Vec::new(),
+                params,
+                state: State::Waiting,
+                arrived: Instant::now(),
+                first_token: None,
+                digest: Xxh3::new(),
+                hit_tokens: 0,
+                recomputed_tokens: 0,
+                pending_external: 0,
+            },
+        );
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.requests.is_empty() || !self.sending.is_empty()
+    }
+
+    /// Runs steps until every request finished; returns outputs in finishing order.
+    pub fn run_to_completion(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        let mut outputs = Vec::new();
+        let mut last_progress = Instant::now();
+        while self.has_unfinished() {
+            let before = self.progress_marker();
+            outputs.extend(self.step()?);
+            if before != self.progress_marker() {
+                last_progress = Instant::now();
+                continue;
+            }
+            if last_progress.elapsed() > self.config.stall_timeout {
+                return Err(EngineError::Stalled(format!(
+                    "no progress for {:?}; still waiting on {:?}",
+                    self.config.stall_timeout,
+                    self.requests.keys().collect::<Vec<_>>()
+                )));
+            }
+            // Only asynchronous transfers are left to finish: poll, don't spin.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(outputs)
+    }
+
+    /// Changes whenever a step computes, finishes or frees something.
+    fn progress_marker(&self) -> (usize, usize, usize, usize) {
+        (
+            self.stats.computed_tokens,
+            self.requests.len(),
+            self.sending.len(),
+            self.finished_recving.len(),
+        )
+    }
+
+    fn allocate(&mut self, id: &str, tokens: usize) -> bool {
+        let request = &self.requests[id];
+        let needed = tokens.div_ceil(self.config.block_size);
+        let missing = needed.saturating_sub(request.blocks.len());
+        if missing > self.free_blocks.len() {
+            return false;
+        }
+        let new: Vec<u32> = self.free_blocks.drain(..missing).collect();
+        self.requests
+            .get_mut(id)
+            .expect("allocate on a live request")
+            .blocks
+            .extend(new);
+        true
+    }
+
+    fn free(&mut self, blocks: Vec<u32>) {
+        self.free_blocks.extend(blocks);
+    }
+
+    /// Sends a running request back to the waiting queue; it will be recomputed.
+    fn preempt(&mut self, id: &str) {
+        self.running.retain(|r| r != id);
+        let request = self.requests.get_mut(id).expect("preempt a live request");
+        let blocks = std::mem::take(&mut request.blocks);
+        request.num_computed = 0;
+        request.state = State::Waiting;
+        self.free(blocks);
+        self.waiting.push_front(id.to_string());
+        self.stats.preemptions += 1;
+    }
+
+    /// Decides this step's work: (request, tokens to compute) in batch order.
+    fn schedule(&mut self) -> Result<Vec<(String, usize)>, EngineError> {
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut scheduled: Vec<(String, usize)> = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i].clone();
+            let request = &self.requests[&id];
+            let new = (request.tokens.len() - request.num_computed).min(budget);
+            if !self.allocate(&id, request.num_computed + new) {
+                // Free blocks by recomputing the newest running request later.
+                let victim = self.running.last().expect("running is not empty").clone();
+                self.preempt(&victim);
+                if victim == id {
+                    break;
+                }
+                continue;
+            }
+            budget -= new;
+            scheduled.push((id, new));
+            i += 1;
+        }
+        // New and resumed requests, in arrival order; skipped ones keep their place.
+        let mut skipped = VecDeque::new();
+        while let Some(id) = self.waiting.pop_front() {
+            if budget == 0 || self.running.len() >= self.config.max_num_seqs {
+                skipped.push_back(id);
+                continue;
+            }
+            if self.requests[&id].state == State::WaitingForRemoteKv {
+                if !self.finished_recving.remove(&id) {
+                    skipped.push_back(id);
+                    continue;
+                }
+                let request = self.requests.get_mut(&id).expect("waiting request");
+                // The load landed: its tokens are computed, except a full hit's last one,
+                // whose logits the engine still needs.
+                let loaded = request.pending_external.min(request.num_computed_limit());
+                request.num_computed = request.num_computed.min(loaded);
+                request.hit_tokens = request.num_computed;
+                request.state = State::Waiting;
+            }
+            let request = &self.requests[&id];
+            let mut external = 0;
+            let mut load_async = false;
+            if request.num_computed == 0 {
+                if let Some(connector) = self.connector.as_mut() {
+                    match connector
+                        .scheduler
+                        .get_num_new_matched_tokens(&request.view(), 0)?
+                    {
+                        None => {
+                            skipped.push_back(id);
+                            continue;
+                        }
+                        Some((tokens, is_async)) => {
+                            external = tokens;
+                            load_async = is_async && tokens > 0;
+                        }
+                    }
+                }
+            }
+            let computed = request.num_computed + external;
+            let new = if load_async {
+                0
+            } else {
+                (request.tokens.len() - computed).min(budget)
+            };
+            if !self.allocate(&id, computed + new) {
+                skipped.push_back(id);
+                break;
+            }
+            let request = self.requests.get_mut(&id).expect("waiting request");
+            if let Some(connector) = self.connector.as_mut() {
+                connector.scheduler.update_state_after_alloc(
+                    &request.view(),
+                    &request.blocks,
+                    external,
+                );
+            }
+            if load_async {
+                request.state = State::WaitingForRemoteKv;
+                request.pending_external = external;
+                // Until the load lands, what will be computed is the loaded prefix.
+                request.num_computed = external;
+                scheduled.push((id.clone(), 0));
+                skipped.push_back(id);
+                continue;
+            }
+            request.num_computed = computed;
+            request.hit_tokens = request.hit_tokens.max(external);
+            request.state = State::Running;
+            budget -= new;
+            self.running.push(id.clone());
+            scheduled.push((id, new));
+        }
+        skipped.extend(self.waiting.drain(..));
+        self.waiting = skipped;
+        Ok(scheduled)
+    }
+
+    /// One engine step: schedule, run the connector and the forward pass, sample, finish.
+    /// Returns the requests that finished in this step.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
+        self.stats.steps += 1;
+        let scheduled = self.schedule()?;
+        let metadata = match self.connector.as_mut() {
+            Some(connector) => {
+                let views: Vec<ScheduledRequest<'_>> = scheduled
+                    .iter()
+                    .map(|(id, new)| {
+                        let r = &self.requests[id];
+                        ScheduledRequest {
+                            request: r.view(),
+                            block_ids: &r.blocks,
+                            num_computed_tokens: r.num_computed + new,
+                        }
+                    })
+                    .collect();
+                Some(connector.scheduler.build_connector_meta(&views)?)
+            }
+            None => None,
+        };
+        let computing: Vec<&(String, usize)> = scheduled.iter().filter(|(_, n)| *n > 0).collect();
+        let inputs: Vec<SeqInput<'_>> = computing
+            .iter()
+            .map(|(id, new)| {
+                let r = &self.requests[id];
+                SeqInput {
+                    tokens: &r.tokens[r.num_computed..r.num_computed + new],
+                    start: r.num_computed,
+                    block_table: &r.blocks,
+                    logits: r.num_computed + new == r.tokens.len(),
+                }
+            })
+            .collect();
+        let finished_ids = std::mem::take(&mut self.just_finished);
+        let mut worker = self.connector.as_mut().map(|c| &mut c.worker);
+        // vLLM's KV connector context around execute_model.
+        let (logits, invalid_blocks) = {
+            if let (Some(worker), Some(metadata)) = (worker.as_deref_mut(), metadata) {
+                worker.bind_connector_metadata(metadata);
+                worker.start_load_kv()?;
+            }
+            let logits = if inputs.is_empty() {
+                Vec::new()
+            } else {
+                self.model
+                    .forward(&inputs, &self.kv, &mut WorkerHooks(worker.as_deref_mut()))
+            };
+            let mut invalid = HashSet::new();
+            if let Some(worker) = worker {
+                let saved = if inputs.is_empty() {
+                    Ok(())
+                } else {
+                    worker.wait_for_save()
+                };
+                let (sent, received) = worker.get_finished(&finished_ids);
+                invalid = worker.get_block_ids_with_load_errors();
+                worker.clear_connector_metadata();
+                saved?;
+                for id in sent {
+                    if let Some(blocks) = self.sending.remove(&id) {
+                        self.free_blocks.extend(blocks);
+                    }
+                }
+                self.finished_recving.extend(received);
+            }
+            (logits, invalid)
+        };
+        let computed_now: Vec<(String, usize)> =
+            computing.iter().map(|(id, n)| (id.clone(), *n)).collect();
+        drop(inputs);
+        let mut finished = Vec::new();
+        for ((id, new), logits) in computed_now.into_iter().zip(logits) {
+            self.stats.computed_tokens += new;
+            if self.apply_load_failures(&id, &invalid_blocks, &mut finished) {
+                continue;
+            }
+            let request = self.requests.get_mut(&id).expect("scheduled request");
+            request.num_computed += new;
+            let Some(logits) = logits else { continue };
+            for v in &logits {
+                request.digest.update(&v.to_le_bytes());
+            }
+            let token = argmax(&logits) as u32;
+            request.tokens.push(token);
+            request.first_token.get_or_insert_with(Instant::now);
+            let reason = if !request.params.ignore_eos && self.eos.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if request.output_len() >= request.params.max_tokens
+                || request.tokens.len() >= self.config.max_model_len
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                finished.push(self.finish(&id, reason));
+            }
+        }
+        // Asynchronous loads that failed: their requests resume from the first bad block.
+        let waiting_ids: Vec<String> = self
+            .requests
+            .values()
+            .filter(|r| r.state == State::WaitingForRemoteKv)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in waiting_ids {
+            self.apply_load_failures(&id, &invalid_blocks, &mut finished);
+        }
+        Ok(finished)
+    }
+
+    /// Handles blocks of `id` whose KV failed to load: under "recompute" the request
+    /// resumes from the first bad block and this step's token is discarded; under "fail"
+    /// the request ends with an error. Returns true when the step's result must be dropped.
+    fn apply_load_failures(
+        &mut self,
+        id: &str,
+        invalid: &HashSet<u32>,
+        finished: &mut Vec<RequestOutput>,
+    ) -> bool {
+        if invalid.is_empty() {
+            return false;
+        }
+        let block_size = self.config.block_size;
+        let request = self.requests.get_mut(id).expect("live request");
+        let Some(first_bad) = request.blocks.iter().position(|b| invalid.contains(b)) else {
+            return false;
+        };
+        let good_tokens = first_bad * block_size;
+        let lost = request.num_computed.saturating_sub(good_tokens);
+        if self.failure_policy == KvLoadFailurePolicy::Fail {
+            let reason = FinishReason::Error(format!(
+                "loading KV for tokens {good_tokens}.. failed (kv_load_failure_policy = fail)"
+            ));
+            finished.push(self.finish(id, reason));
+            return true;
+        }
+        request.recomputed_tokens += lost;
+        request.hit_tokens = request.hit_tokens.min(good_tokens);
+        request.num_computed = request.num_computed.min(good_tokens);
+        request.pending_external = request.pending_external.min(good_tokens);
+        true
+    }
+
+    fn finish(&mut self, id: &str, reason: FinishReason) -> RequestOutput {
+        let request = self.requests.remove(id).expect("finish a live request");
+        self.running.retain(|r| r != id);
+        self.waiting.retain(|r| r != id);
+        self.just_finished.insert(id.to_string());
+        let (delay_free, kv_transfer_params, transfer) = match self.connector.as_mut() {
+            Some(connector) => {
+                let (delay, params) = connector
+                    .scheduler
+                    .request_finished(&request.view(), &request.blocks);
+                (delay, params, connector.worker.take_request_stats(id))
+            }
+            None => (false, None, ConnectorStats::default()),
+        };
+        let now = Instant::now();
+        let output = RequestOutput {
+            request_id: request.id.clone(),
+            prompt_token_count: request.num_prompt_tokens,
+            output_token_count: request.output_len(),
+            output_token_ids: request.tokens[request.num_prompt_tokens..].to_vec(),
+            finish_reason: reason,
+            logits_digest: format!("{:016x}", request.digest.digest()),
+            hit_tokens: request.hit_tokens,
+            recomputed_tokens: request.recomputed_tokens,
+            transfer,
+            time_to_first_token_sec: request
+                .first_token
+                .map_or(0.0, |t| (t - request.arrived).as_secs_f64()),
+            elapsed_sec: (now - request.arrived).as_secs_f64(),
+            kv_transfer_params,
+        };
+        if delay_free {
+            self.sending.insert(request.id, request.blocks);
+        } else {
+            self.free(request.blocks);
+        }
+        output
+    }
+
+    /// Runs `prompts` to completion and returns their outputs in prompt order.
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: SamplingParams,
+    ) -> Result<Vec<RequestOutput>, EngineError> {
+        let ids: Vec<String> = (0..prompts.len()).map(|i| format!("req-{i}")).collect();
+        for (id, prompt) in ids.iter().zip(prompts) {
+            self.add_request(id.clone(), prompt.clone(), params)?;
+        }
+        let mut outputs = self.run_to_completion()?;
+        outputs.sort_by_key(|o| ids.iter().position(|id| *id == o.request_id));
+        Ok(outputs)
+    }
+}
+
+impl Request {
+    /// At most every token but the last is loaded: the last one's logits are computed.
+    fn num_computed_limit(&self) -> usize {
+        self.tokens.len() - 1
+    }
+}

@@ -1,0 +1,41 @@
+//! A small reference inference engine for Llama models with a paged KV cache: the host
+//! kvrelay's connector is linked into in examples, tests and `kvrelay serve`.
+//!
+//! It computes in f32 on the CPU, stores KV in any of kvrelay's layouts, samples greedily,
+//! and calls the connector's hooks in vLLM's order. Every token's result depends only on
+//! its own inputs and the KV bytes in the cache, never on how requests were batched or
+//! chunked, so a disaggregated run (prefill here, KV through kvrelay, decode there) is
+//! bit-exact with a colocated one.
+
+pub mod config;
+pub mod engine;
+pub mod kv;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, RequestOutput, SamplingParams};
+pub use model::Model;
+pub use tokenizer::Tokenizer;
+
+use kvrelay::connector::ConnectorError;
+
+/// Why the engine cannot load a model, accept a request or make progress.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("model: {0}")]
+    Model(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("engine configuration: {0}")]
+    Config(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("connector: {0}")]
+    Connector(#[from] ConnectorError),
+    #[error("engine stalled: {0}")]
+    Stalled(String),
+}

@@ -1,0 +1,69 @@
+//! Text to token ids and back: a Hugging Face `tokenizer.json` when the checkpoint has one,
+//! otherwise a byte-level tokenizer (one token per UTF-8 byte), which the embedded model uses.
+
+use std::path::Path;
+
+use crate::EngineError;
+
+/// The byte tokenizer's begin-of-sequence id (ids 0..=255 are the bytes themselves).
+pub const BYTE_BOS: u32 = 256;
+/// The byte tokenizer's end-of-sequence id.
+pub const BYTE_EOS: u32 = 257;
+
+pub enum Tokenizer {
+    Bytes,
+    HuggingFace(Box<tokenizers::Tokenizer>),
+}
+
+impl Tokenizer {
+    /// `tokenizer.json` in `dir` if present, else the byte tokenizer.
+    pub fn for_checkpoint(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Ok(Tokenizer::Bytes);
+        }
+        tokenizers::Tokenizer::from_file(&path)
+            .map(|t| Tokenizer::HuggingFace(Box::new(t)))
+            .map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))
+    }
+
+    /// Token ids of `text`, with the begin-of-sequence token the model expects.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        match self {
+            Tokenizer::Bytes => Ok(std::iter::once(BYTE_BOS)
+                .chain(text.bytes().map(u32::from))
+                .collect()),
+            Tokenizer::HuggingFace(t) => t
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| EngineError::Tokenizer(e.to_string())),
+        }
+    }
+
+    /// Text of `ids`, without special tokens. Invalid UTF-8 becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
+        match self {
+            Tokenizer::Bytes => {
+                let bytes: Vec<u8> = ids.iter().filter_map(|&id| u8::try_from(id).ok()).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            Tokenizer::HuggingFace(t) => t
+                .decode(ids, true)
+                .map_err(|e| EngineError::Tokenizer(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_tokenizer_round_trips_text_and_adds_bos() {
+        let t = Tokenizer::Bytes;
+        let ids = t.encode("KV ü").unwrap();
+        assert_eq!(ids[0], BYTE_BOS);
+        assert_eq!(ids.len(), 1 + "KV ü".len());
+        assert_eq!(t.decode(&ids).unwrap(), "KV ü");
+    }
+}

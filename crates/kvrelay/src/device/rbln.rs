@@ -1,0 +1,573 @@
+//! The RBLN device (feature `rbln`): engine KV memory in RBLN device memory, copied with
+//! the RBLN runtime (`librbln.so`, loaded at run time through `rbln-sys`).
+//!
+//! Engine regions are device virtual addresses: the `data_ptr()` of torch-rbln KV tensors
+//! (device-tensor mode, vLLM-RBLN 0.12's default). A plan is started as one batch of
+//! `rbln_memcpy_{v2h,h2v}_async` calls (the runtime's batched `*_multi` calls take a
+//! `std::vector` and are not C-callable), and [`PendingCopy::wait`] is one
+//! `rbln_device_synchronize`. [`RblnDevice::calls`] counts those calls for benches.
+//!
+//! Each runtime call is a DMA descriptor that costs about 17 µs on the device (Rebellions'
+//! LMCache notes), and the RBLN layouts keep heads apart inside a block, so a plan to
+//! LMCache's token-major chunks has one run per (token, head): thousands of runs of a few
+//! hundred bytes. [`Staging::Auto`] therefore copies such plans through a device-shaped host
+//! buffer instead: one async copy per contiguous device range (a whole block of one layer
+//! for full blocks), and the (token, head) reordering as host memcpy after the synchronize
+//! (gather) or before the copies (scatter). Plans whose runs are already large go direct,
+//! one async copy per run. Either way a plan makes at most `runs + 1` runtime calls.
+//!
+//! Staging buffers are 4 KiB aligned (2 MiB from 2 MiB up), which the runtime's DMA path
+//! needs. They are not registered (pinned) with the runtime: its host registration call
+//! has no published C signature.
+//!
+//! Nothing here has run on RBLN hardware; the tests and benches use the `rbln-emu` test
+//! double.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+pub use rbln_sys::{AbiCheck, AllocKind, CopyHandle, DeviceMemory, LoadError, RblnError, Runtime};
+
+use super::{check_plan, Device, DeviceError, EngineMemory, HostBuffer, PendingCopy, Region};
+use crate::plan::{CopyPlan, CopyRun, Endpoint};
+
+/// Runtime calls an [`RblnDevice`] made, cumulative since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeCalls {
+    /// Plans started.
+    pub plans: u64,
+    /// Async copy calls (one per run).
+    pub copies: u64,
+    /// Of those, copies the runtime completed synchronously (handle 0: device memory not
+    /// yet materialized).
+    pub synchronous_copies: u64,
+    /// `rbln_device_synchronize` calls.
+    pub synchronizes: u64,
+    /// Plans copied through a device-shaped host staging buffer ([`Staging::Auto`]).
+    pub staged_plans: u64,
+}
+
+impl RuntimeCalls {
+    /// Every runtime call counted: copies plus synchronizes.
+    pub fn total(&self) -> u64 {
+        self.copies + self.synchronizes
+    }
+
+    /// The calls made between `earlier` and `self`.
+    pub fn since(&self, earlier: &RuntimeCalls) -> RuntimeCalls {
+        RuntimeCalls {
+            plans: self.plans - earlier.plans,
+            copies: self.copies - earlier.copies,
+            synchronous_copies: self.synchronous_copies - earlier.synchronous_copies,
+            synchronizes: self.synchronizes - earlier.synchronizes,
+            staged_plans: self.staged_plans - earlier.staged_plans,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    plans: AtomicU64,
+    copies: AtomicU64,
+    synchronous_copies: AtomicU64,
+    synchronizes: AtomicU64,
+    staged_plans: AtomicU64,
+}
+
+/// Whether plans with many small runs are copied through a device-shaped host buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Staging {
+    /// Stage when merging the plan's runs into contiguous device ranges saves more
+    /// runtime calls than the extra host copy costs (see [`CALL_COST_BYTES`]).
+    #[default]
+    Auto,
+    /// Always one async copy per run, straight between device and the caller's buffers.
+    Never,
+}
+
+/// What one runtime call costs, in bytes of host memcpy: about 17 µs per host-DMA
+/// descriptor (Rebellions' LMCache design notes) at ~15 GB/s of host copying. Staging pays
+/// when `(runs - device ranges) * CALL_COST_BYTES` exceeds the plan's bytes.
+pub const CALL_COST_BYTES: usize = 256 << 10;
+
+/// Staging buffers kept for reuse; more concurrent plans allocate and drop their own.
+const POOLED_STAGING_BUFFERS: usize = 2;
+
+/// One RBLN device (a torch-rbln device number) of a loaded runtime.
+pub struct RblnDevice {
+    runtime: Arc<Runtime>,
+    device: u32,
+    name: String,
+    counters: Counters,
+    staging: Staging,
+    pool: Mutex<Vec<HostBuffer>>,
+}
+
+impl std::fmt::Debug for RblnDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RblnDevice")
+            .field("name", &self.name)
+            .field("runtime", &self.runtime)
+            .finish()
+    }
+}
+
+impl RblnDevice {
+    /// Device `device` of the process-wide runtime, found through rbln-sys's search order
+    /// (`RBLN_RUNTIME_LIB`, an already loaded `librbln.so`, the rebel package, the system
+    /// library path).
+    pub fn open(device: u32) -> Result<Self, DeviceError> {
+        let runtime = Runtime::global().map_err(|e| DeviceError::Runtime {
+            device: format!("rbln:{device}"),
+            call: "dlopen librbln.so",
+            message: e.to_string(),
+        })?;
+        Self::new(runtime, device)
+    }
+
+    /// Device `device` of `runtime`, checked against the runtime's device count.
+    pub fn new(runtime: Arc<Runtime>, device: u32) -> Result<Self, DeviceError> {
+        let rbln = RblnDevice {
+            runtime,
+            device,
+            name: format!("rbln:{device}"),
+            counters: Counters::default(),
+            staging: Staging::default(),
+            pool: Mutex::new(Vec::new()),
+        };
+        let count = rbln.runtime.device_count().map_err(|e| rbln.error(e))?;
+        if device >= count {
+            return Err(DeviceError::Runtime {
+                device: rbln.name,
+                call: "rbln_get_device_count",
+                message: format!("device {device} does not exist: the runtime has {count}"),
+            });
+        }
+        Ok(rbln)
+    }
+
+    /// Sets when plans are staged (default [`Staging::Auto`]).
+    pub fn with_staging(mut self, staging: Staging) -> Self {
+        self.staging = staging;
+        self
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The torch-rbln device number.
+    pub fn device(&self) -> u32 {
+        self.device
+    }
+
+    /// Runtime calls made so far.
+    pub fn calls(&self) -> RuntimeCalls {
+        let c = &self.counters;
+        RuntimeCalls {
+            plans: c.plans.load(Ordering::Relaxed),
+            copies: c.copies.load(Ordering::Relaxed),
+            synchronous_copies: c.synchronous_copies.load(Ordering::Relaxed),
+            synchronizes: c.synchronizes.load(Ordering::Relaxed),
+            staged_plans: c.staged_plans.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks the runtime whether every region of `engine` is device memory of this device,
+    /// first and last byte. Call once when an engine registers its KV cache (two runtime
+    /// calls per region); plans do not repeat it.
+    pub fn verify_engine_memory(&self, engine: &EngineMemory) -> Result<(), DeviceError> {
+        for (i, region) in engine.regions().iter().enumerate() {
+            let last = region_end(region).map(|end| end.saturating_sub(1).max(region.addr));
+            let last = last.ok_or_else(|| bad_region(engine, i, region))?;
+            for vaddr in [region.addr, last] {
+                let owner = self.runtime.device_of(vaddr).map_err(|e| self.error(e))?;
+                if owner != self.device {
+                    return Err(DeviceError::Runtime {
+                        device: self.name.clone(),
+                        call: "rbln::rbln_get_torch_device_id_from_vaddr",
+                        message: format!(
+                            "engine region {i} ({vaddr:#x}) belongs to rbln:{owner}, not {}",
+                            self.name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn error(&self, e: RblnError) -> DeviceError {
+        DeviceError::Runtime {
+            device: self.name.clone(),
+            call: e.call(),
+            message: e.to_string(),
+        }
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        self.counters.synchronizes.fetch_add(1, Ordering::Relaxed);
+        self.runtime
+            .device_synchronize(self.device)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Starts one async copy per item. On the first failing call it stops, drains the
+    /// copies already started (they use the caller's buffers, whose borrows end when this
+    /// returns), and returns that failure.
+    fn start_copies<T>(
+        &self,
+        items: &[T],
+        mut start: impl FnMut(&T) -> Result<CopyHandle, RblnError>,
+    ) -> Result<(), DeviceError> {
+        for item in items {
+            self.counters.copies.fetch_add(1, Ordering::Relaxed);
+            match start(item) {
+                Ok(handle) if handle.completed_synchronously() => {
+                    self.counters
+                        .synchronous_copies
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let failed = self.error(e);
+                    return Err(match (failed, self.synchronize()) {
+                        (failed, Ok(())) => failed,
+                        (
+                            DeviceError::Runtime {
+                                device,
+                                call,
+                                message,
+                            },
+                            Err(drain),
+                        ) => DeviceError::Runtime {
+                            device,
+                            call,
+                            message: format!(
+                                "{message}; draining the copies already started also failed: {drain}"
+                            ),
+                        },
+                        (failed, Err(_)) => failed,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The staged form of `plan` when [`Staging`] allows it and it saves more runtime calls
+    /// than the host copy costs. `device_side` gives a run's device buffer and offset.
+    fn stage(
+        &self,
+        plan: &CopyPlan,
+        device_side: impl Fn(&CopyRun) -> (u32, usize),
+    ) -> Option<StagedPlan> {
+        let runs = plan.runs();
+        // Runs that average a call's worth of bytes cannot gain: merging saves fewer calls
+        // than total_bytes / CALL_COST_BYTES.
+        if self.staging == Staging::Never
+            || runs.is_empty()
+            || plan.total_bytes() / runs.len() >= CALL_COST_BYTES
+        {
+            return None;
+        }
+        let staged = StagedPlan::new(runs, device_side);
+        let saved = runs.len() - staged.ranges.len();
+        (saved.saturating_mul(CALL_COST_BYTES) > plan.total_bytes()).then_some(staged)
+    }
+
+    /// A pooled staging buffer of at least `len` bytes, or a new one.
+    fn take_staging(&self, len: usize) -> Result<HostBuffer, DeviceError> {
+        let mut pool = self.pool.lock();
+        match pool.iter().position(|b| b.len() >= len) {
+            Some(i) => Ok(pool.swap_remove(i)),
+            None => {
+                drop(pool);
+                HostBuffer::zeroed(len)
+            }
+        }
+    }
+
+    /// Returns a staging buffer to the pool, which keeps the largest few.
+    fn give_back(&self, buffer: HostBuffer) {
+        let mut pool = self.pool.lock();
+        pool.push(buffer);
+        if pool.len() > POOLED_STAGING_BUFFERS {
+            let smallest = (0..pool.len()).min_by_key(|&i| pool[i].len());
+            smallest.map(|i| pool.swap_remove(i));
+        }
+    }
+}
+
+/// A plan's runs merged into contiguous device ranges, laid out one after another in a
+/// host staging buffer.
+struct StagedPlan {
+    ranges: Vec<DeviceRange>,
+    /// For each run of the plan, in plan order, its offset in the staging buffer.
+    run_staging: Vec<usize>,
+    /// Staging bytes needed.
+    bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DeviceRange {
+    buffer: u32,
+    offset: usize,
+    len: usize,
+    /// Offset in the staging buffer.
+    staging: usize,
+}
+
+impl StagedPlan {
+    fn new(runs: &[CopyRun], device_side: impl Fn(&CopyRun) -> (u32, usize)) -> Self {
+        // Sort (device position, run index) pairs: keys next to each other sort several
+        // times faster than comparisons that chase each run.
+        let mut order: Vec<((u32, usize), usize)> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, run)| (device_side(run), i))
+            .collect();
+        order.sort_unstable();
+        let mut ranges: Vec<DeviceRange> = Vec::new();
+        let mut run_staging = vec![0; runs.len()];
+        let mut end = 0usize;
+        for ((buffer, offset), i) in order {
+            let len = runs[i].len;
+            match ranges.last_mut() {
+                // Touching or overlapping the previous range: extend it.
+                Some(r) if r.buffer == buffer && offset <= r.offset + r.len => {
+                    run_staging[i] = r.staging + (offset - r.offset);
+                    r.len = r.len.max(offset + len - r.offset);
+                }
+                _ => {
+                    // DMA wants 4 KiB-aligned host operands; small ranges pack tighter.
+                    let align = if len >= 4096 { 4096 } else { 64 };
+                    let staging = end.next_multiple_of(align);
+                    ranges.push(DeviceRange {
+                        buffer,
+                        offset,
+                        len,
+                        staging,
+                    });
+                    run_staging[i] = staging;
+                }
+            }
+            end = ranges.last().map_or(0, |r| r.staging + r.len);
+        }
+        StagedPlan {
+            ranges,
+            run_staging,
+            bytes: end,
+        }
+    }
+}
+
+/// One past the region's last device address, if that is addressable.
+fn region_end(region: &Region) -> Option<u64> {
+    region.addr.checked_add(region.len as u64)
+}
+
+fn bad_region(engine: &EngineMemory, index: usize, region: &Region) -> DeviceError {
+    let layout = engine.layout();
+    DeviceError::BadRegions {
+        layout: layout.kind().to_string(),
+        expected: layout.num_buffers(),
+        bytes: layout.buffer_bytes(),
+        found: engine.regions().len(),
+        detail: format!(
+            " (region {index}: {} bytes at {:#x} overflow the address space)",
+            region.len, region.addr
+        ),
+    }
+}
+
+/// Checks that every region's device range is addressable, so `addr + offset` below
+/// cannot overflow for offsets `check_plan` accepted.
+fn check_regions(engine: &EngineMemory) -> Result<&[Region], DeviceError> {
+    let regions = engine.regions();
+    match regions.iter().position(|r| region_end(r).is_none()) {
+        Some(i) => Err(bad_region(engine, i, &regions[i])),
+        None => Ok(regions),
+    }
+}
+
+impl Device for RblnDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn alloc_staging(&self, len: usize) -> Result<HostBuffer, DeviceError> {
+        HostBuffer::zeroed(len)
+    }
+
+    fn start_gather<'a>(
+        &'a self,
+        plan: &'a CopyPlan,
+        engine: &'a EngineMemory,
+        host: &'a mut [&mut [u8]],
+    ) -> Result<PendingCopy<'a>, DeviceError> {
+        let regions = check_regions(engine)?;
+        check_plan(
+            plan,
+            Endpoint::Paged,
+            Endpoint::Chunks,
+            regions.iter().map(|r| r.len),
+            host.iter().map(|b| b.len()),
+        )?;
+        self.counters.plans.fetch_add(1, Ordering::Relaxed);
+        if plan.runs().is_empty() {
+            return Ok(PendingCopy::done());
+        }
+        if let Some(staged) = self.stage(plan, |r| (r.src_buffer, r.src_offset)) {
+            self.counters.staged_plans.fetch_add(1, Ordering::Relaxed);
+            let mut staging = self.take_staging(staged.bytes)?;
+            let base = staging.as_mut_ptr();
+            let started = self.start_copies(&staged.ranges, |range| {
+                let src = regions[range.buffer as usize].addr + range.offset as u64;
+                // SAFETY: the device range is the union of runs check_plan proved inside
+                // the region (engine memory, valid per EngineMemory's contract); the host
+                // range lies in `staging` (StagedPlan sized it), which no one else uses
+                // and which the PendingCopy below keeps until after the synchronize.
+                unsafe {
+                    self.runtime
+                        .memcpy_v2h_async(src, base.wrapping_add(range.staging), range.len)
+                }
+            });
+            if let Err(e) = started {
+                self.give_back(staging);
+                return Err(e);
+            }
+            return Ok(PendingCopy::new(move || {
+                let landed = self.synchronize();
+                // After a failed synchronize the staging bytes are not trustworthy: the
+                // caller's buffers stay untouched.
+                if landed.is_ok() {
+                    for (run, &at) in plan.runs().iter().zip(&staged.run_staging) {
+                        host[run.dst_buffer as usize][run.dst_offset..][..run.len]
+                            .copy_from_slice(&staging[at..][..run.len]);
+                    }
+                }
+                self.give_back(staging);
+                landed
+            }));
+        }
+        let host: Vec<*mut u8> = host.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        self.start_copies(plan.runs(), |run| {
+            let src = regions[run.src_buffer as usize].addr + run.src_offset as u64;
+            let dst = host[run.dst_buffer as usize].wrapping_add(run.dst_offset);
+            // SAFETY: check_plan proved both ranges lie inside their buffers: the host
+            // chunk buffer is exclusively borrowed for 'a, which the returned PendingCopy
+            // holds until the synchronize that lands the copy; the device range is engine
+            // memory, valid per EngineMemory's contract.
+            unsafe { self.runtime.memcpy_v2h_async(src, dst, run.len) }
+        })?;
+        Ok(PendingCopy::new(move || self.synchronize()))
+    }
+
+    fn start_scatter<'a>(
+        &'a self,
+        plan: &'a CopyPlan,
+        host: &'a [&[u8]],
+        engine: &'a EngineMemory,
+    ) -> Result<PendingCopy<'a>, DeviceError> {
+        let regions = check_regions(engine)?;
+        check_plan(
+            plan,
+            Endpoint::Chunks,
+            Endpoint::Paged,
+            host.iter().map(|b| b.len()),
+            regions.iter().map(|r| r.len),
+        )?;
+        self.counters.plans.fetch_add(1, Ordering::Relaxed);
+        if plan.runs().is_empty() {
+            return Ok(PendingCopy::done());
+        }
+        if let Some(staged) = self.stage(plan, |r| (r.dst_buffer, r.dst_offset)) {
+            self.counters.staged_plans.fetch_add(1, Ordering::Relaxed);
+            let mut staging = self.take_staging(staged.bytes)?;
+            for (run, &at) in plan.runs().iter().zip(&staged.run_staging) {
+                staging[at..][..run.len]
+                    .copy_from_slice(&host[run.src_buffer as usize][run.src_offset..][..run.len]);
+            }
+            let base = staging.as_ptr();
+            let started = self.start_copies(&staged.ranges, |range| {
+                let dst = regions[range.buffer as usize].addr + range.offset as u64;
+                // SAFETY: the device range is the union of runs check_plan proved inside
+                // the region, engine memory no one else writes during the copy (per
+                // EngineMemory's contract); the host range lies in `staging`, which the
+                // PendingCopy below keeps unchanged until after the synchronize.
+                unsafe {
+                    self.runtime
+                        .memcpy_h2v_async(base.wrapping_add(range.staging), dst, range.len)
+                }
+            });
+            if let Err(e) = started {
+                self.give_back(staging);
+                return Err(e);
+            }
+            return Ok(PendingCopy::new(move || {
+                let landed = self.synchronize();
+                self.give_back(staging);
+                landed
+            }));
+        }
+        self.start_copies(plan.runs(), |run| {
+            let src = host[run.src_buffer as usize][run.src_offset..].as_ptr();
+            let dst = regions[run.dst_buffer as usize].addr + run.dst_offset as u64;
+            // SAFETY: check_plan proved both ranges lie inside their buffers: the host
+            // chunk buffer is borrowed for 'a, which the returned PendingCopy holds until
+            // the synchronize that lands the copy; the device range is engine memory that
+            // no one else writes during the copy, per EngineMemory's contract.
+            unsafe { self.runtime.memcpy_h2v_async(src, dst, run.len) }
+        })?;
+        Ok(PendingCopy::new(move || self.synchronize()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(src_buffer: u32, src_offset: usize, dst_offset: usize, len: usize) -> CopyRun {
+        CopyRun {
+            src_buffer,
+            src_offset,
+            dst_buffer: 0,
+            dst_offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn staging_merges_touching_device_ranges_and_aligns_large_ones() {
+        // Plan order interleaves two blocks' heads; on the device they are contiguous.
+        let runs = [
+            run(0, 8192, 0, 4096),
+            run(0, 0, 4096, 4096),
+            run(0, 12288, 8192, 4096),
+            run(0, 4096, 12288, 4096),
+            // A separate range after a gap, a small one in another buffer, and a run
+            // overlapping the previous range's end.
+            run(0, 20000, 16384, 100),
+            run(1, 64, 16484, 32),
+            run(0, 20050, 16516, 100),
+        ];
+        let staged = StagedPlan::new(&runs, |r| (r.src_buffer, r.src_offset));
+        let ranges: Vec<_> = staged
+            .ranges
+            .iter()
+            .map(|r| (r.buffer, r.offset, r.len, r.staging))
+            .collect();
+        assert_eq!(
+            ranges,
+            [(0, 0, 16384, 0), (0, 20000, 150, 16384), (1, 64, 32, 16576)]
+        );
+        assert_eq!(
+            staged.run_staging,
+            [8192, 0, 12288, 4096, 16384, 16576, 16434]
+        );
+        assert_eq!(staged.bytes, 16608);
+    }
+}

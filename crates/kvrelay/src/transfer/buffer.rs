@@ -1,0 +1,537 @@
+//! The receiver's PD buffer: fixed pages of one full chunk each, admission control,
+//! received chunks by key, and page reclamation.
+//!
+//! A request moves through `Receiving` (pages granted, bytes arriving) to `Ready` (every
+//! chunk verified, chunks findable by key) and is gone once each chunk has been consumed, or
+//! when it is cancelled, its sender disconnects, or its TTL passes. A consumed chunk's page
+//! stays in use until the returned [`Chunk`] (and every clone of its bytes) is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+
+use super::frame::ChunkDecl;
+use super::TransferError;
+use crate::device::HostBuffer;
+use crate::keys::CacheKey;
+use crate::store::{Chunk, ChunkMeta};
+
+/// Where the pages live. Host memory (private, or a shared mapping for `shm`) today; device
+/// memory allocated through the `Device` trait later implements the same two methods.
+pub(crate) trait PageMemory: Send + Sync {
+    /// Start of the memory; valid for reads and writes of `len()` bytes while `self` lives.
+    fn base(&self) -> NonNull<u8>;
+    fn len(&self) -> usize;
+}
+
+/// Private host memory, for the `tcp` channel.
+pub(crate) struct HostPages {
+    base: NonNull<u8>,
+    buf: HostBuffer,
+}
+
+// SAFETY: `base` points into `buf`, which HostPages owns; HostBuffer is Send + Sync, and
+// the PD buffer hands out disjoint page ranges only (see PdBuffer).
+unsafe impl Send for HostPages {}
+// SAFETY: as above.
+unsafe impl Sync for HostPages {}
+
+impl HostPages {
+    pub(crate) fn new(len: usize) -> Result<Self, TransferError> {
+        let mut buf = HostBuffer::zeroed(len)
+            .map_err(|e| TransferError::Config(format!("PD buffer: {e}")))?;
+        // Fault every page in now, not while the first request's bytes arrive.
+        buf.fill(0);
+        let base = NonNull::new(buf.as_mut_ptr())
+            .ok_or_else(|| TransferError::Config("PD buffer: null allocation".into()))?;
+        Ok(HostPages { base, buf })
+    }
+}
+
+impl PageMemory for HostPages {
+    fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// A snapshot of the buffer's use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub page_size: usize,
+    pub total_pages: usize,
+    /// Pages granted, holding unconsumed KV, or held by chunks handed to a consumer.
+    pub used_pages: usize,
+    /// Requests receiving or ready.
+    pub requests: usize,
+    /// Allocations waiting for pages.
+    pub waiting: usize,
+}
+
+/// A request whose chunks all arrived and verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadyRequest {
+    pub chunks: usize,
+    pub tokens: u64,
+}
+
+/// The pages granted to one request.
+#[derive(Clone, Debug)]
+pub(crate) struct Grant {
+    pub id: u32,
+    pub pages: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Receiving { cancelled: bool },
+    Ready,
+}
+
+struct Slot {
+    key: CacheKey,
+    meta: ChunkMeta,
+    len: usize,
+    page: u32,
+    /// The request still owns the page (not yet consumed or freed).
+    held: bool,
+}
+
+struct Request {
+    phase: Phase,
+    slots: Vec<Slot>,
+    held: usize,
+    /// Ready: when unconsumed pages are reclaimed.
+    expires: Instant,
+}
+
+/// Bounded record of requests that are gone, for `wait_ready`.
+const ENDED_KEPT: usize = 1024;
+
+#[derive(Clone, Copy)]
+enum Ended {
+    /// Every chunk was taken (possibly by another request with the same keys).
+    Consumed(ReadyRequest),
+    Failed(&'static str),
+}
+
+struct State {
+    free: Vec<u32>,
+    requests: HashMap<Arc<str>, Request>,
+    /// Verified chunks of ready requests, by key. Several requests may carry the same key
+    /// (a shared prefix); any one of them serves it, since equal keys mean equal bytes.
+    ready: HashMap<CacheKey, Vec<(Arc<str>, usize)>>,
+    /// Allocation waiters in arrival order; only the head may take pages, so a large
+    /// request is not starved by a stream of small ones.
+    queue: VecDeque<u64>,
+    next_ticket: u64,
+    next_grant: u32,
+    ended: VecDeque<(Arc<str>, Ended)>,
+    closed: bool,
+}
+
+struct Shared {
+    memory: Box<dyn PageMemory>,
+    page_size: usize,
+    num_pages: usize,
+    ttl: Duration,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// The PD buffer. Cheap to clone; clones share the pages.
+#[derive(Clone)]
+pub(crate) struct PdBuffer {
+    shared: Arc<Shared>,
+}
+
+impl PdBuffer {
+    /// `memory.len() / page_size` pages. Errors if not even one page fits.
+    pub(crate) fn new(
+        memory: Box<dyn PageMemory>,
+        page_size: usize,
+        ttl: Duration,
+    ) -> Result<Self, TransferError> {
+        let num_pages = memory.len().checked_div(page_size).unwrap_or(0);
+        if num_pages == 0 {
+            return Err(TransferError::BufferTooSmall {
+                buffer_size: memory.len() as u64,
+                page_size,
+            });
+        }
+        // Page indexes travel as u32.
+        let num_pages = num_pages.min(u32::MAX as usize);
+        let state = State {
+            free: (0..num_pages as u32).rev().collect(),
+            requests: HashMap::new(),
+            ready: HashMap::new(),
+            queue: VecDeque::new(),
+            next_ticket: 0,
+            next_grant: 0,
+            ended: VecDeque::new(),
+            closed: false,
+        };
+        Ok(PdBuffer {
+            shared: Arc::new(Shared {
+                memory,
+                page_size,
+                num_pages,
+                ttl,
+                state: Mutex::new(state),
+                changed: Condvar::new(),
+            }),
+        })
+    }
+
+    pub(crate) fn page_size(&self) -> usize {
+        self.shared.page_size
+    }
+
+    pub(crate) fn num_pages(&self) -> usize {
+        self.shared.num_pages
+    }
+
+    /// Pointer to byte `offset` of the buffer, for a range [`super::frame::GrantCheck`]
+    /// admitted (so `offset + len <= pages * page_size`).
+    pub(crate) fn ptr_at(&self, offset: usize) -> *mut u8 {
+        debug_assert!(offset <= self.shared.memory.len());
+        self.shared.memory.base().as_ptr().wrapping_add(offset)
+    }
+
+    /// Reserves one page for each chunk, all or nothing, waiting up to `timeout` for pages
+    /// to come free.
+    pub(crate) fn reserve(
+        &self,
+        request_id: &str,
+        chunks: &[ChunkDecl],
+        timeout: Duration,
+    ) -> Result<Grant, TransferError> {
+        let s = &self.shared;
+        let n = chunks.len();
+        if n > s.num_pages {
+            return Err(TransferError::RequestTooLarge {
+                request: request_id.to_string(),
+                pages: n,
+                total: s.num_pages,
+            });
+        }
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut st = s.state.lock();
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        st.queue.push_back(ticket);
+        let result = loop {
+            if st.closed {
+                break Err(TransferError::ShuttingDown);
+            }
+            if st.requests.contains_key(request_id) {
+                break Err(TransferError::DuplicateRequest(request_id.to_string()));
+            }
+            let now = Instant::now();
+            self.expire(&mut st, now);
+            if st.queue.front() == Some(&ticket) && st.free.len() >= n {
+                break Ok(self.grant(&mut st, request_id, chunks));
+            }
+            if now >= deadline {
+                break Err(TransferError::AllocationTimeout {
+                    request: request_id.to_string(),
+                    pages: n,
+                    free: st.free.len(),
+                    total: s.num_pages,
+                    waited: now - started,
+                });
+            }
+            // Wake for the deadline, or when the next ready request expires.
+            let wake = next_expiry(&st).map_or(deadline, |e| e.min(deadline));
+            s.changed.wait_until(&mut st, wake);
+        };
+        st.queue.retain(|t| *t != ticket);
+        drop(st);
+        // The next waiter may now be at the head.
+        s.changed.notify_all();
+        result
+    }
+
+    fn grant(&self, st: &mut State, request_id: &str, chunks: &[ChunkDecl]) -> Grant {
+        let pages: Vec<u32> = st.free.split_off(st.free.len() - chunks.len());
+        let slots = chunks
+            .iter()
+            .zip(&pages)
+            .map(|(c, &page)| Slot {
+                key: c.key.clone(),
+                meta: c.meta,
+                len: c.len as usize,
+                page,
+                held: true,
+            })
+            .collect();
+        let id = st.next_grant;
+        st.next_grant = st.next_grant.wrapping_add(1);
+        st.requests.insert(
+            Arc::from(request_id),
+            Request {
+                phase: Phase::Receiving { cancelled: false },
+                slots,
+                held: chunks.len(),
+                expires: Instant::now() + self.shared.ttl,
+            },
+        );
+        Grant { id, pages }
+    }
+
+    /// Ends a receiving request: with every chunk verified it becomes ready, otherwise (or
+    /// if it was cancelled meanwhile) its pages are freed. Returns the rejected count.
+    pub(crate) fn commit(&self, request_id: &str, verified: &[bool]) -> Result<u32, TransferError> {
+        let s = &self.shared;
+        let mut st = s.state.lock();
+        let rejected = verified.iter().filter(|ok| !**ok).count() as u32;
+        let Some(id) = st
+            .requests
+            .get_key_value(request_id)
+            .map(|(k, _)| Arc::clone(k))
+        else {
+            return Err(ended(request_id, "it was reclaimed"));
+        };
+        let Some(req) = st.requests.get_mut(request_id) else {
+            return Err(ended(request_id, "it was reclaimed"));
+        };
+        let cancelled = matches!(req.phase, Phase::Receiving { cancelled: true });
+        if cancelled || rejected > 0 || verified.len() != req.slots.len() {
+            let reason = if cancelled {
+                "cancelled"
+            } else {
+                "chunks failed verification"
+            };
+            self.remove(&mut st, request_id, reason);
+            drop(st);
+            s.changed.notify_all();
+            return if cancelled {
+                Err(ended(request_id, reason))
+            } else {
+                Ok(rejected.max(1))
+            };
+        }
+        req.phase = Phase::Ready;
+        req.expires = Instant::now() + s.ttl;
+        let keys: Vec<(CacheKey, usize)> = req
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| (slot.key.clone(), i))
+            .collect();
+        for (key, i) in keys {
+            st.ready.entry(key).or_default().push((Arc::clone(&id), i));
+        }
+        drop(st);
+        s.changed.notify_all();
+        Ok(0)
+    }
+
+    /// Frees a request's pages whatever its phase, except that a receiving request whose
+    /// bytes may still be landing is only marked: its connection frees it.
+    pub(crate) fn cancel(&self, request_id: &str) -> bool {
+        let mut st = self.shared.state.lock();
+        let Some(req) = st.requests.get_mut(request_id) else {
+            return false;
+        };
+        match req.phase {
+            Phase::Receiving { .. } => req.phase = Phase::Receiving { cancelled: true },
+            Phase::Ready => self.remove(&mut st, request_id, "cancelled"),
+        }
+        drop(st);
+        self.shared.changed.notify_all();
+        true
+    }
+
+    /// The request's connection is gone before `Commit`: free its pages.
+    pub(crate) fn abort(&self, request_id: &str, reason: &'static str) {
+        let mut st = self.shared.state.lock();
+        self.remove(&mut st, request_id, reason);
+        drop(st);
+        self.shared.changed.notify_all();
+    }
+
+    fn remove(&self, st: &mut State, request_id: &str, reason: &'static str) {
+        let Some((id, req)) = st.requests.remove_entry(request_id) else {
+            return;
+        };
+        for (i, slot) in req.slots.iter().enumerate().filter(|(_, s)| s.held) {
+            st.free.push(slot.page);
+            if let Some(list) = st.ready.get_mut(&slot.key) {
+                list.retain(|(r, j)| !(Arc::ptr_eq(r, &id) && *j == i));
+                if list.is_empty() {
+                    st.ready.remove(&slot.key);
+                }
+            }
+        }
+        record_end(st, id, Ended::Failed(reason));
+        tracing::debug!(request = request_id, reason, "PD request removed");
+    }
+
+    /// Reclaims ready requests whose TTL passed.
+    fn expire(&self, st: &mut State, now: Instant) {
+        let expired: Vec<Arc<str>> = st
+            .requests
+            .iter()
+            .filter(|(_, r)| r.phase == Phase::Ready && r.expires <= now)
+            .map(|(id, _)| Arc::clone(id))
+            .collect();
+        for id in expired {
+            tracing::warn!(request = &*id, "unconsumed PD KV expired; pages reclaimed");
+            self.remove(st, &id, "expired before it was consumed");
+        }
+    }
+
+    /// Takes a verified chunk out of the buffer. Its page is freed when the returned
+    /// chunk's bytes are dropped.
+    pub(crate) fn take(&self, key: &CacheKey) -> Option<Chunk> {
+        let s = &self.shared;
+        let mut st = s.state.lock();
+        self.expire(&mut st, Instant::now());
+        let list = st.ready.get_mut(key)?;
+        let (id, i) = list.remove(0);
+        if list.is_empty() {
+            st.ready.remove(key);
+        }
+        let req = st.requests.get_mut(&id)?;
+        let slot = &mut req.slots[i];
+        slot.held = false;
+        let (meta, page, len) = (slot.meta, slot.page, slot.len);
+        req.held -= 1;
+        if req.held == 0 {
+            let info = ready_info(req);
+            st.requests.remove(&id);
+            record_end(&mut st, id, Ended::Consumed(info));
+        }
+        let lease = PageLease {
+            shared: Arc::clone(s),
+            page,
+            len,
+        };
+        Some(Chunk {
+            meta,
+            data: Bytes::from_owner(lease),
+        })
+    }
+
+    pub(crate) fn contains(&self, key: &CacheKey) -> bool {
+        self.shared.state.lock().ready.contains_key(key)
+    }
+
+    pub(crate) fn wait_ready(
+        &self,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Result<ReadyRequest, TransferError> {
+        let s = &self.shared;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut st = s.state.lock();
+        loop {
+            let now = Instant::now();
+            self.expire(&mut st, now);
+            if let Some(req) = st.requests.get(request_id) {
+                if req.phase == Phase::Ready {
+                    return Ok(ready_info(req));
+                }
+            } else if let Some((_, end)) = st.ended.iter().rev().find(|(id, _)| &**id == request_id)
+            {
+                return match *end {
+                    Ended::Consumed(info) => Ok(info),
+                    Ended::Failed(reason) => Err(ended(request_id, reason)),
+                };
+            }
+            if st.closed {
+                return Err(TransferError::ShuttingDown);
+            }
+            if now >= deadline {
+                return Err(TransferError::WaitTimeout {
+                    request: request_id.to_string(),
+                    waited: now - started,
+                });
+            }
+            s.changed.wait_until(&mut st, deadline);
+        }
+    }
+
+    pub(crate) fn occupancy(&self) -> Occupancy {
+        let s = &self.shared;
+        let mut st = s.state.lock();
+        self.expire(&mut st, Instant::now());
+        Occupancy {
+            page_size: s.page_size,
+            total_pages: s.num_pages,
+            used_pages: s.num_pages - st.free.len(),
+            requests: st.requests.len(),
+            waiting: st.queue.len(),
+        }
+    }
+
+    /// Fails every waiter; used when the receiver shuts down.
+    pub(crate) fn close(&self) {
+        self.shared.state.lock().closed = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+fn ended(request_id: &str, reason: &str) -> TransferError {
+    TransferError::RequestEnded {
+        request: request_id.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn ready_info(req: &Request) -> ReadyRequest {
+    ReadyRequest {
+        chunks: req.slots.len(),
+        tokens: req.slots.iter().map(|s| u64::from(s.meta.num_tokens)).sum(),
+    }
+}
+
+fn record_end(st: &mut State, id: Arc<str>, end: Ended) {
+    if st.ended.len() == ENDED_KEPT {
+        st.ended.pop_front();
+    }
+    st.ended.push_back((id, end));
+}
+
+fn next_expiry(st: &State) -> Option<Instant> {
+    st.requests
+        .values()
+        .filter(|r| r.phase == Phase::Ready)
+        .map(|r| r.expires)
+        .min()
+}
+
+/// A consumed chunk's page: readable until dropped, then free again.
+struct PageLease {
+    shared: Arc<Shared>,
+    page: u32,
+    len: usize,
+}
+
+impl AsRef<[u8]> for PageLease {
+    fn as_ref(&self) -> &[u8] {
+        let offset = self.page as usize * self.shared.page_size;
+        // SAFETY: page < num_pages and len <= page_size (checked when granted), so the
+        // range lies in the memory, which `shared` keeps alive. The page is neither free nor
+        // granted while this lease exists, so nothing writes it.
+        unsafe {
+            std::slice::from_raw_parts(self.shared.memory.base().as_ptr().add(offset), self.len)
+        }
+    }
+}
+
+impl Drop for PageLease {
+    fn drop(&mut self) {
+        self.shared.state.lock().free.push(self.page);
+        self.shared.changed.notify_all();
+    }
+}

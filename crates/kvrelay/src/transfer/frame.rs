@@ -1,0 +1,961 @@
+//! The PD wire format: every message is one frame.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic "KVRL"
+//!      4    1 version (1)
+//!      5    1 message type (MsgType)
+//!      6    2 flags, must be 0
+//!      8    4 body length in bytes (u32), bounded per message type and connection state
+//!     12    … body
+//! ```
+//!
+//! All integers are little-endian. Strings are a u16 byte length then UTF-8 bytes, each with
+//! its own bound. A `Data` body is a 16-byte [`DataHeader`] followed by the payload, which
+//! the receiver reads straight into the granted page after [`GrantCheck::admit`] accepted
+//! the header. Decoding never panics and never allocates more than the bounded body.
+
+use std::io::{self, IoSlice, Read, Write};
+
+use crate::keys::CacheKey;
+use crate::store::ChunkMeta;
+
+pub const MAGIC: [u8; 4] = *b"KVRL";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 12;
+
+/// Bound on handshake frames (init port, and the first frame on the alloc port).
+pub const MAX_HANDSHAKE_BODY: u32 = 4 << 10;
+/// Bound on every control frame (an `AllocRequest` of a 1M-token prompt is ~0.5 MiB).
+pub const MAX_CONTROL_BODY: u32 = 4 << 20;
+/// Bound on one `Data` frame's payload.
+pub const MAX_DATA_PAYLOAD: u32 = 16 << 20;
+/// Bound on the chunks of one request.
+pub const MAX_CHUNKS: u32 = 1 << 16;
+pub const MAX_REQUEST_ID: usize = 256;
+pub const MAX_KEY: usize = 512;
+pub const MAX_MESSAGE: usize = 1024;
+pub const MAX_SHM_PATH: usize = 255;
+pub const NONCE_LEN: usize = 32;
+pub const MAC_LEN: usize = 32;
+pub const TOKEN_LEN: usize = 16;
+
+/// The bytes before the payload in a `Data` body.
+pub const DATA_HEADER_LEN: usize = 16;
+
+/// A frame that cannot be decoded. Each closes the connection it arrived on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("bad magic {0:02x?}; not a kvrelay PD peer")]
+    BadMagic([u8; 4]),
+    #[error("protocol version {0} is not supported (this build speaks {VERSION})")]
+    BadVersion(u8),
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("reserved flags {0:#06x} are set")]
+    Flags(u16),
+    #[error("{kind:?} body of {len} bytes exceeds the bound of {max} bytes")]
+    TooLong { kind: MsgType, len: u32, max: u32 },
+    #[error("{kind:?} body is truncated: {field} needs {need} more bytes")]
+    Truncated {
+        kind: MsgType,
+        field: &'static str,
+        need: usize,
+    },
+    #[error("{kind:?} body has {extra} trailing bytes")]
+    Trailing { kind: MsgType, extra: usize },
+    #[error("{kind:?}: {field} is {len} bytes; at most {max} allowed")]
+    FieldTooLong {
+        kind: MsgType,
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{kind:?}: {field} is not valid: {reason}")]
+    BadField {
+        kind: MsgType,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("{0:?} frames are not accepted here")]
+    Unexpected(MsgType),
+}
+
+/// The message types. Direction: S = sender (prefiller), R = receiver (decoder), P = proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MsgType {
+    /// S→R init port: rank, channel, geometry, client nonce.
+    Hello = 1,
+    /// R→S: server nonce and the receiver's proof of the shared secret.
+    Challenge = 2,
+    /// S→R: the sender's proof of the shared secret.
+    Auth = 3,
+    /// R→S: session token, buffer geometry, shared-memory name.
+    Welcome = 4,
+    /// Either way: a refusal with a code; the connection closes after it.
+    Error = 5,
+    /// S→R alloc port, first frame: the session token from `Welcome`.
+    Attach = 6,
+    /// S→R: the chunks of one request; R reserves all of their pages or refuses.
+    AllocRequest = 7,
+    /// R→S: one page per chunk.
+    AllocGrant = 8,
+    /// S→R (tcp): one segment of one chunk, then its bytes.
+    Data = 9,
+    /// S→R: a chunk is complete; its xxh3-64.
+    Seal = 10,
+    /// S→R: every chunk of the grant is sealed.
+    Commit = 11,
+    /// R→S: how many chunks verified.
+    Committed = 12,
+    /// S→P: a request's KV is ready in receiver rank `rank`.
+    Notify = 13,
+}
+
+impl MsgType {
+    fn from_u8(v: u8) -> Option<Self> {
+        use MsgType::*;
+        Some(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => Auth,
+            4 => Welcome,
+            5 => Error,
+            6 => Attach,
+            7 => AllocRequest,
+            8 => AllocGrant,
+            9 => Data,
+            10 => Seal,
+            11 => Commit,
+            12 => Committed,
+            13 => Notify,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a peer refused; carried by `Error` frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    Protocol,
+    AuthFailed,
+    LayoutMismatch,
+    WrongRank,
+    ChannelMismatch,
+    BadSession,
+    RequestTooLarge,
+    AllocationTimeout,
+    DuplicateRequest,
+    BadChunk,
+    Cancelled,
+    Busy,
+    /// A code this build does not know (a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    const TABLE: [(ErrorCode, u16); 12] = [
+        (ErrorCode::Protocol, 1),
+        (ErrorCode::AuthFailed, 2),
+        (ErrorCode::LayoutMismatch, 3),
+        (ErrorCode::WrongRank, 4),
+        (ErrorCode::ChannelMismatch, 5),
+        (ErrorCode::BadSession, 6),
+        (ErrorCode::RequestTooLarge, 7),
+        (ErrorCode::AllocationTimeout, 8),
+        (ErrorCode::DuplicateRequest, 9),
+        (ErrorCode::BadChunk, 10),
+        (ErrorCode::Cancelled, 11),
+        (ErrorCode::Busy, 12),
+    ];
+
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::Other(v) => v,
+            code => Self::TABLE
+                .iter()
+                .find(|(c, _)| *c == code)
+                .map_or(0, |(_, v)| *v),
+        }
+    }
+
+    pub fn from_u16(v: u16) -> Self {
+        Self::TABLE
+            .iter()
+            .find(|(_, n)| *n == v)
+            .map_or(ErrorCode::Other(v), |(c, _)| *c)
+    }
+}
+
+/// The transports a session can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChannelKind {
+    Tcp,
+    Shm,
+}
+
+impl ChannelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelKind::Tcp => "tcp",
+            ChannelKind::Shm => "shm",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(ChannelKind::Tcp),
+            2 => Some(ChannelKind::Shm),
+            _ => None,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            ChannelKind::Tcp => 1,
+            ChannelKind::Shm => 2,
+        }
+    }
+}
+
+/// What the sender declares about one chunk before any byte moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkDecl {
+    pub key: CacheKey,
+    pub meta: ChunkMeta,
+    /// Payload bytes; the receiver checks it against `meta.num_tokens` and its page size.
+    pub len: u64,
+}
+
+/// The fixed part of a `Data` body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHeader {
+    pub grant: u32,
+    pub chunk: u32,
+    /// Byte offset inside the chunk.
+    pub offset: u64,
+}
+
+/// Every frame except `Data` (whose payload is streamed, see [`DataHeader`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello {
+        rank: u32,
+        channel: ChannelKind,
+        page_size: u64,
+        fingerprint: u64,
+        nonce: [u8; NONCE_LEN],
+    },
+    Challenge {
+        nonce: [u8; NONCE_LEN],
+        auth_required: bool,
+        proof: [u8; MAC_LEN],
+    },
+    Auth {
+        proof: [u8; MAC_LEN],
+    },
+    Welcome {
+        token: [u8; TOKEN_LEN],
+        page_size: u64,
+        num_pages: u32,
+        shm_path: String,
+        shm_len: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Attach {
+        token: [u8; TOKEN_LEN],
+    },
+    AllocRequest {
+        request_id: String,
+        chunks: Vec<ChunkDecl>,
+    },
+    AllocGrant {
+        grant: u32,
+        pages: Vec<u32>,
+    },
+    Seal {
+        grant: u32,
+        chunk: u32,
+        checksum: u64,
+    },
+    Commit {
+        grant: u32,
+    },
+    Committed {
+        grant: u32,
+        verified: u32,
+        rejected: u32,
+    },
+    Notify {
+        request_id: String,
+        rank: u32,
+        mac: [u8; MAC_LEN],
+    },
+}
+
+impl Message {
+    pub fn kind(&self) -> MsgType {
+        match self {
+            Message::Hello { .. } => MsgType::Hello,
+            Message::Challenge { .. } => MsgType::Challenge,
+            Message::Auth { .. } => MsgType::Auth,
+            Message::Welcome { .. } => MsgType::Welcome,
+            Message::Error { .. } => MsgType::Error,
+            Message::Attach { .. } => MsgType::Attach,
+            Message::AllocRequest { .. } => MsgType::AllocRequest,
+            Message::AllocGrant { .. } => MsgType::AllocGrant,
+            Message::Seal { .. } => MsgType::Seal,
+            Message::Commit { .. } => MsgType::Commit,
+            Message::Committed { .. } => MsgType::Committed,
+            Message::Notify { .. } => MsgType::Notify,
+        }
+    }
+
+    /// The whole frame: header and body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(vec![0; HEADER_LEN]);
+        match self {
+            Message::Hello {
+                rank,
+                channel,
+                page_size,
+                fingerprint,
+                nonce,
+            } => {
+                w.u32(*rank);
+                w.0.push(channel.to_u8());
+                w.u64(*page_size);
+                w.u64(*fingerprint);
+                w.bytes(nonce);
+            }
+            Message::Challenge {
+                nonce,
+                auth_required,
+                proof,
+            } => {
+                w.bytes(nonce);
+                w.0.push(u8::from(*auth_required));
+                w.bytes(proof);
+            }
+            Message::Auth { proof } => w.bytes(proof),
+            Message::Welcome {
+                token,
+                page_size,
+                num_pages,
+                shm_path,
+                shm_len,
+            } => {
+                w.bytes(token);
+                w.u64(*page_size);
+                w.u32(*num_pages);
+                w.str(shm_path);
+                w.u64(*shm_len);
+            }
+            Message::Error { code, message } => {
+                w.u16(code.to_u16());
+                // Truncate at a char boundary so the frame stays decodable.
+                let mut end = message.len().min(MAX_MESSAGE);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                w.str(&message[..end]);
+            }
+            Message::Attach { token } => w.bytes(token),
+            Message::AllocRequest { request_id, chunks } => {
+                w.str(request_id);
+                w.u32(chunks.len() as u32);
+                for c in chunks {
+                    w.str(&c.key.to_string());
+                    w.u32(c.meta.num_tokens);
+                    w.u64(c.meta.layout_fingerprint);
+                    w.u64(c.len);
+                }
+            }
+            Message::AllocGrant { grant, pages } => {
+                w.u32(*grant);
+                w.u32(pages.len() as u32);
+                pages.iter().for_each(|p| w.u32(*p));
+            }
+            Message::Seal {
+                grant,
+                chunk,
+                checksum,
+            } => {
+                w.u32(*grant);
+                w.u32(*chunk);
+                w.u64(*checksum);
+            }
+            Message::Commit { grant } => w.u32(*grant),
+            Message::Committed {
+                grant,
+                verified,
+                rejected,
+            } => {
+                w.u32(*grant);
+                w.u32(*verified);
+                w.u32(*rejected);
+            }
+            Message::Notify {
+                request_id,
+                rank,
+                mac,
+            } => {
+                w.str(request_id);
+                w.u32(*rank);
+                w.bytes(mac);
+            }
+        }
+        let body_len = (w.0.len() - HEADER_LEN) as u32;
+        w.0[..HEADER_LEN].copy_from_slice(&header(self.kind(), body_len));
+        w.0
+    }
+}
+
+/// The checksum a `Seal` carries: xxh3-64 of the chunk's bytes.
+pub fn checksum(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+/// The 12 header bytes of a frame.
+pub fn header(kind: MsgType, body_len: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = VERSION;
+    h[5] = kind as u8;
+    h[8..].copy_from_slice(&body_len.to_le_bytes());
+    h
+}
+
+/// Header and fixed body of a `Data` frame carrying `payload_len` bytes.
+pub fn data_prefix(d: &DataHeader, payload_len: u32) -> [u8; HEADER_LEN + DATA_HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN + DATA_HEADER_LEN];
+    out[..HEADER_LEN].copy_from_slice(&header(MsgType::Data, DATA_HEADER_LEN as u32 + payload_len));
+    out[12..16].copy_from_slice(&d.grant.to_le_bytes());
+    out[16..20].copy_from_slice(&d.chunk.to_le_bytes());
+    out[20..28].copy_from_slice(&d.offset.to_le_bytes());
+    out
+}
+
+/// Checks a header and returns the message type and body length. `max_body` bounds every
+/// type except `Data`, whose payload is bounded by [`MAX_DATA_PAYLOAD`].
+pub fn decode_header(h: &[u8; HEADER_LEN], max_body: u32) -> Result<(MsgType, u32), FrameError> {
+    let magic = [h[0], h[1], h[2], h[3]];
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    if h[4] != VERSION {
+        return Err(FrameError::BadVersion(h[4]));
+    }
+    let kind = MsgType::from_u8(h[5]).ok_or(FrameError::UnknownType(h[5]))?;
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    if flags != 0 {
+        return Err(FrameError::Flags(flags));
+    }
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    let (min, max) = match kind {
+        MsgType::Data => (
+            DATA_HEADER_LEN as u32,
+            DATA_HEADER_LEN as u32 + MAX_DATA_PAYLOAD,
+        ),
+        _ => (0, max_body),
+    };
+    if len > max {
+        return Err(FrameError::TooLong { kind, len, max });
+    }
+    if len < min {
+        return Err(FrameError::Truncated {
+            kind,
+            field: "data header",
+            need: (min - len) as usize,
+        });
+    }
+    Ok((kind, len))
+}
+
+/// The fixed part of a `Data` body.
+pub fn decode_data_header(b: &[u8; DATA_HEADER_LEN]) -> DataHeader {
+    DataHeader {
+        grant: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        chunk: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        offset: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    }
+}
+
+/// Decodes the body of any type but `Data`.
+pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
+    let mut r = Reader { kind, buf: body };
+    let msg = match kind {
+        MsgType::Hello => Message::Hello {
+            rank: r.u32("rank")?,
+            channel: {
+                let v = r.u8("channel")?;
+                ChannelKind::from_u8(v).ok_or_else(|| r.bad("channel", format!("{v}")))?
+            },
+            page_size: r.u64("page_size")?,
+            fingerprint: r.u64("fingerprint")?,
+            nonce: r.array("nonce")?,
+        },
+        MsgType::Challenge => Message::Challenge {
+            nonce: r.array("nonce")?,
+            auth_required: match r.u8("auth_required")? {
+                0 => false,
+                1 => true,
+                v => return Err(r.bad("auth_required", format!("{v} is not 0 or 1"))),
+            },
+            proof: r.array("proof")?,
+        },
+        MsgType::Auth => Message::Auth {
+            proof: r.array("proof")?,
+        },
+        MsgType::Welcome => Message::Welcome {
+            token: r.array("token")?,
+            page_size: r.u64("page_size")?,
+            num_pages: r.u32("num_pages")?,
+            shm_path: r.str("shm_path", MAX_SHM_PATH)?,
+            shm_len: r.u64("shm_len")?,
+        },
+        MsgType::Error => Message::Error {
+            code: ErrorCode::from_u16(r.u16("code")?),
+            message: r.str("message", MAX_MESSAGE)?,
+        },
+        MsgType::Attach => Message::Attach {
+            token: r.array("token")?,
+        },
+        MsgType::AllocRequest => {
+            let request_id = r.str("request_id", MAX_REQUEST_ID)?;
+            let n = r.count("chunk count", MAX_CHUNKS, 2 + 4 + 8 + 8)?;
+            let mut chunks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let key = r.str("key", MAX_KEY)?;
+                let key = key
+                    .parse::<CacheKey>()
+                    .map_err(|e| r.bad("key", e.to_string()))?;
+                let num_tokens = r.u32("num_tokens")?;
+                let layout_fingerprint = r.u64("fingerprint")?;
+                let len = r.u64("len")?;
+                chunks.push(ChunkDecl {
+                    key,
+                    meta: ChunkMeta {
+                        layout_fingerprint,
+                        num_tokens,
+                    },
+                    len,
+                });
+            }
+            Message::AllocRequest { request_id, chunks }
+        }
+        MsgType::AllocGrant => {
+            let grant = r.u32("grant")?;
+            let n = r.count("page count", MAX_CHUNKS, 4)?;
+            let pages = (0..n).map(|_| r.u32("page")).collect::<Result<_, _>>()?;
+            Message::AllocGrant { grant, pages }
+        }
+        MsgType::Seal => Message::Seal {
+            grant: r.u32("grant")?,
+            chunk: r.u32("chunk")?,
+            checksum: r.u64("checksum")?,
+        },
+        MsgType::Commit => Message::Commit {
+            grant: r.u32("grant")?,
+        },
+        MsgType::Committed => Message::Committed {
+            grant: r.u32("grant")?,
+            verified: r.u32("verified")?,
+            rejected: r.u32("rejected")?,
+        },
+        MsgType::Notify => Message::Notify {
+            request_id: r.str("request_id", MAX_REQUEST_ID)?,
+            rank: r.u32("rank")?,
+            mac: r.array("mac")?,
+        },
+        MsgType::Data => return Err(FrameError::Unexpected(MsgType::Data)),
+    };
+    if !r.buf.is_empty() {
+        return Err(FrameError::Trailing {
+            kind,
+            extra: r.buf.len(),
+        });
+    }
+    Ok(msg)
+}
+
+/// One decoded frame from a byte slice: what a stream reader yields, for tests and fuzzing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Message(Message),
+    Data(DataHeader, &'a [u8]),
+}
+
+/// Decodes exactly one whole frame from `bytes` (no trailing bytes).
+pub fn decode(bytes: &[u8], max_body: u32) -> Result<Frame<'_>, FrameError> {
+    let Some((h, body)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+        return Err(FrameError::Truncated {
+            kind: MsgType::Error,
+            field: "header",
+            need: HEADER_LEN - bytes.len(),
+        });
+    };
+    let (kind, len) = decode_header(h, max_body)?;
+    let len = len as usize;
+    if body.len() < len {
+        return Err(FrameError::Truncated {
+            kind,
+            field: "body",
+            need: len - body.len(),
+        });
+    }
+    if body.len() > len {
+        return Err(FrameError::Trailing {
+            kind,
+            extra: body.len() - len,
+        });
+    }
+    if kind == MsgType::Data {
+        let (d, payload) =
+            body.split_first_chunk::<DATA_HEADER_LEN>()
+                .ok_or(FrameError::Truncated {
+                    kind,
+                    field: "data header",
+                    need: DATA_HEADER_LEN,
+                })?;
+        return Ok(Frame::Data(decode_data_header(d), payload));
+    }
+    decode_body(kind, body).map(Frame::Message)
+}
+
+/// The receiver's view of one grant: where each chunk may land. [`GrantCheck::admit`] is the
+/// only way a `Data` frame reaches memory.
+#[derive(Clone, Debug)]
+pub struct GrantCheck {
+    pub grant: u32,
+    pub page_size: u64,
+    /// Per chunk: its page and declared length (<= page_size).
+    pub chunks: Vec<(u32, u64)>,
+    /// Per chunk: bytes received so far; data must arrive in order, without gaps or overlap.
+    pub received: Vec<u64>,
+}
+
+impl GrantCheck {
+    pub fn new(grant: u32, page_size: u64, chunks: Vec<(u32, u64)>) -> Self {
+        let received = vec![0; chunks.len()];
+        GrantCheck {
+            grant,
+            page_size,
+            chunks,
+            received,
+        }
+    }
+
+    /// Accepts a data segment of `len` bytes and returns the byte range of the PD buffer it
+    /// may be written to: inside the chunk's granted page and its declared length, at the
+    /// next unwritten offset. Anything else is refused before a byte is read.
+    pub fn admit(&mut self, d: &DataHeader, len: u64) -> Result<std::ops::Range<u64>, String> {
+        if len == 0 {
+            return Err("empty data segment".into());
+        }
+        if d.grant != self.grant {
+            return Err(format!(
+                "data for grant {} on a connection holding grant {}",
+                d.grant, self.grant
+            ));
+        }
+        let i = d.chunk as usize;
+        let (Some(&(page, chunk_len)), Some(received)) =
+            (self.chunks.get(i), self.received.get_mut(i))
+        else {
+            return Err(format!(
+                "chunk {} is outside the grant's {} chunks",
+                d.chunk,
+                self.chunks.len()
+            ));
+        };
+        if d.offset != *received {
+            return Err(format!(
+                "chunk {} data at offset {}; expected the next byte {}",
+                d.chunk, d.offset, received
+            ));
+        }
+        let end = d.offset.checked_add(len).filter(|e| *e <= chunk_len);
+        let Some(end) = end else {
+            return Err(format!(
+                "chunk {}: {} bytes at offset {} pass its declared length {}",
+                d.chunk, len, d.offset, chunk_len
+            ));
+        };
+        *received = end;
+        // chunk_len <= page_size was checked when the grant was made, so this stays in the
+        // page; page < num_pages bounds it in the buffer.
+        let base = u64::from(page) * self.page_size;
+        Ok(base + d.offset..base + end)
+    }
+
+    /// Whether chunk `i` received all its declared bytes.
+    pub fn complete(&self, i: usize) -> bool {
+        matches!((self.chunks.get(i), self.received.get(i)), (Some((_, l)), Some(r)) if l == r)
+    }
+}
+
+/// Reads one frame header and, unless it is `Data`, its body.
+pub enum Incoming {
+    Message(Message),
+    /// The payload (`len` bytes) is still in the stream.
+    Data(DataHeader, u32),
+}
+
+/// Reads the next frame from `r`. On `Data`, the caller must consume the payload.
+pub fn read_frame(r: &mut impl Read, max_body: u32) -> Result<Incoming, ReadError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).map_err(ReadError::Io)?;
+    let (kind, len) = decode_header(&h, max_body)?;
+    if kind == MsgType::Data {
+        let mut d = [0u8; DATA_HEADER_LEN];
+        r.read_exact(&mut d).map_err(ReadError::Io)?;
+        return Ok(Incoming::Data(
+            decode_data_header(&d),
+            len - DATA_HEADER_LEN as u32,
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).map_err(ReadError::Io)?;
+    Ok(Incoming::Message(decode_body(kind, &body)?))
+}
+
+/// A frame read that failed: the stream, or the bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Io(io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Writes every byte of `bufs`, as one `writev` where the kernel takes it all.
+pub fn write_all_vectored(w: &mut impl Write, bufs: &[&[u8]]) -> io::Result<()> {
+    let mut skip = 0usize;
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    while skip < total {
+        let mut rest = skip;
+        let slices: Vec<IoSlice<'_>> = bufs
+            .iter()
+            .filter_map(|b| {
+                if rest >= b.len() {
+                    rest -= b.len();
+                    None
+                } else {
+                    let s = IoSlice::new(&b[rest..]);
+                    rest = 0;
+                    Some(s)
+                }
+            })
+            .collect();
+        match w.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => skip += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    /// Callers bound strings below u16::MAX (ids, keys, messages, paths are checked).
+    fn str(&mut self, s: &str) {
+        let len = s.len().min(u16::MAX as usize);
+        self.u16(len as u16);
+        self.0.extend_from_slice(&s.as_bytes()[..len]);
+    }
+}
+
+struct Reader<'a> {
+    kind: MsgType,
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.buf.len() < n {
+            return Err(FrameError::Truncated {
+                kind: self.kind,
+                field,
+                need: n - self.buf.len(),
+            });
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], FrameError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(field, N)?);
+        Ok(out)
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, FrameError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+    fn u16(&mut self, field: &'static str) -> Result<u16, FrameError> {
+        Ok(u16::from_le_bytes(self.array(field)?))
+    }
+    fn u32(&mut self, field: &'static str) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.array(field)?))
+    }
+    fn u64(&mut self, field: &'static str) -> Result<u64, FrameError> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+    fn str(&mut self, field: &'static str, max: usize) -> Result<String, FrameError> {
+        let len = self.u16(field)? as usize;
+        if len > max {
+            return Err(FrameError::FieldTooLong {
+                kind: self.kind,
+                field,
+                len,
+                max,
+            });
+        }
+        let bytes = self.take(field, len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_string)
+            .map_err(|e| self.bad(field, e.to_string()))
+    }
+    /// A count of items of at least `min_item` bytes each: bounded by `max` and by what the
+    /// body can still hold, so a lying count cannot make us allocate.
+    fn count(
+        &mut self,
+        field: &'static str,
+        max: u32,
+        min_item: usize,
+    ) -> Result<usize, FrameError> {
+        let n = self.u32(field)?;
+        if n > max || n as usize > self.buf.len() / min_item {
+            return Err(self.bad(
+                field,
+                format!(
+                    "{n} exceeds the bound {max} or the {} bytes left",
+                    self.buf.len()
+                ),
+            ));
+        }
+        Ok(n as usize)
+    }
+    fn bad(&self, field: &'static str, reason: String) -> FrameError {
+        FrameError::BadField {
+            kind: self.kind,
+            field,
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KvDtype;
+
+    #[test]
+    fn every_message_round_trips() {
+        let key = CacheKey::new("m", 2, 1, 0xabc, KvDtype::Bf16).unwrap();
+        let msgs = [
+            Message::Hello {
+                rank: 1,
+                channel: ChannelKind::Shm,
+                page_size: 1 << 20,
+                fingerprint: 7,
+                nonce: [3; NONCE_LEN],
+            },
+            Message::Challenge {
+                nonce: [1; NONCE_LEN],
+                auth_required: true,
+                proof: [2; MAC_LEN],
+            },
+            Message::Auth {
+                proof: [9; MAC_LEN],
+            },
+            Message::Welcome {
+                token: [4; TOKEN_LEN],
+                page_size: 4096,
+                num_pages: 3,
+                shm_path: "/dev/shm/kvrelay-pd-1".into(),
+                shm_len: 12288,
+            },
+            Message::Error {
+                code: ErrorCode::AllocationTimeout,
+                message: "waited".into(),
+            },
+            Message::Attach {
+                token: [5; TOKEN_LEN],
+            },
+            Message::AllocRequest {
+                request_id: "req-1".into(),
+                chunks: vec![ChunkDecl {
+                    key,
+                    meta: ChunkMeta {
+                        layout_fingerprint: 11,
+                        num_tokens: 256,
+                    },
+                    len: 4096,
+                }],
+            },
+            Message::AllocGrant {
+                grant: 3,
+                pages: vec![0, 2],
+            },
+            Message::Seal {
+                grant: 3,
+                chunk: 1,
+                checksum: 42,
+            },
+            Message::Commit { grant: 3 },
+            Message::Committed {
+                grant: 3,
+                verified: 2,
+                rejected: 0,
+            },
+            Message::Notify {
+                request_id: "req-1".into(),
+                rank: 1,
+                mac: [0; MAC_LEN],
+            },
+        ];
+        for m in msgs {
+            let bytes = m.encode();
+            assert_eq!(decode(&bytes, MAX_CONTROL_BODY), Ok(Frame::Message(m)));
+        }
+        let d = DataHeader {
+            grant: 1,
+            chunk: 2,
+            offset: 3,
+        };
+        let mut bytes = data_prefix(&d, 4).to_vec();
+        bytes.extend_from_slice(b"abcd");
+        assert_eq!(decode(&bytes, 0), Ok(Frame::Data(d, &b"abcd"[..])));
+    }
+
+    #[test]
+    fn error_codes_round_trip_and_unknown_codes_survive() {
+        for (code, v) in ErrorCode::TABLE {
+            assert_eq!(ErrorCode::from_u16(v), code);
+            assert_eq!(code.to_u16(), v);
+        }
+        assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other(999));
+    }
+}

@@ -1,0 +1,285 @@
+//! PD disaggregation transfer: the prefiller ([`PdSender`], LMCache `pd_role: sender`) pushes
+//! a request's KV chunks into the decoder's PD buffer ([`PdReceiver`], `pd_role: receiver`),
+//! then tells the proxy the KV is ready.
+//!
+//! # API
+//!
+//! ```text
+//! // both sides
+//! let cfg = PdConfig::from_lmcache(&lmcache_config, &kv_cache_spec)?;
+//! // decoder, one per TP rank: binds pd_peer_host:pd_peer_{init,alloc}_port[rank]
+//! let rx = PdReceiver::bind(&cfg, rank)?;
+//! rx.wait_ready(request_id, timeout)?;        // the request's chunks all arrived and verified
+//! let chunk = rx.get(&key);                   // consumes: the page is freed when `chunk` drops
+//! rx.cancel(request_id); rx.occupancy();
+//! // prefiller, one per TP rank: rank i talks to receiver rank i
+//! let peer = PdPeer::for_rank(host, &init_ports, &alloc_ports, rank)?;  // from disagg_spec
+//! let mut tx = PdSender::connect(&cfg, peer, rank)?;                   // handshake once
+//! tx.send_request(request_id, &[(key, meta, bytes), ...])?;            // alloc → data → notify
+//! ```
+//!
+//! # Protocol ([`frame`] has the byte layout)
+//!
+//! 1. **Init port** (`pd_peer_init_port[rank]`), once per sender: `Hello` (rank, channel,
+//!    page size, layout fingerprint, nonce) → `Challenge` (nonce, receiver proof) → `Auth`
+//!    (sender proof) → `Welcome` (one-time session token, buffer geometry, shm name). With
+//!    `pd_shared_secret` both proofs are HMAC-SHA256 over both nonces and the rank, so each
+//!    side knows the other holds the secret; a mismatch is `Error{AuthFailed}`.
+//! 2. **Alloc port** (`pd_peer_alloc_port[rank]`), a persistent connection opened with
+//!    `Attach{token}`. Per request: `AllocRequest` (request id; per chunk: key, tokens,
+//!    fingerprint, length) → `AllocGrant` (one page per chunk, all reserved at once) or
+//!    `Error{RequestTooLarge | AllocationTimeout | ...}`. Then per chunk the data (tcp:
+//!    `Data` frames on this connection, read straight into the page; shm: written by the
+//!    sender into the shared mapping), then `Seal{xxh3-64}`; finally `Commit` →
+//!    `Committed{verified, rejected}`.
+//! 3. **Proxy** (`pd_proxy_host:pd_proxy_port`): `Notify{request id, rank, mac}` once the
+//!    receiver verified every chunk; [`read_notification`] decodes it.
+//!
+//! # Guarantees
+//!
+//! - Admission is all-or-nothing: a request gets all of its pages or none, waits at most
+//!   `pd_allocation_timeout_sec` (then [`ErrorCode::AllocationTimeout`]), and a request
+//!   larger than the whole buffer is refused at once ([`ErrorCode::RequestTooLarge`]).
+//! - Every `Data` frame is checked against the grant (chunk, offset, length) before a byte
+//!   is read into memory; a malformed frame closes that connection only.
+//! - Every chunk is verified (fingerprint and length at alloc, xxh3-64 at seal). A request
+//!   with any bad chunk is dropped whole: it is a miss, never loaded.
+//! - Pages come back when the consumer drops a chunk, on [`PdReceiver::cancel`], when the
+//!   sender's connection drops before `Commit`, and after `pd_buffer_ttl_sec` for KV that
+//!   nobody consumed.
+//!
+//! Trust model of `shm`: the sender maps the whole PD buffer (a 0600 file in `/dev/shm`, so
+//! only the same user can), so a hostile same-host peer could write outside its grant; the
+//! receiver still verifies every chunk's checksum when it is sealed. Over `tcp` the
+//! receiver alone writes its memory.
+
+pub mod frame;
+
+mod auth;
+mod buffer;
+mod channel;
+mod receiver;
+mod sender;
+mod shm;
+mod tcp;
+
+use std::time::Duration;
+
+pub use buffer::{Occupancy, ReadyRequest};
+pub use channel::{Channel, Put};
+pub use frame::{ChannelKind, ErrorCode, FrameError};
+pub use receiver::PdReceiver;
+pub use sender::{read_notification, KvReady, PdSender, SendStats};
+pub use tcp::tune_socket;
+
+use crate::config::{LmcacheConfig, SecretString};
+use crate::layout::KvCacheSpec;
+
+/// A PD transfer that failed or was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("malformed frame from the peer: {0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("PD configuration: {0}")]
+    Config(String),
+    #[error("transfer_channel {0:?} is not available in this build; kvrelay moves PD KV over \"tcp\" or \"shm\" (hccl, hcomm_onesided and hixl come with the ascend feature)")]
+    UnsupportedChannel(String),
+    #[error("pd_buffer_size = {buffer_size} bytes cannot hold one chunk of {page_size} bytes")]
+    BufferTooSmall { buffer_size: u64, page_size: usize },
+    #[error("request {request:?} needs {pages} pages but the whole PD buffer has {total}; raise pd_buffer_size")]
+    RequestTooLarge {
+        request: String,
+        pages: usize,
+        total: usize,
+    },
+    #[error(
+        "request {request:?}: no {pages} free pages within {waited:?} ({free} of {total} free)"
+    )]
+    AllocationTimeout {
+        request: String,
+        pages: usize,
+        free: usize,
+        total: usize,
+        waited: Duration,
+    },
+    #[error("request {0:?} is already in the PD buffer")]
+    DuplicateRequest(String),
+    #[error("chunk {index} of request {request:?}: {reason}")]
+    BadChunk {
+        request: String,
+        index: usize,
+        reason: String,
+    },
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
+    #[error("the peer refused ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("request {request:?}: {rejected} chunks failed verification at the receiver; nothing of it will be loaded")]
+    ChunksRejected { request: String, rejected: u32 },
+    #[error("request {request:?} was not ready within {waited:?}")]
+    WaitTimeout { request: String, waited: Duration },
+    #[error("request {request:?} ended without becoming ready: {reason}")]
+    RequestEnded { request: String, reason: String },
+    #[error("the PD receiver is shutting down")]
+    ShuttingDown,
+}
+
+impl TransferError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        TransferError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The code this error travels as in an `Error` frame.
+    fn code(&self) -> ErrorCode {
+        match self {
+            TransferError::RequestTooLarge { .. } => ErrorCode::RequestTooLarge,
+            TransferError::AllocationTimeout { .. } => ErrorCode::AllocationTimeout,
+            TransferError::DuplicateRequest(_) => ErrorCode::DuplicateRequest,
+            TransferError::BadChunk { .. } => ErrorCode::BadChunk,
+            TransferError::AuthFailed(_) => ErrorCode::AuthFailed,
+            TransferError::RequestEnded { .. } => ErrorCode::Cancelled,
+            TransferError::Refused { code, .. } => *code,
+            TransferError::ShuttingDown => ErrorCode::Busy,
+            _ => ErrorCode::Protocol,
+        }
+    }
+}
+
+/// Where a sender finds receiver rank `rank`: from the proxy's `disagg_spec`
+/// (`receiver_host`, `receiver_init_port[]`, `receiver_alloc_port[]`) or the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PdPeer {
+    pub host: String,
+    pub init_port: u16,
+    pub alloc_port: u16,
+}
+
+impl PdPeer {
+    /// Picks rank `rank`'s ports from per-rank lists (rank i sends to rank i).
+    pub fn for_rank(
+        host: &str,
+        init_ports: &[u16],
+        alloc_ports: &[u16],
+        rank: u32,
+    ) -> Result<Self, TransferError> {
+        let pick = |ports: &[u16], what: &str| {
+            ports.get(rank as usize).copied().ok_or_else(|| {
+                TransferError::Config(format!(
+                    "{what} lists {} ports; rank {rank} has none (one port per TP rank)",
+                    ports.len()
+                ))
+            })
+        };
+        Ok(PdPeer {
+            host: host.to_string(),
+            init_port: pick(init_ports, "pd_peer_init_port")?,
+            alloc_port: pick(alloc_ports, "pd_peer_alloc_port")?,
+        })
+    }
+
+    /// The peer named by `pd_peer_host` and the port lists of `cfg`.
+    pub fn from_config(cfg: &PdConfig, rank: u32) -> Result<Self, TransferError> {
+        let host = cfg
+            .peer_host
+            .as_deref()
+            .ok_or_else(|| TransferError::Config("pd_peer_host is not set".into()))?;
+        Self::for_rank(host, &cfg.init_ports, &cfg.alloc_ports, rank)
+    }
+}
+
+/// Everything the transfer layer takes from the LMCache config and the KV geometry.
+/// Fields are public so an embedding engine (and tests) can adjust them.
+#[derive(Clone, Debug)]
+pub struct PdConfig {
+    pub channel: ChannelKind,
+    /// `pd_buffer_size`, bytes; rounded down to whole pages.
+    pub buffer_size: u64,
+    /// Geometry of a chunk: `spec.chunk_bytes(tokens)` is a chunk's length.
+    pub spec: KvCacheSpec,
+    /// `chunk_size`, tokens per full chunk.
+    pub chunk_size: usize,
+    /// `pd_max_prefill_len`: if > 0 the buffer must hold a prefill this long.
+    pub max_prefill_len: u64,
+    pub peer_host: Option<String>,
+    pub init_ports: Vec<u16>,
+    pub alloc_ports: Vec<u16>,
+    /// `pd_proxy_host:pd_proxy_port`; no notification when unset.
+    pub proxy: Option<(String, u16)>,
+    pub shared_secret: Option<SecretString>,
+    /// `pd_allocation_timeout_sec`: how long admission waits for free pages.
+    pub allocation_timeout: Duration,
+    /// `pd_buffer_ttl_sec`: how long unconsumed KV (and a grant in progress) may live.
+    pub ttl: Duration,
+    /// Bound on each handshake step and on connecting.
+    pub handshake_timeout: Duration,
+    /// Bound on each read or write once a request is under way.
+    pub io_timeout: Duration,
+    /// Bound on concurrent connections per listening port.
+    pub max_connections: usize,
+}
+
+/// Waits longer than this are treated as this (LMCache allows `inf`; kvrelay bounds all).
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
+}
+
+impl PdConfig {
+    /// Reads the `pd_*` keys, `transfer_channel` and `chunk_size` of a validated config.
+    pub fn from_lmcache(cfg: &LmcacheConfig, spec: &KvCacheSpec) -> Result<Self, TransferError> {
+        spec.validate()
+            .map_err(|e| TransferError::Config(e.to_string()))?;
+        let channel = match cfg.transfer_channel.as_deref() {
+            Some("tcp") => ChannelKind::Tcp,
+            Some("shm") => ChannelKind::Shm,
+            Some(other) => return Err(TransferError::UnsupportedChannel(other.to_string())),
+            None => return Err(TransferError::Config("transfer_channel is not set".into())),
+        };
+        let buffer_size = cfg
+            .pd_buffer_size
+            .ok_or_else(|| TransferError::Config("pd_buffer_size is not set".into()))?;
+        if cfg.chunk_size == 0 {
+            return Err(TransferError::Config("chunk_size must be > 0".into()));
+        }
+        let proxy = cfg.pd_proxy_host.clone().zip(cfg.pd_proxy_port);
+        Ok(PdConfig {
+            channel,
+            buffer_size,
+            spec: *spec,
+            chunk_size: cfg.chunk_size,
+            max_prefill_len: cfg.pd_max_prefill_len,
+            peer_host: cfg.pd_peer_host.clone(),
+            init_ports: cfg.pd_peer_init_port.clone().unwrap_or_default(),
+            alloc_ports: cfg.pd_peer_alloc_port.clone().unwrap_or_default(),
+            proxy,
+            shared_secret: cfg.pd_shared_secret.clone(),
+            allocation_timeout: seconds(cfg.pd_allocation_timeout_sec),
+            ttl: seconds(cfg.pd_buffer_ttl_sec),
+            handshake_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            max_connections: 64,
+        })
+    }
+
+    /// Bytes of one full chunk: the page size of the PD buffer.
+    pub fn page_size(&self) -> usize {
+        self.spec.chunk_bytes(self.chunk_size)
+    }
+
+    fn secret(&self) -> Option<&[u8]> {
+        self.shared_secret.as_ref().map(SecretString::expose)
+    }
+}

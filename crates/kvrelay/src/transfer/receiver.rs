@@ -1,0 +1,675 @@
+//! The decoder side: listens on the init and alloc ports of one TP rank and lands KV in the
+//! PD buffer.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use xxhash_rust::xxh3::Xxh3Default;
+
+use super::auth::{proof, random, verify_proof, Role};
+use super::buffer::{HostPages, Occupancy, PageMemory, PdBuffer, ReadyRequest};
+use super::frame::{
+    checksum as checksum_of, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, GrantCheck,
+    Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+};
+use super::shm::ShmPages;
+use super::tcp::tune_socket;
+use super::{PdConfig, PdPeer, TransferError};
+use crate::keys::CacheKey;
+use crate::store::Chunk;
+
+/// One TP rank's PD receiver. Dropping it stops the listeners, closes every connection and
+/// frees the buffer (and removes the shm file).
+pub struct PdReceiver {
+    inner: Arc<Inner>,
+    init_addr: SocketAddr,
+    alloc_addr: SocketAddr,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+struct Inner {
+    config: PdConfig,
+    rank: u32,
+    fingerprint: u64,
+    buffer: PdBuffer,
+    /// `shm`: the file senders map and its length.
+    shm: Option<(String, u64)>,
+    /// Session tokens issued by the init port and not yet attached, with their issue time.
+    sessions: Mutex<HashMap<[u8; TOKEN_LEN], Instant>>,
+    stop: AtomicBool,
+    /// Live connections, so shutdown can unblock their threads.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+enum Port {
+    Init,
+    Alloc,
+}
+
+impl PdReceiver {
+    /// Allocates the PD buffer (`pd_buffer_size` rounded down to whole chunk pages; a
+    /// shared mapping for `shm`) and listens on `pd_peer_host` at
+    /// `pd_peer_init_port[rank]` and `pd_peer_alloc_port[rank]` (port 0 picks a free port;
+    /// see [`PdReceiver::init_addr`]).
+    pub fn bind(config: &PdConfig, rank: u32) -> Result<Self, TransferError> {
+        let page_size = config.page_size();
+        let pages = config.buffer_size / page_size as u64;
+        if pages == 0 {
+            return Err(TransferError::BufferTooSmall {
+                buffer_size: config.buffer_size,
+                page_size,
+            });
+        }
+        if config.max_prefill_len > 0
+            && pages.saturating_mul(config.chunk_size as u64) < config.max_prefill_len
+        {
+            return Err(TransferError::Config(format!(
+                "pd_buffer_size holds {pages} chunks of {} tokens, fewer than pd_max_prefill_len = {}",
+                config.chunk_size, config.max_prefill_len
+            )));
+        }
+        let len = usize::try_from(pages * page_size as u64).map_err(|_| {
+            TransferError::Config("pd_buffer_size exceeds the address space".into())
+        })?;
+        let peer = PdPeer::from_config(config, rank)?;
+        let (memory, shm): (Box<dyn PageMemory>, _) = match config.channel {
+            ChannelKind::Tcp => (Box::new(HostPages::new(len)?), None),
+            ChannelKind::Shm => {
+                let pages = ShmPages::create(rank, len)?;
+                let path = pages.path().to_string_lossy().into_owned();
+                (Box::new(pages), Some((path, len as u64)))
+            }
+        };
+        let buffer = PdBuffer::new(memory, page_size, config.ttl)?;
+        let bind = |port: u16| {
+            TcpListener::bind((peer.host.as_str(), port))
+                .map_err(|e| TransferError::io(format!("binding PD port {}:{port}", peer.host), e))
+        };
+        let (init, alloc) = (bind(peer.init_port)?, bind(peer.alloc_port)?);
+        let addr = |l: &TcpListener| {
+            l.local_addr()
+                .map_err(|e| TransferError::io("PD listener address", e))
+        };
+        let (init_addr, alloc_addr) = (addr(&init)?, addr(&alloc)?);
+        let inner = Arc::new(Inner {
+            config: config.clone(),
+            rank,
+            fingerprint: config.spec.chunk_fingerprint(),
+            buffer,
+            shm,
+            sessions: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+        });
+        let mut receiver = PdReceiver {
+            inner,
+            init_addr,
+            alloc_addr,
+            listeners: Vec::new(),
+        };
+        for (listener, port, name) in [(init, Port::Init, "init"), (alloc, Port::Alloc, "alloc")] {
+            let inner = Arc::clone(&receiver.inner);
+            let handle = std::thread::Builder::new()
+                .name(format!("kvrelay-pd-{name}-{rank}"))
+                .spawn(move || listen(&inner, listener, port))
+                .map_err(|e| TransferError::io("spawning a PD listener", e))?;
+            // On an early return, Drop stops the listeners spawned so far.
+            receiver.listeners.push(handle);
+        }
+        tracing::info!(rank, %init_addr, %alloc_addr, channel = config.channel.as_str(), pages, page_size, "PD receiver listening");
+        Ok(receiver)
+    }
+
+    /// Where senders do the handshake.
+    pub fn init_addr(&self) -> SocketAddr {
+        self.init_addr
+    }
+
+    /// Where senders allocate and send.
+    pub fn alloc_addr(&self) -> SocketAddr {
+        self.alloc_addr
+    }
+
+    /// Takes a received, verified chunk: the decoder loads it like a tier hit. The chunk's
+    /// page returns to the buffer when the chunk (and every clone of its bytes) is dropped.
+    pub fn get(&self, key: &CacheKey) -> Option<Chunk> {
+        self.inner.buffer.take(key)
+    }
+
+    /// Whether a verified chunk with this key is waiting to be consumed.
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.inner.buffer.contains(key)
+    }
+
+    /// Waits until every chunk of `request_id` has arrived and verified. Fails at once if
+    /// the request ended (cancelled, rejected, sender gone, expired), or after `timeout`.
+    pub fn wait_ready(
+        &self,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Result<ReadyRequest, TransferError> {
+        self.inner.buffer.wait_ready(request_id, timeout)
+    }
+
+    /// Frees a request's pages (once its sender stops writing them, if still receiving).
+    /// Returns whether the request was known.
+    pub fn cancel(&self, request_id: &str) -> bool {
+        self.inner.buffer.cancel(request_id)
+    }
+
+    pub fn occupancy(&self) -> Occupancy {
+        self.inner.buffer.occupancy()
+    }
+}
+
+impl Drop for PdReceiver {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.buffer.close();
+        for (_, conn) in self.inner.conns.lock().drain() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        for addr in [self.init_addr, self.alloc_addr] {
+            // Wakes the blocking accept so the listener sees the stop flag.
+            let _ = TcpStream::connect_timeout(&wake_addr(addr), Duration::from_secs(1));
+        }
+        for handle in self.listeners.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn wake_addr(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    addr
+}
+
+fn listen(inner: &Arc<Inner>, listener: TcpListener, port: Port) {
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    for stream in listener.incoming() {
+        if inner.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(error) => {
+                // E.g. out of file descriptors: back off briefly instead of spinning.
+                tracing::warn!(%error, "PD accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        workers.retain(|h| !h.is_finished());
+        if workers.len() >= inner.config.max_connections {
+            let mut stream = stream;
+            let busy = TransferError::Refused {
+                code: ErrorCode::Busy,
+                message: format!("{} connections already open", workers.len()),
+            };
+            let _ = stream.set_write_timeout(Some(inner.config.handshake_timeout));
+            send_error(&mut stream, &busy);
+            continue;
+        }
+        let Some(id) = inner.register(&stream) else {
+            continue;
+        };
+        let worker = Arc::clone(inner);
+        let spawned = std::thread::Builder::new()
+            .name(format!("kvrelay-pd-conn-{}", inner.rank))
+            .spawn(move || {
+                let mut stream = stream;
+                let result = match port {
+                    Port::Init => worker.handshake(&mut stream),
+                    Port::Alloc => worker.serve_alloc(&mut stream),
+                };
+                if let Err(error) = result {
+                    tracing::warn!(%error, "PD connection closed");
+                    send_error(&mut stream, &error);
+                }
+                worker.conns.lock().remove(&id);
+            });
+        match spawned {
+            Ok(handle) => workers.push(handle),
+            Err(error) => {
+                tracing::warn!(%error, "cannot spawn a PD connection thread");
+                inner.conns.lock().remove(&id);
+            }
+        }
+    }
+    for handle in workers {
+        let _ = handle.join();
+    }
+}
+
+/// Tells the peer why before closing (best effort: the peer may be gone).
+fn send_error(stream: &mut TcpStream, error: &TransferError) {
+    let frame = Message::Error {
+        code: error.code(),
+        message: error.to_string(),
+    }
+    .encode();
+    let _ = stream.write_all(&frame);
+}
+
+fn read_message(stream: &mut TcpStream, max_body: u32) -> Result<Message, TransferError> {
+    match read_frame(stream, max_body) {
+        Ok(Incoming::Message(m)) => Ok(m),
+        Ok(Incoming::Data(..)) => Err(FrameError::Unexpected(MsgType::Data).into()),
+        Err(ReadError::Frame(e)) => Err(e.into()),
+        Err(ReadError::Io(e)) => Err(TransferError::io("reading from the PD sender", e)),
+    }
+}
+
+fn write(stream: &mut TcpStream, message: &Message) -> Result<(), TransferError> {
+    stream
+        .write_all(&message.encode())
+        .map_err(|e| TransferError::io("writing to the PD sender", e))
+}
+
+fn refused(code: ErrorCode, message: String) -> TransferError {
+    TransferError::Refused { code, message }
+}
+
+/// Frees a request's pages unless the request reached `Commit`.
+struct AbortGuard<'a> {
+    buffer: &'a PdBuffer,
+    request_id: &'a str,
+    armed: bool,
+}
+
+impl Drop for AbortGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.buffer.abort(
+                self.request_id,
+                "the sender's connection ended before commit",
+            );
+        }
+    }
+}
+
+impl Inner {
+    /// Records a connection for shutdown; `None` if shutdown already began.
+    fn register(&self, stream: &TcpStream) -> Option<u64> {
+        let clone = stream.try_clone().ok()?;
+        let mut conns = self.conns.lock();
+        if self.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        conns.insert(id, clone);
+        Some(id)
+    }
+
+    fn set_timeouts(
+        stream: &TcpStream,
+        read: Option<Duration>,
+        write: Duration,
+    ) -> Result<(), TransferError> {
+        stream
+            .set_read_timeout(read)
+            .and_then(|()| stream.set_write_timeout(Some(write)))
+            .map_err(|e| TransferError::io("setting socket timeouts", e))
+    }
+
+    /// The init port: authenticate a sender and issue a one-time session token.
+    fn handshake(&self, stream: &mut TcpStream) -> Result<(), TransferError> {
+        let timeout = self.config.handshake_timeout;
+        Self::set_timeouts(stream, Some(timeout), timeout)?;
+        let Message::Hello {
+            rank,
+            channel,
+            page_size,
+            fingerprint,
+            nonce: sender_nonce,
+        } = read_message(stream, MAX_HANDSHAKE_BODY)?
+        else {
+            return Err(TransferError::Protocol("expected Hello".into()));
+        };
+        if rank != self.rank {
+            return Err(refused(
+                ErrorCode::WrongRank,
+                format!(
+                    "this is receiver rank {}, the sender is rank {rank}",
+                    self.rank
+                ),
+            ));
+        }
+        if channel != self.config.channel {
+            return Err(refused(
+                ErrorCode::ChannelMismatch,
+                format!(
+                    "receiver uses transfer_channel {}, sender {}",
+                    self.config.channel.as_str(),
+                    channel.as_str()
+                ),
+            ));
+        }
+        if page_size != self.buffer.page_size() as u64 || fingerprint != self.fingerprint {
+            return Err(refused(
+                ErrorCode::LayoutMismatch,
+                format!(
+                    "sender chunks are {page_size} bytes with fingerprint {fingerprint:#018x}; receiver pages are {} bytes for {:#018x}",
+                    self.buffer.page_size(),
+                    self.fingerprint
+                ),
+            ));
+        }
+        let secret = self.config.secret();
+        let receiver_nonce = random()?;
+        write(
+            stream,
+            &Message::Challenge {
+                nonce: receiver_nonce,
+                auth_required: secret.is_some(),
+                proof: proof(secret, Role::Receiver, &sender_nonce, &receiver_nonce, rank),
+            },
+        )?;
+        let Message::Auth {
+            proof: sender_proof,
+        } = read_message(stream, MAX_HANDSHAKE_BODY)?
+        else {
+            return Err(TransferError::Protocol("expected Auth".into()));
+        };
+        if let Some(secret) = secret {
+            if !verify_proof(
+                secret,
+                Role::Sender,
+                &sender_nonce,
+                &receiver_nonce,
+                rank,
+                &sender_proof,
+            ) {
+                return Err(TransferError::AuthFailed(
+                    "the sender does not hold this receiver's pd_shared_secret".into(),
+                ));
+            }
+        }
+        let token = random()?;
+        {
+            let mut sessions = self.sessions.lock();
+            let now = Instant::now();
+            sessions.retain(|_, issued| now.duration_since(*issued) < timeout);
+            if sessions.len() >= self.config.max_connections {
+                return Err(refused(ErrorCode::Busy, "too many pending sessions".into()));
+            }
+            sessions.insert(token, now);
+        }
+        let (shm_path, shm_len) = self.shm.clone().unwrap_or_default();
+        write(
+            stream,
+            &Message::Welcome {
+                token,
+                page_size: self.buffer.page_size() as u64,
+                num_pages: self.buffer.num_pages() as u32,
+                shm_path,
+                shm_len,
+            },
+        )
+    }
+
+    /// The alloc port: one attached sender, any number of requests in turn.
+    fn serve_alloc(&self, stream: &mut TcpStream) -> Result<(), TransferError> {
+        let cfg = &self.config;
+        Self::set_timeouts(stream, Some(cfg.handshake_timeout), cfg.io_timeout)?;
+        let Message::Attach { token } = read_message(stream, MAX_HANDSHAKE_BODY)? else {
+            return Err(TransferError::Protocol("expected Attach".into()));
+        };
+        let issued = self.sessions.lock().remove(&token);
+        let fresh = matches!(issued, Some(t) if t.elapsed() < cfg.handshake_timeout);
+        if !fresh {
+            return Err(refused(
+                ErrorCode::BadSession,
+                "unknown or expired session token; redo the init handshake".into(),
+            ));
+        }
+        tune_socket(stream);
+        loop {
+            // Idle between requests: no timeout (keepalive notices a vanished peer).
+            Self::set_timeouts(stream, None, cfg.io_timeout)?;
+            let message = match read_frame(stream, MAX_CONTROL_BODY) {
+                Ok(Incoming::Message(m)) => m,
+                Ok(Incoming::Data(..)) => return Err(FrameError::Unexpected(MsgType::Data).into()),
+                Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Err(ReadError::Io(e)) => {
+                    return Err(TransferError::io("reading from the PD sender", e))
+                }
+                Err(ReadError::Frame(e)) => return Err(e.into()),
+            };
+            let Message::AllocRequest { request_id, chunks } = message else {
+                return Err(FrameError::Unexpected(message.kind()).into());
+            };
+            self.serve_request(stream, &request_id, &chunks)?;
+        }
+    }
+
+    /// Checks what the sender declared against this receiver's geometry.
+    fn check_chunks(&self, request_id: &str, chunks: &[ChunkDecl]) -> Result<(), TransferError> {
+        let bad = |index: usize, reason: String| TransferError::BadChunk {
+            request: request_id.to_string(),
+            index,
+            reason,
+        };
+        if request_id.is_empty() || chunks.is_empty() {
+            return Err(bad(
+                0,
+                "a request needs an id and at least one chunk".into(),
+            ));
+        }
+        let spec = &self.config.spec;
+        for (i, c) in chunks.iter().enumerate() {
+            let tokens = c.meta.num_tokens as usize;
+            if c.meta.layout_fingerprint != self.fingerprint {
+                return Err(bad(
+                    i,
+                    format!(
+                        "layout fingerprint {:#018x} is not the receiver's {:#018x}",
+                        c.meta.layout_fingerprint, self.fingerprint
+                    ),
+                ));
+            }
+            if tokens == 0 || tokens > self.config.chunk_size {
+                return Err(bad(
+                    i,
+                    format!(
+                        "{tokens} tokens; a chunk holds 1..={}",
+                        self.config.chunk_size
+                    ),
+                ));
+            }
+            if c.len != spec.chunk_bytes(tokens) as u64 {
+                return Err(bad(
+                    i,
+                    format!(
+                        "{} bytes; {tokens} tokens are {} bytes",
+                        c.len,
+                        spec.chunk_bytes(tokens)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// One request: admission, data, verification, commit. Request-level refusals are
+    /// answered and keep the connection; protocol violations end it (and free the pages).
+    fn serve_request(
+        &self,
+        stream: &mut TcpStream,
+        request_id: &str,
+        chunks: &[ChunkDecl],
+    ) -> Result<(), TransferError> {
+        let cfg = &self.config;
+        let admitted = self.check_chunks(request_id, chunks).and_then(|()| {
+            self.buffer
+                .reserve(request_id, chunks, cfg.allocation_timeout)
+        });
+        let grant = match admitted {
+            Ok(grant) => grant,
+            Err(TransferError::ShuttingDown) => return Err(TransferError::ShuttingDown),
+            Err(refusal) => {
+                tracing::info!(request = request_id, error = %refusal, "PD allocation refused");
+                return write(
+                    stream,
+                    &Message::Error {
+                        code: refusal.code(),
+                        message: refusal.to_string(),
+                    },
+                );
+            }
+        };
+        let mut guard = AbortGuard {
+            buffer: &self.buffer,
+            request_id,
+            armed: true,
+        };
+        write(
+            stream,
+            &Message::AllocGrant {
+                grant: grant.id,
+                pages: grant.pages.clone(),
+            },
+        )?;
+        Self::set_timeouts(stream, Some(cfg.io_timeout), cfg.io_timeout)?;
+        let page_size = self.buffer.page_size();
+        let mut check = GrantCheck::new(
+            grant.id,
+            page_size as u64,
+            grant
+                .pages
+                .iter()
+                .copied()
+                .zip(chunks.iter().map(|c| c.len))
+                .collect(),
+        );
+        let deadline = Instant::now() + cfg.ttl;
+        let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
+        // tcp: the chunk whose data is arriving, hashed as it lands (while still in cache).
+        let mut open: Option<(u32, Xxh3Default)> = None;
+        loop {
+            if Instant::now() > deadline {
+                return Err(TransferError::Protocol(format!(
+                    "request {request_id:?} still incomplete after pd_buffer_ttl_sec"
+                )));
+            }
+            match read_frame(stream, MAX_CONTROL_BODY) {
+                Ok(Incoming::Data(d, len)) => {
+                    if cfg.channel != ChannelKind::Tcp {
+                        return Err(FrameError::Unexpected(MsgType::Data).into());
+                    }
+                    let range = check
+                        .admit(&d, u64::from(len))
+                        .map_err(TransferError::Protocol)?;
+                    let hasher = match &mut open {
+                        Some((chunk, h)) if *chunk == d.chunk => h,
+                        Some((chunk, _)) => {
+                            return Err(TransferError::Protocol(format!(
+                                "data for chunk {} before chunk {chunk} was sealed",
+                                d.chunk
+                            )))
+                        }
+                        None => &mut open.insert((d.chunk, Xxh3Default::new())).1,
+                    };
+                    // SAFETY: `admit` bounded the range to the declared length of a chunk
+                    // inside its granted page, and the grant gives this connection sole use
+                    // of that page until commit or abort.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            self.buffer.ptr_at(range.start as usize),
+                            len as usize,
+                        )
+                    };
+                    stream
+                        .read_exact(dst)
+                        .map_err(|e| TransferError::io("reading chunk data", e))?;
+                    hasher.update(dst);
+                }
+                Ok(Incoming::Message(Message::Seal {
+                    grant: g,
+                    chunk,
+                    checksum,
+                })) => {
+                    let i = chunk as usize;
+                    if g != grant.id || verified.get(i) != Some(&None) {
+                        return Err(TransferError::Protocol(format!(
+                            "Seal of chunk {chunk} (grant {g}) is not an unsealed chunk of grant {}",
+                            grant.id
+                        )));
+                    }
+                    let actual = match cfg.channel {
+                        ChannelKind::Tcp => match open.take() {
+                            Some((c, h)) if c == chunk && check.complete(i) => h.digest(),
+                            _ => {
+                                return Err(TransferError::Protocol(format!(
+                                    "Seal of chunk {chunk} before all its bytes arrived"
+                                )))
+                            }
+                        },
+                        ChannelKind::Shm => {
+                            let offset = grant.pages[i] as usize * page_size;
+                            // SAFETY: the page is granted to this request and inside the
+                            // buffer; chunk lengths were checked to fit a page. Only the
+                            // sender writes it, and it sealed the chunk.
+                            let bytes = unsafe {
+                                std::slice::from_raw_parts(
+                                    self.buffer.ptr_at(offset),
+                                    chunks[i].len as usize,
+                                )
+                            };
+                            checksum_of(bytes)
+                        }
+                    };
+                    if actual != checksum {
+                        tracing::warn!(request = request_id, chunk, "PD chunk checksum mismatch");
+                    }
+                    verified[i] = Some(actual == checksum);
+                }
+                Ok(Incoming::Message(Message::Commit { grant: g })) => {
+                    if g != grant.id || verified.contains(&None) {
+                        return Err(TransferError::Protocol(format!(
+                            "Commit of grant {g} before every chunk of grant {} was sealed",
+                            grant.id
+                        )));
+                    }
+                    guard.armed = false;
+                    let flags: Vec<bool> = verified.iter().map(|v| *v == Some(true)).collect();
+                    let reply = match self.buffer.commit(request_id, &flags) {
+                        Ok(rejected) => Message::Committed {
+                            grant: g,
+                            verified: (chunks.len() as u32).saturating_sub(rejected),
+                            rejected,
+                        },
+                        Err(e) => Message::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                        },
+                    };
+                    return write(stream, &reply);
+                }
+                Ok(Incoming::Message(other)) => {
+                    return Err(FrameError::Unexpected(other.kind()).into())
+                }
+                Err(ReadError::Frame(e)) => return Err(e.into()),
+                Err(ReadError::Io(e)) => {
+                    return Err(TransferError::io("reading from the PD sender", e))
+                }
+            }
+        }
+    }
+}

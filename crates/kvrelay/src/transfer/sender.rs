@@ -1,0 +1,465 @@
+//! The prefiller side: one connection per receiver rank, requests sent one at a time.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::auth::{notification_mac, proof, random, verify_notification, verify_proof, Role};
+use super::channel::{Channel, Put};
+use super::frame::{
+    checksum, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message,
+    MsgType, ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
+    MAX_REQUEST_ID,
+};
+use super::shm::ShmChannel;
+use super::tcp::{tune_socket, TcpChannel};
+use super::{PdConfig, PdPeer, TransferError};
+use crate::keys::CacheKey;
+use crate::store::ChunkMeta;
+
+/// Bytes per put: large enough that per-frame costs vanish, small enough that the receiver
+/// hashes each segment while it is still in its cache.
+const SEGMENT: usize = 256 << 10;
+
+/// What one [`PdSender::send_request`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendStats {
+    pub channel: ChannelKind,
+    pub chunks: usize,
+    pub bytes: u64,
+    /// From sending `AllocRequest` to receiving the grant (admission wait included).
+    pub alloc_wait: Duration,
+    /// From the grant to the receiver's `Committed` (every chunk verified).
+    pub transfer: Duration,
+    /// Whether the proxy was notified (a proxy is configured).
+    pub notified: bool,
+}
+
+/// A KV-ready notification as the proxy receives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvReady {
+    pub request_id: String,
+    /// The receiver (= sender) TP rank whose KV is ready.
+    pub rank: u32,
+}
+
+/// Sends requests' KV to receiver rank `rank` (rank i sends to rank i).
+pub struct PdSender {
+    config: PdConfig,
+    peer: PdPeer,
+    rank: u32,
+    link: Option<Link>,
+}
+
+struct Link {
+    stream: TcpStream,
+    channel: Box<dyn Channel>,
+    page_size: usize,
+    num_pages: usize,
+}
+
+impl PdSender {
+    /// Does the init handshake with the receiver and attaches to its alloc port.
+    pub fn connect(config: &PdConfig, peer: PdPeer, rank: u32) -> Result<Self, TransferError> {
+        let link = Link::open(config, &peer, rank)?;
+        Ok(PdSender {
+            config: config.clone(),
+            peer,
+            rank,
+            link: Some(link),
+        })
+    }
+
+    /// Sends one request: reserves a page per chunk at the receiver (all or nothing), moves
+    /// the bytes, waits until the receiver verified every chunk, then notifies the proxy.
+    ///
+    /// Request-level refusals (too large, allocation timeout, duplicate id, bad chunk,
+    /// checksum failure) keep the connection; other failures drop it and the next call
+    /// redoes the handshake.
+    pub fn send_request(
+        &mut self,
+        request_id: &str,
+        chunks: &[(CacheKey, ChunkMeta, &[u8])],
+    ) -> Result<SendStats, TransferError> {
+        let alloc = self.alloc_frame(request_id, chunks)?;
+        let mut link = match self.link.take() {
+            Some(link) => link,
+            None => Link::open(&self.config, &self.peer, self.rank)?,
+        };
+        let result = link.send(&self.config, request_id, &alloc, chunks);
+        let keep = match &result {
+            Ok(_) => true,
+            Err(TransferError::Refused { code, .. }) => matches!(
+                code,
+                ErrorCode::RequestTooLarge
+                    | ErrorCode::AllocationTimeout
+                    | ErrorCode::DuplicateRequest
+                    | ErrorCode::BadChunk
+                    | ErrorCode::Cancelled
+            ),
+            Err(e) => matches!(e, TransferError::ChunksRejected { .. }),
+        };
+        if keep {
+            self.link = Some(link);
+        }
+        let mut stats = result?;
+        if let Some((host, port)) = &self.config.proxy {
+            notify(&self.config, host, *port, request_id, self.rank)?;
+            stats.notified = true;
+        }
+        Ok(stats)
+    }
+
+    /// Checks the chunks against the configured geometry and encodes the `AllocRequest`.
+    fn alloc_frame(
+        &self,
+        request_id: &str,
+        chunks: &[(CacheKey, ChunkMeta, &[u8])],
+    ) -> Result<Vec<u8>, TransferError> {
+        let bad = |index: usize, reason: String| TransferError::BadChunk {
+            request: request_id.to_string(),
+            index,
+            reason,
+        };
+        if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID {
+            return Err(bad(
+                0,
+                format!("request id must be 1..={MAX_REQUEST_ID} bytes"),
+            ));
+        }
+        if chunks.is_empty() || chunks.len() > MAX_CHUNKS as usize {
+            return Err(bad(
+                0,
+                format!("{} chunks; a request has 1..={MAX_CHUNKS}", chunks.len()),
+            ));
+        }
+        let fingerprint = self.config.spec.chunk_fingerprint();
+        let mut decls = Vec::with_capacity(chunks.len());
+        for (i, (key, meta, data)) in chunks.iter().enumerate() {
+            let tokens = meta.num_tokens as usize;
+            let expected = self.config.spec.chunk_bytes(tokens);
+            if meta.layout_fingerprint != fingerprint {
+                return Err(bad(
+                    i,
+                    format!(
+                        "layout fingerprint {:#018x} is not this engine's {fingerprint:#018x}",
+                        meta.layout_fingerprint
+                    ),
+                ));
+            }
+            if tokens == 0 || tokens > self.config.chunk_size || data.len() != expected {
+                return Err(bad(
+                    i,
+                    format!(
+                        "{} bytes for {tokens} tokens; expected 1..={} tokens and {expected} bytes",
+                        data.len(),
+                        self.config.chunk_size
+                    ),
+                ));
+            }
+            let key_len = key.to_string().len();
+            if key_len > MAX_KEY {
+                return Err(bad(i, format!("key of {key_len} bytes; at most {MAX_KEY}")));
+            }
+            decls.push(ChunkDecl {
+                key: key.clone(),
+                meta: *meta,
+                len: data.len() as u64,
+            });
+        }
+        let frame = Message::AllocRequest {
+            request_id: request_id.to_string(),
+            chunks: decls,
+        }
+        .encode();
+        if frame.len() - HEADER_LEN > MAX_CONTROL_BODY as usize {
+            return Err(bad(0, format!("the chunk list encodes to {} bytes, over the {MAX_CONTROL_BODY}-byte frame bound; split the request", frame.len())));
+        }
+        Ok(frame)
+    }
+}
+
+fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, TransferError> {
+    let what = || format!("connecting to {host}:{port}");
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| TransferError::io(what(), e))?;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => {
+                stream
+                    .set_read_timeout(Some(timeout))
+                    .and_then(|()| stream.set_write_timeout(Some(timeout)))
+                    .map_err(|e| TransferError::io(what(), e))?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(TransferError::io(what(), last))
+}
+
+fn read_message(stream: &mut impl Read, max_body: u32) -> Result<Message, TransferError> {
+    match read_frame(stream, max_body) {
+        Ok(Incoming::Message(Message::Error { code, message })) => {
+            Err(TransferError::Refused { code, message })
+        }
+        Ok(Incoming::Message(m)) => Ok(m),
+        Ok(Incoming::Data(..)) => Err(FrameError::Unexpected(MsgType::Data).into()),
+        Err(ReadError::Frame(e)) => Err(e.into()),
+        Err(ReadError::Io(e)) => Err(TransferError::io("reading from the PD receiver", e)),
+    }
+}
+
+fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), TransferError> {
+    stream
+        .write_all(bytes)
+        .map_err(|e| TransferError::io("writing to the PD receiver", e))
+}
+
+fn unexpected(m: &Message) -> TransferError {
+    FrameError::Unexpected(m.kind()).into()
+}
+
+impl Link {
+    fn open(cfg: &PdConfig, peer: &PdPeer, rank: u32) -> Result<Self, TransferError> {
+        let timeout = cfg.handshake_timeout;
+        let mut init = connect(&peer.host, peer.init_port, timeout)?;
+        let page_size = cfg.page_size();
+        let sender_nonce = random()?;
+        let hello = Message::Hello {
+            rank,
+            channel: cfg.channel,
+            page_size: page_size as u64,
+            fingerprint: cfg.spec.chunk_fingerprint(),
+            nonce: sender_nonce,
+        };
+        write(&mut init, &hello.encode())?;
+        let challenge = read_message(&mut init, MAX_HANDSHAKE_BODY)?;
+        let Message::Challenge {
+            nonce: receiver_nonce,
+            auth_required,
+            proof: receiver_proof,
+        } = challenge
+        else {
+            return Err(unexpected(&challenge));
+        };
+        let secret = cfg.secret();
+        let receiver_proven = |s: &[u8]| {
+            auth_required
+                && verify_proof(
+                    s,
+                    Role::Receiver,
+                    &sender_nonce,
+                    &receiver_nonce,
+                    rank,
+                    &receiver_proof,
+                )
+        };
+        match secret {
+            Some(s) if !receiver_proven(s) => {
+                return Err(TransferError::AuthFailed(
+                    "the receiver does not hold this sender's pd_shared_secret".into(),
+                ))
+            }
+            None if auth_required => {
+                return Err(TransferError::AuthFailed(
+                    "the receiver requires pd_shared_secret, which this sender does not set".into(),
+                ))
+            }
+            _ => {}
+        }
+        let auth = Message::Auth {
+            proof: proof(secret, Role::Sender, &sender_nonce, &receiver_nonce, rank),
+        };
+        write(&mut init, &auth.encode())?;
+        let welcome = read_message(&mut init, MAX_HANDSHAKE_BODY)?;
+        let Message::Welcome {
+            token,
+            page_size: their_page,
+            num_pages,
+            shm_path,
+            shm_len,
+        } = welcome
+        else {
+            return Err(unexpected(&welcome));
+        };
+        if their_page != page_size as u64 || num_pages == 0 {
+            return Err(TransferError::Protocol(format!(
+                "receiver announced {num_pages} pages of {their_page} bytes; expected pages of {page_size}"
+            )));
+        }
+        let num_pages = num_pages as usize;
+        let channel: Box<dyn Channel> = match cfg.channel {
+            ChannelKind::Tcp => Box::new(TcpChannel),
+            ChannelKind::Shm => {
+                if shm_len < (num_pages * page_size) as u64 {
+                    return Err(TransferError::Protocol(format!(
+                        "shm buffer of {shm_len} bytes cannot hold {num_pages} pages"
+                    )));
+                }
+                Box::new(ShmChannel::open(&shm_path, shm_len)?)
+            }
+        };
+        drop(init);
+        let mut stream = connect(&peer.host, peer.alloc_port, timeout)?;
+        tune_socket(&stream);
+        stream
+            .set_write_timeout(Some(cfg.io_timeout))
+            .map_err(|e| TransferError::io("setting socket timeouts", e))?;
+        write(&mut stream, &Message::Attach { token }.encode())?;
+        tracing::debug!(
+            rank,
+            host = peer.host,
+            channel = cfg.channel.as_str(),
+            "PD sender attached"
+        );
+        Ok(Link {
+            stream,
+            channel,
+            page_size,
+            num_pages,
+        })
+    }
+
+    fn send(
+        &mut self,
+        cfg: &PdConfig,
+        request_id: &str,
+        alloc: &[u8],
+        chunks: &[(CacheKey, ChunkMeta, &[u8])],
+    ) -> Result<SendStats, TransferError> {
+        let started = Instant::now();
+        let set_read = |s: &TcpStream, t: Duration| {
+            s.set_read_timeout(Some(t))
+                .map_err(|e| TransferError::io("setting socket timeouts", e))
+        };
+        // The receiver may wait up to its allocation timeout before it answers.
+        set_read(&self.stream, cfg.allocation_timeout + cfg.io_timeout)?;
+        write(&mut self.stream, alloc)?;
+        let reply = read_message(&mut self.stream, MAX_CONTROL_BODY)?;
+        let Message::AllocGrant { grant, pages } = reply else {
+            return Err(unexpected(&reply));
+        };
+        if pages.len() != chunks.len() || pages.iter().any(|p| *p as usize >= self.num_pages) {
+            return Err(TransferError::Protocol(format!(
+                "grant of pages {pages:?} does not fit {} chunks in {} pages",
+                chunks.len(),
+                self.num_pages
+            )));
+        }
+        let alloc_wait = started.elapsed();
+        set_read(&self.stream, cfg.io_timeout)?;
+        let bytes = chunks.iter().map(|(_, _, d)| d.len() as u64).sum();
+        // The checksums are computed on a helper thread while this one moves the bytes:
+        // hashing costs about as much CPU as copying, so doing both here would halve the
+        // rate. The channel holds at most one checksum per chunk.
+        std::thread::scope(|scope| {
+            let (sums_tx, sums) = std::sync::mpsc::sync_channel(chunks.len());
+            scope.spawn(move || {
+                for (_, _, data) in chunks {
+                    // The receiver of `sums` is gone only when the transfer failed.
+                    if sums_tx.send(checksum(data)).is_err() {
+                        return;
+                    }
+                }
+            });
+            for (i, ((_, _, data), page)) in chunks.iter().zip(&pages).enumerate() {
+                let base = u64::from(*page) * self.page_size as u64;
+                for (k, segment) in data.chunks(SEGMENT).enumerate() {
+                    let offset = (k * SEGMENT) as u64;
+                    let dst = Put {
+                        grant,
+                        chunk: i as u32,
+                        chunk_offset: offset,
+                        remote_offset: base + offset,
+                    };
+                    self.channel.put(&mut self.stream, dst, segment)?;
+                }
+                self.channel.fence(&mut self.stream)?;
+                let checksum = sums
+                    .recv()
+                    .map_err(|_| TransferError::Protocol("checksum thread ended early".into()))?;
+                let seal = Message::Seal {
+                    grant,
+                    chunk: i as u32,
+                    checksum,
+                };
+                write(&mut self.stream, &seal.encode())?;
+            }
+            Ok::<(), TransferError>(())
+        })?;
+        write(&mut self.stream, &Message::Commit { grant }.encode())?;
+        let reply = read_message(&mut self.stream, MAX_CONTROL_BODY)?;
+        let Message::Committed {
+            grant: g, rejected, ..
+        } = reply
+        else {
+            return Err(unexpected(&reply));
+        };
+        if g != grant {
+            return Err(TransferError::Protocol(format!(
+                "Committed for grant {g}, expected {grant}"
+            )));
+        }
+        if rejected > 0 {
+            return Err(TransferError::ChunksRejected {
+                request: request_id.to_string(),
+                rejected,
+            });
+        }
+        Ok(SendStats {
+            channel: self.channel.kind(),
+            chunks: chunks.len(),
+            bytes,
+            alloc_wait,
+            transfer: started.elapsed() - alloc_wait,
+            notified: false,
+        })
+    }
+}
+
+/// Tells the proxy that `request_id`'s KV is ready in receiver rank `rank`.
+fn notify(
+    cfg: &PdConfig,
+    host: &str,
+    port: u16,
+    request_id: &str,
+    rank: u32,
+) -> Result<(), TransferError> {
+    let mut stream = connect(host, port, cfg.handshake_timeout)?;
+    let message = Message::Notify {
+        request_id: request_id.to_string(),
+        rank,
+        mac: notification_mac(cfg.secret(), request_id, rank),
+    };
+    stream
+        .write_all(&message.encode())
+        .map_err(|e| TransferError::io(format!("notifying the proxy at {host}:{port}"), e))
+}
+
+/// Reads one KV-ready notification, as a proxy does on each accepted connection. With a
+/// `secret`, the notification must carry its MAC.
+pub fn read_notification(
+    stream: &mut impl Read,
+    secret: Option<&[u8]>,
+) -> Result<KvReady, TransferError> {
+    let message = read_message(stream, MAX_HANDSHAKE_BODY)?;
+    let Message::Notify {
+        request_id,
+        rank,
+        mac,
+    } = message
+    else {
+        return Err(unexpected(&message));
+    };
+    if let Some(secret) = secret {
+        if !verify_notification(secret, &request_id, rank, &mac) {
+            return Err(TransferError::AuthFailed(format!(
+                "notification for {request_id:?} does not carry pd_shared_secret's MAC"
+            )));
+        }
+    }
+    Ok(KvReady { request_id, rank })
+}

@@ -1,0 +1,173 @@
+//! The `shm` channel: the receiver's PD buffer is a file in `/dev/shm` that both sides map;
+//! the sender copies chunk bytes straight into the granted pages.
+
+use std::fs::{File, OpenOptions};
+use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use memmap2::{MmapMut, MmapOptions};
+
+use super::auth::random;
+use super::buffer::PageMemory;
+use super::channel::{Channel, Put};
+use super::frame::ChannelKind;
+use super::TransferError;
+use crate::device::stream::{stream_copy, stream_fence};
+
+const SHM_DIR: &str = "/dev/shm";
+const PREFIX: &str = "kvrelay-pd-";
+
+/// The receiver's shared PD buffer. The file is removed when this drops.
+pub(crate) struct ShmPages {
+    path: PathBuf,
+    base: NonNull<u8>,
+    len: usize,
+    _map: MmapMut,
+}
+
+// SAFETY: `base` points into `_map`, which ShmPages owns; the PD buffer hands out disjoint
+// page ranges only.
+unsafe impl Send for ShmPages {}
+// SAFETY: as above.
+unsafe impl Sync for ShmPages {}
+
+impl ShmPages {
+    /// A fresh, zeroed, pre-faulted shared buffer of `len` bytes, readable only by this user.
+    pub(crate) fn create(rank: u32, len: usize) -> Result<Self, TransferError> {
+        let tag: [u8; 8] = random()?;
+        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        let path = Path::new(SHM_DIR).join(format!("{PREFIX}{}-{rank}-{hex}", std::process::id()));
+        let io = |what: &str, e| TransferError::io(format!("{what} {}", path.display()), e);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io("creating", e))?;
+        let pages = Self::map(&path, &file, len);
+        if pages.is_err() {
+            // Best effort: the error being returned says what went wrong.
+            let _ = std::fs::remove_file(&path);
+        }
+        pages
+    }
+
+    fn map(path: &Path, file: &File, len: usize) -> Result<Self, TransferError> {
+        let io = |what: &str, e| TransferError::io(format!("{what} {}", path.display()), e);
+        file.set_len(len as u64).map_err(|e| io("sizing", e))?;
+        // SAFETY: the file was just created with O_EXCL and mode 0600; the only other
+        // writers are senders of this user, which write granted pages only (see the module
+        // documentation of `transfer` for the trust model).
+        let mut map =
+            unsafe { MmapOptions::new().populate().map_mut(file) }.map_err(|e| io("mapping", e))?;
+        let base = NonNull::new(map.as_mut_ptr())
+            .ok_or_else(|| TransferError::Config("shm mapping at null".into()))?;
+        Ok(ShmPages {
+            path: path.to_path_buf(),
+            base,
+            len,
+            _map: map,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl PageMemory for ShmPages {
+    fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for ShmPages {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), %error, "could not remove PD shm file");
+        }
+    }
+}
+
+/// The sender's mapping of a receiver's shared PD buffer.
+pub(crate) struct ShmChannel {
+    map: MmapMut,
+}
+
+impl ShmChannel {
+    /// Maps the buffer a receiver named in `Welcome`, after checking that the name is a
+    /// kvrelay PD file in `/dev/shm` (a receiver must not make us write elsewhere), that it
+    /// is a regular file of this user, and that it has the announced size.
+    pub(crate) fn open(path: &str, len: u64) -> Result<Self, TransferError> {
+        let name = path
+            .strip_prefix(SHM_DIR)
+            .and_then(|p| p.strip_prefix('/'))
+            .filter(|n| n.starts_with(PREFIX))
+            .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        if name.is_none() {
+            return Err(TransferError::Protocol(format!(
+                "receiver named shm file {path:?}, which is not {SHM_DIR}/{PREFIX}*"
+            )));
+        }
+        let io = |what: &str, e| TransferError::io(format!("{what} {path}"), e);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| io("opening", e))?;
+        let meta = file.metadata().map_err(|e| io("inspecting", e))?;
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        if !meta.file_type().is_file() || meta.uid() != uid || meta.len() != len {
+            return Err(TransferError::Protocol(format!(
+                "shm file {path} is not a regular file of uid {uid} with {len} bytes"
+            )));
+        }
+        // SAFETY: the mapping is shared with the receiver, which does not write pages it
+        // granted to us until we commit or disconnect; we write only granted ranges.
+        let map = unsafe { MmapOptions::new().populate().map_mut(&file) }
+            .map_err(|e| io("mapping", e))?;
+        Ok(ShmChannel { map })
+    }
+}
+
+impl Channel for ShmChannel {
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Shm
+    }
+
+    fn put(&mut self, _control: &mut TcpStream, dst: Put, src: &[u8]) -> Result<(), TransferError> {
+        let start = usize::try_from(dst.remote_offset).unwrap_or(usize::MAX);
+        let Some(target) = start
+            .checked_add(src.len())
+            .and_then(|end| self.map.get_mut(start..end))
+        else {
+            return Err(TransferError::Protocol(format!(
+                "{} bytes at offset {} pass the shared buffer's {} bytes",
+                src.len(),
+                dst.remote_offset,
+                self.map.len()
+            )));
+        };
+        // Streaming stores: the destination is read by another process, so filling this
+        // cache with it (and reading each line before overwriting it) would only cost.
+        // SAFETY: `target` and `src` are valid for src.len() bytes and cannot overlap: one
+        // is our shared mapping, the other the caller's slice of its own memory.
+        unsafe { stream_copy(target.as_mut_ptr(), src.as_ptr(), src.len()) };
+        Ok(())
+    }
+
+    fn fence(&mut self, _control: &mut TcpStream) -> Result<(), TransferError> {
+        // Streaming stores are weakly ordered: drain them before the Seal frame tells the
+        // receiver to read the page.
+        stream_fence();
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! Fuzz-style properties of the PD frame decoder and the grant check: random and mutated
+//! bytes never panic, and no accepted data frame reaches outside its granted page.
+
+use std::io::Cursor;
+
+use kvrelay::keys::CacheKey;
+use kvrelay::store::ChunkMeta;
+use kvrelay::transfer::frame::{
+    self, data_prefix, decode, read_frame, ChannelKind, ChunkDecl, DataHeader, ErrorCode, Frame,
+    GrantCheck, Message, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY,
+};
+use kvrelay::KvDtype;
+use proptest::prelude::*;
+
+fn samples() -> Vec<Vec<u8>> {
+    let key = CacheKey::new("model", 2, 1, 0xfeed, KvDtype::Bf16).unwrap();
+    let msgs = [
+        Message::Hello {
+            rank: 0,
+            channel: ChannelKind::Tcp,
+            page_size: 4096,
+            fingerprint: 1,
+            nonce: [1; 32],
+        },
+        Message::Welcome {
+            token: [2; 16],
+            page_size: 4096,
+            num_pages: 8,
+            shm_path: "/dev/shm/kvrelay-pd-1-0-ab".into(),
+            shm_len: 32768,
+        },
+        Message::Error {
+            code: ErrorCode::Busy,
+            message: "busy".into(),
+        },
+        Message::AllocRequest {
+            request_id: "r".into(),
+            chunks: vec![
+                ChunkDecl {
+                    key: key.clone(),
+                    meta: ChunkMeta {
+                        layout_fingerprint: 3,
+                        num_tokens: 16,
+                    },
+                    len: 4096,
+                };
+                3
+            ],
+        },
+        Message::AllocGrant {
+            grant: 1,
+            pages: vec![0, 5, 7],
+        },
+        Message::Seal {
+            grant: 1,
+            chunk: 2,
+            checksum: 9,
+        },
+        Message::Notify {
+            request_id: "r".into(),
+            rank: 0,
+            mac: [0; 32],
+        },
+    ];
+    let mut out: Vec<Vec<u8>> = msgs.iter().map(Message::encode).collect();
+    let mut data = data_prefix(
+        &DataHeader {
+            grant: 1,
+            chunk: 0,
+            offset: 0,
+        },
+        8,
+    )
+    .to_vec();
+    data.extend_from_slice(&[0xcd; 8]);
+    out.push(data);
+    out
+}
+
+/// What a fuzzer does to a valid frame: flip, overwrite, cut, extend.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Set(usize, u8),
+    Truncate(usize),
+    Append(Vec<u8>),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Set(i, b)),
+        any::<usize>().prop_map(Mutation::Truncate),
+        proptest::collection::vec(any::<u8>(), 1..16).prop_map(Mutation::Append),
+    ]
+}
+
+fn check_no_panic(bytes: &[u8]) {
+    for max in [0, MAX_HANDSHAKE_BODY, MAX_CONTROL_BODY] {
+        if let Ok(Frame::Message(m)) = decode(bytes, max) {
+            // Whatever decodes re-encodes to a frame that decodes to the same message.
+            assert_eq!(decode(&m.encode(), MAX_CONTROL_BODY), Ok(Frame::Message(m)));
+        }
+        let _ = read_frame(&mut Cursor::new(bytes), max);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        check_no_panic(&bytes);
+        // With a valid header in front, the body decoders see the random bytes.
+        for kind in 1u8..=13 {
+            let mut framed = frame::MAGIC.to_vec();
+            framed.extend_from_slice(&[frame::VERSION, kind, 0, 0]);
+            framed.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            framed.extend_from_slice(&bytes);
+            check_no_panic(&framed);
+        }
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(
+        which in 0usize..8,
+        mutations in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        let all = samples();
+        let mut bytes = all[which % all.len()].clone();
+        for m in mutations {
+            match m {
+                Mutation::Set(i, b) if !bytes.is_empty() => {
+                    let i = i % bytes.len();
+                    bytes[i] = b;
+                }
+                Mutation::Set(..) => {}
+                Mutation::Truncate(n) => bytes.truncate(n % (bytes.len() + 1)),
+                Mutation::Append(tail) => bytes.extend_from_slice(&tail),
+            }
+        }
+        check_no_panic(&bytes);
+    }
+
+    #[test]
+    fn accepted_data_stays_inside_its_granted_page(
+        page_size in 1u64..10_000,
+        grants in proptest::collection::vec((0u32..64, 0u64..10_000), 1..6),
+        frames in proptest::collection::vec(
+            (0u32..3, 0u32..8, prop_oneof![0u64..20_000, any::<u64>()], 0u64..20_000),
+            1..64,
+        ),
+    ) {
+        let chunks: Vec<(u32, u64)> = grants
+            .iter()
+            .map(|&(page, len)| (page, len.min(page_size)))
+            .collect();
+        let mut check = GrantCheck::new(1, page_size, chunks.clone());
+        let mut landed = vec![0u64; chunks.len()];
+        for (grant, chunk, offset, len) in frames {
+            let d = DataHeader { grant, chunk, offset };
+            let Ok(range) = check.admit(&d, len) else { continue };
+            // Accepted: the right grant, a granted chunk, the next bytes of it, and all
+            // inside the chunk's page and declared length.
+            prop_assert_eq!(grant, 1);
+            let (page, chunk_len) = chunks[chunk as usize];
+            let page_start = u64::from(page) * page_size;
+            prop_assert_eq!(range.start, page_start + landed[chunk as usize]);
+            prop_assert!(range.end <= page_start + chunk_len);
+            prop_assert!(range.end > range.start);
+            prop_assert_eq!(range.end - range.start, len);
+            landed[chunk as usize] += len;
+        }
+        for (i, &(_, len)) in chunks.iter().enumerate() {
+            prop_assert_eq!(check.complete(i), landed[i] == len);
+        }
+    }
+}

@@ -1,0 +1,777 @@
+//! PD transfer over loopback: a real receiver, real and hand-rolled senders, a fake proxy.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kvrelay::config::LmcacheConfig;
+use kvrelay::keys::CacheKey;
+use kvrelay::layout::{AttentionKind, KvCacheSpec};
+use kvrelay::store::ChunkMeta;
+use kvrelay::transfer::frame::{
+    self, data_prefix, read_frame, ChunkDecl, DataHeader, Incoming, Message, MAC_LEN, NONCE_LEN,
+};
+use kvrelay::transfer::{
+    read_notification, ChannelKind, ErrorCode, KvReady, PdConfig, PdPeer, PdReceiver, PdSender,
+    TransferError,
+};
+use kvrelay::KvDtype;
+use rand::{Rng, SeedableRng};
+
+const CHUNK_TOKENS: usize = 16;
+
+fn spec() -> KvCacheSpec {
+    KvCacheSpec {
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_size: 8,
+        dtype: KvDtype::Bf16,
+        block_size: 16,
+        num_blocks: 64,
+        attention: AttentionKind::Mha,
+    }
+}
+
+fn page() -> usize {
+    spec().chunk_bytes(CHUNK_TOKENS)
+}
+
+/// A config for either role; `extra` is appended YAML.
+fn config(channel: &str, pages: usize, extra: &str, proxy: Option<u16>) -> PdConfig {
+    let proxy = proxy
+        .map(|p| format!("pd_proxy_host: 127.0.0.1\npd_proxy_port: {p}\n"))
+        .unwrap_or_default();
+    let yaml = format!(
+        "chunk_size: {CHUNK_TOKENS}\nenable_pd: true\npd_role: receiver\ntransfer_channel: {channel}\n\
+         pd_buffer_size: {}\npd_buffer_device: cpu\npd_peer_host: 127.0.0.1\n\
+         pd_peer_init_port: 0\npd_peer_alloc_port: 0\npd_allocation_timeout_sec: 0.3\n{proxy}{extra}",
+        pages * page()
+    );
+    let cfg = LmcacheConfig::from_yaml_str(&yaml).unwrap();
+    PdConfig::from_lmcache(&cfg, &spec()).unwrap()
+}
+
+fn peer(rx: &PdReceiver) -> PdPeer {
+    PdPeer::for_rank(
+        "127.0.0.1",
+        &[rx.init_addr().port()],
+        &[rx.alloc_addr().port()],
+        0,
+    )
+    .unwrap()
+}
+
+struct Request {
+    id: String,
+    chunks: Vec<(CacheKey, ChunkMeta, Vec<u8>)>,
+}
+
+/// `n` chunks of random bytes; the last one partial when `partial_tail`.
+fn request(id: &str, n: usize, partial_tail: bool) -> Request {
+    let seed = id.bytes().fold(n as u64, |h, b| {
+        h.wrapping_mul(31).wrapping_add(u64::from(b))
+    });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let chunks = (0..n)
+        .map(|i| {
+            let tokens = if partial_tail && i == n - 1 {
+                5
+            } else {
+                CHUNK_TOKENS
+            };
+            let mut data = vec![0u8; spec().chunk_bytes(tokens)];
+            rng.fill(&mut data[..]);
+            let key = CacheKey::new("m", 1, 0, rng.gen(), KvDtype::Bf16).unwrap();
+            let meta = ChunkMeta {
+                layout_fingerprint: spec().chunk_fingerprint(),
+                num_tokens: tokens as u32,
+            };
+            (key, meta, data)
+        })
+        .collect();
+    Request {
+        id: id.to_string(),
+        chunks,
+    }
+}
+
+impl Request {
+    fn refs(&self) -> Vec<(CacheKey, ChunkMeta, &[u8])> {
+        self.chunks
+            .iter()
+            .map(|(k, m, d)| (k.clone(), *m, &d[..]))
+            .collect()
+    }
+
+    fn decls(&self) -> Vec<ChunkDecl> {
+        self.chunks
+            .iter()
+            .map(|(k, m, d)| ChunkDecl {
+                key: k.clone(),
+                meta: *m,
+                len: d.len() as u64,
+            })
+            .collect()
+    }
+
+    fn send(&self, tx: &mut PdSender) -> Result<kvrelay::transfer::SendStats, TransferError> {
+        tx.send_request(&self.id, &self.refs())
+    }
+
+    /// Consumes every chunk from the receiver and checks it bit for bit.
+    fn consume_and_check(&self, rx: &PdReceiver) {
+        for (key, meta, data) in &self.chunks {
+            let chunk = rx.get(key).expect("chunk present");
+            assert_eq!(chunk.meta, *meta);
+            assert!(chunk.data[..] == data[..], "chunk bytes differ");
+        }
+    }
+}
+
+/// A proxy stand-in: accepts notification connections and forwards what they say.
+fn fake_proxy(secret: Option<&'static [u8]>) -> (u16, mpsc::Receiver<Result<KvReady, String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (send, recv) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let note = read_notification(&mut stream, secret).map_err(|e| e.to_string());
+            if send.send(note).is_err() {
+                return;
+            }
+        }
+    });
+    (port, recv)
+}
+
+/// Polls `cond` until it holds; fails after a generous bound instead of hanging.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn refused_code<T>(result: Result<T, TransferError>) -> ErrorCode {
+    match result {
+        Err(TransferError::Refused { code, .. }) => code,
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got success"),
+    }
+}
+
+fn end_to_end(channel: &str) {
+    let (proxy_port, notes) = fake_proxy(None);
+    let rx = PdReceiver::bind(&config(channel, 16, "", None), 0).unwrap();
+    let cfg = config(channel, 16, "", Some(proxy_port));
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let requests = [request("r1", 5, true), request("r-two", 3, false)];
+    for r in &requests {
+        let stats = r.send(&mut tx).unwrap();
+        assert_eq!(stats.chunks, r.chunks.len());
+        assert!(stats.notified);
+        assert_eq!(stats.channel.as_str(), channel);
+        let note = notes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            note,
+            KvReady {
+                request_id: r.id.clone(),
+                rank: 0
+            }
+        );
+        let ready = rx.wait_ready(&r.id, Duration::from_secs(20)).unwrap();
+        assert_eq!(ready.chunks, r.chunks.len());
+    }
+    assert_eq!(rx.occupancy().used_pages, 8);
+    for r in &requests {
+        r.consume_and_check(&rx);
+    }
+    // Consumed chunks were dropped, so every page is free again and nothing is left.
+    let occ = rx.occupancy();
+    assert_eq!((occ.used_pages, occ.requests), (0, 0));
+    assert!(rx.get(&requests[0].chunks[0].0).is_none());
+}
+
+#[test]
+fn tcp_delivers_chunks_bit_exact_and_notifies_the_proxy() {
+    end_to_end("tcp");
+}
+
+#[test]
+fn shm_delivers_chunks_bit_exact_and_notifies_the_proxy() {
+    end_to_end("shm");
+}
+
+#[test]
+fn a_consumed_chunk_holds_its_page_until_dropped() {
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("held", 2, false);
+    r.send(&mut tx).unwrap();
+    let chunk = rx.get(&r.chunks[0].0).unwrap();
+    assert!(!rx.contains(&r.chunks[0].0));
+    assert!(rx.contains(&r.chunks[1].0));
+    assert_eq!(rx.occupancy().used_pages, 2);
+    drop(rx.get(&r.chunks[1].0));
+    assert_eq!(rx.occupancy().used_pages, 1);
+    assert!(chunk.data[..] == r.chunks[0].2[..]);
+    drop(chunk);
+    assert_eq!(rx.occupancy().used_pages, 0);
+}
+
+#[test]
+fn a_request_larger_than_the_buffer_is_refused_at_once() {
+    let mut tiny = config("tcp", 1, "", None);
+    tiny.buffer_size = page() as u64 - 1;
+    let err = PdReceiver::bind(&tiny, 0).err().unwrap();
+    assert!(matches!(err, TransferError::BufferTooSmall { .. }), "{err}");
+
+    // A long allocation timeout: a wait instead of the immediate refusal would hang here.
+    let mut cfg = config("tcp", 2, "", None);
+    cfg.allocation_timeout = Duration::from_secs(600);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let err = request("big", 3, false).send(&mut tx);
+    assert_eq!(refused_code(err), ErrorCode::RequestTooLarge);
+    // The connection survives a refusal.
+    request("fits", 2, false).send(&mut tx).unwrap();
+}
+
+#[test]
+fn allocation_wait_is_bounded_and_ends_in_a_typed_timeout() {
+    let cfg = config("tcp", 2, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let full = request("full", 2, false);
+    full.send(&mut tx).unwrap();
+    let next = request("next", 1, false);
+    assert_eq!(
+        refused_code(next.send(&mut tx)),
+        ErrorCode::AllocationTimeout
+    );
+    assert_eq!(rx.occupancy().waiting, 0);
+    // Consuming frees the pages; the same request then goes through.
+    full.consume_and_check(&rx);
+    next.send(&mut tx).unwrap();
+    next.consume_and_check(&rx);
+}
+
+#[test]
+fn duplicate_request_ids_are_refused() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("same", 1, false);
+    r.send(&mut tx).unwrap();
+    assert_eq!(refused_code(r.send(&mut tx)), ErrorCode::DuplicateRequest);
+}
+
+#[test]
+fn cancel_and_ttl_free_unconsumed_pages() {
+    let cfg = config("shm", 8, "pd_buffer_ttl_sec: 0.2\n", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let cancelled = request("cancel-me", 2, false);
+    cancelled.send(&mut tx).unwrap();
+    assert!(rx.cancel("cancel-me"));
+    assert!(!rx.cancel("cancel-me"));
+    assert!(rx.get(&cancelled.chunks[0].0).is_none());
+    assert!(matches!(
+        rx.wait_ready("cancel-me", Duration::from_secs(1)),
+        Err(TransferError::RequestEnded { .. })
+    ));
+    let abandoned = request("abandoned", 3, false);
+    abandoned.send(&mut tx).unwrap();
+    // Nobody consumes it: the TTL reclaims its pages.
+    eventually("TTL reclaims unconsumed pages", || {
+        rx.occupancy().used_pages == 0
+    });
+    assert!(rx.get(&abandoned.chunks[0].0).is_none());
+    assert!(matches!(
+        rx.wait_ready("abandoned", Duration::from_secs(1)),
+        Err(TransferError::RequestEnded { .. })
+    ));
+    assert!(matches!(
+        rx.wait_ready("never-sent", Duration::from_millis(50)),
+        Err(TransferError::WaitTimeout { .. })
+    ));
+}
+
+#[test]
+fn mismatched_chunks_are_rejected_before_any_byte_moves() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let mut r = request("bad", 2, false);
+    r.chunks[1].1.layout_fingerprint ^= 1;
+    assert!(matches!(
+        r.send(&mut tx),
+        Err(TransferError::BadChunk { index: 1, .. })
+    ));
+    let mut r = request("short", 2, false);
+    r.chunks[0].2.pop();
+    assert!(matches!(
+        r.send(&mut tx),
+        Err(TransferError::BadChunk { index: 0, .. })
+    ));
+    assert_eq!(rx.occupancy().used_pages, 0);
+}
+
+// ---- hand-rolled peers ----
+
+fn send(stream: &mut TcpStream, m: &Message) {
+    stream.write_all(&m.encode()).unwrap();
+}
+
+fn recv(stream: &mut TcpStream) -> Message {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    match read_frame(stream, frame::MAX_CONTROL_BODY).unwrap() {
+        Incoming::Message(m) => m,
+        Incoming::Data(..) => panic!("unexpected data frame"),
+    }
+}
+
+fn hello(channel: ChannelKind) -> Message {
+    Message::Hello {
+        rank: 0,
+        channel,
+        page_size: page() as u64,
+        fingerprint: spec().chunk_fingerprint(),
+        nonce: [7; NONCE_LEN],
+    }
+}
+
+/// Opens the init port, says Hello, and returns the connection and whether the receiver
+/// asked for the shared secret.
+fn raw_hello(rx: &PdReceiver, channel: ChannelKind) -> (TcpStream, bool) {
+    let mut init = TcpStream::connect(rx.init_addr()).unwrap();
+    send(&mut init, &hello(channel));
+    match recv(&mut init) {
+        Message::Challenge { auth_required, .. } => (init, auth_required),
+        other => panic!("expected a challenge, got {other:?}"),
+    }
+}
+
+/// Handshakes without a secret and returns an attached alloc connection.
+fn raw_attach(rx: &PdReceiver, channel: ChannelKind) -> TcpStream {
+    let (mut init, auth_required) = raw_hello(rx, channel);
+    assert!(!auth_required);
+    send(
+        &mut init,
+        &Message::Auth {
+            proof: [0; MAC_LEN],
+        },
+    );
+    let Message::Welcome { token, .. } = recv(&mut init) else {
+        panic!("no welcome")
+    };
+    let mut alloc = TcpStream::connect(rx.alloc_addr()).unwrap();
+    send(&mut alloc, &Message::Attach { token });
+    alloc
+}
+
+/// Sends an AllocRequest and returns the grant id and pages.
+fn raw_alloc(alloc: &mut TcpStream, r: &Request) -> (u32, Vec<u32>) {
+    send(
+        alloc,
+        &Message::AllocRequest {
+            request_id: r.id.clone(),
+            chunks: r.decls(),
+        },
+    );
+    match recv(alloc) {
+        Message::AllocGrant { grant, pages } => (grant, pages),
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// Reads until the peer closes; returns the `Error` frame it sent first, if any.
+fn closed_with(stream: &mut TcpStream) -> Option<ErrorCode> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let code = match read_frame(stream, frame::MAX_CONTROL_BODY) {
+        Ok(Incoming::Message(Message::Error { code, .. })) => Some(code),
+        _ => None,
+    };
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    code
+}
+
+#[test]
+fn sender_dropped_mid_transfer_frees_its_pages_and_the_receiver_keeps_serving() {
+    for channel in [ChannelKind::Tcp, ChannelKind::Shm] {
+        let cfg = config(channel.as_str(), 8, "", None);
+        let rx = PdReceiver::bind(&cfg, 0).unwrap();
+        let r = request("dies", 3, false);
+        let mut alloc = raw_attach(&rx, channel);
+        let (grant, _) = raw_alloc(&mut alloc, &r);
+        assert_eq!(rx.occupancy().used_pages, 3);
+        if channel == ChannelKind::Tcp {
+            // Half of the first chunk, then the sender vanishes.
+            let d = DataHeader {
+                grant,
+                chunk: 0,
+                offset: 0,
+            };
+            let half = &r.chunks[0].2[..page() / 2];
+            alloc
+                .write_all(&data_prefix(&d, half.len() as u32))
+                .unwrap();
+            alloc.write_all(half).unwrap();
+        }
+        drop(alloc);
+        eventually("pages of the dead sender are freed", || {
+            rx.occupancy().used_pages == 0
+        });
+        assert!(matches!(
+            rx.wait_ready("dies", Duration::from_secs(1)),
+            Err(TransferError::RequestEnded { .. })
+        ));
+        // A real sender is served afterwards, even with the same request id.
+        let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+        r.send(&mut tx).unwrap();
+        r.consume_and_check(&rx);
+    }
+}
+
+#[test]
+fn garbage_and_truncated_frames_close_only_their_connection() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let hello = hello(ChannelKind::Tcp).encode();
+    let mut huge = frame::header(frame::MsgType::Hello, u32::MAX).to_vec();
+    huge.extend_from_slice(&[0; 64]);
+    let inputs: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        vec![0xff; 4096],
+        hello[..hello.len() - 3].to_vec(),
+        hello[..5].to_vec(),
+        huge,
+        Message::Commit { grant: 0 }.encode(),
+    ];
+    for addr in [rx.init_addr(), rx.alloc_addr()] {
+        // A peer that connects and says nothing must not block the others.
+        let _silent = TcpStream::connect(addr).unwrap();
+        for bytes in &inputs {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // The receiver may close before it read everything: writes are best effort.
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let _ = closed_with(&mut s);
+        }
+    }
+    // A frame with a wrong magic gets a Protocol error frame back before the close.
+    let mut s = TcpStream::connect(rx.init_addr()).unwrap();
+    s.write_all(b"XXXX\x01\x01\x00\x00\x00\x00\x00\x00")
+        .unwrap();
+    assert_eq!(closed_with(&mut s), Some(ErrorCode::Protocol));
+    // An attach with a made-up session token is refused.
+    let mut s = TcpStream::connect(rx.alloc_addr()).unwrap();
+    send(&mut s, &Message::Attach { token: [9; 16] });
+    assert_eq!(closed_with(&mut s), Some(ErrorCode::BadSession));
+
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("after-garbage", 2, true);
+    r.send(&mut tx).unwrap();
+    r.consume_and_check(&rx);
+}
+
+#[test]
+fn out_of_bounds_data_is_rejected_and_nothing_lands_outside_the_grant() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    // A committed request whose pages a hostile frame would hit if it were not checked.
+    let victim = request("victim", 4, false);
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    victim.send(&mut tx).unwrap();
+
+    let r = request("hostile", 1, true);
+    let len = r.chunks[0].2.len() as u64;
+    let hostile: Vec<(DataHeader, u32)> = vec![
+        // Past the chunk's declared length (but inside the page).
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: 0,
+            },
+            len as u32 + 1,
+        ),
+        // A chunk the grant does not have.
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 1,
+                offset: 0,
+            },
+            16,
+        ),
+        // An offset far outside the page.
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: 3 * page() as u64,
+            },
+            16,
+        ),
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: u64::MAX - 4,
+            },
+            16,
+        ),
+        // A gap: not the next byte of the chunk.
+        (
+            DataHeader {
+                grant: 0,
+                chunk: 0,
+                offset: 8,
+            },
+            16,
+        ),
+        // Someone else's grant.
+        (
+            DataHeader {
+                grant: 77,
+                chunk: 0,
+                offset: 0,
+            },
+            16,
+        ),
+    ];
+    for (mut d, n) in hostile {
+        let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+        let (grant, _) = raw_alloc(&mut alloc, &r);
+        if d.grant == 0 {
+            d.grant = grant;
+        }
+        let _ = alloc.write_all(&data_prefix(&d, n));
+        let _ = alloc.write_all(&vec![0xAB; n as usize]);
+        assert_eq!(
+            closed_with(&mut alloc),
+            Some(ErrorCode::Protocol),
+            "{d:?} accepted"
+        );
+        eventually("hostile grant freed", || rx.occupancy().used_pages == 4);
+    }
+    // Sealing a chunk whose bytes never came, and committing early, are refused too.
+    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+    let (grant, _) = raw_alloc(&mut alloc, &r);
+    send(&mut alloc, &Message::Commit { grant });
+    assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
+    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+    let (grant, _) = raw_alloc(&mut alloc, &r);
+    send(
+        &mut alloc,
+        &Message::Seal {
+            grant,
+            chunk: 0,
+            checksum: 0,
+        },
+    );
+    assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
+
+    eventually("hostile grants freed", || rx.occupancy().used_pages == 4);
+    victim.consume_and_check(&rx);
+}
+
+#[test]
+fn a_checksum_mismatch_is_a_miss_never_loaded() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let r = request("corrupt", 2, false);
+    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+    let (grant, _) = raw_alloc(&mut alloc, &r);
+    for (i, (_, _, data)) in r.chunks.iter().enumerate() {
+        let d = DataHeader {
+            grant,
+            chunk: i as u32,
+            offset: 0,
+        };
+        alloc
+            .write_all(&data_prefix(&d, data.len() as u32))
+            .unwrap();
+        alloc.write_all(data).unwrap();
+        let mut checksum = frame::checksum(data);
+        if i == 1 {
+            checksum ^= 1;
+        }
+        send(
+            &mut alloc,
+            &Message::Seal {
+                grant,
+                chunk: i as u32,
+                checksum,
+            },
+        );
+    }
+    send(&mut alloc, &Message::Commit { grant });
+    assert!(matches!(
+        recv(&mut alloc),
+        Message::Committed {
+            verified: 1,
+            rejected: 1,
+            ..
+        }
+    ));
+    // The whole request is dropped: no chunk of it is ever loaded.
+    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert_eq!(rx.occupancy().used_pages, 0);
+    assert!(matches!(
+        rx.wait_ready("corrupt", Duration::from_secs(1)),
+        Err(TransferError::RequestEnded { .. })
+    ));
+}
+
+#[test]
+fn wrong_shared_secret_is_rejected() {
+    let secret = "pd_shared_secret: alpha\n";
+    let rx = PdReceiver::bind(&config("tcp", 4, secret, None), 0).unwrap();
+    for other in ["pd_shared_secret: beta\n", ""] {
+        let cfg = config("tcp", 4, other, None);
+        let err = PdSender::connect(&cfg, peer(&rx), 0).err().unwrap();
+        assert!(matches!(err, TransferError::AuthFailed(_)), "{err}");
+    }
+    // A sender that ignores the challenge and sends a bad proof is refused by the receiver.
+    let (mut init, auth_required) = raw_hello(&rx, ChannelKind::Tcp);
+    assert!(auth_required);
+    send(
+        &mut init,
+        &Message::Auth {
+            proof: [0x5a; MAC_LEN],
+        },
+    );
+    assert_eq!(closed_with(&mut init), Some(ErrorCode::AuthFailed));
+    // A sender that does not hold the secret also sees a receiver that does not hold it.
+    let open_rx = PdReceiver::bind(&config("tcp", 4, "", None), 0).unwrap();
+    let err = PdSender::connect(&config("tcp", 4, secret, None), peer(&open_rx), 0)
+        .err()
+        .unwrap();
+    assert!(matches!(err, TransferError::AuthFailed(_)), "{err}");
+
+    // The right secret works, and the proxy can check the notification's MAC.
+    let (proxy_port, notes) = fake_proxy(Some(b"alpha"));
+    let cfg = config("tcp", 4, secret, Some(proxy_port));
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("authed", 2, false);
+    r.send(&mut tx).unwrap();
+    assert_eq!(
+        notes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .unwrap()
+            .request_id,
+        "authed"
+    );
+    r.consume_and_check(&rx);
+    let (proxy_port, notes) = fake_proxy(Some(b"alpha"));
+    let unsigned = config("tcp", 4, "", Some(proxy_port));
+    let mut tx = PdSender::connect(&unsigned, peer(&open_rx), 0).unwrap();
+    request("unsigned", 1, false).send(&mut tx).unwrap();
+    assert!(notes
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .is_err());
+}
+
+#[test]
+fn handshake_refuses_mismatched_geometry_rank_and_channel() {
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut other = cfg.clone();
+    other.spec.num_layers = 3;
+    assert_eq!(
+        refused_code(PdSender::connect(&other, peer(&rx), 0)),
+        ErrorCode::LayoutMismatch
+    );
+    let shm = config("shm", 4, "", None);
+    assert_eq!(
+        refused_code(PdSender::connect(&shm, peer(&rx), 0)),
+        ErrorCode::ChannelMismatch
+    );
+    assert_eq!(
+        refused_code(PdSender::connect(&cfg, peer(&rx), 1)),
+        ErrorCode::WrongRank
+    );
+    let err = PdPeer::for_rank("h", &[1], &[2], 1).unwrap_err();
+    assert!(err.to_string().contains("rank 1"), "{err}");
+}
+
+#[test]
+fn unsupported_channels_are_named() {
+    let yaml = "enable_pd: true\npd_role: receiver\ntransfer_channel: hccl\npd_buffer_size: 4096\n\
+                pd_buffer_device: npu\npd_peer_host: h\npd_peer_init_port: 1\npd_peer_alloc_port: 2\n";
+    let cfg = LmcacheConfig::from_yaml_str(yaml).unwrap();
+    let err = PdConfig::from_lmcache(&cfg, &spec()).unwrap_err();
+    assert!(matches!(err, TransferError::UnsupportedChannel(_)), "{err}");
+    // The secret never shows in debug output.
+    let cfg = config("tcp", 1, "pd_shared_secret: hunter2\n", None);
+    assert!(!format!("{cfg:?}").contains("hunter2"));
+}
+
+#[test]
+fn requests_sharing_keys_are_each_served() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    // Two prompts with the same prefix: equal keys, equal bytes, separate pages.
+    let a = request("a", 2, false);
+    let b = Request {
+        id: "b".into(),
+        chunks: a.chunks.clone(),
+    };
+    a.send(&mut tx).unwrap();
+    b.send(&mut tx).unwrap();
+    assert_eq!(rx.occupancy().used_pages, 4);
+    for r in [&a, &b] {
+        // Either request's copy may serve a key; both stay waitable.
+        assert_eq!(
+            rx.wait_ready(&r.id, Duration::from_secs(20))
+                .unwrap()
+                .chunks,
+            2
+        );
+        r.consume_and_check(&rx);
+    }
+    assert_eq!(rx.wait_ready("a", Duration::ZERO).unwrap().chunks, 2);
+    assert_eq!(rx.occupancy().used_pages, 0);
+}
+
+#[test]
+fn several_senders_share_one_receiver() {
+    let cfg = config("tcp", 32, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let addr: SocketAddr = rx.init_addr();
+    assert!(addr.ip().is_loopback());
+    let requests: Vec<Request> = (0..4)
+        .map(|i| request(&format!("par-{i}"), 4, i % 2 == 0))
+        .collect();
+    std::thread::scope(|s| {
+        for r in &requests {
+            let (cfg, peer) = (&cfg, peer(&rx));
+            s.spawn(move || {
+                let mut tx = PdSender::connect(cfg, peer, 0).unwrap();
+                r.send(&mut tx).unwrap();
+            });
+        }
+    });
+    for r in &requests {
+        rx.wait_ready(&r.id, Duration::from_secs(20)).unwrap();
+        r.consume_and_check(&rx);
+    }
+    assert_eq!(rx.occupancy().used_pages, 0);
+}

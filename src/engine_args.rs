@@ -1,0 +1,178 @@
+//! Flags and output shared by the examples that run the reference engine: which model,
+//! how the engine batches and lays out KV, which prompts, and the per-request JSON.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Args;
+use kvrelay::layout::LayoutKind;
+use kvrelay::KvDtype;
+use kvrelay_engine::{Engine, EngineConfig, Model, RequestOutput, Tokenizer};
+use serde_json::{json, Value};
+
+/// The embedded test model's name.
+pub const TINY_RANDOM: &str = "tiny-random";
+
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// `tiny-random` (embedded) or a Hugging Face Llama checkpoint directory.
+    #[arg(long, default_value = TINY_RANDOM)]
+    pub model: String,
+    #[arg(long, default_value_t = 4096)]
+    pub max_model_len: usize,
+    /// Token budget per engine step; longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    pub max_num_seqs: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub block_size: usize,
+    /// Paged KV layout: flash_attn_nhd (vLLM's default) or any kvrelay layout name.
+    #[arg(long, default_value = "flash_attn_nhd", value_parser = parse_layout)]
+    pub layout: LayoutKind,
+    /// KV cache dtype: bfloat16, float16 or float32.
+    #[arg(long, default_value = "bfloat16", value_parser = KvDtype::from_str)]
+    pub kv_dtype: KvDtype,
+    /// Accepted for compatibility with the vLLM scripts; the host engine sizes its cache
+    /// from max_model_len and max_num_seqs.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Accepted for compatibility (the engine runs no remote code).
+    #[arg(long)]
+    pub trust_remote_code: bool,
+    /// Accepted for compatibility (the engine is always eager).
+    #[arg(long)]
+    pub enforce_eager: bool,
+}
+
+fn parse_layout(name: &str) -> Result<LayoutKind, String> {
+    LayoutKind::ALL
+        .into_iter()
+        .find(|l| l.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = LayoutKind::ALL.iter().map(|l| l.name()).collect();
+            format!("unknown layout {name:?}; one of {}", names.join(", "))
+        })
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct PromptArgs {
+    #[arg(
+        long,
+        default_value = "Summarize why prefill-decode disaggregation improves throughput."
+    )]
+    pub prompt: String,
+    /// The prompt is this many copies of --prompt joined by spaces.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_repeat: usize,
+}
+
+impl PromptArgs {
+    /// Prompt i repeats the text `prompt_repeat + i * stride` times.
+    pub fn texts(&self, count: usize, stride: usize) -> Vec<String> {
+        (0..count)
+            .map(|i| vec![self.prompt.as_str(); self.prompt_repeat + i * stride].join(" "))
+            .collect()
+    }
+}
+
+impl EngineArgs {
+    pub fn engine_config(&self, max_num_seqs: usize) -> EngineConfig {
+        EngineConfig {
+            max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_model_len: self.max_model_len,
+            block_size: self.block_size,
+            num_blocks: None,
+            layout: self.layout,
+            kv_dtype: self.kv_dtype,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// The model and its tokenizer.
+    pub fn load(&self) -> Result<(Model, Tokenizer), String> {
+        if self.model == TINY_RANDOM {
+            return Ok((Model::tiny_random(self.max_model_len), Tokenizer::Bytes));
+        }
+        let dir = PathBuf::from(&self.model);
+        if !dir.is_dir() {
+            return Err(format!(
+                "--model {}: not {TINY_RANDOM} and not a checkpoint directory",
+                self.model
+            ));
+        }
+        let model = Model::load(&dir, self.max_model_len).map_err(|e| e.to_string())?;
+        let tokenizer = Tokenizer::for_checkpoint(&dir).map_err(|e| e.to_string())?;
+        Ok((model, tokenizer))
+    }
+
+    /// An engine for this model with `max_num_seqs` running requests at most.
+    pub fn engine(&self, max_num_seqs: usize) -> Result<(Engine, Tokenizer), String> {
+        let (model, tokenizer) = self.load()?;
+        let engine =
+            Engine::new(model, self.engine_config(max_num_seqs)).map_err(|e| e.to_string())?;
+        Ok((engine, tokenizer))
+    }
+}
+
+/// Bytes per second as GB/s (0 when nothing was timed).
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes as f64 / secs / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// One request's figures as the examples print them.
+pub fn request_json(output: &RequestOutput, tokenizer: &Tokenizer) -> Value {
+    let t = &output.transfer;
+    let (load_sec, save_sec) = (t.load_time.as_secs_f64(), t.save_time.as_secs_f64());
+    json!({
+        "request_id": output.request_id,
+        "prompt_token_count": output.prompt_token_count,
+        "output_token_count": output.output_token_count,
+        "output_token_ids": output.output_token_ids,
+        "output_text": tokenizer.decode(&output.output_token_ids).unwrap_or_default(),
+        "finish_reason": output.finish_reason,
+        "logits_digest": output.logits_digest,
+        "hit_tokens": output.hit_tokens,
+        "recomputed_tokens": output.recomputed_tokens,
+        "load_bytes": t.loaded_bytes,
+        "load_sec": load_sec,
+        "load_gbps": gbps(t.loaded_bytes, load_sec),
+        "save_bytes": t.saved_bytes,
+        "save_sec": save_sec,
+        "save_gbps": gbps(t.saved_bytes, save_sec),
+        "saved_chunks": t.saved_chunks,
+        "time_to_first_token_sec": output.time_to_first_token_sec,
+        "elapsed_sec": output.elapsed_sec,
+    })
+}
+
+/// The seed's phase summary over the requests, plus every request's details.
+pub fn phase_json(
+    phase: &str,
+    elapsed_sec: f64,
+    outputs: &[RequestOutput],
+    tokenizer: &Tokenizer,
+) -> Value {
+    let requests: Vec<Value> = outputs.iter().map(|o| request_json(o, tokenizer)).collect();
+    let texts: Vec<&Value> = requests.iter().map(|r| &r["output_text"]).collect();
+    let counts: Vec<usize> = outputs.iter().map(|o| o.output_token_count).collect();
+    let reasons: Vec<&Value> = requests.iter().map(|r| &r["finish_reason"]).collect();
+    json!({
+        "phase": phase,
+        "elapsed_sec": elapsed_sec,
+        "num_requests": outputs.len(),
+        "output_token_count": counts.iter().min().copied().unwrap_or(0),
+        "output_token_counts": counts,
+        "output_text": texts.first(),
+        "output_texts": texts,
+        "output_text_chars": texts.first().and_then(|t| t.as_str()).map_or(0, |t| t.chars().count()),
+        "finish_reason": reasons.first(),
+        "finish_reasons": reasons,
+        "requests": requests,
+    })
+}
