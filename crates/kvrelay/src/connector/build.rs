@@ -81,7 +81,7 @@ pub fn build_connector(
                 pd_receiver = receiver;
                 Arc::new(tiers)
             } else {
-                Arc::new(lmcache_tiers(&lmcache)?)
+                Arc::new(lmcache_tiers(&lmcache, spec)?)
             };
             let algorithm: HashAlgorithm = lmcache
                 .pre_caching_hash_algorithm
@@ -162,16 +162,8 @@ fn pd_tiers(
     }
 }
 
-/// LMCache's tier order: local CPU, then local disk.
-fn lmcache_tiers(config: &LmcacheConfig) -> Result<TierStack, ConnectorError> {
-    if let Some(url) = &config.remote_url {
-        return Err(ConfigError::UnsupportedValue {
-            key: "remote_url".into(),
-            value: url.clone(),
-            reason: "remote tiers are not built yet; use local_cpu and local_disk".into(),
-        }
-        .into());
-    }
+/// LMCache's tier order: local CPU, then local disk, then the remote tier.
+fn lmcache_tiers(config: &LmcacheConfig, spec: KvCacheSpec) -> Result<TierStack, ConnectorError> {
     let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
     if config.local_cpu && config.max_local_cpu_size > 0.0 {
         tiers.push(Arc::new(CpuTier::new(
@@ -182,11 +174,40 @@ fn lmcache_tiers(config: &LmcacheConfig) -> Result<TierStack, ConnectorError> {
         let budget = (config.max_local_disk_size * GIB) as u64;
         tiers.push(Arc::new(DiskTier::open(dir, DiskTierOptions::new(budget))?));
     }
+    if let Some(url) = &config.remote_url {
+        tiers.push(remote_tier(url, spec, config)?);
+    }
     if tiers.is_empty() {
         return Err(ConfigError::Invalid {
-            reason: "no storage tier is enabled: set local_cpu with max_local_cpu_size > 0, or local_disk with max_local_disk_size > 0".into(),
+            reason: "no storage tier is enabled: set local_cpu with max_local_cpu_size > 0, local_disk with max_local_disk_size > 0, or remote_url".into(),
         }
         .into());
     }
     Ok(TierStack::new(tiers))
+}
+
+/// The tier `remote_url` names; the config has checked its scheme.
+#[cfg(feature = "redis")]
+fn remote_tier(
+    url: &str,
+    spec: KvCacheSpec,
+    config: &LmcacheConfig,
+) -> Result<Arc<dyn Tier>, ConnectorError> {
+    let tier = crate::store::RedisTier::new(url, spec, config.remote_options()?)?;
+    Ok(Arc::new(tier))
+}
+
+#[cfg(not(feature = "redis"))]
+fn remote_tier(
+    url: &str,
+    _spec: KvCacheSpec,
+    _config: &LmcacheConfig,
+) -> Result<Arc<dyn Tier>, ConnectorError> {
+    Err(ConfigError::UnsupportedValue {
+        key: "remote_url".into(),
+        value: format!("{url:?}"),
+        reason: "this kvrelay was built without the Redis tier; build it with `--features redis`"
+            .into(),
+    }
+    .into())
 }
