@@ -24,6 +24,10 @@ cargo test --workspace --all-targets
 cargo clippy -p kvrelay -p kvrelay-cli --features kvrelay/redis,kvrelay-cli/redis --all-targets -- -D warnings
 cargo test -p kvrelay --features redis --test store_redis --test remote_config --lib
 cargo test -p kvrelay-cli --features redis --test bench_redis
+# Prefill and decode processes sharing KV through Redis alone (the examples built with it).
+cargo clippy -p kvrelay-examples --features redis --all-targets -- -D warnings
+cargo build --examples --features redis
+cargo test -p kvrelay-examples --features redis --test smoke_redis
 # The main job, end to end on embedded defaults: the seed's LMCache smoke, prefill and
 # decode as two processes of the reference engine sharing KV through a local-disk tier.
 cargo run --release --example disagg_lmcache_smoke -- --role both --strict-lmcache --require-lmcache-hit

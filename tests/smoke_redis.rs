@@ -1,0 +1,234 @@
+//! Prefill and decode processes sharing KV through Redis alone (LMCache `remote_url`),
+//! against a real redis-server on loopback: decode equals the colocated run, also when
+//! Redis dies, comes back, or holds garbage.
+#![cfg(feature = "redis")]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing; build the examples with --features redis first",
+        path.display()
+    );
+    path
+}
+
+/// A redis-server on a loopback port, killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed (scripts/test.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while command(port, &[b"PING"]).as_deref() != Some(b"+PONG\r\n".as_slice()) {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { port, child }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One RESP command; the raw reply, or None when Redis cannot be reached.
+fn command(port: u16, args: &[&[u8]]) -> Option<Vec<u8>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend(format!("${}\r\n", arg.len()).bytes());
+        request.extend_from_slice(arg);
+        request.extend(b"\r\n");
+    }
+    stream.write_all(&request).ok()?;
+    stream.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).ok()?;
+    Some(reply)
+}
+
+/// The keys matching `pattern` (parses a RESP array of bulk strings).
+fn keys(port: u16, pattern: &str) -> Vec<Vec<u8>> {
+    let reply = command(port, &[b"KEYS", pattern.as_bytes()]).unwrap();
+    let mut lines = reply
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let header = lines.next().unwrap();
+    assert_eq!(
+        header.first(),
+        Some(&b'*'),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    let mut out = Vec::new();
+    while let (Some(len), Some(key)) = (lines.next(), lines.next()) {
+        if len.starts_with(b"$") {
+            out.push(key.to_vec());
+        }
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn yaml(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("lmcache-redis.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "chunk_size: 256\nlocal_cpu: false\nremote_url: \"redis://127.0.0.1:{port}\"\n\
+             pre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n\
+             blocking_timeout_secs: 2\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+const PROMPT: [&str; 6] = [
+    "--prompt-repeat",
+    "5",
+    "--block-size",
+    "64",
+    "--decode-max-tokens",
+    "6",
+];
+
+fn smoke(role: &str, yaml: &Path, extra: &[&str]) -> Output {
+    Command::new(example("disagg_lmcache_smoke"))
+        .args(["--role", role, "--strict-lmcache"])
+        .args(PROMPT)
+        .args(extra)
+        .env("LMCACHE_CONFIG_FILE", yaml)
+        .output()
+        .unwrap()
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn tokens(phase: &Value) -> Vec<(Value, Value)> {
+    phase["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["output_token_ids"].clone(), r["logits_digest"].clone()))
+        .collect()
+}
+
+fn colocated() -> Value {
+    let out = Command::new(example("generate"))
+        .args([
+            "--prompt-repeat",
+            "5",
+            "--block-size",
+            "64",
+            "--max-tokens",
+            "6",
+        ])
+        .output()
+        .unwrap();
+    json_of(&out)
+}
+
+#[test]
+fn prefill_and_decode_share_kv_through_redis_alone() {
+    let redis = Redis::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml(dir.path(), redis.port);
+    let summary = json_of(&smoke("both", &yaml, &["--require-lmcache-hit"]));
+    assert!(
+        summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256,
+        "{summary}"
+    );
+    assert_eq!(tokens(&summary["decode"]), tokens(&colocated()));
+    assert!(!keys(redis.port, "*kv_bytes").is_empty());
+}
+
+#[test]
+fn decode_recomputes_when_redis_dies_and_hits_again_once_it_is_back() {
+    let port = free_port();
+    let mut redis = Redis::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml(dir.path(), port);
+    let reference = tokens(&colocated());
+    json_of(&smoke("prefill", &yaml, &[]));
+    redis.stop();
+    let decode = json_of(&smoke("decode", &yaml, &[]));
+    assert_eq!(decode["lmcache_hit_tokens"], 0, "{decode}");
+    assert_eq!(tokens(&decode), reference);
+    // Back (empty: no persistence); the next prefill stores again and decode hits.
+    let redis = Redis::start(port);
+    json_of(&smoke("prefill", &yaml, &[]));
+    let decode = json_of(&smoke("decode", &yaml, &[]));
+    assert!(
+        decode["lmcache_hit_tokens"].as_u64().unwrap() >= 256,
+        "{decode}"
+    );
+    assert_eq!(tokens(&decode), reference);
+    drop(redis);
+}
+
+#[test]
+fn a_value_overwritten_with_garbage_is_a_miss_and_decode_still_matches() {
+    let redis = Redis::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml(dir.path(), redis.port);
+    json_of(&smoke("prefill", &yaml, &[]));
+    let stored = keys(redis.port, "*kv_bytes");
+    assert!(!stored.is_empty());
+    for key in &stored {
+        let garbage = vec![0xa5u8; 4096];
+        command(redis.port, &[b"SET", key, &garbage]).unwrap();
+    }
+    let decode = json_of(&smoke("decode", &yaml, &[]));
+    assert!(
+        decode["recomputed_tokens"].as_u64().unwrap() > 0,
+        "{decode}"
+    );
+    assert_eq!(tokens(&decode), tokens(&colocated()));
+}
