@@ -354,7 +354,7 @@ impl ServeState {
                     }
                 }
                 Ok(Event::Finished(output)) => {
-                    break finished_ok(*output).and_then(|output| {
+                    break finished_ok(*output).map(|output| {
                         let text = detok.finish();
                         let mut sent = out.event(&envelope.last_chunk(&output, text).to_string());
                         if parsed.include_usage {
@@ -362,7 +362,7 @@ impl ServeState {
                                 out.event(&envelope.usage_chunk(&output).to_string())
                             });
                         }
-                        Ok(sent)
+                        sent
                     });
                 }
                 Ok(Event::Failed(e)) | Err(e) => break Err(e),
