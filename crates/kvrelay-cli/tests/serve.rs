@@ -601,3 +601,36 @@ fn disaggregated_prefill_through_the_proxy_equals_colocated() {
     assert_eq!(status, 502, "{body}");
     assert!(error_message(&body).contains("prefiller"), "{body}");
 }
+
+#[test]
+fn a_silent_upstream_gets_the_client_a_504() {
+    // Connections to it complete (the kernel's backlog) but nothing ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port().to_string();
+    let proxy = Proc::start(
+        &[
+            "proxy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--prefiller-host",
+            "127.0.0.1",
+            "--prefiller-port",
+            &port,
+            "--decoder-host",
+            "127.0.0.1",
+            "--decoder-port",
+            &port,
+            "--timeout-sec",
+            "1",
+        ],
+        &[],
+    );
+    let (status, body) = post(
+        &format!("{}/v1/completions", proxy.url),
+        &json!({"prompt": "a", "max_tokens": 2}),
+    );
+    assert_eq!(status, 504, "{body}");
+    assert!(error_message(&body).contains("timed out"), "{body}");
+}

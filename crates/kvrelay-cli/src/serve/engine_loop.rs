@@ -65,6 +65,7 @@ impl EngineHandle {
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
+                let _mark = MarkDead(thread_shared.clone());
                 let reason = EngineLoop {
                     engine,
                     live: HashMap::new(),
@@ -129,6 +130,16 @@ impl EngineHandle {
                 ))
             }
         }
+    }
+}
+
+/// Marks the engine dead if its thread ends without saying why (it panicked), so that
+/// `/health` and new requests report it instead of waiting.
+struct MarkDead(Arc<Shared>);
+
+impl Drop for MarkDead {
+    fn drop(&mut self) {
+        lock(&self.0.dead).get_or_insert_with(|| "the engine thread panicked".into());
     }
 }
 
