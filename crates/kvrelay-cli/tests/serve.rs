@@ -71,6 +71,27 @@ impl Proc {
         Proc::start(&args, envs)
     }
 
+    /// `kvrelay proxy` on loopback over one prefiller and one decoder port.
+    fn proxy(prefiller_port: &str, decoder_port: &str, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "proxy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--prefiller-host",
+            "127.0.0.1",
+            "--prefiller-port",
+            prefiller_port,
+            "--decoder-host",
+            "127.0.0.1",
+            "--decoder-port",
+            decoder_port,
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(&args, &[])
+    }
+
     fn port(&self) -> String {
         self.url
             .rsplit(':')
@@ -479,23 +500,12 @@ impl Disagg {
         };
         let prefiller = Proc::serve(&with(producer), &envs);
         let decoder = Proc::serve(&with(consumer), &envs);
-        let proxy = Proc::start(
+        let proxy = Proc::proxy(
+            &prefiller.port(),
+            &decoder.port(),
             &[
-                "proxy",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--prefiller-host",
-                "127.0.0.1",
-                "--prefiller-port",
-                &prefiller.port(),
                 "--num-prefillers",
                 "1",
-                "--decoder-host",
-                "127.0.0.1",
-                "--decoder-port",
-                &decoder.port(),
                 "--decoder-init-port",
                 "7300,7301",
                 "--decoder-alloc-port",
@@ -511,7 +521,6 @@ impl Disagg {
                 "--connect-timeout-sec",
                 "5",
             ],
-            &[],
         );
         Disagg {
             _dir: dir,
@@ -607,26 +616,7 @@ fn a_silent_upstream_gets_the_client_a_504() {
     // Connections to it complete (the kernel's backlog) but nothing ever answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port().to_string();
-    let proxy = Proc::start(
-        &[
-            "proxy",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--prefiller-host",
-            "127.0.0.1",
-            "--prefiller-port",
-            &port,
-            "--decoder-host",
-            "127.0.0.1",
-            "--decoder-port",
-            &port,
-            "--timeout-sec",
-            "1",
-        ],
-        &[],
-    );
+    let proxy = Proc::proxy(&port, &port, &["--timeout-sec", "1"]);
     let (status, body) = post(
         &format!("{}/v1/completions", proxy.url),
         &json!({"prompt": "a", "max_tokens": 2}),
