@@ -11,10 +11,19 @@ fi
 if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential
 fi
+# The Redis tier's tests start their own redis-server processes (openssl makes the TLS
+# test's certificates).
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq redis-server openssl
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
+# The Redis tier (feature `redis`) against real redis-server processes, cluster included.
+cargo clippy -p kvrelay -p kvrelay-cli --features kvrelay/redis,kvrelay-cli/redis --all-targets -- -D warnings
+cargo test -p kvrelay --features redis --test store_redis --test remote_config --lib
+cargo test -p kvrelay-cli --features redis --test bench_redis
 # The main job, end to end on embedded defaults: the seed's LMCache smoke, prefill and
 # decode as two processes of the reference engine sharing KV through a local-disk tier.
 cargo run --release --example disagg_lmcache_smoke -- --role both --strict-lmcache --require-lmcache-hit

@@ -11,6 +11,8 @@ mod copy;
 mod copy_rbln;
 mod hash;
 mod store;
+#[cfg(feature = "redis")]
+mod store_redis;
 mod transfer;
 
 #[derive(Subcommand)]
@@ -20,7 +22,8 @@ pub enum BenchCommand {
     Copy(copy::CopyArgs),
     /// sha256_cbor chunk keys of 1M tokens against a plain sha256 of the same CBOR bytes.
     Hash(hash::HashArgs),
-    /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read.
+    /// Disk-tier put then get of 1 GiB of chunks against a plain file write then read;
+    /// `--tier redis`: the Redis tier against plain SET/GET of the same values.
     Store(store::StoreArgs),
     /// A PD request sent over loopback (tcp or shm) against a plain socket stream or a memcpy.
     Transfer(transfer::TransferArgs),

@@ -1,5 +1,6 @@
 //! `kvrelay bench store`: disk-tier put then get of random chunks against a plain file write
-//! then read of the same bytes (same file sizes, same directory, no fsync on either).
+//! then read of the same bytes (same file sizes, same directory, no fsync on either); with
+//! `--tier redis`, the Redis tier against plain SET/GET (see `store_redis.rs`).
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -15,21 +16,35 @@ use super::{best_of, gbps, print_result};
 
 const FINGERPRINT: u64 = 0x6b76_7265_6c61_7921;
 
+/// Which tier `bench store` measures.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchTier {
+    Disk,
+    /// Needs a kvrelay built with `--features redis`.
+    Redis,
+}
+
 #[derive(clap::Args)]
 pub struct StoreArgs {
+    #[arg(long, value_enum, default_value_t = BenchTier::Disk)]
+    pub tier: BenchTier,
+    /// Redis URL for `--tier redis`; without it the bench runs its own `redis-server` on a
+    /// free loopback port.
+    #[arg(long)]
+    pub url: Option<String>,
     /// Bytes of chunks written and read per round.
     #[arg(long, default_value_t = 1 << 30)]
-    bytes: usize,
+    pub bytes: usize,
     /// Bytes per chunk.
     #[arg(long, default_value_t = 32 << 20)]
-    chunk_bytes: usize,
+    pub chunk_bytes: usize,
     /// Directory to hold the bench's temp directory (default: the current directory, else
     /// the system temp directory).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Rounds; each figure is the best round.
     #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    pub rounds: usize,
 }
 
 fn temp_dir(parent: Option<&Path>) -> Result<tempfile::TempDir, String> {
@@ -49,14 +64,38 @@ fn temp_dir(parent: Option<&Path>) -> Result<tempfile::TempDir, String> {
     }
 }
 
-pub fn run(args: StoreArgs) -> Result<(), String> {
+/// `count` random chunks of `chunk_bytes` in one buffer, and `count` keys for them.
+pub fn random_chunks(args: &StoreArgs) -> Result<(Vec<u8>, Vec<CacheKey>), String> {
     if args.chunk_bytes == 0 || args.bytes < args.chunk_bytes {
         return Err("--bytes must be at least --chunk-bytes, and both above 0".into());
     }
     let count = args.bytes / args.chunk_bytes;
-    let total = count * args.chunk_bytes;
-    let mut data = vec![0u8; total];
+    let mut data = vec![0u8; count * args.chunk_bytes];
     rand::thread_rng().fill_bytes(&mut data);
+    let model = CacheKey::model_name("bench/model").map_err(|e| e.to_string())?;
+    let keys = (0..count as u64)
+        .map(|i| CacheKey::with_model(model.clone(), 1, 0, i, KvDtype::Bf16))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    Ok((data, keys))
+}
+
+pub fn run(args: StoreArgs) -> Result<(), String> {
+    match args.tier {
+        BenchTier::Disk => run_disk(args),
+        #[cfg(feature = "redis")]
+        BenchTier::Redis => super::store_redis::run(args),
+        #[cfg(not(feature = "redis"))]
+        BenchTier::Redis => Err(
+            "this kvrelay was built without the Redis tier; rebuild with `--features redis`".into(),
+        ),
+    }
+}
+
+fn run_disk(args: StoreArgs) -> Result<(), String> {
+    let (data, keys) = random_chunks(&args)?;
+    let total = data.len();
+    let count = keys.len();
     let chunks: Vec<&[u8]> = data.chunks_exact(args.chunk_bytes).collect();
 
     let root = temp_dir(args.dir.as_deref())?;
@@ -64,11 +103,6 @@ pub fn run(args: StoreArgs) -> Result<(), String> {
     let plain_dir = root.path().join("plain");
     fs::create_dir(&plain_dir).map_err(|e| e.to_string())?;
     let tier = DiskTier::open(&tier_dir, DiskTierOptions::new(2 * total as u64))
-        .map_err(|e| e.to_string())?;
-    let model = CacheKey::model_name("bench/model").map_err(|e| e.to_string())?;
-    let keys = (0..count as u64)
-        .map(|i| CacheKey::with_model(model.clone(), 1, 0, i, KvDtype::Bf16))
-        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let meta = ChunkMeta {
         layout_fingerprint: FINGERPRINT,

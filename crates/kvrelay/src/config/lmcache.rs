@@ -139,7 +139,7 @@ lmcache_schema! {
     local_disk: Option<String> = None,
     /// Size of the disk tier, GB. The disk tier needs both this and `local_disk`.
     max_local_disk_size: f64 = 0.0,
-    /// Remote tier URL (e.g. `redis://host:port`).
+    /// Remote tier URL (e.g. `redis://host:port`); one of [`super::REMOTE_SCHEMES`].
     remote_url: Option<String> = None,
     /// Also store KV produced during decode, at chunk boundaries.
     save_decode_cache: bool = false,
@@ -180,7 +180,8 @@ lmcache_schema! {
     extra_config: Option<Map<String, Value>> = None,
     /// Store the trailing partial chunk too. Forced on with `enable_pd`, as in LMCache.
     save_unfull_chunk: bool = false,
-    /// Timeout of a blocking remote get, seconds.
+    /// Timeout of a blocking remote get, seconds; kvrelay's Redis tier bounds every read
+    /// and write with it.
     blocking_timeout_secs: u64 = 10,
     /// kvrelay extension: a shared secret that PD peers prove with HMAC-SHA256 during the
     /// handshake (both sides must set the same value; unset on both = no authentication).
@@ -512,6 +513,7 @@ impl LmcacheConfig {
                 self.pd_buffer_ttl_sec
             ));
         }
+        self.validate_remote()?;
         if self.enable_pd {
             self.validate_pd()?;
         }

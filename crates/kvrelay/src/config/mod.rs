@@ -6,12 +6,14 @@
 //! error naming it instead of LMCache's warning-and-ignore.
 
 mod lmcache;
+mod remote;
 mod value;
 mod vllm;
 
 use std::path::PathBuf;
 
 pub use lmcache::{LmcacheConfig, PdRole, HASH_ALGORITHMS, KVRELAY_KEYS, TRANSFER_CHANNELS};
+pub use remote::{REMOTE_EXTRA_KEYS, REMOTE_SCHEMES};
 pub use value::SecretString;
 pub use vllm::{
     ConnectorExtraConfig, ConnectorKind, KvLoadFailurePolicy, KvRole, KvTransferConfig,

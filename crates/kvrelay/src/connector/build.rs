@@ -6,11 +6,12 @@ use super::{
     ConnectorError, KeyPrefix, KvWorker, LmcachePolicy, LmcacheScheduler, SchedulerConnector,
     SharedStorageScheduler,
 };
-use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig};
+use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig, PdRole};
 use crate::device::Device;
 use crate::keys::{default_seed, ChunkHasher, HashAlgorithm};
 use crate::layout::KvCacheSpec;
 use crate::store::{CpuTier, DiskTier, DiskTierOptions, Tier, TierStack};
+use crate::transfer::{PdConfig, PdReceiver, PdSink, ReceivedKv};
 
 /// LMCache sizes are in GiB.
 const GIB: f64 = (1u64 << 30) as f64;
@@ -29,6 +30,8 @@ pub struct Connector {
     pub scheduler: Box<dyn SchedulerConnector>,
     pub worker: KvWorker,
     pub tiers: Arc<TierStack>,
+    /// A PD decoder's receiver (its PD buffer), for occupancy figures and cancellation.
+    pub pd_receiver: Option<Arc<PdReceiver>>,
 }
 
 /// Builds the connector `transfer` names, for caches of geometry `spec` moved by `device`.
@@ -51,6 +54,8 @@ pub fn build_connector(
         dtype: spec.dtype,
     };
     let extra = &transfer.kv_connector_extra_config;
+    let mut pd_sink = None;
+    let mut pd_receiver = None;
     let (tiers, scheduler): (Arc<TierStack>, Box<dyn SchedulerConnector>) = match transfer
         .connector_kind()?
     {
@@ -70,7 +75,14 @@ pub fn build_connector(
         ConnectorKind::Lmcache => {
             let mut lmcache = lmcache.clone();
             transfer.apply_lmcache_overrides(&mut lmcache)?;
-            let tiers = Arc::new(lmcache_tiers(&lmcache)?);
+            let tiers = if lmcache.enable_pd {
+                let (tiers, sink, receiver) = pd_tiers(&lmcache, role, identity, &spec)?;
+                pd_sink = sink;
+                pd_receiver = receiver;
+                Arc::new(tiers)
+            } else {
+                Arc::new(lmcache_tiers(&lmcache, spec)?)
+            };
             let algorithm: HashAlgorithm = lmcache
                 .pre_caching_hash_algorithm
                 .parse()
@@ -84,6 +96,7 @@ pub fn build_connector(
                 save_decode_cache: lmcache.save_decode_cache,
                 min_retrieve_tokens: lmcache.min_retrieve_tokens as usize,
                 async_loading: lmcache.enable_async_loading,
+                pd_sender: pd_sink.is_some(),
             };
             let scheduler = LmcacheScheduler::new(policy, hasher, prefix, Arc::clone(&tiers));
             (tiers, Box::new(scheduler))
@@ -95,24 +108,62 @@ pub fn build_connector(
         }
         .into());
     }
-    let worker = KvWorker::new(device, Arc::clone(&tiers), spec);
+    let mut worker = KvWorker::new(device, Arc::clone(&tiers), spec);
+    if let Some(sink) = pd_sink {
+        worker = worker.with_pd_sink(sink);
+    }
     Ok(Connector {
         scheduler,
         worker,
         tiers,
+        pd_receiver,
     })
 }
 
-/// LMCache's tier order: local CPU, then local disk.
-fn lmcache_tiers(config: &LmcacheConfig) -> Result<TierStack, ConnectorError> {
-    if let Some(url) = &config.remote_url {
-        return Err(ConfigError::UnsupportedValue {
-            key: "remote_url".into(),
-            value: url.clone(),
-            reason: "remote tiers are not built yet; use local_cpu and local_disk".into(),
+type PdSetup = (TierStack, Option<PdSink>, Option<Arc<PdReceiver>>);
+
+/// LMCache PD (`enable_pd`): a receiver's only tier is its PD buffer, bound on
+/// `pd_peer_host:pd_peer_*_port[rank]`; a sender stores nothing locally and pushes each
+/// request's chunks to its decoder.
+fn pd_tiers(
+    lmcache: &LmcacheConfig,
+    role: KvRole,
+    identity: &EngineIdentity,
+    spec: &KvCacheSpec,
+) -> Result<PdSetup, ConnectorError> {
+    let config = PdConfig::from_lmcache(lmcache, spec)?;
+    let rank = identity.worker_id;
+    let mismatch = |pd_role: &str, kv_role: &str| ConfigError::Invalid {
+        reason: format!("pd_role {pd_role} needs kv_role {kv_role}, got {role}"),
+    };
+    match lmcache.pd_role {
+        Some(PdRole::Receiver) => {
+            if !role.is_consumer() || role.is_producer() {
+                return Err(mismatch("receiver", "kv_consumer").into());
+            }
+            let receiver = Arc::new(PdReceiver::bind(&config, rank)?);
+            let tier = Arc::new(ReceivedKv::new(Arc::clone(&receiver))) as Arc<dyn Tier>;
+            Ok((TierStack::new(vec![tier]), None, Some(receiver)))
         }
-        .into());
+        Some(PdRole::Sender) => {
+            if role != KvRole::Producer {
+                return Err(mismatch("sender", "kv_producer").into());
+            }
+            Ok((
+                TierStack::new(Vec::new()),
+                Some(PdSink::new(config, rank)),
+                None,
+            ))
+        }
+        None => Err(ConfigError::Invalid {
+            reason: "enable_pd needs pd_role: sender or receiver".into(),
+        }
+        .into()),
     }
+}
+
+/// LMCache's tier order: local CPU, then local disk, then the remote tier.
+fn lmcache_tiers(config: &LmcacheConfig, spec: KvCacheSpec) -> Result<TierStack, ConnectorError> {
     let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
     if config.local_cpu && config.max_local_cpu_size > 0.0 {
         tiers.push(Arc::new(CpuTier::new(
@@ -123,11 +174,40 @@ fn lmcache_tiers(config: &LmcacheConfig) -> Result<TierStack, ConnectorError> {
         let budget = (config.max_local_disk_size * GIB) as u64;
         tiers.push(Arc::new(DiskTier::open(dir, DiskTierOptions::new(budget))?));
     }
+    if let Some(url) = &config.remote_url {
+        tiers.push(remote_tier(url, spec, config)?);
+    }
     if tiers.is_empty() {
         return Err(ConfigError::Invalid {
-            reason: "no storage tier is enabled: set local_cpu with max_local_cpu_size > 0, or local_disk with max_local_disk_size > 0".into(),
+            reason: "no storage tier is enabled: set local_cpu with max_local_cpu_size > 0, local_disk with max_local_disk_size > 0, or remote_url".into(),
         }
         .into());
     }
     Ok(TierStack::new(tiers))
+}
+
+/// The tier `remote_url` names; the config has checked its scheme.
+#[cfg(feature = "redis")]
+fn remote_tier(
+    url: &str,
+    spec: KvCacheSpec,
+    config: &LmcacheConfig,
+) -> Result<Arc<dyn Tier>, ConnectorError> {
+    let tier = crate::store::RedisTier::new(url, spec, config.remote_options()?)?;
+    Ok(Arc::new(tier))
+}
+
+#[cfg(not(feature = "redis"))]
+fn remote_tier(
+    url: &str,
+    _spec: KvCacheSpec,
+    _config: &LmcacheConfig,
+) -> Result<Arc<dyn Tier>, ConnectorError> {
+    Err(ConfigError::UnsupportedValue {
+        key: "remote_url".into(),
+        value: format!("{url:?}"),
+        reason: "this kvrelay was built without the Redis tier; build it with `--features redis`"
+            .into(),
+    }
+    .into())
 }

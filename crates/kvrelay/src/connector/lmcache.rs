@@ -1,6 +1,6 @@
 //! LMCache's scheduler policy: chunk keys over the tier list (reference/lmcache_vllm.md §3.7).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{
@@ -26,6 +26,8 @@ pub struct LmcachePolicy {
     /// Load in the background while the engine runs other requests (`enable_async_loading`;
     /// kvrelay reports the load through `get_finished`, as vLLM's asynchronous connectors do).
     pub async_loading: bool,
+    /// A PD prefiller: saves go to the decoder's PD buffer, a request at a time.
+    pub pd_sender: bool,
 }
 
 /// A load decided by `get_num_new_matched_tokens`, confirmed by `update_state_after_alloc`.
@@ -46,6 +48,8 @@ pub struct LmcacheScheduler {
     loads: HashMap<String, PendingLoad>,
     /// Tokens of each request already saved (or known to be stored).
     saved_upto: HashMap<String, usize>,
+    /// PD requests whose chunks were sent.
+    flushed: HashSet<String>,
 }
 
 impl LmcacheScheduler {
@@ -63,6 +67,7 @@ impl LmcacheScheduler {
             lookups: HashMap::new(),
             loads: HashMap::new(),
             saved_upto: HashMap::new(),
+            flushed: HashSet::new(),
         }
     }
 
@@ -185,7 +190,10 @@ impl SchedulerConnector for LmcacheScheduler {
                     self.saved_upto.insert(id.to_string(), end);
                 }
             }
-            meta.push(s, loads, self.policy.async_loading, save_chunks);
+            let flush = self.policy.pd_sender
+                && s.num_computed_tokens >= s.request.num_prompt_tokens
+                && self.flushed.insert(id.to_string());
+            meta.push(s, loads, self.policy.async_loading, save_chunks, flush);
         }
         Ok(meta)
     }
@@ -198,6 +206,7 @@ impl SchedulerConnector for LmcacheScheduler {
         self.lookups.remove(request.id);
         self.loads.remove(request.id);
         self.saved_upto.remove(request.id);
+        self.flushed.remove(request.id);
         // Everything is copied out inside wait_for_save: blocks can be freed at once.
         (false, None)
     }

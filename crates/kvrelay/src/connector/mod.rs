@@ -46,6 +46,8 @@ pub enum ConnectorError {
     Hash(String),
     #[error("asynchronous KV loader: {0}")]
     Loader(String),
+    #[error(transparent)]
+    Transfer(#[from] crate::transfer::TransferError),
 }
 
 /// What makes one engine's chunk keys: the fields of LMCache's `CacheEngineKey` other
@@ -108,6 +110,9 @@ pub struct RequestTransfer {
     pub load_async: bool,
     /// Chunks to save after the forward, in token order.
     pub saves: Vec<ChunkTransfer>,
+    /// This step completes the request's prompt: a PD prefiller sends everything it
+    /// gathered for the request now.
+    pub flush_saves: bool,
 }
 
 /// The per-step message from the scheduler half to the worker half.
@@ -124,14 +129,16 @@ impl ConnectorMetadata {
         loads: Vec<ChunkTransfer>,
         load_async: bool,
         saves: Vec<ChunkTransfer>,
+        flush_saves: bool,
     ) {
-        if !loads.is_empty() || !saves.is_empty() {
+        if !loads.is_empty() || !saves.is_empty() || flush_saves {
             self.requests.push(RequestTransfer {
                 request_id: scheduled.request.id.to_string(),
                 block_ids: scheduled.block_ids.to_vec(),
                 load_async: load_async && !loads.is_empty(),
                 loads,
                 saves,
+                flush_saves,
             });
         }
     }

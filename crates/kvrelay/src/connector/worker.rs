@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{ChunkTransfer, ConnectorError, ConnectorMetadata, RequestTransfer};
-use crate::device::{Device, EngineMemory};
+use crate::device::{Device, EngineMemory, HostBuffer};
 use crate::layout::KvCacheSpec;
 use crate::plan::{paged_to_chunks, ChunkWindow};
 use crate::store::{ChunkMeta, TierStack};
+use crate::transfer::PdSink;
 
 /// Transfer figures a user can read (the smoke examples print them), for the whole worker
 /// and for each request.
@@ -30,6 +31,8 @@ pub struct ConnectorStats {
     pub save_time: Duration,
     /// Chunks not saved because a tier already held them.
     pub skipped_saves: usize,
+    /// PD requests whose chunks could not be sent to the decoder (it will recompute).
+    pub failed_sends: usize,
 }
 
 impl ConnectorStats {
@@ -42,6 +45,7 @@ impl ConnectorStats {
         self.saved_bytes += other.saved_bytes;
         self.save_time += other.save_time;
         self.skipped_saves += other.skipped_saves;
+        self.failed_sends += other.failed_sends;
     }
 }
 
@@ -116,6 +120,8 @@ pub struct KvWorker {
     stats: ConnectorStats,
     per_request: HashMap<String, ConnectorStats>,
     loader: Option<Loader>,
+    /// Where a PD prefiller's saves go instead of the tiers.
+    pd_sink: Option<PdSink>,
 }
 
 impl KvWorker {
@@ -131,7 +137,14 @@ impl KvWorker {
             stats: ConnectorStats::default(),
             per_request: HashMap::new(),
             loader: None,
+            pd_sink: None,
         }
+    }
+
+    /// Sends saves to a decoder's PD buffer instead of the tiers (LMCache `pd_role: sender`).
+    pub fn with_pd_sink(mut self, sink: PdSink) -> Self {
+        self.pd_sink = Some(sink);
+        self
     }
 
     /// Registers the engine's paged KV memory once, before the first forward.
@@ -233,47 +246,69 @@ impl KvWorker {
 
     /// Saves this step's chunks into every tier before the paged cache can be reused.
     pub fn wait_for_save(&mut self) -> Result<(), ConnectorError> {
-        self.for_each_request(|r| !r.saves.is_empty(), Self::save_request)
+        self.for_each_request(|r| !r.saves.is_empty() || r.flush_saves, Self::save_request)
     }
 
     fn save_request(&mut self, request: &RequestTransfer) -> Result<(), ConnectorError> {
         let started = Instant::now();
+        // A PD prefiller sends every chunk: the decoder's buffer holds only what it is sent.
         let saves: Vec<&ChunkTransfer> = request
             .saves
             .iter()
-            .filter(|s| self.tiers.prefix_hits(std::slice::from_ref(&s.key)) == 0)
+            .filter(|s| {
+                self.pd_sink.is_some() || self.tiers.prefix_hits(std::slice::from_ref(&s.key)) == 0
+            })
             .collect();
         let mut stats = ConnectorStats {
             skipped_saves: request.saves.len() - saves.len(),
             ..ConnectorStats::default()
         };
-        if !saves.is_empty() {
-            let windows: Vec<ChunkWindow> = saves.iter().map(|s| s.window).collect();
-            let memory = self.memory()?;
-            let plan = paged_to_chunks(memory.layout(), &request.block_ids, &windows)?;
-            let mut staging = windows
-                .iter()
-                .map(|w| self.device.alloc_staging(self.spec.chunk_bytes(w.tokens)))
-                .collect::<Result<Vec<_>, _>>()?;
-            {
-                let mut host: Vec<&mut [u8]> = staging.iter_mut().map(|b| &mut b[..]).collect();
-                let pending = self.device.start_gather(&plan, memory, &mut host)?;
-                pending.wait()?;
+        let staged = self.gather(request, &saves)?;
+        let fingerprint = self.spec.chunk_fingerprint();
+        for (save, buffer) in saves.iter().zip(staged) {
+            let meta = ChunkMeta {
+                layout_fingerprint: fingerprint,
+                num_tokens: save.window.tokens as u32,
+            };
+            stats.saved_chunks += 1;
+            stats.saved_bytes += buffer.len();
+            match self.pd_sink.as_mut() {
+                Some(sink) => sink.add(&request.request_id, save.key.clone(), meta, buffer),
+                None => self.tiers.put(&save.key, meta, &buffer)?,
             }
-            let fingerprint = self.spec.chunk_fingerprint();
-            for (save, buffer) in saves.iter().zip(&staging) {
-                let meta = ChunkMeta {
-                    layout_fingerprint: fingerprint,
-                    num_tokens: save.window.tokens as u32,
-                };
-                self.tiers.put(&save.key, meta, buffer)?;
-                stats.saved_chunks += 1;
-                stats.saved_bytes += buffer.len();
-            }
-            stats.save_time = started.elapsed();
         }
+        if let (true, Some(sink)) = (request.flush_saves, self.pd_sink.as_mut()) {
+            if let Err(error) = sink.flush(&request.request_id) {
+                tracing::warn!(request = %request.request_id, %error, "sending KV to the decoder failed; it will recompute");
+                stats.failed_sends += 1;
+            }
+        }
+        stats.save_time = started.elapsed();
         self.record(&request.request_id, &stats);
         Ok(())
+    }
+
+    /// Copies the chunks of `saves` out of the paged cache into staging buffers.
+    fn gather(
+        &self,
+        request: &RequestTransfer,
+        saves: &[&ChunkTransfer],
+    ) -> Result<Vec<HostBuffer>, ConnectorError> {
+        if saves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let windows: Vec<ChunkWindow> = saves.iter().map(|s| s.window).collect();
+        let memory = self.memory()?;
+        let plan = paged_to_chunks(memory.layout(), &request.block_ids, &windows)?;
+        let mut staging = windows
+            .iter()
+            .map(|w| self.device.alloc_staging(self.spec.chunk_bytes(w.tokens)))
+            .collect::<Result<Vec<_>, _>>()?;
+        {
+            let mut host: Vec<&mut [u8]> = staging.iter_mut().map(|b| &mut b[..]).collect();
+            self.device.start_gather(&plan, memory, &mut host)?.wait()?;
+        }
+        Ok(staging)
     }
 
     /// Requests whose asynchronous sends and receives finished. Saves finish inside the
@@ -309,6 +344,9 @@ impl KvWorker {
 
     /// One request's transfers so far; the engine takes them when the request finishes.
     pub fn take_request_stats(&mut self, request_id: &str) -> ConnectorStats {
+        if let Some(sink) = self.pd_sink.as_mut() {
+            sink.forget(request_id);
+        }
         self.per_request.remove(request_id).unwrap_or_default()
     }
 }

@@ -168,6 +168,7 @@ impl Tier for CpuTier {
             evictions: inner.evictions,
             corrupt: 0,
             rejected: inner.rejected,
+            unavailable: 0,
         }
     }
 }

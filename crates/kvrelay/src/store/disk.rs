@@ -504,6 +504,7 @@ impl Tier for DiskTier {
             evictions: inner.evictions,
             corrupt: inner.corrupt,
             rejected: inner.rejected,
+            unavailable: 0,
         }
     }
 }

@@ -8,6 +8,9 @@
 //!
 //! Exactness comes first (DESIGN invariant 1): a tier that finds a chunk it cannot trust
 //! returns an error, and the stack turns that error into a counted, logged miss.
+//!
+//! The remote tier, [`redis::RedisTier`] (feature `redis`), stores chunks in LMCache's Redis
+//! layout so kvrelay and LMCache engines can share a server.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,9 +24,15 @@ use crate::keys::CacheKey;
 pub mod cpu;
 pub mod disk;
 mod lru;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod remote;
 
 pub use cpu::CpuTier;
 pub use disk::{BadChunk, DiskEntry, DiskTier, DiskTierOptions, GcReport, Listing};
+#[cfg(feature = "redis")]
+pub use redis::RedisTier;
+pub use remote::RemoteOptions;
 
 /// What a reader must know about a chunk besides its key to use its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +84,22 @@ pub enum StoreError {
     KeyTooLong { len: usize, max: usize },
     #[error("the tier stack has no tiers")]
     NoTiers,
+    #[error("the {tier} tier is read-only here: {reason}")]
+    ReadOnly {
+        tier: &'static str,
+        reason: &'static str,
+    },
+    /// A remote store could not be reached or failed a request.
+    #[error("{endpoint}: {reason}")]
+    Remote { endpoint: String, reason: String },
+    /// A put whose bytes do not match its token count in the tier's KV geometry.
+    #[error("chunk {key}: {len} bytes, but {num_tokens} tokens of this tier's KV geometry are {expected} bytes")]
+    ChunkSize {
+        key: String,
+        len: u64,
+        num_tokens: u32,
+        expected: u64,
+    },
 }
 
 impl StoreError {
@@ -96,7 +121,10 @@ impl StoreError {
             StoreError::BudgetExhausted { .. } => "budget_exhausted",
             StoreError::BadDirectory { .. } => "bad_directory",
             StoreError::KeyTooLong { .. } => "key_too_long",
+            StoreError::ReadOnly { .. } => "read_only",
             StoreError::NoTiers => "no_tiers",
+            StoreError::Remote { .. } => "remote",
+            StoreError::ChunkSize { .. } => "chunk_size",
         }
     }
 }
@@ -115,12 +143,23 @@ pub struct TierStats {
     pub corrupt: u64,
     /// Chunks found but saved under another layout fingerprint.
     pub rejected: u64,
+    /// Operations that failed because the tier could not be reached (remote tiers).
+    pub unavailable: u64,
 }
 
 /// One storage tier. Implementations are shared between threads.
 pub trait Tier: Send + Sync {
     fn name(&self) -> &str;
     fn contains(&self, key: &CacheKey) -> bool;
+    /// Sets `found[i]` for each `keys[i]` present; entries already true are not asked
+    /// again. Tiers with a round trip per lookup override it to ask for all keys at once.
+    fn contains_many(&self, keys: &[CacheKey], found: &mut [bool]) {
+        for (key, found) in keys.iter().zip(found) {
+            if !*found {
+                *found = self.contains(key);
+            }
+        }
+    }
     /// `Ok(None)`: absent. `Err`: present but unusable (corrupt, truncated, torn, saved with
     /// another layout fingerprint, IO error).
     fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError>;
@@ -181,11 +220,18 @@ impl TierStack {
     }
 
     /// Number of leading keys present in some tier; stops at the first key found nowhere
-    /// (a chunk after a gap is useless: its KV depends on the missing prefix).
+    /// (a chunk after a gap is useless: its KV depends on the missing prefix). Each tier is
+    /// asked once, for the keys the tiers above it lack, so a remote tier costs one round
+    /// trip per lookup rather than one per key.
     pub fn prefix_hits(&self, keys: &[CacheKey]) -> usize {
-        keys.iter()
-            .take_while(|key| self.tiers.iter().any(|tier| tier.contains(key)))
-            .count()
+        let mut found = vec![false; keys.len()];
+        for tier in &self.tiers {
+            let Some(first_missing) = found.iter().position(|f| !f) else {
+                break;
+            };
+            tier.contains_many(&keys[first_missing..], &mut found[first_missing..]);
+        }
+        found.iter().take_while(|f| **f).count()
     }
 
     /// The first tier holding a valid chunk wins, and the chunk is copied into the tiers
@@ -264,7 +310,7 @@ impl TierStack {
         let counter = match err {
             StoreError::Corrupt { .. } => &c.corrupt,
             StoreError::FingerprintMismatch { .. } => &c.fingerprint_mismatch,
-            StoreError::Io { .. } => &c.io_errors,
+            StoreError::Io { .. } | StoreError::Remote { .. } => &c.io_errors,
             _ => &c.other_errors,
         };
         counter.fetch_add(1, Ordering::Relaxed);

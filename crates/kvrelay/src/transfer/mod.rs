@@ -62,6 +62,7 @@ mod receiver;
 mod sender;
 mod shm;
 mod tcp;
+mod tier;
 
 use std::time::Duration;
 
@@ -71,6 +72,7 @@ pub use frame::{ChannelKind, ErrorCode, FrameError};
 pub use receiver::PdReceiver;
 pub use sender::{read_notification, KvReady, PdSender, SendStats};
 pub use tcp::tune_socket;
+pub use tier::{PdSink, ReceivedKv};
 
 use crate::config::{LmcacheConfig, SecretString};
 use crate::layout::KvCacheSpec;
