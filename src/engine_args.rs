@@ -1,17 +1,15 @@
 //! Flags and output shared by the examples that run the reference engine: which model,
 //! how the engine batches and lays out KV, which prompts, and the per-request JSON.
 
-use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::Args;
 use kvrelay::layout::LayoutKind;
 use kvrelay::KvDtype;
-use kvrelay_engine::{Engine, EngineConfig, Model, RequestOutput, Tokenizer};
+use kvrelay_engine::{load_model, Engine, EngineConfig, Model, RequestOutput, Tokenizer};
 use serde_json::{json, Value};
 
-/// The embedded test model's name.
-pub const TINY_RANDOM: &str = "tiny-random";
+pub use kvrelay_engine::TINY_RANDOM;
 
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
@@ -92,19 +90,7 @@ impl EngineArgs {
 
     /// The model and its tokenizer.
     pub fn load(&self) -> Result<(Model, Tokenizer), String> {
-        if self.model == TINY_RANDOM {
-            return Ok((Model::tiny_random(self.max_model_len), Tokenizer::Bytes));
-        }
-        let dir = PathBuf::from(&self.model);
-        if !dir.is_dir() {
-            return Err(format!(
-                "--model {}: not {TINY_RANDOM} and not a checkpoint directory",
-                self.model
-            ));
-        }
-        let model = Model::load(&dir, self.max_model_len).map_err(|e| e.to_string())?;
-        let tokenizer = Tokenizer::for_checkpoint(&dir).map_err(|e| e.to_string())?;
-        Ok((model, tokenizer))
+        load_model(&self.model, self.max_model_len).map_err(|e| format!("--model {e}"))
     }
 
     /// An engine for this model with `max_num_seqs` running requests at most.

@@ -1,11 +1,15 @@
-//! The `kvrelay` command: chunk keys, disk-tier maintenance and benchmarks.
+//! The `kvrelay` command: chunk keys, disk-tier maintenance, benchmarks, and the
+//! `serve`/`proxy` HTTP servers.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod http;
 mod keys_cmd;
+mod proxy;
+mod serve;
 mod store_cmd;
 
 #[derive(Parser)]
@@ -29,6 +33,10 @@ enum Command {
     /// Measure a hot path against its physical baseline in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Serve the reference engine over an OpenAI-compatible HTTP API (vLLM's flags).
+    Serve(serve::ServeArgs),
+    /// Disaggregated-prefill proxy: prefill on one server, decode on another.
+    Proxy(proxy::ProxyArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +45,8 @@ fn main() -> ExitCode {
         Command::Keys(args) => keys_cmd::run(args),
         Command::Store(cmd) => store_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Serve(args) => serve::run(args),
+        Command::Proxy(args) => proxy::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -361,6 +361,15 @@ impl Engine {
         Ok(())
     }
 
+    /// The tokens sampled so far for the unfinished request `id` (none once it finished:
+    /// its [`RequestOutput`] has them all). Tokens are only ever appended, so a server
+    /// streams the suffix it has not sent yet after each step.
+    pub fn output_token_ids(&self, id: &str) -> Option<&[u32]> {
+        self.requests
+            .get(id)
+            .map(|r| &r.tokens[r.num_prompt_tokens..])
+    }
+
     pub fn has_unfinished(&self) -> bool {
         !self.requests.is_empty() || !self.sending.is_empty()
     }

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod load;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;
@@ -17,6 +18,7 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, RequestOutput, SamplingParams};
+pub use load::{load_model, TINY_RANDOM};
 pub use model::Model;
 pub use tokenizer::Tokenizer;
 

@@ -1,0 +1,320 @@
+//! `kvrelay proxy`: LMCache's disaggregated-prefill proxy (reference/lmcache_vllm.md §4.2,
+//! the "first token from decoder" variant). A completion request goes to a prefiller with
+//! `max_tokens` 1 (its connector saves the prompt's KV), then unchanged to a decoder (its
+//! connector loads that KV), whose answer, streamed or not, is relayed to the client.
+//! Prefillers and decoders are picked round-robin; an upstream that fails or exceeds
+//! `--timeout-sec` gets the client a 502 or 504.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{json, Map, Value};
+use tiny_http::{Method, Request, Server};
+
+use crate::http::{read_json_object, respond_bytes, respond_error, ChunkedResponse, HttpError};
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed once ready).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Prefiller hosts (comma-separated), paired with --prefiller-port.
+    #[arg(long, value_delimiter = ',', default_value = "localhost")]
+    prefiller_host: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "8100")]
+    prefiller_port: Vec<u16>,
+    #[arg(long, default_value_t = 1)]
+    num_prefillers: usize,
+    /// Decoder hosts (comma-separated), paired with --decoder-port.
+    #[arg(long, value_delimiter = ',', default_value = "localhost")]
+    decoder_host: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "8200")]
+    decoder_port: Vec<u16>,
+    #[arg(long, default_value_t = 1)]
+    num_decoders: usize,
+    /// The decoders' PD init ports, one per TP rank; sent to prefillers in `disagg_spec`.
+    #[arg(long, value_delimiter = ',', default_value = "8300")]
+    decoder_init_port: Vec<u16>,
+    /// The decoders' PD alloc ports, one per TP rank; sent to prefillers in `disagg_spec`.
+    #[arg(long, value_delimiter = ',', default_value = "8400")]
+    decoder_alloc_port: Vec<u16>,
+    /// Where LMCache's PD senders notify the proxy. Accepted for compatibility: this proxy
+    /// takes the prefiller's answer as the sign that the KV is saved.
+    #[arg(long, default_value = "localhost")]
+    proxy_host: String,
+    #[arg(long, default_value_t = 8500)]
+    proxy_port: u16,
+    /// Bound on each upstream exchange: a whole non-streaming answer, or the gap between
+    /// two reads of a stream. Past it the client gets a 504.
+    #[arg(long, default_value_t = 300)]
+    timeout_sec: u64,
+    /// Bound on connecting to an upstream server.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_sec: u64,
+    /// Client requests handled at once.
+    #[arg(long, default_value_t = 64)]
+    max_concurrent_requests: usize,
+}
+
+/// `hosts` and `ports` paired into `num` instances, as LMCache's proxy pairs them: one host
+/// and one port give `num` consecutive ports; otherwise 1×N, N×1 or N×N lists.
+fn instances(
+    what: &str,
+    hosts: &[String],
+    ports: &[u16],
+    num: usize,
+) -> Result<Vec<String>, String> {
+    let pairs: Vec<(String, u16)> = match (hosts, ports) {
+        ([host], [port]) => (0..num)
+            .map(|i| {
+                u16::try_from(i)
+                    .ok()
+                    .and_then(|i| port.checked_add(i))
+                    .map(|p| (host.clone(), p))
+                    .ok_or_else(|| format!("--{what}-port {port} + {i} is not a port"))
+            })
+            .collect::<Result<_, _>>()?,
+        ([host], ports) => ports.iter().map(|&p| (host.clone(), p)).collect(),
+        (hosts, [port]) => hosts.iter().map(|h| (h.clone(), *port)).collect(),
+        (hosts, ports) if hosts.len() == ports.len() => {
+            hosts.iter().cloned().zip(ports.iter().copied()).collect()
+        }
+        _ => {
+            return Err(format!(
+                "--{what}-host has {} entries and --{what}-port {}; give one of either or as many of both",
+                hosts.len(),
+                ports.len()
+            ))
+        }
+    };
+    if pairs.len() != num {
+        return Err(format!(
+            "--num-{what}s is {num} but the host and port lists name {} {what}s",
+            pairs.len()
+        ));
+    }
+    Ok(pairs
+        .into_iter()
+        .map(|(host, port)| format!("http://{host}:{port}"))
+        .collect())
+}
+
+struct Proxy {
+    prefillers: Vec<String>,
+    decoders: Vec<String>,
+    init_ports: Vec<u16>,
+    alloc_ports: Vec<u16>,
+    agent: ureq::Agent,
+    timeout: Duration,
+    next: AtomicUsize,
+}
+
+pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
+    if args.timeout_sec == 0 || args.connect_timeout_sec == 0 {
+        return Err("--timeout-sec and --connect-timeout-sec must be at least 1".into());
+    }
+    let prefillers = instances(
+        "prefiller",
+        &args.prefiller_host,
+        &args.prefiller_port,
+        args.num_prefillers,
+    )?;
+    let decoders = instances(
+        "decoder",
+        &args.decoder_host,
+        &args.decoder_port,
+        args.num_decoders,
+    )?;
+    let timeout = Duration::from_secs(args.timeout_sec);
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(args.connect_timeout_sec))
+        .timeout_read(timeout)
+        .timeout_write(timeout)
+        .build();
+    let proxy = Arc::new(Proxy {
+        prefillers,
+        decoders,
+        init_ports: args.decoder_init_port,
+        alloc_ports: args.decoder_alloc_port,
+        agent,
+        timeout,
+        next: AtomicUsize::new(0),
+    });
+    let server = Server::http((args.host.as_str(), args.port))
+        .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
+    let handlers = crate::http::serve_threads(server, args.max_concurrent_requests, move |r| {
+        proxy.handle(r)
+    })?;
+    eprintln!(
+        "kvrelay proxy: KV-ready notifications to {}:{} are not awaited; a prefiller's answer means its KV is saved",
+        args.proxy_host, args.proxy_port
+    );
+    eprintln!("kvrelay proxy: listening on http://{}", handlers.address());
+    handlers.join();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The message of an upstream error body (OpenAI's or vLLM's shape), else the body.
+fn upstream_message(body: &str) -> String {
+    let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    value["error"]["message"]
+        .as_str()
+        .or(value["message"].as_str())
+        .map_or_else(|| body.to_string(), str::to_string)
+}
+
+/// What the client gets for an upstream call that did not succeed: the upstream's own
+/// 4xx (the request was bad), a 504 for a timeout, a 502 otherwise.
+fn upstream_error(what: &str, url: &str, error: ureq::Error) -> HttpError {
+    match error {
+        ureq::Error::Status(status, response) => {
+            let body = response.into_string().unwrap_or_default();
+            let message = upstream_message(&body);
+            if (400..500).contains(&status) {
+                HttpError::new(status, message)
+            } else {
+                HttpError::new(502, format!("{what} {url} answered {status}: {message}"))
+            }
+        }
+        ureq::Error::Transport(transport) => {
+            let timed_out = std::error::Error::source(&transport)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .is_some_and(|e| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                    )
+                });
+            if timed_out {
+                HttpError::new(504, format!("{what} {url} timed out: {transport}"))
+            } else {
+                HttpError::new(502, format!("{what} {url} failed: {transport}"))
+            }
+        }
+    }
+}
+
+impl Proxy {
+    fn handle(&self, mut request: Request) {
+        let path = request.url().split('?').next().unwrap_or("").to_string();
+        match (request.method().clone(), path.as_str()) {
+            (Method::Get, "/health") => respond_bytes(request, 200, "text/plain", Vec::new()),
+            (Method::Post, "/v1/completions" | "/v1/chat/completions") => {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let decoder = &self.decoders[n % self.decoders.len()];
+                let prefilled = read_json_object(&mut request)
+                    .and_then(|body| self.prefill(&path, &body, n, decoder).map(|()| body));
+                match prefilled {
+                    Ok(body) => self.decode(request, &path, body, decoder),
+                    Err(e) => respond_error(request, &e),
+                }
+            }
+            _ => respond_error(request, &HttpError::new(404, format!("no route {path}"))),
+        }
+    }
+
+    fn post(&self, base: &str, path: &str) -> (String, ureq::Request) {
+        let url = format!("{base}{path}");
+        let call = self
+            .agent
+            .post(&url)
+            .set("Content-Type", "application/json");
+        (url, call)
+    }
+
+    /// Runs the prefill of request `n`, `body` as `max_tokens` 1 and not streamed, on its
+    /// prefiller, for `decoder` to load.
+    fn prefill(
+        &self,
+        path: &str,
+        body: &Map<String, Value>,
+        n: usize,
+        decoder: &str,
+    ) -> Result<(), HttpError> {
+        let mut prefill = body.clone();
+        prefill.insert("max_tokens".into(), json!(1));
+        if path == "/v1/chat/completions" {
+            prefill.insert("max_completion_tokens".into(), json!(1));
+        }
+        prefill.insert("stream".into(), json!(false));
+        prefill.remove("stream_options");
+        let receiver_host = decoder
+            .trim_start_matches("http://")
+            .rsplit_once(':')
+            .map_or(decoder, |(host, _)| host);
+        prefill.insert(
+            "kv_transfer_params".into(),
+            json!({
+                "disagg_spec": {
+                    "req_id": n.to_string(),
+                    "receiver_host": receiver_host,
+                    "receiver_init_port": self.init_ports,
+                    "receiver_alloc_port": self.alloc_ports,
+                }
+            }),
+        );
+        let prefiller = &self.prefillers[n % self.prefillers.len()];
+        let (url, call) = self.post(prefiller, path);
+        call.timeout(self.timeout)
+            .send_string(&Value::Object(prefill).to_string())
+            .map_err(|e| upstream_error("prefiller", &url, e))?
+            .into_string()
+            .map_err(|e| HttpError::new(502, format!("reading prefiller {url}'s answer: {e}")))?;
+        Ok(())
+    }
+
+    /// Sends `body` to `decoder` and relays the answer.
+    fn decode(&self, request: Request, path: &str, body: Map<String, Value>, decoder: &str) {
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let (url, call) = self.post(decoder, path);
+        let call = if stream {
+            call
+        } else {
+            call.timeout(self.timeout)
+        };
+        let response = match call.send_string(&Value::Object(body).to_string()) {
+            Ok(response) => response,
+            Err(e) => return respond_error(request, &upstream_error("decoder", &url, e)),
+        };
+        let status = response.status();
+        if !stream {
+            return match response.into_string() {
+                Ok(text) => respond_bytes(request, status, "application/json", text.into_bytes()),
+                Err(e) => respond_error(
+                    request,
+                    &HttpError::new(502, format!("reading decoder {url}'s answer: {e}")),
+                ),
+            };
+        }
+        let content_type = response.content_type().to_string();
+        let Ok(mut out) = ChunkedResponse::start(request, status, &content_type) else {
+            return;
+        };
+        let mut reader = response.into_reader();
+        let mut buffer = vec![0u8; 8192];
+        loop {
+            match reader.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if out.send(&buffer[..n]).is_err() {
+                        // The client left; dropping the reader closes the upstream stream.
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let error =
+                        HttpError::new(502, format!("decoder {url}'s stream broke off: {e}"));
+                    let _ = out.event(&error.body().to_string());
+                    break;
+                }
+            }
+        }
+        let _ = out.finish();
+    }
+}

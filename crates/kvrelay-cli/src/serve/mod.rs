@@ -1,0 +1,391 @@
+//! `kvrelay serve`: an OpenAI-compatible HTTP server over the reference engine, with the
+//! vLLM flags the PD scripts pass (`--kv-transfer-config`, `LMCACHE_CONFIG_FILE`).
+//!
+//! One thread owns and steps the engine ([`engine_loop`]); HTTP handler threads parse
+//! requests, submit them through a bounded queue and relay the engine's events.
+
+mod engine_loop;
+mod metrics;
+mod openai;
+
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use kvrelay::config::{KvTransferConfig, LmcacheConfig};
+use kvrelay::device::HostDevice;
+use kvrelay::KvDtype;
+use kvrelay_engine::{load_model, Engine, EngineConfig, RequestOutput, SamplingParams, Tokenizer};
+use serde_json::{json, Value};
+use tiny_http::{Method, Request, Server};
+
+use crate::http::{
+    read_json_object, respond_bytes, respond_error, respond_json, ChunkedResponse, HttpError,
+};
+use engine_loop::{lock, EngineHandle, Event, Shared};
+use openai::{CompletionRequest, Detokenizer, Envelope, ModelInfo};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed once ready).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// `tiny-random` (embedded) or a Hugging Face Llama checkpoint directory.
+    #[arg(long, default_value = kvrelay_engine::TINY_RANDOM)]
+    model: String,
+    /// The model name requests and responses use (default: --model).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    #[arg(long, default_value_t = 4096)]
+    max_model_len: usize,
+    /// Requests running at once.
+    #[arg(long, default_value_t = 8)]
+    max_num_seqs: usize,
+    /// Token budget per engine step; longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// KV cache dtype: bfloat16, float16 or float32.
+    #[arg(long, default_value = "bfloat16", value_parser = KvDtype::from_str)]
+    kv_dtype: KvDtype,
+    /// vLLM's KV transfer config JSON (kv_connector, kv_role, kv_connector_extra_config,
+    /// ...). The LMCache connectors read their YAML from LMCACHE_CONFIG_FILE.
+    #[arg(long)]
+    kv_transfer_config: Option<String>,
+    /// Requests admitted at once (queued or running); more are answered 503.
+    #[arg(long, default_value_t = 64)]
+    max_pending_requests: usize,
+    /// How long a request may go without the engine making progress before it fails, and
+    /// the longest a handler waits for the engine's next event.
+    #[arg(long, default_value_t = 300)]
+    request_timeout_sec: u64,
+    /// Accepted for compatibility: the engine keeps no prefix cache of its own.
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
+    /// Accepted for compatibility: the engine is always eager.
+    #[arg(long)]
+    enforce_eager: bool,
+    /// Accepted for compatibility: the engine runs no remote code.
+    #[arg(long)]
+    trust_remote_code: bool,
+    /// Accepted for compatibility: requests are not logged.
+    #[arg(long)]
+    disable_log_requests: bool,
+    /// Accepted for compatibility: the engine sizes its cache from max_model_len.
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
+    /// Accepted for compatibility: the reference engine always runs one worker.
+    #[arg(long)]
+    tensor_parallel_size: Option<usize>,
+}
+
+/// What the handler threads share.
+struct ServeState {
+    engine: EngineHandle,
+    shared: Arc<Shared>,
+    tokenizer: Tokenizer,
+    served_name: String,
+    max_model_len: usize,
+    request_timeout: Duration,
+    next_id: AtomicU64,
+}
+
+pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
+    if args.max_pending_requests == 0 {
+        return Err("--max-pending-requests must be at least 1".into());
+    }
+    if args.tensor_parallel_size.is_some_and(|tp| tp > 1) {
+        eprintln!(
+            "kvrelay serve: --tensor-parallel-size ignored: the reference engine runs one worker"
+        );
+    }
+    let (model, tokenizer) =
+        load_model(&args.model, args.max_model_len).map_err(|e| format!("--model {e}"))?;
+    let config = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len: args.max_model_len,
+        block_size: args.block_size,
+        kv_dtype: args.kv_dtype,
+        stall_timeout: Duration::from_secs(args.request_timeout_sec),
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, config).map_err(|e| e.to_string())?;
+    if let Some(json) = &args.kv_transfer_config {
+        let transfer = KvTransferConfig::from_json_str(json)
+            .map_err(|e| format!("--kv-transfer-config: {e}"))?;
+        let lmcache = LmcacheConfig::load_from_env().map_err(|e| format!("LMCache config: {e}"))?;
+        engine
+            .connect(&transfer, &lmcache, &args.model, Arc::new(HostDevice))
+            .map_err(|e| format!("--kv-transfer-config: {e}"))?;
+    }
+    let request_timeout = Duration::from_secs(args.request_timeout_sec);
+    let (handle, shared) = EngineHandle::spawn(engine, args.max_pending_requests, request_timeout)
+        .map_err(|e| format!("starting the engine thread: {e}"))?;
+    let server = Server::http((args.host.as_str(), args.port))
+        .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
+    let state = Arc::new(ServeState {
+        engine: handle,
+        shared,
+        tokenizer,
+        served_name: args.served_model_name.unwrap_or(args.model),
+        max_model_len: args.max_model_len,
+        request_timeout,
+        next_id: AtomicU64::new(0),
+    });
+    // Every admitted request may hold a handler while it streams; a few more answer the
+    // cheap endpoints (and the 503s) meanwhile.
+    let handlers =
+        crate::http::serve_threads(server, args.max_pending_requests + 4, move |request| {
+            state.handle(request)
+        })?;
+    let listen = handlers.address();
+    eprintln!("kvrelay serve: listening on http://{listen}");
+    handlers.join();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl ServeState {
+    fn model_info(&self) -> ModelInfo<'_> {
+        ModelInfo {
+            served_name: &self.served_name,
+            tokenizer: &self.tokenizer,
+            max_model_len: self.max_model_len,
+        }
+    }
+
+    fn handle(&self, mut request: Request) {
+        let path = request.url().split('?').next().unwrap_or("").to_string();
+        let method = request.method().clone();
+        match (method, path.as_str()) {
+            (Method::Get, "/health") => match lock(&self.shared.dead).as_ref() {
+                None => respond_bytes(request, 200, "text/plain", Vec::new()),
+                Some(reason) => respond_error(
+                    request,
+                    &HttpError::new(500, format!("the engine stopped: {reason}")),
+                ),
+            },
+            (Method::Get, "/metrics") => {
+                let in_flight = self.shared.in_flight.load(Ordering::SeqCst);
+                let text = lock(&self.shared.metrics).render(in_flight);
+                respond_bytes(request, 200, "text/plain; version=0.0.4", text.into_bytes());
+            }
+            (Method::Get, "/v1/models") => respond_json(request, 200, &self.models()),
+            (Method::Post, "/tokenize") => {
+                let answer = read_json_object(&mut request).and_then(|body| self.tokenize(&body));
+                match answer {
+                    Ok(body) => respond_json(request, 200, &body),
+                    Err(e) => respond_error(request, &e),
+                }
+            }
+            (Method::Post, "/detokenize") => {
+                let answer =
+                    read_json_object(&mut request).and_then(|body| self.detokenize(&body));
+                match answer {
+                    Ok(body) => respond_json(request, 200, &body),
+                    Err(e) => respond_error(request, &e),
+                }
+            }
+            (Method::Post, "/v1/completions") => self.completions(request),
+            (Method::Post, "/v1/chat/completions") => respond_error(
+                request,
+                &HttpError::bad_request(format!(
+                    "chat completions need a chat template, which kvrelay serve does not apply to `{}`; send a prompt to /v1/completions",
+                    self.served_name
+                )),
+            ),
+            (_, "/health" | "/metrics" | "/v1/models" | "/tokenize" | "/detokenize"
+            | "/v1/completions" | "/v1/chat/completions") => respond_error(
+                request,
+                &HttpError::new(405, format!("method not allowed on {path}")),
+            ),
+            _ => respond_error(request, &HttpError::new(404, format!("no route {path}"))),
+        }
+    }
+
+    fn models(&self) -> Value {
+        json!({
+            "object": "list",
+            "data": [{
+                "id": self.served_name,
+                "object": "model",
+                "created": unix_time(),
+                "owned_by": "kvrelay",
+                "root": self.served_name,
+                "max_model_len": self.max_model_len,
+            }],
+        })
+    }
+
+    fn tokenize(&self, body: &serde_json::Map<String, Value>) -> Result<Value, HttpError> {
+        if body.contains_key("messages") {
+            return Err(HttpError::bad_request(
+                "tokenizing chat messages needs a chat template, which kvrelay serve does not apply",
+            ));
+        }
+        let tokens = self.model_info().prompt_tokens(body.get("prompt"))?;
+        Ok(json!({
+            "count": tokens.len(),
+            "max_model_len": self.max_model_len,
+            "tokens": tokens,
+        }))
+    }
+
+    fn detokenize(&self, body: &serde_json::Map<String, Value>) -> Result<Value, HttpError> {
+        let tokens = body
+            .get("tokens")
+            .and_then(Value::as_array)
+            .and_then(|items| {
+                items
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+                    .collect::<Option<Vec<u32>>>()
+            })
+            .ok_or_else(|| HttpError::bad_request("`tokens` must be a list of token ids"))?;
+        let text = self
+            .tokenizer
+            .decode(&tokens)
+            .map_err(|e| HttpError::bad_request(e.to_string()))?;
+        Ok(json!({ "prompt": text }))
+    }
+
+    fn completions(&self, mut request: Request) {
+        let admitted = read_json_object(&mut request).and_then(|body| {
+            let parsed = self.model_info().completion_request(&body)?;
+            let id = format!("cmpl-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+            let params = SamplingParams {
+                max_tokens: parsed.max_tokens,
+                ignore_eos: parsed.ignore_eos,
+            };
+            let events = self
+                .engine
+                .submit(id.clone(), parsed.prompt.clone(), params)?;
+            Ok((id, parsed, events))
+        });
+        let (id, parsed, events) = match admitted {
+            Ok(admitted) => admitted,
+            Err(e) => return respond_error(request, &e),
+        };
+        let envelope = Envelope {
+            id: &id,
+            created: unix_time(),
+            model: &self.served_name,
+        };
+        if parsed.stream {
+            self.stream(request, &envelope, &parsed, &events);
+        } else {
+            match self.wait_finished(&events) {
+                Ok(output) => {
+                    let text = self
+                        .tokenizer
+                        .decode(&output.output_token_ids)
+                        .unwrap_or_default();
+                    respond_json(request, 200, &envelope.completion(&output, text));
+                }
+                Err(e) => respond_error(request, &e),
+            }
+        }
+    }
+
+    /// The engine's next event, within the request timeout.
+    fn next_event(&self, events: &Receiver<Event>) -> Result<Event, HttpError> {
+        match events.recv_timeout(self.request_timeout) {
+            Ok(Event::Failed(e)) => Err(e),
+            Ok(event) => Ok(event),
+            Err(RecvTimeoutError::Timeout) => Err(HttpError::new(
+                504,
+                format!("the engine produced nothing for {:?}", self.request_timeout),
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err(HttpError::new(
+                500,
+                "the engine stopped before the request finished",
+            )),
+        }
+    }
+
+    fn wait_finished(&self, events: &Receiver<Event>) -> Result<RequestOutput, HttpError> {
+        loop {
+            if let Event::Finished(output) = self.next_event(events)? {
+                return finished_ok(*output);
+            }
+        }
+    }
+
+    /// Relays the request's tokens as server-sent events. Once the stream started, errors
+    /// are reported as an `error` event before `[DONE]`.
+    fn stream(
+        &self,
+        request: Request,
+        envelope: &Envelope<'_>,
+        parsed: &CompletionRequest,
+        events: &Receiver<Event>,
+    ) {
+        // The first event decides between an error status and a stream.
+        let first = match self.next_event(events) {
+            Ok(event) => event,
+            Err(e) => return respond_error(request, &e),
+        };
+        let Ok(mut out) = ChunkedResponse::start(request, 200, "text/event-stream") else {
+            return;
+        };
+        let mut detok = Detokenizer::new(&self.tokenizer);
+        let mut event = Ok(first);
+        let sent = loop {
+            match event {
+                Ok(Event::Tokens(ids)) => {
+                    let text = detok.push(&ids);
+                    if out.event(&envelope.chunk(text, &ids).to_string()).is_err() {
+                        // The client left; the engine finishes the request on its own.
+                        return;
+                    }
+                }
+                Ok(Event::Finished(output)) => {
+                    break finished_ok(*output).map(|output| {
+                        let text = detok.finish();
+                        let mut sent = out.event(&envelope.last_chunk(&output, text).to_string());
+                        if parsed.include_usage {
+                            sent = sent.and_then(|()| {
+                                out.event(&envelope.usage_chunk(&output).to_string())
+                            });
+                        }
+                        sent
+                    });
+                }
+                Ok(Event::Failed(e)) | Err(e) => break Err(e),
+            }
+            event = self.next_event(events);
+        };
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => out.event(&e.body().to_string()),
+        };
+        let _ = sent
+            .and_then(|()| out.event("[DONE]"))
+            .and_then(|()| out.finish());
+    }
+}
+
+/// A finished request's output, or the error it ended with.
+fn finished_ok(output: RequestOutput) -> Result<RequestOutput, HttpError> {
+    match &output.finish_reason {
+        kvrelay_engine::FinishReason::Error(message) => Err(HttpError::new(
+            500,
+            format!("request {} failed: {message}", output.request_id),
+        )),
+        _ => Ok(output),
+    }
+}

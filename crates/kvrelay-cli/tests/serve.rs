@@ -1,0 +1,626 @@
+//! `kvrelay serve` and `kvrelay proxy` as real processes on loopback: answers equal the
+//! reference engine run in-process token for token, errors are OpenAI-style 4xx/5xx, and a
+//! 1p1d flow through the proxy shares KV through LMCache's local-disk tier.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use kvrelay_engine::{load_model, Engine, EngineConfig, SamplingParams, Tokenizer, TINY_RANDOM};
+use serde_json::{json, Value};
+
+const MAX_MODEL_LEN: usize = 1024;
+
+/// A `kvrelay` process, killed when dropped.
+struct Proc {
+    child: Child,
+    url: String,
+}
+
+impl Proc {
+    /// Starts `kvrelay <args>` and waits (bounded) until it prints its address.
+    fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvrelay"))
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kvrelay");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining so the child never blocks on a full pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[kvrelay] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let url = loop {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) => match line.split_once("listening on ") {
+                    Some((_, url)) => break url.trim().to_string(),
+                    None => seen.push(line),
+                },
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("kvrelay {args:?} never listened ({e}); it said {seen:?}");
+                }
+            }
+        };
+        Proc { child, url }
+    }
+
+    fn serve(extra: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let max_model_len = MAX_MODEL_LEN.to_string();
+        let mut args = vec![
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--model",
+            TINY_RANDOM,
+        ];
+        if !extra.contains(&"--max-model-len") {
+            args.extend(["--max-model-len", &max_model_len]);
+        }
+        args.extend_from_slice(extra);
+        Proc::start(&args, envs)
+    }
+
+    /// `kvrelay proxy` on loopback over one prefiller and one decoder port.
+    fn proxy(prefiller_port: &str, decoder_port: &str, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "proxy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--prefiller-host",
+            "127.0.0.1",
+            "--prefiller-port",
+            prefiller_port,
+            "--decoder-host",
+            "127.0.0.1",
+            "--decoder-port",
+            decoder_port,
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(&args, &[])
+    }
+
+    fn port(&self) -> String {
+        self.url
+            .rsplit(':')
+            .next()
+            .expect("url has a port")
+            .to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(300))
+        .build()
+}
+
+/// POSTs JSON; returns the status and the JSON body, whatever the status.
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    post_raw(url, &body.to_string())
+}
+
+fn post_raw(url: &str, body: &str) -> (u16, Value) {
+    let response = match agent()
+        .post(url)
+        .set("Content-Type", "application/json")
+        .send_string(body)
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().expect("body");
+    (status, serde_json::from_str(&text).expect("a JSON body"))
+}
+
+fn get(url: &str) -> (u16, String) {
+    let response = match agent().get(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {url}: {e}"),
+    };
+    (response.status(), response.into_string().expect("body"))
+}
+
+/// A streamed completion: its events' JSON, in order; the stream must end with `[DONE]`.
+fn post_stream(url: &str, body: &Value) -> Vec<Value> {
+    let response = agent()
+        .post(url)
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    assert_eq!(response.content_type(), "text/event-stream");
+    let mut text = String::new();
+    response
+        .into_reader()
+        .read_to_string(&mut text)
+        .expect("stream body");
+    let data: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("an SSE data event"))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("a JSON event"))
+        .collect()
+}
+
+/// The token ids of a streamed completion, and its finish reason.
+fn streamed_tokens(events: &[Value]) -> (Vec<u32>, String) {
+    let mut tokens = Vec::new();
+    let mut reason = None;
+    for event in events {
+        assert!(event.get("error").is_none(), "stream error: {event}");
+        for choice in event["choices"].as_array().expect("choices") {
+            tokens.extend(token_ids(&choice["token_ids"]));
+            if let Some(r) = choice["finish_reason"].as_str() {
+                reason = Some(r.to_string());
+            }
+        }
+    }
+    (tokens, reason.expect("a finish reason"))
+}
+
+fn token_ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("token ids")
+        .iter()
+        .map(|t| t.as_u64().expect("a token id") as u32)
+        .collect()
+}
+
+/// What the reference engine generates in-process for each prompt.
+fn expected(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let (model, _) = load_model(TINY_RANDOM, MAX_MODEL_LEN).expect("tiny-random");
+    let config = EngineConfig {
+        max_model_len: MAX_MODEL_LEN,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, config).expect("engine");
+    engine
+        .generate(prompts, SamplingParams::greedy(max_tokens))
+        .expect("generate")
+        .into_iter()
+        .map(|o| o.output_token_ids)
+        .collect()
+}
+
+fn text_prompt(i: usize) -> String {
+    format!("Request {i}: explain the significance of KV cache in language models. ").repeat(3)
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+fn error_message(body: &Value) -> &str {
+    body["error"]["message"]
+        .as_str()
+        .expect("an OpenAI error body")
+}
+
+#[test]
+fn completions_equal_the_engine_streaming_and_not() {
+    let server = Proc::serve(&[], &[]);
+    let url = format!("{}/v1/completions", server.url);
+    let text = text_prompt(0);
+    let text_ids = Tokenizer::Bytes.encode(&text).unwrap();
+    let id_prompt: Vec<u32> = (0..40).map(|i| (i * 7 % 250) as u32).collect();
+    let want = expected(&[text_ids.clone(), id_prompt.clone()], 12);
+
+    let (status, body) = post(
+        &url,
+        &json!({"model": TINY_RANDOM, "prompt": text, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(token_ids(&choice["token_ids"]), want[0]);
+    assert_eq!(choice["text"], Tokenizer::Bytes.decode(&want[0]).unwrap());
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(body["usage"]["prompt_tokens"], text_ids.len());
+    assert_eq!(body["usage"]["completion_tokens"], 12);
+    assert_eq!(body["object"], "text_completion");
+
+    let (status, body) = post(&url, &json!({"prompt": id_prompt, "max_tokens": 12}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[1]);
+
+    for (prompt, want) in [(json!(text), &want[0]), (json!(id_prompt), &want[1])] {
+        let events = post_stream(
+            &url,
+            &json!({"prompt": prompt, "max_tokens": 12, "stream": true,
+                    "stream_options": {"include_usage": true}}),
+        );
+        let (tokens, reason) = streamed_tokens(&events);
+        assert_eq!(&tokens, want);
+        assert_eq!(reason, "length");
+        // One event per sampled token at least, then the usage chunk.
+        assert!(events.len() > 12, "{events:?}");
+        assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 12);
+    }
+
+    // kv_transfer_params is accepted and answered (null without a connector).
+    let (status, body) = post(
+        &url,
+        &json!({"prompt": [256, 72], "max_tokens": 2, "kv_transfer_params": {"ret_first_tok": true}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.as_object().unwrap().contains_key("kv_transfer_params"));
+}
+
+#[test]
+fn tokenize_health_models_and_metrics() {
+    let server = Proc::serve(&[], &[]);
+    assert_eq!(get(&format!("{}/health", server.url)).0, 200);
+
+    let (status, body) = post(
+        &format!("{}/tokenize", server.url),
+        &json!({"prompt": "KV"}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["tokens"], json!([256, 75, 86]));
+    assert_eq!(body["count"], 3);
+    assert_eq!(body["max_model_len"], MAX_MODEL_LEN);
+
+    let (status, body) = post(
+        &format!("{}/detokenize", server.url),
+        &json!({"tokens": [75, 86]}),
+    );
+    assert_eq!((status, body["prompt"].as_str()), (200, Some("KV")));
+
+    let (status, models) = get(&format!("{}/v1/models", server.url));
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], TINY_RANDOM);
+
+    let prompts = [vec![256, 1, 2, 3], vec![256, 4, 5, 6, 7]];
+    for prompt in &prompts {
+        let (status, _) = post(
+            &format!("{}/v1/completions", server.url),
+            &json!({"prompt": prompt, "max_tokens": 5, "ignore_eos": true}),
+        );
+        assert_eq!(status, 200);
+    }
+    let (status, text) = get(&format!("{}/metrics", server.url));
+    assert_eq!(status, 200);
+    assert_eq!(metric(&text, "kvrelay_requests_finished_total"), 2);
+    assert_eq!(metric(&text, "kvrelay_prompt_tokens_total"), 9);
+    assert_eq!(metric(&text, "kvrelay_generation_tokens_total"), 10);
+    assert_eq!(metric(&text, "kvrelay_connector_hit_tokens_total"), 0);
+    assert_eq!(metric(&text, "kvrelay_requests_in_flight"), 0);
+    assert!(text.contains("# TYPE kvrelay_connector_load_seconds histogram"));
+    assert!(text.contains("kvrelay_connector_load_seconds_bucket{le=\"+Inf\"} 0"));
+}
+
+#[test]
+fn bad_requests_get_openai_errors() {
+    let server = Proc::serve(&["--max-model-len", "64"], &[]);
+    let url = format!("{}/v1/completions", server.url);
+    let long: Vec<u32> = vec![65; 80];
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "invalid JSON",
+            "{\"prompt\": ".into(),
+            400,
+            "not valid JSON",
+        ),
+        ("not an object", "[1, 2]".into(), 400, "JSON object"),
+        (
+            "no prompt",
+            json!({"max_tokens": 3}).to_string(),
+            400,
+            "`prompt` is required",
+        ),
+        (
+            "empty prompt",
+            json!({"prompt": []}).to_string(),
+            400,
+            "empty",
+        ),
+        (
+            "bad prompt",
+            json!({"prompt": [1, -2]}).to_string(),
+            400,
+            "token ids",
+        ),
+        (
+            "batched",
+            json!({"prompt": ["a", "b"]}).to_string(),
+            400,
+            "batched",
+        ),
+        (
+            "temperature",
+            json!({"prompt": "a", "temperature": 0.8}).to_string(),
+            400,
+            "temperature 0",
+        ),
+        (
+            "max_tokens",
+            json!({"prompt": "a", "max_tokens": 0}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "max_tokens type",
+            json!({"prompt": "a", "max_tokens": "9"}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "stream type",
+            json!({"prompt": "a", "stream": "yes"}).to_string(),
+            400,
+            "`stream`",
+        ),
+        (
+            "too long",
+            json!({"prompt": long}).to_string(),
+            400,
+            "maximum context length",
+        ),
+        (
+            "too long with output",
+            json!({"prompt": [1, 2], "max_tokens": 63}).to_string(),
+            400,
+            "maximum context length",
+        ),
+        (
+            "vocabulary",
+            json!({"prompt": [1, 999999]}).to_string(),
+            400,
+            "vocabulary",
+        ),
+        (
+            "model",
+            json!({"prompt": "a", "model": "gpt-4"}).to_string(),
+            404,
+            "does not exist",
+        ),
+    ];
+    for (what, body, status, message) in cases {
+        let (got, answer) = post_raw(&url, &body);
+        assert_eq!(got, status, "{what}: {answer}");
+        assert!(error_message(&answer).contains(message), "{what}: {answer}");
+        assert_eq!(answer["error"]["code"], status, "{what}");
+    }
+    let (status, answer) = post(
+        &format!("{}/v1/chat/completions", server.url),
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(status, 400);
+    assert!(error_message(&answer).contains("chat template"));
+    let (status, answer) = post(&format!("{}/nowhere", server.url), &json!({}));
+    assert_eq!(status, 404, "{answer}");
+    // The server still works after all of that.
+    let (status, _) = post(&url, &json!({"prompt": "ok", "max_tokens": 2}));
+    assert_eq!(status, 200);
+    let (_, metrics) = get(&format!("{}/metrics", server.url));
+    assert_eq!(metric(&metrics, "kvrelay_request_errors_total"), 1);
+}
+
+#[test]
+fn a_full_queue_answers_503() {
+    let server = Proc::serve(&["--max-pending-requests", "1"], &[]);
+    let url = format!("{}/v1/completions", server.url);
+    // The first request streams 900 tokens; once its first event arrived it holds the
+    // only pending slot until it finishes.
+    let response = agent()
+        .post(&url)
+        .send_string(
+            &json!({"prompt": [256, 1], "max_tokens": 900, "ignore_eos": true, "stream": true})
+                .to_string(),
+        )
+        .expect("first request");
+    let mut reader = BufReader::new(response.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first event");
+    assert!(first.starts_with("data: "), "{first}");
+    let (status, body) = post(&url, &json!({"prompt": "a", "max_tokens": 2}));
+    assert_eq!(status, 503, "{body}");
+    assert!(error_message(&body).contains("pending"));
+    let mut rest = String::new();
+    reader
+        .read_to_string(&mut rest)
+        .expect("rest of the stream");
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+    let (status, body) = post(&url, &json!({"prompt": "a", "max_tokens": 2}));
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A prefiller and a decoder sharing an LMCache local-disk tier, and a proxy over them.
+struct Disagg {
+    _dir: tempfile::TempDir,
+    prefiller: Proc,
+    decoder: Proc,
+    proxy: Proc,
+}
+
+impl Disagg {
+    fn start() -> Disagg {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("lmcache.yaml");
+        std::fs::write(
+            &yaml,
+            format!(
+                "chunk_size: 64\nlocal_cpu: false\nlocal_disk: \"file://{}/\"\nmax_local_disk_size: 1\npre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n",
+                dir.path().join("disk").display()
+            ),
+        )
+        .unwrap();
+        let yaml = yaml.to_str().unwrap().to_string();
+        let envs = [
+            ("LMCACHE_CONFIG_FILE", yaml.as_str()),
+            ("PYTHONHASHSEED", "0"),
+        ];
+        // The seed's --kv-transfer-config values.
+        let producer = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "producer1"}}"#;
+        let consumer = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "consumer1", "skip_last_n_tokens": 1}}"#;
+        let vllm_flags = [
+            "--enforce-eager",
+            "--no-enable-prefix-caching",
+            "--block-size",
+            "16",
+            "--kv-transfer-config",
+        ];
+        let with = |config| {
+            let mut flags = vllm_flags.to_vec();
+            flags.push(config);
+            flags
+        };
+        let prefiller = Proc::serve(&with(producer), &envs);
+        let decoder = Proc::serve(&with(consumer), &envs);
+        let proxy = Proc::proxy(
+            &prefiller.port(),
+            &decoder.port(),
+            &[
+                "--num-prefillers",
+                "1",
+                "--decoder-init-port",
+                "7300,7301",
+                "--decoder-alloc-port",
+                "7400,7401",
+                "--proxy-host",
+                "127.0.0.1",
+                "--proxy-port",
+                "7500",
+                "--num-decoders",
+                "1",
+                "--timeout-sec",
+                "30",
+                "--connect-timeout-sec",
+                "5",
+            ],
+        );
+        Disagg {
+            _dir: dir,
+            prefiller,
+            decoder,
+            proxy,
+        }
+    }
+}
+
+#[test]
+fn disaggregated_prefill_through_the_proxy_equals_colocated() {
+    let mut pd = Disagg::start();
+    let url = format!("{}/v1/completions", pd.proxy.url);
+    let prompts: Vec<String> = (0..9).map(text_prompt).collect();
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| Tokenizer::Bytes.encode(p).unwrap())
+        .collect();
+    let want = expected(&ids, 10);
+
+    let (status, body) = post(&url, &json!({"prompt": prompts[0], "max_tokens": 10}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[0]);
+    let events = post_stream(
+        &url,
+        &json!({"prompt": prompts[1], "max_tokens": 10, "stream": true}),
+    );
+    assert_eq!(streamed_tokens(&events).0, want[1]);
+
+    // The decoder loaded the prompts' whole chunks instead of computing them.
+    let (_, metrics) = get(&format!("{}/metrics", pd.decoder.url));
+    let hits = metric(&metrics, "kvrelay_connector_hit_tokens_total");
+    let full_chunks = |p: &Vec<u32>| ((p.len() - 1) / 64 * 64) as u64;
+    assert_eq!(
+        hits,
+        full_chunks(&ids[0]) + full_chunks(&ids[1]),
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "kvrelay_connector_loaded_bytes_total") > 0);
+    let (_, metrics) = get(&format!("{}/metrics", pd.prefiller.url));
+    assert!(metric(&metrics, "kvrelay_connector_saved_bytes_total") > 0);
+    // The prefiller generated one token per request.
+    assert_eq!(metric(&metrics, "kvrelay_generation_tokens_total"), 2);
+
+    // Concurrent requests, streamed and not, all finish with their own tokens.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (2..prompts.len())
+            .map(|i| {
+                let (url, prompt) = (&url, &prompts[i]);
+                s.spawn(move || {
+                    let stream = i % 2 == 0;
+                    let request = json!({"prompt": prompt, "max_tokens": 10, "stream": stream});
+                    if stream {
+                        streamed_tokens(&post_stream(url, &request)).0
+                    } else {
+                        let (status, body) = post(url, &request);
+                        assert_eq!(status, 200, "{body}");
+                        token_ids(&body["choices"][0]["token_ids"])
+                    }
+                })
+            })
+            .collect();
+        for (i, handle) in (2..).zip(handles) {
+            assert_eq!(handle.join().unwrap(), want[i], "request {i}");
+        }
+    });
+
+    // Bad requests come back as the servers' own 400s.
+    let (status, body) = post(&url, &json!({"prompt": "a", "temperature": 1.0}));
+    assert_eq!(status, 400, "{body}");
+    assert!(error_message(&body).contains("temperature"));
+
+    // Without a decoder the proxy answers 502 instead of waiting.
+    pd.decoder.kill();
+    for stream in [false, true] {
+        let (status, body) = post(
+            &url,
+            &json!({"prompt": prompts[0], "max_tokens": 4, "stream": stream}),
+        );
+        assert_eq!(status, 502, "{body}");
+        assert!(error_message(&body).contains("decoder"), "{body}");
+    }
+    // Without a prefiller, too.
+    pd.prefiller.kill();
+    let (status, body) = post(&url, &json!({"prompt": prompts[0], "max_tokens": 4}));
+    assert_eq!(status, 502, "{body}");
+    assert!(error_message(&body).contains("prefiller"), "{body}");
+}
+
+#[test]
+fn a_silent_upstream_gets_the_client_a_504() {
+    // Connections to it complete (the kernel's backlog) but nothing ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port().to_string();
+    let proxy = Proc::proxy(&port, &port, &["--timeout-sec", "1"]);
+    let (status, body) = post(
+        &format!("{}/v1/completions", proxy.url),
+        &json!({"prompt": "a", "max_tokens": 2}),
+    );
+    assert_eq!(status, 504, "{body}");
+    assert!(error_message(&body).contains("timed out"), "{body}");
+}

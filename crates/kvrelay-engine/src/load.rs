@@ -1,0 +1,26 @@
+//! Loading a model by the name a command line gives it: the embedded test model or a
+//! Hugging Face Llama checkpoint directory.
+
+use std::path::Path;
+
+use crate::{EngineError, Model, Tokenizer};
+
+/// The embedded test model's name.
+pub const TINY_RANDOM: &str = "tiny-random";
+
+/// The model `name` (`tiny-random` or a checkpoint directory) with positions for
+/// `max_model_len` tokens, and its tokenizer.
+pub fn load_model(name: &str, max_model_len: usize) -> Result<(Model, Tokenizer), EngineError> {
+    if name == TINY_RANDOM {
+        return Ok((Model::tiny_random(max_model_len), Tokenizer::Bytes));
+    }
+    let dir = Path::new(name);
+    if !dir.is_dir() {
+        return Err(EngineError::Model(format!(
+            "{name}: not {TINY_RANDOM} and not a checkpoint directory"
+        )));
+    }
+    let model = Model::load(dir, max_model_len)?;
+    let tokenizer = Tokenizer::for_checkpoint(dir)?;
+    Ok((model, tokenizer))
+}
