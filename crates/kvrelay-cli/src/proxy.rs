@@ -5,15 +5,19 @@
 //! Prefillers and decoders are picked round-robin; an upstream that fails or exceeds
 //! `--timeout-sec` gets the client a 502 or 504.
 
+use std::collections::HashMap;
 use std::io::Read;
+use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde_json::{json, Map, Value};
 use tiny_http::{Method, Request, Server};
+
+use kvrelay::transfer::read_notification;
 
 use crate::http::{read_json_object, respond_bytes, respond_error, ChunkedResponse, HttpError};
 
@@ -44,12 +48,17 @@ pub struct ProxyArgs {
     /// The decoders' PD alloc ports, one per TP rank; sent to prefillers in `disagg_spec`.
     #[arg(long, value_delimiter = ',', default_value = "8400")]
     decoder_alloc_port: Vec<u16>,
-    /// Where LMCache's PD senders notify the proxy. Accepted for compatibility: this proxy
-    /// takes the prefiller's answer as the sign that the KV is saved.
+    /// Where PD senders (LMCache `pd_proxy_host:pd_proxy_port`) notify the proxy that a
+    /// request's KV reached every decoder rank. With --proxy-port the proxy waits for those
+    /// notifications before it calls the decoder; without it, the prefiller's answer is
+    /// the sign that the KV is saved (shared-storage and tier setups).
     #[arg(long, default_value = "localhost")]
     proxy_host: String,
-    #[arg(long, default_value_t = 8500)]
-    proxy_port: u16,
+    #[arg(long)]
+    proxy_port: Option<u16>,
+    /// The PD senders' `pd_shared_secret`, to authenticate their notifications.
+    #[arg(long)]
+    pd_shared_secret: Option<String>,
     /// Bound on each upstream exchange: a whole non-streaming answer, or the gap between
     /// two reads of a stream. Past it the client gets a 504.
     #[arg(long, default_value_t = 300)]
@@ -105,6 +114,89 @@ fn instances(
         .collect())
 }
 
+/// KV-ready notifications from PD senders, counted per request id.
+struct KvReadyBoard {
+    counts: Mutex<HashMap<String, usize>>,
+    arrived: Condvar,
+}
+
+/// Request ids a board keeps before it drops new ones (notifications nobody waits for).
+const MAX_PENDING_NOTIFICATIONS: usize = 65_536;
+/// Sender connections served at once.
+const MAX_NOTIFY_CONNECTIONS: usize = 256;
+
+impl KvReadyBoard {
+    /// Listens on `host:port`; each connection may carry any number of notifications.
+    fn listen(host: &str, port: u16, secret: Option<Vec<u8>>) -> Result<Arc<Self>, String> {
+        let listener = TcpListener::bind((host, port))
+            .map_err(|e| format!("listening for KV-ready notifications on {host}:{port}: {e}"))?;
+        let board = Arc::new(KvReadyBoard {
+            counts: Mutex::new(HashMap::new()),
+            arrived: Condvar::new(),
+        });
+        let served = Arc::clone(&board);
+        let secret = Arc::new(secret);
+        let open = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("kv-ready".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    if open.fetch_add(1, Ordering::AcqRel) >= MAX_NOTIFY_CONNECTIONS {
+                        open.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    let (board, secret, count) =
+                        (Arc::clone(&served), Arc::clone(&secret), Arc::clone(&open));
+                    // Senders open one connection per notification; a silent one is dropped.
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    let spawned = std::thread::Builder::new().spawn(move || {
+                        let mut reader = std::io::BufReader::new(stream);
+                        // A malformed or unauthenticated notification ends that connection.
+                        while let Ok(ready) = read_notification(&mut reader, secret.as_deref()) {
+                            board.record(ready.request_id);
+                        }
+                        count.fetch_sub(1, Ordering::AcqRel);
+                    });
+                    if spawned.is_err() {
+                        open.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(board)
+    }
+
+    fn record(&self, request_id: String) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.len() < MAX_PENDING_NOTIFICATIONS || counts.contains_key(&request_id) {
+            *counts.entry(request_id).or_default() += 1;
+            self.arrived.notify_all();
+        }
+    }
+
+    /// Waits until `ranks` notifications for `request_id` arrived; false after `timeout`.
+    fn wait(&self, request_id: &str, ranks: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if counts.get(request_id).copied().unwrap_or(0) >= ranks {
+                counts.remove(request_id);
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                counts.remove(request_id);
+                return false;
+            }
+            counts = self
+                .arrived
+                .wait_timeout(counts, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 struct Proxy {
     prefillers: Vec<String>,
     decoders: Vec<String>,
@@ -113,6 +205,10 @@ struct Proxy {
     agent: ureq::Agent,
     timeout: Duration,
     next: AtomicUsize,
+    /// Set in PD mode (--proxy-port): prefills wait for their KV-ready notifications.
+    kv_ready: Option<Arc<KvReadyBoard>>,
+    /// Makes request ids unique across proxy restarts.
+    id_prefix: String,
 }
 
 pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
@@ -137,6 +233,15 @@ pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
         .timeout_read(timeout)
         .timeout_write(timeout)
         .build();
+    let kv_ready = match args.proxy_port {
+        Some(port) => Some(KvReadyBoard::listen(
+            &args.proxy_host,
+            port,
+            args.pd_shared_secret.map(String::into_bytes),
+        )?),
+        None => None,
+    };
+    let notified = kv_ready.is_some();
     let proxy = Arc::new(Proxy {
         prefillers,
         decoders,
@@ -145,16 +250,26 @@ pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
         agent,
         timeout,
         next: AtomicUsize::new(0),
+        kv_ready,
+        id_prefix: format!(
+            "kvrelay-proxy-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
     });
     let server = Server::http((args.host.as_str(), args.port))
         .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
     let handlers = crate::http::serve_threads(server, args.max_concurrent_requests, move |r| {
         proxy.handle(r)
     })?;
-    eprintln!(
-        "kvrelay proxy: KV-ready notifications to {}:{} are not awaited; a prefiller's answer means its KV is saved",
-        args.proxy_host, args.proxy_port
-    );
+    if notified {
+        eprintln!(
+            "kvrelay proxy: decoders are called once every rank's KV-ready notification reached {}:{}",
+            args.proxy_host,
+            args.proxy_port.unwrap_or_default()
+        );
+    }
     eprintln!("kvrelay proxy: listening on http://{}", handlers.address());
     handlers.join();
     Ok(ExitCode::SUCCESS)
@@ -244,6 +359,7 @@ impl Proxy {
         }
         prefill.insert("stream".into(), json!(false));
         prefill.remove("stream_options");
+        let request_id = format!("{}-{n}", self.id_prefix);
         let receiver_host = decoder
             .trim_start_matches("http://")
             .rsplit_once(':')
@@ -252,7 +368,7 @@ impl Proxy {
             "kv_transfer_params".into(),
             json!({
                 "disagg_spec": {
-                    "req_id": n.to_string(),
+                    "req_id": request_id,
                     "receiver_host": receiver_host,
                     "receiver_init_port": self.init_ports,
                     "receiver_alloc_port": self.alloc_ports,
@@ -266,7 +382,17 @@ impl Proxy {
             .map_err(|e| upstream_error("prefiller", &url, e))?
             .into_string()
             .map_err(|e| HttpError::new(502, format!("reading prefiller {url}'s answer: {e}")))?;
-        Ok(())
+        let ranks = self.init_ports.len().max(1);
+        match &self.kv_ready {
+            Some(board) if !board.wait(&request_id, ranks, self.timeout) => Err(HttpError::new(
+                504,
+                format!(
+                    "prefiller {url} answered, but {ranks} KV-ready notification(s) for request {request_id} did not arrive within {:?}",
+                    self.timeout
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Sends `body` to `decoder` and relays the answer.

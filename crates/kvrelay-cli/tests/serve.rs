@@ -458,7 +458,25 @@ fn a_full_queue_answers_503() {
     assert_eq!(status, 200, "{body}");
 }
 
-/// A prefiller and a decoder sharing an LMCache local-disk tier, and a proxy over them.
+/// How the prefiller's KV reaches the decoder.
+#[derive(Clone, Copy, Debug)]
+enum Sharing {
+    /// An LMCache local-disk tier both processes use.
+    Disk,
+    /// LMCache PD: the prefiller pushes KV into the decoder's PD buffer over this
+    /// `transfer_channel` and notifies the proxy.
+    Pd(&'static str),
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A prefiller and a decoder sharing KV as `sharing` says, and a proxy over them.
 struct Disagg {
     _dir: tempfile::TempDir,
     prefiller: Proc,
@@ -467,22 +485,36 @@ struct Disagg {
 }
 
 impl Disagg {
-    fn start() -> Disagg {
+    fn start(sharing: Sharing) -> Disagg {
         let dir = tempfile::tempdir().unwrap();
-        let yaml = dir.path().join("lmcache.yaml");
-        std::fs::write(
-            &yaml,
-            format!(
-                "chunk_size: 64\nlocal_cpu: false\nlocal_disk: \"file://{}/\"\nmax_local_disk_size: 1\npre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n",
-                dir.path().join("disk").display()
-            ),
-        )
-        .unwrap();
-        let yaml = yaml.to_str().unwrap().to_string();
-        let envs = [
-            ("LMCACHE_CONFIG_FILE", yaml.as_str()),
-            ("PYTHONHASHSEED", "0"),
-        ];
+        let common = "chunk_size: 64\nlocal_cpu: false\npre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n";
+        let (init, alloc, notify) = (free_port(), free_port(), free_port());
+        let yaml = |name: &str, pd_role: &str| {
+            let tier = match sharing {
+                Sharing::Disk => format!(
+                    "local_disk: \"file://{}/\"\nmax_local_disk_size: 1\n",
+                    dir.path().join("disk").display()
+                ),
+                Sharing::Pd(channel) => format!(
+                    "enable_pd: true\npd_role: {pd_role}\npd_buffer_size: 50000000\npd_buffer_device: cpu\n\
+                     pd_peer_host: 127.0.0.1\npd_peer_init_port: [{init}]\npd_peer_alloc_port: [{alloc}]\n\
+                     pd_proxy_host: 127.0.0.1\npd_proxy_port: {notify}\ntransfer_channel: {channel}\n"
+                ),
+            };
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("{common}{tier}")).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let (sender_yaml, receiver_yaml) = (
+            yaml("prefiller.yaml", "sender"),
+            yaml("decoder.yaml", "receiver"),
+        );
+        let envs = |yaml: &str| {
+            [
+                ("LMCACHE_CONFIG_FILE", yaml.to_string()),
+                ("PYTHONHASHSEED", "0".into()),
+            ]
+        };
         // The seed's --kv-transfer-config values.
         let producer = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "producer1"}}"#;
         let consumer = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "consumer1", "skip_last_n_tokens": 1}}"#;
@@ -493,35 +525,35 @@ impl Disagg {
             "16",
             "--kv-transfer-config",
         ];
-        let with = |config| {
+        let start = |config, yaml: &str| {
             let mut flags = vllm_flags.to_vec();
             flags.push(config);
-            flags
+            let envs = envs(yaml);
+            let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Proc::serve(&flags, &envs)
         };
-        let prefiller = Proc::serve(&with(producer), &envs);
-        let decoder = Proc::serve(&with(consumer), &envs);
-        let proxy = Proc::proxy(
-            &prefiller.port(),
-            &decoder.port(),
-            &[
-                "--num-prefillers",
-                "1",
-                "--decoder-init-port",
-                "7300,7301",
-                "--decoder-alloc-port",
-                "7400,7401",
-                "--proxy-host",
-                "127.0.0.1",
-                "--proxy-port",
-                "7500",
-                "--num-decoders",
-                "1",
-                "--timeout-sec",
-                "30",
-                "--connect-timeout-sec",
-                "5",
-            ],
-        );
+        // The decoder first: its PD buffer must listen before the prefiller sends.
+        let decoder = start(consumer, &receiver_yaml);
+        let prefiller = start(producer, &sender_yaml);
+        let (init, alloc, notify) = (init.to_string(), alloc.to_string(), notify.to_string());
+        let mut proxy_flags = vec![
+            "--num-prefillers",
+            "1",
+            "--decoder-init-port",
+            &init,
+            "--decoder-alloc-port",
+            &alloc,
+            "--num-decoders",
+            "1",
+            "--timeout-sec",
+            "30",
+            "--connect-timeout-sec",
+            "5",
+        ];
+        if let Sharing::Pd(_) = sharing {
+            proxy_flags.extend(["--proxy-host", "127.0.0.1", "--proxy-port", &notify]);
+        }
+        let proxy = Proc::proxy(&prefiller.port(), &decoder.port(), &proxy_flags);
         Disagg {
             _dir: dir,
             prefiller,
@@ -533,7 +565,21 @@ impl Disagg {
 
 #[test]
 fn disaggregated_prefill_through_the_proxy_equals_colocated() {
-    let mut pd = Disagg::start();
+    check_disaggregated(Sharing::Disk);
+}
+
+#[test]
+fn pd_over_tcp_through_the_proxy_equals_colocated() {
+    check_disaggregated(Sharing::Pd("tcp"));
+}
+
+#[test]
+fn pd_over_shm_through_the_proxy_equals_colocated() {
+    check_disaggregated(Sharing::Pd("shm"));
+}
+
+fn check_disaggregated(sharing: Sharing) {
+    let mut pd = Disagg::start(sharing);
     let url = format!("{}/v1/completions", pd.proxy.url);
     let prompts: Vec<String> = (0..9).map(text_prompt).collect();
     let ids: Vec<Vec<u32>> = prompts

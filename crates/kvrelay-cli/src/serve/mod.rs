@@ -266,7 +266,11 @@ impl ServeState {
     fn completions(&self, mut request: Request) {
         let admitted = read_json_object(&mut request).and_then(|body| {
             let parsed = self.model_info().completion_request(&body)?;
-            let id = format!("cmpl-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+            // A PD prefill keeps the proxy's request id: it names the KV-ready notification.
+            let id = match &parsed.pd_request_id {
+                Some(id) => id.clone(),
+                None => format!("cmpl-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+            };
             let params = SamplingParams {
                 max_tokens: parsed.max_tokens,
                 ignore_eos: parsed.ignore_eos,
@@ -385,6 +389,13 @@ fn finished_ok(output: RequestOutput) -> Result<RequestOutput, HttpError> {
         kvrelay_engine::FinishReason::Error(message) => Err(HttpError::new(
             500,
             format!("request {} failed: {message}", output.request_id),
+        )),
+        _ if output.transfer.failed_sends > 0 => Err(HttpError::new(
+            502,
+            format!(
+                "request {}: its KV could not be sent to the decoder's PD buffer (the prefiller's log says why)",
+                output.request_id
+            ),
         )),
         _ => Ok(output),
     }

@@ -17,6 +17,8 @@ pub struct CompletionRequest {
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// `kv_transfer_params.disagg_spec.req_id`: the id a PD proxy knows this prefill by.
+    pub pd_request_id: Option<String>,
 }
 
 /// What the server checks requests against.
@@ -114,14 +116,23 @@ impl ModelInfo<'_> {
             Some(Value::Array(stops)) if stops.is_empty() => {}
             Some(_) => return Err(HttpError::bad_request("`stop` strings are not supported")),
         }
-        match body.get("kv_transfer_params") {
-            None | Some(Value::Null) | Some(Value::Object(_)) => {}
+        let pd_request_id = match body.get("kv_transfer_params") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(params)) => match &params.get("disagg_spec").map(|s| &s["req_id"]) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(id)) if !id.is_empty() && id.len() <= 200 => Some(id.clone()),
+                Some(_) => {
+                    return Err(HttpError::bad_request(
+                        "`kv_transfer_params.disagg_spec.req_id` must be a non-empty string of at most 200 bytes",
+                    ))
+                }
+            },
             Some(_) => {
                 return Err(HttpError::bad_request(
                     "`kv_transfer_params` must be an object",
                 ))
             }
-        }
+        };
         let include_usage = match body.get("stream_options") {
             None | Some(Value::Null) => false,
             Some(Value::Object(options)) => flag(options, "include_usage")?,
@@ -141,6 +152,7 @@ impl ModelInfo<'_> {
             ignore_eos: flag(body, "ignore_eos")?,
             stream: flag(body, "stream")?,
             include_usage,
+            pd_request_id,
         })
     }
 }
