@@ -43,3 +43,5 @@ if ! dpkg -s libclang-dev >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq libclang-dev
 fi
 scripts/check_rbln_bindings.sh
+# The seed's 1p1d PD flow (prefiller, decoder, proxy on the seed's ports) end to end.
+examples/pd_1p1d/launch.sh >/dev/null

@@ -463,9 +463,9 @@ fn a_full_queue_answers_503() {
 enum Sharing {
     /// An LMCache local-disk tier both processes use.
     Disk,
-    /// LMCache PD: the prefiller pushes KV into the decoder's PD buffer over this
-    /// `transfer_channel` and notifies the proxy.
-    Pd(&'static str),
+    /// LMCache PD: the prefiller pushes KV into the decoder's PD buffer (this many bytes)
+    /// over this `transfer_channel` and notifies the proxy.
+    Pd(&'static str, u64),
 }
 
 fn free_port() -> u16 {
@@ -495,8 +495,8 @@ impl Disagg {
                     "local_disk: \"file://{}/\"\nmax_local_disk_size: 1\n",
                     dir.path().join("disk").display()
                 ),
-                Sharing::Pd(channel) => format!(
-                    "enable_pd: true\npd_role: {pd_role}\npd_buffer_size: 50000000\npd_buffer_device: cpu\n\
+                Sharing::Pd(channel, buffer) => format!(
+                    "enable_pd: true\npd_role: {pd_role}\npd_buffer_size: {buffer}\npd_buffer_device: cpu\n\
                      pd_peer_host: 127.0.0.1\npd_peer_init_port: [{init}]\npd_peer_alloc_port: [{alloc}]\n\
                      pd_proxy_host: 127.0.0.1\npd_proxy_port: {notify}\ntransfer_channel: {channel}\n"
                 ),
@@ -550,7 +550,7 @@ impl Disagg {
             "--connect-timeout-sec",
             "5",
         ];
-        if let Sharing::Pd(_) = sharing {
+        if let Sharing::Pd(..) = sharing {
             proxy_flags.extend(["--proxy-host", "127.0.0.1", "--proxy-port", &notify]);
         }
         let proxy = Proc::proxy(&prefiller.port(), &decoder.port(), &proxy_flags);
@@ -570,12 +570,27 @@ fn disaggregated_prefill_through_the_proxy_equals_colocated() {
 
 #[test]
 fn pd_over_tcp_through_the_proxy_equals_colocated() {
-    check_disaggregated(Sharing::Pd("tcp"));
+    check_disaggregated(Sharing::Pd("tcp", 50_000_000));
 }
 
 #[test]
 fn pd_over_shm_through_the_proxy_equals_colocated() {
-    check_disaggregated(Sharing::Pd("shm"));
+    check_disaggregated(Sharing::Pd("shm", 50_000_000));
+}
+
+#[test]
+fn a_pd_buffer_smaller_than_the_request_is_a_clear_error_not_a_hang() {
+    // Two 64-token pages; the prompt needs more.
+    let pd = Disagg::start(Sharing::Pd("tcp", 2 * 64 * 1024));
+    let url = format!("{}/v1/completions", pd.proxy.url);
+    let prompt = text_prompt(0).repeat(4);
+    assert!(prompt.len() > 3 * 64);
+    let (status, body) = post(&url, &json!({"prompt": prompt, "max_tokens": 4}));
+    assert_eq!(status, 502, "{body}");
+    assert!(error_message(&body).contains("PD buffer"), "{body}");
+    // A request that fits still goes through.
+    let (status, body) = post(&url, &json!({"prompt": "short", "max_tokens": 4}));
+    assert_eq!(status, 200, "{body}");
 }
 
 fn check_disaggregated(sharing: Sharing) {
