@@ -55,15 +55,10 @@ impl Proc {
 
     fn serve(extra: &[&str], envs: &[(&str, &str)]) -> Proc {
         let max_model_len = MAX_MODEL_LEN.to_string();
-        let mut args = vec![
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--model",
-            TINY_RANDOM,
-        ];
+        let mut args = vec!["serve", "--host", "127.0.0.1", "--model", TINY_RANDOM];
+        if !extra.contains(&"--port") {
+            args.extend(["--port", "0"]);
+        }
         if !extra.contains(&"--max-model-len") {
             args.extend(["--max-model-len", &max_model_len]);
         }
@@ -482,6 +477,28 @@ struct Disagg {
     prefiller: Proc,
     decoder: Proc,
     proxy: Proc,
+    decoder_yaml: String,
+}
+
+/// The seed's decoder `--kv-transfer-config`.
+const CONSUMER: &str = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "consumer1", "skip_last_n_tokens": 1}}"#;
+
+/// `kvrelay serve` as the seed starts it, with `kv_transfer_config` and the LMCache YAML
+/// at `yaml`, plus `extra` flags.
+fn seed_server(kv_transfer_config: &str, yaml: &str, extra: &[&str]) -> Proc {
+    let mut flags = vec![
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--block-size",
+        "16",
+        "--kv-transfer-config",
+        kv_transfer_config,
+    ];
+    flags.extend_from_slice(extra);
+    Proc::serve(
+        &flags,
+        &[("LMCACHE_CONFIG_FILE", yaml), ("PYTHONHASHSEED", "0")],
+    )
 }
 
 impl Disagg {
@@ -509,32 +526,11 @@ impl Disagg {
             yaml("prefiller.yaml", "sender"),
             yaml("decoder.yaml", "receiver"),
         );
-        let envs = |yaml: &str| {
-            [
-                ("LMCACHE_CONFIG_FILE", yaml.to_string()),
-                ("PYTHONHASHSEED", "0".into()),
-            ]
-        };
         // The seed's --kv-transfer-config values.
         let producer = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "producer1"}}"#;
-        let consumer = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "consumer1", "skip_last_n_tokens": 1}}"#;
-        let vllm_flags = [
-            "--enforce-eager",
-            "--no-enable-prefix-caching",
-            "--block-size",
-            "16",
-            "--kv-transfer-config",
-        ];
-        let start = |config, yaml: &str| {
-            let mut flags = vllm_flags.to_vec();
-            flags.push(config);
-            let envs = envs(yaml);
-            let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            Proc::serve(&flags, &envs)
-        };
         // The decoder first: its PD buffer must listen before the prefiller sends.
-        let decoder = start(consumer, &receiver_yaml);
-        let prefiller = start(producer, &sender_yaml);
+        let decoder = seed_server(CONSUMER, &receiver_yaml, &[]);
+        let prefiller = seed_server(producer, &sender_yaml, &[]);
         let (init, alloc, notify) = (init.to_string(), alloc.to_string(), notify.to_string());
         let mut proxy_flags = vec![
             "--num-prefillers",
@@ -559,7 +555,15 @@ impl Disagg {
             prefiller,
             decoder,
             proxy,
+            decoder_yaml: receiver_yaml,
         }
+    }
+
+    /// Kills the decoder and starts it again on the same ports.
+    fn restart_decoder(&mut self) {
+        let port = self.decoder.port();
+        self.decoder.kill();
+        self.decoder = seed_server(CONSUMER, &self.decoder_yaml, &["--port", &port]);
     }
 }
 
@@ -576,6 +580,30 @@ fn pd_over_tcp_through_the_proxy_equals_colocated() {
 #[test]
 fn pd_over_shm_through_the_proxy_equals_colocated() {
     check_disaggregated(Sharing::Pd("shm", 50_000_000));
+}
+
+#[test]
+fn the_same_request_succeeds_once_a_killed_decoder_is_back() {
+    let mut pd = Disagg::start(Sharing::Pd("tcp", 50_000_000));
+    let url = format!("{}/v1/completions", pd.proxy.url);
+    let prompt = text_prompt(3);
+    let want = expected(&[Tokenizer::Bytes.encode(&prompt).unwrap()], 6);
+    let request = json!({"prompt": prompt, "max_tokens": 6});
+    let (status, body) = post(&url, &request);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[0]);
+    pd.decoder.kill();
+    let (status, body) = post(&url, &request);
+    assert_eq!(status, 502, "{body}");
+    pd.restart_decoder();
+    let (status, body) = post(&url, &request);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[0]);
+    let (_, metrics) = get(&format!("{}/metrics", pd.decoder.url));
+    assert!(
+        metric(&metrics, "kvrelay_connector_hit_tokens_total") > 0,
+        "{metrics}"
+    );
 }
 
 #[test]
