@@ -624,7 +624,7 @@ fn a_pd_buffer_smaller_than_the_request_is_a_clear_error_not_a_hang() {
 fn check_disaggregated(sharing: Sharing) {
     let mut pd = Disagg::start(sharing);
     let url = format!("{}/v1/completions", pd.proxy.url);
-    let prompts: Vec<String> = (0..9).map(text_prompt).collect();
+    let prompts: Vec<String> = (0..34).map(text_prompt).collect();
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| Tokenizer::Bytes.encode(p).unwrap())
@@ -655,7 +655,7 @@ fn check_disaggregated(sharing: Sharing) {
     // The prefiller generated one token per request.
     assert_eq!(metric(&metrics, "kvrelay_generation_tokens_total"), 2);
 
-    // Concurrent requests, streamed and not, all finish with their own tokens.
+    // 32 concurrent requests, streamed and not, all finish with their own tokens.
     std::thread::scope(|s| {
         let handles: Vec<_> = (2..prompts.len())
             .map(|i| {

@@ -56,8 +56,18 @@ fn config() -> EngineConfig {
     }
 }
 
-fn engine(role: &str, yaml: &str) -> Engine {
-    let mut engine = Engine::new(Model::tiny_random(4096), config()).unwrap();
+/// A decoder unlike the prefiller: other block size, other paged layout.
+fn other_config() -> EngineConfig {
+    EngineConfig {
+        block_size: 32,
+        max_num_batched_tokens: 64,
+        layout: kvrelay::layout::LayoutKind::RblnBlocksFirst,
+        ..EngineConfig::default()
+    }
+}
+
+fn engine(role: &str, yaml: &str, config: EngineConfig) -> Engine {
+    let mut engine = Engine::new(Model::tiny_random(4096), config).unwrap();
     let transfer = KvTransferConfig::from_json_str(&format!(
         r#"{{"kv_connector": "LMCacheConnectorV1", "kv_role": "{role}",
             "kv_load_failure_policy": "recompute"}}"#
@@ -92,16 +102,22 @@ fn pd_over_tcp_and_shm_decodes_like_a_colocated_run() {
         .unwrap()
         .generate(&ps, SamplingParams::greedy(5))
         .unwrap();
-    for channel in ["tcp", "shm"] {
+    for (channel, decoder_config) in [
+        ("tcp", config()),
+        ("shm", config()),
+        ("tcp", other_config()),
+    ] {
         let (init, alloc) = (free_port(), free_port());
         let (proxy, notifications) = fake_proxy();
         let mut decoder = engine(
             "kv_consumer",
             &pd_yaml("receiver", channel, init, alloc, proxy),
+            decoder_config,
         );
         let mut prefiller = engine(
             "kv_producer",
             &pd_yaml("sender", channel, init, alloc, proxy),
+            config(),
         );
         let prefill = prefiller.generate(&ps, SamplingParams::greedy(1)).unwrap();
         assert!(
