@@ -87,7 +87,45 @@ impl PagedKv {
         debug_assert!(at.offset + spec.head_bytes() <= self.layout.buffer_bytes());
         // SAFETY: locate() of in-range indices is inside the buffer (checked above and by
         // the layout's construction).
-        unsafe { self.bases[at.buffer].add(at.offset) }
+        unsafe { self.buffer_ptr(at.buffer).add(at.offset) }
+    }
+
+    /// The first byte of layout buffer `buffer` (`buffer_bytes()` long).
+    pub(crate) fn buffer_ptr(&self, buffer: usize) -> *mut u8 {
+        self.bases[buffer]
+    }
+
+    /// The bytes `blocks` occupy, as `(buffer, offset, len)` ranges, sorted and with
+    /// adjacent ranges merged: one range per block and buffer in the RBLN layouts (a whole
+    /// block of each plane, or of both), more in layouts that interleave blocks.
+    #[cfg(feature = "rbln")]
+    pub(crate) fn block_ranges(&self, blocks: &[u32]) -> Vec<(usize, usize, usize)> {
+        let spec = self.layout.spec();
+        let head = spec.head_bytes();
+        let mut heads = Vec::new();
+        for &block in blocks {
+            for layer in 0..spec.num_layers {
+                for plane in 0..spec.kv_planes() {
+                    for slot in 0..spec.block_size {
+                        for h in 0..spec.num_kv_heads {
+                            let at = self.layout.locate(layer, plane, block as usize, slot, h);
+                            heads.push((at.buffer, at.offset));
+                        }
+                    }
+                }
+            }
+        }
+        heads.sort_unstable();
+        let mut ranges: Vec<(usize, usize, usize)> = Vec::new();
+        for (buffer, offset) in heads {
+            match ranges.last_mut() {
+                Some((b, start, len)) if *b == buffer && offset <= *start + *len => {
+                    *len = (*len).max(offset + head - *start);
+                }
+                _ => ranges.push((buffer, offset, head)),
+            }
+        }
+        ranges
     }
 
     /// Stores one head of one token.
