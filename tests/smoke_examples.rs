@@ -164,3 +164,12 @@ fn generate_loads_a_written_checkpoint_like_the_embedded_model() {
     let embedded = json_of(&run("generate", &args, &[]));
     assert_same_output(&loaded, &embedded, "checkpoint");
 }
+
+#[cfg(not(feature = "rbln"))]
+#[test]
+fn device_rbln_needs_the_rbln_feature() {
+    let out = run("generate", &["--device", "rbln", "--max-tokens", "1"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("built without the `rbln` feature"), "{stderr}");
+}
