@@ -14,6 +14,9 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# `cargo test` builds examples only as test harnesses; the example-running tests need the
+# example binaries themselves, built with the same features.
+cargo build --examples
 cargo test --workspace --all-targets
 # The main job, end to end on embedded defaults: the seed's LMCache smoke, prefill and
 # decode as two processes of the reference engine sharing KV through a local-disk tier.
@@ -27,6 +30,7 @@ cargo run --release --example kv_roundtrip
 cargo build -p rbln-emu
 cargo clippy --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln,kvrelay-examples/rbln -- -D warnings
 cargo test -p kvrelay -p kvrelay-cli -p rbln-sys --all-targets --features kvrelay/rbln,kvrelay-cli/rbln
+cargo build -p kvrelay-examples --examples --features rbln
 cargo test -p kvrelay-examples --all-targets --features rbln
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq libclang-dev

@@ -5,24 +5,14 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_same_output, colocated, json_of, lmcache_yaml, run, PROMPT};
+use common::{assert_same_output, colocated, json_of, lmcache_yaml, run, PROMPT, STRICT_BOTH};
 
 #[test]
 fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = lmcache_yaml(dir.path(), true);
-    let mut args = vec![
-        "--role",
-        "both",
-        "--strict-lmcache",
-        "--require-lmcache-hit",
-        "--min-lmcache-hit-tokens",
-        "1",
-        "--decode-max-tokens",
-        "8",
-        "--prefill-batch-size",
-        "2",
-    ];
+    let mut args = STRICT_BOTH.to_vec();
+    args.extend(["--prefill-batch-size", "2"]);
     args.extend(PROMPT);
     let summary = json_of(&run(
         "disagg_lmcache_smoke",
@@ -171,5 +161,8 @@ fn device_rbln_needs_the_rbln_feature() {
     let out = run("generate", &["--device", "rbln", "--max-tokens", "1"], &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("built without the `rbln` feature"), "{stderr}");
+    assert!(
+        stderr.contains("built without the `rbln` feature"),
+        "{stderr}"
+    );
 }

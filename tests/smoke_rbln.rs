@@ -13,28 +13,14 @@ use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use kvrelay::device::rbln::test_double_for;
 use serde_json::Value;
 
-use common::{assert_same_output, colocated, json_of, lmcache_yaml, run, PROMPT};
+use common::{assert_same_output, colocated, json_of, lmcache_yaml, run, PROMPT, STRICT_BOTH};
 
 fn emulator_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("RBLN_EMU_LIB") {
-        return path.into();
-    }
-    // <target>/<profile>/deps/smoke_rbln-<hash> -> <target>/<profile>/librbln_emu.so
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in <target>/<profile>/deps")
-        .join("librbln_emu.so");
-    assert!(
-        path.is_file(),
-        "the rbln-emu test double is not built at {}; run `cargo build -p rbln-emu` with the \
-         same target directory and profile first (scripts/test.sh does), or set RBLN_EMU_LIB",
-        path.display()
-    );
-    path
+    test_double_for(&exe).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs example `name` with `--device rbln --model tiny-random` and `args`, on the emulator,
@@ -137,16 +123,7 @@ fn lmcache_smoke_on_rbln_falls_back_to_the_host_connector() {
 
 /// The strict LMCache smoke, both roles, as the seed runs it (with `extra` flags).
 fn strict_both(extra: &[&str], yaml: &Path) -> Value {
-    let mut args = vec![
-        "--role",
-        "both",
-        "--strict-lmcache",
-        "--require-lmcache-hit",
-        "--min-lmcache-hit-tokens",
-        "1",
-        "--decode-max-tokens",
-        "8",
-    ];
+    let mut args = STRICT_BOTH.to_vec();
     args.extend(extra);
     args.extend(PROMPT);
     let summary = json_of(&rbln(

@@ -18,7 +18,7 @@ pub fn example(name: &str) -> PathBuf {
         .join(name);
     assert!(
         path.exists(),
-        "{} is missing; build the examples first (cargo test --all-targets builds them)",
+        "{} is missing; build the examples first with the features of this test run (cargo build --examples [--features rbln])",
         path.display()
     );
     path
@@ -90,6 +90,18 @@ pub fn assert_same_output(decode: &Value, reference: &Value, what: &str) {
         );
     }
 }
+
+/// The seed's strict LMCache smoke: both roles, decode must hit, 8 decode tokens.
+pub const STRICT_BOTH: [&str; 8] = [
+    "--role",
+    "both",
+    "--strict-lmcache",
+    "--require-lmcache-hit",
+    "--min-lmcache-hit-tokens",
+    "1",
+    "--decode-max-tokens",
+    "8",
+];
 
 /// A prompt of a few hundred tokens (5 copies of the default sentence).
 pub const PROMPT: [&str; 4] = ["--prompt-repeat", "5", "--block-size", "64"];

@@ -118,13 +118,7 @@ mod rbln {
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| runtime_error(&device, e))?;
-            let regions = buffers
-                .iter()
-                .map(|b| Region {
-                    addr: b.vaddr(),
-                    len: b.len(),
-                })
-                .collect();
+            let regions = buffers.iter().map(Region::from).collect();
             // SAFETY: each region is a live device allocation of exactly its length on
             // `device`, freed only when this backing drops, after `memory` (field order) and
             // after the engine's connector (the engine's field order). The engine touches a
