@@ -5,7 +5,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_same_output, colocated, json_of, lmcache_yaml, run, PROMPT, STRICT_BOTH};
+use common::{
+    assert_same_output, colocated, json_of, lmcache_yaml, run, shared_storage_phases, strict_phase,
+    PROMPT, STRICT_BOTH,
+};
 
 #[test]
 fn lmcache_smoke_both_roles_hits_and_matches_generate() {
@@ -40,15 +43,8 @@ fn shared_storage_smoke_matches_generate_in_several_layouts() {
     let reference = colocated("6", "1", "1");
     for layout in ["flash_attn_nhd", "flash_infer_hnd", "rbln_kv_first"] {
         let dir = tempfile::tempdir().unwrap();
-        let mut args = vec![
-            "--shared-storage-path",
-            dir.path().to_str().unwrap(),
-            "--decode-max-tokens",
-            "6",
-            "--layout",
-            layout,
-        ];
-        args.extend(PROMPT);
+        let mut args = shared_storage_phases(dir.path());
+        args.extend(["--layout", layout]);
         let summary = json_of(&run("disagg_shared_storage_smoke", &args, &[]));
         let decode = &summary["decode"];
         assert_eq!(summary["connector"], "SharedStorageConnector");
@@ -105,14 +101,7 @@ fn a_corrupted_chunk_on_disk_is_recomputed_by_the_decode_process() {
     let yaml = lmcache_yaml(dir.path(), true);
     let env = [("LMCACHE_CONFIG_FILE", yaml.as_os_str())];
     let phase = |role: &str| {
-        let mut args = vec![
-            "--role",
-            role,
-            "--strict-lmcache",
-            "--decode-max-tokens",
-            "6",
-        ];
-        args.extend(PROMPT);
+        let args = strict_phase(role);
         json_of(&run("disagg_lmcache_smoke", &args, &env))
     };
     phase("prefill");

@@ -16,7 +16,10 @@ use std::process::Output;
 use kvrelay::device::rbln::test_double_for;
 use serde_json::Value;
 
-use common::{assert_same_output, colocated, json_of, lmcache_yaml, run, PROMPT, STRICT_BOTH};
+use common::{
+    assert_same_output, colocated, json_of, lmcache_yaml, run, shared_storage_phases, strict_phase,
+    PROMPT, STRICT_BOTH,
+};
 
 fn emulator_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
@@ -62,16 +65,10 @@ fn shared_storage_smoke_on_rbln_matches_generate() {
     // that interleaves blocks (several byte ranges per block).
     for layout in [None, Some("rbln_blocks_first"), Some("flash_attn_nhd")] {
         let dir = tempfile::tempdir().unwrap();
-        let mut args = vec![
-            "--shared-storage-path",
-            dir.path().to_str().unwrap(),
-            "--decode-max-tokens",
-            "6",
-        ];
+        let mut args = shared_storage_phases(dir.path());
         if let Some(layout) = layout {
             args.extend(["--layout", layout]);
         }
-        args.extend(PROMPT);
         let summary = json_of(&rbln("disagg_shared_storage_smoke", &args, &[]));
         let what = layout.unwrap_or("default layout");
         assert_eq!(summary["connector"], "SharedStorageConnector", "{what}");
@@ -87,16 +84,9 @@ fn lmcache_smoke_on_rbln_falls_back_to_the_host_connector() {
     // A usable LMCache config: the RBLN routing still takes the host fallback.
     let yaml = lmcache_yaml(dir.path(), true);
     let storage = dir.path().join("host");
-    let mut args = vec![
-        "--shared-storage-path",
-        storage.to_str().unwrap(),
-        "--decode-max-tokens",
-        "6",
-    ];
-    args.extend(PROMPT);
     let out = rbln(
         "disagg_lmcache_smoke",
-        &args,
+        &shared_storage_phases(&storage),
         &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
     );
     let summary = json_of(&out);
@@ -205,14 +195,7 @@ fn a_runtime_copy_error_during_the_decode_load_is_recomputed() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = lmcache_yaml(dir.path(), true);
     let phase = |role: &str, env: &[(&str, &OsStr)]| {
-        let mut args = vec![
-            "--role",
-            role,
-            "--strict-lmcache",
-            "--decode-max-tokens",
-            "6",
-        ];
-        args.extend(PROMPT);
+        let args = strict_phase(role);
         let mut envs = vec![("LMCACHE_CONFIG_FILE", yaml.as_os_str())];
         envs.extend(env);
         json_of(&rbln("disagg_lmcache_smoke", &args, &envs))

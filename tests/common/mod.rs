@@ -103,6 +103,32 @@ pub const STRICT_BOTH: [&str; 8] = [
     "8",
 ];
 
+/// Both phases through shared storage (the shared-storage smoke, or the LMCache smoke's
+/// host fallback) with files under `dir`: 6 decode tokens on [`PROMPT`].
+pub fn shared_storage_phases(dir: &Path) -> Vec<&str> {
+    let mut args = vec![
+        "--shared-storage-path",
+        dir.to_str().unwrap(),
+        "--decode-max-tokens",
+        "6",
+    ];
+    args.extend(PROMPT);
+    args
+}
+
+/// One phase (`role`) of the strict LMCache smoke: 6 decode tokens on [`PROMPT`].
+pub fn strict_phase(role: &str) -> Vec<&str> {
+    let mut args = vec![
+        "--role",
+        role,
+        "--strict-lmcache",
+        "--decode-max-tokens",
+        "6",
+    ];
+    args.extend(PROMPT);
+    args
+}
+
 /// A prompt of a few hundred tokens (5 copies of the default sentence).
 pub const PROMPT: [&str; 4] = ["--prompt-repeat", "5", "--block-size", "64"];
 
