@@ -30,6 +30,7 @@ cargo run --release --example kv_roundtrip
 cargo build -p rbln-emu
 cargo clippy --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln,kvrelay-examples/rbln -- -D warnings
 cargo test -p kvrelay -p kvrelay-cli -p rbln-sys --all-targets --features kvrelay/rbln,kvrelay-cli/rbln
+cargo test -p kvrelay-engine --lib --features rbln
 cargo build -p kvrelay-examples --examples --features rbln
 cargo test -p kvrelay-examples --all-targets --features rbln
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then

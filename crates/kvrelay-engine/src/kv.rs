@@ -175,3 +175,48 @@ fn decode<const N: usize>(bytes: &[u8], out: &mut [f32], from_bytes: impl Fn([u8
         *o = from_bytes(src.try_into().expect("chunks_exact yields N bytes"));
     }
 }
+
+#[cfg(all(test, feature = "rbln"))]
+mod tests {
+    use kvrelay::layout::{AttentionKind, KvCacheSpec, LayoutKind};
+
+    use super::*;
+
+    fn cache(kind: LayoutKind) -> PagedKv {
+        let spec = KvCacheSpec {
+            num_layers: 3,
+            num_kv_heads: 2,
+            head_size: 8,
+            dtype: KvDtype::Bf16,
+            block_size: 4,
+            num_blocks: 6,
+            attention: AttentionKind::Mha,
+        };
+        PagedKv::new(KvLayout::new(spec, kind).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn block_ranges_cover_whole_blocks_in_few_runs() {
+        // 2 planes x 4 slots x 2 heads x 16 bytes per block and layer.
+        let per_block_layer = 2 * 4 * 2 * 16;
+        for (kind, runs_per_block_layer) in [
+            (LayoutKind::RblnBlocksFirst, 1),
+            (LayoutKind::RblnKvFirst, 2),
+            (LayoutKind::FlashAttnNhd, 2),
+        ] {
+            let kv = cache(kind);
+            let ranges = kv.block_ranges(&[4, 1]);
+            assert_eq!(ranges.len(), 2 * 3 * runs_per_block_layer, "{kind}");
+            let total: usize = ranges.iter().map(|r| r.2).sum();
+            assert_eq!(total, 2 * 3 * per_block_layer, "{kind}");
+            assert!(ranges.windows(2).all(|w| w[0] < w[1]), "{kind}");
+        }
+        // Neighbouring blocks merge into one range per buffer.
+        let kv = cache(LayoutKind::RblnBlocksFirst);
+        assert_eq!(kv.block_ranges(&[2, 3]), {
+            (0..3)
+                .map(|layer| (layer, 2 * per_block_layer, 2 * per_block_layer))
+                .collect::<Vec<_>>()
+        });
+    }
+}
