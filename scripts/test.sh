@@ -19,6 +19,9 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# `cargo test` builds examples only as test harnesses; the example-running tests need the
+# example binaries themselves, built with the same features.
+cargo build --examples
 cargo test --workspace --all-targets
 # The Redis tier (feature `redis`) against real redis-server processes, cluster included.
 cargo clippy -p kvrelay -p kvrelay-cli --features kvrelay/redis,kvrelay-cli/redis --all-targets -- -D warnings
@@ -36,9 +39,13 @@ cargo run --release --example kv_roundtrip
 # RBLN (feature `rbln`): build the rbln-emu test double that tests/device_rbln.rs loads
 # through the real loading path, lint and test with the feature, and check that the
 # committed rbln-sys bindings are what bindgen makes of wrapper.h (needs libclang).
+# The root package's tests run the seed's smoke flows with --device rbln on the double.
 cargo build -p rbln-emu
-cargo clippy --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln -- -D warnings
+cargo clippy --workspace --all-targets --features kvrelay/rbln,kvrelay-cli/rbln,kvrelay-examples/rbln -- -D warnings
 cargo test -p kvrelay -p kvrelay-cli -p rbln-sys --all-targets --features kvrelay/rbln,kvrelay-cli/rbln
+cargo test -p kvrelay-engine --lib --features rbln
+cargo build -p kvrelay-examples --examples --features rbln
+cargo test -p kvrelay-examples --all-targets --features rbln
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq libclang-dev
 fi

@@ -3,13 +3,25 @@
 
 use std::str::FromStr;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use kvrelay::layout::LayoutKind;
 use kvrelay::KvDtype;
-use kvrelay_engine::{load_model, Engine, EngineConfig, Model, RequestOutput, Tokenizer};
+use kvrelay_engine::{
+    load_model, Engine, EngineConfig, KvPlacement, Model, RequestOutput, Tokenizer,
+};
 use serde_json::{json, Value};
 
 pub use kvrelay_engine::TINY_RANDOM;
+
+/// Where the engine's KV cache lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    /// Host memory.
+    Host,
+    /// RBLN device memory (feature `rbln`): the first device of RBLN_DEVICES (default 0),
+    /// through the runtime rbln-sys finds (RBLN_RUNTIME_LIB first).
+    Rbln,
+}
 
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
@@ -25,9 +37,14 @@ pub struct EngineArgs {
     pub max_num_seqs: usize,
     #[arg(long, default_value_t = 1024)]
     pub block_size: usize,
-    /// Paged KV layout: flash_attn_nhd (vLLM's default) or any kvrelay layout name.
-    #[arg(long, default_value = "flash_attn_nhd", value_parser = parse_layout)]
-    pub layout: LayoutKind,
+    /// Where the KV cache lives: host, or rbln (the engine computes on the host and keeps
+    /// a working copy in step with the device cache).
+    #[arg(long, value_enum, default_value = "host")]
+    pub device: DeviceKind,
+    /// Paged KV layout, any kvrelay layout name; default flash_attn_nhd (vLLM's) on the
+    /// host, rbln_kv_first (vllm-rbln's) with --device rbln.
+    #[arg(long, value_parser = parse_layout)]
+    pub layout: Option<LayoutKind>,
     /// KV cache dtype: bfloat16, float16 or float32.
     #[arg(long, default_value = "bfloat16", value_parser = KvDtype::from_str)]
     pub kv_dtype: KvDtype,
@@ -75,16 +92,33 @@ impl PromptArgs {
 }
 
 impl EngineArgs {
-    pub fn engine_config(&self, max_num_seqs: usize) -> EngineConfig {
-        EngineConfig {
+    /// The paged layout: --layout, or the device's default.
+    pub fn layout(&self) -> LayoutKind {
+        self.layout.unwrap_or(match self.device {
+            DeviceKind::Host => LayoutKind::FlashAttnNhd,
+            DeviceKind::Rbln => LayoutKind::RblnKvFirst,
+        })
+    }
+
+    /// The engine configuration, with the KV cache on --device (opened here).
+    pub fn engine_config(&self, max_num_seqs: usize) -> Result<EngineConfig, String> {
+        Ok(EngineConfig {
             max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,
             block_size: self.block_size,
             num_blocks: None,
-            layout: self.layout,
+            layout: self.layout(),
             kv_dtype: self.kv_dtype,
+            kv_placement: self.placement()?,
             ..EngineConfig::default()
+        })
+    }
+
+    fn placement(&self) -> Result<KvPlacement, String> {
+        match self.device {
+            DeviceKind::Host => Ok(KvPlacement::Host),
+            DeviceKind::Rbln => rbln_placement(),
         }
     }
 
@@ -95,11 +129,44 @@ impl EngineArgs {
 
     /// An engine for this model with `max_num_seqs` running requests at most.
     pub fn engine(&self, max_num_seqs: usize) -> Result<(Engine, Tokenizer), String> {
+        let config = self.engine_config(max_num_seqs)?;
         let (model, tokenizer) = self.load()?;
-        let engine =
-            Engine::new(model, self.engine_config(max_num_seqs)).map_err(|e| e.to_string())?;
+        let engine = Engine::new(model, config).map_err(|e| e.to_string())?;
         Ok((engine, tokenizer))
     }
+}
+
+/// The RBLN device RBLN_DEVICES names first (device 0 when unset), opened through the
+/// runtime rbln-sys finds.
+#[cfg(feature = "rbln")]
+fn rbln_placement() -> Result<KvPlacement, String> {
+    use std::sync::Arc;
+
+    let devices = std::env::var("RBLN_DEVICES").ok();
+    let id = first_rbln_device(devices.as_deref())?;
+    let device =
+        kvrelay::device::RblnDevice::open(id).map_err(|e| format!("--device rbln: {e}"))?;
+    Ok(KvPlacement::Rbln(Arc::new(device)))
+}
+
+#[cfg(not(feature = "rbln"))]
+fn rbln_placement() -> Result<KvPlacement, String> {
+    Err("--device rbln: this binary was built without the `rbln` feature (cargo build --features rbln)".into())
+}
+
+/// The first id of a comma-separated RBLN_DEVICES value; 0 when it is unset or empty.
+#[cfg(feature = "rbln")]
+fn first_rbln_device(devices: Option<&str>) -> Result<u32, String> {
+    let devices = devices.map(str::trim).unwrap_or_default();
+    if devices.is_empty() {
+        return Ok(0);
+    }
+    let first = devices.split(',').next().unwrap_or_default().trim();
+    first.parse().map_err(|_| {
+        format!(
+            "RBLN_DEVICES={devices}: {first:?} is not a device id (comma-separated numbers, e.g. 0,1)"
+        )
+    })
 }
 
 /// Bytes per second as GB/s (0 when nothing was timed).
@@ -161,4 +228,23 @@ pub fn phase_json(
         "finish_reasons": reasons,
         "requests": requests,
     })
+}
+
+#[cfg(all(test, feature = "rbln"))]
+mod tests {
+    use super::first_rbln_device;
+
+    #[test]
+    fn rbln_devices_names_the_first_device() {
+        assert_eq!(first_rbln_device(None), Ok(0));
+        assert_eq!(first_rbln_device(Some("")), Ok(0));
+        assert_eq!(first_rbln_device(Some("2")), Ok(2));
+        assert_eq!(first_rbln_device(Some(" 3 ,1,0")), Ok(3));
+        let err = first_rbln_device(Some("npu0,1")).unwrap_err();
+        assert!(
+            err.contains("RBLN_DEVICES=npu0,1") && err.contains("\"npu0\""),
+            "{err}"
+        );
+        assert!(first_rbln_device(Some(",1")).is_err());
+    }
 }

@@ -6,16 +6,14 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, ValueEnum};
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
-use kvrelay::device::HostDevice;
 use kvrelay_engine::{Engine, RequestOutput, SamplingParams};
 use serde_json::{json, Value};
 
-use crate::engine_args::{phase_json, EngineArgs, PromptArgs};
+use crate::engine_args::{phase_json, DeviceKind, EngineArgs, PromptArgs};
 
 /// The LMCache YAML the LMCache smoke uses when neither --lmcache-config-file nor
 /// LMCACHE_CONFIG_FILE names one: a local-disk tier both processes share, sha256_cbor keys.
@@ -213,7 +211,31 @@ fn transfer_config(
     KvTransferConfig::from_json_value(&config).map_err(|e| e.to_string())
 }
 
-/// Links the connector the flow asks for into `engine`; returns its name.
+/// What vllm-rbln's platform routes `LMCacheConnectorV1` to (reference/rbln.md §2.2).
+const RBLN_HOST_FALLBACK: &str = "RBLNHostConnector (host fallback for LMCacheConnectorV1)";
+const RBLN_STRICT_LMCACHE: &str = "RBLNLMCacheConnectorV1";
+
+/// True when the LMCache connector asked for is routed the RBLN way (--device rbln).
+fn routed_on_rbln(common: &SmokeArgs, lm: &LmcacheArgs) -> bool {
+    common.engine.device == DeviceKind::Rbln
+        && matches!(
+            lm.connector.as_str(),
+            "LMCacheConnectorV1" | "LMCacheConnector"
+        )
+}
+
+/// True when the RBLN routing picks RBLNHostConnector (no --strict-lmcache).
+fn rbln_host_fallback(common: &SmokeArgs, lm: &LmcacheArgs) -> bool {
+    routed_on_rbln(common, lm) && !lm.strict_lmcache
+}
+
+/// Links the connector the flow asks for into `engine`; returns its name. The connector
+/// moves bytes with the engine's KV device (host memcpy, or the RBLN device).
+///
+/// On `--device rbln`, LMCache's connector is routed as vllm-rbln routes it: without
+/// --strict-lmcache to RBLNHostConnector (the shared-storage connector, KV staged through
+/// host memory into files at --shared-storage-path), with it to the RBLN-native LMCache
+/// connector, which fails instead of falling back.
 fn connect(
     engine: &mut Engine,
     common: &SmokeArgs,
@@ -226,21 +248,30 @@ fn connect(
         .unwrap_or_else(|| PathBuf::from(flow.default_storage_path()));
     let storage = storage.to_string_lossy().into_owned();
     let model = common.engine.model.as_str();
-    let device = Arc::new(HostDevice);
-    let shared_storage = |engine: &mut Engine| -> Result<String, String> {
+    let shared_storage = |engine: &mut Engine, connector: &str| -> Result<(), String> {
         let transfer = transfer_config(
-            "SharedStorageConnector",
+            connector,
             role,
             &common.engine_id,
             json!({ "shared_storage_path": storage }),
         )?;
         engine
-            .connect(&transfer, &LmcacheConfig::default(), model, device.clone())
-            .map_err(|e| e.to_string())?;
-        Ok("SharedStorageConnector".into())
+            .connect(&transfer, &LmcacheConfig::default(), model)
+            .map_err(|e| e.to_string())
     };
     let Flow::Lmcache(lm) = flow else {
-        return shared_storage(engine);
+        shared_storage(engine, "SharedStorageConnector")?;
+        return Ok("SharedStorageConnector".into());
+    };
+    if rbln_host_fallback(common, lm) {
+        eprintln!("warning: LMCacheConnectorV1 is not supported on the RBLN path without --strict-lmcache; using RBLNHostConnector (host fallback) at {storage}");
+        shared_storage(engine, "RBLNHostConnector")?;
+        return Ok(RBLN_HOST_FALLBACK.into());
+    }
+    let connector = if routed_on_rbln(common, lm) {
+        RBLN_STRICT_LMCACHE
+    } else {
+        lm.connector.as_str()
     };
     let rpc_port = if role == Role::Prefill {
         &lm.producer_rpc_port
@@ -250,7 +281,7 @@ fn connect(
     let (path, lmcache) = lmcache_config(lm);
     let attached = lmcache.and_then(|lmcache| {
         let transfer = transfer_config(
-            &lm.connector,
+            connector,
             role,
             &common.engine_id,
             json!({
@@ -260,15 +291,16 @@ fn connect(
             }),
         )?;
         engine
-            .connect(&transfer, &lmcache, model, device.clone())
+            .connect(&transfer, &lmcache, model)
             .map_err(|e| format!("{path}: {e}"))
     });
     match attached {
-        Ok(()) => Ok(lm.connector.clone()),
+        Ok(()) => Ok(connector.into()),
         Err(e) if lm.strict_lmcache => Err(format!("--strict-lmcache: {e}")),
         Err(e) => {
             eprintln!("warning: LMCache connector unavailable ({e}); falling back to SharedStorageConnector at {storage}");
-            shared_storage(engine)
+            shared_storage(engine, "SharedStorageConnector")?;
+            Ok("SharedStorageConnector".into())
         }
     }
 }
@@ -440,7 +472,12 @@ fn run_both(common: &SmokeArgs, flow: Flow<'_>) -> Result<(), String> {
         common.engine_id.clone()
     };
     let mut summary = json!({ "engine_id": engine_id });
-    if let Flow::Lmcache(lm) = flow {
+    // The LMCache tiers are not used when the RBLN path falls back to host storage.
+    let lmcache = match flow {
+        Flow::Lmcache(lm) if !rbln_host_fallback(common, lm) => Some(lm),
+        _ => None,
+    };
+    if let Some(lm) = lmcache {
         let (path, config) = lmcache_config(lm);
         summary["lmcache_config_file"] = json!(path);
         if let Ok(config) = &config {

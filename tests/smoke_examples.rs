@@ -1,125 +1,26 @@
 //! The smoke examples as users run them: real processes, prefill then decode, compared
 //! token for token with the colocated `generate` example.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use serde_json::Value;
+use std::path::PathBuf;
 
-/// An example binary `cargo test` built next to this test's executable.
-fn example(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let path = deps
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing; build the examples first (cargo test --all-targets builds them)",
-        path.display()
-    );
-    path
-}
-
-fn run(name: &str, args: &[&str], envs: &[(&str, &Path)]) -> Output {
-    let mut cmd = Command::new(example(name));
-    cmd.args(args).env_remove("LMCACHE_CONFIG_FILE");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn json_of(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON document ({e}):\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
-}
-
-/// An LMCache YAML under `dir` (256-token chunks, sha256_cbor), with a local-disk tier
-/// both processes share when `shared`, else only the process-local CPU tier.
-fn lmcache_yaml(dir: &Path, shared: bool) -> PathBuf {
-    let path = dir.join("lmcache.yaml");
-    let tier = if shared {
-        format!(
-            "local_disk: \"file://{}\"\nmax_local_disk_size: 1\n",
-            dir.join("disk").display()
-        )
-    } else {
-        String::new()
-    };
-    std::fs::write(
-        &path,
-        format!(
-            "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n{tier}\
-             pre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// One field of every request of a phase.
-fn per_request(phase: &Value, field: &str) -> Vec<Value> {
-    phase["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r[field].clone())
-        .collect()
-}
-
-fn assert_same_output(decode: &Value, reference: &Value, what: &str) {
-    for field in ["output_token_ids", "logits_digest"] {
-        assert_eq!(
-            per_request(decode, field),
-            per_request(reference, field),
-            "{what}: {field}"
-        );
-    }
-}
-
-/// A prompt of a few hundred tokens (5 copies of the default sentence).
-const PROMPT: [&str; 4] = ["--prompt-repeat", "5", "--block-size", "64"];
-
-fn colocated(max_tokens: &str, batch: &str) -> Value {
-    let mut args = vec!["--max-tokens", max_tokens, "--batch-size", batch];
-    args.extend(PROMPT);
-    json_of(&run("generate", &args, &[]))
-}
+use common::{
+    assert_same_output, colocated, json_of, lmcache_yaml, run, shared_storage_phases, strict_phase,
+    PROMPT, STRICT_BOTH,
+};
 
 #[test]
 fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = lmcache_yaml(dir.path(), true);
-    let mut args = vec![
-        "--role",
-        "both",
-        "--strict-lmcache",
-        "--require-lmcache-hit",
-        "--min-lmcache-hit-tokens",
-        "1",
-        "--decode-max-tokens",
-        "8",
-        "--prefill-batch-size",
-        "2",
-    ];
+    let mut args = STRICT_BOTH.to_vec();
+    args.extend(["--prefill-batch-size", "2"]);
     args.extend(PROMPT);
     let summary = json_of(&run(
         "disagg_lmcache_smoke",
         &args,
-        &[("LMCACHE_CONFIG_FILE", &yaml)],
+        &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
     ));
     let decode = &summary["decode"];
     assert!(summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256);
@@ -134,23 +35,16 @@ fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     let request = &decode["requests"][0];
     assert!(request["load_bytes"].as_u64().unwrap() > 0);
     assert!(request["load_gbps"].as_f64().unwrap() > 0.0);
-    assert_same_output(decode, &colocated("8", "2"), "lmcache");
+    assert_same_output(decode, &colocated("8", "2", "1"), "lmcache");
 }
 
 #[test]
 fn shared_storage_smoke_matches_generate_in_several_layouts() {
-    let reference = colocated("6", "1");
+    let reference = colocated("6", "1", "1");
     for layout in ["flash_attn_nhd", "flash_infer_hnd", "rbln_kv_first"] {
         let dir = tempfile::tempdir().unwrap();
-        let mut args = vec![
-            "--shared-storage-path",
-            dir.path().to_str().unwrap(),
-            "--decode-max-tokens",
-            "6",
-            "--layout",
-            layout,
-        ];
-        args.extend(PROMPT);
+        let mut args = shared_storage_phases(dir.path());
+        args.extend(["--layout", layout]);
         let summary = json_of(&run("disagg_shared_storage_smoke", &args, &[]));
         let decode = &summary["decode"];
         assert_eq!(summary["connector"], "SharedStorageConnector");
@@ -194,7 +88,7 @@ fn require_hit_fails_when_decode_hits_too_little() {
             "--decode-max-tokens",
             "2",
         ],
-        &[("LMCACHE_CONFIG_FILE", &yaml)],
+        &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -205,16 +99,9 @@ fn require_hit_fails_when_decode_hits_too_little() {
 fn a_corrupted_chunk_on_disk_is_recomputed_by_the_decode_process() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = lmcache_yaml(dir.path(), true);
-    let env = [("LMCACHE_CONFIG_FILE", yaml.as_path())];
+    let env = [("LMCACHE_CONFIG_FILE", yaml.as_os_str())];
     let phase = |role: &str| {
-        let mut args = vec![
-            "--role",
-            role,
-            "--strict-lmcache",
-            "--decode-max-tokens",
-            "6",
-        ];
-        args.extend(PROMPT);
+        let args = strict_phase(role);
         json_of(&run("disagg_lmcache_smoke", &args, &env))
     };
     phase("prefill");
@@ -236,7 +123,7 @@ fn a_corrupted_chunk_on_disk_is_recomputed_by_the_decode_process() {
         decode["recomputed_tokens"].as_u64().unwrap() > 0,
         "{decode}"
     );
-    assert_same_output(&decode, &colocated("6", "1"), "corrupted");
+    assert_same_output(&decode, &colocated("6", "1", "1"), "corrupted");
 }
 
 #[test]
@@ -255,4 +142,16 @@ fn generate_loads_a_written_checkpoint_like_the_embedded_model() {
     let loaded = json_of(&run("generate", &from_dir, &[]));
     let embedded = json_of(&run("generate", &args, &[]));
     assert_same_output(&loaded, &embedded, "checkpoint");
+}
+
+#[cfg(not(feature = "rbln"))]
+#[test]
+fn device_rbln_needs_the_rbln_feature() {
+    let out = run("generate", &["--device", "rbln", "--max-tokens", "1"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("built without the `rbln` feature"),
+        "{stderr}"
+    );
 }

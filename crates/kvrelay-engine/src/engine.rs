@@ -16,6 +16,7 @@ use kvrelay::KvDtype;
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::backing::{KvBacking, KvPlacement};
 use crate::kv::PagedKv;
 use crate::model::{LayerHooks, Model, SeqInput};
 use crate::ops::argmax;
@@ -36,6 +37,8 @@ pub struct EngineConfig {
     /// How long the engine waits without progress (only asynchronous loads pending) before
     /// giving up with [`EngineError::Stalled`].
     pub stall_timeout: Duration,
+    /// Where the authoritative KV cache lives (the engine computes in a host copy).
+    pub kv_placement: KvPlacement,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
             layout: LayoutKind::FlashAttnNhd,
             kv_dtype: KvDtype::Bf16,
             stall_timeout: Duration::from_secs(120),
+            kv_placement: KvPlacement::Host,
         }
     }
 }
@@ -167,6 +171,11 @@ pub struct Engine {
     waiting: VecDeque<String>,
     running: Vec<String>,
     connector: Option<Connector>,
+    /// The cache `kv` is the working copy of. Declared after `connector`, which must drop
+    /// first: its loader thread may still be writing the cache.
+    backing: Box<dyn KvBacking>,
+    /// Blocks a load wrote in the cache that the working copy has not fetched yet.
+    to_fetch: Vec<u32>,
     failure_policy: KvLoadFailurePolicy,
     /// Requests whose asynchronous load the worker reported finished.
     finished_recving: HashSet<String>,
@@ -221,6 +230,7 @@ impl Engine {
         let layout = KvLayout::new(spec, config.layout)
             .map_err(|e| EngineError::Config(format!("KV layout: {e}")))?;
         let kv = PagedKv::new(layout)?;
+        let backing = config.kv_placement.backing(&layout)?;
         let eos = model
             .config
             .eos_token_id
@@ -236,6 +246,8 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             connector: None,
+            backing,
+            to_fetch: Vec::new(),
             failure_policy: KvLoadFailurePolicy::Recompute,
             finished_recving: HashSet::new(),
             sending: HashMap::new(),
@@ -263,28 +275,39 @@ impl Engine {
     ) -> Result<(), EngineError> {
         connector
             .worker
-            .register_kv_caches(self.kv.engine_memory())?;
+            .register_kv_caches(self.backing.engine_memory(&self.kv))?;
         self.connector = Some(connector);
         self.failure_policy = policy;
         Ok(())
     }
 
+    /// The device that moves bytes of this engine's KV cache (host memcpy, or the RBLN
+    /// device its cache lives on).
+    pub fn kv_device(&self) -> Arc<dyn Device> {
+        self.backing.device()
+    }
+
     /// Builds the connector `transfer` names (with `lmcache` for LMCache's keys) for this
-    /// engine's KV geometry, moving bytes with `device`, and attaches it. Load failures
-    /// follow `transfer.kv_load_failure_policy`.
+    /// engine's KV geometry, moving bytes with [`Engine::kv_device`], and attaches it. Load
+    /// failures follow `transfer.kv_load_failure_policy`.
     pub fn connect(
         &mut self,
         transfer: &KvTransferConfig,
         lmcache: &LmcacheConfig,
         model_name: &str,
-        device: Arc<dyn Device>,
     ) -> Result<(), EngineError> {
         let identity = EngineIdentity {
             model: model_name.to_string(),
             world_size: 1,
             worker_id: 0,
         };
-        let connector = build_connector(transfer, lmcache, &identity, self.kv_spec(), device)?;
+        let connector = build_connector(
+            transfer,
+            lmcache,
+            &identity,
+            self.kv_spec(),
+            self.kv_device(),
+        )?;
         self.attach_connector(connector, transfer.kv_load_failure_policy)
     }
 
@@ -481,6 +504,9 @@ impl Engine {
                 request.num_computed = request.num_computed.min(loaded);
                 request.hit_tokens = request.num_computed;
                 request.state = State::Waiting;
+                let loaded_blocks = request.num_computed.div_ceil(self.config.block_size);
+                self.to_fetch
+                    .extend_from_slice(&request.blocks[..loaded_blocks]);
             }
             let request = &self.requests[&id];
             let mut external = 0;
@@ -531,6 +557,10 @@ impl Engine {
             }
             request.num_computed = computed;
             request.hit_tokens = request.hit_tokens.max(external);
+            // This step's start_load_kv writes them.
+            let loaded_blocks = external.div_ceil(self.config.block_size);
+            self.to_fetch
+                .extend_from_slice(&request.blocks[..loaded_blocks]);
             request.state = State::Running;
             budget -= new;
             self.running.push(id.clone());
@@ -576,6 +606,16 @@ impl Engine {
                 }
             })
             .collect();
+        let block_size = self.config.block_size;
+        let written: Vec<u32> = inputs
+            .iter()
+            .flat_map(|s| {
+                let end = s.start + s.tokens.len();
+                s.block_table[s.start / block_size..end.div_ceil(block_size)].iter()
+            })
+            .copied()
+            .collect();
+        let to_fetch = std::mem::take(&mut self.to_fetch);
         let finished_ids = std::mem::take(&mut self.just_finished);
         let mut worker = self.connector.as_mut().map(|c| &mut c.worker);
         // vLLM's KV connector context around execute_model.
@@ -584,15 +624,18 @@ impl Engine {
                 worker.bind_connector_metadata(metadata);
                 worker.start_load_kv()?;
             }
+            self.backing.fetch(&self.kv, &to_fetch)?;
             let logits = if inputs.is_empty() {
                 Vec::new()
             } else {
                 self.model
                     .forward(&inputs, &self.kv, &mut WorkerHooks(worker.as_deref_mut()))
             };
+            // The connector saves from the cache: it must hold this step's KV first.
+            let flushed = self.backing.flush(&self.kv, &written);
             let mut invalid = HashSet::new();
             if let Some(worker) = worker {
-                let saved = if inputs.is_empty() {
+                let saved = if inputs.is_empty() || flushed.is_err() {
                     Ok(())
                 } else {
                     worker.wait_for_save()
@@ -608,6 +651,7 @@ impl Engine {
                 }
                 self.finished_recving.extend(received);
             }
+            flushed?;
             (logits, invalid)
         };
         let computed_now: Vec<(String, usize)> =

@@ -87,7 +87,45 @@ impl PagedKv {
         debug_assert!(at.offset + spec.head_bytes() <= self.layout.buffer_bytes());
         // SAFETY: locate() of in-range indices is inside the buffer (checked above and by
         // the layout's construction).
-        unsafe { self.bases[at.buffer].add(at.offset) }
+        unsafe { self.buffer_ptr(at.buffer).add(at.offset) }
+    }
+
+    /// The first byte of layout buffer `buffer` (`buffer_bytes()` long).
+    pub(crate) fn buffer_ptr(&self, buffer: usize) -> *mut u8 {
+        self.bases[buffer]
+    }
+
+    /// The bytes `blocks` occupy, as `(buffer, offset, len)` ranges, sorted and with
+    /// adjacent ranges merged: one range per block and buffer in the RBLN layouts (a whole
+    /// block of each plane, or of both), more in layouts that interleave blocks.
+    #[cfg(feature = "rbln")]
+    pub(crate) fn block_ranges(&self, blocks: &[u32]) -> Vec<(usize, usize, usize)> {
+        let spec = self.layout.spec();
+        let head = spec.head_bytes();
+        let mut heads = Vec::new();
+        for &block in blocks {
+            for layer in 0..spec.num_layers {
+                for plane in 0..spec.kv_planes() {
+                    for slot in 0..spec.block_size {
+                        for h in 0..spec.num_kv_heads {
+                            let at = self.layout.locate(layer, plane, block as usize, slot, h);
+                            heads.push((at.buffer, at.offset));
+                        }
+                    }
+                }
+            }
+        }
+        heads.sort_unstable();
+        let mut ranges: Vec<(usize, usize, usize)> = Vec::new();
+        for (buffer, offset) in heads {
+            match ranges.last_mut() {
+                Some((b, start, len)) if *b == buffer && offset <= *start + *len => {
+                    *len = (*len).max(offset + head - *start);
+                }
+                _ => ranges.push((buffer, offset, head)),
+            }
+        }
+        ranges
     }
 
     /// Stores one head of one token.
@@ -135,5 +173,50 @@ fn encode<const N: usize>(bytes: &mut [u8], values: &[f32], to_bytes: impl Fn(f3
 fn decode<const N: usize>(bytes: &[u8], out: &mut [f32], from_bytes: impl Fn([u8; N]) -> f32) {
     for (src, o) in bytes.chunks_exact(N).zip(out) {
         *o = from_bytes(src.try_into().expect("chunks_exact yields N bytes"));
+    }
+}
+
+#[cfg(all(test, feature = "rbln"))]
+mod tests {
+    use kvrelay::layout::{AttentionKind, KvCacheSpec, LayoutKind};
+
+    use super::*;
+
+    fn cache(kind: LayoutKind) -> PagedKv {
+        let spec = KvCacheSpec {
+            num_layers: 3,
+            num_kv_heads: 2,
+            head_size: 8,
+            dtype: KvDtype::Bf16,
+            block_size: 4,
+            num_blocks: 6,
+            attention: AttentionKind::Mha,
+        };
+        PagedKv::new(KvLayout::new(spec, kind).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn block_ranges_cover_whole_blocks_in_few_runs() {
+        // 2 planes x 4 slots x 2 heads x 16 bytes per block and layer.
+        let per_block_layer = 2 * 4 * 2 * 16;
+        for (kind, runs_per_block_layer) in [
+            (LayoutKind::RblnBlocksFirst, 1),
+            (LayoutKind::RblnKvFirst, 2),
+            (LayoutKind::FlashAttnNhd, 2),
+        ] {
+            let kv = cache(kind);
+            let ranges = kv.block_ranges(&[4, 1]);
+            assert_eq!(ranges.len(), 2 * 3 * runs_per_block_layer, "{kind}");
+            let total: usize = ranges.iter().map(|r| r.2).sum();
+            assert_eq!(total, 2 * 3 * per_block_layer, "{kind}");
+            assert!(ranges.windows(2).all(|w| w[0] < w[1]), "{kind}");
+        }
+        // Neighbouring blocks merge into one range per buffer.
+        let kv = cache(LayoutKind::RblnBlocksFirst);
+        assert_eq!(kv.block_ranges(&[2, 3]), {
+            (0..3)
+                .map(|layer| (layer, 2 * per_block_layer, 2 * per_block_layer))
+                .collect::<Vec<_>>()
+        });
     }
 }

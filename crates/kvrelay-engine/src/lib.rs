@@ -7,6 +7,7 @@
 //! chunked, so a disaggregated run (prefill here, KV through kvrelay, decode there) is
 //! bit-exact with a colocated one.
 
+pub mod backing;
 pub mod config;
 pub mod engine;
 pub mod kv;
@@ -16,6 +17,7 @@ pub mod ops;
 pub mod tokenizer;
 pub mod weights;
 
+pub use backing::KvPlacement;
 pub use config::LlamaConfig;
 pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, RequestOutput, SamplingParams};
 pub use load::{load_model, TINY_RANDOM};
@@ -23,6 +25,7 @@ pub use model::Model;
 pub use tokenizer::Tokenizer;
 
 use kvrelay::connector::ConnectorError;
+use kvrelay::device::DeviceError;
 
 /// Why the engine cannot load a model, accept a request or make progress.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,10 @@ pub enum EngineError {
     BadRequest(String),
     #[error("connector: {0}")]
     Connector(#[from] ConnectorError),
+    /// Allocating the KV cache on its device, or copying blocks between it and the
+    /// engine's host working copy, failed.
+    #[error("KV cache memory: {0}")]
+    KvMemory(#[from] DeviceError),
     #[error("engine stalled: {0}")]
     Stalled(String),
 }

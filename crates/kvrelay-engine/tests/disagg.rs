@@ -2,10 +2,8 @@
 //! exactly the tokens and logits of a colocated run, for every layout and both connectors.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
-use kvrelay::device::HostDevice;
 use kvrelay::layout::LayoutKind;
 use kvrelay_engine::{Engine, EngineConfig, Model, RequestOutput, SamplingParams};
 
@@ -89,8 +87,7 @@ fn run(
 ) -> Vec<RequestOutput> {
     let mut e = engine(config);
     let (transfer, lmcache) = configs(kind, dir, role, async_loading);
-    e.connect(&transfer, &lmcache, MODEL, Arc::new(HostDevice))
-        .unwrap();
+    e.connect(&transfer, &lmcache, MODEL).unwrap();
     e.generate(prompts, SamplingParams::greedy(max_tokens))
         .unwrap()
 }
@@ -274,8 +271,7 @@ fn the_fail_policy_ends_a_request_whose_load_failed() {
     let mut e = engine(&config);
     let (transfer, lmcache) =
         configs_with_policy(Kind::Lmcache, dir.path(), "kv_consumer", false, "fail");
-    e.connect(&transfer, &lmcache, MODEL, Arc::new(HostDevice))
-        .unwrap();
+    e.connect(&transfer, &lmcache, MODEL).unwrap();
     let out = e.generate(&ps, SamplingParams::greedy(5)).unwrap();
     assert!(
         matches!(out[0].finish_reason, kvrelay_engine::FinishReason::Error(_)),

@@ -4,11 +4,10 @@
 
 use std::io::BufReader;
 use std::net::TcpListener;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
-use kvrelay::device::HostDevice;
 use kvrelay::transfer::{read_notification, KvReady};
 use kvrelay_engine::{Engine, EngineConfig, Model, RequestOutput, SamplingParams};
 
@@ -74,9 +73,7 @@ fn engine(role: &str, yaml: &str, config: EngineConfig) -> Engine {
     ))
     .unwrap();
     let lmcache = LmcacheConfig::from_yaml_str(yaml).unwrap();
-    engine
-        .connect(&transfer, &lmcache, "tiny-random", Arc::new(HostDevice))
-        .unwrap();
+    engine.connect(&transfer, &lmcache, "tiny-random").unwrap();
     engine
 }
 

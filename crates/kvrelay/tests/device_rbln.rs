@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use kvrelay::device::rbln::{AbiCheck, AllocKind, DeviceMemory, LoadError, Runtime, Staging};
+use kvrelay::device::rbln::{
+    test_double_for, AbiCheck, AllocKind, DeviceMemory, LoadError, Runtime, Staging,
+};
 use kvrelay::device::{
     Device, DeviceError, EngineMemory, HostDevice, HostKvCache, RblnDevice, Region,
 };
@@ -20,23 +22,8 @@ use kvrelay::plan::{paged_to_chunks, ChunkWindow, CopyPlan};
 use kvrelay::KvDtype;
 
 fn emulator_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("RBLN_EMU_LIB") {
-        return path.into();
-    }
-    // <target>/<profile>/deps/device_rbln-<hash> -> <target>/<profile>/librbln_emu.so
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in <target>/<profile>/deps")
-        .join("librbln_emu.so");
-    assert!(
-        path.is_file(),
-        "the rbln-emu test double is not built at {}; run `cargo build -p rbln-emu` with the \
-         same target directory and profile first (scripts/test.sh does), or set RBLN_EMU_LIB",
-        path.display()
-    );
-    path
+    test_double_for(&exe).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn runtime() -> Arc<Runtime> {
@@ -106,13 +93,7 @@ impl DeviceCache {
         let buffers: Vec<DeviceMemory> = (0..layout.num_buffers())
             .map(|_| DeviceMemory::new(&runtime(), 0, layout.buffer_bytes(), kind).unwrap())
             .collect();
-        let regions = buffers
-            .iter()
-            .map(|b| Region {
-                addr: b.vaddr(),
-                len: b.len(),
-            })
-            .collect();
+        let regions = buffers.iter().map(Region::from).collect();
         // SAFETY: each region is a live device allocation of exactly that length, kept
         // alive by `buffers` for as long as `memory` is used.
         let memory = unsafe { EngineMemory::from_raw(layout, regions) }.unwrap();

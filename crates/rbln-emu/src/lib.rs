@@ -26,6 +26,8 @@
 //! - `RBLN_EMU_DEVICES` (default 1): the device count.
 //! - `RBLN_EMU_FAIL_AFTER=N`: copy calls (sync or async) after the first N return
 //!   `RBLNRetCode_FAILURE` without copying.
+//! - `RBLN_EMU_FAIL_COUNT=M` (with `RBLN_EMU_FAIL_AFTER`; default: no end): only M copy
+//!   calls fail, those after the first N; later ones succeed again (a transient error).
 //!
 //! Every export catches panics and returns `RBLNRetCode_FAILURE`; none unwinds into C.
 
@@ -60,6 +62,7 @@ struct Config {
     abi_min: u32,
     devices: u32,
     fail_after: Option<u64>,
+    fail_count: Option<u64>,
 }
 
 fn config() -> &'static Config {
@@ -72,6 +75,7 @@ fn config() -> &'static Config {
             abi_min: var("RBLN_EMU_ABI_MIN").unwrap_or(abi_current),
             devices: var("RBLN_EMU_DEVICES").unwrap_or(1),
             fail_after: var("RBLN_EMU_FAIL_AFTER").map(u64::from),
+            fail_count: var("RBLN_EMU_FAIL_COUNT").map(u64::from),
         }
     })
 }
@@ -158,7 +162,12 @@ impl State {
     /// Counts one copy call; false when failure injection says it must fail.
     fn admit_copy(&mut self) -> bool {
         self.copies += 1;
-        !matches!(config().fail_after, Some(n) if self.copies > n)
+        let config = config();
+        let copies = self.copies;
+        let failing = |after: u64| {
+            copies > after && !matches!(config.fail_count, Some(m) if copies > after + m)
+        };
+        !config.fail_after.is_some_and(failing)
     }
 
     /// Checks a copy's device ranges: its device, and whether it can run asynchronously.

@@ -52,13 +52,7 @@ pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
         .collect::<Result<Vec<_>, RblnError>>()
         .map_err(runtime_error)?;
     drop(fill);
-    let regions = buffers
-        .iter()
-        .map(|b| Region {
-            addr: b.vaddr(),
-            len: b.len(),
-        })
-        .collect();
+    let regions = buffers.iter().map(Region::from).collect();
     // SAFETY: each region is a live device allocation of exactly that length, owned by
     // `buffers`, which lives until the end of this function, after the last copy.
     let memory = unsafe { EngineMemory::from_raw(layout, regions) }.map_err(|e| e.to_string())?;

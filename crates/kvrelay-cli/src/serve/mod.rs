@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
-use kvrelay::device::HostDevice;
 use kvrelay::KvDtype;
 use kvrelay_engine::{load_model, Engine, EngineConfig, RequestOutput, SamplingParams, Tokenizer};
 use serde_json::{json, Value};
@@ -124,7 +123,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("--kv-transfer-config: {e}"))?;
         let lmcache = LmcacheConfig::load_from_env().map_err(|e| format!("LMCache config: {e}"))?;
         engine
-            .connect(&transfer, &lmcache, &args.model, Arc::new(HostDevice))
+            .connect(&transfer, &lmcache, &args.model)
             .map_err(|e| format!("--kv-transfer-config: {e}"))?;
     }
     let request_timeout = Duration::from_secs(args.request_timeout_sec);

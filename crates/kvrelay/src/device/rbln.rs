@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+pub use rbln_sys::search::test_double_for;
 pub use rbln_sys::{AbiCheck, AllocKind, CopyHandle, DeviceMemory, LoadError, RblnError, Runtime};
 
 use super::{check_plan, Device, DeviceError, EngineMemory, HostBuffer, PendingCopy, Region};
@@ -94,6 +95,16 @@ pub const CALL_COST_BYTES: usize = 256 << 10;
 
 /// Staging buffers kept for reuse; more concurrent plans allocate and drop their own.
 const POOLED_STAGING_BUFFERS: usize = 2;
+
+/// A whole device allocation as an engine region (its device virtual address).
+impl From<&DeviceMemory> for Region {
+    fn from(memory: &DeviceMemory) -> Self {
+        Region {
+            addr: memory.vaddr(),
+            len: memory.len(),
+        }
+    }
+}
 
 /// One RBLN device (a torch-rbln device number) of a loaded runtime.
 pub struct RblnDevice {
