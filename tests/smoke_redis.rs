@@ -7,25 +7,12 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
+mod common;
+use common::{assert_same_output, colocated, json_of, run, PROMPT};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing; build the examples with --features redis first",
-        path.display()
-    );
-    path
-}
 
 /// A redis-server on a loopback port, killed on drop.
 struct Redis {
@@ -122,57 +109,25 @@ fn yaml(dir: &Path, port: u16) -> PathBuf {
     path
 }
 
-const PROMPT: [&str; 6] = [
-    "--prompt-repeat",
-    "5",
-    "--block-size",
-    "64",
-    "--decode-max-tokens",
-    "6",
-];
-
 fn smoke(role: &str, yaml: &Path, extra: &[&str]) -> Output {
-    Command::new(example("disagg_lmcache_smoke"))
-        .args(["--role", role, "--strict-lmcache"])
-        .args(PROMPT)
-        .args(extra)
-        .env("LMCACHE_CONFIG_FILE", yaml)
-        .output()
-        .unwrap()
+    let mut args = vec![
+        "--role",
+        role,
+        "--strict-lmcache",
+        "--decode-max-tokens",
+        "6",
+    ];
+    args.extend(PROMPT);
+    args.extend(extra);
+    run(
+        "disagg_lmcache_smoke",
+        &args,
+        &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
+    )
 }
 
-fn json_of(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
-fn tokens(phase: &Value) -> Vec<(Value, Value)> {
-    phase["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["output_token_ids"].clone(), r["logits_digest"].clone()))
-        .collect()
-}
-
-fn colocated() -> Value {
-    let out = Command::new(example("generate"))
-        .args([
-            "--prompt-repeat",
-            "5",
-            "--block-size",
-            "64",
-            "--max-tokens",
-            "6",
-        ])
-        .output()
-        .unwrap();
-    json_of(&out)
+fn reference() -> Value {
+    colocated("6", "1", "1")
 }
 
 #[test]
@@ -185,7 +140,7 @@ fn prefill_and_decode_share_kv_through_redis_alone() {
         summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256,
         "{summary}"
     );
-    assert_eq!(tokens(&summary["decode"]), tokens(&colocated()));
+    assert_same_output(&summary["decode"], &reference(), "redis");
     assert!(!keys(redis.port, "*kv_bytes").is_empty());
 }
 
@@ -195,12 +150,12 @@ fn decode_recomputes_when_redis_dies_and_hits_again_once_it_is_back() {
     let mut redis = Redis::start(port);
     let dir = tempfile::tempdir().unwrap();
     let yaml = yaml(dir.path(), port);
-    let reference = tokens(&colocated());
+    let reference = reference();
     json_of(&smoke("prefill", &yaml, &[]));
     redis.stop();
     let decode = json_of(&smoke("decode", &yaml, &[]));
     assert_eq!(decode["lmcache_hit_tokens"], 0, "{decode}");
-    assert_eq!(tokens(&decode), reference);
+    assert_same_output(&decode, &reference, "redis");
     // Back (empty: no persistence); the next prefill stores again and decode hits.
     let redis = Redis::start(port);
     json_of(&smoke("prefill", &yaml, &[]));
@@ -209,7 +164,7 @@ fn decode_recomputes_when_redis_dies_and_hits_again_once_it_is_back() {
         decode["lmcache_hit_tokens"].as_u64().unwrap() >= 256,
         "{decode}"
     );
-    assert_eq!(tokens(&decode), reference);
+    assert_same_output(&decode, &reference, "redis");
     drop(redis);
 }
 
@@ -230,5 +185,5 @@ fn a_value_overwritten_with_garbage_is_a_miss_and_decode_still_matches() {
         decode["recomputed_tokens"].as_u64().unwrap() > 0,
         "{decode}"
     );
-    assert_eq!(tokens(&decode), tokens(&colocated()));
+    assert_same_output(&decode, &reference(), "garbage");
 }

@@ -1,5 +1,7 @@
 //! Helpers the example-running tests share: run an example binary as a process, read its
 //! JSON, write an LMCache YAML, compare decode output with the colocated `generate`.
+// Each test binary that includes this module uses a different subset of it.
+#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
