@@ -604,6 +604,11 @@ fn the_same_request_succeeds_once_a_killed_decoder_is_back() {
         metric(&metrics, "kvrelay_connector_hit_tokens_total") > 0,
         "{metrics}"
     );
+    // 64-token chunks of the tiny model are 64 KiB pages.
+    assert_eq!(
+        metric(&metrics, "kvrelay_pd_buffer_pages"),
+        50_000_000 / (64 * 1024)
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use kvrelay_engine::{Engine, EngineError, RequestOutput, SamplingParams};
 
 use super::metrics::Metrics;
 use crate::http::HttpError;
+use kvrelay::transfer::PdReceiver;
 
 /// What the engine tells a request's handler.
 #[derive(Debug)]
@@ -37,6 +38,8 @@ pub struct Shared {
     pub in_flight: AtomicUsize,
     /// Why the engine thread stopped, once it did.
     pub dead: Mutex<Option<String>>,
+    /// A PD decoder's receive buffer, for its occupancy.
+    pub pd_receiver: Option<Arc<PdReceiver>>,
 }
 
 /// The handlers' side of the engine thread.
@@ -59,6 +62,7 @@ impl EngineHandle {
             metrics: Mutex::new(Metrics::default()),
             in_flight: AtomicUsize::new(0),
             dead: Mutex::new(None),
+            pd_receiver: engine.connector().and_then(|c| c.pd_receiver.clone()),
         });
         let (submit, submissions) = mpsc::sync_channel(max_pending);
         let thread_shared = shared.clone();

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use kvrelay::transfer::Occupancy;
 use kvrelay_engine::{FinishReason, RequestOutput};
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
@@ -160,5 +161,42 @@ impl Metrics {
             "From a request's arrival in the engine to its first token.",
         );
         out
+    }
+}
+
+/// Gauges of a PD decoder's receive buffer.
+pub fn render_pd_buffer(out: &mut String, occupancy: &Occupancy) {
+    let gauges = [
+        (
+            "kvrelay_pd_buffer_pages",
+            "Pages (one full chunk each) of the PD receive buffer.",
+            occupancy.total_pages,
+        ),
+        (
+            "kvrelay_pd_buffer_used_pages",
+            "PD buffer pages granted, holding unconsumed KV, or being loaded.",
+            occupancy.used_pages,
+        ),
+        (
+            "kvrelay_pd_buffer_page_bytes",
+            "Bytes per PD buffer page.",
+            occupancy.page_size,
+        ),
+        (
+            "kvrelay_pd_buffer_requests",
+            "Requests receiving or ready in the PD buffer.",
+            occupancy.requests,
+        ),
+        (
+            "kvrelay_pd_buffer_waiting_allocations",
+            "Allocations waiting for free PD buffer pages.",
+            occupancy.waiting,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
     }
 }

@@ -180,7 +180,10 @@ impl ServeState {
             },
             (Method::Get, "/metrics") => {
                 let in_flight = self.shared.in_flight.load(Ordering::SeqCst);
-                let text = lock(&self.shared.metrics).render(in_flight);
+                let mut text = lock(&self.shared.metrics).render(in_flight);
+                if let Some(receiver) = &self.shared.pd_receiver {
+                    metrics::render_pd_buffer(&mut text, &receiver.occupancy());
+                }
                 respond_bytes(request, 200, "text/plain; version=0.0.4", text.into_bytes());
             }
             (Method::Get, "/v1/models") => respond_json(request, 200, &self.models()),
