@@ -99,16 +99,20 @@ fn pd_over_tcp_and_shm_decodes_like_a_colocated_run() {
         .unwrap()
         .generate(&ps, SamplingParams::greedy(5))
         .unwrap();
-    for (channel, decoder_config) in [
-        ("tcp", config()),
-        ("shm", config()),
-        ("tcp", other_config()),
+    // The last decoder also loads asynchronously (the engine's WaitingForRemoteKv path).
+    for (channel, decoder_config, async_loading) in [
+        ("tcp", config(), false),
+        ("shm", config(), false),
+        ("tcp", other_config(), true),
     ] {
         let (init, alloc) = (free_port(), free_port());
         let (proxy, notifications) = fake_proxy();
         let mut decoder = engine(
             "kv_consumer",
-            &pd_yaml("receiver", channel, init, alloc, proxy),
+            &format!(
+                "{}enable_async_loading: {async_loading}\n",
+                pd_yaml("receiver", channel, init, alloc, proxy)
+            ),
             decoder_config,
         );
         let mut prefiller = engine(
