@@ -169,8 +169,8 @@ mod avx2 {
                         acc[half] = _mm256_add_epi64(product, sum);
                     }
                 }
-                for half in 0..2 {
-                    let a = acc[half];
+                for (half, slot) in acc.iter_mut().enumerate() {
+                    let a = *slot;
                     let shifted = _mm256_srli_epi64::<47>(a);
                     let a = _mm256_xor_si256(a, shifted);
                     let key = _mm256_loadu_si256(k.add(SECRET.len() - STRIPE + 32 * half).cast());
@@ -178,7 +178,7 @@ mod avx2 {
                     let a_hi = _mm256_shuffle_epi32::<0b00_11_00_01>(a);
                     let lo = _mm256_mul_epu32(a, prime);
                     let hi = _mm256_mul_epu32(a_hi, prime);
-                    acc[half] = _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(hi));
+                    *slot = _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(hi));
                 }
             }
             let done = blocks * BLOCK;
@@ -223,6 +223,9 @@ mod tests {
                 assert_eq!(&out[..len], &src[..len], "len {len} shift {extra}");
                 assert_eq!(sum, checksum_uncached(&src[..len]), "len {len}");
                 assert_eq!(sum, super::super::frame::checksum(&src[..len]), "len {len}");
+                let mut pieces = super::super::frame::ChunkHasher::new();
+                src[..len].chunks(7000).for_each(|p| pieces.update(p));
+                assert_eq!(sum, pieces.digest(), "len {len} in pieces");
             }
         }
     }
