@@ -418,8 +418,35 @@ impl Message {
 }
 
 /// The checksum a `Seal` carries: xxh3-64 of the chunk's bytes.
+///
+/// Computed with twox-hash, which uses AVX2 where the CPU has it (detected at run time);
+/// the digest is the same xxh3-64 on every path.
 pub fn checksum(data: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(data)
+    twox_hash::XxHash3_64::oneshot(data)
+}
+
+/// [`checksum`] of a chunk fed in pieces, e.g. each segment while it is still in cache.
+pub struct ChunkHasher(twox_hash::XxHash3_64);
+
+impl ChunkHasher {
+    pub fn new() -> Self {
+        ChunkHasher(twox_hash::XxHash3_64::new())
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        std::hash::Hasher::write(&mut self.0, bytes);
+    }
+
+    /// The checksum of every byte passed to [`ChunkHasher::update`], in order.
+    pub fn digest(&self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
+}
+
+impl Default for ChunkHasher {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The 12 header bytes of a frame.

@@ -58,6 +58,7 @@ pub mod frame;
 mod auth;
 mod buffer;
 mod channel;
+mod fused;
 mod receiver;
 mod sender;
 mod shm;

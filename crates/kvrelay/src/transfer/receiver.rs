@@ -10,14 +10,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use xxhash_rust::xxh3::Xxh3Default;
 
 use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{HostPages, Occupancy, PageMemory, PdBuffer, ReadyRequest};
 use super::frame::{
-    checksum as checksum_of, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, GrantCheck,
-    Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    read_frame, ChannelKind, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck, Incoming,
+    Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
+use super::fused::checksum_uncached;
 use super::shm::ShmPages;
 use super::tcp::tune_socket;
 use super::{PdConfig, PdPeer, TransferError};
@@ -561,7 +561,7 @@ impl Inner {
         let deadline = Instant::now() + cfg.ttl;
         let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
         // tcp: the chunk whose data is arriving, hashed as it lands (while still in cache).
-        let mut open: Option<(u32, Xxh3Default)> = None;
+        let mut open: Option<(u32, ChunkHasher)> = None;
         loop {
             if Instant::now() > deadline {
                 return Err(TransferError::Protocol(format!(
@@ -584,7 +584,7 @@ impl Inner {
                                 d.chunk
                             )))
                         }
-                        None => &mut open.insert((d.chunk, Xxh3Default::new())).1,
+                        None => &mut open.insert((d.chunk, ChunkHasher::new())).1,
                     };
                     // SAFETY: `admit` bounded the range to the declared length of a chunk
                     // inside its granted page, and the grant gives this connection sole use
@@ -632,7 +632,7 @@ impl Inner {
                                     chunks[i].len as usize,
                                 )
                             };
-                            checksum_of(bytes)
+                            checksum_uncached(bytes)
                         }
                     };
                     if actual != checksum {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use super::auth::{notification_mac, proof, random, verify_notification, verify_proof, Role};
 use super::channel::{Channel, Put};
 use super::frame::{
-    checksum, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message,
-    MsgType, ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
+    read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message, MsgType,
+    ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
     MAX_REQUEST_ID,
 };
 use super::shm::ShmChannel;
@@ -16,10 +16,6 @@ use super::tcp::{tune_socket, TcpChannel};
 use super::{PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::ChunkMeta;
-
-/// Bytes per put: large enough that per-frame costs vanish, small enough that the receiver
-/// hashes each segment while it is still in its cache.
-const SEGMENT: usize = 256 << 10;
 
 /// What one [`PdSender::send_request`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -352,44 +348,26 @@ impl Link {
         let alloc_wait = started.elapsed();
         set_read(&self.stream, cfg.io_timeout)?;
         let bytes = chunks.iter().map(|(_, _, d)| d.len() as u64).sum();
-        // The checksums are computed on a helper thread while this one moves the bytes:
-        // hashing costs about as much CPU as copying, so doing both here would halve the
-        // rate. The channel holds at most one checksum per chunk.
-        std::thread::scope(|scope| {
-            let (sums_tx, sums) = std::sync::mpsc::sync_channel(chunks.len());
-            scope.spawn(move || {
-                for (_, _, data) in chunks {
-                    // The receiver of `sums` is gone only when the transfer failed.
-                    if sums_tx.send(checksum(data)).is_err() {
-                        return;
-                    }
-                }
-            });
-            for (i, ((_, _, data), page)) in chunks.iter().zip(&pages).enumerate() {
-                let base = u64::from(*page) * self.page_size as u64;
-                for (k, segment) in data.chunks(SEGMENT).enumerate() {
-                    let offset = (k * SEGMENT) as u64;
-                    let dst = Put {
-                        grant,
-                        chunk: i as u32,
-                        chunk_offset: offset,
-                        remote_offset: base + offset,
-                    };
-                    self.channel.put(&mut self.stream, dst, segment)?;
-                }
-                self.channel.fence(&mut self.stream)?;
-                let checksum = sums
-                    .recv()
-                    .map_err(|_| TransferError::Protocol("checksum thread ended early".into()))?;
-                let seal = Message::Seal {
-                    grant,
-                    chunk: i as u32,
-                    checksum,
-                };
-                write(&mut self.stream, &seal.encode())?;
-            }
-            Ok::<(), TransferError>(())
-        })?;
+        // The channel hashes each chunk while it moves it, so the source is read from memory
+        // once, on this thread (a separate hashing thread re-read every byte cold and fought
+        // the mover and the receiver for the cores). The receiver verifies chunk i while this loop moves chunk i + 1: it
+        // answers only at `Commit`.
+        for (i, ((_, _, data), page)) in chunks.iter().zip(&pages).enumerate() {
+            let dst = Put {
+                grant,
+                chunk: i as u32,
+                chunk_offset: 0,
+                remote_offset: u64::from(*page) * self.page_size as u64,
+            };
+            let checksum = self.channel.put_chunk(&mut self.stream, dst, data)?;
+            self.channel.fence(&mut self.stream)?;
+            let seal = Message::Seal {
+                grant,
+                chunk: i as u32,
+                checksum,
+            };
+            write(&mut self.stream, &seal.encode())?;
+        }
         write(&mut self.stream, &Message::Commit { grant }.encode())?;
         let reply = read_message(&mut self.stream, MAX_CONTROL_BODY)?;
         let Message::Committed {
