@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 mod common;
-use common::{assert_same_output, colocated, json_of, run, PROMPT};
+use common::{assert_same_output, colocated, json_of, run, strict_phase};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -110,14 +110,7 @@ fn yaml(dir: &Path, port: u16) -> PathBuf {
 }
 
 fn smoke(role: &str, yaml: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "--role",
-        role,
-        "--strict-lmcache",
-        "--decode-max-tokens",
-        "6",
-    ];
-    args.extend(PROMPT);
+    let mut args = strict_phase(role);
     args.extend(extra);
     run(
         "disagg_lmcache_smoke",
