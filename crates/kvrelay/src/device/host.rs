@@ -8,9 +8,9 @@ use super::stream::{
     prefetch_run, stream_copy, stream_copy_scattered, stream_fence, PREFETCH_AHEAD,
     STREAMING_THRESHOLD,
 };
-use super::{check_plan, Device, DeviceError, EngineMemory, PendingCopy, Region};
+use super::{check_gather, check_scatter, Device, DeviceError, EngineMemory, PendingCopy, Region};
 use crate::layout::KvLayout;
-use crate::plan::{CopyPlan, CopyRun, Endpoint};
+use crate::plan::{CopyPlan, CopyRun};
 
 /// Zeroed host memory with a fixed alignment: 4 KiB, or 2 MiB for buffers of 2 MiB and
 /// more, which is what DMA engines and huge pages want.
@@ -267,13 +267,7 @@ impl Device for HostDevice {
         host: &'a mut [&mut [u8]],
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = engine.regions();
-        check_plan(
-            plan,
-            Endpoint::Paged,
-            Endpoint::Chunks,
-            regions.iter().map(|r| r.len),
-            host.iter().map(|b| b.len()),
-        )?;
+        check_gather(plan, regions, host)?;
         let copy = copy_fn(plan, true);
         let source = |run: &CopyRun| regions[run.src_buffer as usize].addr as *const u8;
         let runs = plan.runs();
@@ -284,7 +278,7 @@ impl Device for HostDevice {
             });
             let src = source(run);
             let dst = &mut host[run.dst_buffer as usize][run.dst_offset..][..run.len];
-            // SAFETY: check_plan proved src_offset + len is within the region, which
+            // SAFETY: check_gather/check_scatter proved src_offset + len is within the region, which
             // EngineMemory's contract makes valid host memory not written during the copy;
             // dst is a distinct &mut slice, so the ranges cannot overlap.
             unsafe { copy(dst.as_mut_ptr(), src.add(run.src_offset), run.len) };
@@ -301,19 +295,13 @@ impl Device for HostDevice {
         engine: &'a EngineMemory,
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = engine.regions();
-        check_plan(
-            plan,
-            Endpoint::Chunks,
-            Endpoint::Paged,
-            host.iter().map(|b| b.len()),
-            regions.iter().map(|r| r.len),
-        )?;
+        check_scatter(plan, host, regions)?;
         // The source is the sequential chunk buffers: stream_copy prefetches across runs.
         let copy = copy_fn(plan, false);
         for run in plan.runs() {
             let src = &host[run.src_buffer as usize][run.src_offset..][..run.len];
             let dst = regions[run.dst_buffer as usize].addr as *mut u8;
-            // SAFETY: check_plan proved dst_offset + len is within the region, which
+            // SAFETY: check_gather/check_scatter proved dst_offset + len is within the region, which
             // EngineMemory's contract makes valid, unaliased host memory during the copy;
             // src is a shared slice of other memory.
             unsafe { copy(dst.add(run.dst_offset), src.as_ptr(), run.len) };

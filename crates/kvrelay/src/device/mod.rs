@@ -188,7 +188,7 @@ pub trait Device: Send + Sync {
 }
 
 /// Checks that `plan` runs from `source` to `dest`, and that its buffers fit.
-pub fn check_plan(
+fn check_plan(
     plan: &CopyPlan,
     source: Endpoint,
     dest: Endpoint,
@@ -202,4 +202,35 @@ pub fn check_plan(
         });
     }
     Ok(plan.check_buffers(src_lens, dst_lens)?)
+}
+
+/// The checks every device runs before a gather: direction, then every run inside the
+/// engine regions and the host buffers.
+pub fn check_gather(
+    plan: &CopyPlan,
+    regions: &[Region],
+    host: &[&mut [u8]],
+) -> Result<(), DeviceError> {
+    check_plan(
+        plan,
+        Endpoint::Paged,
+        Endpoint::Chunks,
+        regions.iter().map(|r| r.len),
+        host.iter().map(|b| b.len()),
+    )
+}
+
+/// The checks every device runs before a scatter (see [`check_gather`]).
+pub fn check_scatter(
+    plan: &CopyPlan,
+    host: &[&[u8]],
+    regions: &[Region],
+) -> Result<(), DeviceError> {
+    check_plan(
+        plan,
+        Endpoint::Chunks,
+        Endpoint::Paged,
+        host.iter().map(|b| b.len()),
+        regions.iter().map(|r| r.len),
+    )
 }

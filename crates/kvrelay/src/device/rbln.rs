@@ -31,8 +31,10 @@ use parking_lot::Mutex;
 pub use rbln_sys::search::test_double_for;
 pub use rbln_sys::{AbiCheck, AllocKind, CopyHandle, DeviceMemory, LoadError, RblnError, Runtime};
 
-use super::{check_plan, Device, DeviceError, EngineMemory, HostBuffer, PendingCopy, Region};
-use crate::plan::{CopyPlan, CopyRun, Endpoint};
+use super::{
+    check_gather, check_scatter, Device, DeviceError, EngineMemory, HostBuffer, PendingCopy, Region,
+};
+use crate::plan::{CopyPlan, CopyRun};
 
 /// Runtime calls an [`RblnDevice`] made, cumulative since it was created.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -395,7 +397,7 @@ fn bad_region(engine: &EngineMemory, index: usize, region: &Region) -> DeviceErr
 }
 
 /// Checks that every region's device range is addressable, so `addr + offset` below
-/// cannot overflow for offsets `check_plan` accepted.
+/// cannot overflow for offsets `check_gather`/`check_scatter` accepted.
 fn check_regions(engine: &EngineMemory) -> Result<&[Region], DeviceError> {
     let regions = engine.regions();
     match regions.iter().position(|r| region_end(r).is_none()) {
@@ -420,13 +422,7 @@ impl Device for RblnDevice {
         host: &'a mut [&mut [u8]],
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = check_regions(engine)?;
-        check_plan(
-            plan,
-            Endpoint::Paged,
-            Endpoint::Chunks,
-            regions.iter().map(|r| r.len),
-            host.iter().map(|b| b.len()),
-        )?;
+        check_gather(plan, regions, host)?;
         self.counters.plans.fetch_add(1, Ordering::Relaxed);
         if plan.runs().is_empty() {
             return Ok(PendingCopy::done());
@@ -437,7 +433,7 @@ impl Device for RblnDevice {
             let base = staging.as_mut_ptr();
             let started = self.start_copies(&staged.ranges, |range| {
                 let src = regions[range.buffer as usize].addr + range.offset as u64;
-                // SAFETY: the device range is the union of runs check_plan proved inside
+                // SAFETY: the device range is the union of runs check_gather/check_scatter proved inside
                 // the region (engine memory, valid per EngineMemory's contract); the host
                 // range lies in `staging` (StagedPlan sized it), which no one else uses
                 // and which the PendingCopy below keeps until after the synchronize.
@@ -468,7 +464,7 @@ impl Device for RblnDevice {
         self.start_copies(plan.runs(), |run| {
             let src = regions[run.src_buffer as usize].addr + run.src_offset as u64;
             let dst = host[run.dst_buffer as usize].wrapping_add(run.dst_offset);
-            // SAFETY: check_plan proved both ranges lie inside their buffers: the host
+            // SAFETY: check_gather/check_scatter proved both ranges lie inside their buffers: the host
             // chunk buffer is exclusively borrowed for 'a, which the returned PendingCopy
             // holds until the synchronize that lands the copy; the device range is engine
             // memory, valid per EngineMemory's contract.
@@ -484,13 +480,7 @@ impl Device for RblnDevice {
         engine: &'a EngineMemory,
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = check_regions(engine)?;
-        check_plan(
-            plan,
-            Endpoint::Chunks,
-            Endpoint::Paged,
-            host.iter().map(|b| b.len()),
-            regions.iter().map(|r| r.len),
-        )?;
+        check_scatter(plan, host, regions)?;
         self.counters.plans.fetch_add(1, Ordering::Relaxed);
         if plan.runs().is_empty() {
             return Ok(PendingCopy::done());
@@ -505,7 +495,7 @@ impl Device for RblnDevice {
             let base = staging.as_ptr();
             let started = self.start_copies(&staged.ranges, |range| {
                 let dst = regions[range.buffer as usize].addr + range.offset as u64;
-                // SAFETY: the device range is the union of runs check_plan proved inside
+                // SAFETY: the device range is the union of runs check_gather/check_scatter proved inside
                 // the region, engine memory no one else writes during the copy (per
                 // EngineMemory's contract); the host range lies in `staging`, which the
                 // PendingCopy below keeps unchanged until after the synchronize.
@@ -527,7 +517,7 @@ impl Device for RblnDevice {
         self.start_copies(plan.runs(), |run| {
             let src = host[run.src_buffer as usize][run.src_offset..].as_ptr();
             let dst = regions[run.dst_buffer as usize].addr + run.dst_offset as u64;
-            // SAFETY: check_plan proved both ranges lie inside their buffers: the host
+            // SAFETY: check_gather/check_scatter proved both ranges lie inside their buffers: the host
             // chunk buffer is borrowed for 'a, which the returned PendingCopy holds until
             // the synchronize that lands the copy; the device range is engine memory that
             // no one else writes during the copy, per EngineMemory's contract.
