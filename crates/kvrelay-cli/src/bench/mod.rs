@@ -39,6 +39,18 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Llama-3.1-8B at TP1 in bf16: 128 KiB of KV per token, 32 MiB per 256-token chunk. The
+/// chunk geometry the store and transfer benches move.
+pub const LLAMA_8B_CHUNKS: kvrelay::layout::KvCacheSpec = kvrelay::layout::KvCacheSpec {
+    num_layers: 32,
+    num_kv_heads: 8,
+    head_size: 128,
+    dtype: kvrelay::KvDtype::Bf16,
+    block_size: 16,
+    num_blocks: 1,
+    attention: kvrelay::layout::AttentionKind::Mha,
+};
+
 /// Runs `f` `rounds` times and returns the fastest duration: the least disturbed by a noisy
 /// machine.
 pub fn best_of(rounds: usize, mut f: impl FnMut()) -> Duration {

@@ -10,23 +10,13 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use kvrelay::layout::{AttentionKind, KvCacheSpec};
+use kvrelay::layout::KvCacheSpec;
 use kvrelay::store::{ChunkMeta, RedisTier, RemoteOptions, Tier};
-use kvrelay::KvDtype;
 
 use super::store::{random_chunks, StoreArgs};
 use super::{best_of, gbps, print_result};
 
-/// Llama-3.1-8B at TP1 in bf16: 128 KiB of KV per token, 32 MiB per 256-token chunk.
-const SPEC: KvCacheSpec = KvCacheSpec {
-    num_layers: 32,
-    num_kv_heads: 8,
-    head_size: 128,
-    dtype: KvDtype::Bf16,
-    block_size: 16,
-    num_blocks: 1,
-    attention: AttentionKind::Mha,
-};
+const SPEC: KvCacheSpec = super::LLAMA_8B_CHUNKS;
 
 /// A `redis-server` this bench started; killed on drop.
 struct OwnServer {

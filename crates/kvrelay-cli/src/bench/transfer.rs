@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use kvrelay::config::LmcacheConfig;
 use kvrelay::device::HostBuffer;
 use kvrelay::keys::CacheKey;
-use kvrelay::layout::{AttentionKind, KvCacheSpec};
 use kvrelay::store::ChunkMeta;
 use kvrelay::transfer::{read_notification, tune_socket, PdConfig, PdPeer, PdReceiver, PdSender};
 use kvrelay::KvDtype;
@@ -38,15 +37,7 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     if !matches!(transport, "tcp" | "shm") {
         return Err(format!("--transport {transport:?}: expected tcp or shm"));
     }
-    let spec = KvCacheSpec {
-        num_layers: 32,
-        num_kv_heads: 8,
-        head_size: 128,
-        dtype: KvDtype::Bf16,
-        block_size: 16,
-        num_blocks: 1,
-        attention: AttentionKind::Mha,
-    };
+    let spec = super::LLAMA_8B_CHUNKS;
     let token_bytes = spec.chunk_bytes(1);
     let tokens = (args.size_mib << 20) / token_bytes;
     if tokens == 0 {
