@@ -1,6 +1,6 @@
 //! The server's counters and histograms, rendered in the Prometheus text format.
 
-use std::fmt::Write;
+use std::fmt::{Display, Write};
 
 use kvrelay::transfer::Occupancy;
 use kvrelay_engine::{FinishReason, RequestOutput};
@@ -136,14 +136,14 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+            write_metric(&mut out, "counter", name, help, value);
         }
-        let _ = writeln!(
-            out,
-            "# HELP kvrelay_requests_in_flight Requests admitted and not finished.\n# TYPE kvrelay_requests_in_flight gauge\nkvrelay_requests_in_flight {in_flight}"
+        write_metric(
+            &mut out,
+            "gauge",
+            "kvrelay_requests_in_flight",
+            "Requests admitted and not finished.",
+            in_flight,
         );
         self.load_seconds.render(
             &mut out,
@@ -194,9 +194,14 @@ pub fn render_pd_buffer(out: &mut String, occupancy: &Occupancy) {
         ),
     ];
     for (name, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
+        write_metric(out, "gauge", name, help, value);
     }
+}
+
+/// One metric in the Prometheus text format: its help, its type and its value.
+fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, value: impl Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
