@@ -256,10 +256,6 @@ impl Device for HostDevice {
         "host"
     }
 
-    fn alloc_staging(&self, len: usize) -> Result<HostBuffer, DeviceError> {
-        HostBuffer::zeroed(len)
-    }
-
     fn start_gather<'a>(
         &'a self,
         plan: &'a CopyPlan,

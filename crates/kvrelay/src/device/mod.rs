@@ -164,9 +164,12 @@ pub trait Device: Send + Sync {
     /// A short name for logs and figures ("host", "rbln:0", ...).
     fn name(&self) -> &str;
 
-    /// Host memory the device copies to and from fastest: aligned, and pinned or registered
-    /// with the runtime where it supports that.
-    fn alloc_staging(&self, len: usize) -> Result<HostBuffer, DeviceError>;
+    /// Host memory the device copies to and from fastest. The default is aligned host
+    /// memory (huge pages for large buffers); a device whose runtime can pin or register
+    /// memory overrides it.
+    fn alloc_staging(&self, len: usize) -> Result<HostBuffer, DeviceError> {
+        HostBuffer::zeroed(len)
+    }
 
     /// Starts a gather plan ([`Endpoint::Paged`] to [`Endpoint::Chunks`]): engine memory to
     /// host buffers.

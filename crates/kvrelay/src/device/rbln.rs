@@ -411,10 +411,6 @@ impl Device for RblnDevice {
         &self.name
     }
 
-    fn alloc_staging(&self, len: usize) -> Result<HostBuffer, DeviceError> {
-        HostBuffer::zeroed(len)
-    }
-
     fn start_gather<'a>(
         &'a self,
         plan: &'a CopyPlan,
