@@ -13,8 +13,8 @@ use kvrelay::transfer::frame::{
     self, data_prefix, read_frame, ChunkDecl, DataHeader, Incoming, Message, MAC_LEN, NONCE_LEN,
 };
 use kvrelay::transfer::{
-    read_notification, ChannelKind, ErrorCode, KvReady, PdConfig, PdPeer, PdReceiver, PdSender,
-    TransferError,
+    read_notification, ChannelKind, ErrorCode, KvReady, OutgoingChunk, PdConfig, PdPeer,
+    PdReceiver, PdSender, TransferError,
 };
 use kvrelay::KvDtype;
 use rand::{Rng, SeedableRng};
@@ -97,10 +97,16 @@ fn request(id: &str, n: usize, partial_tail: bool) -> Request {
 }
 
 impl Request {
-    fn refs(&self) -> Vec<(CacheKey, ChunkMeta, &[u8])> {
+    /// The chunks as a connector hands them to the sender, checksums taken at gather time.
+    fn refs(&self) -> Vec<OutgoingChunk<'_>> {
         self.chunks
             .iter()
-            .map(|(k, m, d)| (k.clone(), *m, &d[..]))
+            .map(|(key, meta, data)| OutgoingChunk {
+                key,
+                meta: *meta,
+                data,
+                checksum: frame::checksum(data),
+            })
             .collect()
     }
 
@@ -206,6 +212,75 @@ fn tcp_delivers_chunks_bit_exact_and_notifies_the_proxy() {
 #[test]
 fn shm_delivers_chunks_bit_exact_and_notifies_the_proxy() {
     end_to_end("shm");
+}
+
+/// A chunk longer than one put (a tcp `Data` frame holds at most 16 MiB) arrives whole.
+fn one_chunk_in_several_puts(channel: &str) {
+    let mut cfg = config(channel, 1, "", None);
+    cfg.spec.num_layers = 4;
+    cfg.spec.num_kv_heads = 8;
+    cfg.spec.head_size = 128;
+    cfg.chunk_size = 1100;
+    cfg.buffer_size = cfg.page_size() as u64;
+    assert!(cfg.page_size() > 16 << 20);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let mut data = vec![0u8; cfg.page_size()];
+    rand::rngs::StdRng::seed_from_u64(5).fill(&mut data[..]);
+    let key = CacheKey::new("m", 1, 0, 77, KvDtype::Bf16).unwrap();
+    let chunk = OutgoingChunk {
+        key: &key,
+        meta: ChunkMeta {
+            layout_fingerprint: cfg.spec.chunk_fingerprint(),
+            num_tokens: cfg.chunk_size as u32,
+        },
+        data: &data,
+        checksum: frame::checksum(&data),
+    };
+    tx.send_request("big", &[chunk]).unwrap();
+    let landed = rx.get(&key).unwrap();
+    assert!(landed.data[..] == data[..], "chunk bytes differ");
+}
+
+#[test]
+fn tcp_moves_a_chunk_larger_than_one_put() {
+    one_chunk_in_several_puts("tcp");
+}
+
+#[test]
+fn shm_moves_a_chunk_larger_than_one_put() {
+    one_chunk_in_several_puts("shm");
+}
+
+/// The checksum travels from the gather; bytes that changed since (or a wrong checksum)
+/// fail the send whole, nothing of the request is loaded, and the link stays usable.
+fn stale_checksum(channel: &str) {
+    let cfg = config(channel, 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("stale", 3, true);
+    let mut chunks = r.refs();
+    chunks[2].checksum ^= 1 << 40;
+    let err = tx.send_request(&r.id, &chunks).err().unwrap();
+    assert!(
+        matches!(err, TransferError::ChunksRejected { rejected: 1, .. }),
+        "{err}"
+    );
+    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert_eq!(rx.occupancy().used_pages, 0);
+    let again = request("fresh", 3, true);
+    again.send(&mut tx).unwrap();
+    again.consume_and_check(&rx);
+}
+
+#[test]
+fn tcp_a_stale_checksum_fails_the_send_and_loads_nothing() {
+    stale_checksum("tcp");
+}
+
+#[test]
+fn shm_a_stale_checksum_fails_the_send_and_loads_nothing() {
+    stale_checksum("shm");
 }
 
 #[test]

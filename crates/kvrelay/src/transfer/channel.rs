@@ -30,27 +30,28 @@
 //!   remote_base + remote_offset, len}`; `fence` runs `TransferSync(remote_engine, WRITE,
 //!   descs, timeout)` (or `TransferAsync` + `GetTransferStatus` until `COMPLETED`).
 //!
-//! Device-memory sources (NPU staging) cannot be hashed on the host; those channels will
-//! carry a device-computed checksum in `Seal` instead.
+//! Channels never hash: the `Seal`'s checksum is computed once when the chunk is gathered
+//! (for device-memory staging that can be a device-computed one), and the receiver
+//! verifies what landed.
 
 use std::net::TcpStream;
 
-use super::frame::{ChannelKind, ChunkHasher};
+use super::frame::{ChannelKind, MAX_DATA_PAYLOAD};
 use super::TransferError;
 
-/// Bytes per put: large enough that per-frame costs vanish, small enough that the sender
-/// (before the put) and the tcp receiver (after its `read`) hash each segment while it is in
-/// their cache.
-pub const SEGMENT: usize = 256 << 10;
+/// The most bytes one [`Channel::put`] moves: a tcp `Data` frame's payload bound. Chunks
+/// are moved in puts this large so that per-put costs (a frame header, a system call, a
+/// descriptor) vanish against the copy.
+pub const MAX_PUT: usize = MAX_DATA_PAYLOAD as usize;
 
-/// Where one segment of a chunk goes.
+/// Where one piece of a chunk goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Put {
     pub grant: u32,
     pub chunk: u32,
-    /// Offset of the segment inside its chunk.
+    /// Offset of the piece inside its chunk.
     pub chunk_offset: u64,
-    /// Offset of the segment in the receiver's PD buffer.
+    /// Offset of the piece in the receiver's PD buffer.
     pub remote_offset: u64,
 }
 
@@ -58,34 +59,29 @@ pub struct Put {
 pub trait Channel: Send {
     fn kind(&self) -> ChannelKind;
 
-    /// Starts moving `src` to the receiver's memory at `dst`. The bytes are in place once
-    /// [`Channel::fence`] returns; `src` must not change before then.
+    /// Starts moving `src` (at most [`MAX_PUT`] bytes) to the receiver's memory at `dst`.
+    /// The bytes are in place once [`Channel::fence`] returns; `src` must not change before
+    /// then.
     fn put(&mut self, control: &mut TcpStream, dst: Put, src: &[u8]) -> Result<(), TransferError>;
 
-    /// Moves a whole chunk, starting at `dst` (offset 0 of the chunk), in [`SEGMENT`]-byte
-    /// puts, and returns its checksum ([`super::frame::checksum`]) for the `Seal`. Each
-    /// segment is hashed right before it is put, so the put finds it in this core's cache
-    /// and the source is read from memory once. (Hashing after the put, so that the put
-    /// reads cold memory, measured worse for tcp: the kernel's copy of cold user pages
-    /// cost more than the AVX2 hash's cold read and the hot copy together.)
+    /// Moves a whole chunk, starting at `dst` (offset 0 of the chunk), in puts of at most
+    /// [`MAX_PUT`] bytes.
     fn put_chunk(
         &mut self,
         control: &mut TcpStream,
         dst: Put,
         src: &[u8],
-    ) -> Result<u64, TransferError> {
-        let mut hasher = ChunkHasher::new();
-        for (k, segment) in src.chunks(SEGMENT).enumerate() {
-            let offset = (k * SEGMENT) as u64;
+    ) -> Result<(), TransferError> {
+        for (k, piece) in src.chunks(MAX_PUT).enumerate() {
+            let offset = (k * MAX_PUT) as u64;
             let at = Put {
                 chunk_offset: dst.chunk_offset + offset,
                 remote_offset: dst.remote_offset + offset,
                 ..dst
             };
-            hasher.update(segment);
-            self.put(control, at, segment)?;
+            self.put(control, at, piece)?;
         }
-        Ok(hasher.digest())
+        Ok(())
     }
 
     /// Waits until every put so far has landed in the receiver's memory.

@@ -417,12 +417,11 @@ impl Message {
     }
 }
 
-/// The checksum a `Seal` carries: xxh3-64 of the chunk's bytes.
-///
-/// Computed with twox-hash, which uses AVX2 where the CPU has it (detected at run time);
-/// the digest is the same xxh3-64 on every path.
+/// The checksum a `Seal` carries: xxh3-64 of the chunk's bytes. A sender computes it once,
+/// when it gathers the chunk out of its paged cache, so sending does not read the bytes
+/// twice; the receiver recomputes it over what landed.
 pub fn checksum(data: &[u8]) -> u64 {
-    twox_hash::XxHash3_64::oneshot(data)
+    super::xxh3::checksum_uncached(data)
 }
 
 /// [`checksum`] of a chunk fed in pieces, e.g. each segment while it is still in cache.

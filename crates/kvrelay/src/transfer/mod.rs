@@ -15,7 +15,9 @@
 //! // prefiller, one per TP rank: rank i talks to receiver rank i
 //! let peer = PdPeer::for_rank(host, &init_ports, &alloc_ports, rank)?;  // from disagg_spec
 //! let mut tx = PdSender::connect(&cfg, peer, rank)?;                   // handshake once
-//! tx.send_request(request_id, &[(key, meta, bytes), ...])?;            // alloc → data → notify
+//! let sum = frame::checksum(&staged);       // once, when the chunk is gathered
+//! tx.send_request(request_id, &[OutgoingChunk { key, meta, data: &staged, checksum: sum }])?;
+//!                                            // alloc → data → seal → commit → notify
 //! ```
 //!
 //! # Protocol ([`frame`] has the byte layout)
@@ -58,12 +60,12 @@ pub mod frame;
 mod auth;
 mod buffer;
 mod channel;
-mod fused;
 mod receiver;
 mod sender;
 mod shm;
 mod tcp;
 mod tier;
+mod xxh3;
 
 use std::time::Duration;
 
@@ -71,7 +73,7 @@ pub use buffer::{Occupancy, ReadyRequest};
 pub use channel::{Channel, Put};
 pub use frame::{ChannelKind, ErrorCode, FrameError};
 pub use receiver::PdReceiver;
-pub use sender::{read_notification, KvReady, PdSender, SendStats};
+pub use sender::{read_notification, KvReady, OutgoingChunk, PdSender, SendStats};
 pub use tcp::tune_socket;
 pub use tier::{PdSink, ReceivedKv};
 

@@ -14,15 +14,18 @@ use parking_lot::Mutex;
 use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{HostPages, Occupancy, PageMemory, PdBuffer, ReadyRequest};
 use super::frame::{
-    read_frame, ChannelKind, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck, Incoming,
-    Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    self, read_frame, ChannelKind, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck,
+    Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
-use super::fused::checksum_uncached;
 use super::shm::ShmPages;
 use super::tcp::tune_socket;
 use super::{PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::Chunk;
+
+/// tcp: a `Data` payload is read into its page this many bytes at a time, and each piece
+/// is hashed right after its `read`, while it is still in this core's cache.
+const RECEIVE_PIECE: usize = 256 << 10;
 
 /// One TP rank's PD receiver. Dropping it stops the listeners, closes every connection and
 /// frees the buffer (and removes the shm file).
@@ -595,10 +598,12 @@ impl Inner {
                             len as usize,
                         )
                     };
-                    stream
-                        .read_exact(dst)
-                        .map_err(|e| TransferError::io("reading chunk data", e))?;
-                    hasher.update(dst);
+                    for piece in dst.chunks_mut(RECEIVE_PIECE) {
+                        stream
+                            .read_exact(piece)
+                            .map_err(|e| TransferError::io("reading chunk data", e))?;
+                        hasher.update(piece);
+                    }
                 }
                 Ok(Incoming::Message(Message::Seal {
                     grant: g,
@@ -632,7 +637,7 @@ impl Inner {
                                     chunks[i].len as usize,
                                 )
                             };
-                            checksum_uncached(bytes)
+                            frame::checksum(bytes)
                         }
                     };
                     if actual != checksum {

@@ -31,6 +31,20 @@ pub struct SendStats {
     pub notified: bool,
 }
 
+/// One chunk of a request as the sender hands it over: its bytes in the sender's staging
+/// memory, and their [`checksum`](super::frame::checksum), computed once when the chunk was
+/// gathered out of the paged cache. The receiver recomputes the checksum over what landed
+/// and drops the whole request on a mismatch, so a stale or wrong checksum (or staging that
+/// changed after the gather) makes the send fail with
+/// [`TransferError::ChunksRejected`]; it never loads wrong KV.
+#[derive(Clone, Copy, Debug)]
+pub struct OutgoingChunk<'a> {
+    pub key: &'a CacheKey,
+    pub meta: ChunkMeta,
+    pub data: &'a [u8],
+    pub checksum: u64,
+}
+
 /// A KV-ready notification as the proxy receives it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvReady {
@@ -75,7 +89,7 @@ impl PdSender {
     pub fn send_request(
         &mut self,
         request_id: &str,
-        chunks: &[(CacheKey, ChunkMeta, &[u8])],
+        chunks: &[OutgoingChunk<'_>],
     ) -> Result<SendStats, TransferError> {
         let alloc = self.alloc_frame(request_id, chunks)?;
         let mut link = match self.link.take() {
@@ -110,7 +124,7 @@ impl PdSender {
     fn alloc_frame(
         &self,
         request_id: &str,
-        chunks: &[(CacheKey, ChunkMeta, &[u8])],
+        chunks: &[OutgoingChunk<'_>],
     ) -> Result<Vec<u8>, TransferError> {
         let bad = |index: usize, reason: String| TransferError::BadChunk {
             request: request_id.to_string(),
@@ -131,7 +145,8 @@ impl PdSender {
         }
         let fingerprint = self.config.spec.chunk_fingerprint();
         let mut decls = Vec::with_capacity(chunks.len());
-        for (i, (key, meta, data)) in chunks.iter().enumerate() {
+        for (i, chunk) in chunks.iter().enumerate() {
+            let (key, meta, data) = (chunk.key, &chunk.meta, chunk.data);
             let tokens = meta.num_tokens as usize;
             let expected = self.config.spec.chunk_bytes(tokens);
             if meta.layout_fingerprint != fingerprint {
@@ -324,7 +339,7 @@ impl Link {
         cfg: &PdConfig,
         request_id: &str,
         alloc: &[u8],
-        chunks: &[(CacheKey, ChunkMeta, &[u8])],
+        chunks: &[OutgoingChunk<'_>],
     ) -> Result<SendStats, TransferError> {
         let started = Instant::now();
         let set_read = |s: &TcpStream, t: Duration| {
@@ -347,24 +362,23 @@ impl Link {
         }
         let alloc_wait = started.elapsed();
         set_read(&self.stream, cfg.io_timeout)?;
-        let bytes = chunks.iter().map(|(_, _, d)| d.len() as u64).sum();
-        // The channel hashes each chunk while it moves it, so the source is read from memory
-        // once, on this thread (a separate hashing thread re-read every byte cold and fought
-        // the mover and the receiver for the cores). The receiver verifies chunk i while this loop moves chunk i + 1: it
-        // answers only at `Commit`.
-        for (i, ((_, _, data), page)) in chunks.iter().zip(&pages).enumerate() {
+        let bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
+        // Nothing is hashed here: the checksums came with the chunks, so moving the bytes
+        // is all the sending thread does. The receiver verifies chunk i while this loop
+        // moves chunk i + 1; it answers only at `Commit`.
+        for (i, (chunk, page)) in chunks.iter().zip(&pages).enumerate() {
             let dst = Put {
                 grant,
                 chunk: i as u32,
                 chunk_offset: 0,
                 remote_offset: u64::from(*page) * self.page_size as u64,
             };
-            let checksum = self.channel.put_chunk(&mut self.stream, dst, data)?;
+            self.channel.put_chunk(&mut self.stream, dst, chunk.data)?;
             self.channel.fence(&mut self.stream)?;
             let seal = Message::Seal {
                 grant,
                 chunk: i as u32,
-                checksum,
+                checksum: chunk.checksum,
             };
             write(&mut self.stream, &seal.encode())?;
         }

@@ -13,7 +13,6 @@ use super::auth::random;
 use super::buffer::PageMemory;
 use super::channel::{Channel, Put};
 use super::frame::ChannelKind;
-use super::fused::copy_and_checksum;
 use super::TransferError;
 use crate::device::stream::{stream_copy, stream_fence};
 
@@ -152,20 +151,6 @@ impl Channel for ShmChannel {
         // is our shared mapping, the other the caller's slice of its own memory.
         unsafe { stream_copy(target.as_mut_ptr(), src.as_ptr(), src.len()) };
         Ok(())
-    }
-
-    /// One pass that copies the chunk with streaming stores and hashes each line while it
-    /// is in registers ([`copy_and_checksum`]): as fast as the copy alone.
-    fn put_chunk(
-        &mut self,
-        _control: &mut TcpStream,
-        dst: Put,
-        src: &[u8],
-    ) -> Result<u64, TransferError> {
-        let target = self.target(dst, src.len())?;
-        // SAFETY: `target` is valid for src.len() bytes of writes and cannot overlap `src`:
-        // one is our shared mapping, the other the caller's slice of its own memory.
-        Ok(unsafe { copy_and_checksum(target.as_mut_ptr(), src) })
     }
 
     fn fence(&mut self, _control: &mut TcpStream) -> Result<(), TransferError> {

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{PdConfig, PdPeer, PdReceiver, PdSender, SendStats, TransferError};
+use super::frame::checksum;
+use super::{OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, SendStats, TransferError};
 use crate::device::HostBuffer;
 use crate::keys::CacheKey;
 use crate::store::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
@@ -75,7 +76,15 @@ pub struct PdSink {
     config: PdConfig,
     rank: u32,
     sender: Option<PdSender>,
-    pending: HashMap<String, Vec<(CacheKey, ChunkMeta, HostBuffer)>>,
+    pending: HashMap<String, Vec<GatheredChunk>>,
+}
+
+/// A chunk waiting to be sent, with the checksum taken when it was gathered.
+struct GatheredChunk {
+    key: CacheKey,
+    meta: ChunkMeta,
+    data: HostBuffer,
+    checksum: u64,
 }
 
 impl PdSink {
@@ -88,12 +97,20 @@ impl PdSink {
         }
     }
 
-    /// Holds one gathered chunk of `request_id` until the request is flushed.
+    /// Holds one gathered chunk of `request_id` until the request is flushed, and takes its
+    /// checksum now: during chunked prefill, so that the flush at the end of the prompt
+    /// (on the path to the decoder's first token) only moves bytes.
     pub fn add(&mut self, request_id: &str, key: CacheKey, meta: ChunkMeta, data: HostBuffer) {
+        let checksum = checksum(&data);
         self.pending
             .entry(request_id.to_string())
             .or_default()
-            .push((key, meta, data));
+            .push(GatheredChunk {
+                key,
+                meta,
+                data,
+                checksum,
+            });
     }
 
     /// Sends everything held for `request_id` (connecting on first use) and forgets it.
@@ -107,9 +124,14 @@ impl PdSink {
                     .insert(PdSender::connect(&self.config, peer, self.rank)?)
             }
         };
-        let views: Vec<(CacheKey, ChunkMeta, &[u8])> = chunks
+        let views: Vec<OutgoingChunk<'_>> = chunks
             .iter()
-            .map(|(key, meta, data)| (key.clone(), *meta, &data[..]))
+            .map(|c| OutgoingChunk {
+                key: &c.key,
+                meta: c.meta,
+                data: &c.data,
+                checksum: c.checksum,
+            })
             .collect();
         sender.send_request(request_id, &views)
     }

@@ -1,14 +1,11 @@
-//! One pass over a chunk that both copies it (non-temporal stores) and computes its xxh3-64
-//! checksum, for the `shm` sender: the source is read from memory once and each line is
-//! hashed while it is in registers, where hashing then copying even in L1-sized steps
-//! costs ~40% more than a plain copy.
-//!
-//! The digest is exactly xxh3-64 (seed 0, default secret), as [`super::frame::checksum`]
-//! computes it; the tests check that over many lengths. Only the long-input path of xxh3
-//! (more than 240 bytes) is fused; shorter inputs, CPUs without AVX2 and destinations that
-//! are not 32-byte aligned take the plain hash-then-copy.
+//! xxh3-64 (seed 0, default secret) for chunk bytes that are not in cache: the sender's
+//! staging buffers right after a gather, and the pages of an `shm` receiver that the sender
+//! filled with streaming stores. An AVX2 loop that prefetches ahead reads memory ~20%
+//! faster than twox-hash's; the digest is exactly xxh3-64, which the tests check over many
+//! lengths. Inputs of 240 bytes or less and CPUs without AVX2 take twox-hash.
 
-use crate::device::stream::{stream_copy, PREFETCH_AHEAD};
+#[cfg(target_arch = "x86_64")]
+use crate::device::stream::PREFETCH_AHEAD;
 
 const SECRET: [u8; 192] = [
     0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
@@ -36,31 +33,12 @@ const PRIME64_3: u64 = 0x1656_67B1_9E37_79F9;
 const PRIME64_4: u64 = 0x85EB_CA77_C2B2_AE63;
 const PRIME64_5: u64 = 0x27D4_EB2F_1656_67C5;
 
-/// Copies `src` to `dst` with streaming stores and returns the xxh3-64 of `src`. Call
-/// `stream_fence` before telling another process the bytes are there.
-///
-/// # Safety
-/// `dst` must be valid for writes of `src.len()` bytes and must not overlap `src`.
-pub unsafe fn copy_and_checksum(dst: *mut u8, src: &[u8]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if src.len() > 240 && dst.align_offset(32) == 0 && std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; the rest is forwarded from the caller.
-        return unsafe { avx2::copy_and_checksum::<true>(dst, src) };
-    }
-    let sum = twox_hash::XxHash3_64::oneshot(src);
-    // SAFETY: forwarded from the caller.
-    unsafe { stream_copy(dst, src.as_ptr(), src.len()) };
-    sum
-}
-
-/// The xxh3-64 of `src`, for bytes that are not in cache (the `shm` receiver verifying a
-/// page the sender filled with streaming stores): the same loop as [`copy_and_checksum`]
-/// without the copy, prefetching ahead, which reads memory ~20% faster than twox-hash.
+/// The xxh3-64 of `src`, read from memory once with prefetching.
 pub fn checksum_uncached(src: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if src.len() > 240 && std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present and the input is long; with COPY = false `dst` is unused.
-        return unsafe { avx2::copy_and_checksum::<false>(std::ptr::null_mut(), src) };
+        // SAFETY: AVX2 is present and the input is longer than 240 bytes.
+        return unsafe { avx2::checksum(src) };
     }
     twox_hash::XxHash3_64::oneshot(src)
 }
@@ -118,24 +96,21 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{
-        finish, stream_copy, BLOCK, INIT, PREFETCH_AHEAD, PRIME32_1, SECRET, STRIPE,
-        STRIPES_PER_BLOCK,
+        finish, BLOCK, INIT, PREFETCH_AHEAD, PRIME32_1, SECRET, STRIPE, STRIPES_PER_BLOCK,
     };
 
-    /// Hashes `src` and, with `COPY`, copies it to `dst`.
+    /// xxh3-64's long-input path over `src`.
     ///
     /// # Safety
-    /// AVX2 must be available and `src.len() > 240`; with `COPY`, `dst` must be 32-byte
-    /// aligned and valid for `src.len()` bytes of writes, not overlapping `src`.
+    /// AVX2 must be available and `src.len() > 240`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn copy_and_checksum<const COPY: bool>(dst: *mut u8, src: &[u8]) -> u64 {
+    pub(super) unsafe fn checksum(src: &[u8]) -> u64 {
         let len = src.len();
         let blocks = (len - 1) / BLOCK;
         let s = src.as_ptr();
         let k = SECRET.as_ptr();
         // SAFETY (whole block): every load is inside `src` (blocks * BLOCK < len) or
-        // `SECRET` (offsets below 16 * 8 + 32 + 32 <= 192), every store inside `dst`, which
-        // is 32-byte aligned at each 32-byte step from its aligned start.
+        // `SECRET` (offsets below 16 * 8 + 32 + 32 <= 192); prefetches cannot fault.
         unsafe {
             let mut acc = [
                 _mm256_loadu_si256(INIT.as_ptr().cast()),
@@ -151,13 +126,6 @@ mod avx2 {
                         _mm256_loadu_si256(s.add(at).cast()),
                         _mm256_loadu_si256(s.add(at + 32).cast()),
                     ];
-                    if COPY {
-                        let d = dst.add(at).cast::<__m128i>();
-                        _mm_stream_si128(d, _mm256_castsi256_si128(data[0]));
-                        _mm_stream_si128(d.add(1), _mm256_extracti128_si256::<1>(data[0]));
-                        _mm_stream_si128(d.add(2), _mm256_castsi256_si128(data[1]));
-                        _mm_stream_si128(d.add(3), _mm256_extracti128_si256::<1>(data[1]));
-                    }
                     for half in 0..2 {
                         let data = data[half];
                         let key = _mm256_loadu_si256(k.add(n * 8 + 32 * half).cast());
@@ -182,9 +150,6 @@ mod avx2 {
                 }
             }
             let done = blocks * BLOCK;
-            if COPY {
-                stream_copy(dst.add(done), s.add(done), len - done);
-            }
             let mut lanes = [0u64; 8];
             _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc[0]);
             _mm256_storeu_si256(lanes.as_mut_ptr().add(4).cast(), acc[1]);
@@ -196,36 +161,28 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::stream::stream_fence;
 
     #[test]
-    fn is_xxh3_64_and_copies_every_byte() {
-        let src: Vec<u8> = (0..70_000u32)
+    fn is_xxh3_64_at_every_length_and_alignment() {
+        let src: Vec<u8> = (0..70_001u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let mut dst = vec![0u8; 70_000 + 64];
-        let shift = dst.as_ptr().align_offset(32);
         for len in [
             0, 1, 64, 240, 241, 255, 256, 1023, 1024, 1025, 1087, 2048, 2049, 4096, 5000, 16_384,
             65_537, 70_000,
         ] {
-            for extra in [0, 1] {
-                let out = &mut dst[shift + extra..];
-                out[..len].fill(0);
-                // SAFETY: `out` holds at least len bytes and is a different vector.
-                let sum = unsafe { copy_and_checksum(out.as_mut_ptr(), &src[..len]) };
-                stream_fence();
+            for shift in [0, 1] {
+                let bytes = &src[shift..shift + len];
+                let expected = xxhash_rust::xxh3::xxh3_64(bytes);
                 assert_eq!(
-                    sum,
-                    xxhash_rust::xxh3::xxh3_64(&src[..len]),
-                    "len {len} shift {extra}"
+                    checksum_uncached(bytes),
+                    expected,
+                    "len {len} shift {shift}"
                 );
-                assert_eq!(&out[..len], &src[..len], "len {len} shift {extra}");
-                assert_eq!(sum, checksum_uncached(&src[..len]), "len {len}");
-                assert_eq!(sum, super::super::frame::checksum(&src[..len]), "len {len}");
+                assert_eq!(super::super::frame::checksum(bytes), expected, "len {len}");
                 let mut pieces = super::super::frame::ChunkHasher::new();
-                src[..len].chunks(7000).for_each(|p| pieces.update(p));
-                assert_eq!(sum, pieces.digest(), "len {len} in pieces");
+                bytes.chunks(7000).for_each(|p| pieces.update(p));
+                assert_eq!(pieces.digest(), expected, "len {len} in pieces");
             }
         }
     }
