@@ -117,6 +117,7 @@ fn run_role(role: &str, dir: &Path, tokens: usize) -> Result<serde_json::Value, 
         id: role,
         tokens: &tokens_ids,
         num_prompt_tokens: tokens,
+        kv_transfer_params: None,
     };
     let (external, _) = connector
         .scheduler

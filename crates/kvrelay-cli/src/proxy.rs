@@ -42,12 +42,19 @@ pub struct ProxyArgs {
     decoder_port: Vec<u16>,
     #[arg(long, default_value_t = 1)]
     num_decoders: usize,
-    /// The decoders' PD init ports, one per TP rank; sent to prefillers in `disagg_spec`.
+    /// The decoders' PD init ports, one per TP rank, sent to prefillers in `disagg_spec`:
+    /// shared by every decoder (LMCache's meaning), or with --decoder-tp-size R, R ports
+    /// per decoder in decoder order.
     #[arg(long, value_delimiter = ',', default_value = "8300")]
     decoder_init_port: Vec<u16>,
-    /// The decoders' PD alloc ports, one per TP rank; sent to prefillers in `disagg_spec`.
+    /// The decoders' PD alloc ports, laid out as --decoder-init-port.
     #[arg(long, value_delimiter = ',', default_value = "8400")]
     decoder_alloc_port: Vec<u16>,
+    /// TP ranks per decoder, when --decoder-init-port/--decoder-alloc-port list
+    /// num-decoders × R ports (several decoders on one host need their own ports).
+    /// Default: the whole list is one decoder's ranks, shared by every decoder.
+    #[arg(long)]
+    decoder_tp_size: Option<usize>,
     /// Where PD senders (LMCache `pd_proxy_host:pd_proxy_port`) notify the proxy that a
     /// request's KV reached every decoder rank. With --proxy-port the proxy waits for those
     /// notifications before it calls the decoder; without it, the prefiller's answer is
@@ -197,11 +204,42 @@ impl KvReadyBoard {
     }
 }
 
-struct Proxy {
-    prefillers: Vec<String>,
-    decoders: Vec<String>,
+/// A decoder: its URL and the PD ports of its TP ranks.
+struct Decoder {
+    url: String,
     init_ports: Vec<u16>,
     alloc_ports: Vec<u16>,
+}
+
+/// Splits a PD port list into each decoder's ranks (see --decoder-tp-size).
+fn ports_per_decoder(
+    flag: &str,
+    ports: &[u16],
+    decoders: usize,
+    tp_size: Option<usize>,
+) -> Result<Vec<Vec<u16>>, String> {
+    let ranks = tp_size.unwrap_or(ports.len());
+    if ranks == 0 {
+        return Err(format!(
+            "--{flag} and --decoder-tp-size must name at least one rank"
+        ));
+    }
+    if ports.len() == ranks {
+        Ok(vec![ports.to_vec(); decoders])
+    } else if ports.len() == ranks * decoders {
+        Ok(ports.chunks(ranks).map(<[u16]>::to_vec).collect())
+    } else {
+        Err(format!(
+            "--{flag} lists {} ports; with {decoders} decoders of {ranks} TP ranks it needs {ranks} (shared) or {}",
+            ports.len(),
+            ranks * decoders
+        ))
+    }
+}
+
+struct Proxy {
+    prefillers: Vec<String>,
+    decoders: Vec<Decoder>,
     agent: ureq::Agent,
     timeout: Duration,
     next: AtomicUsize,
@@ -221,12 +259,40 @@ pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
         &args.prefiller_port,
         args.num_prefillers,
     )?;
-    let decoders = instances(
+    let urls = instances(
         "decoder",
         &args.decoder_host,
         &args.decoder_port,
         args.num_decoders,
     )?;
+    let init = ports_per_decoder(
+        "decoder-init-port",
+        &args.decoder_init_port,
+        urls.len(),
+        args.decoder_tp_size,
+    )?;
+    let alloc = ports_per_decoder(
+        "decoder-alloc-port",
+        &args.decoder_alloc_port,
+        urls.len(),
+        args.decoder_tp_size,
+    )?;
+    if args.decoder_init_port.len() != args.decoder_alloc_port.len() {
+        return Err(format!(
+            "--decoder-init-port lists {} ports and --decoder-alloc-port {}; each rank has one of each",
+            args.decoder_init_port.len(),
+            args.decoder_alloc_port.len()
+        ));
+    }
+    let decoders = urls
+        .into_iter()
+        .zip(init.into_iter().zip(alloc))
+        .map(|(url, (init_ports, alloc_ports))| Decoder {
+            url,
+            init_ports,
+            alloc_ports,
+        })
+        .collect();
     let timeout = Duration::from_secs(args.timeout_sec);
     let agent = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(args.connect_timeout_sec))
@@ -245,8 +311,6 @@ pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
     let proxy = Arc::new(Proxy {
         prefillers,
         decoders,
-        init_ports: args.decoder_init_port,
-        alloc_ports: args.decoder_alloc_port,
         agent,
         timeout,
         next: AtomicUsize::new(0),
@@ -326,7 +390,7 @@ impl Proxy {
                 let prefilled = read_json_object(&mut request)
                     .and_then(|body| self.prefill(&path, &body, n, decoder).map(|()| body));
                 match prefilled {
-                    Ok(body) => self.decode(request, &path, body, decoder),
+                    Ok(body) => self.decode(request, &path, body, &decoder.url),
                     Err(e) => respond_error(request, &e),
                 }
             }
@@ -344,13 +408,13 @@ impl Proxy {
     }
 
     /// Runs the prefill of request `n`, `body` as `max_tokens` 1 and not streamed, on its
-    /// prefiller, for `decoder` to load.
+    /// prefiller, for `decoder` to load (its PD ranks are the receivers).
     fn prefill(
         &self,
         path: &str,
         body: &Map<String, Value>,
         n: usize,
-        decoder: &str,
+        decoder: &Decoder,
     ) -> Result<(), HttpError> {
         let mut prefill = body.clone();
         prefill.insert("max_tokens".into(), json!(1));
@@ -360,18 +424,21 @@ impl Proxy {
         prefill.insert("stream".into(), json!(false));
         prefill.remove("stream_options");
         let request_id = format!("{}-{n}", self.id_prefix);
-        let receiver_host = decoder
+        let url = &decoder.url;
+        let receiver_host = url
             .trim_start_matches("http://")
             .rsplit_once(':')
-            .map_or(decoder, |(host, _)| host);
+            .map_or(url.as_str(), |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         prefill.insert(
             "kv_transfer_params".into(),
             json!({
                 "disagg_spec": {
                     "req_id": request_id,
                     "receiver_host": receiver_host,
-                    "receiver_init_port": self.init_ports,
-                    "receiver_alloc_port": self.alloc_ports,
+                    "receiver_init_port": decoder.init_ports,
+                    "receiver_alloc_port": decoder.alloc_ports,
                 }
             }),
         );
@@ -382,7 +449,7 @@ impl Proxy {
             .map_err(|e| upstream_error("prefiller", &url, e))?
             .into_string()
             .map_err(|e| HttpError::new(502, format!("reading prefiller {url}'s answer: {e}")))?;
-        let ranks = self.init_ports.len().max(1);
+        let ranks = decoder.init_ports.len().max(1);
         match &self.kv_ready {
             Some(board) if !board.wait(&request_id, ranks, self.timeout) => Err(HttpError::new(
                 504,
@@ -442,5 +509,23 @@ impl Proxy {
             }
         }
         let _ = out.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ports_per_decoder;
+
+    #[test]
+    fn pd_ports_are_shared_or_split_per_decoder() {
+        let shared = ports_per_decoder("p", &[7300, 7301], 3, None).unwrap();
+        assert_eq!(shared, vec![vec![7300, 7301]; 3]);
+        let split = ports_per_decoder("p", &[7300, 7301, 7400, 7401], 2, Some(2)).unwrap();
+        assert_eq!(split, vec![vec![7300, 7301], vec![7400, 7401]]);
+        let one_rank_each = ports_per_decoder("p", &[7300, 7400], 2, Some(1)).unwrap();
+        assert_eq!(one_rank_each, vec![vec![7300], vec![7400]]);
+        let err = ports_per_decoder("decoder-init-port", &[1, 2, 3], 2, Some(2)).unwrap_err();
+        assert!(err.contains("lists 3 ports"), "{err}");
+        assert!(ports_per_decoder("p", &[1], 1, Some(0)).is_err());
     }
 }

@@ -483,6 +483,9 @@ struct Disagg {
 /// The seed's decoder `--kv-transfer-config`.
 const CONSUMER: &str = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "consumer1", "skip_last_n_tokens": 1}}"#;
 
+/// The seed's prefiller `--kv-transfer-config`.
+const PRODUCER: &str = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "producer1"}}"#;
+
 /// `kvrelay serve` as the seed starts it, with `kv_transfer_config` and the LMCache YAML
 /// at `yaml`, plus `extra` flags.
 fn seed_server(kv_transfer_config: &str, yaml: &str, extra: &[&str]) -> Proc {
@@ -526,11 +529,9 @@ impl Disagg {
             yaml("prefiller.yaml", "sender"),
             yaml("decoder.yaml", "receiver"),
         );
-        // The seed's --kv-transfer-config values.
-        let producer = r#"{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer", "kv_connector_module_path":"lmcache_ascend.integration.vllm.lmcache_ascend_connector_v1","kv_connector_extra_config": {"discard_partial_chunks": false, "lmcache_rpc_port": "producer1"}}"#;
         // The decoder first: its PD buffer must listen before the prefiller sends.
         let decoder = seed_server(CONSUMER, &receiver_yaml, &[]);
-        let prefiller = seed_server(producer, &sender_yaml, &[]);
+        let prefiller = seed_server(PRODUCER, &sender_yaml, &[]);
         let (init, alloc, notify) = (init.to_string(), alloc.to_string(), notify.to_string());
         let mut proxy_flags = vec![
             "--num-prefillers",
@@ -608,6 +609,100 @@ fn the_same_request_succeeds_once_a_killed_decoder_is_back() {
     assert_eq!(
         metric(&metrics, "kvrelay_pd_buffer_pages"),
         50_000_000 / (64 * 1024)
+    );
+}
+
+/// One prefiller, two decoders on one host (their own PD ports): the prefiller's config
+/// names no PD peer, so each request's KV can only reach a decoder through the receiver the
+/// proxy put in its `disagg_spec`, and it must be the decoder the proxy then calls.
+#[test]
+fn pd_kv_goes_to_the_decoder_the_proxy_picked() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = free_port().to_string();
+    let yaml = |name: &str, role: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "chunk_size: 64\nlocal_cpu: false\npre_caching_hash_algorithm: sha256_cbor\n\
+             save_unfull_chunk: true\nenable_pd: true\npd_buffer_size: 50000000\n\
+             pd_buffer_device: cpu\ntransfer_channel: tcp\npd_proxy_host: 127.0.0.1\n\
+             pd_proxy_port: {notify}\n{role}"
+        );
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_port(), free_port())).collect();
+    let decoders: Vec<Proc> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (init, alloc))| {
+            let role = format!(
+                "pd_role: receiver\npd_peer_host: 127.0.0.1\npd_peer_init_port: [{init}]\npd_peer_alloc_port: [{alloc}]\n"
+            );
+            seed_server(CONSUMER, &yaml(&format!("decoder{i}.yaml"), &role), &[])
+        })
+        .collect();
+    let prefiller = seed_server(PRODUCER, &yaml("prefiller.yaml", "pd_role: sender\n"), &[]);
+    let list = |pick: fn(&(u16, u16)) -> u16| {
+        ports
+            .iter()
+            .map(|p| pick(p).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (init, alloc) = (list(|p| p.0), list(|p| p.1));
+    let decoder_ports = format!("{},{}", decoders[0].port(), decoders[1].port());
+    let proxy = Proc::proxy(
+        &prefiller.port(),
+        &decoder_ports,
+        &[
+            "--num-decoders",
+            "2",
+            "--decoder-tp-size",
+            "1",
+            "--decoder-init-port",
+            &init,
+            "--decoder-alloc-port",
+            &alloc,
+            "--proxy-host",
+            "127.0.0.1",
+            "--proxy-port",
+            &notify,
+            "--timeout-sec",
+            "30",
+        ],
+    );
+    let url = format!("{}/v1/completions", proxy.url);
+    let prompts: Vec<String> = (0..4).map(|i| text_prompt(i).repeat(2)).collect();
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| Tokenizer::Bytes.encode(p).unwrap())
+        .collect();
+    let want = expected(&ids, 6);
+    // One at a time, so round-robin gives requests 0 and 2 to decoder 0, 1 and 3 to 1.
+    for (prompt, want) in prompts.iter().zip(&want) {
+        let (status, body) = post(&url, &json!({"prompt": prompt, "max_tokens": 6}));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(&token_ids(&body["choices"][0]["token_ids"]), want);
+    }
+    let full_chunks = |p: &Vec<u32>| ((p.len() - 1) / 64 * 64) as u64;
+    for (d, decoder) in decoders.iter().enumerate() {
+        let (_, metrics) = get(&format!("{}/metrics", decoder.url));
+        assert_eq!(
+            metric(&metrics, "kvrelay_connector_hit_tokens_total"),
+            full_chunks(&ids[d]) + full_chunks(&ids[d + 2]),
+            "decoder {d}: {metrics}"
+        );
+    }
+    // A disagg_spec naming a receiver only in part is the client's error.
+    let prefill_url = format!("{}/v1/completions", prefiller.url);
+    let (status, body) = post(
+        &prefill_url,
+        &json!({"prompt": "a", "kv_transfer_params": {"disagg_spec": {"req_id": "x", "receiver_host": "127.0.0.1"}}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        error_message(&body).contains("receiver_init_port"),
+        "{body}"
     );
 }
 

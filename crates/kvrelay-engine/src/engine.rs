@@ -64,11 +64,13 @@ impl EngineConfig {
     }
 }
 
-/// Greedy sampling limits of one request.
-#[derive(Clone, Copy, Debug)]
+/// Greedy sampling limits of one request, and (as vLLM carries them in its sampling
+/// params) the request's `kv_transfer_params` for the connector.
+#[derive(Clone, Debug)]
 pub struct SamplingParams {
     pub max_tokens: usize,
     pub ignore_eos: bool,
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 impl SamplingParams {
@@ -76,6 +78,7 @@ impl SamplingParams {
         SamplingParams {
             max_tokens,
             ignore_eos: false,
+            kv_transfer_params: None,
         }
     }
 }
@@ -146,6 +149,7 @@ impl Request {
             id: &self.id,
             tokens: &self.tokens,
             num_prompt_tokens: self.num_prompt_tokens,
+            kv_transfer_params: self.params.kv_transfer_params.as_ref(),
         }
     }
 
@@ -778,7 +782,7 @@ impl Engine {
     ) -> Result<Vec<RequestOutput>, EngineError> {
         let ids: Vec<String> = (0..prompts.len()).map(|i| format!("req-{i}")).collect();
         for (id, prompt) in ids.iter().zip(prompts) {
-            self.add_request(id.clone(), prompt.clone(), params)?;
+            self.add_request(id.clone(), prompt.clone(), params.clone())?;
         }
         let mut outputs = self.run_to_completion()?;
         outputs.sort_by_key(|o| ids.iter().position(|id| *id == o.request_id));

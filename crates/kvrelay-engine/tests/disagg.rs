@@ -310,10 +310,13 @@ fn bad_requests_are_rejected_with_a_reason() {
         (vec![1; 64], "does not fit max_model_len"),
         (vec![100_000], "outside the vocabulary"),
     ] {
-        let err = e.add_request("r", prompt, greedy).unwrap_err().to_string();
+        let err = e
+            .add_request("r", prompt, greedy.clone())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{err}");
     }
-    e.add_request("r", vec![1, 2], greedy).unwrap();
+    e.add_request("r", vec![1, 2], greedy.clone()).unwrap();
     let err = e.add_request("r", vec![1], greedy).unwrap_err().to_string();
     assert!(err.contains("already in use"), "{err}");
 }

@@ -132,6 +132,7 @@ impl Engine {
             id,
             tokens,
             num_prompt_tokens: tokens.len(),
+            kv_transfer_params: None,
         };
         let c = &mut self.connector;
         let (external, is_async) = c

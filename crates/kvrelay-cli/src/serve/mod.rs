@@ -276,6 +276,7 @@ impl ServeState {
             let params = SamplingParams {
                 max_tokens: parsed.max_tokens,
                 ignore_eos: parsed.ignore_eos,
+                kv_transfer_params: parsed.kv_transfer_params.clone(),
             };
             let events = self
                 .engine

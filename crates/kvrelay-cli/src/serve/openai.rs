@@ -1,6 +1,7 @@
 //! The OpenAI completions protocol: reading a request body, and the JSON of responses and
 //! stream chunks (vLLM's shapes, plus `token_ids` in every choice).
 
+use kvrelay::transfer::PdTarget;
 use kvrelay_engine::{FinishReason, RequestOutput, Tokenizer};
 use serde_json::{json, Map, Value};
 
@@ -19,6 +20,9 @@ pub struct CompletionRequest {
     pub include_usage: bool,
     /// `kv_transfer_params.disagg_spec.req_id`: the id a PD proxy knows this prefill by.
     pub pd_request_id: Option<String>,
+    /// The request's `kv_transfer_params`, checked (a `disagg_spec` receiver is well formed)
+    /// and handed to the connector.
+    pub kv_transfer_params: Option<Value>,
 }
 
 /// What the server checks requests against.
@@ -116,8 +120,11 @@ impl ModelInfo<'_> {
             Some(Value::Array(stops)) if stops.is_empty() => {}
             Some(_) => return Err(HttpError::bad_request("`stop` strings are not supported")),
         }
-        let pd_request_id = match body.get("kv_transfer_params") {
-            None | Some(Value::Null) => None,
+        let kv_transfer_params = body.get("kv_transfer_params").filter(|p| !p.is_null());
+        PdTarget::from_kv_transfer_params(kv_transfer_params)
+            .map_err(|e| HttpError::bad_request(format!("`kv_transfer_params`: {e}")))?;
+        let pd_request_id = match kv_transfer_params {
+            None => None,
             Some(Value::Object(params)) => match &params.get("disagg_spec").map(|s| &s["req_id"]) {
                 None | Some(Value::Null) => None,
                 Some(Value::String(id)) if !id.is_empty() && id.len() <= 200 => Some(id.clone()),
@@ -153,6 +160,7 @@ impl ModelInfo<'_> {
             stream: flag(body, "stream")?,
             include_usage,
             pd_request_id,
+            kv_transfer_params: kv_transfer_params.cloned(),
         })
     }
 }

@@ -79,6 +79,9 @@ pub struct RequestView<'a> {
     /// Every token so far: the prompt, then generated tokens.
     pub tokens: &'a [u32],
     pub num_prompt_tokens: usize,
+    /// The request's `kv_transfer_params` (vLLM carries them in the sampling params); a PD
+    /// prefiller reads its `disagg_spec` receiver from them.
+    pub kv_transfer_params: Option<&'a serde_json::Value>,
 }
 
 /// A request scheduled in this step, as `build_connector_meta` sees it.
@@ -113,6 +116,9 @@ pub struct RequestTransfer {
     /// This step completes the request's prompt: a PD prefiller sends everything it
     /// gathered for the request now.
     pub flush_saves: bool,
+    /// With `flush_saves`: the request's `kv_transfer_params`, which may name the receiver
+    /// ([`crate::transfer::PdTarget`]).
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 /// The per-step message from the scheduler half to the worker half.
@@ -139,6 +145,9 @@ impl ConnectorMetadata {
                 loads,
                 saves,
                 flush_saves,
+                kv_transfer_params: flush_saves
+                    .then(|| scheduled.request.kv_transfer_params.cloned())
+                    .flatten(),
             });
         }
     }

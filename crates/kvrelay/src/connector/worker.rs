@@ -14,7 +14,7 @@ use crate::device::{Device, EngineMemory, HostBuffer};
 use crate::layout::KvCacheSpec;
 use crate::plan::{paged_to_chunks, ChunkWindow};
 use crate::store::{ChunkMeta, TierStack};
-use crate::transfer::PdSink;
+use crate::transfer::{PdSink, PdTarget};
 
 /// Transfer figures a user can read (the smoke examples print them), for the whole worker
 /// and for each request.
@@ -278,7 +278,9 @@ impl KvWorker {
             }
         }
         if let (true, Some(sink)) = (request.flush_saves, self.pd_sink.as_mut()) {
-            if let Err(error) = sink.flush(&request.request_id) {
+            let target = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref());
+            let sent = target.and_then(|t| sink.flush(&request.request_id, t.as_ref()));
+            if let Err(error) = sent {
                 tracing::warn!(request = %request.request_id, %error, "sending KV to the decoder failed; it will recompute");
                 stats.failed_sends += 1;
             }

@@ -162,9 +162,100 @@ impl TransferError {
     }
 }
 
-/// Where a sender finds receiver rank `rank`: from the proxy's `disagg_spec`
-/// (`receiver_host`, `receiver_init_port[]`, `receiver_alloc_port[]`) or the config.
+/// The receiver a PD proxy chose for one request: the `receiver_host`,
+/// `receiver_init_port[]` and `receiver_alloc_port[]` of LMCache's
+/// `kv_transfer_params.disagg_spec` (one port of each per decoder TP rank).
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PdTarget {
+    pub host: String,
+    pub init_ports: Vec<u16>,
+    pub alloc_ports: Vec<u16>,
+}
+
+/// Longest `receiver_host` accepted (a DNS name is at most 253 bytes).
+const MAX_HOST: usize = 253;
+/// Most TP ranks a `disagg_spec` may list.
+const MAX_RANKS: usize = 1024;
+
+impl PdTarget {
+    /// Reads the receiver out of a request's `kv_transfer_params`. `Ok(None)` when it names
+    /// none (no `disagg_spec`, or one with only a `req_id`): the sender's configured peer is
+    /// used. A receiver named only in part, or with bad values, is an error.
+    pub fn from_kv_transfer_params(
+        params: Option<&serde_json::Value>,
+    ) -> Result<Option<Self>, TransferError> {
+        let Some(spec) = params.and_then(|p| p.get("disagg_spec")) else {
+            return Ok(None);
+        };
+        let bad = |what: String| TransferError::Config(format!("disagg_spec: {what}"));
+        let field = |name: &str| spec.get(name).filter(|v| !v.is_null());
+        let (host, init, alloc) = match (
+            field("receiver_host"),
+            field("receiver_init_port"),
+            field("receiver_alloc_port"),
+        ) {
+            (None, None, None) => return Ok(None),
+            (Some(host), Some(init), Some(alloc)) => (host, init, alloc),
+            _ => {
+                return Err(bad(
+                    "receiver_host, receiver_init_port and receiver_alloc_port go together".into(),
+                ))
+            }
+        };
+        let host = host
+            .as_str()
+            .filter(|h| !h.is_empty() && h.len() <= MAX_HOST)
+            .ok_or_else(|| {
+                bad(format!(
+                    "receiver_host must be a host name of 1..={MAX_HOST} bytes"
+                ))
+            })?;
+        let ports = |name: &str, value: &serde_json::Value| -> Result<Vec<u16>, TransferError> {
+            // LMCache lists one port per TP rank; a bare number is a list of one.
+            let items = match value {
+                serde_json::Value::Array(items) => items.as_slice(),
+                single => std::slice::from_ref(single),
+            };
+            if items.is_empty() || items.len() > MAX_RANKS {
+                return Err(bad(format!("{name} must list 1..={MAX_RANKS} ports")));
+            }
+            items
+                .iter()
+                .map(|p| {
+                    p.as_u64()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|&p| p != 0)
+                        .ok_or_else(|| bad(format!("{name}: {p} is not a TCP port")))
+                })
+                .collect()
+        };
+        let (init_ports, alloc_ports) = (
+            ports("receiver_init_port", init)?,
+            ports("receiver_alloc_port", alloc)?,
+        );
+        if init_ports.len() != alloc_ports.len() {
+            return Err(bad(format!(
+                "{} init ports but {} alloc ports; each TP rank has one of each",
+                init_ports.len(),
+                alloc_ports.len()
+            )));
+        }
+        Ok(Some(PdTarget {
+            host: host.to_string(),
+            init_ports,
+            alloc_ports,
+        }))
+    }
+
+    /// Receiver rank `rank` of this target (rank i sends to rank i).
+    pub fn peer(&self, rank: u32) -> Result<PdPeer, TransferError> {
+        PdPeer::for_rank(&self.host, &self.init_ports, &self.alloc_ports, rank)
+    }
+}
+
+/// Where a sender finds receiver rank `rank`: from the proxy's `disagg_spec`
+/// ([`PdTarget`]) or the config.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PdPeer {
     pub host: String,
     pub init_port: u16,
@@ -286,5 +377,76 @@ impl PdConfig {
 
     fn secret(&self) -> Option<&[u8]> {
         self.shared_secret.as_ref().map(SecretString::expose)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn target(params: serde_json::Value) -> Result<Option<PdTarget>, TransferError> {
+        PdTarget::from_kv_transfer_params(Some(&params))
+    }
+
+    #[test]
+    fn a_disagg_spec_names_the_receiver_or_nothing() {
+        assert_eq!(PdTarget::from_kv_transfer_params(None).unwrap(), None);
+        assert_eq!(target(json!({"ret_first_tok": true})).unwrap(), None);
+        assert_eq!(
+            target(json!({"disagg_spec": {"req_id": "r"}})).unwrap(),
+            None
+        );
+        let full = target(json!({"disagg_spec": {"req_id": "r", "receiver_host": "d1",
+            "receiver_init_port": [7300, 7301], "receiver_alloc_port": [7400, 7401]}}))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            full.peer(1).unwrap(),
+            PdPeer {
+                host: "d1".into(),
+                init_port: 7301,
+                alloc_port: 7401,
+            }
+        );
+        assert!(full.peer(2).is_err());
+        // A bare port is a list of one.
+        let single = target(json!({"disagg_spec": {"receiver_host": "d",
+            "receiver_init_port": 7300, "receiver_alloc_port": 7400}}))
+        .unwrap()
+        .unwrap();
+        assert_eq!(single.init_ports, vec![7300]);
+    }
+
+    #[test]
+    fn a_malformed_disagg_spec_is_an_error() {
+        for (spec, needle) in [
+            (json!({"receiver_host": "d"}), "go together"),
+            (
+                json!({"receiver_host": "", "receiver_init_port": [1], "receiver_alloc_port": [2]}),
+                "receiver_host",
+            ),
+            (
+                json!({"receiver_host": "d", "receiver_init_port": [70000], "receiver_alloc_port": [2]}),
+                "not a TCP port",
+            ),
+            (
+                json!({"receiver_host": "d", "receiver_init_port": ["x"], "receiver_alloc_port": [2]}),
+                "not a TCP port",
+            ),
+            (
+                json!({"receiver_host": "d", "receiver_init_port": [], "receiver_alloc_port": []}),
+                "1..=",
+            ),
+            (
+                json!({"receiver_host": "d", "receiver_init_port": [1, 2], "receiver_alloc_port": [3]}),
+                "2 init ports but 1",
+            ),
+        ] {
+            let err = target(json!({ "disagg_spec": spec }))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
     }
 }

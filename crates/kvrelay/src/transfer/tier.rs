@@ -1,11 +1,14 @@
 //! The PD buffer as the decoder's connector sees it: a tier that holds what prefillers
 //! pushed, and the prefiller's side that collects a request's chunks and pushes them.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::frame::checksum;
-use super::{OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, SendStats, TransferError};
+use super::{
+    OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, SendStats, TransferError,
+};
 use crate::device::HostBuffer;
 use crate::keys::CacheKey;
 use crate::store::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
@@ -70,12 +73,20 @@ impl Tier for ReceivedKv {
     }
 }
 
+/// Connected receivers a sink keeps; past this many, the least recently used link is
+/// closed (a proxy round-robins over a handful of decoders, so this is never reached in a
+/// sane deployment, but a stream of distinct targets must not pile up sockets).
+const MAX_LINKS: usize = 64;
+
 /// The prefiller's PD side: gathers a request's chunks as chunked prefill saves them, and
-/// sends them all at once when the prompt is done (the receiver admits a request whole).
+/// sends them all at once when the prompt is done (the receiver admits a request whole) to
+/// the receiver its proxy named, or to the configured peer.
 pub struct PdSink {
     config: PdConfig,
     rank: u32,
-    sender: Option<PdSender>,
+    /// One handshaken link per receiver, with the flush count of its last use.
+    links: HashMap<PdPeer, (PdSender, u64)>,
+    flushes: u64,
     pending: HashMap<String, Vec<GatheredChunk>>,
 }
 
@@ -92,7 +103,8 @@ impl PdSink {
         PdSink {
             config,
             rank,
-            sender: None,
+            links: HashMap::new(),
+            flushes: 0,
             pending: HashMap::new(),
         }
     }
@@ -113,17 +125,23 @@ impl PdSink {
             });
     }
 
-    /// Sends everything held for `request_id` (connecting on first use) and forgets it.
-    pub fn flush(&mut self, request_id: &str) -> Result<SendStats, TransferError> {
+    /// Sends everything held for `request_id` to `target`'s receiver of this rank, or to
+    /// the configured peer without one (connecting on first use), and forgets it.
+    pub fn flush(
+        &mut self,
+        request_id: &str,
+        target: Option<&PdTarget>,
+    ) -> Result<SendStats, TransferError> {
         let chunks = self.pending.remove(request_id).unwrap_or_default();
-        let sender = match self.sender.as_mut() {
-            Some(sender) => sender,
-            None => {
-                let peer = PdPeer::from_config(&self.config, self.rank)?;
-                self.sender
-                    .insert(PdSender::connect(&self.config, peer, self.rank)?)
-            }
+        let peer = match target {
+            Some(target) => target.peer(self.rank)?,
+            None => PdPeer::from_config(&self.config, self.rank).map_err(|e| {
+                TransferError::Config(format!(
+                    "request {request_id:?} names no receiver (no disagg_spec) and {e}"
+                ))
+            })?,
         };
+        let sender = self.link(peer)?;
         let views: Vec<OutgoingChunk<'_>> = chunks
             .iter()
             .map(|c| OutgoingChunk {
@@ -134,6 +152,30 @@ impl PdSink {
             })
             .collect();
         sender.send_request(request_id, &views)
+    }
+
+    /// The link to `peer`, handshaking on first use.
+    fn link(&mut self, peer: PdPeer) -> Result<&mut PdSender, TransferError> {
+        self.flushes += 1;
+        if !self.links.contains_key(&peer) && self.links.len() >= MAX_LINKS {
+            let oldest = self
+                .links
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(peer, _)| peer.clone());
+            if let Some(oldest) = oldest {
+                self.links.remove(&oldest);
+            }
+        }
+        let link = match self.links.entry(peer) {
+            Entry::Occupied(link) => link.into_mut(),
+            Entry::Vacant(slot) => {
+                let sender = PdSender::connect(&self.config, slot.key().clone(), self.rank)?;
+                slot.insert((sender, 0))
+            }
+        };
+        link.1 = self.flushes;
+        Ok(&mut link.0)
     }
 
     /// Drops what is held for a request that ended before its prompt was saved.
