@@ -36,6 +36,7 @@ unsafe impl Sync for ShmPages {}
 impl ShmPages {
     /// A fresh, zeroed, pre-faulted shared buffer of `len` bytes, readable only by this user.
     pub(crate) fn create(rank: u32, len: usize) -> Result<Self, TransferError> {
+        remove_orphans(Path::new(SHM_DIR));
         let tag: [u8; 8] = random()?;
         let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
         let path = Path::new(SHM_DIR).join(format!("{PREFIX}{}-{rank}-{hex}", std::process::id()));
@@ -76,6 +77,49 @@ impl ShmPages {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Removes the PD buffers that receivers which died without cleaning up (killed, crashed)
+/// left in `dir`: files named `kvrelay-pd-<pid>-...`, owned by this user, whose process is
+/// gone. A file whose process still runs is kept, even if that pid was reused.
+fn remove_orphans(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+            .filter(|&pid| pid > 0)
+        else {
+            continue;
+        };
+        let ours = entry
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_file() && m.uid() == uid);
+        if !ours || process_exists(pid) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                tracing::info!(path = %entry.path().display(), pid, "removed a PD shm buffer its dead receiver left")
+            }
+            Err(error) => {
+                tracing::debug!(path = %entry.path().display(), %error, "could not remove an orphaned PD shm buffer")
+            }
+        }
+    }
+}
+
+fn process_exists(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that `pid` exists and may be signalled; nothing is sent.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 impl PageMemory for ShmPages {
@@ -175,5 +219,29 @@ impl ShmChannel {
                     dst.remote_offset
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphans_of_dead_receivers_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let live = std::process::id();
+        let orphan = dir.path().join(format!("{PREFIX}{dead}-0-00112233"));
+        let kept = dir.path().join(format!("{PREFIX}{live}-0-44556677"));
+        let foreign = dir.path().join(format!("other-{dead}-0"));
+        for path in [&orphan, &kept, &foreign] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        remove_orphans(dir.path());
+        assert!(!orphan.exists());
+        assert!(kept.exists());
+        assert!(foreign.exists());
     }
 }
