@@ -478,6 +478,7 @@ struct Disagg {
     decoder: Proc,
     proxy: Proc,
     decoder_yaml: String,
+    prefiller_yaml: String,
 }
 
 /// The seed's decoder `--kv-transfer-config`.
@@ -557,6 +558,7 @@ impl Disagg {
             decoder,
             proxy,
             decoder_yaml: receiver_yaml,
+            prefiller_yaml: sender_yaml,
         }
     }
 
@@ -565,6 +567,13 @@ impl Disagg {
         let port = self.decoder.port();
         self.decoder.kill();
         self.decoder = seed_server(CONSUMER, &self.decoder_yaml, &["--port", &port]);
+    }
+
+    /// Kills the prefiller and starts it again on the same port.
+    fn restart_prefiller(&mut self) {
+        let port = self.prefiller.port();
+        self.prefiller.kill();
+        self.prefiller = seed_server(PRODUCER, &self.prefiller_yaml, &["--port", &port]);
     }
 }
 
@@ -584,7 +593,7 @@ fn pd_over_shm_through_the_proxy_equals_colocated() {
 }
 
 #[test]
-fn the_same_request_succeeds_once_a_killed_decoder_is_back() {
+fn the_same_request_succeeds_once_a_killed_decoder_or_prefiller_is_back() {
     let mut pd = Disagg::start(Sharing::Pd("tcp", 50_000_000));
     let url = format!("{}/v1/completions", pd.proxy.url);
     let prompt = text_prompt(3);
@@ -600,9 +609,20 @@ fn the_same_request_succeeds_once_a_killed_decoder_is_back() {
     let (status, body) = post(&url, &request);
     assert_eq!(status, 200, "{body}");
     assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[0]);
+    pd.prefiller.kill();
+    let (status, body) = post(&url, &request);
+    assert_eq!(status, 502, "{body}");
+    assert!(error_message(&body).contains("prefiller"), "{body}");
+    pd.restart_prefiller();
+    let (status, body) = post(&url, &request);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[0]);
+    // Both requests since the decoder came back loaded the prompt's whole chunks.
     let (_, metrics) = get(&format!("{}/metrics", pd.decoder.url));
-    assert!(
-        metric(&metrics, "kvrelay_connector_hit_tokens_total") > 0,
+    let prompt_tokens = Tokenizer::Bytes.encode(&prompt).unwrap().len();
+    assert_eq!(
+        metric(&metrics, "kvrelay_connector_hit_tokens_total"),
+        2 * ((prompt_tokens as u64 - 1) / 64 * 64),
         "{metrics}"
     );
     // 64-token chunks of the tiny model are 64 KiB pages.
