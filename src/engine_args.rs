@@ -43,7 +43,7 @@ pub struct EngineArgs {
     pub device: DeviceKind,
     /// Paged KV layout, any kvrelay layout name; default flash_attn_nhd (vLLM's) on the
     /// host, rbln_kv_first (vllm-rbln's) with --device rbln.
-    #[arg(long, value_parser = parse_layout)]
+    #[arg(long, value_parser = LayoutKind::from_str)]
     pub layout: Option<LayoutKind>,
     /// KV cache dtype: bfloat16, float16 or float32.
     #[arg(long, default_value = "bfloat16", value_parser = KvDtype::from_str)]
@@ -58,16 +58,6 @@ pub struct EngineArgs {
     /// Accepted for compatibility (the engine is always eager).
     #[arg(long)]
     pub enforce_eager: bool,
-}
-
-fn parse_layout(name: &str) -> Result<LayoutKind, String> {
-    LayoutKind::ALL
-        .into_iter()
-        .find(|l| l.name() == name)
-        .ok_or_else(|| {
-            let names: Vec<&str> = LayoutKind::ALL.iter().map(|l| l.name()).collect();
-            format!("unknown layout {name:?}; one of {}", names.join(", "))
-        })
 }
 
 #[derive(Args, Clone, Debug)]

@@ -493,11 +493,12 @@ fn seed_server(kv_transfer_config: &str, yaml: &str, extra: &[&str]) -> Proc {
     let mut flags = vec![
         "--enforce-eager",
         "--no-enable-prefix-caching",
-        "--block-size",
-        "16",
         "--kv-transfer-config",
         kv_transfer_config,
     ];
+    if !extra.contains(&"--block-size") {
+        flags.extend(["--block-size", "16"]);
+    }
     flags.extend_from_slice(extra);
     Proc::serve(
         &flags,
@@ -634,7 +635,8 @@ fn the_same_request_succeeds_once_a_killed_decoder_or_prefiller_is_back() {
 
 /// One prefiller, two decoders on one host (their own PD ports): the prefiller's config
 /// names no PD peer, so each request's KV can only reach a decoder through the receiver the
-/// proxy put in its `disagg_spec`, and it must be the decoder the proxy then calls.
+/// proxy put in its `disagg_spec`, and it must be the decoder the proxy then calls. The
+/// second decoder pages its KV in another block size and layout than the prefiller.
 #[test]
 fn pd_kv_goes_to_the_decoder_the_proxy_picked() {
     let dir = tempfile::tempdir().unwrap();
@@ -658,7 +660,11 @@ fn pd_kv_goes_to_the_decoder_the_proxy_picked() {
             let role = format!(
                 "pd_role: receiver\npd_peer_host: 127.0.0.1\npd_peer_init_port: [{init}]\npd_peer_alloc_port: [{alloc}]\n"
             );
-            seed_server(CONSUMER, &yaml(&format!("decoder{i}.yaml"), &role), &[])
+            let paging: &[&str] = match i {
+                0 => &[],
+                _ => &["--block-size", "32", "--layout", "flash_infer_hnd"],
+            };
+            seed_server(CONSUMER, &yaml(&format!("decoder{i}.yaml"), &role), paging)
         })
         .collect();
     let prefiller = seed_server(PRODUCER, &yaml("prefiller.yaml", "pd_role: sender\n"), &[]);

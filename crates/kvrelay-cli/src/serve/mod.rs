@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
+use kvrelay::layout::LayoutKind;
 use kvrelay::KvDtype;
 use kvrelay_engine::{load_model, Engine, EngineConfig, RequestOutput, SamplingParams, Tokenizer};
 use serde_json::{json, Value};
@@ -55,6 +56,9 @@ pub struct ServeArgs {
     /// KV cache dtype: bfloat16, float16 or float32.
     #[arg(long, default_value = "bfloat16", value_parser = KvDtype::from_str)]
     kv_dtype: KvDtype,
+    /// Paged KV layout, any kvrelay layout name (a PD prefiller and decoder may differ).
+    #[arg(long, default_value = "flash_attn_nhd", value_parser = LayoutKind::from_str)]
+    layout: LayoutKind,
     /// vLLM's KV transfer config JSON (kv_connector, kv_role, kv_connector_extra_config,
     /// ...). The LMCache connectors read their YAML from LMCACHE_CONFIG_FILE.
     #[arg(long)]
@@ -114,6 +118,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
         max_model_len: args.max_model_len,
         block_size: args.block_size,
         kv_dtype: args.kv_dtype,
+        layout: args.layout,
         stall_timeout: Duration::from_secs(args.request_timeout_sec),
         ..EngineConfig::default()
     };
