@@ -780,6 +780,17 @@ fn check_disaggregated(sharing: Sharing) {
     assert!(metric(&metrics, "kvrelay_connector_saved_bytes_total") > 0);
     // The prefiller generated one token per request.
     assert_eq!(metric(&metrics, "kvrelay_generation_tokens_total"), 2);
+    // LMCache's own proxy asks the prefiller for that token in kv_transfer_params.
+    let (status, body) = post(
+        &format!("{}/v1/completions", pd.prefiller.url),
+        &json!({"prompt": prompts[0], "max_tokens": 1, "kv_transfer_params": {"ret_first_tok": true}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["kv_transfer_params"]["first_tok"],
+        json!(want[0][0]),
+        "{body}"
+    );
 
     // 32 concurrent requests, streamed and not, all finish with their own tokens.
     std::thread::scope(|s| {

@@ -207,7 +207,19 @@ impl SchedulerConnector for LmcacheScheduler {
         self.loads.remove(request.id);
         self.saved_upto.remove(request.id);
         self.flushed.remove(request.id);
+        // LMCache's PD proxy asks the prefiller for the token it sampled, to hand the
+        // decoder the prompt plus that token.
+        let wants_first_token = request
+            .kv_transfer_params
+            .and_then(|p| p.get("ret_first_tok"))
+            .and_then(serde_json::Value::as_bool)
+            == Some(true);
+        let params = request
+            .tokens
+            .get(request.num_prompt_tokens)
+            .filter(|_| wants_first_token)
+            .map(|token| serde_json::json!({ "first_tok": token }));
         // Everything is copied out inside wait_for_save: blocks can be freed at once.
-        (false, None)
+        (false, params)
     }
 }
