@@ -8,6 +8,7 @@
 //! bit-exact with a colocated one.
 
 pub mod backing;
+pub mod chat_template;
 pub mod config;
 pub mod engine;
 pub mod kv;
@@ -18,9 +19,10 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backing::KvPlacement;
+pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
 pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, RequestOutput, SamplingParams};
-pub use load::{load_model, TINY_RANDOM};
+pub use load::{load_chat_template, load_model, TINY_RANDOM};
 pub use model::Model;
 pub use tokenizer::Tokenizer;
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::{EngineError, Model, Tokenizer};
+use crate::{ChatTemplate, ChatTemplateError, EngineError, Model, Tokenizer};
 
 /// The embedded test model's name.
 pub const TINY_RANDOM: &str = "tiny-random";
@@ -23,4 +23,13 @@ pub fn load_model(name: &str, max_model_len: usize) -> Result<(Model, Tokenizer)
     let model = Model::load(dir, max_model_len)?;
     let tokenizer = Tokenizer::for_checkpoint(dir)?;
     Ok((model, tokenizer))
+}
+
+/// The chat template of the model `name`: none for `tiny-random`, else what the checkpoint
+/// directory ships (see [`ChatTemplate::for_checkpoint`]).
+pub fn load_chat_template(name: &str) -> Result<Option<ChatTemplate>, ChatTemplateError> {
+    if name == TINY_RANDOM {
+        return Ok(None);
+    }
+    ChatTemplate::for_checkpoint(Path::new(name))
 }

@@ -29,12 +29,25 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the begin-of-sequence token the model expects.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text` alone, adding no begin-of-sequence token: for text that already
+    /// holds its special tokens, like a rendered chat template. A Hugging Face tokenizer
+    /// still turns special-token text in `text` (`<|begin_of_text|>`) into its id; the byte
+    /// tokenizer has no special-token text, so it encodes bytes only.
+    pub fn encode_without_special_tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, EngineError> {
         match self {
-            Tokenizer::Bytes => Ok(std::iter::once(BYTE_BOS)
-                .chain(text.bytes().map(u32::from))
-                .collect()),
+            Tokenizer::Bytes => {
+                let bos = add_special_tokens.then_some(BYTE_BOS);
+                Ok(bos.into_iter().chain(text.bytes().map(u32::from)).collect())
+            }
             Tokenizer::HuggingFace(t) => t
-                .encode(text, true)
+                .encode(text, add_special_tokens)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| EngineError::Tokenizer(e.to_string())),
         }
@@ -65,5 +78,6 @@ mod tests {
         assert_eq!(ids[0], BYTE_BOS);
         assert_eq!(ids.len(), 1 + "KV ü".len());
         assert_eq!(t.decode(&ids).unwrap(), "KV ü");
+        assert_eq!(t.encode_without_special_tokens("KV ü").unwrap(), ids[1..]);
     }
 }
