@@ -1,13 +1,16 @@
 //! `kvrelay serve` and `kvrelay proxy` as real processes on loopback: answers equal the
-//! reference engine run in-process token for token, errors are OpenAI-style 4xx/5xx, and a
-//! 1p1d flow through the proxy shares KV through LMCache's local-disk tier.
+//! reference engine run in-process token for token, errors are OpenAI-style 4xx/5xx, chat
+//! completions render a checkpoint's chat template, and a 1p1d flow through the proxy
+//! shares KV through LMCache's local-disk tier.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use kvrelay_engine::{load_model, Engine, EngineConfig, SamplingParams, Tokenizer, TINY_RANDOM};
+use kvrelay_engine::{
+    load_model, Engine, EngineConfig, LlamaConfig, Model, SamplingParams, Tokenizer, TINY_RANDOM,
+};
 use serde_json::{json, Value};
 
 const MAX_MODEL_LEN: usize = 1024;
@@ -55,7 +58,10 @@ impl Proc {
 
     fn serve(extra: &[&str], envs: &[(&str, &str)]) -> Proc {
         let max_model_len = MAX_MODEL_LEN.to_string();
-        let mut args = vec!["serve", "--host", "127.0.0.1", "--model", TINY_RANDOM];
+        let mut args = vec!["serve", "--host", "127.0.0.1"];
+        if !extra.contains(&"--model") {
+            args.extend(["--model", TINY_RANDOM]);
+        }
         if !extra.contains(&"--port") {
             args.extend(["--port", "0"]);
         }
@@ -422,6 +428,307 @@ fn bad_requests_get_openai_errors() {
     assert_eq!(status, 200);
     let (_, metrics) = get(&format!("{}/metrics", server.url));
     assert_eq!(metric(&metrics, "kvrelay_request_errors_total"), 1);
+}
+
+/// A Llama-3-style chat template: BOS, a header per message, an assistant header to
+/// generate after, and a refusal of roles it does not know.
+const LLAMA3_STYLE_TEMPLATE: &str = r#"{{- bos_token }}
+{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('Unknown role: ' + message['role']) }}
+    {%- endif %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"#;
+
+/// The embedded model written as a checkpoint directory (no tokenizer.json: the byte
+/// tokenizer) with `tokenizer_config` beside it.
+fn checkpoint_with_tokenizer_config(tokenizer_config: &Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    Model::tiny_random(16)
+        .weights()
+        .save(&LlamaConfig::tiny_random(), dir.path())
+        .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        tokenizer_config.to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+/// `kvrelay serve` over a checkpoint with [`LLAMA3_STYLE_TEMPLATE`].
+fn chat_server() -> (tempfile::TempDir, Proc) {
+    let dir = checkpoint_with_tokenizer_config(&json!({
+        "chat_template": LLAMA3_STYLE_TEMPLATE,
+        "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>"},
+        "eos_token": "<|eot_id|>",
+    }));
+    let model = dir.path().to_str().unwrap().to_string();
+    let server = Proc::serve(&["--model", &model, "--served-model-name", "chat"], &[]);
+    (dir, server)
+}
+
+fn chat_messages(user: Value) -> Value {
+    json!([
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": user},
+    ])
+}
+
+#[test]
+fn chat_completions_render_the_template_and_equal_completions_of_the_prompt() {
+    let (_dir, server) = chat_server();
+    let chat_url = format!("{}/v1/chat/completions", server.url);
+    let messages = chat_messages(json!("  What is a KV cache? "));
+
+    // /tokenize renders the template as transformers would, and adds no second BOS.
+    let rendered =
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>\
+                    <|start_header_id|>user<|end_header_id|>\n\nWhat is a KV cache?<|eot_id|>\
+                    <|start_header_id|>assistant<|end_header_id|>\n\n";
+    let (status, body) = post(
+        &format!("{}/tokenize", server.url),
+        &json!({"messages": messages}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let prompt = token_ids(&body["tokens"]);
+    assert_eq!(
+        prompt,
+        Tokenizer::Bytes
+            .encode_without_special_tokens(rendered)
+            .unwrap()
+    );
+    assert_eq!(body["count"], prompt.len());
+
+    // The chat completion generates what a completion of the rendered prompt does.
+    let (status, completion) = post(
+        &format!("{}/v1/completions", server.url),
+        &json!({"prompt": prompt, "max_tokens": 8, "ignore_eos": true}),
+    );
+    assert_eq!(status, 200, "{completion}");
+    let want = token_ids(&completion["choices"][0]["token_ids"]);
+    assert_eq!(want.len(), 8);
+    let (status, chat) = post(
+        &chat_url,
+        &json!({"model": "chat", "messages": messages, "max_tokens": 8, "ignore_eos": true,
+                "temperature": 0, "kv_transfer_params": {"ret_first_tok": true}}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["object"], "chat.completion");
+    assert!(
+        chat["id"].as_str().unwrap().starts_with("chatcmpl-"),
+        "{chat}"
+    );
+    let choice = &chat["choices"][0];
+    assert_eq!(token_ids(&choice["token_ids"]), want);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(
+        choice["message"]["content"],
+        completion["choices"][0]["text"]
+    );
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(chat["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(chat["usage"]["completion_tokens"], 8);
+    assert!(chat.as_object().unwrap().contains_key("kv_transfer_params"));
+
+    // max_completion_tokens is the newer name of max_tokens, and wins over it.
+    let (status, newer) = post(
+        &chat_url,
+        &json!({"messages": messages, "max_completion_tokens": 8, "max_tokens": 2,
+                "ignore_eos": true}),
+    );
+    assert_eq!(status, 200, "{newer}");
+    assert_eq!(token_ids(&newer["choices"][0]["token_ids"]), want);
+
+    // Text parts are joined with newlines, as vLLM does.
+    let parts = chat_messages(json!([
+        {"type": "text", "text": "  What is"},
+        {"type": "text", "text": "a KV cache? "},
+    ]));
+    let joined = chat_messages(json!("  What is\na KV cache? "));
+    let answers: Vec<Vec<u32>> = [parts, joined]
+        .iter()
+        .map(|messages| {
+            let (status, body) = post(
+                &chat_url,
+                &json!({"messages": messages, "max_tokens": 4, "ignore_eos": true}),
+            );
+            assert_eq!(status, 200, "{body}");
+            token_ids(&body["choices"][0]["token_ids"])
+        })
+        .collect();
+    assert_eq!(answers[0], answers[1]);
+
+    // Streamed: the role first, then content deltas that add up to the same answer.
+    let events = post_stream(
+        &chat_url,
+        &json!({"messages": messages, "max_tokens": 8, "ignore_eos": true, "stream": true,
+                "stream_options": {"include_usage": true}}),
+    );
+    assert!(events
+        .iter()
+        .all(|e| e["object"] == "chat.completion.chunk"));
+    assert_eq!(
+        events[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    let (tokens, reason) = streamed_tokens(&events);
+    assert_eq!(tokens, want);
+    assert_eq!(reason, "length");
+    let content: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, choice["message"]["content"].as_str().unwrap());
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 8);
+    assert_eq!(usage["prompt_tokens"], prompt.len());
+
+    // Chat requests count in the same metrics as completions: 1 completion, 5 chats.
+    let (_, metrics) = get(&format!("{}/metrics", server.url));
+    assert_eq!(metric(&metrics, "kvrelay_requests_finished_total"), 6);
+    assert_eq!(
+        metric(&metrics, "kvrelay_generation_tokens_total"),
+        8 + 8 + 8 + 4 + 4 + 8
+    );
+}
+
+#[test]
+fn chat_requests_the_template_refuses_or_that_are_malformed_get_400s() {
+    let (_dir, server) = chat_server();
+    let url = format!("{}/v1/chat/completions", server.url);
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "raise_exception",
+            json!({"messages": [{"role": "tool", "content": "42"}]}),
+            "Unknown role: tool",
+        ),
+        (
+            "no messages",
+            json!({"max_tokens": 3}),
+            "`messages` is required",
+        ),
+        (
+            "empty messages",
+            json!({"messages": []}),
+            "`messages` is empty",
+        ),
+        (
+            "messages type",
+            json!({"messages": "hi"}),
+            "`messages` must be",
+        ),
+        (
+            "no role",
+            json!({"messages": [{"content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "image part",
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            "only text content",
+        ),
+        (
+            "temperature",
+            json!({"messages": user, "temperature": 0.7}),
+            "temperature 0",
+        ),
+        ("n", json!({"messages": user, "n": 2}), "`n`"),
+        (
+            "logprobs",
+            json!({"messages": user, "logprobs": true}),
+            "logprobs",
+        ),
+        ("stop", json!({"messages": user, "stop": ["\n"]}), "`stop`"),
+        (
+            "max_completion_tokens",
+            json!({"messages": user, "max_completion_tokens": 0}),
+            "`max_completion_tokens` must be a positive integer",
+        ),
+        (
+            "stream type",
+            json!({"messages": user, "stream": "yes"}),
+            "`stream`",
+        ),
+        (
+            "kv_transfer_params",
+            json!({"messages": user, "kv_transfer_params": {"disagg_spec": {"req_id": 7}}}),
+            "req_id",
+        ),
+        (
+            "too long",
+            json!({"messages": user, "max_tokens": MAX_MODEL_LEN}),
+            "maximum context length",
+        ),
+    ];
+    for (what, body, message) in cases {
+        let (status, answer) = post(&url, &body);
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert!(error_message(&answer).contains(message), "{what}: {answer}");
+    }
+    let (status, answer) = post(
+        &format!("{}/tokenize", server.url),
+        &json!({"messages": [{"role": "tool", "content": "42"}]}),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        error_message(&answer).contains("Unknown role: tool"),
+        "{answer}"
+    );
+    // `logprobs: false` is a chat request's default, not a request for logprobs.
+    let (status, answer) = post(
+        &url,
+        &json!({"messages": user, "logprobs": false, "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[test]
+fn a_model_without_a_chat_template_answers_chat_requests_400() {
+    // A checkpoint whose tokenizer config has no template, and the embedded model.
+    let dir = checkpoint_with_tokenizer_config(&json!({"bos_token": "<s>"}));
+    let model = dir.path().to_str().unwrap().to_string();
+    for server in [
+        Proc::serve(&["--model", &model], &[]),
+        Proc::serve(&[], &[]),
+    ] {
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        for path in ["/v1/chat/completions", "/tokenize"] {
+            let (status, answer) = post(
+                &format!("{}{path}", server.url),
+                &json!({"messages": messages}),
+            );
+            assert_eq!(status, 400, "{path}: {answer}");
+            assert!(
+                error_message(&answer).contains("chat template"),
+                "{path}: {answer}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_chat_template_that_does_not_compile_stops_serve_at_start() {
+    let dir = checkpoint_with_tokenizer_config(&json!({
+        "chat_template": "{% for message in messages %}{{ message['content'] }}",
+    }));
+    let output = Command::new(env!("CARGO_BIN_EXE_kvrelay"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--model"])
+        .arg(dir.path())
+        .output()
+        .expect("run kvrelay serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tokenizer_config.json") && stderr.contains("does not compile"),
+        "{stderr}"
+    );
 }
 
 #[test]

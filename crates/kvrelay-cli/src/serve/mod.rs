@@ -19,7 +19,10 @@ use clap::Args;
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
 use kvrelay::layout::LayoutKind;
 use kvrelay::KvDtype;
-use kvrelay_engine::{load_model, Engine, EngineConfig, RequestOutput, SamplingParams, Tokenizer};
+use kvrelay_engine::{
+    load_chat_template, load_model, ChatTemplate, Engine, EngineConfig, RequestOutput,
+    SamplingParams, Tokenizer,
+};
 use serde_json::{json, Value};
 use tiny_http::{Method, Request, Server};
 
@@ -27,7 +30,7 @@ use crate::http::{
     read_json_object, respond_bytes, respond_error, respond_json, ChunkedResponse, HttpError,
 };
 use engine_loop::{lock, EngineHandle, Event, Shared};
-use openai::{CompletionRequest, Detokenizer, Envelope, ModelInfo};
+use openai::{Api, CompletionRequest, Detokenizer, Envelope, ModelInfo};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -95,6 +98,8 @@ struct ServeState {
     engine: EngineHandle,
     shared: Arc<Shared>,
     tokenizer: Tokenizer,
+    /// The checkpoint's chat template; without one, chat requests are answered 400.
+    chat_template: Option<ChatTemplate>,
     served_name: String,
     max_model_len: usize,
     request_timeout: Duration,
@@ -112,6 +117,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     }
     let (model, tokenizer) =
         load_model(&args.model, args.max_model_len).map_err(|e| format!("--model {e}"))?;
+    // A broken template fails the start rather than every chat request later.
+    let chat_template =
+        load_chat_template(&args.model).map_err(|e| format!("--model chat template: {e}"))?;
     let config = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -140,6 +148,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
         engine: handle,
         shared,
         tokenizer,
+        chat_template,
         served_name: args.served_model_name.unwrap_or(args.model),
         max_model_len: args.max_model_len,
         request_timeout,
@@ -168,6 +177,7 @@ impl ServeState {
         ModelInfo {
             served_name: &self.served_name,
             tokenizer: &self.tokenizer,
+            chat_template: self.chat_template.as_ref(),
             max_model_len: self.max_model_len,
         }
     }
@@ -200,23 +210,24 @@ impl ServeState {
                 }
             }
             (Method::Post, "/detokenize") => {
-                let answer =
-                    read_json_object(&mut request).and_then(|body| self.detokenize(&body));
+                let answer = read_json_object(&mut request).and_then(|body| self.detokenize(&body));
                 match answer {
                     Ok(body) => respond_json(request, 200, &body),
                     Err(e) => respond_error(request, &e),
                 }
             }
-            (Method::Post, "/v1/completions") => self.completions(request),
-            (Method::Post, "/v1/chat/completions") => respond_error(
-                request,
-                &HttpError::bad_request(format!(
-                    "chat completions need a chat template, which kvrelay serve does not apply to `{}`; send a prompt to /v1/completions",
-                    self.served_name
-                )),
-            ),
-            (_, "/health" | "/metrics" | "/v1/models" | "/tokenize" | "/detokenize"
-            | "/v1/completions" | "/v1/chat/completions") => respond_error(
+            (Method::Post, "/v1/completions") => self.generate(request, Api::Completions),
+            (Method::Post, "/v1/chat/completions") => self.generate(request, Api::ChatCompletions),
+            (
+                _,
+                "/health"
+                | "/metrics"
+                | "/v1/models"
+                | "/tokenize"
+                | "/detokenize"
+                | "/v1/completions"
+                | "/v1/chat/completions",
+            ) => respond_error(
                 request,
                 &HttpError::new(405, format!("method not allowed on {path}")),
             ),
@@ -238,13 +249,14 @@ impl ServeState {
         })
     }
 
+    /// A `prompt`'s tokens, or (as vLLM does) the tokens of `messages` rendered by the chat
+    /// template.
     fn tokenize(&self, body: &serde_json::Map<String, Value>) -> Result<Value, HttpError> {
-        if body.contains_key("messages") {
-            return Err(HttpError::bad_request(
-                "tokenizing chat messages needs a chat template, which kvrelay serve does not apply",
-            ));
-        }
-        let tokens = self.model_info().prompt_tokens(body.get("prompt"))?;
+        let tokens = if body.contains_key("messages") {
+            self.model_info().chat_prompt_tokens(body)?
+        } else {
+            self.model_info().prompt_tokens(body.get("prompt"))?
+        };
         Ok(json!({
             "count": tokens.len(),
             "max_model_len": self.max_model_len,
@@ -270,13 +282,21 @@ impl ServeState {
         Ok(json!({ "prompt": text }))
     }
 
-    fn completions(&self, mut request: Request) {
+    /// Answers a completion or chat completion request, streamed or not.
+    fn generate(&self, mut request: Request, api: Api) {
         let admitted = read_json_object(&mut request).and_then(|body| {
-            let parsed = self.model_info().completion_request(&body)?;
+            let parsed = match api {
+                Api::Completions => self.model_info().completion_request(&body)?,
+                Api::ChatCompletions => self.model_info().chat_request(&body)?,
+            };
             // A PD prefill keeps the proxy's request id: it names the KV-ready notification.
             let id = match &parsed.pd_request_id {
                 Some(id) => id.clone(),
-                None => format!("cmpl-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+                None => format!(
+                    "{}-{}",
+                    api.id_prefix(),
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                ),
             };
             let params = SamplingParams {
                 max_tokens: parsed.max_tokens,
@@ -293,6 +313,7 @@ impl ServeState {
             Err(e) => return respond_error(request, &e),
         };
         let envelope = Envelope {
+            api,
             id: &id,
             created: unix_time(),
             model: &self.served_name,
@@ -354,6 +375,11 @@ impl ServeState {
         let Ok(mut out) = ChunkedResponse::start(request, 200, "text/event-stream") else {
             return;
         };
+        if let Some(role) = envelope.role_chunk() {
+            if out.event(&role.to_string()).is_err() {
+                return;
+            }
+        }
         let mut detok = Detokenizer::new(&self.tokenizer);
         let mut event = Ok(first);
         let sent = loop {

@@ -1,8 +1,8 @@
-//! The OpenAI completions protocol: reading a request body, and the JSON of responses and
-//! stream chunks (vLLM's shapes, plus `token_ids` in every choice).
+//! The OpenAI completions and chat completions protocols: reading a request body, and the
+//! JSON of responses and stream chunks (vLLM's shapes, plus `token_ids` in every choice).
 
 use kvrelay::transfer::PdTarget;
-use kvrelay_engine::{FinishReason, RequestOutput, Tokenizer};
+use kvrelay_engine::{ChatMessage, ChatTemplate, FinishReason, RequestOutput, Tokenizer};
 use serde_json::{json, Map, Value};
 
 use crate::http::HttpError;
@@ -10,7 +10,27 @@ use crate::http::HttpError;
 /// vLLM's default when a request gives no `max_tokens`.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
-/// A validated `/v1/completions` request.
+/// Which OpenAI endpoint a request came through: it decides the fields read and the JSON
+/// shapes answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// `/v1/completions`: a prompt in, `text` out.
+    Completions,
+    /// `/v1/chat/completions`: messages rendered by the chat template in, a `message` out.
+    ChatCompletions,
+}
+
+impl Api {
+    /// The prefix of the ids the server gives requests.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Api::Completions => "cmpl",
+            Api::ChatCompletions => "chatcmpl",
+        }
+    }
+}
+
+/// A validated `/v1/completions` or `/v1/chat/completions` request.
 #[derive(Debug)]
 pub struct CompletionRequest {
     pub prompt: Vec<u32>,
@@ -29,6 +49,7 @@ pub struct CompletionRequest {
 pub struct ModelInfo<'a> {
     pub served_name: &'a str,
     pub tokenizer: &'a Tokenizer,
+    pub chat_template: Option<&'a ChatTemplate>,
     pub max_model_len: usize,
 }
 
@@ -66,11 +87,56 @@ impl ModelInfo<'_> {
         Ok(tokens)
     }
 
-    /// Reads and checks a completion request body.
+    /// The prompt of a chat request: its `messages` rendered by the chat template, then
+    /// tokenized without adding special tokens (the template wrote them).
+    pub fn chat_prompt_tokens(&self, body: &Map<String, Value>) -> Result<Vec<u32>, HttpError> {
+        let template = self.chat_template.ok_or_else(|| {
+            HttpError::bad_request(format!(
+                "chat completions need a chat template, and `{}` has none (no chat_template.jinja, no `chat_template` in tokenizer_config.json); send a prompt to /v1/completions",
+                self.served_name
+            ))
+        })?;
+        let messages = chat_messages(body.get("messages"))?;
+        let add_generation_prompt = flag_or(body, "add_generation_prompt", true)?;
+        let text = template
+            .render(&messages, add_generation_prompt)
+            .map_err(|e| HttpError::bad_request(e.to_string()))?;
+        let tokens = self
+            .tokenizer
+            .encode_without_special_tokens(&text)
+            .map_err(|e| HttpError::bad_request(format!("the rendered chat prompt: {e}")))?;
+        if tokens.is_empty() {
+            return Err(HttpError::bad_request(
+                "the chat template rendered the messages as an empty prompt",
+            ));
+        }
+        Ok(tokens)
+    }
+
+    /// Reads and checks a `/v1/completions` request body.
     pub fn completion_request(
         &self,
         body: &Map<String, Value>,
     ) -> Result<CompletionRequest, HttpError> {
+        self.check_model(body)?;
+        let prompt = self.prompt_tokens(body.get("prompt"))?;
+        self.generation_request(Api::Completions, body, prompt)
+    }
+
+    /// Reads and checks a `/v1/chat/completions` request body.
+    pub fn chat_request(&self, body: &Map<String, Value>) -> Result<CompletionRequest, HttpError> {
+        self.check_model(body)?;
+        let prompt = self.chat_prompt_tokens(body)?;
+        match body.get("tools") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(tools)) if tools.is_empty() => {}
+            Some(_) => return Err(HttpError::bad_request("`tools` are not supported")),
+        }
+        self.generation_request(Api::ChatCompletions, body, prompt)
+    }
+
+    /// `model`, when given, must name the served model.
+    fn check_model(&self, body: &Map<String, Value>) -> Result<(), HttpError> {
         match body.get("model") {
             None | Some(Value::Null) => {}
             Some(Value::String(name)) if name == self.served_name => {}
@@ -85,14 +151,39 @@ impl ModelInfo<'_> {
             }
             Some(_) => return Err(HttpError::bad_request("`model` must be a string")),
         }
-        let prompt = self.prompt_tokens(body.get("prompt"))?;
-        let max_tokens = match body.get("max_tokens") {
-            None | Some(Value::Null) => DEFAULT_MAX_TOKENS,
+        Ok(())
+    }
+
+    /// The checks and options both endpoints share, over the request's `prompt` tokens.
+    fn generation_request(
+        &self,
+        api: Api,
+        body: &Map<String, Value>,
+        prompt: Vec<u32>,
+    ) -> Result<CompletionRequest, HttpError> {
+        // vLLM: a completion defaults to 16 tokens; a chat completion to the rest of the
+        // context, and its `max_completion_tokens` replaces the older `max_tokens`.
+        let (max_tokens_field, default_max_tokens) = match api {
+            Api::Completions => ("max_tokens", DEFAULT_MAX_TOKENS),
+            Api::ChatCompletions => {
+                let field = match body.get("max_completion_tokens") {
+                    None | Some(Value::Null) => "max_tokens",
+                    Some(_) => "max_completion_tokens",
+                };
+                (field, self.max_model_len.saturating_sub(prompt.len()))
+            }
+        };
+        let max_tokens = match body.get(max_tokens_field) {
+            None | Some(Value::Null) => default_max_tokens,
             Some(v) => v
                 .as_u64()
                 .filter(|&n| n >= 1)
                 .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| HttpError::bad_request("`max_tokens` must be a positive integer"))?,
+                .ok_or_else(|| {
+                    HttpError::bad_request(format!(
+                        "`{max_tokens_field}` must be a positive integer"
+                    ))
+                })?,
         };
         match body.get("temperature") {
             None | Some(Value::Null) => {}
@@ -112,7 +203,18 @@ impl ModelInfo<'_> {
         if flag(body, "echo")? {
             return Err(HttpError::bad_request("`echo` is not supported"));
         }
-        if !matches!(body.get("logprobs"), None | Some(Value::Null)) {
+        // A completion's `logprobs` is a count; a chat completion's a flag, with the count
+        // in `top_logprobs`.
+        let wants_logprobs = match api {
+            Api::Completions => !matches!(body.get("logprobs"), None | Some(Value::Null)),
+            Api::ChatCompletions => {
+                flag(body, "logprobs")?
+                    || body
+                        .get("top_logprobs")
+                        .is_some_and(|top| !top.is_null() && top.as_u64() != Some(0))
+            }
+        };
+        if wants_logprobs {
             return Err(HttpError::bad_request("`logprobs` is not supported"));
         }
         match body.get("stop") {
@@ -165,10 +267,76 @@ impl ModelInfo<'_> {
     }
 }
 
-/// An optional boolean field.
+/// A chat request's `messages`: a non-empty list of `{role, content}`, the content a string
+/// or a list of text parts, joined with newlines as vLLM does.
+fn chat_messages(messages: Option<&Value>) -> Result<Vec<ChatMessage>, HttpError> {
+    let messages = match messages {
+        None | Some(Value::Null) => return Err(HttpError::bad_request("`messages` is required")),
+        Some(Value::Array(messages)) if messages.is_empty() => {
+            return Err(HttpError::bad_request("`messages` is empty"))
+        }
+        Some(Value::Array(messages)) => messages,
+        Some(_) => {
+            return Err(HttpError::bad_request(
+                "`messages` must be a list of {\"role\", \"content\"} objects",
+            ))
+        }
+    };
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let role = message
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    HttpError::bad_request(format!("`messages[{i}].role` must be a string"))
+                })?;
+            let content = match message.get("content") {
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Array(parts)) => text_parts(parts).ok_or_else(|| {
+                    HttpError::bad_request(format!(
+                        "`messages[{i}].content` parts must be {{\"type\": \"text\", \"text\": ...}}: only text content is supported"
+                    ))
+                })?,
+                _ => {
+                    return Err(HttpError::bad_request(format!(
+                        "`messages[{i}].content` must be a string or a list of text parts"
+                    )))
+                }
+            };
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// The text of `{"type": "text", "text": ...}` parts, one per line; `None` if a part is not
+/// text.
+fn text_parts(parts: &[Value]) -> Option<String> {
+    let texts = parts
+        .iter()
+        .map(|part| match (part.get("type"), part.get("text")) {
+            (Some(Value::String(kind)), Some(Value::String(text))) if kind == "text" => {
+                Some(text.as_str())
+            }
+            _ => None,
+        })
+        .collect::<Option<Vec<&str>>>()?;
+    Some(texts.join("\n"))
+}
+
+/// An optional boolean field, false when absent.
 fn flag(body: &Map<String, Value>, name: &str) -> Result<bool, HttpError> {
+    flag_or(body, name, false)
+}
+
+/// An optional boolean field.
+fn flag_or(body: &Map<String, Value>, name: &str, default: bool) -> Result<bool, HttpError> {
     match body.get(name) {
-        None | Some(Value::Null) => Ok(false),
+        None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
         Some(_) => Err(HttpError::bad_request(format!(
             "`{name}` must be a boolean"
@@ -184,68 +352,92 @@ pub fn finish_reason(reason: &FinishReason) -> &'static str {
     }
 }
 
-/// The fields every completion response and chunk carries.
+/// The fields every response and stream chunk of one request carries.
 pub struct Envelope<'a> {
+    pub api: Api,
     pub id: &'a str,
     pub created: u64,
     pub model: &'a str,
 }
 
 impl Envelope<'_> {
-    fn object(&self, choices: Value) -> Value {
+    fn object(&self, streamed: bool, choices: Value) -> Value {
+        let object = match (self.api, streamed) {
+            (Api::Completions, _) => "text_completion",
+            (Api::ChatCompletions, false) => "chat.completion",
+            (Api::ChatCompletions, true) => "chat.completion.chunk",
+        };
         json!({
             "id": self.id,
-            "object": "text_completion",
+            "object": object,
             "created": self.created,
             "model": self.model,
             "choices": choices,
         })
     }
 
+    /// The one choice: `text` and its `token_ids`, as a completion's `text`, a chat
+    /// completion's assistant `message`, or a chat chunk's `delta`.
+    fn choice(
+        &self,
+        streamed: bool,
+        text: String,
+        token_ids: &[u32],
+        finish_reason: Option<&str>,
+    ) -> Value {
+        let mut choice = json!({
+            "index": 0,
+            "token_ids": token_ids,
+            "logprobs": null,
+            "finish_reason": finish_reason,
+            "stop_reason": null,
+        });
+        match (self.api, streamed) {
+            (Api::Completions, _) => choice["text"] = json!(text),
+            (Api::ChatCompletions, false) => {
+                choice["message"] = json!({"role": "assistant", "content": text})
+            }
+            (Api::ChatCompletions, true) => choice["delta"] = json!({"content": text}),
+        }
+        choice
+    }
+
     /// The whole answer of a non-streaming request.
     pub fn completion(&self, output: &RequestOutput, text: String) -> Value {
-        let mut body = self.object(json!([{
-            "index": 0,
-            "text": text,
-            "token_ids": output.output_token_ids,
-            "logprobs": null,
-            "finish_reason": finish_reason(&output.finish_reason),
-            "stop_reason": null,
-        }]));
+        let reason = finish_reason(&output.finish_reason);
+        let choice = self.choice(false, text, &output.output_token_ids, Some(reason));
+        let mut body = self.object(false, json!([choice]));
         body["usage"] = usage(output);
         body["kv_transfer_params"] = output.kv_transfer_params.clone().unwrap_or(Value::Null);
         body
     }
 
+    /// The chunk that opens a chat stream: the assistant's role, before any token.
+    pub fn role_chunk(&self) -> Option<Value> {
+        if self.api != Api::ChatCompletions {
+            return None;
+        }
+        let mut choice = self.choice(true, String::new(), &[], None);
+        choice["delta"]["role"] = json!("assistant");
+        Some(self.object(true, json!([choice])))
+    }
+
     /// A stream chunk with new tokens.
     pub fn chunk(&self, text: String, token_ids: &[u32]) -> Value {
-        self.object(json!([{
-            "index": 0,
-            "text": text,
-            "token_ids": token_ids,
-            "logprobs": null,
-            "finish_reason": null,
-            "stop_reason": null,
-        }]))
+        self.object(true, json!([self.choice(true, text, token_ids, None)]))
     }
 
     /// The stream chunk that ends the choice.
     pub fn last_chunk(&self, output: &RequestOutput, text: String) -> Value {
-        let mut body = self.object(json!([{
-            "index": 0,
-            "text": text,
-            "token_ids": [],
-            "logprobs": null,
-            "finish_reason": finish_reason(&output.finish_reason),
-            "stop_reason": null,
-        }]));
+        let reason = finish_reason(&output.finish_reason);
+        let mut body = self.object(true, json!([self.choice(true, text, &[], Some(reason))]));
         body["kv_transfer_params"] = output.kv_transfer_params.clone().unwrap_or(Value::Null);
         body
     }
 
     /// The `stream_options.include_usage` chunk.
     pub fn usage_chunk(&self, output: &RequestOutput) -> Value {
-        let mut body = self.object(json!([]));
+        let mut body = self.object(true, json!([]));
         body["usage"] = usage(output);
         body
     }
