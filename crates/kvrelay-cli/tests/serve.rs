@@ -544,21 +544,29 @@ fn chat_completions_render_the_template_and_equal_completions_of_the_prompt() {
     assert_eq!(status, 200, "{newer}");
     assert_eq!(token_ids(&newer["choices"][0]["token_ids"]), want);
 
-    // Text parts are joined with newlines, as vLLM does.
+    // Text parts are joined with newlines, as vLLM does: the same prompt, the same answer.
     let parts = chat_messages(json!([
         {"type": "text", "text": "  What is"},
         {"type": "text", "text": "a KV cache? "},
     ]));
     let joined = chat_messages(json!("  What is\na KV cache? "));
-    let answers: Vec<Vec<u32>> = [parts, joined]
+    let answers: Vec<(Value, Vec<u32>)> = [parts, joined]
         .iter()
         .map(|messages| {
+            let (status, tokenized) = post(
+                &format!("{}/tokenize", server.url),
+                &json!({"messages": messages}),
+            );
+            assert_eq!(status, 200, "{tokenized}");
             let (status, body) = post(
                 &chat_url,
                 &json!({"messages": messages, "max_tokens": 4, "ignore_eos": true}),
             );
             assert_eq!(status, 200, "{body}");
-            token_ids(&body["choices"][0]["token_ids"])
+            (
+                tokenized["tokens"].clone(),
+                token_ids(&body["choices"][0]["token_ids"]),
+            )
         })
         .collect();
     assert_eq!(answers[0], answers[1]);

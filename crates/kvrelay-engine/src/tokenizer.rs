@@ -80,4 +80,39 @@ mod tests {
         assert_eq!(t.decode(&ids).unwrap(), "KV ü");
         assert_eq!(t.encode_without_special_tokens("KV ü").unwrap(), ids[1..]);
     }
+
+    #[test]
+    fn hugging_face_encoding_without_special_tokens_adds_no_bos_but_reads_its_text() {
+        // A word-level tokenizer whose post-processor prepends <s>, as Llama's does.
+        let tokenizer_json = r#"{
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 0, "content": "<s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}},
+            "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                      "vocab": {"<s>": 0, "hello": 1, "world": 2, "[UNK]": 3}}
+        }"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer_json).unwrap();
+        let t = Tokenizer::for_checkpoint(dir.path()).unwrap();
+        assert!(matches!(t, Tokenizer::HuggingFace(_)));
+        assert_eq!(t.encode("hello world").unwrap(), [0, 1, 2]);
+        assert_eq!(
+            t.encode_without_special_tokens("hello world").unwrap(),
+            [1, 2]
+        );
+        // A rendered chat template writes <s> itself: it is read as the token, once.
+        assert_eq!(
+            t.encode_without_special_tokens("<s>hello world").unwrap(),
+            [0, 1, 2]
+        );
+    }
 }
