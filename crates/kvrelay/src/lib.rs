@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod keys;
 pub mod layout;
 pub mod plan;
+mod process;
 pub mod store;
 pub mod transfer;
 

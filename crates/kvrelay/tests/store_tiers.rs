@@ -195,13 +195,7 @@ fn damaged_chunks_are_misses_that_verify_names() {
     flip(&path(3), 60); // the key string, in the header
     let bad: Vec<PathBuf> = (0..4).map(path).collect();
 
-    for k in &keys[..4] {
-        let err = disk.get(k, FP).unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
-    }
-    assert_eq!(disk.stats().corrupt, 4);
-    assert_chunk(&*disk, &keys[4], small_len(&keys[4]));
-
+    // verify names damage no reader has met yet.
     let listing = disk.verify().unwrap();
     let mut named: Vec<PathBuf> = listing.bad.iter().map(|b| b.path.clone()).collect();
     named.sort();
@@ -223,18 +217,59 @@ fn damaged_chunks_are_misses_that_verify_names() {
     );
     assert_eq!(listing.entries.len(), 1);
 
-    // Through the stack: a counted miss, and the bad bytes never reach the cpu tier.
+    // A reader gets a typed error for the first two...
+    for k in &keys[..2] {
+        let err = disk.get(k, FP).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+    // ...and through the stack the other two are counted misses whose bad bytes never
+    // reach the cpu tier.
     let cpu = Arc::new(CpuTier::new(1 << 30));
     let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
-    for k in &keys[..4] {
+    for k in &keys[2..4] {
         assert!(stack.get(k, FP).is_none());
         assert!(!cpu.contains(k));
     }
-    let stats = stack.stats();
-    assert_eq!((stats.corrupt, stats.misses, stats.hits), (4, 4, 0));
+    assert_eq!(disk.stats().corrupt, 4);
+    assert_chunk(&*disk, &keys[4], small_len(&keys[4]));
 
+    // Every damaged chunk a reader met is gone: later lookups miss instead of claiming a
+    // hit that cannot load, and the next save writes the chunk afresh.
+    for (k, p) in keys[..4].iter().zip(&bad) {
+        assert!(!p.exists(), "{} is still there", p.display());
+        assert!(!disk.contains(k));
+        assert!(disk.get(k, FP).unwrap().is_none());
+    }
+    assert!(disk.verify().unwrap().bad.is_empty());
+    put(&*disk, &keys[1], small_len(&keys[1]));
+    assert_chunk(&*disk, &keys[1], small_len(&keys[1]));
+    assert_eq!(disk.stats().entries, 2);
+}
+
+/// `gc` removes damaged chunks that no reader has met.
+#[test]
+fn gc_removes_damaged_chunks() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), 1 << 30);
+    let keys: Vec<CacheKey> = (0..3).map(key).collect();
+    for k in &keys {
+        put(&disk, k, small_len(k));
+    }
+    for k in &keys[..2] {
+        let p = disk.chunk_path(k);
+        let len = fs::metadata(&p).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+    }
     let report = disk.gc(None).unwrap();
-    assert_eq!(report.removed_bad.len(), 4);
+    assert_eq!(report.removed_bad.len(), 2);
     assert!(disk.verify().unwrap().bad.is_empty());
     assert_eq!(disk.stats().entries, 1);
 }

@@ -6,7 +6,7 @@
 //! is either wholly visible or not at all. A killed writer leaves only a temp file, which
 //! `open` and `gc` remove once its process is gone. Files are never modified after the rename
 //! and kvrelay only ever unlinks them, which is what makes zero-copy reads through a mapping
-//! sound (see [`DiskTier::get`]).
+//! sound (see [`DiskTier::get`]). A reader that finds a chunk damaged unlinks it at once.
 //!
 //! File format (little-endian), one file per chunk, named `<xxh3-128 of the key string>.kvc`
 //! so that no key can name a path outside the directory:
@@ -28,7 +28,7 @@
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -41,6 +41,7 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed, Xxh3Default};
 use super::lru::LruIndex;
 use super::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
 use crate::keys::CacheKey;
+use crate::process::process_alive;
 
 const MAGIC: [u8; 8] = *b"KVRCHUNK";
 const FORMAT_VERSION: u16 = 1;
@@ -336,6 +337,29 @@ impl DiskTier {
         Ok(())
     }
 
+    /// Removes a chunk file that failed a reader's checks. It is a cache entry, so nothing
+    /// is lost; left in place, every lookup would claim it as a hit and every load would
+    /// fail on it and recompute. Only the file that was read goes: one a writer renamed
+    /// over it since is kept. The reason is logged; `kvrelay store verify` finds damage
+    /// that no reader has met yet.
+    fn discard_corrupt(&self, id: u128, path: &Path, read: &File, error: &StoreError) {
+        let same_file = match (read.metadata(), fs::symlink_metadata(path)) {
+            (Ok(read), Ok(now)) => read.dev() == now.dev() && read.ino() == now.ino(),
+            _ => false,
+        };
+        if same_file {
+            match unlink(path) {
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), %error, "removed a corrupt chunk; its tokens will be recomputed and saved again")
+                }
+                Err(unlink_error) => {
+                    tracing::warn!(path = %path.display(), %error, %unlink_error, "corrupt chunk could not be removed")
+                }
+            }
+        }
+        self.forget(id);
+    }
+
     /// Records that the file `id` exists with `file_bytes`, as the most recently used.
     fn note_present(&self, id: u128, file_bytes: u64) {
         let mut inner = self.inner.lock();
@@ -441,10 +465,12 @@ impl Tier for DiskTier {
         let (map, header) = match result {
             Ok(ok) => ok,
             Err(err) => {
-                let mut inner = self.inner.lock();
                 match err {
-                    StoreError::FingerprintMismatch { .. } => inner.rejected += 1,
-                    StoreError::Corrupt { .. } => inner.corrupt += 1,
+                    StoreError::FingerprintMismatch { .. } => self.inner.lock().rejected += 1,
+                    StoreError::Corrupt { .. } => {
+                        self.inner.lock().corrupt += 1;
+                        self.discard_corrupt(id, &path, &file, &err);
+                    }
                     _ => {}
                 }
                 return Err(err);
@@ -606,17 +632,6 @@ fn unlink(path: &Path) -> Result<bool, StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(StoreError::io(path, e)),
     }
-}
-
-fn process_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        // 0 and negative pids address process groups in kill(2); never probe those.
-        return false;
-    }
-    // SAFETY: kill with signal 0 sends nothing; it only checks that `pid` (a positive pid,
-    // checked above) exists and may be signalled. It touches no memory of ours.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn header_len(key_len: usize) -> usize {

@@ -15,6 +15,7 @@ use super::channel::{Channel, Put};
 use super::frame::ChannelKind;
 use super::TransferError;
 use crate::device::stream::{stream_copy, stream_fence};
+use crate::process::process_alive;
 
 const SHM_DIR: &str = "/dev/shm";
 const PREFIX: &str = "kvrelay-pd-";
@@ -102,7 +103,7 @@ fn remove_orphans(dir: &Path) {
         let ours = entry
             .metadata()
             .is_ok_and(|m| m.file_type().is_file() && m.uid() == uid);
-        if !ours || process_exists(pid) {
+        if !ours || process_alive(pid) {
             continue;
         }
         match std::fs::remove_file(entry.path()) {
@@ -114,12 +115,6 @@ fn remove_orphans(dir: &Path) {
             }
         }
     }
-}
-
-fn process_exists(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 only checks that `pid` exists and may be signalled; nothing is sent.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 impl PageMemory for ShmPages {
