@@ -424,7 +424,7 @@ pub fn checksum(data: &[u8]) -> u64 {
     super::xxh3::checksum_uncached(data)
 }
 
-/// [`checksum`] of a chunk fed in pieces, e.g. each segment while it is still in cache.
+/// [`checksum`] of a chunk fed in pieces, e.g. each piece of a `Data` frame right after it is read, while it is still in cache.
 pub struct ChunkHasher(twox_hash::XxHash3_64);
 
 impl ChunkHasher {

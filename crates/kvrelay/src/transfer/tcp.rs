@@ -7,7 +7,7 @@ use super::channel::{Channel, Put};
 use super::frame::{data_prefix, write_all_vectored, ChannelKind, DataHeader};
 use super::TransferError;
 
-/// Socket send buffer for PD connections: several data segments in flight. The receive
+/// Socket send buffer for PD connections: several MiB of a `Data` frame in flight. The receive
 /// side keeps Linux's autotuning, which grows past what `SO_RCVBUF` may be set to.
 const SEND_BUFFER: libc::c_int = 4 << 20;
 
@@ -44,7 +44,7 @@ pub fn tune_socket(stream: &TcpStream) {
     }
 }
 
-/// Sends each segment as one `Data` frame: a 28-byte prefix and the payload in one
+/// Sends each put (up to 16 MiB) as one `Data` frame: a 28-byte prefix and the payload in one
 /// `writev`, straight from the caller's buffer.
 pub(crate) struct TcpChannel;
 
