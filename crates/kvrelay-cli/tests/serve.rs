@@ -823,6 +823,11 @@ fn seed_server(kv_transfer_config: &str, yaml: &str, extra: &[&str]) -> Proc {
 
 impl Disagg {
     fn start(sharing: Sharing) -> Disagg {
+        Disagg::start_with(sharing, &[])
+    }
+
+    /// [`Disagg::start`] with `serve_flags` for both servers.
+    fn start_with(sharing: Sharing, serve_flags: &[&str]) -> Disagg {
         let dir = tempfile::tempdir().unwrap();
         let common = "chunk_size: 64\nlocal_cpu: false\npre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n";
         let (init, alloc, notify) = (free_port(), free_port(), free_port());
@@ -847,8 +852,8 @@ impl Disagg {
             yaml("decoder.yaml", "receiver"),
         );
         // The decoder first: its PD buffer must listen before the prefiller sends.
-        let decoder = seed_server(CONSUMER, &receiver_yaml, &[]);
-        let prefiller = seed_server(PRODUCER, &sender_yaml, &[]);
+        let decoder = seed_server(CONSUMER, &receiver_yaml, serve_flags);
+        let prefiller = seed_server(PRODUCER, &sender_yaml, serve_flags);
         let (init, alloc, notify) = (init.to_string(), alloc.to_string(), notify.to_string());
         let mut proxy_flags = vec![
             "--num-prefillers",
@@ -1044,6 +1049,52 @@ fn pd_kv_goes_to_the_decoder_the_proxy_picked() {
     assert!(
         error_message(&body).contains("receiver_init_port"),
         "{body}"
+    );
+}
+
+/// A chat request through the proxy: both servers render the same template, so the
+/// decoder loads the prompt the prefiller computed and answers as one server would.
+#[test]
+fn pd_chat_through_the_proxy_equals_one_server() {
+    let (dir, colocated) = chat_server();
+    let model = dir.path().to_str().unwrap();
+    let pd = Disagg::start_with(
+        Sharing::Pd("tcp", 50_000_000),
+        &["--model", model, "--served-model-name", "chat"],
+    );
+    let messages = chat_messages(json!(text_prompt(5)));
+    let request = json!({"messages": messages, "max_tokens": 8});
+    let (status, want) = post(&format!("{}/v1/chat/completions", colocated.url), &request);
+    assert_eq!(status, 200, "{want}");
+    let url = format!("{}/v1/chat/completions", pd.proxy.url);
+    let (status, got) = post(&url, &request);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["object"], "chat.completion");
+    assert_eq!(
+        got["choices"][0]["token_ids"],
+        want["choices"][0]["token_ids"]
+    );
+    assert_eq!(
+        got["choices"][0]["message"]["content"],
+        want["choices"][0]["message"]["content"]
+    );
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let events = post_stream(&url, &streamed);
+    let content: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        Some(content.as_str()),
+        want["choices"][0]["message"]["content"].as_str()
+    );
+    let (_, metrics) = get(&format!("{}/metrics", pd.decoder.url));
+    let prompt_tokens = want["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        metric(&metrics, "kvrelay_connector_hit_tokens_total"),
+        2 * ((prompt_tokens - 1) / 64 * 64),
+        "{metrics}"
     );
 }
 
