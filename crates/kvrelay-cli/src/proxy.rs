@@ -121,10 +121,25 @@ fn instances(
         .collect())
 }
 
-/// KV-ready notifications from PD senders, counted per request id.
+/// KV-ready notifications from PD senders, per request id.
 struct KvReadyBoard {
-    counts: Mutex<HashMap<String, usize>>,
+    requests: Mutex<HashMap<String, Readiness>>,
     arrived: Condvar,
+}
+
+/// What the senders said so far about one request.
+#[derive(Default)]
+struct Readiness {
+    /// Ranks whose KV is ready.
+    ready: usize,
+    /// The first failure a sender reported: the KV will never be complete.
+    failure: Option<String>,
+}
+
+/// Why waiting for a request's KV ended without it.
+enum NotReady {
+    Failed(String),
+    TimedOut,
 }
 
 /// Request ids a board keeps before it drops new ones (notifications nobody waits for).
@@ -138,7 +153,7 @@ impl KvReadyBoard {
         let listener = TcpListener::bind((host, port))
             .map_err(|e| format!("listening for KV-ready notifications on {host}:{port}: {e}"))?;
         let board = Arc::new(KvReadyBoard {
-            counts: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
             arrived: Condvar::new(),
         });
         let served = Arc::clone(&board);
@@ -159,8 +174,8 @@ impl KvReadyBoard {
                     let spawned = std::thread::Builder::new().spawn(move || {
                         let mut reader = std::io::BufReader::new(stream);
                         // A malformed or unauthenticated notification ends that connection.
-                        while let Ok(ready) = read_notification(&mut reader, secret.as_deref()) {
-                            board.record(ready.request_id);
+                        while let Ok(note) = read_notification(&mut reader, secret.as_deref()) {
+                            board.record(note.request_id, note.failure);
                         }
                         count.fetch_sub(1, Ordering::AcqRel);
                     });
@@ -173,31 +188,46 @@ impl KvReadyBoard {
         Ok(board)
     }
 
-    fn record(&self, request_id: String) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.len() < MAX_PENDING_NOTIFICATIONS || counts.contains_key(&request_id) {
-            *counts.entry(request_id).or_default() += 1;
+    fn record(&self, request_id: String, failure: Option<String>) {
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if requests.len() < MAX_PENDING_NOTIFICATIONS || requests.contains_key(&request_id) {
+            let readiness = requests.entry(request_id).or_default();
+            match failure {
+                Some(failure) => {
+                    readiness.failure.get_or_insert(failure);
+                }
+                None => readiness.ready += 1,
+            }
             self.arrived.notify_all();
         }
     }
 
-    /// Waits until `ranks` notifications for `request_id` arrived; false after `timeout`.
-    fn wait(&self, request_id: &str, ranks: usize, timeout: Duration) -> bool {
+    /// Waits until `ranks` notifications for `request_id` say its KV is ready; stops at the
+    /// first failure a sender reports, or after `timeout`.
+    fn wait(&self, request_id: &str, ranks: usize, timeout: Duration) -> Result<(), NotReady> {
         let deadline = Instant::now() + timeout;
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if counts.get(request_id).copied().unwrap_or(0) >= ranks {
-                counts.remove(request_id);
-                return true;
+            match requests.get_mut(request_id) {
+                Some(r) if r.failure.is_some() => {
+                    let failure = r.failure.take().unwrap_or_default();
+                    requests.remove(request_id);
+                    return Err(NotReady::Failed(failure));
+                }
+                Some(r) if r.ready >= ranks => {
+                    requests.remove(request_id);
+                    return Ok(());
+                }
+                _ => {}
             }
             let now = Instant::now();
             if now >= deadline {
-                counts.remove(request_id);
-                return false;
+                requests.remove(request_id);
+                return Err(NotReady::TimedOut);
             }
-            counts = self
+            requests = self
                 .arrived
-                .wait_timeout(counts, deadline - now)
+                .wait_timeout(requests, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -450,16 +480,24 @@ impl Proxy {
             .into_string()
             .map_err(|e| HttpError::new(502, format!("reading prefiller {url}'s answer: {e}")))?;
         let ranks = decoder.init_ports.len().max(1);
-        match &self.kv_ready {
-            Some(board) if !board.wait(&request_id, ranks, self.timeout) => Err(HttpError::new(
-                504,
-                format!(
-                    "prefiller {url} answered, but {ranks} KV-ready notification(s) for request {request_id} did not arrive within {:?}",
-                    self.timeout
+        let Some(board) = &self.kv_ready else {
+            return Ok(());
+        };
+        board
+            .wait(&request_id, ranks, self.timeout)
+            .map_err(|not_ready| match not_ready {
+                NotReady::Failed(reason) => HttpError::new(
+                    502,
+                    format!("the KV of request {request_id} did not reach the decoder: {reason}"),
                 ),
-            )),
-            _ => Ok(()),
-        }
+                NotReady::TimedOut => HttpError::new(
+                    504,
+                    format!(
+                        "prefiller {url} answered, but {ranks} KV-ready notification(s) for request {request_id} did not arrive within {:?}",
+                        self.timeout
+                    ),
+                ),
+            })
     }
 
     /// Sends `body` to `decoder` and relays the answer.

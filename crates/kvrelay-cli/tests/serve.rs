@@ -774,8 +774,8 @@ enum Sharing {
     /// An LMCache local-disk tier both processes use.
     Disk,
     /// LMCache PD: the prefiller pushes KV into the decoder's PD buffer (this many bytes)
-    /// over this `transfer_channel` and notifies the proxy.
-    Pd(&'static str, u64),
+    /// over this `transfer_channel`, with this `pd_backend_mode`, and notifies the proxy.
+    Pd(&'static str, u64, &'static str),
 }
 
 fn free_port() -> u16 {
@@ -837,8 +837,9 @@ impl Disagg {
                     "local_disk: \"file://{}/\"\nmax_local_disk_size: 1\n",
                     dir.path().join("disk").display()
                 ),
-                Sharing::Pd(channel, buffer) => format!(
+                Sharing::Pd(channel, buffer, mode) => format!(
                     "enable_pd: true\npd_role: {pd_role}\npd_buffer_size: {buffer}\npd_buffer_device: cpu\n\
+                     pd_backend_mode: {mode}\n\
                      pd_peer_host: 127.0.0.1\npd_peer_init_port: [{init}]\npd_peer_alloc_port: [{alloc}]\n\
                      pd_proxy_host: 127.0.0.1\npd_proxy_port: {notify}\ntransfer_channel: {channel}\n"
                 ),
@@ -905,17 +906,17 @@ fn disaggregated_prefill_through_the_proxy_equals_colocated() {
 
 #[test]
 fn pd_over_tcp_through_the_proxy_equals_colocated() {
-    check_disaggregated(Sharing::Pd("tcp", 50_000_000));
+    check_disaggregated(Sharing::Pd("tcp", 50_000_000, "async"));
 }
 
 #[test]
 fn pd_over_shm_through_the_proxy_equals_colocated() {
-    check_disaggregated(Sharing::Pd("shm", 50_000_000));
+    check_disaggregated(Sharing::Pd("shm", 50_000_000, "sync"));
 }
 
 #[test]
 fn the_same_request_succeeds_once_a_killed_decoder_or_prefiller_is_back() {
-    let mut pd = Disagg::start(Sharing::Pd("tcp", 50_000_000));
+    let mut pd = Disagg::start(Sharing::Pd("tcp", 50_000_000, "async"));
     let url = format!("{}/v1/completions", pd.proxy.url);
     let prompt = text_prompt(3);
     let want = expected(&[Tokenizer::Bytes.encode(&prompt).unwrap()], 6);
@@ -1059,7 +1060,7 @@ fn pd_chat_through_the_proxy_equals_one_server() {
     let (dir, colocated) = chat_server();
     let model = dir.path().to_str().unwrap();
     let pd = Disagg::start_with(
-        Sharing::Pd("tcp", 50_000_000),
+        Sharing::Pd("tcp", 50_000_000, "async"),
         &["--model", model, "--served-model-name", "chat"],
     );
     let messages = chat_messages(json!(text_prompt(5)));
@@ -1100,17 +1101,21 @@ fn pd_chat_through_the_proxy_equals_one_server() {
 
 #[test]
 fn a_pd_buffer_smaller_than_the_request_is_a_clear_error_not_a_hang() {
-    // Two 64-token pages; the prompt needs more.
-    let pd = Disagg::start(Sharing::Pd("tcp", 2 * 64 * 1024));
-    let url = format!("{}/v1/completions", pd.proxy.url);
-    let prompt = text_prompt(0).repeat(4);
-    assert!(prompt.len() > 3 * 64);
-    let (status, body) = post(&url, &json!({"prompt": prompt, "max_tokens": 4}));
-    assert_eq!(status, 502, "{body}");
-    assert!(error_message(&body).contains("PD buffer"), "{body}");
-    // A request that fits still goes through.
-    let (status, body) = post(&url, &json!({"prompt": "short", "max_tokens": 4}));
-    assert_eq!(status, 200, "{body}");
+    // Sync: the prefiller's own answer fails. Async: its sender thread tells the proxy.
+    // Either way a 502 with the reason, not the 504 of the proxy's 30 s timeout.
+    for mode in ["sync", "async"] {
+        // Two 64-token pages; the prompt needs more.
+        let pd = Disagg::start(Sharing::Pd("tcp", 2 * 64 * 1024, mode));
+        let url = format!("{}/v1/completions", pd.proxy.url);
+        let prompt = text_prompt(0).repeat(4);
+        assert!(prompt.len() > 3 * 64);
+        let (status, body) = post(&url, &json!({"prompt": prompt, "max_tokens": 4}));
+        assert_eq!(status, 502, "{mode}: {body}");
+        assert!(error_message(&body).contains("PD buffer"), "{mode}: {body}");
+        // A request that fits still goes through.
+        let (status, body) = post(&url, &json!({"prompt": "short", "max_tokens": 4}));
+        assert_eq!(status, 200, "{mode}: {body}");
+    }
 }
 
 fn check_disaggregated(sharing: Sharing) {

@@ -99,11 +99,12 @@ fn pd_over_tcp_and_shm_decodes_like_a_colocated_run() {
         .unwrap()
         .generate(&ps, SamplingParams::greedy(5))
         .unwrap();
-    // The last decoder also loads asynchronously (the engine's WaitingForRemoteKv path).
-    for (channel, decoder_config, async_loading) in [
-        ("tcp", config(), false),
-        ("shm", config(), false),
-        ("tcp", other_config(), true),
+    // The last decoder also loads asynchronously (the engine's WaitingForRemoteKv path);
+    // the shm prefiller sends from its save step (`sync`), the others from a sender thread.
+    for (channel, decoder_config, async_loading, backend_mode) in [
+        ("tcp", config(), false, "async"),
+        ("shm", config(), false, "sync"),
+        ("tcp", other_config(), true, "async"),
     ] {
         let (init, alloc) = (free_port(), free_port());
         let (proxy, notifications) = fake_proxy();
@@ -117,7 +118,10 @@ fn pd_over_tcp_and_shm_decodes_like_a_colocated_run() {
         );
         let mut prefiller = engine(
             "kv_producer",
-            &pd_yaml("sender", channel, init, alloc, proxy),
+            &format!(
+                "{}pd_backend_mode: {backend_mode}\n",
+                pd_yaml("sender", channel, init, alloc, proxy)
+            ),
             config(),
         );
         let prefill = prefiller.generate(&ps, SamplingParams::greedy(1)).unwrap();
@@ -129,7 +133,7 @@ fn pd_over_tcp_and_shm_decodes_like_a_colocated_run() {
             let ready = notifications
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the proxy heard about every request");
-            assert_eq!(ready.rank, 0);
+            assert_eq!((ready.rank, ready.failure), (0, None));
         }
         let decode = decoder.generate(&ps, SamplingParams::greedy(5)).unwrap();
         assert_same(&decode, &colocated);

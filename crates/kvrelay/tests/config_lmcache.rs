@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kvrelay::config::{ConfigError, LmcacheConfig, PdRole};
+use kvrelay::config::{ConfigError, LmcacheConfig, PdBackendMode, PdRole};
 use serde_json::json;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -230,6 +230,16 @@ fn unknown_keys_name_the_nearest_known_key() {
 }
 
 #[test]
+fn pd_backend_mode_is_async_by_default_or_sync() {
+    let default = LmcacheConfig::from_yaml_str("chunk_size: 256").unwrap();
+    assert_eq!(default.pd_backend_mode, PdBackendMode::Async);
+    let sync = LmcacheConfig::from_yaml_str("pd_backend_mode: sync").unwrap();
+    assert_eq!(sync.pd_backend_mode, PdBackendMode::Sync);
+    let err = LmcacheConfig::from_yaml_str("pd_backend_mode: fast").unwrap_err();
+    assert!(err.to_string().contains("\"async\" or \"sync\""), "{err}");
+}
+
+#[test]
 fn unsupported_keys_error_unless_at_lmcache_default() {
     for yaml in [
         "enable_blending: true",
@@ -237,7 +247,7 @@ fn unsupported_keys_error_unless_at_lmcache_default() {
         "gds_path: /mnt/gds",
         "enable_p2p: true",
         "local_cpu_use_hugepages: yes",
-        "pd_backend_mode: sync",
+        "pd_skip_proxy_notification: true",
     ] {
         let err = LmcacheConfig::from_yaml_str(yaml).unwrap_err();
         assert!(
@@ -255,7 +265,6 @@ fn unsupported_keys_error_unless_at_lmcache_default() {
         "local_cpu_use_hugepages: False",
         "gds_path: null",
         "mp_port: 5555",
-        "pd_backend_mode: async",
         "use_gds: true",
         "maru_pool_size: 4",
     ] {

@@ -59,6 +59,7 @@ fn samples() -> Vec<Vec<u8>> {
         Message::Notify {
             request_id: "r".into(),
             rank: 0,
+            failure: "no".into(),
             mac: [0; 32],
         },
     ];

@@ -5,7 +5,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kvrelay::config::LmcacheConfig;
+use kvrelay::config::{LmcacheConfig, PdBackendMode};
+use kvrelay::device::HostBuffer;
 use kvrelay::keys::CacheKey;
 use kvrelay::layout::{AttentionKind, KvCacheSpec};
 use kvrelay::store::ChunkMeta;
@@ -14,7 +15,7 @@ use kvrelay::transfer::frame::{
 };
 use kvrelay::transfer::{
     read_notification, ChannelKind, ErrorCode, KvReady, OutgoingChunk, PdConfig, PdPeer,
-    PdReceiver, PdSender, TransferError,
+    PdReceiver, PdSender, PdSink, PdTarget, TransferError,
 };
 use kvrelay::KvDtype;
 use rand::{Rng, SeedableRng};
@@ -188,7 +189,8 @@ fn end_to_end(channel: &str) {
             note,
             KvReady {
                 request_id: r.id.clone(),
-                rank: 0
+                rank: 0,
+                failure: None,
             }
         );
         let ready = rx.wait_ready(&r.id, Duration::from_secs(20)).unwrap();
@@ -281,6 +283,66 @@ fn tcp_a_stale_checksum_fails_the_send_and_loads_nothing() {
 #[test]
 fn shm_a_stale_checksum_fails_the_send_and_loads_nothing() {
     stale_checksum("shm");
+}
+
+/// `pd_backend_mode: async`: `flush` only queues; the sender thread delivers the KV and
+/// notifies the proxy, and tells the proxy when a request cannot be delivered.
+#[test]
+fn an_async_sink_delivers_in_the_background_and_reports_failures_to_the_proxy() {
+    let (proxy_port, notes) = fake_proxy(Some(b"s3cret"));
+    let secret = "pd_shared_secret: s3cret\n";
+    let rx = PdReceiver::bind(&config("tcp", 4, secret, None), 0).unwrap();
+    let mut cfg = config("tcp", 4, secret, Some(proxy_port));
+    assert_eq!(cfg.backend_mode, PdBackendMode::Async, "LMCache's default");
+    cfg.handshake_timeout = Duration::from_secs(2);
+    let mut sink = PdSink::new(cfg, 0).unwrap();
+    let stage = |sink: &mut PdSink, r: &Request| {
+        for (key, meta, data) in &r.chunks {
+            let mut staged = HostBuffer::zeroed(data.len()).unwrap();
+            staged.copy_from_slice(data);
+            sink.add(&r.id, key.clone(), *meta, staged);
+        }
+    };
+    let target = |alloc: u16, init: u16| PdTarget {
+        host: "127.0.0.1".into(),
+        init_ports: vec![init],
+        alloc_ports: vec![alloc],
+    };
+
+    let good = request("good", 3, true);
+    stage(&mut sink, &good);
+    let here = target(rx.alloc_addr().port(), rx.init_addr().port());
+    assert!(sink.flush(&good.id, Some(here)).unwrap().is_none());
+    let note = notes
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .unwrap();
+    assert_eq!((note.request_id.as_str(), note.failure), ("good", None));
+    good.consume_and_check(&rx);
+
+    // Nobody listens at the second target: the proxy hears why, authenticated.
+    let nowhere = free_port();
+    let lost = request("lost", 2, false);
+    stage(&mut sink, &lost);
+    assert!(sink
+        .flush(&lost.id, Some(target(nowhere, nowhere)))
+        .unwrap()
+        .is_none());
+    let note = notes
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .unwrap();
+    assert_eq!(note.request_id, "lost");
+    let failure = note.failure.expect("a failure notification");
+    assert!(failure.contains("prefiller rank 0"), "{failure}");
+    assert!(failure.contains(&nowhere.to_string()), "{failure}");
+    // Dropping the sink waits for the queue: a last request still arrives.
+    let last = request("last", 1, false);
+    stage(&mut sink, &last);
+    let here = target(rx.alloc_addr().port(), rx.init_addr().port());
+    sink.flush(&last.id, Some(here)).unwrap();
+    drop(sink);
+    last.consume_and_check(&rx);
 }
 
 #[test]
@@ -849,4 +911,12 @@ fn several_senders_share_one_receiver() {
         r.consume_and_check(&rx);
     }
     assert_eq!(rx.occupancy().used_pages, 0);
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -89,6 +89,30 @@ impl ConfigValue for PdRole {
     }
 }
 
+/// How a PD sender moves a request's KV (`pd_backend_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PdBackendMode {
+    /// LMCache's default: the engine hands the gathered chunks to a sender thread and goes
+    /// on; a failed send reaches the proxy as a failure notification.
+    Async,
+    /// The engine's save step sends the request and waits for the receiver's verdict, so a
+    /// failure fails the prefill request itself.
+    Sync,
+}
+
+impl ConfigValue for PdBackendMode {
+    fn expected() -> String {
+        "\"async\" or \"sync\"".into()
+    }
+    fn from_text(s: &str) -> Option<Self> {
+        match s.trim() {
+            "async" => Some(PdBackendMode::Async),
+            "sync" => Some(PdBackendMode::Sync),
+            _ => None,
+        }
+    }
+}
+
 /// Declares the supported keys once: the struct fields, their defaults, the key list and
 /// the setter that converts a raw value to the field's type.
 macro_rules! lmcache_schema {
@@ -170,6 +194,9 @@ lmcache_schema! {
     /// Seconds to keep retrying a remote buffer allocation. LMCache's default is infinity;
     /// kvrelay bounds every wait, so its default is 30 s (`inf` can still be set).
     pd_allocation_timeout_sec: f64 = 30.0,
+    /// `async` (default): a sender thread moves each request's KV while the engine goes on;
+    /// `sync`: the save step waits for the transfer.
+    pd_backend_mode: PdBackendMode = PdBackendMode::Async,
     /// If > 0, the PD buffer must hold a prefill of this many tokens (checked at startup).
     pd_max_prefill_len: u64 = 0,
     /// PD transport, one of [`TRANSFER_CHANNELS`].
@@ -267,7 +294,6 @@ const UNSUPPORTED: &[(&str, LmDefault)] = &[
     ("pd_peer_query_port", Null),
     ("pd_shutdown_timeout_sec", Float(5.0)),
     ("pd_condition_poll_interval_sec", Float(0.005)),
-    ("pd_backend_mode", Str("async")),
     ("pd_skip_proxy_notification", Bool(false)),
     ("pd_bidirectional", Bool(false)),
     ("nixl_buffer_size", Null),

@@ -12,7 +12,9 @@ mod vllm;
 
 use std::path::PathBuf;
 
-pub use lmcache::{LmcacheConfig, PdRole, HASH_ALGORITHMS, KVRELAY_KEYS, TRANSFER_CHANNELS};
+pub use lmcache::{
+    LmcacheConfig, PdBackendMode, PdRole, HASH_ALGORITHMS, KVRELAY_KEYS, TRANSFER_CHANNELS,
+};
 pub use remote::{REMOTE_EXTRA_KEYS, REMOTE_SCHEMES};
 pub use value::SecretString;
 pub use vllm::{

@@ -151,7 +151,7 @@ fn pd_tiers(
             }
             Ok((
                 TierStack::new(Vec::new()),
-                Some(PdSink::new(config, rank)),
+                Some(PdSink::new(config, rank)?),
                 None,
             ))
         }

@@ -31,7 +31,8 @@ pub struct ConnectorStats {
     pub save_time: Duration,
     /// Chunks not saved because a tier already held them.
     pub skipped_saves: usize,
-    /// PD requests whose chunks could not be sent to the decoder (it will recompute).
+    /// PD requests whose chunks could not be sent to the decoder (it will recompute), with
+    /// `pd_backend_mode: sync`; an `async` sender reports failures to the proxy instead.
     pub failed_sends: usize,
 }
 
@@ -279,7 +280,7 @@ impl KvWorker {
         }
         if let (true, Some(sink)) = (request.flush_saves, self.pd_sink.as_mut()) {
             let target = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref());
-            let sent = target.and_then(|t| sink.flush(&request.request_id, t.as_ref()));
+            let sent = target.and_then(|t| sink.flush(&request.request_id, t));
             if let Err(error) = sent {
                 tracing::warn!(request = %request.request_id, %error, "sending KV to the decoder failed; it will recompute");
                 stats.failed_sends += 1;

@@ -72,8 +72,9 @@ pub(crate) fn verify_proof(
         .is_ok()
 }
 
-fn notify_mac(secret: &[u8], request_id: &str, rank: u32) -> HmacSha256 {
+fn notify_mac(secret: &[u8], request_id: &str, rank: u32, failure: &str) -> HmacSha256 {
     let id_len = (request_id.len() as u32).to_le_bytes();
+    let failure_len = (failure.len() as u32).to_le_bytes();
     mac(
         secret,
         &[
@@ -81,18 +82,22 @@ fn notify_mac(secret: &[u8], request_id: &str, rank: u32) -> HmacSha256 {
             &id_len,
             request_id.as_bytes(),
             &rank.to_le_bytes(),
+            &failure_len,
+            failure.as_bytes(),
         ],
     )
 }
 
-/// The MAC of a KV-ready notification; all zeros when no secret is configured.
+/// The MAC of a KV-ready (or failure) notification; all zeros when no secret is
+/// configured.
 pub(crate) fn notification_mac(
     secret: Option<&[u8]>,
     request_id: &str,
     rank: u32,
+    failure: &str,
 ) -> [u8; MAC_LEN] {
     secret.map_or([0; MAC_LEN], |s| {
-        notify_mac(s, request_id, rank)
+        notify_mac(s, request_id, rank, failure)
             .finalize()
             .into_bytes()
             .into()
@@ -103,9 +108,10 @@ pub(crate) fn verify_notification(
     secret: &[u8],
     request_id: &str,
     rank: u32,
+    failure: &str,
     tag: &[u8; MAC_LEN],
 ) -> bool {
-    notify_mac(secret, request_id, rank)
+    notify_mac(secret, request_id, rank, failure)
         .verify_slice(tag)
         .is_ok()
 }
@@ -142,9 +148,14 @@ mod tests {
         assert!(!verify_proof(b"k", Role::Receiver, &s, &r, 3, &p));
         assert!(!verify_proof(b"k", Role::Sender, &r, &s, 3, &p));
         assert!(!verify_proof(b"k", Role::Sender, &s, &r, 4, &p));
-        let tag = notification_mac(Some(b"k"), "req", 1);
-        assert!(verify_notification(b"k", "req", 1, &tag));
-        assert!(!verify_notification(b"k", "req", 0, &tag));
+        let tag = notification_mac(Some(b"k"), "req", 1, "");
+        assert!(verify_notification(b"k", "req", 1, "", &tag));
+        assert!(!verify_notification(b"k", "req", 0, "", &tag));
+        // A forged failure (or a ready notification turned into one) does not verify.
+        assert!(!verify_notification(b"k", "req", 1, "gone", &tag));
+        let failed = notification_mac(Some(b"k"), "req", 1, "gone");
+        assert!(verify_notification(b"k", "req", 1, "gone", &failed));
+        assert!(!verify_notification(b"k", "req", 1, "", &failed));
         assert_ne!(random::<16>().unwrap(), random::<16>().unwrap());
     }
 }

@@ -110,7 +110,8 @@ pub enum MsgType {
     Commit = 11,
     /// R→S: how many chunks verified.
     Committed = 12,
-    /// S→P: a request's KV is ready in receiver rank `rank`.
+    /// S→P: a request's KV is ready in receiver rank `rank`, or (with a failure reason)
+    /// will never be.
     Notify = 13,
 }
 
@@ -295,6 +296,8 @@ pub enum Message {
     Notify {
         request_id: String,
         rank: u32,
+        /// Empty when the KV is ready; otherwise why it never will be.
+        failure: String,
         mac: [u8; MAC_LEN],
     },
 }
@@ -404,10 +407,12 @@ impl Message {
             Message::Notify {
                 request_id,
                 rank,
+                failure,
                 mac,
             } => {
                 w.str(request_id);
                 w.u32(*rank);
+                w.str(failure);
                 w.bytes(mac);
             }
         }
@@ -598,6 +603,7 @@ pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
         MsgType::Notify => Message::Notify {
             request_id: r.str("request_id", MAX_REQUEST_ID)?,
             rank: r.u32("rank")?,
+            failure: r.str("failure", MAX_MESSAGE)?,
             mac: r.array("mac")?,
         },
         MsgType::Data => return Err(FrameError::Unexpected(MsgType::Data)),
@@ -959,7 +965,14 @@ mod tests {
             Message::Notify {
                 request_id: "req-1".into(),
                 rank: 1,
+                failure: String::new(),
                 mac: [0; MAC_LEN],
+            },
+            Message::Notify {
+                request_id: "req-2".into(),
+                rank: 0,
+                failure: "the PD buffer is too small".into(),
+                mac: [7; MAC_LEN],
             },
         ];
         for m in msgs {

@@ -34,8 +34,10 @@
 //!    `Data` frames on this connection, read straight into the page; shm: written by the
 //!    sender into the shared mapping), then `Seal{xxh3-64}`; finally `Commit` →
 //!    `Committed{verified, rejected}`.
-//! 3. **Proxy** (`pd_proxy_host:pd_proxy_port`): `Notify{request id, rank, mac}` once the
-//!    receiver verified every chunk; [`read_notification`] decodes it.
+//! 3. **Proxy** (`pd_proxy_host:pd_proxy_port`): `Notify{request id, rank, failure, mac}`
+//!    once the receiver verified every chunk (`failure` empty), or when an `async`
+//!    sender ([`PdSink`]) gave up on the request (`failure` says why, so the proxy fails
+//!    it at once); [`read_notification`] decodes it. The MAC covers the failure text.
 //!
 //! # Guarantees
 //!
@@ -77,7 +79,7 @@ pub use sender::{read_notification, KvReady, OutgoingChunk, PdSender, SendStats}
 pub use tcp::tune_socket;
 pub use tier::{PdSink, ReceivedKv};
 
-use crate::config::{LmcacheConfig, SecretString};
+use crate::config::{LmcacheConfig, PdBackendMode, SecretString};
 use crate::layout::KvCacheSpec;
 
 /// A PD transfer that failed or was refused.
@@ -136,6 +138,8 @@ pub enum TransferError {
     RequestEnded { request: String, reason: String },
     #[error("the PD receiver is shutting down")]
     ShuttingDown,
+    #[error("the PD sender thread has stopped")]
+    SenderStopped,
 }
 
 impl TransferError {
@@ -324,6 +328,8 @@ pub struct PdConfig {
     pub io_timeout: Duration,
     /// Bound on concurrent connections per listening port.
     pub max_connections: usize,
+    /// `pd_backend_mode`: whether a sender's save step waits for the transfer.
+    pub backend_mode: PdBackendMode,
 }
 
 /// Waits longer than this are treated as this (LMCache allows `inf`; kvrelay bounds all).
@@ -367,6 +373,7 @@ impl PdConfig {
             handshake_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             max_connections: 64,
+            backend_mode: cfg.pd_backend_mode,
         })
     }
 

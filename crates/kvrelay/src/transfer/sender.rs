@@ -8,7 +8,7 @@ use super::auth::{notification_mac, proof, random, verify_notification, verify_p
 use super::channel::{Channel, Put};
 use super::frame::{
     read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message, MsgType,
-    ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
+    ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY, MAX_MESSAGE,
     MAX_REQUEST_ID,
 };
 use super::shm::ShmChannel;
@@ -51,6 +51,9 @@ pub struct KvReady {
     pub request_id: String,
     /// The receiver (= sender) TP rank whose KV is ready.
     pub rank: u32,
+    /// Set when the KV will never be ready: why the sender gave up. The proxy should fail
+    /// the request now instead of waiting out its timeout.
+    pub failure: Option<String>,
 }
 
 /// Sends requests' KV to receiver rank `rank` (rank i sends to rank i).
@@ -113,10 +116,7 @@ impl PdSender {
             self.link = Some(link);
         }
         let mut stats = result?;
-        if let Some((host, port)) = &self.config.proxy {
-            notify(&self.config, host, *port, request_id, self.rank)?;
-            stats.notified = true;
-        }
+        stats.notified = notify_proxy(&self.config, request_id, self.rank, None)?;
         Ok(stats)
     }
 
@@ -412,23 +412,40 @@ impl Link {
     }
 }
 
-/// Tells the proxy that `request_id`'s KV is ready in receiver rank `rank`.
-fn notify(
+/// Tells the configured proxy, if any, that `request_id`'s KV is ready in receiver rank
+/// `rank`, or with `failure`, that it never will be. Returns whether a proxy was told.
+pub(crate) fn notify_proxy(
     cfg: &PdConfig,
-    host: &str,
-    port: u16,
     request_id: &str,
     rank: u32,
-) -> Result<(), TransferError> {
-    let mut stream = connect(host, port, cfg.handshake_timeout)?;
+    failure: Option<&str>,
+) -> Result<bool, TransferError> {
+    let Some((host, port)) = &cfg.proxy else {
+        return Ok(false);
+    };
+    let mut stream = connect(host, *port, cfg.handshake_timeout)?;
+    let failure = failure
+        .map(|f| truncate(f, MAX_MESSAGE))
+        .unwrap_or_default();
     let message = Message::Notify {
         request_id: request_id.to_string(),
         rank,
-        mac: notification_mac(cfg.secret(), request_id, rank),
+        mac: notification_mac(cfg.secret(), request_id, rank, failure),
+        failure: failure.to_string(),
     };
     stream
         .write_all(&message.encode())
-        .map_err(|e| TransferError::io(format!("notifying the proxy at {host}:{port}"), e))
+        .map_err(|e| TransferError::io(format!("notifying the proxy at {host}:{port}"), e))?;
+    Ok(true)
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Reads one KV-ready notification, as a proxy does on each accepted connection. With a
@@ -441,17 +458,22 @@ pub fn read_notification(
     let Message::Notify {
         request_id,
         rank,
+        failure,
         mac,
     } = message
     else {
         return Err(unexpected(&message));
     };
     if let Some(secret) = secret {
-        if !verify_notification(secret, &request_id, rank, &mac) {
+        if !verify_notification(secret, &request_id, rank, &failure, &mac) {
             return Err(TransferError::AuthFailed(format!(
                 "notification for {request_id:?} does not carry pd_shared_secret's MAC"
             )));
         }
     }
-    Ok(KvReady { request_id, rank })
+    Ok(KvReady {
+        request_id,
+        rank,
+        failure: (!failure.is_empty()).then_some(failure),
+    })
 }

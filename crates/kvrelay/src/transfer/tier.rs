@@ -3,12 +3,16 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use super::frame::checksum;
+use super::sender::notify_proxy;
 use super::{
     OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, SendStats, TransferError,
 };
+use crate::config::PdBackendMode;
 use crate::device::HostBuffer;
 use crate::keys::CacheKey;
 use crate::store::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
@@ -78,16 +82,32 @@ impl Tier for ReceivedKv {
 /// sane deployment, but a stream of distinct targets must not pile up sockets).
 const MAX_LINKS: usize = 64;
 
+/// Requests an `async` sink may have queued for its sender thread; one more makes the
+/// save step wait, which bounds the staging memory held for sends.
+const SEND_QUEUE: usize = 8;
+
 /// The prefiller's PD side: gathers a request's chunks as chunked prefill saves them, and
 /// sends them all at once when the prompt is done (the receiver admits a request whole) to
-/// the receiver its proxy named, or to the configured peer.
+/// the receiver its proxy named, or to the configured peer: from the save step itself
+/// (`pd_backend_mode: sync`) or from a sender thread (`async`).
 pub struct PdSink {
-    config: PdConfig,
-    rank: u32,
-    /// One handshaken link per receiver, with the flush count of its last use.
-    links: HashMap<PdPeer, (PdSender, u64)>,
-    flushes: u64,
     pending: HashMap<String, Vec<GatheredChunk>>,
+    sending: Sending,
+}
+
+enum Sending {
+    Inline(Box<Links>),
+    Background {
+        queue: Option<SyncSender<SendJob>>,
+        thread: Option<JoinHandle<()>>,
+    },
+}
+
+/// One request handed to the sender thread.
+struct SendJob {
+    request_id: String,
+    chunks: Vec<GatheredChunk>,
+    target: Option<PdTarget>,
 }
 
 /// A chunk waiting to be sent, with the checksum taken when it was gathered.
@@ -99,14 +119,36 @@ struct GatheredChunk {
 }
 
 impl PdSink {
-    pub fn new(config: PdConfig, rank: u32) -> Self {
-        PdSink {
+    pub fn new(config: PdConfig, rank: u32) -> Result<Self, TransferError> {
+        let mode = config.backend_mode;
+        let mut links = Links {
             config,
             rank,
             links: HashMap::new(),
-            flushes: 0,
+            sends: 0,
+        };
+        let sending = match mode {
+            PdBackendMode::Sync => Sending::Inline(Box::new(links)),
+            PdBackendMode::Async => {
+                let (queue, jobs) = std::sync::mpsc::sync_channel::<SendJob>(SEND_QUEUE);
+                let thread = std::thread::Builder::new()
+                    .name(format!("kvrelay-pd-send-{rank}"))
+                    .spawn(move || {
+                        for job in jobs {
+                            links.send_or_report(job);
+                        }
+                    })
+                    .map_err(|e| TransferError::io("starting the PD sender thread", e))?;
+                Sending::Background {
+                    queue: Some(queue),
+                    thread: Some(thread),
+                }
+            }
+        };
+        Ok(PdSink {
             pending: HashMap::new(),
-        }
+            sending,
+        })
     }
 
     /// Holds one gathered chunk of `request_id` until the request is flushed, and takes its
@@ -127,22 +169,75 @@ impl PdSink {
 
     /// Sends everything held for `request_id` to `target`'s receiver of this rank, or to
     /// the configured peer without one (connecting on first use), and forgets it.
+    ///
+    /// `sync`: returns what the send did, or why it failed. `async`: queues the request
+    /// (waiting while [`SEND_QUEUE`] requests are ahead of it) and returns `None`; the
+    /// sender thread tells the proxy whether the KV arrived.
     pub fn flush(
         &mut self,
         request_id: &str,
-        target: Option<&PdTarget>,
-    ) -> Result<SendStats, TransferError> {
+        target: Option<PdTarget>,
+    ) -> Result<Option<SendStats>, TransferError> {
         let chunks = self.pending.remove(request_id).unwrap_or_default();
-        let peer = match target {
+        let job = SendJob {
+            request_id: request_id.to_string(),
+            chunks,
+            target,
+        };
+        match &mut self.sending {
+            Sending::Inline(links) => links.send(&job).map(Some),
+            Sending::Background { queue, .. } => queue
+                .as_ref()
+                .and_then(|q| q.send(job).ok())
+                .map(|()| None)
+                .ok_or(TransferError::SenderStopped),
+        }
+    }
+
+    /// Drops what is held for a request that ended before its prompt was saved.
+    pub fn forget(&mut self, request_id: &str) {
+        self.pending.remove(request_id);
+    }
+}
+
+impl Drop for PdSink {
+    /// Lets the sender thread finish what is queued (each send is bounded by the transfer
+    /// timeouts), so KV a prefill produced is not lost when the engine shuts down.
+    fn drop(&mut self) {
+        if let Sending::Background { queue, thread } = &mut self.sending {
+            drop(queue.take());
+            if let Some(thread) = thread.take() {
+                if thread.join().is_err() {
+                    tracing::error!("the PD sender thread panicked");
+                }
+            }
+        }
+    }
+}
+
+/// A sink's connections: one handshaken link per receiver.
+struct Links {
+    config: PdConfig,
+    rank: u32,
+    /// Each link with the send count of its last use.
+    links: HashMap<PdPeer, (PdSender, u64)>,
+    sends: u64,
+}
+
+impl Links {
+    fn send(&mut self, job: &SendJob) -> Result<SendStats, TransferError> {
+        let peer = match &job.target {
             Some(target) => target.peer(self.rank)?,
             None => PdPeer::from_config(&self.config, self.rank).map_err(|e| {
                 TransferError::Config(format!(
-                    "request {request_id:?} names no receiver (no disagg_spec) and {e}"
+                    "request {:?} names no receiver (no disagg_spec) and {e}",
+                    job.request_id
                 ))
             })?,
         };
         let sender = self.link(peer)?;
-        let views: Vec<OutgoingChunk<'_>> = chunks
+        let views: Vec<OutgoingChunk<'_>> = job
+            .chunks
             .iter()
             .map(|c| OutgoingChunk {
                 key: &c.key,
@@ -151,12 +246,27 @@ impl PdSink {
                 checksum: c.checksum,
             })
             .collect();
-        sender.send_request(request_id, &views)
+        sender.send_request(&job.request_id, &views)
     }
 
-    /// The link to `peer`, handshaking on first use.
+    /// The sender thread's send: a failure is logged and reported to the proxy, which then
+    /// fails the request at once instead of waiting for KV that will not come.
+    fn send_or_report(&mut self, job: SendJob) {
+        let Err(error) = self.send(&job) else {
+            return;
+        };
+        let request = &job.request_id;
+        tracing::warn!(request, %error, "sending KV to the decoder failed; the proxy is told");
+        let reason = format!("prefiller rank {}: {error}", self.rank);
+        if let Err(notify_error) = notify_proxy(&self.config, request, self.rank, Some(&reason)) {
+            tracing::warn!(request, %notify_error, "could not tell the proxy that a send failed");
+        }
+    }
+
+    /// The link to `peer`, handshaking on first use; past [`MAX_LINKS`] links the least
+    /// recently used one is closed.
     fn link(&mut self, peer: PdPeer) -> Result<&mut PdSender, TransferError> {
-        self.flushes += 1;
+        self.sends += 1;
         if !self.links.contains_key(&peer) && self.links.len() >= MAX_LINKS {
             let oldest = self
                 .links
@@ -174,12 +284,7 @@ impl PdSink {
                 slot.insert((sender, 0))
             }
         };
-        link.1 = self.flushes;
+        link.1 = self.sends;
         Ok(&mut link.0)
-    }
-
-    /// Drops what is held for a request that ended before its prompt was saved.
-    pub fn forget(&mut self, request_id: &str) {
-        self.pending.remove(request_id);
     }
 }
