@@ -158,6 +158,17 @@ fn tier_files_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Truncates the file at `path` by `bytes`, in place.
+fn cut_tail(path: &Path, bytes: u64) {
+    let len = fs::metadata(path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len - bytes)
+        .unwrap();
+}
+
 #[test]
 fn damaged_chunks_are_misses_that_verify_names() {
     if is_child() {
@@ -183,13 +194,7 @@ fn damaged_chunks_are_misses_that_verify_names() {
         fs::write(&tmp, bytes).unwrap();
         fs::rename(tmp, p).unwrap();
     };
-    let len = fs::metadata(path(0)).unwrap().len();
-    OpenOptions::new()
-        .write(true)
-        .open(path(0))
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    cut_tail(&path(0), 100);
     flip(&path(1), u64::MAX); // last payload byte
     flip(&path(2), 21); // num_tokens, in the fixed header
     flip(&path(3), 60); // the key string, in the header
@@ -259,14 +264,7 @@ fn gc_removes_damaged_chunks() {
         put(&disk, k, small_len(k));
     }
     for k in &keys[..2] {
-        let p = disk.chunk_path(k);
-        let len = fs::metadata(&p).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_len(len - 1)
-            .unwrap();
+        cut_tail(&disk.chunk_path(k), 1);
     }
     let report = disk.gc(None).unwrap();
     assert_eq!(report.removed_bad.len(), 2);

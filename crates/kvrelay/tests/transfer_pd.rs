@@ -321,7 +321,12 @@ fn an_async_sink_delivers_in_the_background_and_reports_failures_to_the_proxy() 
     good.consume_and_check(&rx);
 
     // Nobody listens at the second target: the proxy hears why, authenticated.
-    let nowhere = free_port();
+    // A port nobody listens on: bound, read, released.
+    let nowhere = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let lost = request("lost", 2, false);
     stage(&mut sink, &lost);
     assert!(sink
@@ -911,12 +916,4 @@ fn several_senders_share_one_receiver() {
         r.consume_and_check(&rx);
     }
     assert_eq!(rx.occupancy().used_pages, 0);
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
