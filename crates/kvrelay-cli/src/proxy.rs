@@ -209,8 +209,11 @@ impl KvReadyBoard {
         let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             match requests.get_mut(request_id) {
-                Some(r) if r.failure.is_some() => {
-                    let failure = r.failure.take().unwrap_or_default();
+                Some(Readiness {
+                    failure: Some(failure),
+                    ..
+                }) => {
+                    let failure = std::mem::take(failure);
                     requests.remove(request_id);
                     return Err(NotReady::Failed(failure));
                 }

@@ -362,12 +362,7 @@ impl Message {
             }
             Message::Error { code, message } => {
                 w.u16(code.to_u16());
-                // Truncate at a char boundary so the frame stays decodable.
-                let mut end = message.len().min(MAX_MESSAGE);
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                w.str(&message[..end]);
+                w.str(clip_message(message));
             }
             Message::Attach { token } => w.bytes(token),
             Message::AllocRequest { request_id, chunks } => {
@@ -422,6 +417,16 @@ impl Message {
     }
 }
 
+/// The longest prefix of `text` that fits a message field ([`MAX_MESSAGE`] bytes) and ends
+/// on a character boundary, so the frame stays decodable.
+pub(crate) fn clip_message(text: &str) -> &str {
+    let mut end = text.len().min(MAX_MESSAGE);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The checksum a `Seal` carries: xxh3-64 of the chunk's bytes. A sender computes it once,
 /// when it gathers the chunk out of its paged cache, so sending does not read the bytes
 /// twice; the receiver recomputes it over what landed.
@@ -429,7 +434,8 @@ pub fn checksum(data: &[u8]) -> u64 {
     super::xxh3::checksum_uncached(data)
 }
 
-/// [`checksum`] of a chunk fed in pieces, e.g. each piece of a `Data` frame right after it is read, while it is still in cache.
+/// [`checksum`] of a chunk fed in pieces, e.g. each piece of a `Data` frame right after it
+/// is read, while it is still in cache.
 pub struct ChunkHasher(twox_hash::XxHash3_64);
 
 impl ChunkHasher {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use super::auth::{notification_mac, proof, random, verify_notification, verify_proof, Role};
 use super::channel::{Channel, Put};
 use super::frame::{
-    read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message, MsgType,
-    ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY, MAX_MESSAGE,
+    clip_message, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message,
+    MsgType, ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
     MAX_REQUEST_ID,
 };
 use super::shm::ShmChannel;
@@ -424,9 +424,8 @@ pub(crate) fn notify_proxy(
         return Ok(false);
     };
     let mut stream = connect(host, *port, cfg.handshake_timeout)?;
-    let failure = failure
-        .map(|f| truncate(f, MAX_MESSAGE))
-        .unwrap_or_default();
+    // Clipped before the MAC, which must cover exactly the text that travels.
+    let failure = failure.map(clip_message).unwrap_or_default();
     let message = Message::Notify {
         request_id: request_id.to_string(),
         rank,
@@ -437,15 +436,6 @@ pub(crate) fn notify_proxy(
         .write_all(&message.encode())
         .map_err(|e| TransferError::io(format!("notifying the proxy at {host}:{port}"), e))?;
     Ok(true)
-}
-
-/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
-fn truncate(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Reads one KV-ready notification, as a proxy does on each accepted connection. With a
