@@ -2,3 +2,4 @@
 
 pub mod engine_args;
 pub mod smoke;
+pub mod verify;

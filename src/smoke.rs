@@ -4,16 +4,19 @@
 //! one JSON summary reports both phases.
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
 use kvrelay_engine::{Engine, RequestOutput, SamplingParams};
 use serde_json::{json, Value};
 
 use crate::engine_args::{phase_json, DeviceKind, EngineArgs, PromptArgs};
+use crate::verify;
 
 /// The LMCache YAML the LMCache smoke uses when neither --lmcache-config-file nor
 /// LMCACHE_CONFIG_FILE names one: a local-disk tier both processes share, sha256_cbor keys.
@@ -27,6 +30,9 @@ pub enum Role {
     Both,
     Prefill,
     Decode,
+    /// The engine alone, without a connector, on decode's prompts and token budget: what
+    /// decode must equal (`--role both` runs it to verify decode).
+    Colocated,
 }
 
 impl Role {
@@ -35,6 +41,7 @@ impl Role {
             Role::Both => "both",
             Role::Prefill => "prefill",
             Role::Decode => "decode",
+            Role::Colocated => "colocated",
         }
     }
 }
@@ -71,6 +78,17 @@ pub struct SmokeArgs {
     /// Where a single phase writes its JSON (stdout when empty).
     #[arg(long, default_value = "")]
     pub result_json: String,
+    /// Under --role both, check that decode equals a colocated run of the same engine
+    /// (token ids and logits digest); a mismatch is an error exit. On by default.
+    #[arg(long, overrides_with = "no_verify")]
+    pub verify: bool,
+    /// Under --role both, skip the colocated run and the check.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Under --role both, verify decode against this JSON (from the `generate` example or
+    /// `--role colocated`) instead of running the engine alone.
+    #[arg(long)]
+    pub verify_against: Option<PathBuf>,
 }
 
 /// The LMCache smoke's own flags.
@@ -152,6 +170,9 @@ fn validate(common: &SmokeArgs, flow: Flow<'_>) -> Result<(), String> {
     }
     if common.prefill_batch_size > 1 && common.prefill_repeat_stride == 0 {
         return Err("--prefill-batch-size > 1 needs --prefill-repeat-stride >= 1, so that every prompt differs".into());
+    }
+    if common.no_verify && common.verify_against.is_some() {
+        return Err("--no-verify and --verify-against contradict each other".into());
     }
     if common.engine.max_num_seqs == 0 {
         return Err("--max-num-seqs must be at least 1".into());
@@ -321,7 +342,10 @@ fn run_phase(common: &SmokeArgs, flow: Flow<'_>, role: Role) -> Result<Value, St
         common.engine.max_num_seqs
     };
     let (mut engine, tokenizer) = common.engine.engine(max_num_seqs)?;
-    let connector = connect(&mut engine, common, flow, role)?;
+    let connector = match role {
+        Role::Colocated => "none (colocated)".to_string(),
+        _ => connect(&mut engine, common, flow, role)?,
+    };
     let prompts = texts
         .iter()
         .map(|t| tokenizer.encode(t))
@@ -337,12 +361,14 @@ fn run_phase(common: &SmokeArgs, flow: Flow<'_>, role: Role) -> Result<Value, St
         .generate(&prompts, SamplingParams::greedy(max_tokens))
         .map_err(|e| e.to_string())?;
     let elapsed = started.elapsed().as_secs_f64();
-    for o in &outputs {
-        // The line the seed's driver scans for.
-        eprintln!(
-            "LMCache hit tokens: {} (request {})",
-            o.hit_tokens, o.request_id
-        );
+    if role != Role::Colocated {
+        for o in &outputs {
+            // The line the seed's driver scans for.
+            eprintln!(
+                "LMCache hit tokens: {} (request {})",
+                o.hit_tokens, o.request_id
+            );
+        }
     }
     check_outputs(role, &outputs)?;
     let mut phase = phase_json(role.name(), elapsed, &outputs, &tokenizer);
@@ -418,6 +444,23 @@ fn phase_args(role: Role, engine_id: &str, result_json: &Path) -> Vec<OsString> 
     args
 }
 
+/// A spinner naming the running phase and its elapsed time, on stderr when that is a
+/// terminal; hidden in logs and CI.
+fn phase_spinner(role: Role) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let spinner = ProgressBar::new_spinner().with_message(match role {
+        Role::Colocated => "colocated run (the engine alone, to verify decode)".to_string(),
+        role => format!("{} phase", role.name()),
+    });
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg}: {elapsed}") {
+        spinner.set_style(style);
+    }
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    spinner
+}
+
 /// Runs one phase as a child process of this example, within the phase timeout.
 fn spawn_phase(
     common: &SmokeArgs,
@@ -434,11 +477,14 @@ fn spawn_phase(
         .spawn()
         .map_err(|e| format!("cannot start the {} phase: {e}", role.name()))?;
     let deadline = Instant::now() + Duration::from_secs(common.phase_timeout_sec);
+    let progress = phase_spinner(role);
     let status = loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            progress.finish_and_clear();
             break status;
         }
         if Instant::now() > deadline {
+            progress.finish_and_clear();
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
@@ -495,15 +541,28 @@ fn run_both(common: &SmokeArgs, flow: Flow<'_>) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let prefill = spawn_phase(common, Role::Prefill, &engine_id, dir.path())?;
     let decode = spawn_phase(common, Role::Decode, &engine_id, dir.path())?;
+    let reference = match (&common.verify_against, common.no_verify) {
+        (_, true) => None,
+        (Some(path), false) => Some(read_phase(path)?),
+        (None, false) => Some(spawn_phase(
+            common,
+            Role::Colocated,
+            &engine_id,
+            dir.path(),
+        )?),
+    };
+    let verdict = reference
+        .as_ref()
+        .map(|reference| verify::compare(&decode, reference));
     let decode_hits = decode["lmcache_hit_tokens"].as_u64().unwrap_or(0) as usize;
     summary["connector"] = decode["connector"].clone();
     summary["lmcache_hit_tokens"] = json!({
         "prefill": prefill["lmcache_hit_tokens"],
         "decode": decode_hits,
     });
-    eprintln!(
-        "Decoded text (decode phase): {}",
-        decode["output_text"].as_str().unwrap_or_default()
+    eprint!(
+        "{}",
+        verify::human_summary(&prefill, &decode, verdict.as_ref(), &common.engine.model)
     );
     if let Flow::Lmcache(lm) = flow {
         if lm.require_lmcache_hit && decode_hits < lm.min_lmcache_hit_tokens {
@@ -519,5 +578,25 @@ fn run_both(common: &SmokeArgs, flow: Flow<'_>) -> Result<(), String> {
         "{}",
         serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?
     );
-    Ok(())
+    match verdict {
+        Some(verify::Verdict::Differs(difference)) => Err(format!(
+            "decode output differs from a single-engine run: {difference}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A phase's JSON written by `--result-json`, `--role colocated` or the `generate` example.
+fn read_phase(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--verify-against {}: {e}", path.display()))?;
+    let phase: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("--verify-against {}: not JSON: {e}", path.display()))?;
+    if !phase["requests"].is_array() {
+        return Err(format!(
+            "--verify-against {}: no \"requests\" list; give the JSON of the generate example or of --role colocated",
+            path.display()
+        ));
+    }
+    Ok(phase)
 }

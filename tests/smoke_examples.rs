@@ -17,11 +17,22 @@ fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     let mut args = STRICT_BOTH.to_vec();
     args.extend(["--prefill-batch-size", "2"]);
     args.extend(PROMPT);
-    let summary = json_of(&run(
+    let out = run(
         "disagg_lmcache_smoke",
         &args,
         &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
-    ));
+    );
+    let summary = json_of(&out);
+    // The verdict a newcomer reads, from the colocated run --role both makes by default.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("decode output equals a single-engine run: yes (token ids and logits digest, 2 requests)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("text is noise; compare token ids"),
+        "{stderr}"
+    );
     let decode = &summary["decode"];
     assert!(summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256);
     assert_eq!(summary["prefill"]["num_requests"], 2);
@@ -36,6 +47,55 @@ fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     assert!(request["load_bytes"].as_u64().unwrap() > 0);
     assert!(request["load_gbps"].as_f64().unwrap() > 0.0);
     assert_same_output(decode, &colocated("8", "2", "1"), "lmcache");
+}
+
+#[test]
+fn decode_that_differs_from_its_reference_run_is_an_error_exit() {
+    // A reference run of another prompt: decode cannot equal it.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    let reference = run(
+        "generate",
+        &[
+            "--max-tokens",
+            "8",
+            "--prompt",
+            "Another prompt entirely.",
+            "--prompt-repeat",
+            "20",
+        ],
+        &[],
+    );
+    std::fs::write(other.path(), &json_of(&reference).to_string()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = lmcache_yaml(dir.path(), true);
+    let mut args = STRICT_BOTH.to_vec();
+    args.extend(PROMPT);
+    args.extend(["--verify-against", other.path().to_str().unwrap()]);
+    let out = run(
+        "disagg_lmcache_smoke",
+        &args,
+        &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("decode output equals a single-engine run: NO")
+            && stderr.contains(
+                "decode output differs from a single-engine run: request req-0: output token"
+            ),
+        "{stderr}"
+    );
+    // --no-verify leaves the comparison out and succeeds.
+    let mut args = STRICT_BOTH.to_vec();
+    args.extend(PROMPT);
+    args.push("--no-verify");
+    let out = run(
+        "disagg_lmcache_smoke",
+        &args,
+        &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
+    );
+    json_of(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not checked (--no-verify)"));
 }
 
 #[test]
