@@ -65,7 +65,7 @@ fn decode_that_differs_from_its_reference_run_is_an_error_exit() {
         ],
         &[],
     );
-    std::fs::write(other.path(), &json_of(&reference).to_string()).unwrap();
+    std::fs::write(other.path(), json_of(&reference).to_string()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let yaml = lmcache_yaml(dir.path(), true);
     let mut args = STRICT_BOTH.to_vec();
