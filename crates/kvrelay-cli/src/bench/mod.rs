@@ -10,6 +10,7 @@ mod copy;
 #[cfg(feature = "rbln")]
 mod copy_rbln;
 mod hash;
+mod soak;
 mod store;
 #[cfg(feature = "redis")]
 mod store_redis;
@@ -27,6 +28,10 @@ pub enum BenchCommand {
     Store(store::StoreArgs),
     /// A PD request sent over loopback (tcp or shm) against a plain socket stream or a memcpy.
     Transfer(transfer::TransferArgs),
+    /// Thousands of short and long completions through `kvrelay proxy` over a PD
+    /// prefiller and decoder: every answer must equal the engine alone, and the decoder's
+    /// PD buffer must end with no page in use.
+    Soak(soak::SoakArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
@@ -35,6 +40,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Hash(args) => hash::run(args),
         BenchCommand::Store(args) => store::run(args),
         BenchCommand::Transfer(args) => transfer::run(args),
+        BenchCommand::Soak(args) => soak::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }
