@@ -126,7 +126,7 @@ fn free_port() -> Result<u16, String> {
 /// and long so both kinds are in flight together.
 fn prompt(i: usize) -> String {
     let sentence = format!("Soak prompt {i}: why does the decoder free its pages? ");
-    let repeats = if i % 2 == 0 {
+    let repeats = if i.is_multiple_of(2) {
         1 + i % 5
     } else {
         12 + 2 * (i % 7)
@@ -319,7 +319,8 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
         let text = agent
             .get(&metrics_url)
             .call()
-            .and_then(|r| Ok(r.into_string()?))
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_string().map_err(|e| e.to_string()))
             .map_err(|e| format!("reading the decoder's metrics: {e}"))?;
         let used = metric(&text, "kvrelay_pd_buffer_used_pages").unwrap_or(f64::NAN);
         if used == 0.0 || Instant::now() >= deadline {
