@@ -3,7 +3,11 @@
 //! `max_tokens` 1 (its connector saves the prompt's KV), then unchanged to a decoder (its
 //! connector loads that KV), whose answer, streamed or not, is relayed to the client.
 //! Prefillers and decoders are picked round-robin; an upstream that fails or exceeds
-//! `--timeout-sec` gets the client a 502 or 504.
+//! `--timeout-sec` gets the client a 502 or 504, and is told to abort the request.
+//!
+//! Each request gets a random PD request id that names it to the prefiller, the PD senders
+//! and the decoder, and stays out of client answers. A full decoder (`GET /load`) is
+//! answered 503 before any prefill is spent.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -67,7 +71,8 @@ pub struct ProxyArgs {
     proxy_host: String,
     #[arg(long)]
     proxy_port: Option<u16>,
-    /// The PD senders' `pd_shared_secret`, to authenticate their notifications.
+    /// The PD senders' `pd_shared_secret`, to authenticate their notifications. Needed
+    /// wherever untrusted hosts can reach --proxy-host:--proxy-port.
     #[arg(long)]
     pd_shared_secret: Option<String>,
     /// Bound on each upstream exchange: a whole non-streaming answer, or the gap between

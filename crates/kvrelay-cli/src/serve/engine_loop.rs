@@ -7,7 +7,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvrelay_engine::{AbortOutcome, Engine, EngineError, RequestOutput, SamplingParams};
+use kvrelay_engine::{
+    AbortOutcome, Engine, EngineError, FinishReason, RequestOutput, SamplingParams,
+};
 
 use super::metrics::Metrics;
 use crate::http::{lock, HttpError};
@@ -397,6 +399,11 @@ impl EngineLoop {
         let Some(live) = self.live.remove(&output.request_id) else {
             return;
         };
+        if live.pd && output.finish_reason == FinishReason::Aborted {
+            // What it had not loaded yet (a partial last chunk, KV still arriving) would
+            // otherwise hold pages until the buffer's TTL.
+            cancel_pd_pages(&self.shared, &output.request_id);
+        }
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         lock(&self.shared.metrics).record(&output);
         if output.output_token_ids.len() > live.sent {

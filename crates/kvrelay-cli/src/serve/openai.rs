@@ -81,6 +81,8 @@ impl ModelInfo<'_> {
             None => return Err(HttpError::bad_request("`prompt` is required")),
         };
         let tokens = match prompt {
+            // Not even a BOS token of its own: an empty text is a client's mistake.
+            Value::String(text) if text.is_empty() => Vec::new(),
             Value::String(text) => self
                 .tokenizer
                 .encode(text)
