@@ -307,7 +307,12 @@ impl ServeState {
         self.engine.abort(ids, AbortScope::PdOnly, Some(done));
         let aborted = ended
             .recv_timeout(self.request_timeout)
-            .map_err(|_| HttpError::new(503, "the engine did not take the abort in time"))?;
+            .map_err(|e| match e {
+                RecvTimeoutError::Timeout => {
+                    HttpError::new(503, "the engine did not take the abort in time")
+                }
+                RecvTimeoutError::Disconnected => HttpError::new(500, "the engine stopped"),
+            })?;
         Ok(json!({ "aborted": aborted }))
     }
 
