@@ -528,14 +528,17 @@ impl Proxy {
             prefiller: &self.prefillers[n % self.prefillers.len()],
             decoder: &self.decoders[n % self.decoders.len()],
         };
+        if let Err(e) = self.decoder_has_room(&route.decoder.url) {
+            // Nothing ran upstream yet: nothing to abort.
+            return respond_error(request, &e);
+        }
         // Registered before the prefill: its sender may notify before the prefiller answers.
         let expected = self
             .kv_ready
             .as_ref()
             .map(|board| board.expect(&route.id, route.decoder.init_ports.len().max(1)));
         let prefilled = self
-            .decoder_has_room(&route.decoder.url)
-            .and_then(|()| self.prefill(path, &body, &route))
+            .prefill(path, &body, &route)
             .and_then(|()| match &expected {
                 Some(expected) => self.wait_for_kv(expected, &route),
                 None => Ok(()),
@@ -548,7 +551,8 @@ impl Proxy {
     }
 
     /// Checks, without spending a prefill, that the decoder can take one more request.
-    /// A decoder without `GET /load` (vLLM) is not asked; it answers 503 itself if full.
+    /// A decoder without `GET /load` (a 404, as from vLLM) is called anyway; it answers
+    /// 503 itself when full.
     fn decoder_has_room(&self, decoder: &str) -> Result<(), HttpError> {
         let url = format!("{decoder}/load");
         let load: Value = match self.agent.get(&url).timeout(self.timeout).call() {
