@@ -1,8 +1,9 @@
 //! What `kvrelay serve` and `kvrelay proxy` share on the HTTP side: OpenAI-style error
-//! bodies, bounded JSON request bodies, and a chunked response written one event at a time.
+//! bodies, bounded JSON request bodies, a chunked response written one event at a time,
+//! and the lock their handler threads share state under.
 
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 use tiny_http::{Header, Request, Response, Server, StatusCode};
@@ -71,8 +72,19 @@ pub fn respond_json(request: Request, status: u16, body: &Value) {
     );
 }
 
+/// Seconds a client told 503 should wait before it retries.
+pub const RETRY_AFTER_SEC: u32 = 1;
+
+/// Answers `request` with `error`'s OpenAI body; a 503 says when to retry.
 pub fn respond_error(request: Request, error: &HttpError) {
-    respond_json(request, error.status, &error.body());
+    let mut response = Response::from_data(error.body().to_string().into_bytes())
+        .with_status_code(StatusCode(error.status))
+        .with_header(header("Content-Type", "application/json"));
+    if error.status == 503 {
+        response.add_header(header("Retry-After", &RETRY_AFTER_SEC.to_string()));
+    }
+    // The client may have closed the connection; there is nobody left to tell.
+    let _ = request.respond(response);
 }
 
 pub fn respond_bytes(request: Request, status: u16, content_type: &str, body: Vec<u8>) {
@@ -195,4 +207,12 @@ where
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(Handlers { address, threads })
+}
+
+/// A lock that survives a panicked holder: what the handlers share (counters, messages,
+/// maps updated in one step) stays consistent.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

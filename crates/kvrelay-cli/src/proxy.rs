@@ -3,13 +3,17 @@
 //! `max_tokens` 1 (its connector saves the prompt's KV), then unchanged to a decoder (its
 //! connector loads that KV), whose answer, streamed or not, is relayed to the client.
 //! Prefillers and decoders are picked round-robin; an upstream that fails or exceeds
-//! `--timeout-sec` gets the client a 502 or 504.
+//! `--timeout-sec` gets the client a 502 or 504, and is told to abort the request.
+//!
+//! Each request gets a random PD request id that names it to the prefiller, the PD senders
+//! and the decoder, and stays out of client answers. A full decoder (`GET /load`) is
+//! answered 503 before any prefill is spent.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,9 +21,13 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 use tiny_http::{Method, Request, Server};
 
-use kvrelay::transfer::read_notification;
+use kvrelay::transfer::{read_notification, KvReady};
+use rand::RngCore;
 
-use crate::http::{read_json_object, respond_bytes, respond_error, ChunkedResponse, HttpError};
+use crate::http::{
+    lock, read_json_object, respond_bytes, respond_error, ChunkedResponse, HttpError,
+};
+use crate::serve::DECODE_REQUEST;
 
 #[derive(Args, Debug)]
 pub struct ProxyArgs {
@@ -63,7 +71,8 @@ pub struct ProxyArgs {
     proxy_host: String,
     #[arg(long)]
     proxy_port: Option<u16>,
-    /// The PD senders' `pd_shared_secret`, to authenticate their notifications.
+    /// The PD senders' `pd_shared_secret`, to authenticate their notifications. Needed
+    /// wherever untrusted hosts can reach --proxy-host:--proxy-port.
     #[arg(long)]
     pd_shared_secret: Option<String>,
     /// Bound on each upstream exchange: a whole non-streaming answer, or the gap between
@@ -121,15 +130,21 @@ fn instances(
         .collect())
 }
 
-/// KV-ready notifications from PD senders, per request id.
+/// KV-ready notifications from PD senders, accepted only for requests the proxy issued
+/// and still waits on ([`KvReadyBoard::expect`]), once per expected rank. Its state is
+/// bounded by the requests in flight, whatever senders (or impostors) send.
 struct KvReadyBoard {
-    requests: Mutex<HashMap<String, Readiness>>,
+    waiting: Mutex<HashMap<String, Readiness>>,
     arrived: Condvar,
+    /// Notifications dropped: for no request waited on, from a rank not expected, or from
+    /// a rank heard already.
+    dropped: AtomicU64,
 }
 
 /// What the senders said so far about one request.
-#[derive(Default)]
 struct Readiness {
+    /// Per expected rank, whether it reported (ready or failed): a replay does not count.
+    reported: Vec<bool>,
     /// Ranks whose KV is ready.
     ready: usize,
     /// The first failure a sender reported: the KV will never be complete.
@@ -142,8 +157,6 @@ enum NotReady {
     TimedOut,
 }
 
-/// Request ids a board keeps before it drops new ones (notifications nobody waits for).
-const MAX_PENDING_NOTIFICATIONS: usize = 65_536;
 /// Sender connections served at once.
 const MAX_NOTIFY_CONNECTIONS: usize = 256;
 
@@ -152,9 +165,18 @@ impl KvReadyBoard {
     fn listen(host: &str, port: u16, secret: Option<Vec<u8>>) -> Result<Arc<Self>, String> {
         let listener = TcpListener::bind((host, port))
             .map_err(|e| format!("listening for KV-ready notifications on {host}:{port}: {e}"))?;
+        let reachable_from_others = listener
+            .local_addr()
+            .map_or(true, |address| !address.ip().is_loopback());
+        if secret.is_none() && reachable_from_others {
+            eprintln!(
+                "kvrelay proxy: WARNING: KV-ready notifications on {host}:{port} are not authenticated; any host that reaches this address can fail requests or make them look ready. Set --pd-shared-secret (and pd_shared_secret in the PD configs)."
+            );
+        }
         let board = Arc::new(KvReadyBoard {
-            requests: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
             arrived: Condvar::new(),
+            dropped: AtomicU64::new(0),
         });
         let served = Arc::clone(&board);
         let secret = Arc::new(secret);
@@ -175,7 +197,7 @@ impl KvReadyBoard {
                         let mut reader = std::io::BufReader::new(stream);
                         // A malformed or unauthenticated notification ends that connection.
                         while let Ok(note) = read_notification(&mut reader, secret.as_deref()) {
-                            board.record(note.request_id, note.failure);
+                            board.record(note);
                         }
                         count.fetch_sub(1, Ordering::AcqRel);
                     });
@@ -188,52 +210,101 @@ impl KvReadyBoard {
         Ok(board)
     }
 
-    fn record(&self, request_id: String, failure: Option<String>) {
-        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        if requests.len() < MAX_PENDING_NOTIFICATIONS || requests.contains_key(&request_id) {
-            let readiness = requests.entry(request_id).or_default();
-            match failure {
-                Some(failure) => {
-                    readiness.failure.get_or_insert(failure);
-                }
-                None => readiness.ready += 1,
-            }
-            self.arrived.notify_all();
+    /// Accepts notifications for `request_id` from ranks `0..ranks` until the returned
+    /// guard is dropped.
+    fn expect(&self, request_id: &str, ranks: usize) -> Expected<'_> {
+        lock(&self.waiting).insert(
+            request_id.to_string(),
+            Readiness {
+                reported: vec![false; ranks],
+                ready: 0,
+                failure: None,
+            },
+        );
+        Expected {
+            board: self,
+            request_id: request_id.to_string(),
         }
     }
 
-    /// Waits until `ranks` notifications for `request_id` say its KV is ready; stops at the
-    /// first failure a sender reports, or after `timeout`.
-    fn wait(&self, request_id: &str, ranks: usize, timeout: Duration) -> Result<(), NotReady> {
+    fn record(&self, note: KvReady) {
+        let mut waiting = lock(&self.waiting);
+        let verdict = match waiting.get_mut(&note.request_id) {
+            None => Err("no request waits for it"),
+            Some(readiness) => match usize::try_from(note.rank)
+                .ok()
+                .and_then(|rank| readiness.reported.get_mut(rank))
+            {
+                None => Err("the decoder has no such rank"),
+                Some(true) => Err("that rank already reported"),
+                Some(reported) => {
+                    *reported = true;
+                    match note.failure.clone() {
+                        Some(failure) => {
+                            readiness.failure.get_or_insert(failure);
+                        }
+                        None => readiness.ready += 1,
+                    }
+                    Ok(())
+                }
+            },
+        };
+        drop(waiting);
+        match verdict {
+            Ok(()) => self.arrived.notify_all(),
+            Err(why) => {
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Counted always, logged at powers of two: a flood must not flood the log.
+                if dropped.is_power_of_two() {
+                    eprintln!(
+                        "kvrelay proxy: {dropped} KV-ready notification(s) dropped so far; the latest, for request {:?} rank {}: {why}",
+                        note.request_id, note.rank
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A request whose KV-ready notifications the board accepts; dropping it forgets them.
+struct Expected<'a> {
+    board: &'a KvReadyBoard,
+    request_id: String,
+}
+
+impl Expected<'_> {
+    /// Waits until every expected rank said the KV is ready; stops at the first failure a
+    /// rank reports, or after `timeout`.
+    fn wait(&self, timeout: Duration) -> Result<(), NotReady> {
         let deadline = Instant::now() + timeout;
-        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiting = lock(&self.board.waiting);
         loop {
-            match requests.get_mut(request_id) {
-                Some(Readiness {
-                    failure: Some(failure),
-                    ..
-                }) => {
-                    let failure = std::mem::take(failure);
-                    requests.remove(request_id);
-                    return Err(NotReady::Failed(failure));
-                }
-                Some(r) if r.ready >= ranks => {
-                    requests.remove(request_id);
-                    return Ok(());
-                }
-                _ => {}
+            let readiness = waiting
+                .get(&self.request_id)
+                .expect("an expected request stays on the board until dropped");
+            if let Some(failure) = &readiness.failure {
+                return Err(NotReady::Failed(failure.clone()));
+            }
+            if readiness.ready == readiness.reported.len() {
+                return Ok(());
             }
             let now = Instant::now();
             if now >= deadline {
-                requests.remove(request_id);
                 return Err(NotReady::TimedOut);
             }
-            requests = self
+            waiting = self
+                .board
                 .arrived
-                .wait_timeout(requests, deadline - now)
+                .wait_timeout(waiting, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+impl Drop for Expected<'_> {
+    fn drop(&mut self) {
+        lock(&self.board.waiting).remove(&self.request_id);
     }
 }
 
@@ -278,8 +349,6 @@ struct Proxy {
     next: AtomicUsize,
     /// Set in PD mode (--proxy-port): prefills wait for their KV-ready notifications.
     kv_ready: Option<Arc<KvReadyBoard>>,
-    /// Makes request ids unique across proxy restarts.
-    id_prefix: String,
 }
 
 pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
@@ -348,12 +417,6 @@ pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
         timeout,
         next: AtomicUsize::new(0),
         kv_ready,
-        id_prefix: format!(
-            "kvrelay-proxy-{:x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ),
     });
     let server = Server::http((args.host.as_str(), args.port))
         .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
@@ -382,13 +445,14 @@ fn upstream_message(body: &str) -> String {
 }
 
 /// What the client gets for an upstream call that did not succeed: the upstream's own
-/// 4xx (the request was bad), a 504 for a timeout, a 502 otherwise.
+/// 4xx (the request was bad) or 503 (it is full: retry), a 504 for a timeout, a 502
+/// otherwise.
 fn upstream_error(what: &str, url: &str, error: ureq::Error) -> HttpError {
     match error {
         ureq::Error::Status(status, response) => {
             let body = response.into_string().unwrap_or_default();
             let message = upstream_message(&body);
-            if (400..500).contains(&status) {
+            if (400..500).contains(&status) || status == 503 {
                 HttpError::new(status, message)
             } else {
                 HttpError::new(502, format!("{what} {url} answered {status}: {message}"))
@@ -412,22 +476,142 @@ fn upstream_error(what: &str, url: &str, error: ureq::Error) -> HttpError {
     }
 }
 
+/// A PD request id no client or sender can guess: 128 bits from the OS's CSPRNG. Guessing
+/// one would let a peer make a request look ready, fail it, or abort it.
+fn new_request_id() -> Result<String, HttpError> {
+    let mut bits = [0u8; 16];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bits)
+        .map_err(|e| HttpError::new(500, format!("drawing a request id: {e}")))?;
+    let hex: String = bits.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("kvrelay-proxy-{hex}"))
+}
+
+/// Bound on telling an upstream to abort a request the proxy gave up on.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One client request on its way through a prefiller and a decoder.
+struct Route<'a> {
+    /// The PD request id; it names the request to senders, prefiller and decoder, and
+    /// only the proxy's log shows it.
+    id: String,
+    prefiller: &'a str,
+    decoder: &'a Decoder,
+}
+
 impl Proxy {
-    fn handle(&self, mut request: Request) {
+    fn handle(&self, request: Request) {
         let path = request.url().split('?').next().unwrap_or("").to_string();
         match (request.method().clone(), path.as_str()) {
             (Method::Get, "/health") => respond_bytes(request, 200, "text/plain", Vec::new()),
             (Method::Post, "/v1/completions" | "/v1/chat/completions") => {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let decoder = &self.decoders[n % self.decoders.len()];
-                let prefilled = read_json_object(&mut request)
-                    .and_then(|body| self.prefill(&path, &body, n, decoder).map(|()| body));
-                match prefilled {
-                    Ok(body) => self.decode(request, &path, body, &decoder.url),
-                    Err(e) => respond_error(request, &e),
-                }
+                self.complete(request, &path)
             }
+            (_, "/health" | "/v1/completions" | "/v1/chat/completions") => respond_error(
+                request,
+                &HttpError::new(405, format!("method not allowed on {path}")),
+            ),
             _ => respond_error(request, &HttpError::new(404, format!("no route {path}"))),
+        }
+    }
+
+    /// Prefills, waits for the KV, and relays the decoder's answer to a completion request.
+    fn complete(&self, mut request: Request, path: &str) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let ready = read_json_object(&mut request).and_then(|body| Ok((body, new_request_id()?)));
+        let (body, id) = match ready {
+            Ok(ready) => ready,
+            Err(e) => return respond_error(request, &e),
+        };
+        let route = Route {
+            id,
+            prefiller: &self.prefillers[n % self.prefillers.len()],
+            decoder: &self.decoders[n % self.decoders.len()],
+        };
+        if let Err(e) = self.decoder_has_room(&route.decoder.url) {
+            // Nothing ran upstream yet: nothing to abort.
+            return respond_error(request, &e);
+        }
+        // Registered before the prefill: its sender may notify before the prefiller answers.
+        let expected = self
+            .kv_ready
+            .as_ref()
+            .map(|board| board.expect(&route.id, route.decoder.init_ports.len().max(1)));
+        let prefilled = self
+            .prefill(path, &body, &route)
+            .and_then(|()| match &expected {
+                Some(expected) => self.wait_for_kv(expected, &route),
+                None => Ok(()),
+            });
+        drop(expected);
+        match prefilled {
+            Ok(()) => self.decode(request, path, body, &route),
+            Err(e) => self.fail(request, &e, &route),
+        }
+    }
+
+    /// Checks, without spending a prefill, that the decoder can take one more request.
+    /// A decoder without `GET /load` (a 404, as from vLLM) is called anyway; it answers
+    /// 503 itself when full.
+    fn decoder_has_room(&self, decoder: &str) -> Result<(), HttpError> {
+        let url = format!("{decoder}/load");
+        let load: Value = match self.agent.get(&url).timeout(self.timeout).call() {
+            Ok(response) => response.into_json().unwrap_or(Value::Null),
+            Err(ureq::Error::Status(404, _)) => return Ok(()),
+            Err(e) => return Err(upstream_error("decoder", &url, e)),
+        };
+        match (load["in_flight"].as_u64(), load["max_pending"].as_u64()) {
+            (Some(in_flight), Some(max_pending)) if in_flight >= max_pending => {
+                Err(HttpError::new(
+                    503,
+                    format!(
+                        "the decoder is full ({in_flight} of {max_pending} requests admitted); retry later"
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Answers `error`, which the proxy logs with the request id and the client gets
+    /// without it; a request that may still run upstream is aborted there.
+    fn fail(&self, request: Request, error: &HttpError, route: &Route<'_>) {
+        let message = error.message.replace(&route.id, "the request");
+        if error.status >= 500 {
+            eprintln!("kvrelay proxy: request {}: {}", route.id, error.message);
+        }
+        if matches!(error.status, 502 | 504) {
+            self.abort_upstream(route);
+        }
+        respond_error(request, &HttpError::new(error.status, message));
+    }
+
+    /// Tells the prefiller and the decoder, in the background and within
+    /// [`ABORT_TIMEOUT`], to drop the request: its engine work, blocks and PD pages.
+    fn abort_upstream(&self, route: &Route<'_>) {
+        let targets = [route.prefiller.to_string(), route.decoder.url.clone()];
+        let (agent, id) = (self.agent.clone(), route.id.clone());
+        let spawned = std::thread::Builder::new()
+            .name("abort".into())
+            .spawn(move || {
+                let body = json!({ "request_ids": [id] }).to_string();
+                for base in targets {
+                    let url = format!("{base}/abort_requests");
+                    let sent = agent
+                        .post(&url)
+                        .set("Content-Type", "application/json")
+                        .timeout(ABORT_TIMEOUT)
+                        .send_string(&body);
+                    // A 404 is an upstream without the endpoint (vLLM): nothing to do.
+                    if let Err(e) = sent.map_err(|e| upstream_error("abort", &url, e)) {
+                        if e.status != 404 {
+                            eprintln!("kvrelay proxy: aborting request {id}: {e}");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("kvrelay proxy: aborting request {}: {e}", route.id);
         }
     }
 
@@ -440,73 +624,89 @@ impl Proxy {
         (url, call)
     }
 
-    /// Runs the prefill of request `n`, `body` as `max_tokens` 1 and not streamed, on its
-    /// prefiller, for `decoder` to load (its PD ranks are the receivers).
+    /// Runs the prefill of `body` as `max_tokens` 1 and not streamed on the route's
+    /// prefiller, for its decoder to load (its PD ranks are the receivers).
     fn prefill(
         &self,
         path: &str,
         body: &Map<String, Value>,
-        n: usize,
-        decoder: &Decoder,
+        route: &Route<'_>,
     ) -> Result<(), HttpError> {
         let mut prefill = body.clone();
+        // The client's limits, for the prefiller to check the context the decoder needs.
+        let decode_limits: Map<String, Value> = ["max_tokens", "max_completion_tokens"]
+            .into_iter()
+            .filter_map(|field| Some((field.to_string(), body.get(field)?.clone())))
+            .collect();
         prefill.insert("max_tokens".into(), json!(1));
         if path == "/v1/chat/completions" {
             prefill.insert("max_completion_tokens".into(), json!(1));
         }
         prefill.insert("stream".into(), json!(false));
         prefill.remove("stream_options");
-        let request_id = format!("{}-{n}", self.id_prefix);
-        let url = &decoder.url;
-        let receiver_host = url
+        let decoder = route.decoder;
+        let receiver_host = decoder
+            .url
             .trim_start_matches("http://")
             .rsplit_once(':')
-            .map_or(url.as_str(), |(host, _)| host)
+            .map_or(decoder.url.as_str(), |(host, _)| host)
             .trim_start_matches('[')
             .trim_end_matches(']');
         prefill.insert(
             "kv_transfer_params".into(),
             json!({
                 "disagg_spec": {
-                    "req_id": request_id,
+                    "req_id": route.id,
                     "receiver_host": receiver_host,
                     "receiver_init_port": decoder.init_ports,
                     "receiver_alloc_port": decoder.alloc_ports,
-                }
+                },
+                DECODE_REQUEST: decode_limits,
             }),
         );
-        let prefiller = &self.prefillers[n % self.prefillers.len()];
-        let (url, call) = self.post(prefiller, path);
+        let (url, call) = self.post(route.prefiller, path);
         call.timeout(self.timeout)
             .send_string(&Value::Object(prefill).to_string())
             .map_err(|e| upstream_error("prefiller", &url, e))?
             .into_string()
             .map_err(|e| HttpError::new(502, format!("reading prefiller {url}'s answer: {e}")))?;
-        let ranks = decoder.init_ports.len().max(1);
-        let Some(board) = &self.kv_ready else {
-            return Ok(());
-        };
-        board
-            .wait(&request_id, ranks, self.timeout)
-            .map_err(|not_ready| match not_ready {
-                NotReady::Failed(reason) => HttpError::new(
-                    502,
-                    format!("the KV of request {request_id} did not reach the decoder: {reason}"),
-                ),
-                NotReady::TimedOut => HttpError::new(
-                    504,
-                    format!(
-                        "prefiller {url} answered, but {ranks} KV-ready notification(s) for request {request_id} did not arrive within {:?}",
-                        self.timeout
-                    ),
-                ),
-            })
+        Ok(())
     }
 
-    /// Sends `body` to `decoder` and relays the answer.
-    fn decode(&self, request: Request, path: &str, body: Map<String, Value>, decoder: &str) {
+    /// Waits for every decoder rank's KV-ready notification.
+    fn wait_for_kv(&self, expected: &Expected<'_>, route: &Route<'_>) -> Result<(), HttpError> {
+        expected.wait(self.timeout).map_err(|not_ready| match not_ready {
+            NotReady::Failed(reason) => HttpError::new(
+                502,
+                format!("the request's KV did not reach the decoder: {reason}"),
+            ),
+            NotReady::TimedOut => HttpError::new(
+                504,
+                format!(
+                    "prefiller {} answered, but the {} KV-ready notification(s) for the request's KV did not arrive within {:?}",
+                    route.prefiller,
+                    route.decoder.init_ports.len().max(1),
+                    self.timeout
+                ),
+            ),
+        })
+    }
+
+    /// Sends `body` to the route's decoder, under the PD request id (its engine request is
+    /// then the one the KV and an abort name), and relays the answer.
+    fn decode(
+        &self,
+        request: Request,
+        path: &str,
+        mut body: Map<String, Value>,
+        route: &Route<'_>,
+    ) {
+        body.insert(
+            "kv_transfer_params".into(),
+            json!({ "disagg_spec": { "req_id": route.id } }),
+        );
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let (url, call) = self.post(decoder, path);
+        let (url, call) = self.post(&route.decoder.url, path);
         let call = if stream {
             call
         } else {
@@ -514,21 +714,22 @@ impl Proxy {
         };
         let response = match call.send_string(&Value::Object(body).to_string()) {
             Ok(response) => response,
-            Err(e) => return respond_error(request, &upstream_error("decoder", &url, e)),
+            Err(e) => return self.fail(request, &upstream_error("decoder", &url, e), route),
         };
         let status = response.status();
         if !stream {
             return match response.into_string() {
                 Ok(text) => respond_bytes(request, status, "application/json", text.into_bytes()),
-                Err(e) => respond_error(
+                Err(e) => self.fail(
                     request,
                     &HttpError::new(502, format!("reading decoder {url}'s answer: {e}")),
+                    route,
                 ),
             };
         }
         let content_type = response.content_type().to_string();
         let Ok(mut out) = ChunkedResponse::start(request, status, &content_type) else {
-            return;
+            return self.abort_upstream(route);
         };
         let mut reader = response.into_reader();
         let mut buffer = vec![0u8; 8192];
@@ -537,11 +738,16 @@ impl Proxy {
                 Ok(0) => break,
                 Ok(n) => {
                     if out.send(&buffer[..n]).is_err() {
-                        // The client left; dropping the reader closes the upstream stream.
-                        return;
+                        // The client left: the decoder need not finish its answer.
+                        return self.abort_upstream(route);
                     }
                 }
                 Err(e) => {
+                    eprintln!(
+                        "kvrelay proxy: request {}: decoder {url}'s stream broke off: {e}",
+                        route.id
+                    );
+                    self.abort_upstream(route);
                     let error =
                         HttpError::new(502, format!("decoder {url}'s stream broke off: {e}"));
                     let _ = out.event(&error.body().to_string());

@@ -19,6 +19,8 @@ const MAX_MODEL_LEN: usize = 1024;
 struct Proc {
     child: Child,
     url: String,
+    /// What it printed before it listened.
+    startup: Vec<String>,
 }
 
 impl Proc {
@@ -53,7 +55,11 @@ impl Proc {
                 }
             }
         };
-        Proc { child, url }
+        Proc {
+            child,
+            url,
+            startup: seen,
+        }
     }
 
     fn serve(extra: &[&str], envs: &[(&str, &str)]) -> Proc {
@@ -794,6 +800,8 @@ struct Disagg {
     proxy: Proc,
     decoder_yaml: String,
     prefiller_yaml: String,
+    /// The decoder's PD init and alloc ports, as proxy flags.
+    pd_ports: [String; 2],
 }
 
 /// The seed's decoder `--kv-transfer-config`.
@@ -881,6 +889,7 @@ impl Disagg {
             proxy,
             decoder_yaml: receiver_yaml,
             prefiller_yaml: sender_yaml,
+            pd_ports: [init, alloc],
         }
     }
 
@@ -928,7 +937,14 @@ fn the_same_request_succeeds_once_a_killed_decoder_or_prefiller_is_back() {
     let (status, body) = post(&url, &request);
     assert_eq!(status, 502, "{body}");
     pd.restart_decoder();
-    let (status, body) = post(&url, &request);
+    // The proxy found the decoder gone before prefilling, so the prefiller's sender still
+    // holds its connection to the old decoder: the first send after the restart may fail
+    // on it (the sender does not reconnect on its own yet) and is answered 502 at once.
+    let (mut status, mut body) = post(&url, &request);
+    if status == 502 {
+        assert!(error_message(&body).contains("KV"), "{body}");
+        (status, body) = post(&url, &request);
+    }
     assert_eq!(status, 200, "{body}");
     assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[0]);
     pd.prefiller.kill();
@@ -1201,7 +1217,9 @@ fn check_disaggregated(sharing: Sharing) {
         assert_eq!(status, 502, "{body}");
         assert!(error_message(&body).contains("decoder"), "{body}");
     }
-    // Without a prefiller, too.
+    // Without a prefiller, too (the decoder back: a dead decoder is found before the
+    // prefill).
+    pd.restart_decoder();
     pd.prefiller.kill();
     let (status, body) = post(&url, &json!({"prompt": prompts[0], "max_tokens": 4}));
     assert_eq!(status, 502, "{body}");
@@ -1220,4 +1238,484 @@ fn a_silent_upstream_gets_the_client_a_504() {
     );
     assert_eq!(status, 504, "{body}");
     assert!(error_message(&body).contains("timed out"), "{body}");
+}
+
+/// POSTs JSON; returns the status, the `Retry-After` header and the JSON body.
+fn post_with_retry_after(url: &str, body: &Value) -> (u16, Option<String>, Value) {
+    let response = match agent()
+        .post(url)
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let retry_after = response.header("Retry-After").map(str::to_string);
+    let status = response.status();
+    let text = response.into_string().expect("body");
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).expect("a JSON body"),
+    )
+}
+
+/// A stand-in upstream on loopback: `answer` gets each request's method, path and JSON
+/// body (null when none) and says the status and JSON to answer.
+fn fake_upstream(
+    answer: impl Fn(&str, &str, Value) -> (u16, Value) + Send + 'static,
+) -> (String, String) {
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("a fake upstream");
+    let port = server.server_addr().to_ip().expect("an IP address").port();
+    std::thread::spawn(move || {
+        for mut request in server.incoming_requests() {
+            let mut text = String::new();
+            let _ = request.as_reader().read_to_string(&mut text);
+            let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let (status, reply) = answer(request.method().as_str(), request.url(), body);
+            let response = tiny_http::Response::from_string(reply.to_string())
+                .with_status_code(status)
+                .with_header(
+                    tiny_http::Header::from_bytes("Content-Type", "application/json").unwrap(),
+                );
+            let _ = request.respond(response);
+        }
+    });
+    (format!("http://127.0.0.1:{port}"), port.to_string())
+}
+
+/// A fake prefiller: it answers every prefill 200 and hands its PD request id to the
+/// test.
+fn fake_prefiller() -> (String, mpsc::Receiver<String>) {
+    let (ids, prefilled) = mpsc::channel();
+    let ids = std::sync::Mutex::new(ids);
+    let (_, port) = fake_upstream(move |_, _, body| {
+        let id = body["kv_transfer_params"]["disagg_spec"]["req_id"]
+            .as_str()
+            .expect("a prefill names its PD request")
+            .to_string();
+        let _ = ids.lock().unwrap().send(id);
+        (200, json!({"choices": [{"text": "x"}]}))
+    });
+    (port, prefilled)
+}
+
+/// A KV-ready notification (unauthenticated: no secret) for `request_id` from `rank`,
+/// failed with `failure` when not empty.
+fn notification(request_id: &str, rank: u32, failure: &str) -> Vec<u8> {
+    kvrelay::transfer::frame::Message::Notify {
+        request_id: request_id.into(),
+        rank,
+        failure: failure.into(),
+        mac: [0; 32],
+    }
+    .encode()
+}
+
+/// The proxy takes a notification only for a request it issued and still waits on, from a
+/// rank of the decoder, once per rank; a flood of made-up ids changes nothing for real
+/// requests, and no error names the PD request id.
+#[test]
+fn kv_ready_notifications_count_only_for_issued_requests_and_each_rank_once() {
+    use std::io::Write;
+    let (prefiller_port, prefilled) = fake_prefiller();
+    let (decoded, decodes) = mpsc::channel();
+    let decoded = std::sync::Mutex::new(decoded);
+    let (_, decoder_port) = fake_upstream(move |method, path, body| match (method, path) {
+        ("GET", "/load") => (200, json!({"in_flight": 0, "max_pending": 8})),
+        _ => {
+            let _ = decoded
+                .lock()
+                .unwrap()
+                .send(body["kv_transfer_params"].clone());
+            (
+                200,
+                json!({"id": "cmpl-1", "choices": [{"text": "decoded"}]}),
+            )
+        }
+    });
+    let notify_port = free_port();
+    let proxy = Proc::proxy(
+        &prefiller_port,
+        &decoder_port,
+        &[
+            // Two decoder ranks (nothing listens there: the fake prefiller sends no KV).
+            "--decoder-init-port",
+            "7301,7302",
+            "--decoder-alloc-port",
+            "7401,7402",
+            "--proxy-host",
+            "127.0.0.1",
+            "--proxy-port",
+            &notify_port.to_string(),
+            "--timeout-sec",
+            "60",
+        ],
+    );
+    let url = format!("{}/v1/completions", proxy.url);
+    let complete = |prompt: &str| {
+        let url = url.clone();
+        let body = json!({"prompt": prompt, "max_tokens": 3});
+        std::thread::spawn(move || post(&url, &body))
+    };
+    let next_id = || {
+        prefilled
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a prefill")
+    };
+    let first = complete("first");
+    let first_id = next_id();
+    let second = complete("second");
+    let second_id = next_id();
+    assert_ne!(first_id, second_id);
+    // 128 random bits, not a counter.
+    let random = first_id
+        .strip_prefix("kvrelay-proxy-")
+        .expect("the proxy's id");
+    assert_eq!(random.len(), 32, "{first_id}");
+    assert!(random.chars().all(|c| c.is_ascii_hexdigit()), "{first_id}");
+
+    // One connection, read in order: a flood of made-up ids (more than the old board
+    // held), ids the proxy never issued, a rank the decoder does not have, a replayed
+    // rank (ready, then failed), a failure from a rank out of range; then the second
+    // request's two ranks, so that once it is answered all the rest was read.
+    let mut frames = Vec::new();
+    for i in 0..70_000 {
+        frames.extend(notification(&format!("made-up-{i}"), 0, ""));
+    }
+    frames.extend(notification(
+        "kvrelay-proxy-00000000000000000000000000000000",
+        0,
+        "",
+    ));
+    frames.extend(notification(&first_id, 99, ""));
+    frames.extend(notification(&first_id, 0, ""));
+    frames.extend(notification(&first_id, 0, ""));
+    frames.extend(notification(&first_id, 0, "forged: replayed rank"));
+    frames.extend(notification(&first_id, 2, "forged: no such rank"));
+    frames.extend(notification(&second_id, 1, ""));
+    frames.extend(notification(&second_id, 0, ""));
+    let mut sender = std::net::TcpStream::connect(("127.0.0.1", notify_port)).unwrap();
+    sender.write_all(&frames).unwrap();
+    let (status, body) = second.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        decodes.recv_timeout(Duration::from_secs(5)).unwrap(),
+        json!({"disagg_spec": {"req_id": second_id}}),
+        "the decoder's engine request carries the PD id, and nothing else of the prefill's"
+    );
+    // The first request has one rank ready: no decode yet, and no failure.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !first.is_finished(),
+        "a replayed or foreign rank made it ready or failed"
+    );
+    assert!(decodes.try_recv().is_err());
+    sender.write_all(&notification(&first_id, 1, "")).unwrap();
+    let (status, body) = first.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], "decoded");
+    assert_eq!(
+        decodes.recv_timeout(Duration::from_secs(5)).unwrap()["disagg_spec"]["req_id"],
+        json!(first_id)
+    );
+
+    // A failure from a rank that has not reported fails the request at once, with a
+    // message that does not name its id.
+    let third = complete("third");
+    let third_id = next_id();
+    sender
+        .write_all(&notification(
+            &third_id,
+            1,
+            &format!("no pages for {third_id}"),
+        ))
+        .unwrap();
+    let (status, body) = third.join().unwrap();
+    assert_eq!(status, 502, "{body}");
+    let message = error_message(&body);
+    assert!(message.contains("KV"), "{body}");
+    assert!(!message.contains(&third_id), "{body}");
+    assert!(!message.contains("kvrelay-proxy-"), "{body}");
+}
+
+/// A full decoder costs no prefill: the proxy asks its `GET /load` first and answers 503
+/// with `Retry-After`, as the decoder itself does. A decoder that only says so when
+/// called (no `/load`, as vLLM) gets its 503 passed through, not turned into a 502.
+#[test]
+fn a_full_decoder_is_a_503_with_retry_after_and_no_prefill() {
+    let prefiller = Proc::serve(&[], &[]);
+    let decoder = Proc::serve(&["--max-pending-requests", "1"], &[]);
+    let proxy = Proc::proxy(&prefiller.port(), &decoder.port(), &[]);
+    // A long stream holds the decoder's only slot.
+    let response = agent()
+        .post(&format!("{}/v1/completions", decoder.url))
+        .send_string(
+            &json!({"prompt": [256, 1], "max_tokens": 900, "ignore_eos": true, "stream": true})
+                .to_string(),
+        )
+        .expect("the long request");
+    let mut reader = BufReader::new(response.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first event");
+    let (status, load) = get(&format!("{}/load", decoder.url));
+    assert_eq!(status, 200, "{load}");
+    let load: Value = serde_json::from_str(&load).unwrap();
+    assert_eq!(load, json!({"in_flight": 1, "max_pending": 1}));
+    // Only PD request ids can be aborted from outside: not the stream's own id.
+    let (status, body) = post(
+        &format!("{}/abort_requests", decoder.url),
+        &json!({"request_ids": ["cmpl-0", "cmpl-1"]}),
+    );
+    assert_eq!((status, &body), (200, &json!({"aborted": []})));
+
+    let request = json!({"prompt": "a", "max_tokens": 2});
+    let (status, retry_after, body) =
+        post_with_retry_after(&format!("{}/v1/completions", decoder.url), &request);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    let (status, retry_after, body) =
+        post_with_retry_after(&format!("{}/v1/completions", proxy.url), &request);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(error_message(&body).contains("decoder is full"), "{body}");
+    let (_, metrics) = get(&format!("{}/metrics", prefiller.url));
+    for counter in [
+        "kvrelay_requests_finished_total",
+        "kvrelay_request_errors_total",
+        "kvrelay_requests_rejected_total",
+        "kvrelay_prompt_tokens_total",
+    ] {
+        assert_eq!(metric(&metrics, counter), 0, "{counter}: {metrics}");
+    }
+    // The stream was not aborted.
+    let mut rest = String::new();
+    reader
+        .read_to_string(&mut rest)
+        .expect("rest of the stream");
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+    assert!(!rest.contains("error"), "{rest}");
+
+    let (_, busy_port) = fake_upstream(|_, path, _| match path {
+        "/load" => (404, json!({"error": "no route"})),
+        _ => (503, json!({"error": {"message": "no free slot"}})),
+    });
+    let proxy = Proc::proxy(&prefiller.port(), &busy_port, &[]);
+    let (status, retry_after, body) =
+        post_with_retry_after(&format!("{}/v1/completions", proxy.url), &request);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(error_message(&body), "no free slot");
+}
+
+/// Polls `server`'s metric `name` (up to 10 s) until `wanted` holds; returns its value.
+fn wait_for_metric(server: &Proc, name: &str, wanted: impl Fn(u64) -> bool) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = get(&format!("{}/metrics", server.url));
+        let value = metric(&metrics, name);
+        if wanted(value) {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} stayed at {value}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A request given up on stops costing the decoder: a proxy timeout while waiting for
+/// the KV frees the pages the prefiller pushed, a proxy timeout while decoding or a client
+/// that leaves a stream aborts the engine request, and a PD request the decoder refuses
+/// frees its pages at once (not after the buffer's 300 s TTL).
+#[test]
+fn an_abandoned_pd_request_frees_engine_time_and_pd_pages() {
+    // Sync sends: the KV is in the decoder's buffer when the prefiller answers.
+    let pd = Disagg::start(Sharing::Pd("tcp", 50_000_000, "sync"));
+    let [init, alloc] = &pd.pd_ports;
+    let short_proxy = |notifications: Option<&str>| {
+        let mut flags = vec![
+            "--decoder-init-port",
+            init,
+            "--decoder-alloc-port",
+            alloc,
+            "--timeout-sec",
+            "2",
+        ];
+        if let Some(port) = notifications {
+            flags.extend(["--proxy-host", "127.0.0.1", "--proxy-port", port]);
+        }
+        Proc::proxy(&pd.prefiller.port(), &pd.decoder.port(), &flags)
+    };
+    let used_pages = "kvrelay_pd_buffer_used_pages";
+    let prompt = text_prompt(7);
+
+    // Its senders notify the first proxy, so this one never hears the KV is ready.
+    let unnotified = short_proxy(Some(&free_port().to_string()));
+    let url = format!("{}/v1/completions", unnotified.url);
+    let request = json!({"prompt": prompt, "max_tokens": 4});
+    let waiting = std::thread::spawn(move || post(&url, &request));
+    wait_for_metric(&pd.decoder, used_pages, |pages| pages > 0);
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert!(!error_message(&body).contains("kvrelay-proxy-"), "{body}");
+    wait_for_metric(&pd.decoder, used_pages, |pages| pages == 0);
+
+    // A decode longer than the proxy waits: the decoder's request is aborted.
+    let impatient = short_proxy(None);
+    let (status, body) = post(
+        &format!("{}/v1/completions", impatient.url),
+        &json!({"prompt": prompt, "max_tokens": 700, "ignore_eos": true}),
+    );
+    assert_eq!(status, 504, "{body}");
+    wait_for_metric(&pd.decoder, "kvrelay_requests_in_flight", |n| n == 0);
+    let generated = wait_for_metric(&pd.decoder, "kvrelay_generation_tokens_total", |_| true);
+    assert!(
+        generated < 700,
+        "the decode ran to the end: {generated} tokens"
+    );
+    assert_eq!(wait_for_metric(&pd.decoder, used_pages, |_| true), 0);
+
+    // A client that leaves a stream: the proxy and the decoder both stop.
+    let response = agent()
+        .post(&format!("{}/v1/completions", pd.proxy.url))
+        .send_string(
+            &json!({"prompt": prompt, "max_tokens": 700, "ignore_eos": true, "stream": true})
+                .to_string(),
+        )
+        .expect("the stream");
+    let mut reader = BufReader::new(response.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first event");
+    assert!(first.starts_with("data: "), "{first}");
+    drop(reader);
+    wait_for_metric(&pd.decoder, "kvrelay_requests_in_flight", |n| n == 0);
+    let streamed = wait_for_metric(&pd.decoder, "kvrelay_generation_tokens_total", |_| true);
+    assert!(
+        streamed - generated < 700,
+        "the stream ran to the end: {} tokens",
+        streamed - generated
+    );
+    assert_eq!(wait_for_metric(&pd.decoder, used_pages, |_| true), 0);
+
+    // KV pushed for a PD request the decoder then refuses (here: a sampling option it does
+    // not have) is freed with the refusal.
+    let disagg_spec = json!({
+        "req_id": "refused-pd-request",
+        "receiver_host": "127.0.0.1",
+        "receiver_init_port": [init.parse::<u16>().unwrap()],
+        "receiver_alloc_port": [alloc.parse::<u16>().unwrap()],
+    });
+    let (status, body) = post(
+        &format!("{}/v1/completions", pd.prefiller.url),
+        &json!({"prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"disagg_spec": disagg_spec}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(wait_for_metric(&pd.decoder, used_pages, |_| true) > 0);
+    let (status, body) = post(
+        &format!("{}/v1/completions", pd.decoder.url),
+        &json!({"prompt": prompt, "top_p": 0.5,
+                "kv_transfer_params": {"disagg_spec": {"req_id": "refused-pd-request"}}}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(error_message(&body).contains("top_p"), "{body}");
+    wait_for_metric(&pd.decoder, used_pages, |pages| pages == 0);
+}
+
+/// Through the proxy a client gets what one server would say: the same 400s (about its own
+/// `max_tokens`, not the prefill's 1), answered before any prefill reaches an engine, the
+/// same 405s, and the server's own response id, never the proxy's PD request id.
+#[test]
+fn the_proxy_answers_bad_requests_as_serve_does_without_a_prefill() {
+    let prefiller = Proc::serve(&[], &[]);
+    let decoder = Proc::serve(&[], &[]);
+    let proxy = Proc::proxy(&prefiller.port(), &decoder.port(), &[]);
+    let long_prompt: Vec<u32> = vec![65; 30];
+    let refused = [
+        json!({"prompt": ""}),
+        json!({"prompt": [""]}),
+        json!({"prompt": [[1, 2], [3, 4]]}),
+        json!({"prompt": [[]]}),
+        json!({"prompt": long_prompt, "max_tokens": 1000}),
+        json!({"prompt": long_prompt, "max_tokens": MAX_MODEL_LEN}),
+        json!({"prompt": "a", "max_tokens": 0}),
+        json!({"prompt": "a", "top_p": 0.5}),
+        json!({"prompt": "a", "best_of": 2}),
+        json!({"prompt": "a", "temperature": 0.7}),
+        json!({"prompt": "a", "presence_penalty": 1}),
+    ];
+    for request in &refused {
+        let (status, direct) = post(&format!("{}/v1/completions", decoder.url), request);
+        assert_eq!(status, 400, "{request}: {direct}");
+        let (status, proxied) = post(&format!("{}/v1/completions", proxy.url), request);
+        assert_eq!(status, 400, "{request}: {proxied}");
+        assert_eq!(error_message(&proxied), error_message(&direct), "{request}");
+    }
+    let (_, direct) = post(
+        &format!("{}/v1/completions", decoder.url),
+        &json!({"prompt": long_prompt, "max_tokens": 1000}),
+    );
+    assert!(
+        error_message(&direct).contains("1000 in the completion"),
+        "{direct}"
+    );
+    let (_, metrics) = get(&format!("{}/metrics", prefiller.url));
+    assert_eq!(
+        metric(&metrics, "kvrelay_prompt_tokens_total"),
+        0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "kvrelay_request_errors_total"),
+        0,
+        "{metrics}"
+    );
+
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        for server in [&decoder, &proxy] {
+            let (status, body) = get(&format!("{}{path}", server.url));
+            assert_eq!(status, 405, "GET {path}: {body}");
+        }
+    }
+
+    // The greedy defaults of the sampling fields, and a batch of one, are served.
+    let accepted =
+        json!({"prompt": [[1, 2]], "max_tokens": 3, "top_p": 1.0, "best_of": 1, "temperature": 0});
+    let (status, direct) = post(&format!("{}/v1/completions", decoder.url), &accepted);
+    assert_eq!(status, 200, "{direct}");
+    let (status, proxied) = post(&format!("{}/v1/completions", proxy.url), &accepted);
+    assert_eq!(status, 200, "{proxied}");
+    assert_eq!(
+        proxied["choices"][0]["token_ids"],
+        direct["choices"][0]["token_ids"]
+    );
+    let id = proxied["id"].as_str().expect("an id");
+    assert!(id.starts_with("cmpl-"), "{proxied}");
+    let events = post_stream(
+        &format!("{}/v1/completions", proxy.url),
+        &json!({"prompt": "a", "max_tokens": 3, "stream": true}),
+    );
+    for event in &events {
+        let id = event["id"].as_str().expect("an id");
+        assert!(id.starts_with("cmpl-"), "{event}");
+    }
+}
+
+#[test]
+fn the_proxy_warns_of_unauthenticated_notifications_reachable_from_other_hosts() {
+    let warned = |host: &str, secret: &[&str]| {
+        let port = free_port().to_string();
+        let mut flags = vec!["--proxy-host", host, "--proxy-port", &port];
+        flags.extend_from_slice(secret);
+        let proxy = Proc::proxy("1", "2", &flags);
+        proxy
+            .startup
+            .iter()
+            .any(|line| line.contains("WARNING") && line.contains("--pd-shared-secret"))
+    };
+    assert!(warned("0.0.0.0", &[]));
+    assert!(!warned("0.0.0.0", &["--pd-shared-secret", "s3cret"]));
+    assert!(!warned("127.0.0.1", &[]));
 }

@@ -92,6 +92,20 @@ pub enum FinishReason {
     Length,
     /// The request failed (a KV load failed under the "fail" policy).
     Error(String),
+    /// [`Engine::abort_request`] ended it before it finished on its own.
+    Aborted,
+}
+
+/// What [`Engine::abort_request`] did.
+#[derive(Debug)]
+pub enum AbortOutcome {
+    /// The request ended now, through the same path as a finished one.
+    Finished(Box<RequestOutput>),
+    /// Its asynchronous KV load is still writing its blocks: it ends (as
+    /// [`FinishReason::Aborted`], among [`Engine::step`]'s outputs) once the load lands.
+    WhenLoaded,
+    /// No unfinished request has this id.
+    NotFound,
 }
 
 /// What a finished request produced, and what its KV transfers cost.
@@ -187,6 +201,8 @@ pub struct Engine {
     sending: HashMap<String, Vec<u32>>,
     /// Requests finished since the last step, for the worker's `get_finished`.
     just_finished: HashSet<String>,
+    /// Aborted requests whose asynchronous load must land before their blocks are freed.
+    aborted_while_loading: HashSet<String>,
     eos: Vec<u32>,
     stats: EngineStats,
 }
@@ -256,6 +272,7 @@ impl Engine {
             finished_recving: HashSet::new(),
             sending: HashMap::new(),
             just_finished: HashSet::new(),
+            aborted_while_loading: HashSet::new(),
             eos,
             stats: EngineStats::default(),
         })
@@ -395,6 +412,36 @@ impl Engine {
         self.requests
             .get(id)
             .map(|r| &r.tokens[r.num_prompt_tokens..])
+    }
+
+    /// Ends the unfinished request `id` as [`FinishReason::Aborted`]: the connector's
+    /// `request_finished` runs and its blocks are freed as for a finished request, so an
+    /// abandoned request stops costing engine time and KV memory.
+    pub fn abort_request(&mut self, id: &str) -> AbortOutcome {
+        match self.requests.get(id).map(|r| r.state) {
+            None => AbortOutcome::NotFound,
+            // The loader may still write these blocks: freeing them now would hand them to
+            // another request under its feet.
+            Some(State::WaitingForRemoteKv) if !self.finished_recving.contains(id) => {
+                self.aborted_while_loading.insert(id.to_string());
+                AbortOutcome::WhenLoaded
+            }
+            Some(_) => AbortOutcome::Finished(Box::new(self.finish(id, FinishReason::Aborted))),
+        }
+    }
+
+    /// Finishes the aborted requests whose asynchronous load landed.
+    fn finish_landed_aborts(&mut self) -> Vec<RequestOutput> {
+        let landed: Vec<String> = self
+            .aborted_while_loading
+            .iter()
+            .filter(|id| self.finished_recving.contains(*id))
+            .cloned()
+            .collect();
+        landed
+            .into_iter()
+            .map(|id| self.finish(&id, FinishReason::Aborted))
+            .collect()
     }
 
     pub fn has_unfinished(&self) -> bool {
@@ -661,7 +708,7 @@ impl Engine {
         let computed_now: Vec<(String, usize)> =
             computing.iter().map(|(id, n)| (id.clone(), *n)).collect();
         drop(inputs);
-        let mut finished = Vec::new();
+        let mut finished = self.finish_landed_aborts();
         for ((id, new), logits) in computed_now.into_iter().zip(logits) {
             self.stats.computed_tokens += new;
             if self.apply_load_failures(&id, &invalid_blocks, &mut finished) {
@@ -737,6 +784,8 @@ impl Engine {
 
     fn finish(&mut self, id: &str, reason: FinishReason) -> RequestOutput {
         let request = self.requests.remove(id).expect("finish a live request");
+        self.aborted_while_loading.remove(id);
+        self.finished_recving.remove(id);
         self.running.retain(|r| r != id);
         self.waiting.retain(|r| r != id);
         self.just_finished.insert(id.to_string());

@@ -21,7 +21,9 @@ pub mod weights;
 pub use backing::KvPlacement;
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
-pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, RequestOutput, SamplingParams};
+pub use engine::{
+    AbortOutcome, Engine, EngineConfig, EngineStats, FinishReason, RequestOutput, SamplingParams,
+};
 pub use load::{load_chat_template, load_model, TINY_RANDOM};
 pub use model::Model;
 pub use tokenizer::Tokenizer;

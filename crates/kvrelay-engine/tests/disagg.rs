@@ -5,7 +5,9 @@ use std::path::Path;
 
 use kvrelay::config::{KvTransferConfig, LmcacheConfig};
 use kvrelay::layout::LayoutKind;
-use kvrelay_engine::{Engine, EngineConfig, Model, RequestOutput, SamplingParams};
+use kvrelay_engine::{
+    AbortOutcome, Engine, EngineConfig, FinishReason, Model, RequestOutput, SamplingParams,
+};
 
 const MODEL: &str = "tiny-random";
 
@@ -367,4 +369,48 @@ fn a_checkpoint_with_a_wrong_tensor_shape_is_a_clear_error() {
     .unwrap();
     let err = Model::load(dir.path(), 64).err().unwrap().to_string();
     assert!(err.contains("gate_proj") && err.contains("shape"), "{err}");
+}
+
+/// A request aborted while its asynchronous load is in flight ends as `Aborted` once the
+/// load lands (its blocks are not freed under the loader), and the engine goes on.
+#[test]
+fn a_request_aborted_during_its_asynchronous_load_ends_once_the_load_lands() {
+    let config = small(48);
+    let ps = prompts(&[200, 100]);
+    let colocated = engine(&config)
+        .generate(&ps[1..], SamplingParams::greedy(5))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        &config,
+        Kind::Lmcache,
+        dir.path(),
+        "kv_producer",
+        true,
+        &ps,
+        1,
+    );
+    let mut e = engine(&config);
+    let (transfer, lmcache) = configs(Kind::Lmcache, dir.path(), "kv_consumer", true);
+    e.connect(&transfer, &lmcache, MODEL).unwrap();
+    e.add_request("aborted", ps[0].clone(), SamplingParams::greedy(5))
+        .unwrap();
+    // The first step only schedules the load.
+    assert!(e.step().unwrap().is_empty());
+    assert_eq!(e.output_token_ids("aborted"), Some(&[][..]));
+    // The load may already have landed (then the request ends now).
+    let mut outputs = match e.abort_request("aborted") {
+        AbortOutcome::WhenLoaded => Vec::new(),
+        AbortOutcome::Finished(output) => vec![*output],
+        AbortOutcome::NotFound => panic!("the request is loading"),
+    };
+    e.add_request("next", ps[1].clone(), SamplingParams::greedy(5))
+        .unwrap();
+    outputs.extend(e.run_to_completion().unwrap());
+    let aborted = outputs.iter().find(|o| o.request_id == "aborted").unwrap();
+    assert_eq!(aborted.finish_reason, FinishReason::Aborted);
+    assert_eq!(aborted.output_token_count, 0);
+    let next = outputs.iter().find(|o| o.request_id == "next").unwrap();
+    assert_eq!(next.output_token_ids, colocated[0].output_token_ids);
+    assert!(!e.has_unfinished());
 }

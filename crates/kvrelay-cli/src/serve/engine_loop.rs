@@ -3,14 +3,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvrelay_engine::{Engine, EngineError, RequestOutput, SamplingParams};
+use kvrelay_engine::{
+    AbortOutcome, Engine, EngineError, FinishReason, RequestOutput, SamplingParams,
+};
 
 use super::metrics::Metrics;
-use crate::http::HttpError;
+use crate::http::{lock, HttpError};
 use kvrelay::transfer::PdReceiver;
 
 /// What the engine tells a request's handler.
@@ -26,9 +28,32 @@ pub enum Event {
 
 struct Submission {
     id: String,
+    /// `id` is the PD request id a proxy gave the request.
+    pd: bool,
     prompt: Vec<u32>,
     params: SamplingParams,
     events: mpsc::Sender<Event>,
+}
+
+/// Which requests an abort may end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbortScope {
+    /// The request of a handler that stopped listening.
+    Any,
+    /// Requests known by their PD request id: ids a caller can only know by having issued
+    /// them (`POST /abort_requests`). Ids not in the engine free their PD buffer pages.
+    PdOnly,
+}
+
+/// What the handlers ask of the engine thread.
+enum Command {
+    Submit(Submission),
+    Abort {
+        ids: Vec<String>,
+        scope: AbortScope,
+        /// Gets the ids that named a request (or PD buffer pages) and were ended.
+        done: Option<mpsc::Sender<Vec<String>>>,
+    },
 }
 
 /// State the handlers and the engine thread share.
@@ -45,7 +70,7 @@ pub struct Shared {
 /// The handlers' side of the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    submit: SyncSender<Submission>,
+    submit: SyncSender<Command>,
     shared: Arc<Shared>,
     max_pending: usize,
 }
@@ -64,7 +89,9 @@ impl EngineHandle {
             dead: Mutex::new(None),
             pd_receiver: engine.connector().and_then(|c| c.pd_receiver.clone()),
         });
-        let (submit, submissions) = mpsc::sync_channel(max_pending);
+        // Submissions are bounded by `max_pending` (see `submit`); the other half of the
+        // queue keeps room for aborts.
+        let (submit, submissions) = mpsc::sync_channel(2 * max_pending);
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("engine".into())
@@ -87,14 +114,22 @@ impl EngineHandle {
         Ok((handle, shared))
     }
 
-    /// Queues a request; its events arrive on the returned receiver. Fails with 503 when
-    /// `max_pending` requests are already admitted or the engine stopped.
+    /// Requests admitted at once (`--max-pending-requests`).
+    pub fn max_pending(&self) -> usize {
+        self.max_pending
+    }
+
+    /// Queues request `id` (a PD request id when `pd`); its events arrive through the
+    /// returned [`RequestEvents`], which aborts the request if dropped before it ended.
+    /// Fails with 503 when `max_pending` requests are already admitted or the engine
+    /// stopped.
     pub fn submit(
         &self,
         id: String,
+        pd: bool,
         prompt: Vec<u32>,
         params: SamplingParams,
-    ) -> Result<Receiver<Event>, HttpError> {
+    ) -> Result<RequestEvents, HttpError> {
         if let Some(reason) = lock(&self.shared.dead).as_ref() {
             return Err(HttpError::new(503, format!("the engine stopped: {reason}")));
         }
@@ -116,13 +151,19 @@ impl EngineHandle {
         }
         let (events, receiver) = mpsc::channel();
         let submission = Submission {
-            id,
+            id: id.clone(),
+            pd,
             prompt,
             params,
             events,
         };
-        match self.submit.try_send(submission) {
-            Ok(()) => Ok(receiver),
+        match self.submit.try_send(Command::Submit(submission)) {
+            Ok(()) => Ok(RequestEvents {
+                events: receiver,
+                engine: self.clone(),
+                id,
+                ended: false,
+            }),
             Err(e) => {
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 Err(HttpError::new(
@@ -133,6 +174,51 @@ impl EngineHandle {
                     },
                 ))
             }
+        }
+    }
+
+    /// Asks the engine thread to end `ids` (see [`AbortScope`]); with `done`, it sends back
+    /// the ids it ended. Waits only while the command queue is full.
+    pub fn abort(
+        &self,
+        ids: Vec<String>,
+        scope: AbortScope,
+        done: Option<mpsc::Sender<Vec<String>>>,
+    ) {
+        // A stopped engine has nothing left to abort.
+        let _ = self.submit.send(Command::Abort { ids, scope, done });
+    }
+}
+
+/// One admitted request's events. Dropped before the request ended (its client left, or
+/// its handler gave up waiting), it aborts the request, which stops costing engine time,
+/// KV blocks and PD buffer pages.
+pub struct RequestEvents {
+    events: Receiver<Event>,
+    engine: EngineHandle,
+    id: String,
+    ended: bool,
+}
+
+impl RequestEvents {
+    /// The next event, waiting at most `timeout`.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
+        let event = self.events.recv_timeout(timeout);
+        if matches!(
+            event,
+            Ok(Event::Finished(_) | Event::Failed(_)) | Err(RecvTimeoutError::Disconnected)
+        ) {
+            self.ended = true;
+        }
+        event
+    }
+}
+
+impl Drop for RequestEvents {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.engine
+                .abort(vec![std::mem::take(&mut self.id)], AbortScope::Any, None);
         }
     }
 }
@@ -147,17 +233,20 @@ impl Drop for MarkDead {
     }
 }
 
-/// A lock that survives a panicked holder: the data are counters and a message.
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Frees the PD buffer pages of `pd_request_id`, a request this decoder refused: its KV
+/// will never be loaded, and should not hold pages until the buffer's TTL.
+pub fn cancel_pd_pages(shared: &Shared, pd_request_id: &str) {
+    if let Some(receiver) = &shared.pd_receiver {
+        receiver.cancel(pd_request_id);
+    }
 }
 
 /// An admitted request: where its events go and how many tokens it was sent.
 struct Live {
     events: mpsc::Sender<Event>,
     sent: usize,
+    /// Known by its PD request id (see [`AbortScope::PdOnly`]).
+    pd: bool,
 }
 
 struct EngineLoop {
@@ -169,18 +258,18 @@ struct EngineLoop {
 
 impl EngineLoop {
     /// Serves submissions until every handle is gone or the engine fails; returns why.
-    fn run(mut self, submissions: Receiver<Submission>) -> String {
+    fn run(mut self, commands: Receiver<Command>) -> String {
         let mut last_progress = Instant::now();
         loop {
             if !self.engine.has_unfinished() {
-                match submissions.recv() {
-                    Ok(s) => self.admit(s),
+                match commands.recv() {
+                    Ok(command) => self.obey(command),
                     Err(_) => return "the server shut down".into(),
                 }
                 last_progress = Instant::now();
             }
-            while let Ok(s) = submissions.try_recv() {
-                self.admit(s);
+            while let Ok(command) = commands.try_recv() {
+                self.obey(command);
             }
             if !self.engine.has_unfinished() {
                 continue;
@@ -211,29 +300,82 @@ impl EngineLoop {
         }
     }
 
+    fn obey(&mut self, command: Command) {
+        match command {
+            Command::Submit(submission) => self.admit(submission),
+            Command::Abort { ids, scope, done } => {
+                let ended: Vec<String> =
+                    ids.into_iter().filter(|id| self.abort(id, scope)).collect();
+                if let Some(done) = done {
+                    // The caller may have stopped waiting.
+                    let _ = done.send(ended);
+                }
+            }
+        }
+    }
+
+    /// Ends request `id` if `scope` allows; returns whether something was ended.
+    fn abort(&mut self, id: &str, scope: AbortScope) -> bool {
+        match self.live.get(id) {
+            Some(live) if scope == AbortScope::Any || live.pd => {
+                match self.engine.abort_request(id) {
+                    AbortOutcome::Finished(output) => {
+                        self.finish(*output);
+                        true
+                    }
+                    AbortOutcome::WhenLoaded => true,
+                    AbortOutcome::NotFound => false,
+                }
+            }
+            Some(_) => false,
+            // KV pushed for a request this decoder never got (or already refused).
+            None if scope == AbortScope::PdOnly => self
+                .shared
+                .pd_receiver
+                .as_ref()
+                .is_some_and(|receiver| receiver.cancel(id)),
+            None => false,
+        }
+    }
+
     fn admit(&mut self, s: Submission) {
-        match self.engine.add_request(s.id.clone(), s.prompt, s.params) {
-            Ok(()) => {
+        let refused = if self.live.contains_key(&s.id) {
+            // Its pages belong to the request already running under this id.
+            Some(HttpError::bad_request(
+                "a request with this `kv_transfer_params.disagg_spec.req_id` is already running",
+            ))
+        } else {
+            match self.engine.add_request(s.id.clone(), s.prompt, s.params) {
+                Ok(()) => None,
+                Err(e) => {
+                    if s.pd {
+                        cancel_pd_pages(&self.shared, &s.id);
+                    }
+                    let status = if matches!(e, EngineError::BadRequest(_)) {
+                        400
+                    } else {
+                        500
+                    };
+                    Some(HttpError::new(status, e.to_string()))
+                }
+            }
+        };
+        match refused {
+            None => {
                 self.live.insert(
                     s.id,
                     Live {
                         events: s.events,
                         sent: 0,
+                        pd: s.pd,
                     },
                 );
             }
-            Err(e) => {
-                let status = if matches!(e, EngineError::BadRequest(_)) {
-                    400
-                } else {
-                    500
-                };
+            Some(error) => {
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                 lock(&self.shared.metrics).request_errors += 1;
                 // The handler may be gone already; nothing else needs the event.
-                let _ = s
-                    .events
-                    .send(Event::Failed(HttpError::new(status, e.to_string())));
+                let _ = s.events.send(Event::Failed(error));
             }
         }
     }
@@ -257,6 +399,11 @@ impl EngineLoop {
         let Some(live) = self.live.remove(&output.request_id) else {
             return;
         };
+        if live.pd && output.finish_reason == FinishReason::Aborted {
+            // What it had not loaded yet (a partial last chunk, KV still arriving) would
+            // otherwise hold pages until the buffer's TTL.
+            cancel_pd_pages(&self.shared, &output.request_id);
+        }
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         lock(&self.shared.metrics).record(&output);
         if output.output_token_ids.len() > live.sent {

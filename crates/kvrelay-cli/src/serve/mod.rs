@@ -11,7 +11,7 @@ mod openai;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,10 +27,14 @@ use serde_json::{json, Value};
 use tiny_http::{Method, Request, Server};
 
 use crate::http::{
-    read_json_object, respond_bytes, respond_error, respond_json, ChunkedResponse, HttpError,
+    lock, read_json_object, respond_bytes, respond_error, respond_json, ChunkedResponse, HttpError,
 };
-use engine_loop::{lock, EngineHandle, Event, Shared};
+use engine_loop::{cancel_pd_pages, AbortScope, EngineHandle, Event, RequestEvents, Shared};
+pub use openai::DECODE_REQUEST;
 use openai::{Api, CompletionRequest, Detokenizer, Envelope, ModelInfo};
+
+/// Most request ids one `POST /abort_requests` may name.
+const MAX_ABORT_IDS: usize = 1024;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -202,6 +206,22 @@ impl ServeState {
                 respond_bytes(request, 200, "text/plain; version=0.0.4", text.into_bytes());
             }
             (Method::Get, "/v1/models") => respond_json(request, 200, &self.models()),
+            // Cheap enough for a proxy to ask before every prefill.
+            (Method::Get, "/load") => respond_json(
+                request,
+                200,
+                &json!({
+                    "in_flight": self.shared.in_flight.load(Ordering::SeqCst),
+                    "max_pending": self.engine.max_pending(),
+                }),
+            ),
+            (Method::Post, "/abort_requests") => {
+                let answer = read_json_object(&mut request).and_then(|body| self.abort(&body));
+                match answer {
+                    Ok(body) => respond_json(request, 200, &body),
+                    Err(e) => respond_error(request, &e),
+                }
+            }
             (Method::Post, "/tokenize") => {
                 let answer = read_json_object(&mut request).and_then(|body| self.tokenize(&body));
                 match answer {
@@ -223,6 +243,8 @@ impl ServeState {
                 "/health"
                 | "/metrics"
                 | "/v1/models"
+                | "/load"
+                | "/abort_requests"
                 | "/tokenize"
                 | "/detokenize"
                 | "/v1/completions"
@@ -264,6 +286,36 @@ impl ServeState {
         }))
     }
 
+    /// Ends the requests a PD proxy knows by the `disagg_spec.req_id` it gave them, and
+    /// frees PD buffer pages pushed for ids this server never ran.
+    fn abort(&self, body: &serde_json::Map<String, Value>) -> Result<Value, HttpError> {
+        let ids = body
+            .get("request_ids")
+            .and_then(Value::as_array)
+            .filter(|ids| ids.len() <= MAX_ABORT_IDS)
+            .and_then(|ids| {
+                ids.iter()
+                    .map(|id| id.as_str().map(str::to_string))
+                    .collect::<Option<Vec<String>>>()
+            })
+            .ok_or_else(|| {
+                HttpError::bad_request(format!(
+                    "`request_ids` must be a list of at most {MAX_ABORT_IDS} strings"
+                ))
+            })?;
+        let (done, ended) = mpsc::channel();
+        self.engine.abort(ids, AbortScope::PdOnly, Some(done));
+        let aborted = ended
+            .recv_timeout(self.request_timeout)
+            .map_err(|e| match e {
+                RecvTimeoutError::Timeout => {
+                    HttpError::new(503, "the engine did not take the abort in time")
+                }
+                RecvTimeoutError::Disconnected => HttpError::new(500, "the engine stopped"),
+            })?;
+        Ok(json!({ "aborted": aborted }))
+    }
+
     fn detokenize(&self, body: &serde_json::Map<String, Value>) -> Result<Value, HttpError> {
         let tokens = body
             .get("tokens")
@@ -284,44 +336,38 @@ impl ServeState {
 
     /// Answers a completion or chat completion request, streamed or not.
     fn generate(&self, mut request: Request, api: Api) {
-        let admitted = read_json_object(&mut request).and_then(|body| {
-            let parsed = match api {
-                Api::Completions => self.model_info().completion_request(&body)?,
-                Api::ChatCompletions => self.model_info().chat_request(&body)?,
-            };
-            // A PD prefill keeps the proxy's request id: it names the KV-ready notification.
-            let id = match &parsed.pd_request_id {
-                Some(id) => id.clone(),
-                None => format!(
-                    "{}-{}",
-                    api.id_prefix(),
-                    self.next_id.fetch_add(1, Ordering::Relaxed)
-                ),
-            };
-            let params = SamplingParams {
-                max_tokens: parsed.max_tokens,
-                ignore_eos: parsed.ignore_eos,
-                kv_transfer_params: parsed.kv_transfer_params.clone(),
-            };
-            let events = self
-                .engine
-                .submit(id.clone(), parsed.prompt.clone(), params)?;
-            Ok((id, parsed, events))
-        });
-        let (id, parsed, events) = match admitted {
-            Ok(admitted) => admitted,
+        let body = match read_json_object(&mut request) {
+            Ok(body) => body,
             Err(e) => return respond_error(request, &e),
+        };
+        // The client sees this server's own id; a PD request runs in the engine under the
+        // proxy's id, which names its KV in the PD buffer and the connector.
+        let public_id = format!(
+            "{}-{}",
+            api.id_prefix(),
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let (parsed, mut events) = match self.admit(api, &body, &public_id) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                // Refused before the engine saw it: the KV a prefiller pushed for it would
+                // hold PD buffer pages until their TTL.
+                if let Some(pd_id) = raw_pd_request_id(&body) {
+                    cancel_pd_pages(&self.shared, pd_id);
+                }
+                return respond_error(request, &e);
+            }
         };
         let envelope = Envelope {
             api,
-            id: &id,
+            id: &public_id,
             created: unix_time(),
             model: &self.served_name,
         };
         if parsed.stream {
-            self.stream(request, &envelope, &parsed, &events);
+            self.stream(request, &envelope, &parsed, &mut events);
         } else {
-            match self.wait_finished(&events) {
+            match self.wait_finished(&mut events) {
                 Ok(output) => {
                     let text = self
                         .tokenizer
@@ -334,8 +380,34 @@ impl ServeState {
         }
     }
 
+    /// Checks `body` and submits it to the engine, as `public_id` unless it is a PD request.
+    fn admit(
+        &self,
+        api: Api,
+        body: &serde_json::Map<String, Value>,
+        public_id: &str,
+    ) -> Result<(CompletionRequest, RequestEvents), HttpError> {
+        let parsed = match api {
+            Api::Completions => self.model_info().completion_request(body)?,
+            Api::ChatCompletions => self.model_info().chat_request(body)?,
+        };
+        let (engine_id, pd) = match &parsed.pd_request_id {
+            Some(id) => (id.clone(), true),
+            None => (public_id.to_string(), false),
+        };
+        let params = SamplingParams {
+            max_tokens: parsed.max_tokens,
+            ignore_eos: parsed.ignore_eos,
+            kv_transfer_params: parsed.kv_transfer_params.clone(),
+        };
+        let events = self
+            .engine
+            .submit(engine_id, pd, parsed.prompt.clone(), params)?;
+        Ok((parsed, events))
+    }
+
     /// The engine's next event, within the request timeout.
-    fn next_event(&self, events: &Receiver<Event>) -> Result<Event, HttpError> {
+    fn next_event(&self, events: &mut RequestEvents) -> Result<Event, HttpError> {
         match events.recv_timeout(self.request_timeout) {
             Ok(Event::Failed(e)) => Err(e),
             Ok(event) => Ok(event),
@@ -350,7 +422,7 @@ impl ServeState {
         }
     }
 
-    fn wait_finished(&self, events: &Receiver<Event>) -> Result<RequestOutput, HttpError> {
+    fn wait_finished(&self, events: &mut RequestEvents) -> Result<RequestOutput, HttpError> {
         loop {
             if let Event::Finished(output) = self.next_event(events)? {
                 return finished_ok(*output);
@@ -365,7 +437,7 @@ impl ServeState {
         request: Request,
         envelope: &Envelope<'_>,
         parsed: &CompletionRequest,
-        events: &Receiver<Event>,
+        events: &mut RequestEvents,
     ) {
         // The first event decides between an error status and a stream.
         let first = match self.next_event(events) {
@@ -387,7 +459,7 @@ impl ServeState {
                 Ok(Event::Tokens(ids)) => {
                     let text = detok.push(&ids);
                     if out.event(&envelope.chunk(text, &ids).to_string()).is_err() {
-                        // The client left; the engine finishes the request on its own.
+                        // The client left; dropping `events` aborts the request.
                         return;
                     }
                 }
@@ -417,19 +489,30 @@ impl ServeState {
     }
 }
 
-/// A finished request's output, or the error it ended with.
+/// The `kv_transfer_params.disagg_spec.req_id` of a request body, read without checking
+/// the rest of the body (which may be what was refused).
+fn raw_pd_request_id(body: &serde_json::Map<String, Value>) -> Option<&str> {
+    body.get("kv_transfer_params")?
+        .get("disagg_spec")?
+        .get("req_id")?
+        .as_str()
+}
+
+/// A finished request's output, or the error it ended with. Messages do not name the
+/// engine's request id: for a PD request it is the proxy's, not the client's.
 fn finished_ok(output: RequestOutput) -> Result<RequestOutput, HttpError> {
     match &output.finish_reason {
         kvrelay_engine::FinishReason::Error(message) => Err(HttpError::new(
             500,
-            format!("request {} failed: {message}", output.request_id),
+            format!("the request failed: {message}"),
+        )),
+        kvrelay_engine::FinishReason::Aborted => Err(HttpError::new(
+            500,
+            "the request was aborted (POST /abort_requests)",
         )),
         _ if output.transfer.failed_sends > 0 => Err(HttpError::new(
             502,
-            format!(
-                "request {}: its KV could not be sent to the decoder's PD buffer (the prefiller's log says why)",
-                output.request_id
-            ),
+            "the request's KV could not be sent to the decoder's PD buffer (the prefiller's log says why)",
         )),
         _ => Ok(output),
     }

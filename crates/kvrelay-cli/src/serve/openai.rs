@@ -10,6 +10,25 @@ use crate::http::HttpError;
 /// vLLM's default when a request gives no `max_tokens`.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
+/// Sampling fields the engine does not implement, each with the value that leaves greedy
+/// sampling unchanged (vLLM's defaults, and temperature 0): any other value is refused
+/// rather than silently ignored.
+const GREEDY_DEFAULTS: [(&str, f64); 8] = [
+    ("temperature", 0.0),
+    ("top_p", 1.0),
+    ("best_of", 1.0),
+    ("min_p", 0.0),
+    ("presence_penalty", 0.0),
+    ("frequency_penalty", 0.0),
+    ("repetition_penalty", 1.0),
+    ("min_tokens", 0.0),
+];
+
+/// `kv_transfer_params` key under which `kvrelay proxy` passes a PD prefill the client's
+/// own `max_tokens`/`max_completion_tokens` (the prefill itself runs with 1), so that the
+/// prefiller checks the context length the decoder will need.
+pub const DECODE_REQUEST: &str = "decode_request";
+
 /// Which OpenAI endpoint a request came through: it decides the fields read and the JSON
 /// shapes answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +81,8 @@ impl ModelInfo<'_> {
             None => return Err(HttpError::bad_request("`prompt` is required")),
         };
         let tokens = match prompt {
+            // Not even a BOS token of its own: an empty text is a client's mistake.
+            Value::String(text) if text.is_empty() => Vec::new(),
             Value::String(text) => self
                 .tokenizer
                 .encode(text)
@@ -154,6 +175,37 @@ impl ModelInfo<'_> {
         Ok(())
     }
 
+    /// The completion's token limit in `body`, for a prompt of `prompt_len` tokens.
+    fn max_tokens(
+        &self,
+        api: Api,
+        body: &Map<String, Value>,
+        prompt_len: usize,
+    ) -> Result<usize, HttpError> {
+        // vLLM: a completion defaults to 16 tokens; a chat completion to the rest of the
+        // context, and its `max_completion_tokens` replaces the older `max_tokens`.
+        let (field, default) = match api {
+            Api::Completions => ("max_tokens", DEFAULT_MAX_TOKENS),
+            Api::ChatCompletions => {
+                let field = match body.get("max_completion_tokens") {
+                    None | Some(Value::Null) => "max_tokens",
+                    Some(_) => "max_completion_tokens",
+                };
+                (field, self.max_model_len.saturating_sub(prompt_len))
+            }
+        };
+        match body.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n >= 1)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| {
+                    HttpError::bad_request(format!("`{field}` must be a positive integer"))
+                }),
+        }
+    }
+
     /// The checks and options both endpoints share, over the request's `prompt` tokens.
     fn generation_request(
         &self,
@@ -161,39 +213,22 @@ impl ModelInfo<'_> {
         body: &Map<String, Value>,
         prompt: Vec<u32>,
     ) -> Result<CompletionRequest, HttpError> {
-        // vLLM: a completion defaults to 16 tokens; a chat completion to the rest of the
-        // context, and its `max_completion_tokens` replaces the older `max_tokens`.
-        let (max_tokens_field, default_max_tokens) = match api {
-            Api::Completions => ("max_tokens", DEFAULT_MAX_TOKENS),
-            Api::ChatCompletions => {
-                let field = match body.get("max_completion_tokens") {
-                    None | Some(Value::Null) => "max_tokens",
-                    Some(_) => "max_completion_tokens",
-                };
-                (field, self.max_model_len.saturating_sub(prompt.len()))
+        let max_tokens = self.max_tokens(api, body, prompt.len())?;
+        for (field, greedy) in GREEDY_DEFAULTS {
+            match body.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::Number(v)) if v.as_f64() == Some(greedy) => {}
+                Some(Value::Number(v)) => {
+                    return Err(HttpError::bad_request(format!(
+                        "`{field}` {v} is not supported: the engine samples greedily, so only {field} {greedy} is accepted"
+                    )))
+                }
+                Some(_) => {
+                    return Err(HttpError::bad_request(format!(
+                        "`{field}` must be a number"
+                    )))
+                }
             }
-        };
-        let max_tokens = match body.get(max_tokens_field) {
-            None | Some(Value::Null) => default_max_tokens,
-            Some(v) => v
-                .as_u64()
-                .filter(|&n| n >= 1)
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| {
-                    HttpError::bad_request(format!(
-                        "`{max_tokens_field}` must be a positive integer"
-                    ))
-                })?,
-        };
-        match body.get("temperature") {
-            None | Some(Value::Null) => {}
-            Some(Value::Number(t)) if t.as_f64() == Some(0.0) => {}
-            Some(Value::Number(t)) => {
-                return Err(HttpError::bad_request(format!(
-                    "`temperature` {t} is not supported: the engine samples greedily, so only temperature 0 is accepted"
-                )))
-            }
-            Some(_) => return Err(HttpError::bad_request("`temperature` must be a number")),
         }
         match body.get("n") {
             None | Some(Value::Null) => {}
@@ -242,15 +277,27 @@ impl ModelInfo<'_> {
                 ))
             }
         };
+        // A PD prefill runs with `max_tokens` 1; the proxy passes the client's limits so that
+        // a request the decoder would refuse is refused before its prefill is spent.
+        let decode_max_tokens = match kv_transfer_params.and_then(|p| p.get(DECODE_REQUEST)) {
+            None | Some(Value::Null) => max_tokens,
+            Some(Value::Object(limits)) => self.max_tokens(api, limits, prompt.len())?,
+            Some(_) => {
+                return Err(HttpError::bad_request(format!(
+                    "`kv_transfer_params.{DECODE_REQUEST}` must be an object"
+                )))
+            }
+        };
         let include_usage = match body.get("stream_options") {
             None | Some(Value::Null) => false,
             Some(Value::Object(options)) => flag(options, "include_usage")?,
             Some(_) => return Err(HttpError::bad_request("`stream_options` must be an object")),
         };
-        let total = prompt.len() + max_tokens;
+        let completion = max_tokens.max(decode_max_tokens);
+        let total = prompt.len() + completion;
         if prompt.len() >= self.max_model_len || total > self.max_model_len {
             return Err(HttpError::bad_request(format!(
-                "this model's maximum context length is {} tokens; the request needs {total} ({} in the prompt, {max_tokens} in the completion)",
+                "this model's maximum context length is {} tokens; the request needs {total} ({} in the prompt, {completion} in the completion)",
                 self.max_model_len,
                 prompt.len()
             )));
@@ -349,6 +396,7 @@ pub fn finish_reason(reason: &FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::Error(_) => "error",
+        FinishReason::Aborted => "abort",
     }
 }
 
