@@ -450,6 +450,16 @@ fn deeply_nested_yaml_is_refused_before_parsing() {
                 .map(|d| format!("{}k{d}:\n", "  ".repeat(d)))
                 .collect(),
         ),
+        // Quotes that a line-by-line guess would take for the start of a string (the
+        // first is a quoted key, the second a quote inside a plain scalar).
+        (
+            "after a quoted key",
+            format!("a: b\n\"x: 'y\": {}", "[".repeat(n)),
+        ),
+        (
+            "after a quote in plain text",
+            format!("a: b\n  \"\nc: {}", "[".repeat(n)),
+        ),
     ];
     for (what, yaml) in &documents {
         assert_refused_as_too_deep(what, || LmcacheConfig::from_yaml_str(yaml));
