@@ -3,16 +3,18 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use kvrelay::store::{BadChunk, DiskTier, DiskTierOptions};
+use kvrelay::store::{DiskTier, DiskTierOptions, Listing};
 
 #[derive(clap::Subcommand)]
 pub enum StoreCommand {
-    /// List every chunk (key, tokens, bytes, layout fingerprint) and the total.
+    /// List every chunk (key, tokens, bytes, layout fingerprint), damaged chunk files and
+    /// foreign entries, and the totals. Checks headers only; changes nothing.
     Ls { dir: PathBuf },
-    /// Re-check every chunk's checksums; exit 1 if any chunk is bad.
+    /// Re-check every chunk's checksums; exit 1 if any chunk file is damaged or any entry
+    /// under a chunk's name is not a regular file. Changes nothing.
     Verify { dir: PathBuf },
-    /// Remove bad chunks and stale temp files; with --max-bytes, also evict the least
-    /// recently used chunks down to that many bytes.
+    /// Remove damaged chunks, foreign entries and stale temp files; with --max-bytes, also
+    /// evict the least recently used chunks down to that many bytes.
     Gc {
         dir: PathBuf,
         #[arg(long)]
@@ -39,11 +41,30 @@ fn open(dir: &Path) -> Result<DiskTier, String> {
     DiskTier::open(dir, opts).map_err(|e| e.to_string())
 }
 
-fn print_bad(bad: &[BadChunk]) {
-    for chunk in bad {
+/// The damaged chunk files and foreign entries, one line each.
+fn print_problems(listing: &Listing) {
+    for chunk in &listing.bad {
         // The error names the file.
-        println!("BAD {}", chunk.error);
+        println!("DAMAGED {}", chunk.error);
     }
+    for entry in &listing.foreign {
+        println!(
+            "FOREIGN {}: a {}, not a chunk file",
+            entry.path.display(),
+            entry.kind
+        );
+    }
+}
+
+/// The counts `ls` and `verify` both print, over the same set of files: every regular file
+/// under a chunk's name is a chunk file, good or damaged; anything else there is foreign.
+fn counts(listing: &Listing) -> String {
+    let (good, damaged) = (listing.entries.len(), listing.bad.len());
+    format!(
+        "{} chunk files: {good} good, {damaged} damaged; {} foreign entries",
+        good + damaged,
+        listing.foreign.len()
+    )
 }
 
 fn ls(dir: &Path) -> Result<ExitCode, String> {
@@ -54,26 +75,17 @@ fn ls(dir: &Path) -> Result<ExitCode, String> {
             e.key, e.num_tokens, e.payload_bytes, e.layout_fingerprint
         );
     }
-    print_bad(&listing.bad);
+    print_problems(&listing);
     let total: u64 = listing.entries.iter().map(|e| e.payload_bytes).sum();
-    println!(
-        "total: {} chunks, {total} bytes, {} bad",
-        listing.entries.len(),
-        listing.bad.len()
-    );
+    println!("total: {total} bytes in {}", counts(&listing));
     Ok(ExitCode::SUCCESS)
 }
 
 fn verify(dir: &Path) -> Result<ExitCode, String> {
     let listing = open(dir)?.verify().map_err(|e| e.to_string())?;
-    print_bad(&listing.bad);
-    println!(
-        "verified {} chunks: {} good, {} bad",
-        listing.entries.len() + listing.bad.len(),
-        listing.entries.len(),
-        listing.bad.len()
-    );
-    Ok(if listing.bad.is_empty() {
+    print_problems(&listing);
+    println!("verified {}", counts(&listing));
+    Ok(if listing.bad.is_empty() && listing.foreign.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -83,7 +95,14 @@ fn verify(dir: &Path) -> Result<ExitCode, String> {
 fn gc(dir: &Path, max_bytes: Option<u64>) -> Result<ExitCode, String> {
     let report = open(dir)?.gc(max_bytes).map_err(|e| e.to_string())?;
     for bad in &report.removed_bad {
-        println!("removed bad: {}", bad.error);
+        println!("removed damaged: {}", bad.error);
+    }
+    for entry in &report.removed_foreign {
+        println!(
+            "removed foreign {} (a {})",
+            entry.path.display(),
+            entry.kind
+        );
     }
     for path in &report.removed_temp {
         println!("removed temp {}", path.display());
@@ -92,8 +111,9 @@ fn gc(dir: &Path, max_bytes: Option<u64>) -> Result<ExitCode, String> {
         println!("evicted {} ({} bytes)", entry.key, entry.file_bytes);
     }
     println!(
-        "gc: removed {} bad chunks, {} temp files, evicted {} chunks, freed {} bytes",
+        "gc: removed {} damaged chunks, {} foreign entries, {} temp files, evicted {} chunks, freed {} bytes",
         report.removed_bad.len(),
+        report.removed_foreign.len(),
         report.removed_temp.len(),
         report.evicted.len(),
         report.bytes_freed

@@ -1,8 +1,11 @@
 //! LMCache YAML / env / extra-config loading.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use kvrelay::config::{ConfigError, LmcacheConfig, PdBackendMode, PdRole};
+use kvrelay::config::{
+    ConfigError, LmcacheConfig, PdBackendMode, PdRole, MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH,
+};
 use serde_json::json;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -303,7 +306,11 @@ fn bad_values_name_key_value_and_type() {
             if key == "chunk_size" && value.contains("abc")),
         "{err:?}"
     );
-    assert!(err.to_string().contains("non-negative integer"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("expected an integer from 0 to 18446744073709551615"),
+        "{err}"
+    );
     for yaml in [
         "chunk_size: -1",
         "local_cpu: maybe",
@@ -399,4 +406,169 @@ fn extra_config_overrides_apply_and_are_strict() {
         .apply_extra_config_overrides(bad.as_object().unwrap())
         .unwrap_err();
     assert!(matches!(err, ConfigError::UnsupportedKey { .. }), "{err}");
+}
+
+/// Runs `load` and checks that it refused the document as nested too deep, naming the
+/// limit, within 100 ms: a correctness bound (the parser alone took seconds), not a
+/// benchmark.
+fn assert_refused_as_too_deep(
+    what: &str,
+    load: impl FnOnce() -> Result<LmcacheConfig, ConfigError>,
+) {
+    let start = Instant::now();
+    let err = load().unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        matches!(&err, ConfigError::NestingTooDeep { limit, .. } if *limit == MAX_NESTING_DEPTH),
+        "{what}: {err:?}"
+    );
+    let named = format!("limit of {MAX_NESTING_DEPTH} levels");
+    assert!(err.to_string().contains(&named), "{what}: {err}");
+    assert!(took < Duration::from_millis(100), "{what} took {took:?}");
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_before_parsing() {
+    let n = 100_000;
+    let documents = [
+        ("unclosed [", format!("chunk_size: {}", "[".repeat(n))),
+        (
+            "closed [...]",
+            format!("chunk_size: {}1{}", "[".repeat(n), "]".repeat(n)),
+        ),
+        (
+            "closed {...}",
+            format!("extra_config: {}1{}", "{a: ".repeat(n), "}".repeat(n)),
+        ),
+        (
+            "compact block sequences",
+            format!("extra_config:\n{}1", "- ".repeat(n)),
+        ),
+        (
+            "indented block mappings",
+            (0..200)
+                .map(|d| format!("{}k{d}:\n", "  ".repeat(d)))
+                .collect(),
+        ),
+        // Quotes that a line-by-line guess would take for the start of a string (the
+        // first is a quoted key, the second a quote inside a plain scalar).
+        (
+            "after a quoted key",
+            format!("a: b\n\"x: 'y\": {}", "[".repeat(n)),
+        ),
+        (
+            "after a quote in plain text",
+            format!("a: b\n  \"\nc: {}", "[".repeat(n)),
+        ),
+    ];
+    for (what, yaml) in &documents {
+        assert_refused_as_too_deep(what, || LmcacheConfig::from_yaml_str(yaml));
+    }
+    // The line named is where the limit is crossed: key k64 opens level 65.
+    let err = LmcacheConfig::from_yaml_str(&documents[4].1).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::NestingTooDeep { line: 65, .. }),
+        "{err:?}"
+    );
+
+    // LMCACHE_CONFIG_FILE goes through the same check, and the error names the file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deep.yaml");
+    std::fs::write(&file, &documents[0].1).unwrap();
+    let vars = env(&[("LMCACHE_CONFIG_FILE", file.to_str().unwrap())]);
+    assert_refused_as_too_deep("file", || LmcacheConfig::load_with_env(vars));
+    let err = LmcacheConfig::from_file(&file).unwrap_err();
+    assert!(err.to_string().contains("deep.yaml"), "{err}");
+}
+
+#[test]
+fn nesting_within_the_limit_and_brackets_in_text_are_accepted() {
+    let cfg =
+        LmcacheConfig::from_yaml_str("extra_config: {a: [[[[1]]]], b: {c: {d: [2]}}}").unwrap();
+    let extra = cfg.extra_config.unwrap();
+    assert_eq!(extra["a"], json!([[[[1]]]]));
+    // Brackets in quoted scalars, comments and block scalars are text, not nesting.
+    let brackets = "[".repeat(2 * MAX_NESTING_DEPTH);
+    for yaml in [
+        format!("lmcache_instance_id: \"{brackets}\"\n"),
+        format!("lmcache_instance_id: '{brackets}'\n"),
+        format!("# {brackets}\nlmcache_instance_id: x # {brackets}\n"),
+        format!("lmcache_instance_id: |\n  {brackets}\n  {brackets}\nchunk_size: 16\n"),
+        format!("lmcache_instance_id: a{brackets}\n"),
+        format!("lmcache_instance_id: a - {brackets} \"{brackets}\n"),
+        format!("lmcache_instance_id: \"\\\"{brackets}\"\n"),
+    ] {
+        let cfg = LmcacheConfig::from_yaml_str(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        assert!(
+            cfg.lmcache_instance_id.unwrap().contains(&brackets) || yaml.starts_with('#'),
+            "{yaml}"
+        );
+    }
+}
+
+#[test]
+fn oversized_config_documents_are_refused_without_reading_them_whole() {
+    let big = format!("# {}\nchunk_size: 16\n", "x".repeat(MAX_DOCUMENT_BYTES));
+    let err = LmcacheConfig::from_yaml_str(&big).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::DocumentTooLarge { limit, .. } if *limit == MAX_DOCUMENT_BYTES),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("{MAX_DOCUMENT_BYTES}-byte limit")),
+        "{err}"
+    );
+    // An endless file is read only up to the limit.
+    let vars = env(&[("LMCACHE_CONFIG_FILE", "/dev/zero")]);
+    let err = LmcacheConfig::load_with_env(vars).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::DocumentTooLarge { origin, .. } if origin == "/dev/zero"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn integers_past_their_type_name_the_key_and_the_range() {
+    let u64_range = "expected an integer from 0 to 18446744073709551615";
+    let err = LmcacheConfig::from_yaml_str("chunk_size: 99999999999999999999").unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::BadValue { key, .. } if key == "chunk_size"),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("'chunk_size'"), "{message}");
+    assert!(message.contains(u64_range), "{message}");
+    let err = LmcacheConfig::load_with_env(env(&[("LMCACHE_CHUNK_SIZE", "99999999999999999999")]))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("LMCACHE_CHUNK_SIZE") && err.to_string().contains(u64_range),
+        "{err}"
+    );
+    let mut cfg = LmcacheConfig::default();
+    let extra: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(r#"{"lmcache.chunk_size": 99999999999999999999}"#).unwrap();
+    let err = cfg.apply_extra_config_overrides(&extra).unwrap_err();
+    assert!(
+        err.to_string().contains("lmcache.chunk_size") && err.to_string().contains(u64_range),
+        "{err}"
+    );
+    for (yaml, range) in [
+        ("pd_buffer_size: 18446744073709551616", u64_range),
+        ("blocking_timeout_secs: -99999999999999999999", u64_range),
+        (
+            "pd_proxy_port: 65536",
+            "expected a port number from 0 to 65535",
+        ),
+        (
+            "pd_peer_init_port: [7300, 99999999999999999999]",
+            "a port number from 0 to 65535",
+        ),
+    ] {
+        let err = LmcacheConfig::from_yaml_str(yaml).unwrap_err();
+        let key = yaml.split(':').next().unwrap();
+        let message = err.to_string();
+        assert!(message.contains(&format!("'{key}'")), "{yaml}: {message}");
+        assert!(message.contains(range), "{yaml}: {message}");
+    }
 }

@@ -1,9 +1,11 @@
 //! vLLM `--kv-transfer-config` JSON.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use kvrelay::config::{
     ConfigError, ConnectorKind, KvLoadFailurePolicy, KvRole, KvTransferConfig, LmcacheConfig,
+    MAX_NESTING_DEPTH,
 };
 
 #[test]
@@ -215,4 +217,77 @@ fn lmcache_overrides_flow_into_lmcache_config() {
     cfg.apply_lmcache_overrides(&mut lm).unwrap();
     assert_eq!(lm.chunk_size, 512);
     assert!(lm.save_decode_cache);
+}
+
+#[test]
+fn deeply_nested_json_is_refused_naming_the_limit() {
+    let n = 100_000;
+    for json in [
+        format!(r#"{{"kv_connector_extra_config": {}"#, "[".repeat(n)),
+        format!(
+            r#"{{"kv_connector_extra_config": {{"a": {}1{}}}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        ),
+    ] {
+        let start = Instant::now();
+        let err = KvTransferConfig::from_json_str(&json).unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            matches!(&err, ConfigError::NestingTooDeep { limit, .. } if *limit == MAX_NESTING_DEPTH),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("limit of {MAX_NESTING_DEPTH} levels")),
+            "{err}"
+        );
+        // A correctness bound, not a benchmark.
+        assert!(took < Duration::from_millis(100), "took {took:?}");
+    }
+    // Strings full of brackets are not nesting.
+    let brackets = "[{".repeat(MAX_NESTING_DEPTH);
+    let json = format!(
+        r#"{{"kv_connector":"ExampleConnector","kv_role":"kv_both","engine_id":"{brackets}"}}"#
+    );
+    let cfg = KvTransferConfig::from_json_str(&json).unwrap();
+    assert_eq!(cfg.engine_id.as_deref(), Some(brackets.as_str()));
+}
+
+#[test]
+fn json_integers_past_their_type_name_the_key_and_the_range() {
+    for (json, key, range) in [
+        (
+            r#"{"kv_parallel_size": 99999999999999999999}"#,
+            "kv_parallel_size",
+            "an integer from 0 to 4294967295",
+        ),
+        (
+            r#"{"kv_rank": 99999999999999999999}"#,
+            "kv_rank",
+            "an integer from -9223372036854775808 to 9223372036854775807",
+        ),
+        (
+            r#"{"kv_port": 65536}"#,
+            "kv_port",
+            "a port number from 0 to 65535",
+        ),
+        (
+            r#"{"kv_connector_extra_config": {"skip_last_n_tokens": 99999999999999999999}}"#,
+            "skip_last_n_tokens",
+            "an integer from 0 to 18446744073709551615",
+        ),
+        (
+            r#"{"kv_connector_extra_config": {"lmcache_rpc_port": 99999999999999999999}}"#,
+            "lmcache_rpc_port",
+            "a string or an integer from 0 to 18446744073709551615",
+        ),
+    ] {
+        let err = KvTransferConfig::from_json_str(json).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::BadValue { key: k, .. } if k == key),
+            "{json}: {err:?}"
+        );
+        assert!(err.to_string().contains(range), "{json}: {err}");
+    }
 }

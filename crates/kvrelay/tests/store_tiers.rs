@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvrelay::keys::CacheKey;
-use kvrelay::store::{ChunkMeta, CpuTier, DiskTier, DiskTierOptions, StoreError, Tier, TierStack};
+use kvrelay::store::{
+    ChunkMeta, CpuTier, DiskTier, DiskTierOptions, ForeignEntry, StoreError, Tier, TierStack,
+};
 use kvrelay::KvDtype;
 
 const FP: u64 = 0x1234_5678_9abc_def0;
@@ -384,6 +386,186 @@ fn directory_checks_and_permissions() {
     assert_eq!(mode(&tier.chunk_path(&k)), 0o600);
     // The tier now has a marker: opening without `create` works.
     assert!(DiskTier::open(&dir, opts).is_ok());
+}
+
+/// Runs `f` on another thread and fails the test if it has not returned within 10 s, so an
+/// open that blocks (a FIFO waiting for a writer) fails the test instead of hanging it.
+fn promptly<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(value) => value,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} blocked for 10 s"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Whether the directory entry itself exists (`Path::exists` follows symlinks).
+fn entry_exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+#[test]
+fn a_fifo_under_a_chunk_name_never_blocks_and_is_removed() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(open(dir.path(), 1 << 30));
+    let (good, k) = (key(1), key(2));
+    put(&*disk, &good, small_len(&good));
+    let fifo = disk.chunk_path(&k);
+
+    // The decoder's lookup: no hit is claimed, and the FIFO goes at first sight.
+    mkfifo(&fifo);
+    let stack = TierStack::new(vec![disk.clone() as Arc<dyn Tier>]);
+    let keys = vec![good.clone(), k.clone()];
+    assert_eq!(promptly("lookup", move || stack.prefix_hits(&keys)), 1);
+    assert!(!entry_exists(&fifo));
+
+    // The decoder's load: a typed error, and the FIFO goes.
+    mkfifo(&fifo);
+    let (d, kk) = (disk.clone(), k.clone());
+    let err = promptly("get", move || d.get(&kk, FP)).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotRegularFile { path, kind: "FIFO" } if *path == fifo),
+        "{err:?}"
+    );
+    assert!(!entry_exists(&fifo));
+    assert_eq!(disk.stats().corrupt, 1);
+
+    // `list` and `verify` report it and change nothing; `gc` removes it.
+    mkfifo(&fifo);
+    let foreign = vec![ForeignEntry {
+        path: fifo.clone(),
+        kind: "FIFO",
+    }];
+    for check in ["list", "verify"] {
+        let d = disk.clone();
+        let listing = promptly(check, move || match check {
+            "list" => d.list(),
+            _ => d.verify(),
+        })
+        .unwrap();
+        assert_eq!(listing.foreign, foreign, "{check}");
+        assert_eq!(listing.entries.len(), 1, "{check}");
+        assert!(listing.bad.is_empty(), "{check}: {:?}", listing.bad);
+        assert!(entry_exists(&fifo), "{check} removed it");
+    }
+    let d = disk.clone();
+    let report = promptly("gc", move || d.gc(None)).unwrap();
+    assert_eq!(report.removed_foreign, foreign);
+    assert!(report.removed_bad.is_empty());
+    assert!(!entry_exists(&fifo));
+
+    // Opening the tier scans the directory: it removes the FIFO and keeps the chunk.
+    mkfifo(&fifo);
+    let path = dir.path().to_path_buf();
+    let reopened = promptly("open", move || {
+        DiskTier::open(path, DiskTierOptions::new(1 << 30))
+    })
+    .unwrap();
+    assert!(!entry_exists(&fifo));
+    assert_eq!(reopened.stats().entries, 1);
+    assert_chunk(&reopened, &good, small_len(&good));
+    // The name is free for the real chunk again.
+    put(&reopened, &k, small_len(&k));
+    assert_chunk(&reopened, &k, small_len(&k));
+}
+
+#[test]
+fn a_symlinked_chunk_is_not_followed_and_is_removed() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let disk = Arc::new(open(dir.path(), 1 << 30));
+    let k = key(3);
+    put(&*disk, &k, small_len(&k));
+    let link = disk.chunk_path(&k);
+    // The valid chunk moved out of the directory and linked back: following the link would
+    // load it as a hit.
+    let target = outside.path().join("chunk.kvc");
+    fs::rename(&link, &target).unwrap();
+    let original = fs::read(&target).unwrap();
+    let relink = || std::os::unix::fs::symlink(&target, &link).unwrap();
+    let target_untouched = || assert_eq!(fs::read(&target).unwrap(), original);
+
+    relink();
+    let err = disk.get(&k, FP).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotRegularFile {
+                kind: "symbolic link",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!entry_exists(&link));
+    target_untouched();
+
+    relink();
+    assert!(!disk.contains(&k));
+    assert!(!entry_exists(&link));
+    target_untouched();
+
+    relink();
+    let foreign = vec![ForeignEntry {
+        path: link.clone(),
+        kind: "symbolic link",
+    }];
+    assert_eq!(disk.list().unwrap().foreign, foreign);
+    assert_eq!(disk.verify().unwrap().foreign, foreign);
+    assert!(entry_exists(&link));
+    assert_eq!(disk.gc(None).unwrap().removed_foreign, foreign);
+    assert!(!entry_exists(&link));
+    target_untouched();
+
+    // A link to a FIFO outside is neither followed nor waited on.
+    let fifo = outside.path().join("fifo");
+    mkfifo(&fifo);
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    let (d, kk) = (disk.clone(), k.clone());
+    let err = promptly("get", move || d.get(&kk, FP)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotRegularFile {
+                kind: "symbolic link",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!entry_exists(&link) && entry_exists(&fifo));
+}
+
+#[test]
+fn a_marker_that_is_not_a_regular_file_is_refused_promptly() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    mkfifo(&dir.path().join(".kvrelay-disk-tier"));
+    let path = dir.path().to_path_buf();
+    let err = promptly("open", move || {
+        DiskTier::open(path, DiskTierOptions::new(1 << 20)).err()
+    })
+    .expect("open refused");
+    assert!(
+        matches!(&err, StoreError::BadDirectory { reason, .. } if reason.contains("is a FIFO")),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::value::{yaml_to_json, ConfigValue, Raw, SecretString};
+use super::limits::{check_document, read_document};
+use super::value::{parse_yaml, ConfigValue, Raw, SecretString};
 use super::vllm::CONNECTOR_EXTRA_KEYS;
 use super::{nearest, ConfigError};
 
@@ -607,10 +608,7 @@ impl LmcacheConfig {
     }
 
     fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_document(path)?;
         self.apply_yaml(&text, &path.display().to_string())
     }
 
@@ -619,9 +617,8 @@ impl LmcacheConfig {
             origin: name.to_string(),
             message,
         };
-        let doc: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(yaml).map_err(|e| parse_err(e.to_string()))?;
-        let map = match yaml_to_json(doc).map_err(parse_err)? {
+        check_document(yaml, name)?;
+        let map = match parse_yaml(yaml).map_err(|e| parse_err(e.to_string()))? {
             // An empty file (or one with only comments) is an empty config, as in LMCache.
             Value::Null => return Ok(()),
             Value::Object(map) => map,

@@ -5,6 +5,7 @@
 //! but strictly: a key that is misspelled, renamed, or not implemented by kvrelay is an
 //! error naming it instead of LMCache's warning-and-ignore.
 
+mod limits;
 mod lmcache;
 mod remote;
 mod value;
@@ -12,6 +13,7 @@ mod vllm;
 
 use std::path::PathBuf;
 
+pub use limits::{MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH};
 pub use lmcache::{
     LmcacheConfig, PdBackendMode, PdRole, HASH_ALGORITHMS, KVRELAY_KEYS, TRANSFER_CHANNELS,
 };
@@ -79,6 +81,16 @@ pub enum ConfigError {
     /// A document that is not valid YAML/JSON, or not a mapping at the top level.
     #[error("{origin}: cannot parse: {message}")]
     Parse { origin: String, message: String },
+    /// A document longer than [`MAX_DOCUMENT_BYTES`], refused before parsing.
+    #[error("{origin}: longer than the {limit}-byte limit for a config document")]
+    DocumentTooLarge { origin: String, limit: usize },
+    /// A document nested deeper than [`MAX_NESTING_DEPTH`] levels, refused before parsing.
+    #[error("{origin}: line {line} is nested deeper than the limit of {limit} levels for a config document")]
+    NestingTooDeep {
+        origin: String,
+        limit: usize,
+        line: usize,
+    },
 }
 
 fn did_you_mean(suggestion: &Option<String>) -> String {

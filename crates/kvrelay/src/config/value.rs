@@ -4,6 +4,9 @@
 //! `_to_bool(v)`, `_to_int_list(v)`), so a quoted `"256"` in YAML or `7300` for a port list
 //! are accepted. The same is done here, but a value that does not convert is an error.
 
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, EnumAccess, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// A value before conversion: structured (YAML/JSON) or the text of an env var.
@@ -78,11 +81,13 @@ impl ConfigValue for bool {
     }
 }
 
+// The range is part of the message: a value past it (`99999999999999999999`, which YAML
+// and JSON parsers read as a float) would otherwise look like a type error.
 macro_rules! int_value {
     ($($t:ty => $name:literal),*) => {$(
         impl ConfigValue for $t {
             fn expected() -> String {
-                $name.into()
+                format!("{} from {} to {}", $name, <$t>::MIN, <$t>::MAX)
             }
             fn from_text(s: &str) -> Option<Self> {
                 s.trim().parse().ok()
@@ -103,10 +108,10 @@ macro_rules! int_value {
 
 int_value!(
     i64 => "an integer",
-    u64 => "a non-negative integer",
-    usize => "a non-negative integer",
-    u32 => "a non-negative integer",
-    u16 => "a port number (0-65535)"
+    u64 => "an integer",
+    usize => "an integer",
+    u32 => "an integer",
+    u16 => "a port number"
 );
 
 impl ConfigValue for f64 {
@@ -229,49 +234,119 @@ impl ConfigValue for Map<String, Value> {
     }
 }
 
-/// Converts parsed YAML to JSON values so that every source shares one value model.
-///
-/// Non-finite floats (`.inf`) have no JSON number form; they become the strings Python's
-/// `float()` reads back, and the float converter accepts those.
-pub(crate) fn yaml_to_json(v: serde_yaml_ng::Value) -> Result<Value, String> {
-    use serde_yaml_ng::Value as Y;
-    Ok(match v {
-        Y::Null => Value::Null,
-        Y::Bool(b) => Value::Bool(b),
-        Y::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f)
-                    .map(Value::Number)
-                    .unwrap_or_else(|| Value::String(f.to_string()))
-            }
+/// Parses a YAML document into the JSON value model that every source shares.
+pub(crate) fn parse_yaml(text: &str) -> Result<Value, serde_yaml_ng::Error> {
+    serde_yaml_ng::from_str::<YamlAsJson>(text).map(|doc| doc.0)
+}
+
+/// A YAML value read straight into a JSON value (serde_yaml_ng's own `Value` refuses
+/// integers past 64 bits with an unreadable "invalid type ... as u128").
+struct YamlAsJson(Value);
+
+impl<'de> Deserialize<'de> for YamlAsJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(YamlAsJsonVisitor)
+            .map(YamlAsJson)
+    }
+}
+
+struct YamlAsJsonVisitor;
+
+impl<'de> Visitor<'de> for YamlAsJsonVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a YAML value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::from(i))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        Ok(Value::from(u))
+    }
+
+    // No key holds an integer past 64 bits. Kept as its digits, it reaches the key's
+    // converter, whose error shows the value as written and the key's range.
+    fn visit_i128<E>(self, i: i128) -> Result<Value, E> {
+        Ok(Value::String(i.to_string()))
+    }
+
+    fn visit_u128<E>(self, u: u128) -> Result<Value, E> {
+        Ok(Value::String(u.to_string()))
+    }
+
+    // Non-finite floats (`.inf`) have no JSON number form; they become the strings
+    // Python's `float()` reads back, and the float converter accepts those.
+    fn visit_f64<E>(self, f: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or_else(|| Value::String(f.to_string())))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_string()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(YamlAsJson(item)) = seq.next_element()? {
+            items.push(item);
         }
-        Y::String(s) => Value::String(s),
-        Y::Sequence(items) => Value::Array(
-            items
-                .into_iter()
-                .map(yaml_to_json)
-                .collect::<Result<_, _>>()?,
-        ),
-        Y::Mapping(m) => {
-            let mut out = Map::new();
-            for (k, v) in m {
-                let key = match k {
-                    Y::String(s) => s,
-                    Y::Number(n) => n.to_string(),
-                    Y::Bool(b) => b.to_string(),
-                    other => return Err(format!("mapping key {other:?} is not a scalar")),
-                };
-                out.insert(key, yaml_to_json(v)?);
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(YamlAsJson(key)) = map.next_key()? {
+            let key = match key {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(de::Error::custom(format!(
+                        "mapping key {other} is not a scalar"
+                    )))
+                }
+            };
+            let YamlAsJson(value) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
-            Value::Object(out)
+            out.insert(key, value);
         }
-        Y::Tagged(t) => return Err(format!("YAML tag {} is not supported", t.tag)),
-    })
+        Ok(Value::Object(out))
+    }
+
+    // serde_yaml_ng hands a value with a custom tag (`!foo x`) over as an enum.
+    fn visit_enum<A: EnumAccess<'de>>(self, tagged: A) -> Result<Value, A::Error> {
+        let (tag, _): (String, _) = tagged.variant()?;
+        Err(de::Error::custom(format!(
+            "YAML tag !{tag} is not supported"
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -321,8 +396,25 @@ mod tests {
 
     #[test]
     fn yaml_infinity_survives_conversion() {
-        let y: serde_yaml_ng::Value = serde_yaml_ng::from_str("a: .inf").unwrap();
-        let j = yaml_to_json(y).unwrap();
+        let j = parse_yaml("a: .inf").unwrap();
         assert_eq!(f64::from_raw(Raw::Json(&j["a"])), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn yaml_keys_tags_and_wide_integers_convert_or_fail_clearly() {
+        let j = parse_yaml("1: a\ntrue: b\nbig: 99999999999999999999\nneg: -99999999999999999999")
+            .unwrap();
+        assert_eq!(
+            j,
+            json!({"1": "a", "true": "b", "big": "99999999999999999999", "neg": "-99999999999999999999"})
+        );
+        for (yaml, message) in [
+            ("a: !foo x", "YAML tag !foo is not supported"),
+            ("[1]: x", "mapping key [1] is not a scalar"),
+            ("a: 1\na: 2", "duplicate key \"a\""),
+        ] {
+            let err = parse_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(message), "{yaml}: {err}");
+        }
     }
 }

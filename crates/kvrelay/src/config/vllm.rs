@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
+use super::limits::check_document;
 use super::lmcache::check_key_name;
 use super::value::{ConfigValue, Raw};
 use super::{did_you_mean, nearest, ConfigError, LmcacheConfig};
@@ -240,6 +241,7 @@ fn convert<T: ConfigValue>(origin: &str, key: &str, value: &Value) -> Result<T, 
 impl KvTransferConfig {
     /// Parses the `--kv-transfer-config` argument.
     pub fn from_json_str(json: &str) -> Result<Self, ConfigError> {
+        check_document(json, ORIGIN)?;
         let value: Value = serde_json::from_str(json).map_err(|e| ConfigError::Parse {
             origin: ORIGIN.to_string(),
             message: e.to_string(),
@@ -376,7 +378,7 @@ impl ConnectorExtraConfig {
                                 origin: EXTRA_ORIGIN.into(),
                                 key: key.clone(),
                                 value: v.to_string(),
-                                expected: "a string or a non-negative integer".into(),
+                                expected: format!("a string or {}", u64::expected()),
                             })
                         }
                     })

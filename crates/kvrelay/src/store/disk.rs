@@ -8,6 +8,11 @@
 //! and kvrelay only ever unlinks them, which is what makes zero-copy reads through a mapping
 //! sound (see [`DiskTier::get`]). A reader that finds a chunk damaged unlinks it at once.
 //!
+//! Only regular files are ever read. Every open uses `O_NOFOLLOW | O_NONBLOCK` and checks
+//! the open file's type, so a symlink is never followed out of the directory and a FIFO
+//! under a chunk's name cannot block a reader waiting for a writer. Such an entry is a
+//! [`ForeignEntry`]: the tier removes it where it meets it; `list` and `verify` report it.
+//!
 //! File format (little-endian), one file per chunk, named `<xxh3-128 of the key string>.kvc`
 //! so that no key can name a path outside the directory:
 //!
@@ -28,7 +33,7 @@
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -76,8 +81,8 @@ pub struct DiskTierOptions {
     pub file_mode: u32,
     /// A temp file whose writer is still alive is left alone until it is this old.
     pub stale_temp_after: Duration,
-    /// Remove stale temp files on open. Inspection tools turn it off so that only `gc`
-    /// changes the directory.
+    /// Remove stale temp files and foreign entries on open. Inspection tools turn it off so
+    /// that only `gc` changes the directory.
     pub clean_on_open: bool,
 }
 
@@ -119,17 +124,31 @@ pub struct BadChunk {
     pub error: StoreError,
 }
 
-/// The chunk files of a directory, sorted by key, and those that failed the check.
+/// An entry under a chunk's name that is not a regular file: a symlink, FIFO, socket,
+/// device or directory. kvrelay never writes one, so it is never read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignEntry {
+    pub path: PathBuf,
+    /// What it is, in words ("FIFO", "symbolic link", ...).
+    pub kind: &'static str,
+}
+
+/// The entries of a directory under chunk names: valid chunks sorted by key, regular files
+/// that failed the check, and foreign entries, each sorted by path.
 #[derive(Debug, Default)]
 pub struct Listing {
     pub entries: Vec<DiskEntry>,
     pub bad: Vec<BadChunk>,
+    pub foreign: Vec<ForeignEntry>,
 }
 
 /// What `gc` removed.
 #[derive(Debug, Default)]
 pub struct GcReport {
     pub removed_bad: Vec<BadChunk>,
+    /// Foreign entries unlinked. A directory under a chunk's name is left in place (kvrelay
+    /// does not delete trees it did not write) and stays in the listings.
+    pub removed_foreign: Vec<ForeignEntry>,
     pub removed_temp: Vec<PathBuf>,
     /// Valid chunks evicted, least recently used first, to meet `max_bytes`.
     pub evicted: Vec<DiskEntry>,
@@ -194,10 +213,14 @@ impl DiskTier {
                 rejected: 0,
             }),
         };
+        let listing = tier.list()?;
         if tier.opts.clean_on_open {
             tier.remove_stale_temps()?;
+            for entry in &listing.foreign {
+                remove_foreign(&entry.path)?;
+            }
         }
-        tier.rebuild_index()?;
+        tier.rebuild_index(listing);
         Ok(tier)
     }
 
@@ -214,25 +237,35 @@ impl DiskTier {
         self.dir.join(format!("{id:032x}.{CHUNK_EXT}"))
     }
 
-    /// Every chunk file with its header checked (not the payload checksum).
+    /// Every chunk file with its header checked (not the payload checksum). Changes nothing:
+    /// foreign entries are reported, not removed.
     pub fn list(&self) -> Result<Listing, StoreError> {
         self.scan_chunks(Check::Header)
     }
 
-    /// Every chunk file with every check a reader makes, payload checksum included.
+    /// Every chunk file with every check a reader makes, payload checksum included. Changes
+    /// nothing, like [`DiskTier::list`], and lists the same set of files.
     pub fn verify(&self) -> Result<Listing, StoreError> {
         self.scan_chunks(Check::Full)
     }
 
-    /// Removes chunks that fail `verify` and stale temp files; with `max_bytes`, then evicts
-    /// the least recently used chunks until the files total at most that many bytes.
+    /// Removes chunks that fail `verify`, foreign entries and stale temp files; with
+    /// `max_bytes`, then evicts the least recently used chunks until the files total at most
+    /// that many bytes.
     pub fn gc(&self, max_bytes: Option<u64>) -> Result<GcReport, StoreError> {
         let mut report = GcReport::default();
         let listing = self.verify()?;
         for bad in listing.bad {
-            report.bytes_freed += fs::metadata(&bad.path).map(|m| m.len()).unwrap_or(0);
+            report.bytes_freed += fs::symlink_metadata(&bad.path)
+                .map(|m| m.len())
+                .unwrap_or(0);
             if unlink(&bad.path)? {
                 report.removed_bad.push(bad);
+            }
+        }
+        for entry in listing.foreign {
+            if remove_foreign(&entry.path)? {
+                report.removed_foreign.push(entry);
             }
         }
         report.removed_temp = self.remove_stale_temps()?;
@@ -251,7 +284,7 @@ impl DiskTier {
                 }
             }
         }
-        self.rebuild_index()?;
+        self.rebuild_index(self.list()?);
         Ok(report)
     }
 
@@ -287,11 +320,15 @@ impl DiskTier {
                 Ok(entry) => listing.entries.push(entry),
                 // Unlinked by another process since the directory was read: not a chunk now.
                 Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(StoreError::NotRegularFile { path, kind }) => {
+                    listing.foreign.push(ForeignEntry { path, kind })
+                }
                 Err(error) => listing.bad.push(BadChunk { path, error }),
             }
         }
         listing.entries.sort_by(|a, b| a.key.cmp(&b.key));
         listing.bad.sort_by(|a, b| a.path.cmp(&b.path));
+        listing.foreign.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(listing)
     }
 
@@ -304,7 +341,7 @@ impl DiskTier {
             let DirItem::Temp { path, pid } = item else {
                 continue;
             };
-            let Ok(meta) = fs::metadata(&path) else {
+            let Ok(meta) = fs::symlink_metadata(&path) else {
                 continue;
             };
             let age = meta
@@ -320,8 +357,8 @@ impl DiskTier {
         Ok(removed)
     }
 
-    fn rebuild_index(&self) -> Result<(), StoreError> {
-        let listing = self.list()?;
+    /// Replaces the index with the valid chunks of `listing`.
+    fn rebuild_index(&self, listing: Listing) {
         for bad in &listing.bad {
             tracing::warn!(path = %bad.path.display(), error = %bad.error, "bad chunk left out of the index; `kvrelay store gc` removes it");
         }
@@ -334,7 +371,6 @@ impl DiskTier {
             inner.index.insert(file_id(&entry.key), entry.file_bytes);
             inner.bytes += entry.file_bytes;
         }
-        Ok(())
     }
 
     /// Removes a chunk file that failed a reader's checks. It is a cache entry, so nothing
@@ -433,36 +469,50 @@ impl Tier for DiskTier {
     }
 
     /// Checks the file system, not only the index, so chunks written or evicted by other
-    /// processes are seen.
+    /// processes are seen. Only a regular file counts: anything else under the name is
+    /// removed now, or every lookup would claim it as a hit that no load can use.
     fn contains(&self, key: &CacheKey) -> bool {
         let id = file_id(&key.to_string());
-        match fs::metadata(self.path_of(id)) {
-            Ok(meta) => {
+        let path = self.path_of(id);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => {
                 self.note_present(id, meta.len());
-                true
+                return true;
             }
-            Err(_) => {
-                self.forget(id);
-                false
+            Ok(_) => {
+                if let Err(error) = remove_foreign(&path) {
+                    tracing::warn!(%error, "removing an entry that is not a chunk file failed");
+                }
             }
+            Err(_) => {}
         }
+        self.forget(id);
+        false
     }
 
     fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError> {
         let key_str = key.to_string();
         let id = file_id(&key_str);
         let path = self.path_of(id);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        let (file, file_meta) = match open_regular(&path) {
+            Ok(opened) => opened,
+            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 self.forget(id);
                 self.inner.lock().misses += 1;
                 return Ok(None);
             }
-            Err(e) => return Err(StoreError::io(path, e)),
+            Err(err @ StoreError::NotRegularFile { .. }) => {
+                self.inner.lock().corrupt += 1;
+                if let Err(error) = remove_foreign(&path) {
+                    tracing::warn!(%error, "removing an entry that is not a chunk file failed");
+                }
+                self.forget(id);
+                return Err(err);
+            }
+            Err(err) => return Err(err),
         };
-        let result = map_and_check(&path, &file, Some((&key_str, expected_fingerprint)));
-        let (map, header) = match result {
+        let expect = Some((key_str.as_str(), expected_fingerprint));
+        let (map, header) = match map_and_check(&path, &file, file_meta.len(), expect) {
             Ok(ok) => ok,
             Err(err) => {
                 match err {
@@ -568,13 +618,13 @@ fn prepare_dir(dir: &Path, opts: &DiskTierOptions) -> Result<(), StoreError> {
         Err(e) => return Err(StoreError::io(dir, e)),
     }
     let marker = dir.join(MARKER);
-    match fs::read_to_string(&marker) {
+    match read_marker(&marker) {
         Ok(text) if text == MARKER_TEXT => Ok(()),
         Ok(text) => Err(bad(format!(
             "{MARKER} says {:?}; expected {MARKER_TEXT:?}",
             text.trim_end()
         ))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             // Temp files do not count: another process may be writing the marker right now.
             let empty = fs::read_dir(dir)
                 .map_err(|e| StoreError::io(dir, e))?
@@ -590,8 +640,104 @@ fn prepare_dir(dir: &Path, opts: &DiskTierOptions) -> Result<(), StoreError> {
                 file.write_all(MARKER_TEXT.as_bytes())
             })
         }
-        Err(e) => Err(StoreError::io(marker, e)),
+        Err(StoreError::NotRegularFile { kind, .. }) => {
+            Err(bad(format!("{MARKER} is a {kind}, not a regular file")))
+        }
+        Err(e) => Err(e),
     }
+}
+
+/// The marker's text, or as much of it as shows that it is not ours.
+fn read_marker(marker: &Path) -> Result<String, StoreError> {
+    let (file, _) = open_regular(marker)?;
+    let mut text = String::new();
+    file.take(MARKER_TEXT.len() as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| StoreError::io(marker, e))?;
+    Ok(text)
+}
+
+/// Opens an entry of the tier for reading if, and only if, it is a regular file, without
+/// ever blocking: `O_NOFOLLOW` fails on a symlink instead of reading outside the directory,
+/// and `O_NONBLOCK` returns at once from opening a FIFO that has no writer. Regular files
+/// ignore `O_NONBLOCK`, so reads and mappings of the returned file work as usual. The
+/// metadata is the open file's (fstat), so the check and the reads concern the same file.
+fn open_regular(path: &Path) -> Result<(File, fs::Metadata), StoreError> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::io(path, e)),
+        // A symlink (ELOOP) or a socket (ENXIO) fails to open this way: say what it is.
+        Err(e) => {
+            return Err(match fs::symlink_metadata(path) {
+                Ok(meta) if !meta.is_file() => not_regular(path, meta.file_type()),
+                _ => StoreError::io(path, e),
+            })
+        }
+    };
+    let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    Ok((file, meta))
+}
+
+fn not_regular(path: &Path, file_type: fs::FileType) -> StoreError {
+    StoreError::NotRegularFile {
+        path: path.to_path_buf(),
+        kind: file_kind(file_type),
+    }
+}
+
+fn file_kind(file_type: fs::FileType) -> &'static str {
+    if file_type.is_symlink() {
+        "symbolic link"
+    } else if file_type.is_fifo() {
+        "FIFO"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    }
+}
+
+/// Unlinks an entry under a chunk's name that is not a regular file; returns whether it did.
+///
+/// Removed rather than quarantined: the directory is kvrelay's (it holds the marker), and
+/// a chunk name only ever holds a cache entry that can be recomputed. A FIFO, socket or
+/// symlink holds no data worth keeping, while a quarantine directory would collect
+/// entries nobody cleans. `unlink` removes a symlink itself, never its target. A directory
+/// is left in place and reported each time: kvrelay does not delete trees it did not write.
+fn remove_foreign(path: &Path) -> Result<bool, StoreError> {
+    // Looked at again just before the unlink, so a chunk a writer renamed over the entry
+    // since it was seen is kept. (Losing that race costs one cache entry, nothing more.)
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(StoreError::io(path, e)),
+    };
+    if meta.is_file() {
+        return Ok(false);
+    }
+    if meta.is_dir() {
+        tracing::warn!(path = %path.display(), "a directory under a chunk's name is not a chunk; kvrelay leaves it for you to remove");
+        return Ok(false);
+    }
+    let removed = unlink(path)?;
+    if removed {
+        let kind = file_kind(meta.file_type());
+        tracing::warn!(path = %path.display(), kind, "removed an entry that is not a chunk file");
+    }
+    Ok(removed)
 }
 
 /// Lets `fill` write a fresh temp file in `dir`, then renames it to `path`.
@@ -744,16 +890,16 @@ fn decode_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header, Sto
     })
 }
 
-/// Maps a chunk file and runs every check a reader needs. With `expect`, also checks that
-/// the header names that key and layout fingerprint (the fingerprint before the payload
-/// checksum, so another model's chunk costs no hashing); without, checks that the file name
-/// matches the key in the header.
+/// Maps a chunk file of `file_len` bytes (from the open file's metadata) and runs every
+/// check a reader needs. With `expect`, also checks that the header names that key and
+/// layout fingerprint (the fingerprint before the payload checksum, so another model's chunk
+/// costs no hashing); without, checks that the file name matches the key in the header.
 fn map_and_check(
     path: &Path,
     file: &File,
+    file_len: u64,
     expect: Option<(&str, u64)>,
 ) -> Result<(Mmap, Header), StoreError> {
-    let file_len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
     if file_len < FIXED_HEADER as u64 {
         return Err(too_short(path, file_len));
     }
@@ -820,8 +966,7 @@ fn entry_of(path: &Path, header: Header, meta: &fs::Metadata) -> DiskEntry {
 
 /// Reads and checks only the header of a chunk file.
 fn read_header(path: &Path) -> Result<DiskEntry, StoreError> {
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
+    let (file, meta) = open_regular(path)?;
     let mut buf = Vec::with_capacity(MAX_HEADER);
     file.take(MAX_HEADER as u64)
         .read_to_end(&mut buf)
@@ -832,8 +977,7 @@ fn read_header(path: &Path) -> Result<DiskEntry, StoreError> {
 
 /// Runs every check on a chunk file, as `get` would.
 fn verify_file(path: &Path) -> Result<DiskEntry, StoreError> {
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let meta = file.metadata().map_err(|e| StoreError::io(path, e))?;
-    let (_, header) = map_and_check(path, &file, None)?;
+    let (file, meta) = open_regular(path)?;
+    let (_, header) = map_and_check(path, &file, meta.len(), None)?;
     Ok(entry_of(path, header, &meta))
 }

@@ -29,7 +29,7 @@ pub mod redis;
 pub mod remote;
 
 pub use cpu::CpuTier;
-pub use disk::{BadChunk, DiskEntry, DiskTier, DiskTierOptions, GcReport, Listing};
+pub use disk::{BadChunk, DiskEntry, DiskTier, DiskTierOptions, ForeignEntry, GcReport, Listing};
 #[cfg(feature = "redis")]
 pub use redis::RedisTier;
 pub use remote::RemoteOptions;
@@ -64,6 +64,9 @@ pub enum StoreError {
     },
     #[error("{path}: corrupt chunk: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// A symlink, FIFO, socket, device or directory under a chunk's name; never read.
+    #[error("{path}: a {kind} where a chunk file belongs; only regular files are read")]
+    NotRegularFile { path: PathBuf, kind: &'static str },
     #[error("chunk {key}: layout fingerprint {found:#018x} does not match the expected {expected:#018x} (saved by another model or layout)")]
     FingerprintMismatch {
         key: String,
@@ -116,6 +119,7 @@ impl StoreError {
         match self {
             StoreError::Io { .. } => "io",
             StoreError::Corrupt { .. } => "corrupt",
+            StoreError::NotRegularFile { .. } => "not_regular_file",
             StoreError::FingerprintMismatch { .. } => "fingerprint_mismatch",
             StoreError::TooLarge { .. } => "too_large",
             StoreError::BudgetExhausted { .. } => "budget_exhausted",
@@ -139,7 +143,8 @@ pub struct TierStats {
     pub hits: u64,
     pub misses: u64,
     pub evictions: u64,
-    /// Chunks found but unusable: bad checksum, truncated, torn, wrong key in the header.
+    /// Chunks found but unusable: bad checksum, truncated, torn, wrong key in the header,
+    /// not a regular file.
     pub corrupt: u64,
     /// Chunks found but saved under another layout fingerprint.
     pub rejected: u64,
@@ -308,7 +313,7 @@ impl TierStack {
     fn count_error(&self, err: &StoreError) {
         let c = &self.counters;
         let counter = match err {
-            StoreError::Corrupt { .. } => &c.corrupt,
+            StoreError::Corrupt { .. } | StoreError::NotRegularFile { .. } => &c.corrupt,
             StoreError::FingerprintMismatch { .. } => &c.fingerprint_mismatch,
             StoreError::Io { .. } | StoreError::Remote { .. } => &c.io_errors,
             _ => &c.other_errors,
