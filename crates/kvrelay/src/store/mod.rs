@@ -167,6 +167,10 @@ pub trait Tier: Send + Sync {
     /// Returns whether the key was present.
     fn remove(&self, key: &CacheKey) -> Result<bool, StoreError>;
     fn stats(&self) -> TierStats;
+    /// A request ended (finished, aborted or failed): free whatever this tier reserved for
+    /// it. Most tiers hold nothing per request; a PD buffer holds the KV a prefiller sent
+    /// for it, which the request may not have consumed whole.
+    fn release_request(&self, _request_id: &str) {}
 }
 
 /// A snapshot of the stack's lookup counters.
@@ -274,6 +278,13 @@ impl TierStack {
             (true, _) => Ok(()),
             (false, Some(err)) => Err(err),
             (false, None) => Err(StoreError::NoTiers),
+        }
+    }
+
+    /// Tells every tier that `request_id` ended ([`Tier::release_request`]).
+    pub fn release_request(&self, request_id: &str) {
+        for tier in &self.tiers {
+            tier.release_request(request_id);
         }
     }
 
