@@ -608,3 +608,53 @@ impl Drop for PageLease {
         self.shared.changed.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::ErrorCode;
+    use crate::KvDtype;
+
+    fn buffer(pages: usize) -> PdBuffer {
+        PdBuffer::new(
+            Box::new(HostPages::new(pages * 64).unwrap()),
+            64,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    fn one_chunk() -> Vec<ChunkDecl> {
+        vec![ChunkDecl {
+            key: CacheKey::new("m", 1, 0, 7, KvDtype::Bf16).unwrap(),
+            meta: ChunkMeta {
+                layout_fingerprint: 1,
+                num_tokens: 1,
+            },
+            len: 64,
+        }]
+    }
+
+    #[test]
+    fn cancelled_ids_are_refused_and_remembered_boundedly() {
+        let buffer = buffer(2);
+        for i in 0..=ENDED_KEPT {
+            assert!(!buffer.cancel(&format!("gone-{i}")));
+        }
+        let refused = buffer.reserve(&format!("gone-{ENDED_KEPT}"), &one_chunk(), Duration::ZERO);
+        assert!(
+            matches!(&refused, Err(e) if e.code() == ErrorCode::Cancelled),
+            "{:?}",
+            refused.err()
+        );
+        // The oldest record made room for the newest; that id is admitted again.
+        assert!(buffer
+            .reserve("gone-0", &one_chunk(), Duration::ZERO)
+            .is_ok());
+        assert_eq!(buffer.shared.state.lock().ended.len(), ENDED_KEPT);
+        // Cancelling an id twice does not grow the record.
+        buffer.cancel("gone-1");
+        buffer.cancel("gone-1");
+        assert_eq!(buffer.shared.state.lock().ended.len(), ENDED_KEPT);
+    }
+}
