@@ -192,7 +192,8 @@ fn pd_pair(pages: usize, backend_mode: &str, decoder_yaml: &str) -> (Engine, Eng
 
 type Proxy = mpsc::Receiver<KvReady>;
 
-/// Runs `prompts` under ids `{prefix}-{i}` to completion on `engine`.
+/// Runs `prompts` under ids `{prefix}-{i}` to completion on `engine`, each with the
+/// `disagg_spec.req_id` a PD proxy gives both of its engines.
 fn run(
     engine: &mut Engine,
     prefix: &str,
@@ -200,13 +201,12 @@ fn run(
     max_tokens: usize,
 ) -> Vec<RequestOutput> {
     for (i, prompt) in prompts.iter().enumerate() {
-        engine
-            .add_request(
-                format!("{prefix}-{i}"),
-                prompt.clone(),
-                SamplingParams::greedy(max_tokens),
-            )
-            .unwrap();
+        let id = format!("{prefix}-{i}");
+        let params = SamplingParams {
+            kv_transfer_params: Some(serde_json::json!({"disagg_spec": {"req_id": id}})),
+            ..SamplingParams::greedy(max_tokens)
+        };
+        engine.add_request(id, prompt.clone(), params).unwrap();
     }
     engine.run_to_completion().unwrap()
 }

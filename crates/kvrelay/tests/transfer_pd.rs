@@ -9,7 +9,7 @@ use kvrelay::config::{LmcacheConfig, PdBackendMode};
 use kvrelay::device::HostBuffer;
 use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation};
 use kvrelay::layout::{AttentionKind, KvCacheSpec};
-use kvrelay::store::{ChunkMeta, Tier, TierStack};
+use kvrelay::store::{ChunkMeta, RequestIdScope, Tier, TierStack};
 use kvrelay::transfer::frame::{
     self, data_prefix, read_frame, ChunkDecl, DataHeader, Incoming, Message, MAC_LEN, NONCE_LEN,
 };
@@ -600,7 +600,7 @@ fn a_request_that_ends_frees_the_kv_it_did_not_consume() {
         .get(&r.chunks[0].0, spec().chunk_fingerprint())
         .unwrap();
     assert_eq!(rx.occupancy().used_pages, 3);
-    tiers.release_request(&r.id);
+    tiers.release_request(&r.id, RequestIdScope::Shared);
     assert!(!rx.contains(&r.chunks[1].0));
     // The chunk being loaded keeps its page until the load drops it.
     assert_eq!(rx.occupancy().used_pages, 1);
@@ -612,6 +612,15 @@ fn a_request_that_ends_frees_the_kv_it_did_not_consume() {
     );
     // The same id sent again (a late duplicate) is refused.
     assert_eq!(refused_code(r.send(&mut tx)), ErrorCode::Cancelled);
+
+    // An engine's own id may be another engine's: releasing it frees what it holds but
+    // does not refuse KV that comes under it later.
+    let local = request("local-id", 2, false);
+    tiers.release_request(&local.id, RequestIdScope::Local);
+    local.send(&mut tx).unwrap();
+    assert_eq!(rx.occupancy().used_pages, 2);
+    tiers.release_request(&local.id, RequestIdScope::Local);
+    assert_eq!(rx.occupancy().used_pages, 0);
 }
 
 #[test]

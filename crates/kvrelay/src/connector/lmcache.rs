@@ -209,7 +209,8 @@ impl SchedulerConnector for LmcacheScheduler {
         self.flushed.remove(request.id);
         // A PD decoder need not have loaded all the KV sent for the request (its lookup
         // or its own cache stopped short): free the rest now rather than at the TTL.
-        self.tiers.release_request(pd_request_id(request));
+        let (pd_id, scope) = pd_request_id(request);
+        self.tiers.release_request(pd_id, scope);
         // LMCache's PD proxy asks the prefiller for the token it sampled, to hand the
         // decoder the prompt plus that token.
         let params = request

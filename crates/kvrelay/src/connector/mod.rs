@@ -22,7 +22,7 @@ use crate::config::{ConfigError, KvRole};
 use crate::device::DeviceError;
 use crate::keys::{CacheKey, KeyError};
 use crate::plan::{ChunkWindow, PlanError};
-use crate::store::StoreError;
+use crate::store::{RequestIdScope, StoreError};
 
 /// A connector call that cannot be carried out.
 #[derive(Debug, thiserror::Error)]
@@ -143,13 +143,15 @@ pub(crate) fn wants_first_token(params: Option<&serde_json::Value>) -> bool {
 
 /// The id a PD transfer for this request travels under: the proxy's
 /// `kv_transfer_params.disagg_spec.req_id` when present, else the engine's request id.
-pub(crate) fn pd_request_id<'a>(request: &RequestView<'a>) -> &'a str {
+pub(crate) fn pd_request_id<'a>(request: &RequestView<'a>) -> (&'a str, RequestIdScope) {
     request
         .kv_transfer_params
         .and_then(|p| p.get("disagg_spec"))
         .and_then(|spec| spec.get("req_id"))
         .and_then(serde_json::Value::as_str)
-        .unwrap_or(request.id)
+        .map_or((request.id, RequestIdScope::Local), |id| {
+            (id, RequestIdScope::Shared)
+        })
 }
 
 /// The per-step message from the scheduler half to the worker half.

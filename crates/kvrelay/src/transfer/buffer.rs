@@ -358,10 +358,10 @@ impl PdBuffer {
     }
 
     /// Frees a request's pages whatever its phase, except that a receiving request whose
-    /// bytes may still be landing is only marked: its connection frees it at commit. An id
-    /// not in the buffer is remembered as cancelled, so its transfer is refused if it comes
-    /// later. Returns whether the request was in the buffer.
-    pub(crate) fn cancel(&self, request_id: &str) -> bool {
+    /// bytes may still be landing is only marked: its connection frees it at commit. With
+    /// `remember_unknown`, an id not in the buffer is remembered as cancelled, so its
+    /// transfer is refused if it comes later. Returns whether the request was in the buffer.
+    pub(crate) fn cancel(&self, request_id: &str, remember_unknown: bool) -> bool {
         let mut st = self.shared.state.lock();
         let known = match st.requests.get_mut(request_id) {
             Some(req) if matches!(req.phase, Phase::Receiving { .. }) => {
@@ -372,6 +372,7 @@ impl PdBuffer {
                 self.remove(&mut st, request_id, Ended::Cancelled);
                 true
             }
+            None if !remember_unknown => false,
             None => {
                 match st
                     .ended
@@ -638,8 +639,9 @@ mod tests {
     #[test]
     fn cancelled_ids_are_refused_and_remembered_boundedly() {
         let buffer = buffer(2);
+        assert!(!buffer.cancel("local", false));
         for i in 0..=ENDED_KEPT {
-            assert!(!buffer.cancel(&format!("gone-{i}")));
+            assert!(!buffer.cancel(&format!("gone-{i}"), true));
         }
         let refused = buffer.reserve(&format!("gone-{ENDED_KEPT}"), &one_chunk(), Duration::ZERO);
         assert!(
@@ -652,9 +654,13 @@ mod tests {
             .reserve("gone-0", &one_chunk(), Duration::ZERO)
             .is_ok());
         assert_eq!(buffer.shared.state.lock().ended.len(), ENDED_KEPT);
+        // Released without being remembered: a local id stays free to use.
+        assert!(buffer
+            .reserve("local", &one_chunk(), Duration::ZERO)
+            .is_ok());
         // Cancelling an id twice does not grow the record.
-        buffer.cancel("gone-1");
-        buffer.cancel("gone-1");
+        buffer.cancel("gone-1", true);
+        buffer.cancel("gone-1", true);
         assert_eq!(buffer.shared.state.lock().ended.len(), ENDED_KEPT);
     }
 }

@@ -176,7 +176,14 @@ impl PdReceiver {
     /// and refuses its transfer ([`ErrorCode::Cancelled`]) if it has not arrived yet.
     /// Returns whether the request was in the buffer.
     pub fn cancel(&self, request_id: &str) -> bool {
-        self.inner.buffer.cancel(request_id)
+        self.inner.buffer.cancel(request_id, true)
+    }
+
+    /// Frees a request's pages like [`PdReceiver::cancel`], but remembers nothing of an id
+    /// not in the buffer: for ids that may name another engine's request. Returns whether
+    /// the request was in the buffer.
+    pub fn release(&self, request_id: &str) -> bool {
+        self.inner.buffer.cancel(request_id, false)
     }
 
     pub fn occupancy(&self) -> Occupancy {

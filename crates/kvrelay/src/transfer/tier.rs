@@ -17,7 +17,7 @@ use super::{
 use crate::config::PdBackendMode;
 use crate::device::HostBuffer;
 use crate::keys::CacheKey;
-use crate::store::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
+use crate::store::{Chunk, ChunkMeta, RequestIdScope, StoreError, Tier, TierStats};
 
 /// The decoder's PD buffer in its tier list. A hit consumes the chunk: its page returns to
 /// the buffer once the load has copied it out.
@@ -78,10 +78,13 @@ impl Tier for ReceivedKv {
         }
     }
 
-    /// Frees the pages still held for the PD request `request_id`, and refuses its transfer
-    /// if it has not arrived yet.
-    fn release_request(&self, request_id: &str) {
-        self.receiver.cancel(request_id);
+    /// Frees the pages still held for the PD request `request_id`; with a shared id, also
+    /// refuses its transfer if it has not arrived yet.
+    fn release_request(&self, request_id: &str, scope: RequestIdScope) {
+        match scope {
+            RequestIdScope::Shared => self.receiver.cancel(request_id),
+            RequestIdScope::Local => self.receiver.release(request_id),
+        };
     }
 }
 
