@@ -12,7 +12,9 @@
 //! let rx = PdReceiver::bind(&cfg, rank)?;
 //! rx.wait_ready(request_id, timeout)?;        // the request's chunks all arrived and verified
 //! let chunk = rx.get(&key);                   // consumes: the page is freed when `chunk` drops
-//! rx.cancel(request_id); rx.occupancy();   // cancel also refuses the id's later transfer
+//! rx.cancel(request_id);   // frees its pages; refuses its transfer if it comes later
+//! rx.release(request_id);  // frees its pages only (an id other engines may also use)
+//! rx.occupancy();          // pages in use, and TTL reaps so far
 //! // prefiller, one per TP rank: rank i talks to receiver rank i
 //! let peer = PdPeer::for_rank(host, &init_ports, &alloc_ports, rank)?;  // from disagg_spec
 //! let mut tx = PdSender::connect(&cfg, peer, rank)?;                   // handshake once
