@@ -348,10 +348,54 @@ impl Engine {
         params: SamplingParams,
     ) -> Result<(), EngineError> {
         let id = id.into();
-        let bad = |reason: String| Err(EngineError::BadRequest(reason));
         if self.requests.contains_key(&id) {
-            return bad(format!("request id {id} is already in use"));
+            return Err(EngineError::BadRequest(format!(
+                "request id {id} is already in use"
+            )));
         }
+        if let Err(refusal) = self.check_request(&id, &prompt, &params) {
+            // The request ends here: a PD decoder may already hold KV sent for it.
+            if let Some(connector) = self.connector.as_mut() {
+                let view = RequestView {
+                    id: &id,
+                    tokens: &prompt,
+                    num_prompt_tokens: prompt.len(),
+                    kv_transfer_params: params.kv_transfer_params.as_ref(),
+                };
+                connector.scheduler.request_finished(&view, &[]);
+            }
+            return Err(refusal);
+        }
+        self.requests.insert(
+            id.clone(),
+            Request {
+                id: id.clone(),
+                num_prompt_tokens: prompt.len(),
+                tokens: prompt,
+                num_computed: 0,
+                blocks: Vec::new(),
+                params,
+                state: State::Waiting,
+                arrived: Instant::now(),
+                first_token: None,
+                digest: Xxh3::new(),
+                hit_tokens: 0,
+                recomputed_tokens: 0,
+                pending_external: 0,
+            },
+        );
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Why a new request (whose id is free) can never be served, if it cannot.
+    fn check_request(
+        &self,
+        id: &str,
+        prompt: &[u32],
+        params: &SamplingParams,
+    ) -> Result<(), EngineError> {
+        let bad = |reason: String| Err(EngineError::BadRequest(reason));
         if prompt.is_empty() {
             return bad(format!("request {id} has an empty prompt"));
         }
@@ -383,25 +427,6 @@ impl Engine {
                 self.kv_spec().num_blocks
             ));
         }
-        self.requests.insert(
-            id.clone(),
-            Request {
-                id: id.clone(),
-                num_prompt_tokens: prompt.len(),
-                tokens: prompt,
-                num_computed: 0,
-                blocks: Vec::new(),
-                params,
-                state: State::Waiting,
-                arrived: Instant::now(),
-                first_token: None,
-                digest: Xxh3::new(),
-                hit_tokens: 0,
-                recomputed_tokens: 0,
-                pending_external: 0,
-            },
-        );
-        self.waiting.push_back(id);
         Ok(())
     }
 

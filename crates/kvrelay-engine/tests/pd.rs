@@ -66,10 +66,15 @@ fn other_config() -> EngineConfig {
 }
 
 fn engine(role: &str, yaml: &str, config: EngineConfig) -> Engine {
+    engine_with_extra(role, yaml, config, "{}")
+}
+
+/// An engine whose `kv_connector_extra_config` is `extra` (JSON).
+fn engine_with_extra(role: &str, yaml: &str, config: EngineConfig, extra: &str) -> Engine {
     let mut engine = Engine::new(Model::tiny_random(4096), config).unwrap();
     let transfer = KvTransferConfig::from_json_str(&format!(
         r#"{{"kv_connector": "LMCacheConnectorV1", "kv_role": "{role}",
-            "kv_load_failure_policy": "recompute"}}"#
+            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {extra}}}"#
     ))
     .unwrap();
     let lmcache = LmcacheConfig::from_yaml_str(yaml).unwrap();
@@ -147,4 +152,181 @@ fn pd_over_tcp_and_shm_decodes_like_a_colocated_run() {
             "{channel}: consumed pages come back"
         );
     }
+}
+
+/// Bytes of one PD buffer page (one 32-token chunk) of these engines.
+fn page_bytes() -> usize {
+    Engine::new(Model::tiny_random(4096), config())
+        .unwrap()
+        .kv_spec()
+        .chunk_bytes(32)
+}
+
+/// A decoder and a prefiller whose PD buffer holds `pages` chunks; the decoder looks up
+/// with LMCache's `skip_last_n_tokens: 1` and `decoder_yaml` appended to its config.
+fn pd_pair(pages: usize, backend_mode: &str, decoder_yaml: &str) -> (Engine, Engine, Proxy) {
+    let (init, alloc) = (free_port(), free_port());
+    let (proxy, notifications) = fake_proxy();
+    let small = |role| {
+        pd_yaml(role, "tcp", init, alloc, proxy).replace(
+            "pd_buffer_size: 4000000",
+            &format!(
+                "pd_buffer_size: {}\npd_allocation_timeout_sec: 1",
+                pages * page_bytes()
+            ),
+        )
+    };
+    let decoder = engine_with_extra(
+        "kv_consumer",
+        &format!("{}{decoder_yaml}", small("receiver")),
+        config(),
+        r#"{"skip_last_n_tokens": 1}"#,
+    );
+    let prefiller = engine(
+        "kv_producer",
+        &format!("{}pd_backend_mode: {backend_mode}\n", small("sender")),
+        config(),
+    );
+    (decoder, prefiller, notifications)
+}
+
+type Proxy = mpsc::Receiver<KvReady>;
+
+/// Runs `prompts` under ids `{prefix}-{i}` to completion on `engine`, each with the
+/// `disagg_spec.req_id` a PD proxy gives both of its engines.
+fn run(
+    engine: &mut Engine,
+    prefix: &str,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> Vec<RequestOutput> {
+    for (i, prompt) in prompts.iter().enumerate() {
+        let id = format!("{prefix}-{i}");
+        let params = SamplingParams {
+            kv_transfer_params: Some(serde_json::json!({"disagg_spec": {"req_id": id}})),
+            ..SamplingParams::greedy(max_tokens)
+        };
+        engine.add_request(id, prompt.clone(), params).unwrap();
+    }
+    engine.run_to_completion().unwrap()
+}
+
+fn used_pages(decoder: &Engine) -> kvrelay::transfer::Occupancy {
+    decoder
+        .connector()
+        .unwrap()
+        .pd_receiver
+        .as_ref()
+        .unwrap()
+        .occupancy()
+}
+
+/// Prompts of 5..=130 tokens: shorter than a chunk, whole chunks, partial tails.
+fn varied_prompts(round: usize) -> Vec<Vec<u32>> {
+    [5usize, 31, 32, 33, 64, 100, 130]
+        .iter()
+        .map(|&len| {
+            (0..len)
+                .map(|t| ((t * 13 + round * 7 + len) % 256) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// The regression of issue 11: with `skip_last_n_tokens: 1` the decoder never looked up a
+/// prompt's last chunk, whose page then waited for the TTL; a buffer smaller than the
+/// traffic filled up and every later request failed. Now the prefiller does not send what
+/// the decoder will not look up, and every page comes back after each round.
+#[test]
+fn many_requests_with_skip_last_n_tokens_leave_no_page_behind() {
+    let (mut decoder, mut prefiller, proxy) = pd_pair(12, "sync", "");
+    let mut sent_short = false;
+    for round in 0..8 {
+        let prompts = varied_prompts(round);
+        let id = format!("round{round}");
+        let prefill = run(&mut prefiller, &id, &prompts, 1);
+        for p in &prefill {
+            assert_eq!(p.transfer.failed_sends, 0, "{p:?}");
+            let note = proxy.recv_timeout(Duration::from_secs(30)).unwrap();
+            assert_eq!(note.failure, None, "{note:?}");
+            // The 5-token prompt: its only chunk ends past the decoder's 4-token lookup.
+            if p.prompt_token_count == 5 {
+                assert_eq!(p.transfer.pd_skipped_chunks, 1, "{p:?}");
+                sent_short = true;
+            }
+        }
+        let decode = run(&mut decoder, &id, &prompts, 3);
+        for d in &decode {
+            let prompt = d.prompt_token_count;
+            // Every whole chunk inside the lookup was sent and loaded.
+            assert_eq!(d.hit_tokens, (prompt - 1) / 32 * 32, "{d:?}");
+            assert_eq!(d.recomputed_tokens, 0, "{d:?}");
+        }
+        let occ = used_pages(&decoder);
+        assert_eq!((occ.used_pages, occ.requests), (0, 0), "round {round}");
+        assert_eq!(occ.expired_requests, 0);
+    }
+    assert!(sent_short);
+    let skipped = prefiller.connector().unwrap().worker.pd_skipped_chunks();
+    // Per round: 5 (1 chunk), 32 (1), 64 (1), 100 (1: its 4-token tail) and 31, 33, 130
+    // (each its tail or only chunk) are left out.
+    assert_eq!(skipped, Some(8 * 7));
+}
+
+/// A decoder that loads less than it was sent (here `min_retrieve_tokens` makes it load
+/// nothing) frees the rest when each request finishes, not at the TTL.
+#[test]
+fn a_decoder_request_that_does_not_load_its_kv_frees_it_when_it_finishes() {
+    let (mut decoder, mut prefiller, proxy) = pd_pair(12, "async", "min_retrieve_tokens: 100000\n");
+    for round in 0..6 {
+        let prompts = varied_prompts(round);
+        let id = format!("round{round}");
+        run(&mut prefiller, &id, &prompts, 1);
+        for _ in &prompts {
+            let note = proxy.recv_timeout(Duration::from_secs(30)).unwrap();
+            assert_eq!(note.failure, None, "round {round}: {note:?}");
+        }
+        assert!(used_pages(&decoder).used_pages > 0, "KV arrived and waits");
+        let decode = run(&mut decoder, &id, &prompts, 2);
+        assert!(decode.iter().all(|d| d.hit_tokens == 0));
+        let occ = used_pages(&decoder);
+        assert_eq!(
+            (occ.used_pages, occ.requests, occ.expired_requests),
+            (0, 0, 0)
+        );
+    }
+}
+
+/// A decoder request that ended before its KV arrived: the late transfer is refused at
+/// allocation and holds no page.
+#[test]
+fn kv_for_a_request_the_decoder_already_finished_is_refused() {
+    let (mut decoder, mut prefiller, proxy) = pd_pair(12, "sync", "");
+    let prompts = vec![varied_prompts(0)[5].clone()];
+    run(&mut decoder, "late", &prompts, 2);
+    let prefill = run(&mut prefiller, "late", &prompts, 1);
+    assert_eq!(prefill[0].transfer.failed_sends, 1, "{prefill:?}");
+    assert!(
+        proxy.recv_timeout(Duration::from_millis(200)).is_err(),
+        "nothing was ready"
+    );
+    let occ = used_pages(&decoder);
+    assert_eq!((occ.used_pages, occ.requests), (0, 0));
+}
+
+/// A request the decoder refuses at admission ends there: the KV sent for it is freed.
+#[test]
+fn kv_for_a_request_the_decoder_refuses_is_freed() {
+    let (mut decoder, mut prefiller, proxy) = pd_pair(12, "sync", "");
+    let prompt = varied_prompts(0)[5].clone();
+    run(&mut prefiller, "refused", std::slice::from_ref(&prompt), 1);
+    assert_eq!(
+        proxy.recv_timeout(Duration::from_secs(30)).unwrap().failure,
+        None
+    );
+    assert_eq!(used_pages(&decoder).used_pages, 3);
+    let refusal = decoder.add_request("refused-0", prompt, SamplingParams::greedy(0));
+    assert!(refusal.is_err());
+    let occ = used_pages(&decoder);
+    assert_eq!((occ.used_pages, occ.requests), (0, 0));
 }

@@ -3,14 +3,19 @@
 
 use std::io::Cursor;
 
-use kvrelay::keys::CacheKey;
+use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation};
 use kvrelay::store::ChunkMeta;
 use kvrelay::transfer::frame::{
     self, data_prefix, decode, read_frame, ChannelKind, ChunkDecl, DataHeader, ErrorCode, Frame,
-    GrantCheck, Message, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY,
+    FrameError, GrantCheck, Message, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY,
 };
 use kvrelay::KvDtype;
 use proptest::prelude::*;
+
+fn keys() -> KeyDerivation {
+    let hasher = ChunkHasher::new(HashAlgorithm::Sha256Cbor, "0", 256).unwrap();
+    KeyDerivation::new("model", 2, KvDtype::Bf16, &hasher).unwrap()
+}
 
 fn samples() -> Vec<Vec<u8>> {
     let key = CacheKey::new("model", 2, 1, 0xfeed, KvDtype::Bf16).unwrap();
@@ -20,6 +25,7 @@ fn samples() -> Vec<Vec<u8>> {
             channel: ChannelKind::Tcp,
             page_size: 4096,
             fingerprint: 1,
+            keys: keys(),
             nonce: [1; 32],
         },
         Message::Welcome {
@@ -28,6 +34,7 @@ fn samples() -> Vec<Vec<u8>> {
             num_pages: 8,
             shm_path: "/dev/shm/kvrelay-pd-1-0-ab".into(),
             shm_len: 32768,
+            skip_last_n_tokens: 1,
         },
         Message::Error {
             code: ErrorCode::Busy,
@@ -174,4 +181,46 @@ proptest! {
             prop_assert_eq!(check.complete(i), landed[i] == len);
         }
     }
+}
+
+/// `Hello` with one of its key-derivation strings replaced by `bad` (same length).
+fn hello_with(good: &str, bad: &str) -> Vec<u8> {
+    let bytes = samples()[0].clone();
+    let at = bytes
+        .windows(good.len())
+        .position(|w| w == good.as_bytes())
+        .expect("the field is in the frame");
+    let mut out = bytes.clone();
+    out[at..at + bad.len()].copy_from_slice(bad.as_bytes());
+    out
+}
+
+#[test]
+fn a_hello_with_unusable_key_derivation_fields_is_a_typed_error() {
+    let Ok(Frame::Message(Message::Hello { keys: decoded, .. })) =
+        decode(&samples()[0], MAX_HANDSHAKE_BODY)
+    else {
+        panic!("the sample Hello decodes");
+    };
+    assert_eq!(decoded, keys());
+    for (good, bad, field) in [
+        ("sha256_cbor", "sha256_cbxr", "hash_algorithm"),
+        ("bfloat16", "bfloat17", "dtype"),
+        ("model", "mo@el", "model"),
+    ] {
+        match decode(&hello_with(good, bad), MAX_HANDSHAKE_BODY) {
+            Err(FrameError::BadField { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{bad}: expected a bad {field}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn frames_of_the_previous_protocol_version_are_refused_by_name() {
+    let mut old = samples()[0].clone();
+    old[4] = frame::VERSION - 1;
+    assert_eq!(
+        decode(&old, MAX_HANDSHAKE_BODY),
+        Err(FrameError::BadVersion(frame::VERSION - 1))
+    );
 }

@@ -2,20 +2,20 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use kvrelay::config::{LmcacheConfig, PdBackendMode};
 use kvrelay::device::HostBuffer;
-use kvrelay::keys::CacheKey;
+use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation};
 use kvrelay::layout::{AttentionKind, KvCacheSpec};
-use kvrelay::store::ChunkMeta;
+use kvrelay::store::{ChunkMeta, RequestIdScope, Tier, TierStack};
 use kvrelay::transfer::frame::{
     self, data_prefix, read_frame, ChunkDecl, DataHeader, Incoming, Message, MAC_LEN, NONCE_LEN,
 };
 use kvrelay::transfer::{
     read_notification, ChannelKind, ErrorCode, KvReady, OutgoingChunk, PdConfig, PdPeer,
-    PdReceiver, PdSender, PdSink, PdTarget, TransferError,
+    PdReceiver, PdSender, PdSink, PdTarget, ReceivedKv, TransferError,
 };
 use kvrelay::KvDtype;
 use rand::{Rng, SeedableRng};
@@ -50,7 +50,13 @@ fn config(channel: &str, pages: usize, extra: &str, proxy: Option<u16>) -> PdCon
         pages * page()
     );
     let cfg = LmcacheConfig::from_yaml_str(&yaml).unwrap();
-    PdConfig::from_lmcache(&cfg, &spec()).unwrap()
+    PdConfig::from_lmcache(&cfg, &spec(), keys()).unwrap()
+}
+
+/// How both sides of these tests derive keys (the chunks' keys are `m@1@0@…@bfloat16`).
+fn keys() -> KeyDerivation {
+    let hasher = ChunkHasher::new(HashAlgorithm::Sha256Cbor, "0", CHUNK_TOKENS).unwrap();
+    KeyDerivation::new("m", 1, KvDtype::Bf16, &hasher).unwrap()
 }
 
 fn peer(rx: &PdReceiver) -> PdPeer {
@@ -124,6 +130,22 @@ impl Request {
 
     fn send(&self, tx: &mut PdSender) -> Result<kvrelay::transfer::SendStats, TransferError> {
         tx.send_request(&self.id, &self.refs())
+    }
+
+    /// Tokens of the prompt these chunks cut.
+    fn tokens(&self) -> usize {
+        self.chunks.iter().map(|c| c.1.num_tokens as usize).sum()
+    }
+
+    /// Hands every chunk to `sink`, as a prefiller's save steps do.
+    fn stage(&self, sink: &mut PdSink) {
+        let mut window_end = 0;
+        for (key, meta, data) in &self.chunks {
+            let mut staged = HostBuffer::zeroed(data.len()).unwrap();
+            staged.copy_from_slice(data);
+            window_end += meta.num_tokens as usize;
+            sink.add(&self.id, key.clone(), *meta, staged, window_end);
+        }
     }
 
     /// Consumes every chunk from the receiver and checks it bit for bit.
@@ -296,13 +318,6 @@ fn an_async_sink_delivers_in_the_background_and_reports_failures_to_the_proxy() 
     assert_eq!(cfg.backend_mode, PdBackendMode::Async, "LMCache's default");
     cfg.handshake_timeout = Duration::from_secs(2);
     let mut sink = PdSink::new(cfg, 0).unwrap();
-    let stage = |sink: &mut PdSink, r: &Request| {
-        for (key, meta, data) in &r.chunks {
-            let mut staged = HostBuffer::zeroed(data.len()).unwrap();
-            staged.copy_from_slice(data);
-            sink.add(&r.id, key.clone(), *meta, staged);
-        }
-    };
     let target = |alloc: u16, init: u16| PdTarget {
         host: "127.0.0.1".into(),
         init_ports: vec![init],
@@ -310,9 +325,12 @@ fn an_async_sink_delivers_in_the_background_and_reports_failures_to_the_proxy() 
     };
 
     let good = request("good", 3, true);
-    stage(&mut sink, &good);
+    good.stage(&mut sink);
     let here = target(rx.alloc_addr().port(), rx.init_addr().port());
-    assert!(sink.flush(&good.id, Some(here)).unwrap().is_none());
+    assert!(sink
+        .flush(&good.id, Some(here), good.tokens())
+        .unwrap()
+        .is_none());
     let note = notes
         .recv_timeout(Duration::from_secs(20))
         .unwrap()
@@ -328,9 +346,9 @@ fn an_async_sink_delivers_in_the_background_and_reports_failures_to_the_proxy() 
         .unwrap()
         .port();
     let lost = request("lost", 2, false);
-    stage(&mut sink, &lost);
+    lost.stage(&mut sink);
     assert!(sink
-        .flush(&lost.id, Some(target(nowhere, nowhere)))
+        .flush(&lost.id, Some(target(nowhere, nowhere)), lost.tokens())
         .unwrap()
         .is_none());
     let note = notes
@@ -343,9 +361,9 @@ fn an_async_sink_delivers_in_the_background_and_reports_failures_to_the_proxy() 
     assert!(failure.contains(&nowhere.to_string()), "{failure}");
     // Dropping the sink waits for the queue: a last request still arrives.
     let last = request("last", 1, false);
-    stage(&mut sink, &last);
+    last.stage(&mut sink);
     let here = target(rx.alloc_addr().port(), rx.init_addr().port());
-    sink.flush(&last.id, Some(here)).unwrap();
+    sink.flush(&last.id, Some(here), last.tokens()).unwrap();
     drop(sink);
     last.consume_and_check(&rx);
 }
@@ -444,6 +462,222 @@ fn cancel_and_ttl_free_unconsumed_pages() {
         rx.wait_ready("never-sent", Duration::from_millis(50)),
         Err(TransferError::WaitTimeout { .. })
     ));
+    // Only the TTL reclaim is counted as an expiry, with the pages it freed.
+    let occ = rx.occupancy();
+    assert_eq!((occ.expired_requests, occ.expired_pages), (1, 3));
+}
+
+/// A `sync` sink towards a decoder that announced `skip_last_n_tokens: 1`.
+fn skipping_receiver_and_sink(proxy: u16) -> (PdReceiver, PdSink, PdTarget) {
+    let mut rx_cfg = config("tcp", 8, "", None);
+    rx_cfg.skip_last_n_tokens = 1;
+    let rx = PdReceiver::bind(&rx_cfg, 0).unwrap();
+    let mut tx_cfg = config("tcp", 8, "", Some(proxy));
+    tx_cfg.backend_mode = PdBackendMode::Sync;
+    let sink = PdSink::new(tx_cfg, 0).unwrap();
+    let target = PdTarget {
+        host: "127.0.0.1".into(),
+        init_ports: vec![rx.init_addr().port()],
+        alloc_ports: vec![rx.alloc_addr().port()],
+    };
+    (rx, sink, target)
+}
+
+#[test]
+fn a_sink_sends_only_the_chunks_the_decoders_lookup_asks_for() {
+    let (proxy, notes) = fake_proxy(None);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let heard = |id: &str| {
+        let note = notes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .unwrap();
+        assert_eq!((note.request_id.as_str(), note.failure), (id, None));
+    };
+
+    // 16 + 16 + 5 tokens, handed to the decoder as they are: its lookup covers 36 tokens,
+    // so the 5-token tail (keyed over 5 tokens, looked up over 4) is never asked for.
+    let tail = request("tail", 3, true);
+    tail.stage(&mut sink);
+    let stats = sink
+        .flush(&tail.id, Some(target.clone()), tail.tokens())
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.skipped_chunks), (2, 1));
+    heard("tail");
+    assert!(rx.contains(&tail.chunks[1].0));
+    assert!(!rx.contains(&tail.chunks[2].0));
+    assert_eq!(rx.occupancy().used_pages, 2);
+
+    // Two full chunks: the second ends past the lookup (31 tokens), so it stays behind.
+    let full = request("full", 2, false);
+    full.stage(&mut sink);
+    let stats = sink
+        .flush(&full.id, Some(target.clone()), full.tokens())
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.skipped_chunks), (1, 1));
+    heard("full");
+
+    // With the first token appended (ret_first_tok) the lookup reaches the prompt's end.
+    let appended = request("appended", 3, true);
+    appended.stage(&mut sink);
+    let stats = sink
+        .flush(&appended.id, Some(target.clone()), appended.tokens() + 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.skipped_chunks), (3, 0));
+    heard("appended");
+
+    // A prompt shorter than one chunk sends nothing: no page, no request at the receiver,
+    // yet the proxy hears it is done.
+    let used = rx.occupancy();
+    let short = request("short", 1, true);
+    short.stage(&mut sink);
+    let stats = sink
+        .flush(&short.id, Some(target), short.tokens())
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.bytes, stats.skipped_chunks), (0, 0, 1));
+    assert!(stats.notified);
+    heard("short");
+    let after = rx.occupancy();
+    assert_eq!(
+        (after.used_pages, after.requests),
+        (used.used_pages, used.requests)
+    );
+    assert!(matches!(
+        rx.wait_ready("short", Duration::from_millis(50)),
+        Err(TransferError::WaitTimeout { .. })
+    ));
+    assert_eq!(sink.skipped_chunks(), 3);
+}
+
+#[test]
+fn a_request_cancelled_before_its_transfer_arrives_is_refused_at_reserve() {
+    let mut cfg = config("tcp", 2, "", None);
+    cfg.allocation_timeout = Duration::from_secs(60);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    assert!(!rx.cancel("early"), "not in the buffer");
+    let early = request("early", 1, false);
+    assert_eq!(refused_code(early.send(&mut tx)), ErrorCode::Cancelled);
+    assert_eq!(rx.occupancy().used_pages, 0);
+    // The link survives the refusal.
+    let full = request("full", 2, false);
+    full.send(&mut tx).unwrap();
+
+    // Cancelled while waiting for pages: refused at once, not after the 60 s timeout.
+    let waiting = std::thread::spawn({
+        let cfg = cfg.clone();
+        let peer = peer(&rx);
+        move || {
+            let mut tx = PdSender::connect(&cfg, peer, 0).unwrap();
+            request("waiter", 1, false).send(&mut tx)
+        }
+    });
+    eventually("the second request waits for pages", || {
+        rx.occupancy().waiting == 1
+    });
+    let started = Instant::now();
+    assert!(!rx.cancel("waiter"));
+    assert_eq!(refused_code(waiting.join().unwrap()), ErrorCode::Cancelled);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(rx.occupancy().used_pages, 2, "only `full` holds pages");
+}
+
+#[test]
+fn a_request_that_ends_frees_the_kv_it_did_not_consume() {
+    let cfg = config("shm", 8, "", None);
+    let rx = Arc::new(PdReceiver::bind(&cfg, 0).unwrap());
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("partly-loaded", 3, true);
+    r.send(&mut tx).unwrap();
+    let tiers = TierStack::new(vec![
+        Arc::new(ReceivedKv::new(Arc::clone(&rx))) as Arc<dyn Tier>
+    ]);
+    let loaded = tiers
+        .get(&r.chunks[0].0, spec().chunk_fingerprint())
+        .unwrap();
+    assert_eq!(rx.occupancy().used_pages, 3);
+    tiers.release_request(&r.id, RequestIdScope::Shared);
+    assert!(!rx.contains(&r.chunks[1].0));
+    // The chunk being loaded keeps its page until the load drops it.
+    assert_eq!(rx.occupancy().used_pages, 1);
+    drop(loaded);
+    let occ = rx.occupancy();
+    assert_eq!(
+        (occ.used_pages, occ.requests, occ.expired_requests),
+        (0, 0, 0)
+    );
+    // The same id sent again (a late duplicate) is refused.
+    assert_eq!(refused_code(r.send(&mut tx)), ErrorCode::Cancelled);
+
+    // An engine's own id may be another engine's: releasing it frees what it holds but
+    // does not refuse KV that comes under it later.
+    let local = request("local-id", 2, false);
+    tiers.release_request(&local.id, RequestIdScope::Local);
+    local.send(&mut tx).unwrap();
+    assert_eq!(rx.occupancy().used_pages, 2);
+    tiers.release_request(&local.id, RequestIdScope::Local);
+    assert_eq!(rx.occupancy().used_pages, 0);
+}
+
+#[test]
+fn handshake_refuses_a_sender_that_derives_other_keys_naming_both_values() {
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let derive = |model: &str, world: u32, dtype: KvDtype, algorithm, seed: &str, chunk| {
+        let hasher = ChunkHasher::new(algorithm, seed, chunk).unwrap();
+        KeyDerivation::new(model, world, dtype, &hasher).unwrap()
+    };
+    let sha = HashAlgorithm::Sha256Cbor;
+    for (keys, expected) in [
+        (
+            derive("m", 1, KvDtype::Bf16, sha, "0", 8),
+            "chunk_size: sender 8, receiver 16".to_string(),
+        ),
+        (
+            derive("m", 1, KvDtype::Bf16, HashAlgorithm::Xxh3_128, "0", 16),
+            "hash algorithm: sender xxh3_128, receiver sha256_cbor".to_string(),
+        ),
+        (
+            derive("other-model", 1, KvDtype::Bf16, sha, "0", 16),
+            "model: sender other-model, receiver m".to_string(),
+        ),
+        (
+            derive("m", 2, KvDtype::Bf16, sha, "0", 16),
+            "world_size: sender 2, receiver 1".to_string(),
+        ),
+        (
+            derive("m", 1, KvDtype::F16, sha, "0", 16),
+            "kv dtype: sender half, receiver bfloat16".to_string(),
+        ),
+        (
+            derive("m", 1, KvDtype::Bf16, sha, "42", 16),
+            format!(
+                "sender {:#018x}, receiver {:#018x}",
+                derive("m", 1, KvDtype::Bf16, sha, "42", 16).none_hash,
+                keys().none_hash
+            ),
+        ),
+    ] {
+        let mut other = cfg.clone();
+        // The sender's whole config follows its keys, as build_connector makes it.
+        other.chunk_size = keys.chunk_size as usize;
+        other.spec.dtype = keys.dtype;
+        other.keys = keys;
+        match PdSender::connect(&other, peer(&rx), 0) {
+            Err(TransferError::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::KeyMismatch, "{message}");
+                assert!(message.contains(&expected), "{message}");
+            }
+            Err(other) => panic!("expected a KeyMismatch refusal, got {other}"),
+            Ok(_) => panic!("a sender deriving other keys was accepted: {expected}"),
+        }
+    }
+    // A sender deriving the same keys is welcome.
+    PdSender::connect(&cfg, peer(&rx), 0).unwrap();
 }
 
 #[test]
@@ -488,6 +722,7 @@ fn hello(channel: ChannelKind) -> Message {
         channel,
         page_size: page() as u64,
         fingerprint: spec().chunk_fingerprint(),
+        keys: keys(),
         nonce: [7; NONCE_LEN],
     }
 }
@@ -858,7 +1093,7 @@ fn unsupported_channels_are_named() {
     let yaml = "enable_pd: true\npd_role: receiver\ntransfer_channel: hccl\npd_buffer_size: 4096\n\
                 pd_buffer_device: npu\npd_peer_host: h\npd_peer_init_port: 1\npd_peer_alloc_port: 2\n";
     let cfg = LmcacheConfig::from_yaml_str(yaml).unwrap();
-    let err = PdConfig::from_lmcache(&cfg, &spec()).unwrap_err();
+    let err = PdConfig::from_lmcache(&cfg, &spec(), keys()).unwrap_err();
     assert!(matches!(err, TransferError::UnsupportedChannel(_)), "{err}");
     // The secret never shows in debug output.
     let cfg = config("tcp", 1, "pd_shared_secret: hunter2\n", None);

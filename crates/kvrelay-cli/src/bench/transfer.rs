@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvrelay::config::LmcacheConfig;
 use kvrelay::device::HostBuffer;
-use kvrelay::keys::CacheKey;
+use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation, DEFAULT_SEED};
 use kvrelay::store::ChunkMeta;
 use kvrelay::transfer::frame::checksum;
 use kvrelay::transfer::{
@@ -73,7 +73,10 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         num_chunks * page
     );
     let lmcache = LmcacheConfig::from_yaml_str(&yaml).map_err(|e| e.to_string())?;
-    let cfg = PdConfig::from_lmcache(&lmcache, &spec).map_err(|e| e.to_string())?;
+    let hasher = ChunkHasher::new(HashAlgorithm::Xxh3_128, DEFAULT_SEED, CHUNK_TOKENS)
+        .map_err(|e| e.to_string())?;
+    let keys = KeyDerivation::new("bench", 1, spec.dtype, &hasher).map_err(|e| e.to_string())?;
+    let cfg = PdConfig::from_lmcache(&lmcache, &spec, keys).map_err(|e| e.to_string())?;
     let receiver = PdReceiver::bind(&cfg, 0).map_err(|e| e.to_string())?;
     let peer = PdPeer::for_rank(
         "127.0.0.1",

@@ -196,6 +196,21 @@ pub fn render_pd_buffer(out: &mut String, occupancy: &Occupancy) {
     for (name, help, value) in gauges {
         write_metric(out, "gauge", name, help, value);
     }
+    let counters = [
+        (
+            "kvrelay_pd_buffer_expired_requests_total",
+            "PD requests reclaimed at pd_buffer_ttl_sec because nothing released their KV.",
+            occupancy.expired_requests,
+        ),
+        (
+            "kvrelay_pd_buffer_expired_pages_total",
+            "PD buffer pages those expired requests still held.",
+            occupancy.expired_pages,
+        ),
+    ];
+    for (name, help, value) in counters {
+        write_metric(out, "counter", name, help, value);
+    }
 }
 
 /// One metric in the Prometheus text format: its help, its type and its value.

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig, PdRole};
 use crate::device::Device;
-use crate::keys::{default_seed, ChunkHasher, HashAlgorithm};
+use crate::keys::{default_seed, ChunkHasher, HashAlgorithm, KeyDerivation};
 use crate::layout::KvCacheSpec;
 use crate::store::{CpuTier, DiskTier, DiskTierOptions, Tier, TierStack};
 use crate::transfer::{PdConfig, PdReceiver, PdSink, ReceivedKv};
@@ -75,20 +75,24 @@ pub fn build_connector(
         ConnectorKind::Lmcache => {
             let mut lmcache = lmcache.clone();
             transfer.apply_lmcache_overrides(&mut lmcache)?;
-            let tiers = if lmcache.enable_pd {
-                let (tiers, sink, receiver) = pd_tiers(&lmcache, role, identity, &spec)?;
-                pd_sink = sink;
-                pd_receiver = receiver;
-                Arc::new(tiers)
-            } else {
-                Arc::new(lmcache_tiers(&lmcache, spec)?)
-            };
             let algorithm: HashAlgorithm = lmcache
                 .pre_caching_hash_algorithm
                 .parse()
                 .map_err(|e| ConnectorError::Hash(format!("{e}")))?;
             let hasher = ChunkHasher::new(algorithm, &default_seed(), lmcache.chunk_size)
                 .map_err(|e| ConnectorError::Hash(e.to_string()))?;
+            let tiers = if lmcache.enable_pd {
+                let keys =
+                    KeyDerivation::new(&prefix.model, prefix.world_size, prefix.dtype, &hasher)?;
+                let mut config = PdConfig::from_lmcache(&lmcache, &spec, keys)?;
+                config.skip_last_n_tokens = extra.skip_last_n_tokens;
+                let (tiers, sink, receiver) = pd_tiers(config, &lmcache, role, identity)?;
+                pd_sink = sink;
+                pd_receiver = receiver;
+                Arc::new(tiers)
+            } else {
+                Arc::new(lmcache_tiers(&lmcache, spec)?)
+            };
             let policy = LmcachePolicy {
                 role,
                 discard_partial_chunks: extra.discard_partial_chunks || !lmcache.save_unfull_chunk,
@@ -126,12 +130,11 @@ type PdSetup = (TierStack, Option<PdSink>, Option<Arc<PdReceiver>>);
 /// `pd_peer_host:pd_peer_*_port[rank]`; a sender stores nothing locally and pushes each
 /// request's chunks to its decoder.
 fn pd_tiers(
+    config: PdConfig,
     lmcache: &LmcacheConfig,
     role: KvRole,
     identity: &EngineIdentity,
-    spec: &KvCacheSpec,
 ) -> Result<PdSetup, ConnectorError> {
-    let config = PdConfig::from_lmcache(lmcache, spec)?;
     let rank = identity.worker_id;
     let mismatch = |pd_role: &str, kv_role: &str| ConfigError::Invalid {
         reason: format!("pd_role {pd_role} needs kv_role {kv_role}, got {role}"),

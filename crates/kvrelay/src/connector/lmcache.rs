@@ -4,8 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{
-    saves, windows_from, ChunkTransfer, ConnectorError, ConnectorMetadata, KeyPrefix, RequestView,
-    ScheduledRequest, SchedulerConnector,
+    pd_request_id, saves, wants_first_token, windows_from, ChunkTransfer, ConnectorError,
+    ConnectorMetadata, KeyPrefix, RequestView, ScheduledRequest, SchedulerConnector,
 };
 use crate::config::KvRole;
 use crate::keys::ChunkHasher;
@@ -207,17 +207,16 @@ impl SchedulerConnector for LmcacheScheduler {
         self.loads.remove(request.id);
         self.saved_upto.remove(request.id);
         self.flushed.remove(request.id);
+        // A PD decoder need not have loaded all the KV sent for the request (its lookup
+        // or its own cache stopped short): free the rest now rather than at the TTL.
+        let (pd_id, scope) = pd_request_id(request);
+        self.tiers.release_request(pd_id, scope);
         // LMCache's PD proxy asks the prefiller for the token it sampled, to hand the
         // decoder the prompt plus that token.
-        let wants_first_token = request
-            .kv_transfer_params
-            .and_then(|p| p.get("ret_first_tok"))
-            .and_then(serde_json::Value::as_bool)
-            == Some(true);
         let params = request
             .tokens
             .get(request.num_prompt_tokens)
-            .filter(|_| wants_first_token)
+            .filter(|_| wants_first_token(request.kv_transfer_params))
             .map(|token| serde_json::json!({ "first_tok": token }));
         // Everything is copied out inside wait_for_save: blocks can be freed at once.
         (false, params)

@@ -22,7 +22,7 @@ use crate::config::{ConfigError, KvRole};
 use crate::device::DeviceError;
 use crate::keys::{CacheKey, KeyError};
 use crate::plan::{ChunkWindow, PlanError};
-use crate::store::StoreError;
+use crate::store::{RequestIdScope, StoreError};
 
 /// A connector call that cannot be carried out.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +119,39 @@ pub struct RequestTransfer {
     /// With `flush_saves`: the request's `kv_transfer_params`, which may name the receiver
     /// ([`crate::transfer::PdTarget`]).
     pub kv_transfer_params: Option<serde_json::Value>,
+    /// The request's prompt length: with `flush_saves`, what a PD decoder is handed (with
+    /// the first token too under `ret_first_tok`), which decides the chunks it looks up.
+    pub prompt_tokens: usize,
+}
+
+impl RequestTransfer {
+    /// Tokens a PD decoder is handed for this request: the prompt, plus the prefiller's
+    /// first token when the proxy asked for it (`ret_first_tok`, LMCache's proxy then sends
+    /// the decoder prompt + first token).
+    pub fn decoder_tokens(&self) -> usize {
+        self.prompt_tokens + usize::from(wants_first_token(self.kv_transfer_params.as_ref()))
+    }
+}
+
+/// Whether a request's `kv_transfer_params` ask for the first token (`ret_first_tok`).
+pub(crate) fn wants_first_token(params: Option<&serde_json::Value>) -> bool {
+    params
+        .and_then(|p| p.get("ret_first_tok"))
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+}
+
+/// The id a PD transfer for this request travels under: the proxy's
+/// `kv_transfer_params.disagg_spec.req_id` when present, else the engine's request id.
+pub(crate) fn pd_request_id<'a>(request: &RequestView<'a>) -> (&'a str, RequestIdScope) {
+    request
+        .kv_transfer_params
+        .and_then(|p| p.get("disagg_spec"))
+        .and_then(|spec| spec.get("req_id"))
+        .and_then(serde_json::Value::as_str)
+        .map_or((request.id, RequestIdScope::Local), |id| {
+            (id, RequestIdScope::Shared)
+        })
 }
 
 /// The per-step message from the scheduler half to the worker half.
@@ -148,6 +181,7 @@ impl ConnectorMetadata {
                 kv_transfer_params: flush_saves
                     .then(|| scheduled.request.kv_transfer_params.cloned())
                     .flatten(),
+                prompt_tokens: scheduled.request.num_prompt_tokens,
             });
         }
     }

@@ -34,6 +34,10 @@ pub struct ConnectorStats {
     /// PD requests whose chunks could not be sent to the decoder (it will recompute), with
     /// `pd_backend_mode: sync`; an `async` sender reports failures to the proxy instead.
     pub failed_sends: usize,
+    /// PD chunks gathered but not sent because the decoder's lookup never asks for them,
+    /// with `pd_backend_mode: sync` (an `async` sink counts them in
+    /// [`KvWorker::pd_skipped_chunks`]).
+    pub pd_skipped_chunks: usize,
 }
 
 impl ConnectorStats {
@@ -47,6 +51,7 @@ impl ConnectorStats {
         self.save_time += other.save_time;
         self.skipped_saves += other.skipped_saves;
         self.failed_sends += other.failed_sends;
+        self.pd_skipped_chunks += other.pd_skipped_chunks;
     }
 }
 
@@ -274,16 +279,28 @@ impl KvWorker {
             stats.saved_chunks += 1;
             stats.saved_bytes += buffer.len();
             match self.pd_sink.as_mut() {
-                Some(sink) => sink.add(&request.request_id, save.key.clone(), meta, buffer),
+                Some(sink) => sink.add(
+                    &request.request_id,
+                    save.key.clone(),
+                    meta,
+                    buffer,
+                    save.window.start + save.window.tokens,
+                ),
                 None => self.tiers.put(&save.key, meta, &buffer)?,
             }
         }
         if let (true, Some(sink)) = (request.flush_saves, self.pd_sink.as_mut()) {
             let target = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref());
-            let sent = target.and_then(|t| sink.flush(&request.request_id, t));
-            if let Err(error) = sent {
-                tracing::warn!(request = %request.request_id, %error, "sending KV to the decoder failed; it will recompute");
-                stats.failed_sends += 1;
+            let sent =
+                target.and_then(|t| sink.flush(&request.request_id, t, request.decoder_tokens()));
+            match sent {
+                Ok(sent) => {
+                    stats.pd_skipped_chunks = sent.map_or(0, |s| s.skipped_chunks);
+                }
+                Err(error) => {
+                    tracing::warn!(request = %request.request_id, %error, "sending KV to the decoder failed; it will recompute");
+                    stats.failed_sends += 1;
+                }
             }
         }
         stats.save_time = started.elapsed();
@@ -343,6 +360,12 @@ impl KvWorker {
     /// Totals over every request.
     pub fn stats(&self) -> &ConnectorStats {
         &self.stats
+    }
+
+    /// A PD prefiller's chunks left out of sends so far because the decoder would never
+    /// look them up, in either `pd_backend_mode`; `None` when this worker sends no PD KV.
+    pub fn pd_skipped_chunks(&self) -> Option<u64> {
+        self.pd_sink.as_ref().map(PdSink::skipped_chunks)
     }
 
     /// One request's transfers so far; the engine takes them when the request finishes.

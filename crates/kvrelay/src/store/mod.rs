@@ -172,6 +172,22 @@ pub trait Tier: Send + Sync {
     /// Returns whether the key was present.
     fn remove(&self, key: &CacheKey) -> Result<bool, StoreError>;
     fn stats(&self) -> TierStats;
+    /// A request ended (finished, aborted or failed): free whatever this tier reserved for
+    /// it. Most tiers hold nothing per request; a PD buffer holds the KV a prefiller sent
+    /// for it, which the request may not have consumed whole.
+    fn release_request(&self, _request_id: &str, _scope: RequestIdScope) {}
+}
+
+/// Who else knows a request id: what a tier may conclude from it when the request ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestIdScope {
+    /// The id a PD proxy gave the request (`disagg_spec.req_id`); its prefiller sends KV
+    /// under the same id, so KV arriving for it after the end can be refused.
+    Shared,
+    /// The engine's own id: KV held under it is the request's only by the convention that
+    /// a server names a PD request by its proxy id, and an unknown id may be another
+    /// engine's request, so nothing is remembered about it.
+    Local,
 }
 
 /// A snapshot of the stack's lookup counters.
@@ -279,6 +295,13 @@ impl TierStack {
             (true, _) => Ok(()),
             (false, Some(err)) => Err(err),
             (false, None) => Err(StoreError::NoTiers),
+        }
+    }
+
+    /// Tells every tier that `request_id` ended ([`Tier::release_request`]).
+    pub fn release_request(&self, request_id: &str, scope: RequestIdScope) {
+        for tier in &self.tiers {
+            tier.release_request(request_id, scope);
         }
     }
 

@@ -5,6 +5,8 @@
 //! chunk verified, chunks findable by key) and is gone once each chunk has been consumed, or
 //! when it is cancelled, its sender disconnects, or its TTL passes. A consumed chunk's page
 //! stays in use until the returned [`Chunk`] (and every clone of its bytes) is dropped.
+//! A cancelled id is remembered (boundedly), so its transfer arriving later is refused
+//! instead of holding pages until the TTL.
 
 use std::collections::{HashMap, VecDeque};
 use std::ptr::NonNull;
@@ -72,6 +74,11 @@ pub struct Occupancy {
     pub requests: usize,
     /// Allocations waiting for pages.
     pub waiting: usize,
+    /// Ready requests reclaimed because their TTL passed before they were consumed in full
+    /// (since the buffer was created): KV the decoder never released.
+    pub expired_requests: u64,
+    /// Pages those requests still held.
+    pub expired_pages: u64,
 }
 
 /// A request whose chunks all arrived and verified.
@@ -111,7 +118,8 @@ struct Request {
     expires: Instant,
 }
 
-/// Bounded record of requests that are gone, for `wait_ready`.
+/// Bounded record of requests that are gone, for `wait_ready` and to refuse transfers of
+/// cancelled requests.
 const ENDED_KEPT: usize = 1024;
 
 #[derive(Clone, Copy)]
@@ -119,7 +127,11 @@ enum Ended {
     /// Every chunk was taken (possibly by another request with the same keys).
     Consumed(ReadyRequest),
     Failed(&'static str),
+    /// The decoder's request ended or was cancelled: a transfer for it is refused.
+    Cancelled,
 }
+
+const CANCELLED: &str = "cancelled";
 
 struct State {
     free: Vec<u32>,
@@ -133,6 +145,8 @@ struct State {
     next_ticket: u64,
     next_grant: u32,
     ended: VecDeque<(Arc<str>, Ended)>,
+    expired_requests: u64,
+    expired_pages: u64,
     closed: bool,
 }
 
@@ -175,6 +189,8 @@ impl PdBuffer {
             next_ticket: 0,
             next_grant: 0,
             ended: VecDeque::new(),
+            expired_requests: 0,
+            expired_pages: 0,
             closed: false,
         };
         Ok(PdBuffer {
@@ -233,6 +249,12 @@ impl PdBuffer {
             }
             if st.requests.contains_key(request_id) {
                 break Err(TransferError::DuplicateRequest(request_id.to_string()));
+            }
+            if matches!(last_end(&st, request_id), Some(Ended::Cancelled)) {
+                break Err(ended(
+                    request_id,
+                    "the decoder cancelled it before its KV arrived",
+                ));
             }
             let now = Instant::now();
             self.expire(&mut st, now);
@@ -304,12 +326,13 @@ impl PdBuffer {
         };
         let cancelled = matches!(req.phase, Phase::Receiving { cancelled: true });
         if cancelled || rejected > 0 || verified.len() != req.slots.len() {
-            let reason = if cancelled {
-                "cancelled"
+            let (reason, end) = if cancelled {
+                (CANCELLED, Ended::Cancelled)
             } else {
-                "chunks failed verification"
+                let reason = "chunks failed verification";
+                (reason, Ended::Failed(reason))
             };
-            self.remove(&mut st, request_id, reason);
+            self.remove(&mut st, request_id, end);
             drop(st);
             s.changed.notify_all();
             return if cancelled {
@@ -335,30 +358,49 @@ impl PdBuffer {
     }
 
     /// Frees a request's pages whatever its phase, except that a receiving request whose
-    /// bytes may still be landing is only marked: its connection frees it.
-    pub(crate) fn cancel(&self, request_id: &str) -> bool {
+    /// bytes may still be landing is only marked: its connection frees it at commit. With
+    /// `remember_unknown`, an id not in the buffer is remembered as cancelled, so its
+    /// transfer is refused if it comes later. Returns whether the request was in the buffer.
+    pub(crate) fn cancel(&self, request_id: &str, remember_unknown: bool) -> bool {
         let mut st = self.shared.state.lock();
-        let Some(req) = st.requests.get_mut(request_id) else {
-            return false;
+        let known = match st.requests.get_mut(request_id) {
+            Some(req) if matches!(req.phase, Phase::Receiving { .. }) => {
+                req.phase = Phase::Receiving { cancelled: true };
+                true
+            }
+            Some(_) => {
+                self.remove(&mut st, request_id, Ended::Cancelled);
+                true
+            }
+            None if !remember_unknown => false,
+            None => {
+                match st
+                    .ended
+                    .iter_mut()
+                    .rev()
+                    .find(|(id, _)| &**id == request_id)
+                {
+                    Some((_, end)) => *end = Ended::Cancelled,
+                    None => record_end(&mut st, Arc::from(request_id), Ended::Cancelled),
+                }
+                false
+            }
         };
-        match req.phase {
-            Phase::Receiving { .. } => req.phase = Phase::Receiving { cancelled: true },
-            Phase::Ready => self.remove(&mut st, request_id, "cancelled"),
-        }
         drop(st);
         self.shared.changed.notify_all();
-        true
+        known
     }
 
     /// The request's connection is gone before `Commit`: free its pages.
     pub(crate) fn abort(&self, request_id: &str, reason: &'static str) {
         let mut st = self.shared.state.lock();
-        self.remove(&mut st, request_id, reason);
+        self.remove(&mut st, request_id, Ended::Failed(reason));
         drop(st);
         self.shared.changed.notify_all();
     }
 
-    fn remove(&self, st: &mut State, request_id: &str, reason: &'static str) {
+    /// Frees a request's pages and records how it ended.
+    fn remove(&self, st: &mut State, request_id: &str, end: Ended) {
         let Some((id, req)) = st.requests.remove_entry(request_id) else {
             return;
         };
@@ -371,8 +413,12 @@ impl PdBuffer {
                 }
             }
         }
-        record_end(st, id, Ended::Failed(reason));
-        tracing::debug!(request = request_id, reason, "PD request removed");
+        record_end(st, id, end);
+        tracing::debug!(
+            request = request_id,
+            reason = end.reason(),
+            "PD request removed"
+        );
     }
 
     /// Reclaims ready requests whose TTL passed.
@@ -384,8 +430,16 @@ impl PdBuffer {
             .map(|(id, _)| Arc::clone(id))
             .collect();
         for id in expired {
-            tracing::warn!(request = &*id, "unconsumed PD KV expired; pages reclaimed");
-            self.remove(st, &id, "expired before it was consumed");
+            let pages = st.requests.get(&id).map_or(0, |r| r.held);
+            tracing::warn!(
+                request = &*id,
+                pages,
+                "unconsumed PD KV expired; pages reclaimed (nothing released them when the \
+                 decoder's request ended)"
+            );
+            st.expired_requests += 1;
+            st.expired_pages += pages as u64;
+            self.remove(st, &id, Ended::Failed("expired before it was consumed"));
         }
     }
 
@@ -441,11 +495,10 @@ impl PdBuffer {
                 if req.phase == Phase::Ready {
                     return Ok(ready_info(req));
                 }
-            } else if let Some((_, end)) = st.ended.iter().rev().find(|(id, _)| &**id == request_id)
-            {
-                return match *end {
+            } else if let Some(end) = last_end(&st, request_id) {
+                return match end {
                     Ended::Consumed(info) => Ok(info),
-                    Ended::Failed(reason) => Err(ended(request_id, reason)),
+                    failed => Err(ended(request_id, failed.reason())),
                 };
             }
             if st.closed {
@@ -471,6 +524,8 @@ impl PdBuffer {
             used_pages: s.num_pages - st.free.len(),
             requests: st.requests.len(),
             waiting: st.queue.len(),
+            expired_requests: st.expired_requests,
+            expired_pages: st.expired_pages,
         }
     }
 
@@ -493,6 +548,25 @@ fn ready_info(req: &Request) -> ReadyRequest {
         chunks: req.slots.len(),
         tokens: req.slots.iter().map(|s| u64::from(s.meta.num_tokens)).sum(),
     }
+}
+
+impl Ended {
+    fn reason(self) -> &'static str {
+        match self {
+            Ended::Consumed(_) => "consumed",
+            Ended::Failed(reason) => reason,
+            Ended::Cancelled => CANCELLED,
+        }
+    }
+}
+
+/// How `request_id` ended, if it is among the requests remembered.
+fn last_end(st: &State, request_id: &str) -> Option<Ended> {
+    st.ended
+        .iter()
+        .rev()
+        .find(|(id, _)| &**id == request_id)
+        .map(|(_, end)| *end)
 }
 
 fn record_end(st: &mut State, id: Arc<str>, end: Ended) {
@@ -533,5 +607,60 @@ impl Drop for PageLease {
     fn drop(&mut self) {
         self.shared.state.lock().free.push(self.page);
         self.shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::ErrorCode;
+    use crate::KvDtype;
+
+    fn buffer(pages: usize) -> PdBuffer {
+        PdBuffer::new(
+            Box::new(HostPages::new(pages * 64).unwrap()),
+            64,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    fn one_chunk() -> Vec<ChunkDecl> {
+        vec![ChunkDecl {
+            key: CacheKey::new("m", 1, 0, 7, KvDtype::Bf16).unwrap(),
+            meta: ChunkMeta {
+                layout_fingerprint: 1,
+                num_tokens: 1,
+            },
+            len: 64,
+        }]
+    }
+
+    #[test]
+    fn cancelled_ids_are_refused_and_remembered_boundedly() {
+        let buffer = buffer(2);
+        assert!(!buffer.cancel("local", false));
+        for i in 0..=ENDED_KEPT {
+            assert!(!buffer.cancel(&format!("gone-{i}"), true));
+        }
+        let refused = buffer.reserve(&format!("gone-{ENDED_KEPT}"), &one_chunk(), Duration::ZERO);
+        assert!(
+            matches!(&refused, Err(e) if e.code() == ErrorCode::Cancelled),
+            "{:?}",
+            refused.err()
+        );
+        // The oldest record made room for the newest; that id is admitted again.
+        assert!(buffer
+            .reserve("gone-0", &one_chunk(), Duration::ZERO)
+            .is_ok());
+        assert_eq!(buffer.shared.state.lock().ended.len(), ENDED_KEPT);
+        // Released without being remembered: a local id stays free to use.
+        assert!(buffer
+            .reserve("local", &one_chunk(), Duration::ZERO)
+            .is_ok());
+        // Cancelling an id twice does not grow the record.
+        buffer.cancel("gone-1", true);
+        buffer.cancel("gone-1", true);
+        assert_eq!(buffer.shared.state.lock().ended.len(), ENDED_KEPT);
     }
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic "KVRL"
-//!      4    1 version (1)
+//!      4    1 version (2)
 //!      5    1 message type (MsgType)
 //!      6    2 flags, must be 0
 //!      8    4 body length in bytes (u32), bounded per message type and connection state
@@ -17,11 +17,12 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
-use crate::keys::CacheKey;
+use crate::keys::{CacheKey, KeyDerivation};
 use crate::store::ChunkMeta;
 
 pub const MAGIC: [u8; 4] = *b"KVRL";
-pub const VERSION: u8 = 1;
+/// 2: `Hello` carries the sender's [`KeyDerivation`], `Welcome` the receiver's lookup rule.
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 12;
 
 /// Bound on handshake frames (init port, and the first frame on the alloc port).
@@ -36,6 +37,8 @@ pub const MAX_REQUEST_ID: usize = 256;
 pub const MAX_KEY: usize = 512;
 pub const MAX_MESSAGE: usize = 1024;
 pub const MAX_SHM_PATH: usize = 255;
+/// Bound on a dtype or hash algorithm name in `Hello`.
+pub const MAX_NAME: usize = 64;
 pub const NONCE_LEN: usize = 32;
 pub const MAC_LEN: usize = 32;
 pub const TOKEN_LEN: usize = 16;
@@ -86,13 +89,13 @@ pub enum FrameError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MsgType {
-    /// S→R init port: rank, channel, geometry, client nonce.
+    /// S→R init port: rank, channel, geometry, key derivation, client nonce.
     Hello = 1,
     /// R→S: server nonce and the receiver's proof of the shared secret.
     Challenge = 2,
     /// S→R: the sender's proof of the shared secret.
     Auth = 3,
-    /// R→S: session token, buffer geometry, shared-memory name.
+    /// R→S: session token, buffer geometry, shared-memory name, lookup rule.
     Welcome = 4,
     /// Either way: a refusal with a code; the connection closes after it.
     Error = 5,
@@ -153,12 +156,15 @@ pub enum ErrorCode {
     BadChunk,
     Cancelled,
     Busy,
+    /// The sender derives chunk keys differently (model, world size, dtype, chunk size,
+    /// hash algorithm or seed): nothing it sends would ever be found.
+    KeyMismatch,
     /// A code this build does not know (a newer peer).
     Other(u16),
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 12] = [
+    const TABLE: [(ErrorCode, u16); 13] = [
         (ErrorCode::Protocol, 1),
         (ErrorCode::AuthFailed, 2),
         (ErrorCode::LayoutMismatch, 3),
@@ -171,6 +177,7 @@ impl ErrorCode {
         (ErrorCode::BadChunk, 10),
         (ErrorCode::Cancelled, 11),
         (ErrorCode::Busy, 12),
+        (ErrorCode::KeyMismatch, 13),
     ];
 
     pub fn to_u16(self) -> u16 {
@@ -248,6 +255,8 @@ pub enum Message {
         channel: ChannelKind,
         page_size: u64,
         fingerprint: u64,
+        /// How the sender names chunks; the receiver refuses a sender unlike itself.
+        keys: KeyDerivation,
         nonce: [u8; NONCE_LEN],
     },
     Challenge {
@@ -264,6 +273,9 @@ pub enum Message {
         num_pages: u32,
         shm_path: String,
         shm_len: u64,
+        /// The decoder's `skip_last_n_tokens`: its lookups leave out a prompt's last n
+        /// tokens, so the sender does not send chunks that would never be looked up.
+        skip_last_n_tokens: u32,
     },
     Error {
         code: ErrorCode,
@@ -329,12 +341,19 @@ impl Message {
                 channel,
                 page_size,
                 fingerprint,
+                keys,
                 nonce,
             } => {
                 w.u32(*rank);
                 w.0.push(channel.to_u8());
                 w.u64(*page_size);
                 w.u64(*fingerprint);
+                w.str(&keys.model);
+                w.u32(keys.world_size);
+                w.str(keys.dtype.lmcache_name());
+                w.u32(keys.chunk_size);
+                w.str(keys.hash_algorithm.name());
+                w.u64(keys.none_hash);
                 w.bytes(nonce);
             }
             Message::Challenge {
@@ -353,12 +372,14 @@ impl Message {
                 num_pages,
                 shm_path,
                 shm_len,
+                skip_last_n_tokens,
             } => {
                 w.bytes(token);
                 w.u64(*page_size);
                 w.u32(*num_pages);
                 w.str(shm_path);
                 w.u64(*shm_len);
+                w.u32(*skip_last_n_tokens);
             }
             Message::Error { code, message } => {
                 w.u16(code.to_u16());
@@ -536,6 +557,7 @@ pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
             },
             page_size: r.u64("page_size")?,
             fingerprint: r.u64("fingerprint")?,
+            keys: r.key_derivation()?,
             nonce: r.array("nonce")?,
         },
         MsgType::Challenge => Message::Challenge {
@@ -556,6 +578,7 @@ pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
             num_pages: r.u32("num_pages")?,
             shm_path: r.str("shm_path", MAX_SHM_PATH)?,
             shm_len: r.u64("shm_len")?,
+            skip_last_n_tokens: r.u32("skip_last_n_tokens")?,
         },
         MsgType::Error => Message::Error {
             code: ErrorCode::from_u16(r.u16("code")?),
@@ -895,6 +918,30 @@ impl<'a> Reader<'a> {
         }
         Ok(n as usize)
     }
+    /// `Hello`'s key derivation: model, world size, dtype, chunk size, hash algorithm and
+    /// NONE_HASH.
+    fn key_derivation(&mut self) -> Result<KeyDerivation, FrameError> {
+        let model = self.str("model", MAX_KEY)?;
+        let model = CacheKey::model_name(&model).map_err(|e| self.bad("model", e.to_string()))?;
+        let world_size = self.u32("world_size")?;
+        let dtype = self.str("dtype", MAX_NAME)?;
+        let dtype = dtype
+            .parse()
+            .map_err(|e: crate::dtype::UnknownDtype| self.bad("dtype", e.to_string()))?;
+        let chunk_size = self.u32("chunk_size")?;
+        let hash = self.str("hash_algorithm", MAX_NAME)?;
+        let hash_algorithm = hash
+            .parse()
+            .map_err(|e: crate::keys::HashError| self.bad("hash_algorithm", e.to_string()))?;
+        Ok(KeyDerivation {
+            model,
+            world_size,
+            dtype,
+            chunk_size,
+            hash_algorithm,
+            none_hash: self.u64("none_hash")?,
+        })
+    }
     fn bad(&self, field: &'static str, reason: String) -> FrameError {
         FrameError::BadField {
             kind: self.kind,
@@ -918,6 +965,18 @@ mod tests {
                 channel: ChannelKind::Shm,
                 page_size: 1 << 20,
                 fingerprint: 7,
+                keys: KeyDerivation::new(
+                    "m",
+                    2,
+                    KvDtype::Fp8E4m3,
+                    &crate::keys::ChunkHasher::new(
+                        crate::keys::HashAlgorithm::Sha256Cbor,
+                        "0",
+                        256,
+                    )
+                    .unwrap(),
+                )
+                .unwrap(),
                 nonce: [3; NONCE_LEN],
             },
             Message::Challenge {
@@ -934,6 +993,7 @@ mod tests {
                 num_pages: 3,
                 shm_path: "/dev/shm/kvrelay-pd-1".into(),
                 shm_len: 12288,
+                skip_last_n_tokens: 1,
             },
             Message::Error {
                 code: ErrorCode::AllocationTimeout,

@@ -6,12 +6,15 @@
 //!
 //! ```text
 //! // both sides
-//! let cfg = PdConfig::from_lmcache(&lmcache_config, &kv_cache_spec)?;
+//! let keys = KeyDerivation::new(model, world_size, dtype, &chunk_hasher)?;
+//! let cfg = PdConfig::from_lmcache(&lmcache_config, &kv_cache_spec, keys)?;
 //! // decoder, one per TP rank: binds pd_peer_host:pd_peer_{init,alloc}_port[rank]
 //! let rx = PdReceiver::bind(&cfg, rank)?;
 //! rx.wait_ready(request_id, timeout)?;        // the request's chunks all arrived and verified
 //! let chunk = rx.get(&key);                   // consumes: the page is freed when `chunk` drops
-//! rx.cancel(request_id); rx.occupancy();
+//! rx.cancel(request_id);   // frees its pages; refuses its transfer if it comes later
+//! rx.release(request_id);  // frees its pages only (an id other engines may also use)
+//! rx.occupancy();          // pages in use, and TTL reaps so far
 //! // prefiller, one per TP rank: rank i talks to receiver rank i
 //! let peer = PdPeer::for_rank(host, &init_ports, &alloc_ports, rank)?;  // from disagg_spec
 //! let mut tx = PdSender::connect(&cfg, peer, rank)?;                   // handshake once
@@ -23,8 +26,11 @@
 //! # Protocol ([`frame`] has the byte layout)
 //!
 //! 1. **Init port** (`pd_peer_init_port[rank]`), once per sender: `Hello` (rank, channel,
-//!    page size, layout fingerprint, nonce) → `Challenge` (nonce, receiver proof) → `Auth`
-//!    (sender proof) → `Welcome` (one-time session token, buffer geometry, shm name). With
+//!    page size, layout fingerprint, [`KeyDerivation`], nonce) → `Challenge` (nonce, receiver
+//!    proof) → `Auth` (sender proof) → `Welcome` (one-time session token, buffer geometry, shm
+//!    name, the decoder's `skip_last_n_tokens`). A sender that derives keys differently
+//!    (model, world size, dtype, chunk size, hash algorithm or seed) is refused with
+//!    `Error{KeyMismatch}` naming the first differing field and both values. With
 //!    `pd_shared_secret` both proofs are HMAC-SHA256 over both nonces and the rank, so each
 //!    side knows the other holds the secret; a mismatch is `Error{AuthFailed}`.
 //! 2. **Alloc port** (`pd_peer_alloc_port[rank]`), a persistent connection opened with
@@ -48,9 +54,15 @@
 //!   is read into memory; a malformed frame closes that connection only.
 //! - Every chunk is verified (fingerprint and length at alloc, xxh3-64 at seal). A request
 //!   with any bad chunk is dropped whole: it is a miss, never loaded.
-//! - Pages come back when the consumer drops a chunk, on [`PdReceiver::cancel`], when the
-//!   sender's connection drops before `Commit`, and after `pd_buffer_ttl_sec` for KV that
-//!   nobody consumed.
+//! - A sender sends only the chunks the decoder's lookup will ask for (its prompt, plus
+//!   the first token when the proxy asked for `ret_first_tok`, less the decoder's
+//!   `skip_last_n_tokens`); the others are counted in [`SendStats::skipped_chunks`].
+//! - Pages come back when the consumer drops a chunk, on [`PdReceiver::cancel`] (the
+//!   decoder's connector calls it when the request ends, so KV it did not load is freed at
+//!   once), when the sender's connection drops before `Commit`, and, as a last resort
+//!   counted in [`Occupancy`], after `pd_buffer_ttl_sec` for KV that nobody consumed.
+//!   A request cancelled before its transfer arrived is refused at allocation
+//!   ([`ErrorCode::Cancelled`]).
 //!
 //! Trust model of `shm`: the sender maps the whole PD buffer (a 0600 file in `/dev/shm`, so
 //! only the same user can), so a hostile same-host peer could write outside its grant; the
@@ -80,6 +92,7 @@ pub use tcp::tune_socket;
 pub use tier::{PdSink, ReceivedKv};
 
 use crate::config::{LmcacheConfig, PdBackendMode, SecretString};
+use crate::keys::KeyDerivation;
 use crate::layout::KvCacheSpec;
 
 /// A PD transfer that failed or was refused.
@@ -128,6 +141,10 @@ pub enum TransferError {
     },
     #[error("authentication failed: {0}")]
     AuthFailed(String),
+    #[error(
+        "the sender derives chunk keys unlike this receiver, so its KV would never be found: {0}"
+    )]
+    KeyMismatch(String),
     #[error("the peer refused ({code:?}): {message}")]
     Refused { code: ErrorCode, message: String },
     #[error("request {request:?}: {rejected} chunks failed verification at the receiver; nothing of it will be loaded")]
@@ -159,6 +176,7 @@ impl TransferError {
             TransferError::BadChunk { .. } => ErrorCode::BadChunk,
             TransferError::AuthFailed(_) => ErrorCode::AuthFailed,
             TransferError::RequestEnded { .. } => ErrorCode::Cancelled,
+            TransferError::KeyMismatch(_) => ErrorCode::KeyMismatch,
             TransferError::Refused { code, .. } => *code,
             TransferError::ShuttingDown => ErrorCode::Busy,
             _ => ErrorCode::Protocol,
@@ -310,6 +328,11 @@ pub struct PdConfig {
     pub spec: KvCacheSpec,
     /// `chunk_size`, tokens per full chunk.
     pub chunk_size: usize,
+    /// How this engine names chunks; a receiver refuses senders that differ.
+    pub keys: KeyDerivation,
+    /// A receiver's lookup rule (`skip_last_n_tokens` of the decoder's connector), announced
+    /// to senders so they leave out the chunks it never looks up.
+    pub skip_last_n_tokens: usize,
     /// `pd_max_prefill_len`: if > 0 the buffer must hold a prefill this long.
     pub max_prefill_len: u64,
     pub peer_host: Option<String>,
@@ -332,6 +355,16 @@ pub struct PdConfig {
     pub backend_mode: PdBackendMode,
 }
 
+/// Whether `host` names this machine only (`localhost` or a loopback address): no other
+/// machine can reach it, so running without `pd_shared_secret` exposes nothing there.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Waits longer than this are treated as this (LMCache allows `inf`; kvrelay bounds all).
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
@@ -340,8 +373,14 @@ fn seconds(s: f64) -> Duration {
 }
 
 impl PdConfig {
-    /// Reads the `pd_*` keys, `transfer_channel` and `chunk_size` of a validated config.
-    pub fn from_lmcache(cfg: &LmcacheConfig, spec: &KvCacheSpec) -> Result<Self, TransferError> {
+    /// Reads the `pd_*` keys, `transfer_channel` and `chunk_size` of a validated config;
+    /// `keys` is how this engine derives chunk keys (its chunk size and dtype must be the
+    /// config's and `spec`'s). `skip_last_n_tokens` starts at 0 (a sender's value is unused).
+    pub fn from_lmcache(
+        cfg: &LmcacheConfig,
+        spec: &KvCacheSpec,
+        keys: KeyDerivation,
+    ) -> Result<Self, TransferError> {
         spec.validate()
             .map_err(|e| TransferError::Config(e.to_string()))?;
         let channel = match cfg.transfer_channel.as_deref() {
@@ -356,12 +395,20 @@ impl PdConfig {
         if cfg.chunk_size == 0 {
             return Err(TransferError::Config("chunk_size must be > 0".into()));
         }
+        if keys.chunk_size as usize != cfg.chunk_size || keys.dtype != spec.dtype {
+            return Err(TransferError::Config(format!(
+                "keys are derived for chunk_size {} and dtype {}, but the config has chunk_size {} and the KV cache dtype {}",
+                keys.chunk_size, keys.dtype, cfg.chunk_size, spec.dtype
+            )));
+        }
         let proxy = cfg.pd_proxy_host.clone().zip(cfg.pd_proxy_port);
         Ok(PdConfig {
             channel,
             buffer_size,
             spec: *spec,
             chunk_size: cfg.chunk_size,
+            keys,
+            skip_last_n_tokens: 0,
             max_prefill_len: cfg.pd_max_prefill_len,
             peer_host: cfg.pd_peer_host.clone(),
             init_ports: cfg.pd_peer_init_port.clone().unwrap_or_default(),
@@ -423,6 +470,29 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(single.init_ports, vec![7300]);
+    }
+
+    #[test]
+    fn only_loopback_hosts_count_as_local() {
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.3.2.1",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "0.0.0.0",
+            "::",
+            "10.0.0.7",
+            "decoder-1",
+            "localhost.example.com",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

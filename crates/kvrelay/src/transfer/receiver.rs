@@ -19,7 +19,7 @@ use super::frame::{
 };
 use super::shm::ShmPages;
 use super::tcp::tune_socket;
-use super::{PdConfig, PdPeer, TransferError};
+use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::Chunk;
 
@@ -129,6 +129,15 @@ impl PdReceiver {
             receiver.listeners.push(handle);
         }
         tracing::info!(rank, %init_addr, %alloc_addr, channel = config.channel.as_str(), pages, page_size, "PD receiver listening");
+        if config.shared_secret.is_none() && !is_loopback_host(&peer.host) {
+            tracing::warn!(
+                rank,
+                host = peer.host,
+                "the PD receiver listens beyond this machine without pd_shared_secret: any host \
+                 that reaches its ports can fill the PD buffer or push KV the decoder will load \
+                 as a prompt's; set the same pd_shared_secret on prefillers, decoders and proxy"
+            );
+        }
         Ok(receiver)
     }
 
@@ -163,10 +172,18 @@ impl PdReceiver {
         self.inner.buffer.wait_ready(request_id, timeout)
     }
 
-    /// Frees a request's pages (once its sender stops writing them, if still receiving).
-    /// Returns whether the request was known.
+    /// Frees a request's pages (once its sender stops writing them, if still receiving),
+    /// and refuses its transfer ([`ErrorCode::Cancelled`]) if it has not arrived yet.
+    /// Returns whether the request was in the buffer.
     pub fn cancel(&self, request_id: &str) -> bool {
-        self.inner.buffer.cancel(request_id)
+        self.inner.buffer.cancel(request_id, true)
+    }
+
+    /// Frees a request's pages like [`PdReceiver::cancel`], but remembers nothing of an id
+    /// not in the buffer: for ids that may name another engine's request. Returns whether
+    /// the request was in the buffer.
+    pub fn release(&self, request_id: &str) -> bool {
+        self.inner.buffer.cancel(request_id, false)
     }
 
     pub fn occupancy(&self) -> Occupancy {
@@ -338,6 +355,7 @@ impl Inner {
             channel,
             page_size,
             fingerprint,
+            keys,
             nonce: sender_nonce,
         } = read_message(stream, MAX_HANDSHAKE_BODY)?
         else {
@@ -361,6 +379,10 @@ impl Inner {
                     channel.as_str()
                 ),
             ));
+        }
+        // Before the geometry: a chunk size or dtype that differs is named as such.
+        if let Some(difference) = self.config.keys.first_difference(&keys) {
+            return Err(TransferError::KeyMismatch(difference));
         }
         if page_size != self.buffer.page_size() as u64 || fingerprint != self.fingerprint {
             return Err(refused(
@@ -421,6 +443,8 @@ impl Inner {
                 num_pages: self.buffer.num_pages() as u32,
                 shm_path,
                 shm_len,
+                skip_last_n_tokens: u32::try_from(self.config.skip_last_n_tokens)
+                    .unwrap_or(u32::MAX),
             },
         )
     }

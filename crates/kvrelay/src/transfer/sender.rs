@@ -13,7 +13,7 @@ use super::frame::{
 };
 use super::shm::ShmChannel;
 use super::tcp::{tune_socket, TcpChannel};
-use super::{PdConfig, PdPeer, TransferError};
+use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::ChunkMeta;
 
@@ -29,6 +29,9 @@ pub struct SendStats {
     pub transfer: Duration,
     /// Whether the proxy was notified (a proxy is configured).
     pub notified: bool,
+    /// Chunks left out because the decoder's lookup never asks for them (set by
+    /// [`PdSink`](super::PdSink); a direct [`PdSender::send_request`] sends every chunk).
+    pub skipped_chunks: usize,
 }
 
 /// One chunk of a request as the sender hands it over: its bytes in the sender's staging
@@ -62,6 +65,8 @@ pub struct PdSender {
     peer: PdPeer,
     rank: u32,
     link: Option<Link>,
+    /// The receiver's `skip_last_n_tokens`, from its last `Welcome`.
+    receiver_skip: usize,
 }
 
 struct Link {
@@ -69,18 +74,42 @@ struct Link {
     channel: Box<dyn Channel>,
     page_size: usize,
     num_pages: usize,
+    receiver_skip: usize,
 }
 
 impl PdSender {
     /// Does the init handshake with the receiver and attaches to its alloc port.
     pub fn connect(config: &PdConfig, peer: PdPeer, rank: u32) -> Result<Self, TransferError> {
         let link = Link::open(config, &peer, rank)?;
+        if config.shared_secret.is_none() {
+            let proxy_host = config.proxy.as_ref().map(|(host, _)| host.as_str());
+            let remote = std::iter::once(peer.host.as_str())
+                .chain(proxy_host)
+                .find(|host| !is_loopback_host(host));
+            if let Some(host) = remote {
+                tracing::warn!(
+                    rank,
+                    host,
+                    "the PD sender talks to another machine without pd_shared_secret: it cannot \
+                     tell the real decoder from an impostor that would take the prompt's KV, \
+                     and the proxy cannot tell its KV-ready notifications from forged ones; \
+                     set the same pd_shared_secret on prefillers, decoders and proxy"
+                );
+            }
+        }
         Ok(PdSender {
             config: config.clone(),
             peer,
             rank,
+            receiver_skip: link.receiver_skip,
             link: Some(link),
         })
+    }
+
+    /// The receiver's lookup rule: its lookups leave out a prompt's last this many tokens
+    /// (`skip_last_n_tokens`, announced in its `Welcome`).
+    pub fn receiver_skip_last_n_tokens(&self) -> usize {
+        self.receiver_skip
     }
 
     /// Sends one request: reserves a page per chunk at the receiver (all or nothing), moves
@@ -99,6 +128,7 @@ impl PdSender {
             Some(link) => link,
             None => Link::open(&self.config, &self.peer, self.rank)?,
         };
+        self.receiver_skip = link.receiver_skip;
         let result = link.send(&self.config, request_id, &alloc, chunks);
         let keep = match &result {
             Ok(_) => true,
@@ -244,6 +274,7 @@ impl Link {
             channel: cfg.channel,
             page_size: page_size as u64,
             fingerprint: cfg.spec.chunk_fingerprint(),
+            keys: cfg.keys.clone(),
             nonce: sender_nonce,
         };
         write(&mut init, &hello.encode())?;
@@ -292,6 +323,7 @@ impl Link {
             num_pages,
             shm_path,
             shm_len,
+            skip_last_n_tokens,
         } = welcome
         else {
             return Err(unexpected(&welcome));
@@ -331,6 +363,7 @@ impl Link {
             channel,
             page_size,
             num_pages,
+            receiver_skip: skip_last_n_tokens as usize,
         })
     }
 
@@ -408,6 +441,7 @@ impl Link {
             alloc_wait,
             transfer: started.elapsed() - alloc_wait,
             notified: false,
+            skipped_chunks: 0,
         })
     }
 }

@@ -3,9 +3,11 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::frame::checksum;
 use super::sender::notify_proxy;
@@ -15,7 +17,7 @@ use super::{
 use crate::config::PdBackendMode;
 use crate::device::HostBuffer;
 use crate::keys::CacheKey;
-use crate::store::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
+use crate::store::{Chunk, ChunkMeta, RequestIdScope, StoreError, Tier, TierStats};
 
 /// The decoder's PD buffer in its tier list. A hit consumes the chunk: its page returns to
 /// the buffer once the load has copied it out.
@@ -75,6 +77,23 @@ impl Tier for ReceivedKv {
             ..TierStats::default()
         }
     }
+
+    /// Frees the pages still held for the PD request `request_id`; with a shared id, also
+    /// refuses its transfer if it has not arrived yet.
+    fn release_request(&self, request_id: &str, scope: RequestIdScope) {
+        match scope {
+            RequestIdScope::Shared => self.receiver.cancel(request_id),
+            RequestIdScope::Local => self.receiver.release(request_id),
+        };
+    }
+}
+
+/// Whether a decoder whose lookup covers the first `lookup_len` tokens of a prompt asks for
+/// the chunk whose window ends at token `window_end`. Its lookup cuts chunks at multiples of
+/// `chunk_size` and ends with a partial chunk at `lookup_len`; a chunk ending anywhere else
+/// is keyed over other tokens, so it would never be found.
+fn decoder_looks_up(window_end: usize, lookup_len: usize, chunk_size: usize) -> bool {
+    window_end <= lookup_len && (window_end.is_multiple_of(chunk_size) || window_end == lookup_len)
 }
 
 /// Connected receivers a sink keeps; past this many, the least recently used link is
@@ -93,6 +112,8 @@ const SEND_QUEUE: usize = 8;
 pub struct PdSink {
     pending: HashMap<String, Vec<GatheredChunk>>,
     sending: Sending,
+    /// Chunks left out of sends because the decoder never looks them up, in either mode.
+    skipped_chunks: Arc<AtomicU64>,
 }
 
 enum Sending {
@@ -108,6 +129,8 @@ struct SendJob {
     request_id: String,
     chunks: Vec<GatheredChunk>,
     target: Option<PdTarget>,
+    /// Tokens the decoder will be handed for this request (what its lookup starts from).
+    decoder_tokens: usize,
 }
 
 /// A chunk waiting to be sent, with the checksum taken when it was gathered.
@@ -116,16 +139,20 @@ struct GatheredChunk {
     meta: ChunkMeta,
     data: HostBuffer,
     checksum: u64,
+    /// The token after the chunk's last: what decides whether the decoder looks it up.
+    window_end: usize,
 }
 
 impl PdSink {
     pub fn new(config: PdConfig, rank: u32) -> Result<Self, TransferError> {
         let mode = config.backend_mode;
+        let skipped_chunks = Arc::new(AtomicU64::new(0));
         let mut links = Links {
             config,
             rank,
             links: HashMap::new(),
             sends: 0,
+            skipped_chunks: Arc::clone(&skipped_chunks),
         };
         let sending = match mode {
             PdBackendMode::Sync => Sending::Inline(Box::new(links)),
@@ -148,13 +175,22 @@ impl PdSink {
         Ok(PdSink {
             pending: HashMap::new(),
             sending,
+            skipped_chunks,
         })
     }
 
-    /// Holds one gathered chunk of `request_id` until the request is flushed, and takes its
-    /// checksum now: during chunked prefill, so that the flush at the end of the prompt
-    /// (on the path to the decoder's first token) only moves bytes.
-    pub fn add(&mut self, request_id: &str, key: CacheKey, meta: ChunkMeta, data: HostBuffer) {
+    /// Holds one gathered chunk of `request_id`, whose window of tokens ends at
+    /// `window_end`, until the request is flushed, and takes its checksum now: during
+    /// chunked prefill, so that the flush at the end of the prompt (on the path to the
+    /// decoder's first token) only moves bytes.
+    pub fn add(
+        &mut self,
+        request_id: &str,
+        key: CacheKey,
+        meta: ChunkMeta,
+        data: HostBuffer,
+        window_end: usize,
+    ) {
         let checksum = checksum(&data);
         self.pending
             .entry(request_id.to_string())
@@ -164,11 +200,15 @@ impl PdSink {
                 meta,
                 data,
                 checksum,
+                window_end,
             });
     }
 
-    /// Sends everything held for `request_id` to `target`'s receiver of this rank, or to
-    /// the configured peer without one (connecting on first use), and forgets it.
+    /// Sends what is held for `request_id` to `target`'s receiver of this rank, or to the
+    /// configured peer without one (connecting on first use), and forgets it. Only the
+    /// chunks the decoder will look up travel: it is handed `decoder_tokens` tokens and
+    /// leaves out the last `skip_last_n_tokens` its `Welcome` announced. With nothing left
+    /// to send, the proxy is told the KV is ready at once.
     ///
     /// `sync`: returns what the send did, or why it failed. `async`: queues the request
     /// (waiting while [`SEND_QUEUE`] requests are ahead of it) and returns `None`; the
@@ -177,12 +217,14 @@ impl PdSink {
         &mut self,
         request_id: &str,
         target: Option<PdTarget>,
+        decoder_tokens: usize,
     ) -> Result<Option<SendStats>, TransferError> {
         let chunks = self.pending.remove(request_id).unwrap_or_default();
         let job = SendJob {
             request_id: request_id.to_string(),
             chunks,
             target,
+            decoder_tokens,
         };
         match &mut self.sending {
             Sending::Inline(links) => links.send(&job).map(Some),
@@ -197,6 +239,12 @@ impl PdSink {
     /// Drops what is held for a request that ended before its prompt was saved.
     pub fn forget(&mut self, request_id: &str) {
         self.pending.remove(request_id);
+    }
+
+    /// Chunks gathered but left out of sends so far because the decoder would never look
+    /// them up (both modes; a `sync` send also reports its own in [`SendStats`]).
+    pub fn skipped_chunks(&self) -> u64 {
+        self.skipped_chunks.load(Ordering::Relaxed)
     }
 }
 
@@ -222,6 +270,7 @@ struct Links {
     /// Each link with the send count of its last use.
     links: HashMap<PdPeer, (PdSender, u64)>,
     sends: u64,
+    skipped_chunks: Arc<AtomicU64>,
 }
 
 impl Links {
@@ -235,10 +284,15 @@ impl Links {
                 ))
             })?,
         };
+        let chunk_size = self.config.chunk_size;
         let sender = self.link(peer)?;
+        let lookup_len = job
+            .decoder_tokens
+            .saturating_sub(sender.receiver_skip_last_n_tokens());
         let views: Vec<OutgoingChunk<'_>> = job
             .chunks
             .iter()
+            .filter(|c| decoder_looks_up(c.window_end, lookup_len, chunk_size))
             .map(|c| OutgoingChunk {
                 key: &c.key,
                 meta: c.meta,
@@ -246,7 +300,26 @@ impl Links {
                 checksum: c.checksum,
             })
             .collect();
-        sender.send_request(&job.request_id, &views)
+        let skipped = job.chunks.len() - views.len();
+        let mut stats = if views.is_empty() {
+            // Nothing the decoder would load: no pages to ask for, but the proxy still
+            // waits to hear that this rank is done.
+            SendStats {
+                channel: self.config.channel,
+                chunks: 0,
+                bytes: 0,
+                alloc_wait: Duration::ZERO,
+                transfer: Duration::ZERO,
+                notified: notify_proxy(&self.config, &job.request_id, self.rank, None)?,
+                skipped_chunks: 0,
+            }
+        } else {
+            sender.send_request(&job.request_id, &views)?
+        };
+        stats.skipped_chunks = skipped;
+        self.skipped_chunks
+            .fetch_add(skipped as u64, Ordering::Relaxed);
+        Ok(stats)
     }
 
     /// The sender thread's send: a failure is logged and reported to the proxy, which then
@@ -286,5 +359,31 @@ impl Links {
         };
         link.1 = self.sends;
         Ok(&mut link.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connector::windows_from;
+
+    /// The rule the sender applies is exactly the decoder's chunking of its lookup.
+    #[test]
+    fn the_send_rule_matches_the_chunks_a_decoder_looks_up() {
+        for chunk_size in [1, 4, 16] {
+            for lookup_len in 0..50 {
+                let looked_up: Vec<usize> = windows_from(0, lookup_len, chunk_size)
+                    .iter()
+                    .map(|w| w.start + w.tokens)
+                    .collect();
+                for window_end in 1..60 {
+                    assert_eq!(
+                        decoder_looks_up(window_end, lookup_len, chunk_size),
+                        looked_up.contains(&window_end),
+                        "chunk_size {chunk_size}, lookup {lookup_len}, end {window_end}"
+                    );
+                }
+            }
+        }
     }
 }
