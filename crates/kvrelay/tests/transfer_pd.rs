@@ -423,6 +423,33 @@ fn allocation_wait_is_bounded_and_ends_in_a_typed_timeout() {
     next.consume_and_check(&rx);
 }
 
+/// A decoder that restarts on the same ports: the sender's link to the old process is
+/// dead, and the next request goes through on a fresh link instead of failing on it.
+fn a_restarted_receiver_gets_the_next_request(channel: &str) {
+    let mut cfg = config(channel, 8, "", None);
+    let first = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&first), 0).unwrap();
+    request("before", 2, false).send(&mut tx).unwrap();
+    cfg.init_ports = vec![first.init_addr().port()];
+    cfg.alloc_ports = vec![first.alloc_addr().port()];
+    drop(first);
+    let second = PdReceiver::bind(&cfg, 0).unwrap();
+    let after = request("after", 2, true);
+    after.send(&mut tx).unwrap();
+    second.wait_ready("after", Duration::from_secs(20)).unwrap();
+    after.consume_and_check(&second);
+}
+
+#[test]
+fn tcp_a_restarted_receiver_gets_the_next_request() {
+    a_restarted_receiver_gets_the_next_request("tcp");
+}
+
+#[test]
+fn shm_a_restarted_receiver_gets_the_next_request() {
+    a_restarted_receiver_gets_the_next_request("shm");
+}
+
 #[test]
 fn duplicate_request_ids_are_refused() {
     let cfg = config("tcp", 8, "", None);

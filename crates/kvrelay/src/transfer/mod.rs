@@ -167,6 +167,16 @@ impl TransferError {
         }
     }
 
+    /// The peer closed or reset the connection (not a timeout: a slow peer may still be
+    /// working on what it was sent).
+    fn is_connection_lost(&self) -> bool {
+        use std::io::ErrorKind::*;
+        matches!(self, TransferError::Io { source, .. } if matches!(
+            source.kind(),
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+        ))
+    }
+
     /// The code this error travels as in an `Error` frame.
     fn code(&self) -> ErrorCode {
         match self {

@@ -124,12 +124,25 @@ impl PdSender {
         chunks: &[OutgoingChunk<'_>],
     ) -> Result<SendStats, TransferError> {
         let alloc = self.alloc_frame(request_id, chunks)?;
-        let mut link = match self.link.take() {
-            Some(link) => link,
-            None => Link::open(&self.config, &self.peer, self.rank)?,
+        let (mut link, reused) = match self.link.take() {
+            Some(link) => (link, true),
+            None => (Link::open(&self.config, &self.peer, self.rank)?, false),
         };
+        let mut grant = link.request_grant(&self.config, &alloc, chunks.len());
+        if reused && grant.as_ref().is_err_and(TransferError::is_connection_lost) {
+            // The receiver restarted (or dropped this idle connection) since the link's
+            // last request. A connection that died before a grant holds nothing on the
+            // other side, so asking once more on a fresh link is safe.
+            tracing::info!(
+                request = request_id,
+                host = self.peer.host,
+                "the PD receiver closed the connection; reconnecting once"
+            );
+            link = Link::open(&self.config, &self.peer, self.rank)?;
+            grant = link.request_grant(&self.config, &alloc, chunks.len());
+        }
         self.receiver_skip = link.receiver_skip;
-        let result = link.send(&self.config, request_id, &alloc, chunks);
+        let result = grant.and_then(|grant| link.send(&self.config, request_id, grant, chunks));
         let keep = match &result {
             Ok(_) => true,
             Err(TransferError::Refused { code, .. }) => matches!(
@@ -263,6 +276,15 @@ fn unexpected(m: &Message) -> TransferError {
     FrameError::Unexpected(m.kind()).into()
 }
 
+/// Pages the receiver reserved for one request.
+struct Granted {
+    grant: u32,
+    pages: Vec<u32>,
+    /// When the request was asked for (its transfer time runs from here).
+    started: Instant,
+    alloc_wait: Duration,
+}
+
 impl Link {
     fn open(cfg: &PdConfig, peer: &PdPeer, rank: u32) -> Result<Self, TransferError> {
         let timeout = cfg.handshake_timeout;
@@ -367,34 +389,56 @@ impl Link {
         })
     }
 
-    fn send(
+    /// Sends the `AllocRequest` and waits for its pages, one per chunk.
+    fn request_grant(
         &mut self,
         cfg: &PdConfig,
-        request_id: &str,
         alloc: &[u8],
-        chunks: &[OutgoingChunk<'_>],
-    ) -> Result<SendStats, TransferError> {
+        chunks: usize,
+    ) -> Result<Granted, TransferError> {
         let started = Instant::now();
-        let set_read = |s: &TcpStream, t: Duration| {
-            s.set_read_timeout(Some(t))
-                .map_err(|e| TransferError::io("setting socket timeouts", e))
-        };
         // The receiver may wait up to its allocation timeout before it answers.
-        set_read(&self.stream, cfg.allocation_timeout + cfg.io_timeout)?;
+        self.set_read_timeout(cfg.allocation_timeout + cfg.io_timeout)?;
         write(&mut self.stream, alloc)?;
         let reply = read_message(&mut self.stream, MAX_CONTROL_BODY)?;
         let Message::AllocGrant { grant, pages } = reply else {
             return Err(unexpected(&reply));
         };
-        if pages.len() != chunks.len() || pages.iter().any(|p| *p as usize >= self.num_pages) {
+        if pages.len() != chunks || pages.iter().any(|p| *p as usize >= self.num_pages) {
             return Err(TransferError::Protocol(format!(
-                "grant of pages {pages:?} does not fit {} chunks in {} pages",
-                chunks.len(),
+                "grant of pages {pages:?} does not fit {chunks} chunks in {} pages",
                 self.num_pages
             )));
         }
-        let alloc_wait = started.elapsed();
-        set_read(&self.stream, cfg.io_timeout)?;
+        Ok(Granted {
+            grant,
+            pages,
+            started,
+            alloc_wait: started.elapsed(),
+        })
+    }
+
+    fn set_read_timeout(&self, timeout: Duration) -> Result<(), TransferError> {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| TransferError::io("setting socket timeouts", e))
+    }
+
+    /// Moves the chunks into the granted pages and commits them.
+    fn send(
+        &mut self,
+        cfg: &PdConfig,
+        request_id: &str,
+        granted: Granted,
+        chunks: &[OutgoingChunk<'_>],
+    ) -> Result<SendStats, TransferError> {
+        let Granted {
+            grant,
+            pages,
+            started,
+            alloc_wait,
+        } = granted;
+        self.set_read_timeout(cfg.io_timeout)?;
         let bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
         // Nothing is hashed here: the checksums came with the chunks, so moving the bytes
         // is all the sending thread does. The receiver verifies chunk i while this loop
