@@ -450,6 +450,32 @@ fn shm_a_restarted_receiver_gets_the_next_request() {
     a_restarted_receiver_gets_the_next_request("shm");
 }
 
+/// Two requests whose prompts share chunks, each sent its own copies: a request takes its
+/// own copy first, so when it ends (and its leftovers are freed) the other still finds its
+/// copy instead of missing and recomputing.
+#[test]
+fn a_request_loads_its_own_copy_of_a_shared_chunk() {
+    let cfg = config("tcp", 8, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let first = request("shared-b", 2, false);
+    let second = Request {
+        id: "shared-a".into(),
+        chunks: first.chunks.clone(),
+    };
+    // B's copies are ready first, so a plain take would hand them to A.
+    first.send(&mut tx).unwrap();
+    second.send(&mut tx).unwrap();
+    let key = &first.chunks[0].0;
+    let a_loads = rx.get_for_request(key, "shared-a").expect("A's chunk");
+    drop(a_loads);
+    assert!(rx.release("shared-a"), "A still held its second chunk");
+    let b_loads = rx
+        .get_for_request(key, "shared-b")
+        .expect("B's own copy is still there");
+    assert_eq!(&b_loads.data[..], &first.chunks[0].2[..]);
+}
+
 #[test]
 fn duplicate_request_ids_are_refused() {
     let cfg = config("tcp", 8, "", None);

@@ -386,7 +386,10 @@ impl LoadContext {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(request.loads.len());
         for load in &request.loads {
             let expected = self.spec.chunk_bytes(load.window.tokens);
-            match self.tiers.get(&load.key, fingerprint) {
+            match self
+                .tiers
+                .get_for_request(&load.key, fingerprint, &request.request_id)
+            {
                 Some(chunk)
                     if chunk.data.len() == expected
                         && chunk.meta.num_tokens as usize == load.window.tokens =>

@@ -168,6 +168,17 @@ pub trait Tier: Send + Sync {
     /// `Ok(None)`: absent. `Err`: present but unusable (corrupt, truncated, torn, saved with
     /// another layout fingerprint, IO error).
     fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError>;
+    /// `get` on behalf of the request that will load the chunk. A tier that holds copies
+    /// per request (the PD buffer) hands the request its own copy first; the others do
+    /// not care whose load it is.
+    fn get_for_request(
+        &self,
+        key: &CacheKey,
+        expected_fingerprint: u64,
+        _request_id: &str,
+    ) -> Result<Option<Chunk>, StoreError> {
+        self.get(key, expected_fingerprint)
+    }
     fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError>;
     /// Returns whether the key was present.
     fn remove(&self, key: &CacheKey) -> Result<bool, StoreError>;
@@ -259,8 +270,28 @@ impl TierStack {
     /// above it. A tier error is a miss in that tier: counted, logged, and the search goes on
     /// to the next tier, so bad bytes are never returned.
     pub fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Option<Chunk> {
+        self.get_from_tiers(key, |tier| tier.get(key, expected_fingerprint))
+    }
+
+    /// [`TierStack::get`] on behalf of `request_id` ([`Tier::get_for_request`]).
+    pub fn get_for_request(
+        &self,
+        key: &CacheKey,
+        expected_fingerprint: u64,
+        request_id: &str,
+    ) -> Option<Chunk> {
+        self.get_from_tiers(key, |tier| {
+            tier.get_for_request(key, expected_fingerprint, request_id)
+        })
+    }
+
+    fn get_from_tiers(
+        &self,
+        key: &CacheKey,
+        get: impl Fn(&dyn Tier) -> Result<Option<Chunk>, StoreError>,
+    ) -> Option<Chunk> {
         for (level, tier) in self.tiers.iter().enumerate() {
-            match tier.get(key, expected_fingerprint) {
+            match get(tier.as_ref()) {
                 Ok(Some(chunk)) => {
                     self.counters.hits.fetch_add(1, Ordering::Relaxed);
                     self.promote(key, &chunk, &self.tiers[..level]);

@@ -443,14 +443,17 @@ impl PdBuffer {
         }
     }
 
-    /// Takes a verified chunk out of the buffer. Its page is freed when the returned
-    /// chunk's bytes are dropped.
-    pub(crate) fn take(&self, key: &CacheKey) -> Option<Chunk> {
+    /// Takes a verified chunk out of the buffer, `owner`'s own copy when it has one: a
+    /// request that took another request's copy of a shared-prefix chunk would leave its
+    /// own unused, to be freed when it ends, and the other request would then miss. Its
+    /// page is freed when the returned chunk's bytes are dropped.
+    pub(crate) fn take(&self, key: &CacheKey, owner: Option<&str>) -> Option<Chunk> {
         let s = &self.shared;
         let mut st = s.state.lock();
         self.expire(&mut st, Instant::now());
         let list = st.ready.get_mut(key)?;
-        let (id, i) = list.remove(0);
+        let own = owner.and_then(|owner| list.iter().position(|(id, _)| &**id == owner));
+        let (id, i) = list.remove(own.unwrap_or(0));
         if list.is_empty() {
             st.ready.remove(key);
         }

@@ -154,7 +154,13 @@ impl PdReceiver {
     /// Takes a received, verified chunk: the decoder loads it like a tier hit. The chunk's
     /// page returns to the buffer when the chunk (and every clone of its bytes) is dropped.
     pub fn get(&self, key: &CacheKey) -> Option<Chunk> {
-        self.inner.buffer.take(key)
+        self.inner.buffer.take(key, None)
+    }
+
+    /// [`PdReceiver::get`] for request `request_id`: its own copy of the chunk when the
+    /// prefiller sent it one, else any verified copy (equal keys mean equal bytes).
+    pub fn get_for_request(&self, key: &CacheKey, request_id: &str) -> Option<Chunk> {
+        self.inner.buffer.take(key, Some(request_id))
     }
 
     /// Whether a verified chunk with this key is waiting to be consumed.

@@ -45,16 +45,17 @@ impl Tier for ReceivedKv {
     }
 
     fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError> {
-        match self.receiver.get(key) {
-            Some(chunk) if chunk.meta.layout_fingerprint != expected_fingerprint => {
-                Err(StoreError::FingerprintMismatch {
-                    key: key.to_string(),
-                    expected: expected_fingerprint,
-                    found: chunk.meta.layout_fingerprint,
-                })
-            }
-            found => Ok(found),
-        }
+        checked_fingerprint(key, self.receiver.get(key), expected_fingerprint)
+    }
+
+    fn get_for_request(
+        &self,
+        key: &CacheKey,
+        expected_fingerprint: u64,
+        request_id: &str,
+    ) -> Result<Option<Chunk>, StoreError> {
+        let chunk = self.receiver.get_for_request(key, request_id);
+        checked_fingerprint(key, chunk, expected_fingerprint)
     }
 
     fn put(&self, _key: &CacheKey, _meta: ChunkMeta, _data: &[u8]) -> Result<(), StoreError> {
@@ -94,6 +95,24 @@ impl Tier for ReceivedKv {
 /// is keyed over other tokens, so it would never be found.
 fn decoder_looks_up(window_end: usize, lookup_len: usize, chunk_size: usize) -> bool {
     window_end <= lookup_len && (window_end.is_multiple_of(chunk_size) || window_end == lookup_len)
+}
+
+/// A taken chunk, unless it was saved with another layout than the one expected.
+fn checked_fingerprint(
+    key: &CacheKey,
+    chunk: Option<Chunk>,
+    expected: u64,
+) -> Result<Option<Chunk>, StoreError> {
+    match chunk {
+        Some(chunk) if chunk.meta.layout_fingerprint != expected => {
+            Err(StoreError::FingerprintMismatch {
+                key: key.to_string(),
+                expected,
+                found: chunk.meta.layout_fingerprint,
+            })
+        }
+        found => Ok(found),
+    }
 }
 
 /// Connected receivers a sink keeps; past this many, the least recently used link is
