@@ -52,3 +52,6 @@ fi
 scripts/check_rbln_bindings.sh
 # The seed's 1p1d PD flow (prefiller, decoder, proxy on the seed's ports) end to end.
 examples/pd_1p1d/launch.sh >/dev/null
+# Ordinary PD traffic for a while: 3,000 short and long completions through the proxy must
+# all equal the engine alone, and the decoder's PD buffer must end with no page in use.
+cargo run --release -q -p kvrelay-cli -- bench soak --requests 3000 --concurrency 8
