@@ -52,6 +52,7 @@ pub fn build_connector(
         world_size: identity.world_size,
         worker_id: identity.worker_id,
         dtype: spec.dtype,
+        signed_hash: false,
     };
     let extra = &transfer.kv_connector_extra_config;
     let mut pd_sink = None;
@@ -83,12 +84,13 @@ pub fn build_connector(
             } else {
                 Arc::new(lmcache_tiers(&lmcache, spec)?)
             };
-            let algorithm: HashAlgorithm = lmcache
-                .pre_caching_hash_algorithm
-                .parse()
-                .map_err(|e| ConnectorError::Hash(format!("{e}")))?;
-            let hasher = ChunkHasher::new(algorithm, &default_seed(), lmcache.chunk_size)
+            let algorithm = lmcache.hash_algorithm()?;
+            let hasher = ChunkHasher::from_env(algorithm, lmcache.chunk_size)
                 .map_err(|e| ConnectorError::Hash(e.to_string()))?;
+            let prefix = KeyPrefix {
+                signed_hash: algorithm.signed(),
+                ..prefix
+            };
             let policy = LmcachePolicy {
                 role,
                 discard_partial_chunks: extra.discard_partial_chunks || !lmcache.save_unfull_chunk,
