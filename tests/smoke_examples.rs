@@ -6,8 +6,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    assert_same_output, colocated, json_of, lmcache_yaml, run, shared_storage_phases, strict_phase,
-    PROMPT, STRICT_BOTH,
+    assert_same_output, colocated, json_of, lmcache_yaml, lmcache_yaml_hashed, run,
+    shared_storage_phases, strict_phase, PROMPT, STRICT_BOTH,
 };
 
 #[test]
@@ -47,6 +47,28 @@ fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     assert!(request["load_bytes"].as_u64().unwrap() > 0);
     assert!(request["load_gbps"].as_f64().unwrap() > 0.0);
     assert_same_output(decode, &colocated("8", "2", "1"), "lmcache");
+}
+
+/// LMCache's default hash, `builtin`, as LMCache deployments run it (PYTHONHASHSEED=0): the
+/// decode process finds the prefill process's chunks and matches `generate`.
+#[test]
+fn lmcache_smoke_with_builtin_hash_hits_and_matches_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = lmcache_yaml_hashed(dir.path(), true, "builtin");
+    let mut args = STRICT_BOTH.to_vec();
+    args.extend(["--prefill-batch-size", "2"]);
+    args.extend(PROMPT);
+    let out = run(
+        "disagg_lmcache_smoke",
+        &args,
+        &[
+            ("LMCACHE_CONFIG_FILE", yaml.as_os_str()),
+            ("PYTHONHASHSEED", "0".as_ref()),
+        ],
+    );
+    let summary = json_of(&out);
+    assert!(summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256);
+    assert_same_output(&summary["decode"], &colocated("8", "2", "1"), "builtin");
 }
 
 #[test]

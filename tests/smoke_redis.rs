@@ -96,12 +96,16 @@ fn free_port() -> u16 {
 }
 
 fn yaml(dir: &Path, port: u16) -> PathBuf {
+    yaml_hashed(dir, port, "sha256_cbor")
+}
+
+fn yaml_hashed(dir: &Path, port: u16, hash: &str) -> PathBuf {
     let path = dir.join("lmcache-redis.yaml");
     std::fs::write(
         &path,
         format!(
             "chunk_size: 256\nlocal_cpu: false\nremote_url: \"redis://127.0.0.1:{port}\"\n\
-             pre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n\
+             pre_caching_hash_algorithm: {hash}\nsave_unfull_chunk: true\n\
              blocking_timeout_secs: 2\n"
         ),
     )
@@ -121,6 +125,31 @@ fn smoke(role: &str, yaml: &Path, extra: &[&str]) -> Output {
 
 fn reference() -> Value {
     colocated("6", "1", "1")
+}
+
+/// LMCache's default `builtin` hash with PYTHONHASHSEED=0, as LMCache deployments run it.
+#[test]
+fn builtin_hash_keys_share_kv_through_redis() {
+    let redis = Redis::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml_hashed(dir.path(), redis.port, "builtin");
+    let mut args = strict_phase("both");
+    args.push("--require-lmcache-hit");
+    let out = run(
+        "disagg_lmcache_smoke",
+        &args,
+        &[
+            ("LMCACHE_CONFIG_FILE", yaml.as_os_str()),
+            ("PYTHONHASHSEED", "0".as_ref()),
+        ],
+    );
+    let summary = json_of(&out);
+    assert!(
+        summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256,
+        "{summary}"
+    );
+    assert_same_output(&summary["decode"], &reference(), "redis builtin");
+    assert!(!keys(redis.port, "*kv_bytes").is_empty());
 }
 
 #[test]

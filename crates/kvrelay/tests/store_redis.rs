@@ -276,18 +276,6 @@ fn corrupt_wrong_size_and_foreign_values_are_counted_misses() {
         );
         assert!(stack.get(&k, fp).is_none(), "{suffix}");
     }
-    // A chunk LMCache wrote (metadata and kv_bytes, no check record): never loaded.
-    let foreign = key(10);
-    let data = content(&foreign, 32);
-    let lm = RemoteMetadata::for_chunk(&SPEC, 32, data.len()).unwrap();
-    t.raw_set(&format!("{foreign}kv_bytes"), &data).unwrap();
-    t.raw_set(&format!("{foreign}metadata"), &lm.encode())
-        .unwrap();
-    assert!(!t.contains(&foreign));
-    assert!(matches!(
-        t.get(&foreign, fp),
-        Err(StoreError::Corrupt { .. })
-    ));
     // A check record copied from another key does not vouch for this one.
     let (a, b) = (key(11), key(12));
     put(t.as_ref(), &a, 32);
@@ -296,7 +284,7 @@ fn corrupt_wrong_size_and_foreign_values_are_counted_misses() {
     t.raw_set(&format!("{b}kvrelay"), &record_a).unwrap();
     assert!(matches!(t.get(&b, fp), Err(StoreError::Corrupt { .. })));
 
-    assert_eq!(t.stats().corrupt, 4 * 2 + 1 + 1);
+    assert_eq!(t.stats().corrupt, 4 * 2 + 1);
     assert_eq!(stack.stats().corrupt, 4);
     assert_eq!(stack.stats().hits, 0);
     // Saved under another layout: rejected, not corrupt.
@@ -306,6 +294,180 @@ fn corrupt_wrong_size_and_foreign_values_are_counted_misses() {
         "{err:?}"
     );
     assert_eq!(t.stats().rejected, 1);
+}
+
+/// Writes a chunk as LMCache's RedisConnector does: `<key>metadata` and `<key>kv_bytes`,
+/// no kvrelay record. Returns the bytes.
+fn lmcache_put(t: &RedisTier, k: &CacheKey, tokens: u32, meta: RemoteMetadata) -> Vec<u8> {
+    let data = content(k, tokens);
+    t.raw_set(&format!("{k}kv_bytes"), &data).unwrap();
+    t.raw_set(&format!("{k}metadata"), &meta.encode()).unwrap();
+    data
+}
+
+fn lmcache_meta(tokens: u32) -> RemoteMetadata {
+    RemoteMetadata::for_chunk(&SPEC, tokens, SPEC.chunk_bytes(tokens as usize)).unwrap()
+}
+
+#[test]
+fn lmcache_written_chunks_are_counted_unchecked_hits_that_load_bit_for_bit() {
+    let server = Server::start();
+    let t = Arc::new(tier(&server.url(), opts()));
+    let fp = SPEC.chunk_fingerprint();
+    let keys: Vec<CacheKey> = (0..3).map(key).collect();
+    let full = lmcache_put(&t, &keys[0], 256, lmcache_meta(256));
+    lmcache_put(&t, &keys[1], 256, lmcache_meta(256));
+    let partial = lmcache_put(&t, &keys[2], 7, lmcache_meta(7));
+    let stack = TierStack::new(vec![Arc::clone(&t) as Arc<dyn Tier>]);
+    assert_eq!(stack.prefix_hits(&keys), 3);
+    let chunk = stack.get(&keys[0], fp).unwrap();
+    assert!(chunk.data[..] == full[..]);
+    assert_eq!(chunk.meta, meta(256));
+    let chunk = t.get(&keys[2], fp).unwrap().unwrap();
+    assert!(chunk.data[..] == partial[..]);
+    assert_eq!(chunk.meta, meta(7));
+    let stats = t.stats();
+    assert_eq!(
+        (stats.hits, stats.unchecked, stats.corrupt, stats.misses),
+        (2, 2, 0, 0)
+    );
+    // Checksummed chunks are hits, not unchecked ones.
+    put(t.as_ref(), &key(9), 16);
+    assert!(t.get(&key(9), fp).unwrap().is_some());
+    assert_eq!((t.stats().hits, t.stats().unchecked), (3, 2));
+    // Asked for another layout: rejected, whatever the metadata says.
+    assert!(matches!(
+        t.get(&keys[1], fp ^ 1),
+        Err(StoreError::FingerprintMismatch { .. })
+    ));
+}
+
+#[test]
+fn lmcache_written_chunks_must_match_the_geometry_exactly() {
+    let server = Server::start();
+    let t = tier(&server.url(), opts());
+    let fp = SPEC.chunk_fingerprint();
+    let m = lmcache_meta(32);
+    let mismatches = [
+        (
+            "length",
+            RemoteMetadata {
+                length: m.length - 2,
+                ..m
+            },
+        ),
+        ("format", RemoteMetadata { fmt: 6, ..m }),
+        ("dtype", RemoteMetadata { dtype: 4, ..m }),
+        (
+            "layers",
+            RemoteMetadata {
+                shape: [2, 5, 32, 128],
+                ..m
+            },
+        ),
+        (
+            "hidden",
+            RemoteMetadata {
+                shape: [2, 4, 32, 64],
+                ..m
+            },
+        ),
+        (
+            "tokens",
+            RemoteMetadata {
+                shape: [2, 4, 31, 128],
+                ..m
+            },
+        ),
+        (
+            "no tokens",
+            RemoteMetadata {
+                shape: [2, 4, 0, 128],
+                length: 0,
+                ..m
+            },
+        ),
+    ];
+    for (i, (what, bad)) in mismatches.iter().enumerate() {
+        let k = key(i as u64);
+        lmcache_put(&t, &k, 32, *bad);
+        let err = t.get(&k, fp).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{what}: {err:?}");
+    }
+    // The metadata is right but the value is not that long.
+    let k = key(20);
+    lmcache_put(&t, &k, 31, m);
+    let err = t.get(&k, fp).unwrap_err();
+    assert!(err.to_string().contains("metadata says"), "{err}");
+    // Metadata of another size than LMCache's one-group record.
+    let k = key(21);
+    lmcache_put(&t, &k, 32, m);
+    t.raw_set(&format!("{k}metadata"), &[0u8; 56]).unwrap();
+    assert!(matches!(t.get(&k, fp), Err(StoreError::Corrupt { .. })));
+    let stats = t.stats();
+    assert_eq!((stats.corrupt, stats.unchecked, stats.hits), (9, 0, 0));
+}
+
+#[test]
+fn refusing_unchecked_chunks_makes_them_counted_misses() {
+    let server = Server::start();
+    let t = Arc::new(tier(
+        &server.url(),
+        RemoteOptions {
+            accept_unchecked: false,
+            ..opts()
+        },
+    ));
+    let k = key(0);
+    lmcache_put(&t, &k, 256, lmcache_meta(256));
+    let stack = TierStack::new(vec![Arc::clone(&t) as Arc<dyn Tier>]);
+    assert_eq!(stack.prefix_hits(std::slice::from_ref(&k)), 0);
+    assert!(t.get(&k, SPEC.chunk_fingerprint()).unwrap().is_none());
+    assert!(stack.get(&k, SPEC.chunk_fingerprint()).is_none());
+    let stats = t.stats();
+    assert_eq!(
+        (stats.misses, stats.hits, stats.unchecked, stats.corrupt),
+        (2, 0, 0, 0)
+    );
+    assert_eq!(stack.stats().misses, 1);
+    // The lookup can say why it stopped.
+    let why = stack.why_absent(&k).unwrap();
+    assert!(
+        why.starts_with("redis: ") && why.contains("remote_accept_unchecked"),
+        "{why}"
+    );
+    // Checksummed chunks still load.
+    let data = put(t.as_ref(), &key(1), 16);
+    assert_eq!(get_data(t.as_ref(), &key(1)), Some(data));
+    assert_eq!(stack.why_absent(&key(2)), None);
+}
+
+/// LMCache overwrote a chunk kvrelay wrote: the record no longer matches, so even with
+/// unchecked chunks accepted it is a counted miss, not LMCache's bytes passed as checked.
+#[test]
+fn a_stale_kvrelay_record_is_still_a_miss() {
+    let server = Server::start();
+    let t = Arc::new(tier(&server.url(), opts()));
+    let stack = TierStack::new(vec![Arc::clone(&t) as Arc<dyn Tier>]);
+    let k = key(0);
+    put(t.as_ref(), &k, 32);
+    lmcache_put(&t, &k, 16, lmcache_meta(16));
+    assert!(matches!(
+        t.get(&k, SPEC.chunk_fingerprint()),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(stack.get(&k, SPEC.chunk_fingerprint()).is_none());
+    // Same length, other bytes: the checksum catches it.
+    put(t.as_ref(), &k, 32);
+    let mut other = content(&k, 32);
+    other[0] ^= 1;
+    t.raw_set(&format!("{k}kv_bytes"), &other).unwrap();
+    assert!(stack.get(&k, SPEC.chunk_fingerprint()).is_none());
+    assert_eq!(
+        (t.stats().corrupt, t.stats().unchecked, t.stats().hits),
+        (3, 0, 0)
+    );
+    assert_eq!(stack.stats().corrupt, 2);
 }
 
 #[test]
@@ -694,5 +856,109 @@ fn lmcache_config_puts_redis_after_the_local_tiers() {
             "remote_url: \"{url}\"\nlocal_cpu: false\nextra_config: {{remote_ttl_secs: 60, remote_pool_size: 2}}\n"
         )),
         ["redis"]
+    );
+}
+
+/// Collects every event's level and fields on this thread.
+#[derive(Clone, Default)]
+struct LogLines(Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0 += &format!("{}={value:?} ", field.name());
+    }
+}
+
+impl tracing::Subscriber for LogLines {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(format!("{} ", event.metadata().level()));
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A lookup that stops on a chunk the tier refuses says so, once per request.
+#[test]
+fn a_lookup_that_stops_logs_why_once_per_request() {
+    use kvrelay::connector::RequestView;
+    use kvrelay::keys::{default_seed, ChunkHasher, HashAlgorithm};
+
+    let server = Server::start();
+    let transfer = KvTransferConfig::from_json_str(
+        r#"{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}"#,
+    )
+    .unwrap();
+    let lmcache = LmcacheConfig::from_yaml_str(&format!(
+        "chunk_size: 16\nlocal_cpu: false\nremote_url: \"{}\"\nsave_unfull_chunk: true\nextra_config: {{remote_accept_unchecked: false}}\n",
+        server.url()
+    ))
+    .unwrap();
+    let identity = EngineIdentity {
+        model: "tiny".into(),
+        world_size: 1,
+        worker_id: 0,
+    };
+    let mut c =
+        build_connector(&transfer, &lmcache, &identity, SPEC, Arc::new(HostDevice)).unwrap();
+    let tokens: Vec<u32> = (100..140).collect();
+    let hasher = ChunkHasher::new(HashAlgorithm::Sha256Cbor, &default_seed(), 16).unwrap();
+    let first =
+        CacheKey::new("tiny", 1, 0, hasher.chunk_hashes(&tokens)[0], KvDtype::Bf16).unwrap();
+    let t = tier(&server.url(), opts());
+    lmcache_put(&t, &first, 16, lmcache_meta(16));
+
+    let logs = LogLines::default();
+    let request = RequestView {
+        id: "r1",
+        tokens: &tokens,
+        num_prompt_tokens: tokens.len(),
+        kv_transfer_params: None,
+    };
+    tracing::subscriber::with_default(logs.clone(), || {
+        for _ in 0..3 {
+            let hit = c.scheduler.get_num_new_matched_tokens(&request, 0).unwrap();
+            assert_eq!(hit, Some((0, false)));
+        }
+    });
+    let stops = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.contains("lookup stopped"))
+            .cloned()
+            .collect()
+    };
+    let lines = stops(&logs.0.lock().unwrap());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("INFO "), "{}", lines[0]);
+    assert!(
+        lines[0].contains("chunk 0 of 3") && lines[0].contains("remote_accept_unchecked"),
+        "{}",
+        lines[0]
+    );
+    // A finished request's next lookup (a new request with the same id) logs again; a
+    // chunk stored nowhere is only a debug line.
+    c.scheduler.request_finished(&request, &[]);
+    t.remove(&first).unwrap();
+    tracing::subscriber::with_default(logs.clone(), || {
+        c.scheduler.get_num_new_matched_tokens(&request, 0).unwrap();
+    });
+    let lines = stops(&logs.0.lock().unwrap());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].starts_with("DEBUG ") && lines[1].contains("not stored in any tier"),
+        "{}",
+        lines[1]
     );
 }

@@ -55,6 +55,8 @@ const ENV_ONLY: &[&str] = &[
 const ENCODER_CACHE_ENV_PREFIX: &str = "LMCACHE_EC_";
 
 const ENV_PREFIX: &str = "LMCACHE_";
+/// The `extra_config` key of LMCache's MLA rule (keys with world size 1, rank 0 saves).
+const SAVE_ONLY_FIRST_RANK: &str = "save_only_first_rank";
 const EXTRA_PREFIX: &str = "lmcache.";
 
 /// The role of this engine in PD disaggregation (`pd_role`).
@@ -516,6 +518,26 @@ impl LmcacheConfig {
         })
     }
 
+    /// LMCache's `extra_config.save_only_first_rank` for a cache that is (`mla`) or is not
+    /// MLA: on by default for MLA, whose KV every TP rank holds whole, and never without it
+    /// (LMCache ignores it there too).
+    pub fn save_only_first_rank(&self, mla: bool) -> Result<bool, ConfigError> {
+        let value = self
+            .extra_config
+            .as_ref()
+            .and_then(|e| e.get(SAVE_ONLY_FIRST_RANK));
+        let on = match value {
+            None => mla,
+            Some(v) => bool::from_raw(Raw::Json(v)).ok_or_else(|| ConfigError::BadValue {
+                origin: "LMCache extra_config".into(),
+                key: SAVE_ONLY_FIRST_RANK.into(),
+                value: v.to_string(),
+                expected: bool::expected(),
+            })?,
+        };
+        Ok(on && mla)
+    }
+
     /// The disk tier directory: `local_disk` without its `file://` prefix.
     pub fn local_disk_path(&self) -> Option<PathBuf> {
         self.local_disk
@@ -576,6 +598,8 @@ impl LmcacheConfig {
             ));
         }
         self.validate_remote()?;
+        // Whether the cache is MLA is known only later; the value's type is checked now.
+        self.save_only_first_rank(true)?;
         if self.enable_pd {
             self.validate_pd()?;
         }
