@@ -10,18 +10,23 @@ use common::{
     shared_storage_phases, strict_phase, PROMPT, STRICT_BOTH,
 };
 
-#[test]
-fn lmcache_smoke_both_roles_hits_and_matches_generate() {
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = lmcache_yaml(dir.path(), true);
+/// The strict LMCache smoke, both roles, two prompts per batch, over `yaml`.
+fn strict_both_batch_of_two(
+    yaml: &std::path::Path,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> std::process::Output {
     let mut args = STRICT_BOTH.to_vec();
     args.extend(["--prefill-batch-size", "2"]);
     args.extend(PROMPT);
-    let out = run(
-        "disagg_lmcache_smoke",
-        &args,
-        &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
-    );
+    let mut envs = vec![("LMCACHE_CONFIG_FILE", yaml.as_os_str())];
+    envs.extend_from_slice(env);
+    run("disagg_lmcache_smoke", &args, &envs)
+}
+
+#[test]
+fn lmcache_smoke_both_roles_hits_and_matches_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = strict_both_batch_of_two(&lmcache_yaml(dir.path(), true), &[]);
     let summary = json_of(&out);
     // The verdict a newcomer reads, from the colocated run --role both makes by default.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -55,17 +60,7 @@ fn lmcache_smoke_both_roles_hits_and_matches_generate() {
 fn lmcache_smoke_with_builtin_hash_hits_and_matches_generate() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = lmcache_yaml_hashed(dir.path(), true, "builtin");
-    let mut args = STRICT_BOTH.to_vec();
-    args.extend(["--prefill-batch-size", "2"]);
-    args.extend(PROMPT);
-    let out = run(
-        "disagg_lmcache_smoke",
-        &args,
-        &[
-            ("LMCACHE_CONFIG_FILE", yaml.as_os_str()),
-            ("PYTHONHASHSEED", "0".as_ref()),
-        ],
-    );
+    let out = strict_both_batch_of_two(&yaml, &[("PYTHONHASHSEED", "0".as_ref())]);
     let summary = json_of(&out);
     assert!(summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256);
     assert_same_output(&summary["decode"], &colocated("8", "2", "1"), "builtin");

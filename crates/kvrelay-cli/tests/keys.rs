@@ -28,6 +28,16 @@ fn keys_with_seed(args: &[&str], stdin: &str, seed: Option<&str>) -> Output {
     child.wait_with_output().expect("wait for kvrelay")
 }
 
+/// A vector case's expected keys.
+fn case_keys(case: &serde_json::Value) -> Vec<&str> {
+    case["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8(bytes.to_vec()).expect("utf-8 output")
 }
@@ -60,12 +70,7 @@ fn prints_the_cbor2_vector_keys() {
         args.extend(["--world-size", "1", "--worker-id", "0"]);
         let out = keys(&args, &tokens);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        let expected: Vec<&str> = case["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k.as_str().unwrap())
-            .collect();
+        let expected = case_keys(case);
         assert_eq!(text(&out.stdout).lines().collect::<Vec<_>>(), expected);
         checked += 1;
     }
@@ -160,12 +165,7 @@ fn builtin_keys_match_cpython_vectors() {
             continue;
         }
         let tokens = lists[list].to_string();
-        let expected: Vec<&str> = case["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k.as_str().unwrap())
-            .collect();
+        let expected = case_keys(case);
         let mut args = MODEL.to_vec();
         args.extend(["--hash", "builtin", "--cpython"]);
         args.push(case["cpython"].as_str().unwrap());

@@ -962,3 +962,218 @@ fn a_lookup_that_stops_logs_why_once_per_request() {
         lines[1]
     );
 }
+
+// ---- Against LMCache 0.5.6's own code ---------------------------------------------------
+//
+// These run LMCache's Python (scripts/lmcache_compat/lmcache_compat.py) in a venv that
+// scripts/test_lmcache_compat.sh prepares and names in KVRELAY_LMCACHE_PYTHON; that script
+// runs them with `--ignored`.
+
+const NEEDS_LMCACHE: &str = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh";
+
+/// `lmcache_compat.py <args>` under the venv's python; stdout, failing loudly.
+fn lmcache_code(args: &[&str], stdin: &str, hash_seed: Option<&str>) -> String {
+    use std::io::Write;
+    let python = std::env::var("KVRELAY_LMCACHE_PYTHON").unwrap_or_else(|_| {
+        panic!("KVRELAY_LMCACHE_PYTHON must name a python with lmcache==0.5.6 ({NEEDS_LMCACHE})")
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/lmcache_compat/lmcache_compat.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args(args).env_remove("PYTHONHASHSEED");
+    if let Some(seed) = hash_seed {
+        cmd.env("PYTHONHASHSEED", seed);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "lmcache_compat.py {args:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The bytes both sides write and expect: byte i is (i * 131 + 7) mod 251.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 131 + 7) % 251) as u8).collect()
+}
+
+const MLA_SPEC: KvCacheSpec = KvCacheSpec {
+    num_kv_heads: 1,
+    head_size: 576,
+    attention: AttentionKind::Mla,
+    ..SPEC
+};
+
+/// LMCache's ChunkedTokenDatabase and kvrelay name every chunk alike: `builtin` (PYTHONHASHSEED
+/// 0 and 42 with vLLM, and without vLLM with and without a seed) and `sha256_cbor`, with the
+/// trailing partial chunk saved and not.
+#[test]
+#[ignore = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh"]
+fn lmcache_code_keys_equal_kvrelay_keys() {
+    use kvrelay::keys::{BuiltinHash, ChunkHasher, CpythonVersion, HashAlgorithm};
+
+    let mut rng = StdRng::seed_from_u64(14);
+    let tokens: Vec<u32> = (0..1000).map(|_| rng.next_u32() % 200_000).collect();
+    let json = serde_json::to_string(&tokens).unwrap();
+    let builtin = |with_vllm| {
+        HashAlgorithm::Builtin(BuiltinHash {
+            cpython: CpythonVersion::Py311,
+            with_vllm,
+        })
+    };
+    let cases = [
+        (builtin(true), Some("0")),
+        (builtin(true), Some("42")),
+        (builtin(false), Some("0")),
+        (builtin(false), None),
+        (HashAlgorithm::Sha256Cbor, Some("0")),
+        (HashAlgorithm::Sha256Cbor, Some("42")),
+    ];
+    let mut negative = 0;
+    for (algorithm, seed) in cases {
+        let with_vllm = algorithm != builtin(false);
+        for save_unfull in ["true", "false"] {
+            let mut args = vec![
+                "keys",
+                "--algorithm",
+                algorithm.name(),
+                "--chunk-size",
+                "256",
+            ];
+            args.extend(["--save-unfull-chunk", save_unfull]);
+            args.extend(["--model", "meta-llama/Llama-3.1-8B", "--dtype", "bfloat16"]);
+            args.extend(["--world-size", "2", "--worker-id", "1"]);
+            if with_vllm {
+                args.push("--with-vllm");
+            }
+            let theirs = lmcache_code(&args, &json, seed);
+            let hasher = ChunkHasher::new(algorithm, seed.unwrap_or(""), 256).unwrap();
+            let end = if save_unfull == "true" { 1000 } else { 768 };
+            let ours: Vec<String> = hasher
+                .chunk_hashes(&tokens[..end])
+                .into_iter()
+                .map(|h| {
+                    CacheKey::new("meta-llama/Llama-3.1-8B", 2, 1, h, KvDtype::Bf16)
+                        .unwrap()
+                        .signed(algorithm.signed())
+                        .to_string()
+                })
+                .collect();
+            let theirs: Vec<&str> = theirs.lines().collect();
+            assert_eq!(
+                theirs, ours,
+                "{algorithm:?} seed {seed:?} unfull {save_unfull}"
+            );
+            negative += ours.iter().filter(|k| k.contains("@-")).count();
+        }
+    }
+    assert!(negative > 0, "no negative builtin key was compared");
+}
+
+/// Chunks LMCache's code writes (its key string, RemoteMetadata and bytes, set as its
+/// RedisConnector does) load in kvrelay bit for bit, as counted unchecked hits.
+#[test]
+#[ignore = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh"]
+fn lmcache_code_writes_chunks_kvrelay_loads() {
+    let server = Server::start();
+    let hash = -0x2fdf_48fc_280e_fdec_i64;
+    for (spec, fmt) in [(SPEC, "KV_2LTD"), (MLA_SPEC, "KV_MLA_FMT")] {
+        let t = RedisTier::new(&server.url(), spec, opts()).unwrap();
+        for tokens in [256u32, 7] {
+            let model = format!("lm-{fmt}-{tokens}");
+            let shape = format!(
+                "{},{},{tokens},{}",
+                spec.kv_planes(),
+                spec.num_layers,
+                spec.num_kv_heads * spec.head_size
+            );
+            let printed = lmcache_code(
+                &[
+                    "put",
+                    "--url",
+                    &server.url(),
+                    "--model",
+                    &model,
+                    "--world-size",
+                    "1",
+                    "--worker-id",
+                    "0",
+                    "--hash",
+                    &hash.to_string(),
+                    "--dtype",
+                    "bfloat16",
+                    "--fmt",
+                    fmt,
+                    "--shape",
+                    &shape,
+                ],
+                "",
+                None,
+            );
+            let key = CacheKey::new(&model, 1, 0, hash as u64, KvDtype::Bf16)
+                .unwrap()
+                .signed(true);
+            assert_eq!(printed.trim(), key.to_string());
+            let chunk = t.get(&key, spec.chunk_fingerprint()).unwrap().unwrap();
+            assert_eq!(chunk.meta.num_tokens, tokens);
+            assert!(chunk.data[..] == pattern(spec.chunk_bytes(tokens as usize))[..]);
+        }
+        let stats = t.stats();
+        assert_eq!((stats.hits, stats.unchecked, stats.corrupt), (2, 2, 0));
+    }
+}
+
+/// Chunks kvrelay writes decode in LMCache's code: its RemoteMetadata fields and the bytes.
+#[test]
+#[ignore = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh"]
+fn lmcache_code_reads_chunks_kvrelay_writes() {
+    use sha2::{Digest, Sha256};
+
+    let server = Server::start();
+    for (spec, fmt, planes) in [(SPEC, "KV_2LTD", 2), (MLA_SPEC, "KV_MLA_FMT", 1)] {
+        let t = RedisTier::new(&server.url(), spec, opts()).unwrap();
+        for tokens in [256u32, 7] {
+            let key = CacheKey::new("kvrelay", 1, 0, (-(tokens as i64)) as u64, KvDtype::Bf16)
+                .unwrap()
+                .signed(true);
+            let data = pattern(spec.chunk_bytes(tokens as usize));
+            let meta = ChunkMeta {
+                layout_fingerprint: spec.chunk_fingerprint(),
+                num_tokens: tokens,
+            };
+            t.put(&key, meta, &data).unwrap();
+            let text = lmcache_code(
+                &["get", "--url", &server.url(), "--key", &key.to_string()],
+                "",
+                None,
+            );
+            let seen: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let hidden = spec.num_kv_heads * spec.head_size;
+            assert_eq!(
+                seen,
+                serde_json::json!({
+                    "length": data.len(),
+                    "fmt": fmt,
+                    "dtypes": ["torch.bfloat16"],
+                    "shapes": [[planes, spec.num_layers, tokens, hidden]],
+                    "kv_len": data.len(),
+                    "kv_sha256": format!("{:x}", Sha256::digest(&data)),
+                }),
+                "{fmt} {tokens} tokens"
+            );
+        }
+    }
+}

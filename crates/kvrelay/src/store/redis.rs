@@ -118,6 +118,22 @@ impl ChunkKeys {
     }
 }
 
+impl ChunkKeys {
+    /// `EXISTS` of the record, the metadata and the kv_bytes, in that order.
+    fn exists(self) -> [Cmd; 3] {
+        [self.record, self.metadata, self.kv].map(|name| {
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(name);
+            cmd
+        })
+    }
+}
+
+/// The replies to [`ChunkKeys::exists`].
+fn existing(replies: &[Value]) -> [bool; 3] {
+    [0, 1, 2].map(|i| matches!(replies.get(i), Some(Value::Int(1))))
+}
+
 /// What the check record says about a chunk.
 #[derive(Debug, PartialEq, Eq)]
 struct Record {
@@ -425,16 +441,8 @@ impl RedisTier {
 
     /// Which of a chunk's keys exist: record, metadata, kv_bytes.
     fn existing(&self, keys: ChunkKeys) -> Result<[bool; 3], StoreError> {
-        let cmds = [keys.record, keys.metadata, keys.kv]
-            .into_iter()
-            .map(|name| {
-                let mut cmd = redis::cmd("EXISTS");
-                cmd.arg(name);
-                cmd
-            })
-            .collect();
-        let replies = self.run(cmds, false)?;
-        Ok([0, 1, 2].map(|i| matches!(replies[i], Value::Int(1))))
+        let replies = self.run(keys.exists().to_vec(), false)?;
+        Ok(existing(&replies))
     }
 
     /// Whether a chunk with these keys present counts as present.
@@ -463,20 +471,14 @@ impl Tier for RedisTier {
         if asked.is_empty() {
             return;
         }
-        let mut cmds = Vec::with_capacity(asked.len() * 3);
-        for &i in &asked {
-            let k = ChunkKeys::new(&keys[i]);
-            for name in [k.record, k.metadata, k.kv] {
-                let mut cmd = redis::cmd("EXISTS");
-                cmd.arg(name);
-                cmds.push(cmd);
-            }
-        }
+        let cmds = asked
+            .iter()
+            .flat_map(|&i| ChunkKeys::new(&keys[i]).exists())
+            .collect();
         match self.run(cmds, false) {
             Ok(replies) => {
                 for (&i, replies) in asked.iter().zip(replies.chunks_exact(3)) {
-                    let exists = [0, 1, 2].map(|j| matches!(replies[j], Value::Int(1)));
-                    found[i] = self.present(exists);
+                    found[i] = self.present(existing(replies));
                 }
             }
             Err(err) => tracing::debug!(error = %err, "redis lookup failed; treated as absent"),
