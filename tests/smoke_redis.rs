@@ -209,3 +209,38 @@ fn a_value_overwritten_with_garbage_is_a_miss_and_decode_still_matches() {
     );
     assert_same_output(&decode, &reference(), "garbage");
 }
+
+/// An LMCache prefiller feeding a kvrelay decoder: chunks with LMCache's two keys and no
+/// kvrelay check record (here kvrelay's own with the records deleted: the same bytes and
+/// metadata LMCache writes) are unchecked hits, and decode still equals `generate`. With
+/// `remote_accept_unchecked: false` they are misses and decode recomputes.
+#[test]
+fn chunks_without_kvrelay_records_feed_decode_unless_refused() {
+    let redis = Redis::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml_hashed(dir.path(), redis.port, "builtin");
+    json_of(&smoke("prefill", &yaml, &[]));
+    let records = keys(redis.port, "*kvrelay");
+    assert!(!records.is_empty());
+    for key in &records {
+        command(redis.port, &[b"DEL", key]).unwrap();
+    }
+    assert!(keys(redis.port, "*kvrelay").is_empty());
+    let decode = json_of(&smoke("decode", &yaml, &["--require-lmcache-hit"]));
+    assert!(
+        decode["lmcache_hit_tokens"].as_u64().unwrap() >= 256,
+        "{decode}"
+    );
+    assert_same_output(&decode, &reference(), "unchecked");
+
+    let refusing = dir.path().join("refusing.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(
+        &refusing,
+        format!("{text}extra_config: {{remote_accept_unchecked: false}}\n"),
+    )
+    .unwrap();
+    let decode = json_of(&smoke("decode", &refusing, &[]));
+    assert_eq!(decode["lmcache_hit_tokens"], 0, "{decode}");
+    assert_same_output(&decode, &reference(), "refused");
+}
