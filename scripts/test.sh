@@ -26,6 +26,9 @@ cargo test --workspace --all-targets
 # The Redis tier (feature `redis`) against real redis-server processes, cluster included.
 cargo clippy -p kvrelay -p kvrelay-cli --features kvrelay/redis,kvrelay-cli/redis --all-targets -- -D warnings
 cargo test -p kvrelay --features redis --test store_redis --test remote_config --lib
+# The same against LMCache 0.5.6's own Python code (keys, Redis chunks both ways), in a
+# venv cached in ~/.cache/kvrelay (first run ~4 min, then ~25 s).
+scripts/test_lmcache_compat.sh
 cargo test -p kvrelay-cli --features redis --test bench_redis
 # Prefill and decode processes sharing KV through Redis alone (the examples built with it).
 cargo clippy -p kvrelay-examples --features redis --all-targets -- -D warnings

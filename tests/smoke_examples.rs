@@ -6,22 +6,27 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    assert_same_output, colocated, json_of, lmcache_yaml, run, shared_storage_phases, strict_phase,
-    PROMPT, STRICT_BOTH,
+    assert_same_output, colocated, json_of, lmcache_yaml, lmcache_yaml_hashed, run,
+    shared_storage_phases, strict_phase, PROMPT, STRICT_BOTH,
 };
+
+/// The strict LMCache smoke, both roles, two prompts per batch, over `yaml`.
+fn strict_both_batch_of_two(
+    yaml: &std::path::Path,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> std::process::Output {
+    let mut args = STRICT_BOTH.to_vec();
+    args.extend(["--prefill-batch-size", "2"]);
+    args.extend(PROMPT);
+    let mut envs = vec![("LMCACHE_CONFIG_FILE", yaml.as_os_str())];
+    envs.extend_from_slice(env);
+    run("disagg_lmcache_smoke", &args, &envs)
+}
 
 #[test]
 fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = lmcache_yaml(dir.path(), true);
-    let mut args = STRICT_BOTH.to_vec();
-    args.extend(["--prefill-batch-size", "2"]);
-    args.extend(PROMPT);
-    let out = run(
-        "disagg_lmcache_smoke",
-        &args,
-        &[("LMCACHE_CONFIG_FILE", yaml.as_os_str())],
-    );
+    let out = strict_both_batch_of_two(&lmcache_yaml(dir.path(), true), &[]);
     let summary = json_of(&out);
     // The verdict a newcomer reads, from the colocated run --role both makes by default.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -47,6 +52,18 @@ fn lmcache_smoke_both_roles_hits_and_matches_generate() {
     assert!(request["load_bytes"].as_u64().unwrap() > 0);
     assert!(request["load_gbps"].as_f64().unwrap() > 0.0);
     assert_same_output(decode, &colocated("8", "2", "1"), "lmcache");
+}
+
+/// LMCache's default hash, `builtin`, as LMCache deployments run it (PYTHONHASHSEED=0): the
+/// decode process finds the prefill process's chunks and matches `generate`.
+#[test]
+fn lmcache_smoke_with_builtin_hash_hits_and_matches_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = lmcache_yaml_hashed(dir.path(), true, "builtin");
+    let out = strict_both_batch_of_two(&yaml, &[("PYTHONHASHSEED", "0".as_ref())]);
+    let summary = json_of(&out);
+    assert!(summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256);
+    assert_same_output(&summary["decode"], &colocated("8", "2", "1"), "builtin");
 }
 
 #[test]

@@ -96,12 +96,16 @@ fn free_port() -> u16 {
 }
 
 fn yaml(dir: &Path, port: u16) -> PathBuf {
+    yaml_hashed(dir, port, "sha256_cbor")
+}
+
+fn yaml_hashed(dir: &Path, port: u16, hash: &str) -> PathBuf {
     let path = dir.join("lmcache-redis.yaml");
     std::fs::write(
         &path,
         format!(
             "chunk_size: 256\nlocal_cpu: false\nremote_url: \"redis://127.0.0.1:{port}\"\n\
-             pre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n\
+             pre_caching_hash_algorithm: {hash}\nsave_unfull_chunk: true\n\
              blocking_timeout_secs: 2\n"
         ),
     )
@@ -121,6 +125,31 @@ fn smoke(role: &str, yaml: &Path, extra: &[&str]) -> Output {
 
 fn reference() -> Value {
     colocated("6", "1", "1")
+}
+
+/// LMCache's default `builtin` hash with PYTHONHASHSEED=0, as LMCache deployments run it.
+#[test]
+fn builtin_hash_keys_share_kv_through_redis() {
+    let redis = Redis::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml_hashed(dir.path(), redis.port, "builtin");
+    let mut args = strict_phase("both");
+    args.push("--require-lmcache-hit");
+    let out = run(
+        "disagg_lmcache_smoke",
+        &args,
+        &[
+            ("LMCACHE_CONFIG_FILE", yaml.as_os_str()),
+            ("PYTHONHASHSEED", "0".as_ref()),
+        ],
+    );
+    let summary = json_of(&out);
+    assert!(
+        summary["lmcache_hit_tokens"]["decode"].as_u64().unwrap() >= 256,
+        "{summary}"
+    );
+    assert_same_output(&summary["decode"], &reference(), "redis builtin");
+    assert!(!keys(redis.port, "*kv_bytes").is_empty());
 }
 
 #[test]
@@ -179,4 +208,39 @@ fn a_value_overwritten_with_garbage_is_a_miss_and_decode_still_matches() {
         "{decode}"
     );
     assert_same_output(&decode, &reference(), "garbage");
+}
+
+/// An LMCache prefiller feeding a kvrelay decoder: chunks with LMCache's two keys and no
+/// kvrelay check record (here kvrelay's own with the records deleted: the same bytes and
+/// metadata LMCache writes) are unchecked hits, and decode still equals `generate`. With
+/// `remote_accept_unchecked: false` they are misses and decode recomputes.
+#[test]
+fn chunks_without_kvrelay_records_feed_decode_unless_refused() {
+    let redis = Redis::start(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml_hashed(dir.path(), redis.port, "builtin");
+    json_of(&smoke("prefill", &yaml, &[]));
+    let records = keys(redis.port, "*kvrelay");
+    assert!(!records.is_empty());
+    for key in &records {
+        command(redis.port, &[b"DEL", key]).unwrap();
+    }
+    assert!(keys(redis.port, "*kvrelay").is_empty());
+    let decode = json_of(&smoke("decode", &yaml, &["--require-lmcache-hit"]));
+    assert!(
+        decode["lmcache_hit_tokens"].as_u64().unwrap() >= 256,
+        "{decode}"
+    );
+    assert_same_output(&decode, &reference(), "unchecked");
+
+    let refusing = dir.path().join("refusing.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(
+        &refusing,
+        format!("{text}extra_config: {{remote_accept_unchecked: false}}\n"),
+    )
+    .unwrap();
+    let decode = json_of(&smoke("decode", &refusing, &[]));
+    assert_eq!(decode["lmcache_hit_tokens"], 0, "{decode}");
+    assert_same_output(&decode, &reference(), "refused");
 }

@@ -53,6 +53,11 @@ pub fn json_of(output: &Output) -> Value {
 /// An LMCache YAML under `dir` (256-token chunks, sha256_cbor), with a local-disk tier
 /// both processes share when `shared`, else only the process-local CPU tier.
 pub fn lmcache_yaml(dir: &Path, shared: bool) -> PathBuf {
+    lmcache_yaml_hashed(dir, shared, "sha256_cbor")
+}
+
+/// [`lmcache_yaml`] with another `pre_caching_hash_algorithm`.
+pub fn lmcache_yaml_hashed(dir: &Path, shared: bool, hash: &str) -> PathBuf {
     let path = dir.join("lmcache.yaml");
     let tier = if shared {
         format!(
@@ -66,7 +71,7 @@ pub fn lmcache_yaml(dir: &Path, shared: bool) -> PathBuf {
         &path,
         format!(
             "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n{tier}\
-             pre_caching_hash_algorithm: sha256_cbor\nsave_unfull_chunk: true\n"
+             pre_caching_hash_algorithm: {hash}\nsave_unfull_chunk: true\n"
         ),
     )
     .unwrap();

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use kvrelay::config::{
     ConfigError, LmcacheConfig, PdBackendMode, PdRole, MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH,
 };
+use kvrelay::keys::{BuiltinHash, CpythonVersion, HashAlgorithm};
 use serde_json::json;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -364,11 +365,7 @@ fn validation_rules() {
         ConfigError::Invalid { .. }
     ));
 
-    let err = invalid("pre_caching_hash_algorithm: builtin");
-    assert!(matches!(err, ConfigError::UnsupportedValue { .. }), "{err}");
-    assert!(err.to_string().contains("sha256_cbor"), "{err}");
-
-    for algo in ["sha256_cbor", "sha256_cbor_64bit", "xxh3_128"] {
+    for algo in ["sha256_cbor", "sha256_cbor_64bit", "xxh3_128", "builtin"] {
         LmcacheConfig::from_yaml_str(&format!("pre_caching_hash_algorithm: {algo}")).unwrap();
     }
     // LMCache's infinite allocation wait can still be asked for explicitly.
@@ -571,4 +568,49 @@ fn integers_past_their_type_name_the_key_and_the_range() {
         assert!(message.contains(&format!("'{key}'")), "{yaml}: {message}");
         assert!(message.contains(range), "{yaml}: {message}");
     }
+}
+
+#[test]
+fn builtin_hash_takes_the_cpython_and_vllm_of_the_lmcache_engines() {
+    let c = LmcacheConfig::from_yaml_str("pre_caching_hash_algorithm: builtin").unwrap();
+    assert_eq!(
+        c.hash_algorithm().unwrap(),
+        HashAlgorithm::Builtin(BuiltinHash {
+            cpython: CpythonVersion::Py311,
+            with_vllm: true
+        })
+    );
+    let c = LmcacheConfig::from_yaml_str(
+        "pre_caching_hash_algorithm: builtin\npre_caching_hash_cpython: \"3.10\"\npre_caching_hash_with_vllm: false\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.hash_algorithm().unwrap(),
+        HashAlgorithm::Builtin(BuiltinHash {
+            cpython: CpythonVersion::Py310,
+            with_vllm: false
+        })
+    );
+    // The settings leave other algorithms alone.
+    let c = LmcacheConfig::from_yaml_str("pre_caching_hash_cpython: \"3.12\"").unwrap();
+    assert_eq!(c.hash_algorithm().unwrap(), HashAlgorithm::Sha256Cbor);
+    // Unquoted 3.10 is the YAML number 3.1: refused with the reason.
+    let err = LmcacheConfig::from_yaml_str("pre_caching_hash_cpython: 3.10").unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::BadValue { key, .. } if key == "pre_caching_hash_cpython"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("in quotes"), "{err}");
+    let err = LmcacheConfig::load_with_env(env(&[("LMCACHE_PRE_CACHING_HASH_CPYTHON", "3.7")]))
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::BadValue { .. }), "{err}");
+    // Env spelling works, and typos get the nearest key.
+    let c = LmcacheConfig::load_with_env(env(&[("LMCACHE_PRE_CACHING_HASH_WITH_VLLM", "false")]))
+        .unwrap();
+    assert!(!c.pre_caching_hash_with_vllm);
+    let err = LmcacheConfig::from_yaml_str("pre_caching_hash_with_vlm: false").unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::UnknownKey { suggestion: Some(s), .. } if s == "pre_caching_hash_with_vllm"),
+        "{err}"
+    );
 }

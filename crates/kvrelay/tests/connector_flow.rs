@@ -14,7 +14,7 @@ use kvrelay::device::{HostDevice, HostKvCache};
 use kvrelay::keys::{default_seed, CacheKey, ChunkHasher, HashAlgorithm};
 use kvrelay::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
 use kvrelay::plan::{paged_to_chunks, ChunkWindow};
-use kvrelay::store::{DiskTier, DiskTierOptions};
+use kvrelay::store::{ChunkMeta, DiskTier, DiskTierOptions, Tier};
 use kvrelay::KvDtype;
 
 const BLOCK: usize = 4;
@@ -283,4 +283,133 @@ fn a_corrupted_chunk_is_reported_recomputed_and_never_loaded() {
         decode.connector.tiers.stats().corrupt > 0,
         "corrupt chunks are counted"
     );
+}
+
+fn rank_spec(attention: AttentionKind) -> KvCacheSpec {
+    KvCacheSpec {
+        num_kv_heads: if attention == AttentionKind::Mla {
+            1
+        } else {
+            2
+        },
+        attention,
+        ..spec(BLOCK)
+    }
+}
+
+/// The keys a connector of rank `worker_id` of 2 saves and loads for one request, over
+/// a disk tier in `dir` shared by the ranks.
+fn rank_keys(
+    attention: AttentionKind,
+    extra: &str,
+    worker_id: u32,
+    dir: &std::path::Path,
+) -> (Vec<String>, Vec<String>) {
+    let transfer = KvTransferConfig::from_json_str(
+        r#"{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}"#,
+    )
+    .unwrap();
+    let lmcache = LmcacheConfig::from_yaml_str(&format!(
+        "chunk_size: {CHUNK}\nlocal_cpu: false\nlocal_disk: \"file://{}\"\nmax_local_disk_size: 1\nsave_unfull_chunk: true\npre_caching_hash_algorithm: sha256_cbor\n{extra}",
+        dir.display()
+    ))
+    .unwrap();
+    let identity = EngineIdentity {
+        model: "tiny-mla".into(),
+        world_size: 2,
+        worker_id,
+    };
+    let mut c = build_connector(
+        &transfer,
+        &lmcache,
+        &identity,
+        rank_spec(attention),
+        Arc::new(HostDevice),
+    )
+    .unwrap();
+    let toks = tokens(2 * CHUNK, 7);
+    let blocks = blocks(toks.len(), BLOCK, 0);
+    let request = RequestView {
+        id: "r",
+        tokens: &toks,
+        num_prompt_tokens: toks.len(),
+        kv_transfer_params: None,
+    };
+    let (external, _) = c
+        .scheduler
+        .get_num_new_matched_tokens(&request, 0)
+        .unwrap()
+        .unwrap();
+    c.scheduler
+        .update_state_after_alloc(&request, &blocks, external);
+    let meta = c
+        .scheduler
+        .build_connector_meta(&[ScheduledRequest {
+            request,
+            block_ids: &blocks,
+            num_computed_tokens: toks.len(),
+        }])
+        .unwrap();
+    let names =
+        |f: fn(&kvrelay::connector::RequestTransfer) -> &Vec<kvrelay::connector::ChunkTransfer>| {
+            meta.requests
+                .iter()
+                .flat_map(|r| f(r).iter().map(|c| c.key.to_string()))
+                .collect::<Vec<_>>()
+        };
+    (names(|r| &r.saves), names(|r| &r.loads))
+}
+
+/// LMCache's MLA default `save_only_first_rank`: keys of world size 1 (rank 0's), only
+/// rank 0 saves, every rank loads; MHA and an explicit `false` keep per-rank keys.
+#[test]
+fn mla_saves_only_on_the_first_rank_under_world_size_one_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (saves, loads) = rank_keys(AttentionKind::Mla, "", 0, dir.path());
+    assert_eq!(saves.len(), 2);
+    assert!(loads.is_empty());
+    assert!(
+        saves.iter().all(|k| k.starts_with("tiny-mla@1@0@")),
+        "{saves:?}"
+    );
+    // Rank 0's chunks land in the shared tier; rank 1 saves nothing and loads them.
+    let mla = rank_spec(AttentionKind::Mla);
+    let disk = DiskTier::open(dir.path(), DiskTierOptions::new(1 << 30)).unwrap();
+    for key in &saves {
+        let meta = ChunkMeta {
+            layout_fingerprint: mla.chunk_fingerprint(),
+            num_tokens: CHUNK as u32,
+        };
+        disk.put(
+            &key.parse::<CacheKey>().unwrap(),
+            meta,
+            &vec![1; mla.chunk_bytes(CHUNK)],
+        )
+        .unwrap();
+    }
+    let (saves1, loads1) = rank_keys(AttentionKind::Mla, "", 1, dir.path());
+    assert!(saves1.is_empty(), "{saves1:?}");
+    assert_eq!(loads1, saves);
+    for (attention, extra) in [
+        (AttentionKind::Mha, ""),
+        (
+            AttentionKind::Mha,
+            "extra_config: {save_only_first_rank: true}\n",
+        ),
+        (
+            AttentionKind::Mla,
+            "extra_config: {save_only_first_rank: false}\n",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (saves, _) = rank_keys(attention, extra, 1, dir.path());
+        assert_eq!(saves.len(), 2, "{attention:?} {extra}");
+        assert!(
+            saves.iter().all(|k| k.starts_with("tiny-mla@2@1@")),
+            "{saves:?}"
+        );
+    }
+    let err =
+        LmcacheConfig::from_yaml_str("extra_config: {save_only_first_rank: maybe}").unwrap_err();
+    assert!(err.to_string().contains("save_only_first_rank"), "{err}");
 }

@@ -1,7 +1,8 @@
 //! sha256_cbor chunk hashes and key strings against vectors computed by Python's cbor2
-//! (scripts/gen_sha256_cbor_vectors.py), exactly as vLLM/LMCache compute them.
+//! (scripts/gen_sha256_cbor_vectors.py), exactly as vLLM/LMCache compute them, and LMCache's
+//! `builtin` hashes against CPython's hash() (scripts/gen_builtin_vectors.py).
 
-use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm};
+use kvrelay::keys::{BuiltinHash, CacheKey, ChunkHasher, CpythonVersion, HashAlgorithm};
 use kvrelay::KvDtype;
 use serde::Deserialize;
 
@@ -77,4 +78,68 @@ fn vectors_cover_every_cbor_width() {
     assert!(all.contains(&u32::MAX) && all.contains(&0));
     let lens: Vec<usize> = v.token_lists.iter().map(Vec::len).collect();
     assert_eq!(lens, [1, 255, 256, 257, 4097]);
+}
+
+/// LMCache `builtin` vectors from CPython's own hash() (scripts/gen_builtin_vectors.py):
+/// CPython 3.11 and 3.10, with and without vLLM, PYTHONHASHSEED 0 and 42.
+#[derive(Deserialize)]
+struct BuiltinVectors {
+    model: String,
+    dtype: String,
+    token_lists: Vec<Vec<u32>>,
+    cases: Vec<BuiltinCase>,
+}
+
+#[derive(Deserialize)]
+struct BuiltinCase {
+    cpython: String,
+    with_vllm: bool,
+    seed: String,
+    tokens: usize,
+    chunk_size: usize,
+    none_hash: i64,
+    chunk_hashes: Vec<i64>,
+    keys: Vec<String>,
+}
+
+#[test]
+fn every_builtin_vector_matches_cpython() {
+    let v: BuiltinVectors =
+        serde_json::from_str(include_str!("data/builtin_vectors.json")).expect("vectors parse");
+    assert_eq!(v.cases.len(), 96);
+    let dtype: KvDtype = v.dtype.parse().unwrap();
+    let model = CacheKey::model_name(&v.model).unwrap();
+    let mut negative = 0;
+    for case in &v.cases {
+        let tokens = &v.token_lists[case.tokens];
+        let what = format!(
+            "CPython {} vLLM {} seed {} {} tokens chunk {}",
+            case.cpython,
+            case.with_vllm,
+            case.seed,
+            tokens.len(),
+            case.chunk_size
+        );
+        let algorithm = HashAlgorithm::Builtin(BuiltinHash {
+            cpython: CpythonVersion::parse(&case.cpython).unwrap(),
+            with_vllm: case.with_vllm,
+        });
+        let hasher = ChunkHasher::new(algorithm, &case.seed, case.chunk_size).unwrap();
+        assert_eq!(hasher.none_hash() as i64, case.none_hash, "{what}");
+        let hashes: Vec<i64> = hasher
+            .chunk_hashes(tokens)
+            .into_iter()
+            .map(|h| h as i64)
+            .collect();
+        assert_eq!(hashes, case.chunk_hashes, "{what}");
+        for ((_, hash), expected) in hasher.chunks(tokens).zip(&case.keys) {
+            let key = CacheKey::with_model(model.clone(), 1, 0, hash, dtype)
+                .unwrap()
+                .signed(true);
+            assert_eq!(&key.to_string(), expected, "{what}");
+            assert_eq!(expected.parse::<CacheKey>().unwrap(), key, "{what}");
+            negative += usize::from(expected.contains("@-"));
+        }
+    }
+    assert!(negative > 100, "only {negative} negative keys");
 }

@@ -13,7 +13,7 @@ fn load(yaml: &str) -> Result<LmcacheConfig, ConfigError> {
 #[test]
 fn remote_options_come_from_blocking_timeout_and_extra_config() {
     let c = load(
-        "remote_url: \"redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7000\"\nlocal_cpu: false\nblocking_timeout_secs: 3\nextra_config: {remote_ttl_secs: 1.5, remote_max_value_bytes: 4096, remote_connect_timeout_ms: 250, remote_pool_size: 8, remote_retry_after_ms: 0, use_odirect: true}\n",
+        "remote_url: \"redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7000\"\nlocal_cpu: false\nblocking_timeout_secs: 3\nextra_config: {remote_ttl_secs: 1.5, remote_max_value_bytes: 4096, remote_connect_timeout_ms: 250, remote_pool_size: 8, remote_retry_after_ms: 0, remote_accept_unchecked: false, use_odirect: true}\n",
     )
     .unwrap();
     assert_eq!(
@@ -25,6 +25,7 @@ fn remote_options_come_from_blocking_timeout_and_extra_config() {
             max_value_bytes: Some(4096),
             pool_size: 8,
             retry_after: Duration::ZERO,
+            accept_unchecked: false,
         }
     );
     let defaults = load("remote_url: \"unix:///run/redis.sock\"\n").unwrap();
@@ -41,6 +42,10 @@ fn bad_remote_settings_are_named() {
             "extra_config: {remote_max_value_bytes: big}",
             "remote_max_value_bytes",
         ),
+        (
+            "extra_config: {remote_accept_unchecked: sometimes}",
+            "remote_accept_unchecked",
+        ),
     ] {
         let err = load(yaml).unwrap_err();
         assert!(
@@ -50,6 +55,12 @@ fn bad_remote_settings_are_named() {
     }
     let err = load("extra_config: {remote_tll_secs: 5}").unwrap_err();
     assert!(err.to_string().contains("remote_ttl_secs"), "{err}");
+    let err = load("extra_config: {remote_accept_uncheked: false}").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("did you mean 'remote_accept_unchecked'"),
+        "{err}"
+    );
     for url in ["lm://host:65432", "mooncakestore://x", "localhost:6379"] {
         let err = load(&format!("remote_url: \"{url}\"")).unwrap_err();
         assert!(

@@ -276,18 +276,6 @@ fn corrupt_wrong_size_and_foreign_values_are_counted_misses() {
         );
         assert!(stack.get(&k, fp).is_none(), "{suffix}");
     }
-    // A chunk LMCache wrote (metadata and kv_bytes, no check record): never loaded.
-    let foreign = key(10);
-    let data = content(&foreign, 32);
-    let lm = RemoteMetadata::for_chunk(&SPEC, 32, data.len()).unwrap();
-    t.raw_set(&format!("{foreign}kv_bytes"), &data).unwrap();
-    t.raw_set(&format!("{foreign}metadata"), &lm.encode())
-        .unwrap();
-    assert!(!t.contains(&foreign));
-    assert!(matches!(
-        t.get(&foreign, fp),
-        Err(StoreError::Corrupt { .. })
-    ));
     // A check record copied from another key does not vouch for this one.
     let (a, b) = (key(11), key(12));
     put(t.as_ref(), &a, 32);
@@ -296,7 +284,7 @@ fn corrupt_wrong_size_and_foreign_values_are_counted_misses() {
     t.raw_set(&format!("{b}kvrelay"), &record_a).unwrap();
     assert!(matches!(t.get(&b, fp), Err(StoreError::Corrupt { .. })));
 
-    assert_eq!(t.stats().corrupt, 4 * 2 + 1 + 1);
+    assert_eq!(t.stats().corrupt, 4 * 2 + 1);
     assert_eq!(stack.stats().corrupt, 4);
     assert_eq!(stack.stats().hits, 0);
     // Saved under another layout: rejected, not corrupt.
@@ -306,6 +294,180 @@ fn corrupt_wrong_size_and_foreign_values_are_counted_misses() {
         "{err:?}"
     );
     assert_eq!(t.stats().rejected, 1);
+}
+
+/// Writes a chunk as LMCache's RedisConnector does: `<key>metadata` and `<key>kv_bytes`,
+/// no kvrelay record. Returns the bytes.
+fn lmcache_put(t: &RedisTier, k: &CacheKey, tokens: u32, meta: RemoteMetadata) -> Vec<u8> {
+    let data = content(k, tokens);
+    t.raw_set(&format!("{k}kv_bytes"), &data).unwrap();
+    t.raw_set(&format!("{k}metadata"), &meta.encode()).unwrap();
+    data
+}
+
+fn lmcache_meta(tokens: u32) -> RemoteMetadata {
+    RemoteMetadata::for_chunk(&SPEC, tokens, SPEC.chunk_bytes(tokens as usize)).unwrap()
+}
+
+#[test]
+fn lmcache_written_chunks_are_counted_unchecked_hits_that_load_bit_for_bit() {
+    let server = Server::start();
+    let t = Arc::new(tier(&server.url(), opts()));
+    let fp = SPEC.chunk_fingerprint();
+    let keys: Vec<CacheKey> = (0..3).map(key).collect();
+    let full = lmcache_put(&t, &keys[0], 256, lmcache_meta(256));
+    lmcache_put(&t, &keys[1], 256, lmcache_meta(256));
+    let partial = lmcache_put(&t, &keys[2], 7, lmcache_meta(7));
+    let stack = TierStack::new(vec![Arc::clone(&t) as Arc<dyn Tier>]);
+    assert_eq!(stack.prefix_hits(&keys), 3);
+    let chunk = stack.get(&keys[0], fp).unwrap();
+    assert!(chunk.data[..] == full[..]);
+    assert_eq!(chunk.meta, meta(256));
+    let chunk = t.get(&keys[2], fp).unwrap().unwrap();
+    assert!(chunk.data[..] == partial[..]);
+    assert_eq!(chunk.meta, meta(7));
+    let stats = t.stats();
+    assert_eq!(
+        (stats.hits, stats.unchecked, stats.corrupt, stats.misses),
+        (2, 2, 0, 0)
+    );
+    // Checksummed chunks are hits, not unchecked ones.
+    put(t.as_ref(), &key(9), 16);
+    assert!(t.get(&key(9), fp).unwrap().is_some());
+    assert_eq!((t.stats().hits, t.stats().unchecked), (3, 2));
+    // Asked for another layout: rejected, whatever the metadata says.
+    assert!(matches!(
+        t.get(&keys[1], fp ^ 1),
+        Err(StoreError::FingerprintMismatch { .. })
+    ));
+}
+
+#[test]
+fn lmcache_written_chunks_must_match_the_geometry_exactly() {
+    let server = Server::start();
+    let t = tier(&server.url(), opts());
+    let fp = SPEC.chunk_fingerprint();
+    let m = lmcache_meta(32);
+    let mismatches = [
+        (
+            "length",
+            RemoteMetadata {
+                length: m.length - 2,
+                ..m
+            },
+        ),
+        ("format", RemoteMetadata { fmt: 6, ..m }),
+        ("dtype", RemoteMetadata { dtype: 4, ..m }),
+        (
+            "layers",
+            RemoteMetadata {
+                shape: [2, 5, 32, 128],
+                ..m
+            },
+        ),
+        (
+            "hidden",
+            RemoteMetadata {
+                shape: [2, 4, 32, 64],
+                ..m
+            },
+        ),
+        (
+            "tokens",
+            RemoteMetadata {
+                shape: [2, 4, 31, 128],
+                ..m
+            },
+        ),
+        (
+            "no tokens",
+            RemoteMetadata {
+                shape: [2, 4, 0, 128],
+                length: 0,
+                ..m
+            },
+        ),
+    ];
+    for (i, (what, bad)) in mismatches.iter().enumerate() {
+        let k = key(i as u64);
+        lmcache_put(&t, &k, 32, *bad);
+        let err = t.get(&k, fp).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{what}: {err:?}");
+    }
+    // The metadata is right but the value is not that long.
+    let k = key(20);
+    lmcache_put(&t, &k, 31, m);
+    let err = t.get(&k, fp).unwrap_err();
+    assert!(err.to_string().contains("metadata says"), "{err}");
+    // Metadata of another size than LMCache's one-group record.
+    let k = key(21);
+    lmcache_put(&t, &k, 32, m);
+    t.raw_set(&format!("{k}metadata"), &[0u8; 56]).unwrap();
+    assert!(matches!(t.get(&k, fp), Err(StoreError::Corrupt { .. })));
+    let stats = t.stats();
+    assert_eq!((stats.corrupt, stats.unchecked, stats.hits), (9, 0, 0));
+}
+
+#[test]
+fn refusing_unchecked_chunks_makes_them_counted_misses() {
+    let server = Server::start();
+    let t = Arc::new(tier(
+        &server.url(),
+        RemoteOptions {
+            accept_unchecked: false,
+            ..opts()
+        },
+    ));
+    let k = key(0);
+    lmcache_put(&t, &k, 256, lmcache_meta(256));
+    let stack = TierStack::new(vec![Arc::clone(&t) as Arc<dyn Tier>]);
+    assert_eq!(stack.prefix_hits(std::slice::from_ref(&k)), 0);
+    assert!(t.get(&k, SPEC.chunk_fingerprint()).unwrap().is_none());
+    assert!(stack.get(&k, SPEC.chunk_fingerprint()).is_none());
+    let stats = t.stats();
+    assert_eq!(
+        (stats.misses, stats.hits, stats.unchecked, stats.corrupt),
+        (2, 0, 0, 0)
+    );
+    assert_eq!(stack.stats().misses, 1);
+    // The lookup can say why it stopped.
+    let why = stack.why_absent(&k).unwrap();
+    assert!(
+        why.starts_with("redis: ") && why.contains("remote_accept_unchecked"),
+        "{why}"
+    );
+    // Checksummed chunks still load.
+    let data = put(t.as_ref(), &key(1), 16);
+    assert_eq!(get_data(t.as_ref(), &key(1)), Some(data));
+    assert_eq!(stack.why_absent(&key(2)), None);
+}
+
+/// LMCache overwrote a chunk kvrelay wrote: the record no longer matches, so even with
+/// unchecked chunks accepted it is a counted miss, not LMCache's bytes passed as checked.
+#[test]
+fn a_stale_kvrelay_record_is_still_a_miss() {
+    let server = Server::start();
+    let t = Arc::new(tier(&server.url(), opts()));
+    let stack = TierStack::new(vec![Arc::clone(&t) as Arc<dyn Tier>]);
+    let k = key(0);
+    put(t.as_ref(), &k, 32);
+    lmcache_put(&t, &k, 16, lmcache_meta(16));
+    assert!(matches!(
+        t.get(&k, SPEC.chunk_fingerprint()),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(stack.get(&k, SPEC.chunk_fingerprint()).is_none());
+    // Same length, other bytes: the checksum catches it.
+    put(t.as_ref(), &k, 32);
+    let mut other = content(&k, 32);
+    other[0] ^= 1;
+    t.raw_set(&format!("{k}kv_bytes"), &other).unwrap();
+    assert!(stack.get(&k, SPEC.chunk_fingerprint()).is_none());
+    assert_eq!(
+        (t.stats().corrupt, t.stats().unchecked, t.stats().hits),
+        (3, 0, 0)
+    );
+    assert_eq!(stack.stats().corrupt, 2);
 }
 
 #[test]
@@ -695,4 +857,323 @@ fn lmcache_config_puts_redis_after_the_local_tiers() {
         )),
         ["redis"]
     );
+}
+
+/// Collects every event's level and fields on this thread.
+#[derive(Clone, Default)]
+struct LogLines(Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0 += &format!("{}={value:?} ", field.name());
+    }
+}
+
+impl tracing::Subscriber for LogLines {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(format!("{} ", event.metadata().level()));
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A lookup that stops on a chunk the tier refuses says so, once per request.
+#[test]
+fn a_lookup_that_stops_logs_why_once_per_request() {
+    use kvrelay::connector::RequestView;
+    use kvrelay::keys::{default_seed, ChunkHasher, HashAlgorithm};
+
+    let server = Server::start();
+    let transfer = KvTransferConfig::from_json_str(
+        r#"{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}"#,
+    )
+    .unwrap();
+    let lmcache = LmcacheConfig::from_yaml_str(&format!(
+        "chunk_size: 16\nlocal_cpu: false\nremote_url: \"{}\"\nsave_unfull_chunk: true\nextra_config: {{remote_accept_unchecked: false}}\n",
+        server.url()
+    ))
+    .unwrap();
+    let identity = EngineIdentity {
+        model: "tiny".into(),
+        world_size: 1,
+        worker_id: 0,
+    };
+    let mut c =
+        build_connector(&transfer, &lmcache, &identity, SPEC, Arc::new(HostDevice)).unwrap();
+    let tokens: Vec<u32> = (100..140).collect();
+    let hasher = ChunkHasher::new(HashAlgorithm::Sha256Cbor, &default_seed(), 16).unwrap();
+    let first =
+        CacheKey::new("tiny", 1, 0, hasher.chunk_hashes(&tokens)[0], KvDtype::Bf16).unwrap();
+    let t = tier(&server.url(), opts());
+    lmcache_put(&t, &first, 16, lmcache_meta(16));
+
+    let logs = LogLines::default();
+    let request = RequestView {
+        id: "r1",
+        tokens: &tokens,
+        num_prompt_tokens: tokens.len(),
+        kv_transfer_params: None,
+    };
+    tracing::subscriber::with_default(logs.clone(), || {
+        for _ in 0..3 {
+            let hit = c.scheduler.get_num_new_matched_tokens(&request, 0).unwrap();
+            assert_eq!(hit, Some((0, false)));
+        }
+    });
+    let stops = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.contains("lookup stopped"))
+            .cloned()
+            .collect()
+    };
+    let lines = stops(&logs.0.lock().unwrap());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("INFO "), "{}", lines[0]);
+    assert!(
+        lines[0].contains("chunk 0 of 3") && lines[0].contains("remote_accept_unchecked"),
+        "{}",
+        lines[0]
+    );
+    // A finished request's next lookup (a new request with the same id) logs again; a
+    // chunk stored nowhere is only a debug line.
+    c.scheduler.request_finished(&request, &[]);
+    t.remove(&first).unwrap();
+    tracing::subscriber::with_default(logs.clone(), || {
+        c.scheduler.get_num_new_matched_tokens(&request, 0).unwrap();
+    });
+    let lines = stops(&logs.0.lock().unwrap());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].starts_with("DEBUG ") && lines[1].contains("not stored in any tier"),
+        "{}",
+        lines[1]
+    );
+}
+
+// ---- Against LMCache 0.5.6's own code ---------------------------------------------------
+//
+// These run LMCache's Python (scripts/lmcache_compat/lmcache_compat.py) in a venv that
+// scripts/test_lmcache_compat.sh prepares and names in KVRELAY_LMCACHE_PYTHON; that script
+// runs them with `--ignored`.
+
+const NEEDS_LMCACHE: &str = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh";
+
+/// `lmcache_compat.py <args>` under the venv's python; stdout, failing loudly.
+fn lmcache_code(args: &[&str], stdin: &str, hash_seed: Option<&str>) -> String {
+    use std::io::Write;
+    let python = std::env::var("KVRELAY_LMCACHE_PYTHON").unwrap_or_else(|_| {
+        panic!("KVRELAY_LMCACHE_PYTHON must name a python with lmcache==0.5.6 ({NEEDS_LMCACHE})")
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/lmcache_compat/lmcache_compat.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args(args).env_remove("PYTHONHASHSEED");
+    if let Some(seed) = hash_seed {
+        cmd.env("PYTHONHASHSEED", seed);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "lmcache_compat.py {args:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The bytes both sides write and expect: byte i is (i * 131 + 7) mod 251.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 131 + 7) % 251) as u8).collect()
+}
+
+const MLA_SPEC: KvCacheSpec = KvCacheSpec {
+    num_kv_heads: 1,
+    head_size: 576,
+    attention: AttentionKind::Mla,
+    ..SPEC
+};
+
+/// LMCache's ChunkedTokenDatabase and kvrelay name every chunk alike: `builtin` (PYTHONHASHSEED
+/// 0 and 42 with vLLM, and without vLLM with and without a seed) and `sha256_cbor`, with the
+/// trailing partial chunk saved and not.
+#[test]
+#[ignore = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh"]
+fn lmcache_code_keys_equal_kvrelay_keys() {
+    use kvrelay::keys::{BuiltinHash, ChunkHasher, CpythonVersion, HashAlgorithm};
+
+    let mut rng = StdRng::seed_from_u64(14);
+    let tokens: Vec<u32> = (0..1000).map(|_| rng.next_u32() % 200_000).collect();
+    let json = serde_json::to_string(&tokens).unwrap();
+    let builtin = |with_vllm| {
+        HashAlgorithm::Builtin(BuiltinHash {
+            cpython: CpythonVersion::Py311,
+            with_vllm,
+        })
+    };
+    let cases = [
+        (builtin(true), Some("0")),
+        (builtin(true), Some("42")),
+        (builtin(false), Some("0")),
+        (builtin(false), None),
+        (HashAlgorithm::Sha256Cbor, Some("0")),
+        (HashAlgorithm::Sha256Cbor, Some("42")),
+    ];
+    let mut negative = 0;
+    for (algorithm, seed) in cases {
+        let with_vllm = algorithm != builtin(false);
+        for save_unfull in ["true", "false"] {
+            let mut args = vec![
+                "keys",
+                "--algorithm",
+                algorithm.name(),
+                "--chunk-size",
+                "256",
+            ];
+            args.extend(["--save-unfull-chunk", save_unfull]);
+            args.extend(["--model", "meta-llama/Llama-3.1-8B", "--dtype", "bfloat16"]);
+            args.extend(["--world-size", "2", "--worker-id", "1"]);
+            if with_vllm {
+                args.push("--with-vllm");
+            }
+            let theirs = lmcache_code(&args, &json, seed);
+            let hasher = ChunkHasher::new(algorithm, seed.unwrap_or(""), 256).unwrap();
+            let end = if save_unfull == "true" { 1000 } else { 768 };
+            let ours: Vec<String> = hasher
+                .chunk_hashes(&tokens[..end])
+                .into_iter()
+                .map(|h| {
+                    CacheKey::new("meta-llama/Llama-3.1-8B", 2, 1, h, KvDtype::Bf16)
+                        .unwrap()
+                        .signed(algorithm.signed())
+                        .to_string()
+                })
+                .collect();
+            let theirs: Vec<&str> = theirs.lines().collect();
+            assert_eq!(
+                theirs, ours,
+                "{algorithm:?} seed {seed:?} unfull {save_unfull}"
+            );
+            negative += ours.iter().filter(|k| k.contains("@-")).count();
+        }
+    }
+    assert!(negative > 0, "no negative builtin key was compared");
+}
+
+/// Chunks LMCache's code writes (its key string, RemoteMetadata and bytes, set as its
+/// RedisConnector does) load in kvrelay bit for bit, as counted unchecked hits.
+#[test]
+#[ignore = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh"]
+fn lmcache_code_writes_chunks_kvrelay_loads() {
+    let server = Server::start();
+    let hash = -0x2fdf_48fc_280e_fdec_i64;
+    for (spec, fmt) in [(SPEC, "KV_2LTD"), (MLA_SPEC, "KV_MLA_FMT")] {
+        let t = RedisTier::new(&server.url(), spec, opts()).unwrap();
+        for tokens in [256u32, 7] {
+            let model = format!("lm-{fmt}-{tokens}");
+            let shape = format!(
+                "{},{},{tokens},{}",
+                spec.kv_planes(),
+                spec.num_layers,
+                spec.num_kv_heads * spec.head_size
+            );
+            let printed = lmcache_code(
+                &[
+                    "put",
+                    "--url",
+                    &server.url(),
+                    "--model",
+                    &model,
+                    "--world-size",
+                    "1",
+                    "--worker-id",
+                    "0",
+                    "--hash",
+                    &hash.to_string(),
+                    "--dtype",
+                    "bfloat16",
+                    "--fmt",
+                    fmt,
+                    "--shape",
+                    &shape,
+                ],
+                "",
+                None,
+            );
+            let key = CacheKey::new(&model, 1, 0, hash as u64, KvDtype::Bf16)
+                .unwrap()
+                .signed(true);
+            assert_eq!(printed.trim(), key.to_string());
+            let chunk = t.get(&key, spec.chunk_fingerprint()).unwrap().unwrap();
+            assert_eq!(chunk.meta.num_tokens, tokens);
+            assert!(chunk.data[..] == pattern(spec.chunk_bytes(tokens as usize))[..]);
+        }
+        let stats = t.stats();
+        assert_eq!((stats.hits, stats.unchecked, stats.corrupt), (2, 2, 0));
+    }
+}
+
+/// Chunks kvrelay writes decode in LMCache's code: its RemoteMetadata fields and the bytes.
+#[test]
+#[ignore = "needs LMCache 0.5.6 in a venv: scripts/test_lmcache_compat.sh"]
+fn lmcache_code_reads_chunks_kvrelay_writes() {
+    use sha2::{Digest, Sha256};
+
+    let server = Server::start();
+    for (spec, fmt, planes) in [(SPEC, "KV_2LTD", 2), (MLA_SPEC, "KV_MLA_FMT", 1)] {
+        let t = RedisTier::new(&server.url(), spec, opts()).unwrap();
+        for tokens in [256u32, 7] {
+            let key = CacheKey::new("kvrelay", 1, 0, (-(tokens as i64)) as u64, KvDtype::Bf16)
+                .unwrap()
+                .signed(true);
+            let data = pattern(spec.chunk_bytes(tokens as usize));
+            let meta = ChunkMeta {
+                layout_fingerprint: spec.chunk_fingerprint(),
+                num_tokens: tokens,
+            };
+            t.put(&key, meta, &data).unwrap();
+            let text = lmcache_code(
+                &["get", "--url", &server.url(), "--key", &key.to_string()],
+                "",
+                None,
+            );
+            let seen: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let hidden = spec.num_kv_heads * spec.head_size;
+            assert_eq!(
+                seen,
+                serde_json::json!({
+                    "length": data.len(),
+                    "fmt": fmt,
+                    "dtypes": ["torch.bfloat16"],
+                    "shapes": [[planes, spec.num_layers, tokens, hidden]],
+                    "kv_len": data.len(),
+                    "kv_sha256": format!("{:x}", Sha256::digest(&data)),
+                }),
+                "{fmt} {tokens} tokens"
+            );
+        }
+    }
 }

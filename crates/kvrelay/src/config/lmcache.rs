@@ -15,9 +15,10 @@ use super::limits::{check_document, read_document};
 use super::value::{parse_yaml, ConfigValue, Raw, SecretString};
 use super::vllm::CONNECTOR_EXTRA_KEYS;
 use super::{nearest, ConfigError};
+use crate::keys::{BuiltinHash, CpythonVersion, HashAlgorithm};
 
 /// `pre_caching_hash_algorithm` values kvrelay can compute.
-pub const HASH_ALGORITHMS: &[&str] = &["sha256_cbor", "sha256_cbor_64bit", "xxh3_128"];
+pub const HASH_ALGORITHMS: &[&str] = &["sha256_cbor", "sha256_cbor_64bit", "builtin", "xxh3_128"];
 
 /// `transfer_channel` values: LMCache's (`nixl`, `mock_memory`), LMCache-Ascend's, and
 /// kvrelay's own host transports `tcp` (any host) and `shm` (same host).
@@ -32,7 +33,12 @@ pub const TRANSFER_CHANNELS: &[&str] = &[
 ];
 
 /// Keys kvrelay adds to LMCache's schema (LMCache itself would warn and ignore them).
-pub const KVRELAY_KEYS: &[&str] = &["pd_shared_secret", "pd_buffer_ttl_sec"];
+pub const KVRELAY_KEYS: &[&str] = &[
+    "pd_shared_secret",
+    "pd_buffer_ttl_sec",
+    "pre_caching_hash_cpython",
+    "pre_caching_hash_with_vllm",
+];
 
 /// Eviction policies kvrelay implements (LMCache also has LFU, FIFO and MRU).
 const CACHE_POLICIES: &[&str] = &["LRU"];
@@ -49,6 +55,8 @@ const ENV_ONLY: &[&str] = &[
 const ENCODER_CACHE_ENV_PREFIX: &str = "LMCACHE_EC_";
 
 const ENV_PREFIX: &str = "LMCACHE_";
+/// The `extra_config` key of LMCache's MLA rule (keys with world size 1, rank 0 saves).
+const SAVE_ONLY_FIRST_RANK: &str = "save_only_first_rank";
 const EXTRA_PREFIX: &str = "lmcache.";
 
 /// The role of this engine in PD disaggregation (`pd_role`).
@@ -114,6 +122,15 @@ impl ConfigValue for PdBackendMode {
     }
 }
 
+impl ConfigValue for CpythonVersion {
+    fn expected() -> String {
+        "\"3.10\" (LMCache ran on CPython 3.8 to 3.10) or \"3.11\" (3.11 and later), in quotes: YAML reads an unquoted 3.10 as the number 3.1".into()
+    }
+    fn from_text(s: &str) -> Option<Self> {
+        CpythonVersion::parse(s)
+    }
+}
+
 /// Declares the supported keys once: the struct fields, their defaults, the key list and
 /// the setter that converts a raw value to the field's type.
 macro_rules! lmcache_schema {
@@ -168,10 +185,17 @@ lmcache_schema! {
     remote_url: Option<String> = None,
     /// Also store KV produced during decode, at chunk boundaries.
     save_decode_cache: bool = false,
-    /// Chunk-hash algorithm. LMCache's default, `builtin` (CPython `hash()`), cannot be
-    /// reproduced outside that Python process, so kvrelay defaults to `sha256_cbor`, which
-    /// LMCache also offers. One of [`HASH_ALGORITHMS`].
+    /// Chunk-hash algorithm, one of [`HASH_ALGORITHMS`]. kvrelay defaults to `sha256_cbor`,
+    /// which needs no `PYTHONHASHSEED`; LMCache's default is `builtin` (CPython's `hash()`),
+    /// which kvrelay reproduces given the next two keys and `PYTHONHASHSEED`.
     pre_caching_hash_algorithm: String = "sha256_cbor".to_string(),
+    /// kvrelay extension, for `builtin`: the CPython the LMCache engines run on, `"3.10"`
+    /// (3.8 to 3.10) or `"3.11"` (3.11 and later); it decides `NONE_HASH`.
+    pre_caching_hash_cpython: CpythonVersion = CpythonVersion::Py311,
+    /// kvrelay extension, for `builtin`: whether vLLM is importable in the LMCache engines'
+    /// processes (it is when LMCache runs inside vLLM). Then `NONE_HASH` is
+    /// `hash($PYTHONHASHSEED)`; without vLLM it is 0.
+    pre_caching_hash_with_vllm: bool = true,
     /// Instance id; LMCache generates one when unset.
     lmcache_instance_id: Option<String> = None,
     /// Use PD disaggregation.
@@ -474,6 +498,46 @@ impl LmcacheConfig {
         self.finish()
     }
 
+    /// The chunk-hash algorithm `pre_caching_hash_algorithm` names, with the
+    /// `pre_caching_hash_*` settings for `builtin`.
+    pub fn hash_algorithm(&self) -> Result<HashAlgorithm, ConfigError> {
+        let algorithm = self
+            .pre_caching_hash_algorithm
+            .parse::<HashAlgorithm>()
+            .map_err(|e| ConfigError::UnsupportedValue {
+                key: "pre_caching_hash_algorithm".into(),
+                value: format!("{:?}", self.pre_caching_hash_algorithm),
+                reason: e.to_string(),
+            })?;
+        Ok(match algorithm {
+            HashAlgorithm::Builtin(_) => HashAlgorithm::Builtin(BuiltinHash {
+                cpython: self.pre_caching_hash_cpython,
+                with_vllm: self.pre_caching_hash_with_vllm,
+            }),
+            other => other,
+        })
+    }
+
+    /// LMCache's `extra_config.save_only_first_rank` for a cache that is (`mla`) or is not
+    /// MLA: on by default for MLA, whose KV every TP rank holds whole, and never without it
+    /// (LMCache ignores it there too).
+    pub fn save_only_first_rank(&self, mla: bool) -> Result<bool, ConfigError> {
+        let value = self
+            .extra_config
+            .as_ref()
+            .and_then(|e| e.get(SAVE_ONLY_FIRST_RANK));
+        let on = match value {
+            None => mla,
+            Some(v) => bool::from_raw(Raw::Json(v)).ok_or_else(|| ConfigError::BadValue {
+                origin: "LMCache extra_config".into(),
+                key: SAVE_ONLY_FIRST_RANK.into(),
+                value: v.to_string(),
+                expected: bool::expected(),
+            })?,
+        };
+        Ok(on && mla)
+    }
+
     /// The disk tier directory: `local_disk` without its `file://` prefix.
     pub fn local_disk_path(&self) -> Option<PathBuf> {
         self.local_disk
@@ -513,13 +577,6 @@ impl LmcacheConfig {
             }
         }
         self.check_choice("cache_policy", &self.cache_policy, CACHE_POLICIES)?;
-        if self.pre_caching_hash_algorithm == "builtin" {
-            return Err(ConfigError::UnsupportedValue {
-                key: "pre_caching_hash_algorithm".into(),
-                value: "\"builtin\"".into(),
-                reason: "it is CPython's hash(), which is salted per process (PYTHONHASHSEED) and cannot be computed outside Python, so no chunk key would match; set pre_caching_hash_algorithm: sha256_cbor (LMCache supports it too)".into(),
-            });
-        }
         self.check_choice(
             "pre_caching_hash_algorithm",
             &self.pre_caching_hash_algorithm,
@@ -541,6 +598,8 @@ impl LmcacheConfig {
             ));
         }
         self.validate_remote()?;
+        // Whether the cache is MLA is known only later; the value's type is checked now.
+        self.save_only_first_rank(true)?;
         if self.enable_pd {
             self.validate_pd()?;
         }

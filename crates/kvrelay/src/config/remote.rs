@@ -30,6 +30,7 @@ pub const REMOTE_EXTRA_KEYS: &[&str] = &[
     "remote_connect_timeout_ms",
     "remote_pool_size",
     "remote_retry_after_ms",
+    "remote_accept_unchecked",
 ];
 
 impl LmcacheConfig {
@@ -68,6 +69,10 @@ impl LmcacheConfig {
                     let ms = u64::from_raw(Raw::Json(value))
                         .ok_or_else(|| bad(key, value, "milliseconds >= 0"))?;
                     opts.retry_after = Duration::from_millis(ms);
+                }
+                "remote_accept_unchecked" => {
+                    opts.accept_unchecked = bool::from_raw(Raw::Json(value))
+                        .ok_or_else(|| bad(key, value, "a boolean"))?;
                 }
                 _ => {
                     return Err(ConfigError::UnknownKey {

@@ -9,7 +9,7 @@ use super::{
 use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig, PdRole};
 use crate::device::Device;
 use crate::keys::{default_seed, ChunkHasher, HashAlgorithm, KeyDerivation};
-use crate::layout::KvCacheSpec;
+use crate::layout::{AttentionKind, KvCacheSpec};
 use crate::store::{CpuTier, DiskTier, DiskTierOptions, Tier, TierStack};
 use crate::transfer::{PdConfig, PdReceiver, PdSink, ReceivedKv};
 
@@ -52,6 +52,7 @@ pub fn build_connector(
         world_size: identity.world_size,
         worker_id: identity.worker_id,
         dtype: spec.dtype,
+        signed_hash: false,
     };
     let extra = &transfer.kv_connector_extra_config;
     let mut pd_sink = None;
@@ -75,11 +76,8 @@ pub fn build_connector(
         ConnectorKind::Lmcache => {
             let mut lmcache = lmcache.clone();
             transfer.apply_lmcache_overrides(&mut lmcache)?;
-            let algorithm: HashAlgorithm = lmcache
-                .pre_caching_hash_algorithm
-                .parse()
-                .map_err(|e| ConnectorError::Hash(format!("{e}")))?;
-            let hasher = ChunkHasher::new(algorithm, &default_seed(), lmcache.chunk_size)
+            let algorithm = lmcache.hash_algorithm()?;
+            let hasher = ChunkHasher::from_env(algorithm, lmcache.chunk_size)
                 .map_err(|e| ConnectorError::Hash(e.to_string()))?;
             let tiers = if lmcache.enable_pd {
                 let keys =
@@ -93,8 +91,28 @@ pub fn build_connector(
             } else {
                 Arc::new(lmcache_tiers(&lmcache, spec)?)
             };
+            // LMCache's MLA rule: every rank's KV is the same, so keys name world size 1
+            // (and rank 0), rank 0 alone saves and every rank loads. PD keeps per-rank
+            // keys: each rank has its own PD buffer and peer.
+            let first_rank_only = !lmcache.enable_pd
+                && lmcache.save_only_first_rank(spec.attention == AttentionKind::Mla)?;
+            let prefix = KeyPrefix {
+                signed_hash: algorithm.signed(),
+                world_size: if first_rank_only {
+                    1
+                } else {
+                    prefix.world_size
+                },
+                worker_id: if first_rank_only { 0 } else { prefix.worker_id },
+                ..prefix
+            };
+            let saving_role = if first_rank_only && identity.worker_id != 0 {
+                KvRole::Consumer
+            } else {
+                role
+            };
             let policy = LmcachePolicy {
-                role,
+                role: saving_role,
                 discard_partial_chunks: extra.discard_partial_chunks || !lmcache.save_unfull_chunk,
                 skip_last_n_tokens: extra.skip_last_n_tokens,
                 save_decode_cache: lmcache.save_decode_cache,

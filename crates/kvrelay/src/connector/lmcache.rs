@@ -50,6 +50,8 @@ pub struct LmcacheScheduler {
     saved_upto: HashMap<String, usize>,
     /// PD requests whose chunks were sent.
     flushed: HashSet<String>,
+    /// Requests whose lookup stopped short and said why (once per request).
+    explained: HashSet<String>,
 }
 
 impl LmcacheScheduler {
@@ -68,6 +70,27 @@ impl LmcacheScheduler {
             loads: HashMap::new(),
             saved_upto: HashMap::new(),
             flushed: HashSet::new(),
+            explained: HashSet::new(),
+        }
+    }
+
+    /// Logs, once per request, the chunk a lookup stopped at and why no tier has it.
+    fn explain_stop(&mut self, request_id: &str, chunks: &[ChunkTransfer], hit_chunks: usize) {
+        let Some(stop) = chunks.get(hit_chunks) else {
+            return;
+        };
+        if !self.explained.insert(request_id.to_string()) {
+            return;
+        }
+        let (key, start) = (&stop.key, stop.window.start);
+        let of = chunks.len();
+        match self.tiers.why_absent(key) {
+            Some(why) => {
+                tracing::info!(request_id, %key, "lookup stopped at chunk {hit_chunks} of {of} (token {start}): {why}")
+            }
+            None => {
+                tracing::debug!(request_id, %key, "lookup stopped at chunk {hit_chunks} of {of} (token {start}): not stored in any tier")
+            }
         }
     }
 
@@ -124,6 +147,7 @@ impl SchedulerConnector for LmcacheScheduler {
         let chunks = self.chunks(tokens, 0, lookup_len)?;
         let keys: Vec<_> = chunks.iter().map(|c| c.key.clone()).collect();
         let hit_chunks = self.tiers.prefix_hits(&keys);
+        self.explain_stop(request.id, &chunks, hit_chunks);
         let hit = chunks[..hit_chunks]
             .last()
             .map_or(0, |c| c.window.start + c.window.tokens);
@@ -207,6 +231,7 @@ impl SchedulerConnector for LmcacheScheduler {
         self.loads.remove(request.id);
         self.saved_upto.remove(request.id);
         self.flushed.remove(request.id);
+        self.explained.remove(request.id);
         // A PD decoder need not have loaded all the KV sent for the request (its lookup
         // or its own cache stopped short): free the rest now rather than at the TTL.
         let (pd_id, scope) = pd_request_id(request);

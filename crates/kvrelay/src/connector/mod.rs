@@ -58,17 +58,20 @@ pub struct KeyPrefix {
     pub world_size: u32,
     pub worker_id: u32,
     pub dtype: crate::KvDtype,
+    /// Hashes are Python's signed ints (`builtin`), printed with a sign when negative.
+    pub signed_hash: bool,
 }
 
 impl KeyPrefix {
     pub fn key(&self, chunk_hash: u64) -> Result<CacheKey, KeyError> {
-        CacheKey::with_model(
+        let key = CacheKey::with_model(
             Arc::clone(&self.model),
             self.world_size,
             self.worker_id,
             chunk_hash,
             self.dtype,
-        )
+        )?;
+        Ok(key.signed(self.signed_hash))
     }
 }
 

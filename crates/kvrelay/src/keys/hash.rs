@@ -4,9 +4,9 @@
 //! `H(prefix, chunk_i)` where `prefix` is chunk `i-1`'s hash, or the seed-derived `NONE_HASH` for
 //! chunk 0, so a chunk's hash names the whole prefix up to its end.
 //!
-//! Two algorithms, both fully specified here so that any process, machine or version computes
-//! the same values with no environment variable involved (except where a caller chooses to read
-//! the seed from `$PYTHONHASHSEED`, see [`default_seed`]):
+//! Three algorithms, each fully specified so that any process, machine or version computes
+//! the same values (the seed comes from `$PYTHONHASHSEED` only where a caller reads it, see
+//! [`default_seed`] and [`ChunkHasher::from_env`]):
 //!
 //! - **`sha256_cbor`**: LMCache/vLLM's, bit for bit.
 //!   `NONE_HASH = u64_be(sha256(cbor(seed_text))[0..8])`, with `seed_text` a CBOR text string;
@@ -18,12 +18,19 @@
 //!   where xxh3_128 is XXH3-128 with seed 0 and the default secret, and `fold(d)` is the high 64
 //!   bits of the 128-bit digest (= the first 8 bytes of its canonical big-endian form, read big
 //!   endian, mirroring sha256_cbor's fold).
+//! - **`builtin`**: LMCache's default, CPython's `hash((prefix, tuple(tokens), ()))`, bit for
+//!   bit (see [`super::cpython`]). Hashes are signed (stored here as their two's-complement
+//!   bits) and keys print them as Python does, `-2fdf…` for a negative one.
+//!   `NONE_HASH = hash(seed_text)` keyed by the seed, where `seed_text` is `$PYTHONHASHSEED`,
+//!   when LMCache ran with vLLM importable; 0 when it did not.
 
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
+
+use super::cpython::{self, CpythonVersion, HashSecret};
 use xxhash_rust::xxh3::{xxh3_128, Xxh3Default};
 
 /// LMCache's default chunk size, in tokens.
@@ -40,17 +47,53 @@ pub enum HashAlgorithm {
     /// XXH3-128 over little-endian integers, folded to 64 bits: kvrelay-only, fast.
     #[default]
     Xxh3_128,
+    /// LMCache's default `builtin`: CPython's `hash()`, for the interpreter LMCache ran in.
+    Builtin(BuiltinHash),
+}
+
+/// The LMCache process whose `builtin` keys to reproduce: they depend on it only through
+/// `NONE_HASH`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BuiltinHash {
+    /// The CPython that ran LMCache (its `str` hash keys `NONE_HASH`).
+    pub cpython: CpythonVersion,
+    /// Whether vLLM was importable in LMCache's process: then `NONE_HASH` is
+    /// `hash($PYTHONHASHSEED)`, else 0.
+    pub with_vllm: bool,
+}
+
+impl Default for BuiltinHash {
+    /// LMCache inside vLLM on a current CPython.
+    fn default() -> Self {
+        BuiltinHash {
+            cpython: CpythonVersion::Py311,
+            with_vllm: true,
+        }
+    }
 }
 
 impl HashAlgorithm {
-    pub const ALL: [HashAlgorithm; 2] = [HashAlgorithm::Sha256Cbor, HashAlgorithm::Xxh3_128];
+    pub const ALL: [HashAlgorithm; 3] = [
+        HashAlgorithm::Sha256Cbor,
+        HashAlgorithm::Xxh3_128,
+        HashAlgorithm::Builtin(BuiltinHash {
+            cpython: CpythonVersion::Py311,
+            with_vllm: true,
+        }),
+    ];
 
     /// The canonical name, as LMCache's `pre_caching_hash_algorithm` spells it.
     pub const fn name(self) -> &'static str {
         match self {
             HashAlgorithm::Sha256Cbor => "sha256_cbor",
             HashAlgorithm::Xxh3_128 => "xxh3_128",
+            HashAlgorithm::Builtin(_) => "builtin",
         }
+    }
+
+    /// Whether hashes are Python ints that may be negative (`builtin`), printed with a sign.
+    pub const fn signed(self) -> bool {
+        matches!(self, HashAlgorithm::Builtin(_))
     }
 }
 
@@ -67,7 +110,7 @@ impl FromStr for HashAlgorithm {
         match s {
             "sha256_cbor" | "sha256_cbor_64bit" => Ok(HashAlgorithm::Sha256Cbor),
             "xxh3_128" => Ok(HashAlgorithm::Xxh3_128),
-            "builtin" => Err(HashError::BuiltinHash),
+            "builtin" => Ok(HashAlgorithm::Builtin(BuiltinHash::default())),
             "sha256" | "xxhash" | "xxhash_cbor" => Err(HashError::UnsupportedVllmHash(s.into())),
             other => Err(HashError::UnknownAlgorithm(other.into())),
         }
@@ -79,15 +122,21 @@ impl FromStr for HashAlgorithm {
 #[non_exhaustive]
 pub enum HashError {
     #[error(
-        "unknown hash algorithm {0:?}: expected sha256_cbor (alias sha256_cbor_64bit) or xxh3_128"
+        "unknown hash algorithm {0:?}: expected sha256_cbor (alias sha256_cbor_64bit), builtin or xxh3_128"
     )]
     UnknownAlgorithm(String),
     #[error(
-        "hash algorithm \"builtin\" is CPython's hash(), keyed per process by $PYTHONHASHSEED and \
-         different across Python versions, so its keys cannot be reproduced outside that \
-         interpreter; set LMCache's pre_caching_hash_algorithm to sha256_cbor and use sha256_cbor"
+        "hash algorithm \"builtin\" with vLLM importable needs a fixed PYTHONHASHSEED: LMCache's \
+         NONE_HASH is then hash($PYTHONHASHSEED), and without the variable every LMCache process \
+         picks its own, so even LMCache engines do not share keys with each other; export \
+         PYTHONHASHSEED=0 (or any fixed integer) for every LMCache and kvrelay engine"
     )]
-    BuiltinHash,
+    BuiltinSeedUnset,
+    #[error(
+        "PYTHONHASHSEED={0:?} is not a fixed seed: CPython takes \"random\" or an integer in \
+         0..=4294967295, and only an integer gives every process the same str hash"
+    )]
+    BadPythonHashSeed(String),
     #[error(
         "vLLM hash {0:?} is not supported: sha256 hashes Python pickle bytes and the xxhash family \
          gets a random per-process NONE_HASH in vLLM, so neither is reproducible; use sha256_cbor"
@@ -116,6 +165,8 @@ pub struct ChunkHasher {
 }
 
 impl ChunkHasher {
+    /// `seed` is the text `NONE_HASH` is derived from; for `builtin` it is the value of
+    /// `PYTHONHASHSEED` (it keys the str hash too), and is not used without vLLM.
     pub fn new(algorithm: HashAlgorithm, seed: &str, chunk_size: usize) -> Result<Self, HashError> {
         if chunk_size == 0 {
             return Err(HashError::ZeroChunkSize);
@@ -123,12 +174,35 @@ impl ChunkHasher {
         let none_hash = match algorithm {
             HashAlgorithm::Sha256Cbor => sha256_cbor_text(seed),
             HashAlgorithm::Xxh3_128 => fold128(xxh3_128(seed.as_bytes())),
+            HashAlgorithm::Builtin(BuiltinHash {
+                with_vllm: false, ..
+            }) => 0,
+            HashAlgorithm::Builtin(BuiltinHash {
+                cpython,
+                with_vllm: true,
+            }) => {
+                let secret = HashSecret::from_seed(python_hash_seed(seed)?);
+                cpython::str_hash(seed, cpython, secret) as u64
+            }
         };
         Ok(ChunkHasher {
             algorithm,
             chunk_size,
             none_hash,
         })
+    }
+
+    /// A hasher seeded as LMCache's process would be from this environment:
+    /// `$PYTHONHASHSEED` for `builtin` (refused when unset where it matters), else
+    /// [`default_seed`].
+    pub fn from_env(algorithm: HashAlgorithm, chunk_size: usize) -> Result<Self, HashError> {
+        let seed = match algorithm {
+            HashAlgorithm::Builtin(BuiltinHash {
+                with_vllm: true, ..
+            }) => std::env::var("PYTHONHASHSEED").map_err(|_| HashError::BuiltinSeedUnset)?,
+            _ => default_seed(),
+        };
+        Self::new(algorithm, &seed, chunk_size)
     }
 
     pub fn algorithm(&self) -> HashAlgorithm {
@@ -155,6 +229,8 @@ impl ChunkHasher {
         match self.algorithm {
             HashAlgorithm::Sha256Cbor => sha256_cbor_chunk(prefix, chunk),
             HashAlgorithm::Xxh3_128 => xxh3_chunk(prefix, chunk),
+            // The chain carries Python's signed hashes as their bits.
+            HashAlgorithm::Builtin(_) => cpython::chunk_hash(prefix as i64, chunk) as u64,
         }
     }
 
@@ -221,6 +297,16 @@ impl Iterator for ChunkHashes<'_> {
 
 impl ExactSizeIterator for ChunkHashes<'_> {}
 impl std::iter::FusedIterator for ChunkHashes<'_> {}
+
+/// CPython's reading of `PYTHONHASHSEED`: a decimal integer in `0..=u32::MAX`. (`"random"`,
+/// the other value CPython takes, keys each process differently.)
+fn python_hash_seed(text: &str) -> Result<u32, HashError> {
+    let bad = || HashError::BadPythonHashSeed(text.to_string());
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    text.parse().map_err(|_| bad())
+}
 
 // ---- sha256_cbor ----------------------------------------------------------------------------
 //
@@ -593,10 +679,10 @@ mod tests {
             Ok(HashAlgorithm::Sha256Cbor)
         );
         assert_eq!(HashAlgorithm::default(), HashAlgorithm::Xxh3_128);
-        let builtin = "builtin".parse::<HashAlgorithm>().unwrap_err();
-        assert_eq!(builtin, HashError::BuiltinHash);
-        let message = builtin.to_string();
-        assert!(message.contains("CPython") && message.contains("sha256_cbor"));
+        assert_eq!(
+            "builtin".parse::<HashAlgorithm>(),
+            Ok(HashAlgorithm::Builtin(BuiltinHash::default()))
+        );
         assert!(matches!(
             "xxhash".parse::<HashAlgorithm>(),
             Err(HashError::UnsupportedVllmHash(_))
@@ -605,6 +691,47 @@ mod tests {
             "md5".parse::<HashAlgorithm>(),
             Err(HashError::UnknownAlgorithm(_))
         ));
+    }
+
+    /// The check value from LMCache 0.5.6 on CPython 3.11 with vLLM, PYTHONHASHSEED=0.
+    #[test]
+    fn builtin_none_hash_and_first_chunk_match_cpython() {
+        let builtin = HashAlgorithm::Builtin(BuiltinHash::default());
+        let hasher = ChunkHasher::new(builtin, "0", 256).unwrap();
+        assert_eq!(hasher.none_hash(), 5_313_149_338_359_954_478);
+        let tokens: Vec<u32> = (0..256).collect();
+        // PYTHONHASHSEED=0 python3 -c 'print(hash((hash("0"), tuple(range(256)), ())))'
+        assert_eq!(hasher.chunk_hashes(&tokens), [6_847_123_751_949_154_252]);
+        let without = BuiltinHash {
+            with_vllm: false,
+            ..BuiltinHash::default()
+        };
+        let hasher = ChunkHasher::new(HashAlgorithm::Builtin(without), "ignored", 256).unwrap();
+        assert_eq!(hasher.none_hash(), 0);
+    }
+
+    #[test]
+    fn builtin_refuses_seeds_cpython_would_randomize() {
+        let builtin = HashAlgorithm::Builtin(BuiltinHash::default());
+        for bad in [
+            "",
+            "random",
+            "vllm-none-hash",
+            "-1",
+            " 1",
+            "4294967296",
+            "1e3",
+        ] {
+            assert_eq!(
+                ChunkHasher::new(builtin, bad, 256),
+                Err(HashError::BadPythonHashSeed(bad.into())),
+                "{bad:?}"
+            );
+        }
+        assert!(ChunkHasher::new(builtin, "4294967295", 256).is_ok());
+        assert!(HashError::BuiltinSeedUnset
+            .to_string()
+            .contains("PYTHONHASHSEED=0"));
     }
 
     #[test]

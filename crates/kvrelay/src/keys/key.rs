@@ -1,4 +1,5 @@
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -7,14 +8,20 @@ use crate::dtype::KvDtype;
 /// The name of one chunk of KV: LMCache's `CacheEngineKey` without tags.
 ///
 /// Its string form is LMCache's, `model@world_size@worker_id@hexhash@dtype`, so kvrelay and
-/// LMCache engines can share one store.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// LMCache engines can share one store. `hexhash` is Python's `f"{hash:x}"`: a `builtin`
+/// hash is a signed int and prints as `-2fdf…` when negative (see [`CacheKey::signed`]).
+///
+/// Keys are equal when their strings are: a signed key whose hash is not negative equals
+/// the unsigned key with the same bits.
+#[derive(Clone, Debug)]
 pub struct CacheKey {
     model: Arc<str>,
     pub world_size: u32,
     pub worker_id: u32,
+    /// The hash's bits; a signed hash is stored as its two's complement.
     pub chunk_hash: u64,
     pub dtype: KvDtype,
+    signed_hash: bool,
 }
 
 /// A key that cannot be built or parsed.
@@ -81,21 +88,54 @@ impl CacheKey {
             worker_id,
             chunk_hash,
             dtype,
+            signed_hash: false,
         })
+    }
+
+    /// Reads `chunk_hash` as a signed (`builtin`, Python int) hash, or not.
+    pub fn signed(mut self, signed: bool) -> Self {
+        self.signed_hash = signed;
+        self
     }
 
     pub fn model(&self) -> &str {
         &self.model
     }
+
+    /// Whether the hash prints with a minus sign.
+    fn negative(&self) -> bool {
+        self.signed_hash && (self.chunk_hash as i64) < 0
+    }
+
+    fn identity(&self) -> (&str, u32, u32, u64, KvDtype, bool) {
+        let (model, ws, id) = (&*self.model, self.world_size, self.worker_id);
+        (model, ws, id, self.chunk_hash, self.dtype, self.negative())
+    }
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.identity().hash(state);
+    }
 }
 
 impl fmt::Display for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}@{}@{}@{:x}@{}",
-            self.model, self.world_size, self.worker_id, self.chunk_hash, self.dtype
-        )
+        write!(f, "{}@{}@{}@", self.model, self.world_size, self.worker_id)?;
+        if self.negative() {
+            write!(f, "-{:x}", (self.chunk_hash as i64).unsigned_abs())?;
+        } else {
+            write!(f, "{:x}", self.chunk_hash)?;
+        }
+        write!(f, "@{}", self.dtype)
     }
 }
 
@@ -122,19 +162,33 @@ impl FromStr for CacheKey {
         let worker_id = worker_id
             .parse::<u32>()
             .map_err(|e| bad("worker_id", worker_id, e.to_string()))?;
-        if hash.starts_with('-') {
-            return Err(bad(
-                "chunk_hash",
-                hash,
-                "negative hashes come from LMCache's per-process 'builtin' hash, which kvrelay does not support; use sha256_cbor".into(),
-            ));
-        }
-        let chunk_hash =
-            u64::from_str_radix(hash, 16).map_err(|e| bad("chunk_hash", hash, e.to_string()))?;
+        // A leading '-' is a negative `builtin` hash, in -2^63..0.
+        let (negative, digits) = match hash.strip_prefix('-') {
+            Some(digits) => (true, digits),
+            None => (false, hash),
+        };
+        // from_str_radix would take a second sign; LMCache never writes one.
+        let magnitude = Some(digits)
+            .filter(|d| !d.starts_with(['+', '-']))
+            .ok_or_else(|| "a sign inside the digits".to_string())
+            .and_then(|d| u64::from_str_radix(d, 16).map_err(|e| e.to_string()))
+            .map_err(|reason| bad("chunk_hash", hash, reason))?;
+        let chunk_hash = if negative {
+            if magnitude == 0 || magnitude > 1 << 63 {
+                return Err(bad(
+                    "chunk_hash",
+                    hash,
+                    "a negative hash must be a nonzero 64-bit signed value".into(),
+                ));
+            }
+            magnitude.wrapping_neg()
+        } else {
+            magnitude
+        };
         let dtype = dtype
             .parse::<KvDtype>()
             .map_err(|e| bad("dtype", dtype, e.to_string()))?;
-        CacheKey::new(model, world_size, worker_id, chunk_hash, dtype)
+        Ok(CacheKey::new(model, world_size, worker_id, chunk_hash, dtype)?.signed(negative))
     }
 }
 
@@ -161,11 +215,49 @@ mod tests {
     }
 
     #[test]
+    fn negative_builtin_hashes_print_and_parse_like_python() {
+        // f"{-0x2fdf48fc280efdec:x}" and the most negative i64.
+        let key = CacheKey::new(
+            "m",
+            1,
+            0,
+            (-0x2fdf_48fc_280e_fdec_i64) as u64,
+            KvDtype::Bf16,
+        )
+        .unwrap()
+        .signed(true);
+        assert_eq!(key.to_string(), "m@1@0@-2fdf48fc280efdec@bfloat16");
+        assert_eq!(key.to_string().parse::<CacheKey>().unwrap(), key);
+        let min = CacheKey::new("m", 1, 0, i64::MIN as u64, KvDtype::Bf16)
+            .unwrap()
+            .signed(true);
+        assert_eq!(min.to_string(), "m@1@0@-8000000000000000@bfloat16");
+        assert_eq!(min.to_string().parse::<CacheKey>().unwrap(), min);
+        // A signed key with a non-negative hash is the unsigned key with the same bits.
+        let positive = CacheKey::new("m", 1, 0, 0xabc, KvDtype::Bf16).unwrap();
+        assert_eq!(positive.clone().signed(true), positive);
+        assert_eq!(
+            positive.clone().signed(true).to_string(),
+            "m@1@0@abc@bfloat16"
+        );
+        // The same bits read unsigned are another key.
+        assert_ne!(key.clone().signed(false), key);
+        assert_eq!(
+            key.clone().signed(false).to_string(),
+            "m@1@0@d020b703d7f10214@bfloat16"
+        );
+    }
+
+    #[test]
     fn rejects_malformed_keys() {
         for bad in [
             "",
             "m@1@0@zz@bfloat16",
-            "m@1@0@-1b3c@bfloat16",
+            "m@1@0@--1b3c@bfloat16",
+            "m@1@0@-+1b3c@bfloat16",
+            "m@1@0@+1b3c@bfloat16",
+            "m@1@0@-0@bfloat16",
+            "m@1@0@-8000000000000001@bfloat16",
             "m@1@2@ab@bfloat16",
             "m@x@0@ab@bfloat16",
             "m@1@0@ab@complex",

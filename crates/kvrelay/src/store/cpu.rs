@@ -169,6 +169,7 @@ impl Tier for CpuTier {
             corrupt: 0,
             rejected: inner.rejected,
             unavailable: 0,
+            unchecked: 0,
         }
     }
 }

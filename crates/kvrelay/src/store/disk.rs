@@ -581,6 +581,7 @@ impl Tier for DiskTier {
             corrupt: inner.corrupt,
             rejected: inner.rejected,
             unavailable: 0,
+            unchecked: 0,
         }
     }
 }

@@ -150,6 +150,9 @@ pub struct TierStats {
     pub rejected: u64,
     /// Operations that failed because the tier could not be reached (remote tiers).
     pub unavailable: u64,
+    /// Hits (also counted in `hits`) loaded without a kvrelay checksum: chunks another
+    /// writer, such as LMCache, stored, accepted because their metadata matched exactly.
+    pub unchecked: u64,
 }
 
 /// One storage tier. Implementations are shared between threads.
@@ -187,6 +190,12 @@ pub trait Tier: Send + Sync {
     /// it. Most tiers hold nothing per request; a PD buffer holds the KV a prefiller sent
     /// for it, which the request may not have consumed whole.
     fn release_request(&self, _request_id: &str, _scope: RequestIdScope) {}
+    /// Why `contains` says `key` is absent, when it is more than "not stored" (something
+    /// is there but unusable, or the tier cannot be reached). Asked once per lookup that
+    /// stops, so it may take a round trip.
+    fn why_absent(&self, _key: &CacheKey) -> Option<String> {
+        None
+    }
 }
 
 /// Who else knows a request id: what a tier may conclude from it when the request ends.
@@ -264,6 +273,17 @@ impl TierStack {
             tier.contains_many(&keys[first_missing..], &mut found[first_missing..]);
         }
         found.iter().take_while(|f| **f).count()
+    }
+
+    /// Why no tier has `key`, tier by tier, for a log line: `None` when every tier simply
+    /// does not store it.
+    pub fn why_absent(&self, key: &CacheKey) -> Option<String> {
+        let reasons: Vec<String> = self
+            .tiers
+            .iter()
+            .filter_map(|t| t.why_absent(key).map(|r| format!("{}: {r}", t.name())))
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// The first tier holding a valid chunk wins, and the chunk is copied into the tiers

@@ -29,9 +29,18 @@
 //! | 48 | 8 | xxh3-64 of the key string (a record copied to another key fails) |
 //! | 56 | 8 | xxh3-64 of bytes 0..56 |
 //!
-//! A chunk is loaded only if all three values are present and agree; a value of the wrong
-//! size or checksum, or one without a record (written by LMCache or anyone else), is a
-//! counted, logged miss. A put writes the three keys in one MULTI/EXEC on a single server;
+//! A chunk with a record is loaded only if all three values are present and agree; a value
+//! of the wrong size or checksum (say, `kv_bytes` LMCache overwrote after kvrelay wrote the
+//! record) is a counted, logged miss.
+//!
+//! A chunk without a record was written by LMCache (or another client that speaks its
+//! layout). It has no checksum, so it is loaded only when its metadata is exactly what this
+//! tier would write for the same number of tokens (format, dtype code, shape, length) and
+//! `kv_bytes` is exactly `length` bytes, and it is counted as `unchecked`. With
+//! [`RemoteOptions::accept_unchecked`] off, such chunks are absent to lookups and a get of
+//! one is a counted miss.
+//!
+//! A put writes the three keys in one MULTI/EXEC on a single server;
 //! in a cluster the keys live in different slots, so a reader racing a put may see a mix,
 //! which the checksums turn into a miss.
 //!
@@ -75,6 +84,7 @@ pub struct RedisTier {
     max_value_bytes: Option<u64>,
     /// `SET ... PX` argument, milliseconds.
     ttl_ms: Option<u64>,
+    accept_unchecked: bool,
     counters: Counters,
 }
 
@@ -85,6 +95,7 @@ struct Counters {
     corrupt: AtomicU64,
     rejected: AtomicU64,
     unavailable: AtomicU64,
+    unchecked: AtomicU64,
 }
 
 /// The three Redis keys of one chunk.
@@ -105,6 +116,22 @@ impl ChunkKeys {
             name,
         }
     }
+}
+
+impl ChunkKeys {
+    /// `EXISTS` of the record, the metadata and the kv_bytes, in that order.
+    fn exists(self) -> [Cmd; 3] {
+        [self.record, self.metadata, self.kv].map(|name| {
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(name);
+            cmd
+        })
+    }
+}
+
+/// The replies to [`ChunkKeys::exists`].
+fn existing(replies: &[Value]) -> [bool; 3] {
+    [0, 1, 2].map(|i| matches!(replies.get(i), Some(Value::Int(1))))
 }
 
 /// What the check record says about a chunk.
@@ -211,6 +238,7 @@ impl RedisTier {
             ttl_ms: opts
                 .ttl
                 .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)),
+            accept_unchecked: opts.accept_unchecked,
             counters: Counters::default(),
         })
     }
@@ -353,6 +381,74 @@ impl RedisTier {
             data: Bytes::from(kv),
         })
     }
+
+    /// The checks a chunk without a record (LMCache's) must pass: there is no checksum, so
+    /// its metadata must be exactly what this tier writes for that many tokens, and the
+    /// value exactly that long.
+    fn verify_unchecked(
+        &self,
+        keys: &ChunkKeys,
+        expected_fingerprint: u64,
+        metadata: &[u8],
+        kv: Vec<u8>,
+    ) -> Result<Chunk, StoreError> {
+        // The chunk carries no fingerprint: it can only be for this tier's own layout.
+        if expected_fingerprint != self.fingerprint {
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::FingerprintMismatch {
+                key: keys.name.clone(),
+                expected: expected_fingerprint,
+                found: self.fingerprint,
+            });
+        }
+        let found = RemoteMetadata::decode(metadata)
+            .map_err(|e| self.corrupt(&keys.metadata, format!("LMCache-written chunk: {e}")))?;
+        let tokens = u32::try_from(found.shape[2]).ok().filter(|&t| t > 0);
+        let expected = tokens.and_then(|t| {
+            RemoteMetadata::for_chunk(&self.spec, t, self.spec.chunk_bytes(t as usize)).ok()
+        });
+        let (Some(tokens), Some(expected)) = (tokens, expected) else {
+            return Err(self.corrupt(
+                &keys.metadata,
+                format!("LMCache-written chunk: metadata {found:?} has no usable token count"),
+            ));
+        };
+        if !found.matches(&expected) {
+            return Err(self.corrupt(
+                &keys.metadata,
+                format!("LMCache-written chunk: metadata {found:?} does not describe {tokens} tokens of this tier's geometry ({expected:?})"),
+            ));
+        }
+        if kv.len() != found.length as usize {
+            return Err(self.corrupt(
+                &keys.kv,
+                format!(
+                    "LMCache-written chunk: {} bytes, its metadata says {}",
+                    kv.len(),
+                    found.length
+                ),
+            ));
+        }
+        self.counters.unchecked.fetch_add(1, Ordering::Relaxed);
+        Ok(Chunk {
+            meta: ChunkMeta {
+                layout_fingerprint: self.fingerprint,
+                num_tokens: tokens,
+            },
+            data: Bytes::from(kv),
+        })
+    }
+
+    /// Which of a chunk's keys exist: record, metadata, kv_bytes.
+    fn existing(&self, keys: ChunkKeys) -> Result<[bool; 3], StoreError> {
+        let replies = self.run(keys.exists().to_vec(), false)?;
+        Ok(existing(&replies))
+    }
+
+    /// Whether a chunk with these keys present counts as present.
+    fn present(&self, [record, metadata, kv]: [bool; 3]) -> bool {
+        metadata && kv && (record || self.accept_unchecked)
+    }
 }
 
 impl Tier for RedisTier {
@@ -375,19 +471,14 @@ impl Tier for RedisTier {
         if asked.is_empty() {
             return;
         }
-        let mut cmds = Vec::with_capacity(asked.len() * 3);
-        for &i in &asked {
-            let k = ChunkKeys::new(&keys[i]);
-            for name in [k.record, k.metadata, k.kv] {
-                let mut cmd = redis::cmd("EXISTS");
-                cmd.arg(name);
-                cmds.push(cmd);
-            }
-        }
+        let cmds = asked
+            .iter()
+            .flat_map(|&i| ChunkKeys::new(&keys[i]).exists())
+            .collect();
         match self.run(cmds, false) {
             Ok(replies) => {
                 for (&i, replies) in asked.iter().zip(replies.chunks_exact(3)) {
-                    found[i] = replies.iter().all(|r| matches!(r, Value::Int(1)));
+                    found[i] = self.present(existing(replies));
                 }
             }
             Err(err) => tracing::debug!(error = %err, "redis lookup failed; treated as absent"),
@@ -412,10 +503,17 @@ impl Tier for RedisTier {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(chunk))
             }
-            (None, _, _) => Err(self.corrupt(
-                &keys.record,
-                "no kvrelay check record (written by LMCache or another client); not loaded unverified".into(),
-            )),
+            (None, Some(metadata), Some(kv)) if self.accept_unchecked => {
+                let chunk = self.verify_unchecked(&keys, expected_fingerprint, &metadata, kv)?;
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(chunk))
+            }
+            (None, Some(_), Some(_)) => {
+                tracing::debug!(key = %keys.name, "chunk without a kvrelay record (LMCache-written) refused: remote_accept_unchecked is false");
+                self.miss()
+            }
+            // LMCache's own half-written or half-expired chunk: gone.
+            (None, _, _) => self.miss(),
             // Part of a chunk expired or was evicted: gone, not corrupt.
             (Some(_), _, _) => {
                 tracing::debug!(key = %keys.name, "chunk partly expired or evicted; a miss");
@@ -497,7 +595,25 @@ impl Tier for RedisTier {
             corrupt: load(&c.corrupt),
             rejected: load(&c.rejected),
             unavailable: load(&c.unavailable),
+            unchecked: load(&c.unchecked),
             ..TierStats::default()
+        }
+    }
+
+    fn why_absent(&self, key: &CacheKey) -> Option<String> {
+        let exists = match self.existing(ChunkKeys::new(key)) {
+            Ok(exists) => exists,
+            Err(err) => return Some(format!("not asked: {err}")),
+        };
+        match exists {
+            [false, false, false] => None,
+            [false, true, true] if !self.accept_unchecked => Some(
+                "LMCache's metadata and kv_bytes are there without a kvrelay check record, and remote_accept_unchecked is false".into(),
+            ),
+            exists if self.present(exists) => Some("present now (written after the lookup)".into()),
+            [record, metadata, kv] => Some(format!(
+                "only part of the chunk is there (kvrelay record: {record}, metadata: {metadata}, kv_bytes: {kv}): expired, evicted or being written"
+            )),
         }
     }
 }

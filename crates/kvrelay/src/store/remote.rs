@@ -152,6 +152,10 @@ pub struct RemoteOptions {
     /// After a failed connection, operations fail at once for this long instead of each
     /// waiting for a timeout (`extra_config.remote_retry_after_ms`, default 1000).
     pub retry_after: Duration,
+    /// Load chunks that have LMCache's two keys but no kvrelay check record (LMCache wrote
+    /// them) when their metadata matches exactly, counted as `unchecked`
+    /// (`extra_config.remote_accept_unchecked`, default true; false: checksummed chunks only).
+    pub accept_unchecked: bool,
 }
 
 impl Default for RemoteOptions {
@@ -163,6 +167,7 @@ impl Default for RemoteOptions {
             max_value_bytes: None,
             pool_size: 4,
             retry_after: Duration::from_secs(1),
+            accept_unchecked: true,
         }
     }
 }
