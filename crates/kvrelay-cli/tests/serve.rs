@@ -3,7 +3,7 @@
 //! completions render a checkpoint's chat template, and a 1p1d flow through the proxy
 //! shares KV through LMCache's local-disk tier.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -1262,24 +1262,46 @@ fn post_with_retry_after(url: &str, body: &Value) -> (u16, Option<String>, Value
 }
 
 /// A stand-in upstream on loopback: `answer` gets each request's method, path and JSON
-/// body (null when none) and says the status and JSON to answer.
+/// body (null when none) and says the status and JSON to answer. It speaks just enough
+/// HTTP/1.1 for the proxy's client: one request per connection, sized by Content-Length.
 fn fake_upstream(
     answer: impl Fn(&str, &str, Value) -> (u16, Value) + Send + 'static,
 ) -> (String, String) {
-    let server = tiny_http::Server::http("127.0.0.1:0").expect("a fake upstream");
-    let port = server.server_addr().to_ip().expect("an IP address").port();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a fake upstream");
+    let port = listener.local_addr().expect("its address").port();
     std::thread::spawn(move || {
-        for mut request in server.incoming_requests() {
-            let mut text = String::new();
-            let _ = request.as_reader().read_to_string(&mut text);
-            let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-            let (status, reply) = answer(request.method().as_str(), request.url(), body);
-            let response = tiny_http::Response::from_string(reply.to_string())
-                .with_status_code(status)
-                .with_header(
-                    tiny_http::Header::from_bytes("Content-Type", "application/json").unwrap(),
-                );
-            let _ = request.respond(response);
+        for stream in listener.incoming().map_while(Result::ok) {
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let mut words = request_line.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let (status, reply) = answer(method, path, body);
+            let reply = reply.to_string();
+            let _ = write!(
+                reader.get_mut(),
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
         }
     });
     (format!("http://127.0.0.1:{port}"), port.to_string())
