@@ -721,10 +721,10 @@ mod tests {
             .write_all(b"GET /abandon HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         let mut text = Vec::new();
-        // Closed without the last chunk (read_to_end may also see a reset).
+        // Closed without the last chunk, with whatever had been flushed before (here
+        // possibly nothing: the handler gave up at once); read_to_end may see a reset.
         let _ = client.read_to_end(&mut text);
         let text = String::from_utf8_lossy(&text);
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(!text.ends_with("0\r\n\r\n"), "{text:?}");
     }
 
