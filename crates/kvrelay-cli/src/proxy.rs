@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde_json::{json, Map, Value};
-use tiny_http::{Method, Request, Server};
 
 use kvrelay::transfer::{read_notification, KvReady};
 use rand::RngCore;
 
 use crate::http::{
-    lock, read_json_object, respond_bytes, respond_error, ChunkedResponse, HttpError,
+    lock, read_json_object, respond_bytes, respond_error, ChunkedResponse, HttpError, Limits,
+    Listener, Method, Request,
 };
 use crate::serve::DECODE_REQUEST;
 
@@ -418,11 +418,7 @@ pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
         next: AtomicUsize::new(0),
         kv_ready,
     });
-    let server = Server::http((args.host.as_str(), args.port))
-        .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
-    let handlers = crate::http::serve_threads(server, args.max_concurrent_requests, move |r| {
-        proxy.handle(r)
-    })?;
+    let listener = Listener::bind(&args.host, args.port)?;
     if notified {
         eprintln!(
             "kvrelay proxy: decoders are called once every rank's KV-ready notification reached {}:{}",
@@ -430,8 +426,9 @@ pub fn run(args: ProxyArgs) -> Result<ExitCode, String> {
             args.proxy_port.unwrap_or_default()
         );
     }
-    eprintln!("kvrelay proxy: listening on http://{}", handlers.address());
-    handlers.join();
+    eprintln!("kvrelay proxy: listening on http://{}", listener.address());
+    let limits = Limits::with_handlers(args.max_concurrent_requests);
+    listener.serve(limits, move |request| proxy.handle(request))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -501,10 +498,10 @@ struct Route<'a> {
 
 impl Proxy {
     fn handle(&self, request: Request) {
-        let path = request.url().split('?').next().unwrap_or("").to_string();
+        let path = request.path().to_string();
         match (request.method().clone(), path.as_str()) {
-            (Method::Get, "/health") => respond_bytes(request, 200, "text/plain", Vec::new()),
-            (Method::Post, "/v1/completions" | "/v1/chat/completions") => {
+            (Method::GET, "/health") => respond_bytes(request, 200, "text/plain", Vec::new()),
+            (Method::POST, "/v1/completions" | "/v1/chat/completions") => {
                 self.complete(request, &path)
             }
             (_, "/health" | "/v1/completions" | "/v1/chat/completions") => respond_error(
@@ -516,9 +513,9 @@ impl Proxy {
     }
 
     /// Prefills, waits for the KV, and relays the decoder's answer to a completion request.
-    fn complete(&self, mut request: Request, path: &str) {
+    fn complete(&self, request: Request, path: &str) {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let ready = read_json_object(&mut request).and_then(|body| Ok((body, new_request_id()?)));
+        let ready = read_json_object(&request).and_then(|body| Ok((body, new_request_id()?)));
         let (body, id) = match ready {
             Ok(ready) => ready,
             Err(e) => return respond_error(request, &e),

@@ -3,7 +3,7 @@
 //! completions render a checkpoint's chat template, and a 1p1d flow through the proxy
 //! shares KV through LMCache's local-disk tier.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -283,6 +283,90 @@ fn completions_equal_the_engine_streaming_and_not() {
     );
     assert_eq!(status, 200, "{body}");
     assert!(body.as_object().unwrap().contains_key("kv_transfer_params"));
+}
+
+/// One POST on a kept-alive connection (no `Connection: close`): the answer's status and
+/// body, read by its Content-Length so that the connection stays usable.
+fn post_kept_alive(
+    reader: &mut BufReader<std::net::TcpStream>,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: kvrelay\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    reader.get_mut().write_all(request.as_bytes())?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut answer = vec![0; length];
+    reader.read_exact(&mut answer)?;
+    Ok((
+        status.unwrap_or(0),
+        String::from_utf8_lossy(&answer).into_owned(),
+    ))
+}
+
+/// Many keep-alive clients connecting at once are all answered while every connection
+/// stays open. tiny_http (the server before) queued some of them behind the pool threads
+/// that the first connections held for their whole life, and their requests hung until
+/// another client disconnected.
+#[test]
+fn keep_alive_clients_connecting_at_once_are_all_answered() {
+    const CLIENTS: usize = 16;
+    let server = Proc::serve(&[], &[]);
+    let address = server.url.trim_start_matches("http://").to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (answers, answered) = mpsc::channel();
+    let mut go_on = Vec::new();
+    for i in 0..CLIENTS {
+        let (answers, address) = (answers.clone(), address.clone());
+        let (go, ready) = mpsc::channel::<()>();
+        go_on.push(go);
+        std::thread::spawn(move || {
+            let stream = std::net::TcpStream::connect(&address).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut reader = BufReader::new(stream);
+            let body = json!({"prompt": [256, 72 + i], "max_tokens": 2}).to_string();
+            for round in 0..2 {
+                // Both answers come on this one connection, which stays open meanwhile.
+                let answer = post_kept_alive(&mut reader, &body).map_err(|e| e.to_string());
+                let _ = answers.send((round, answer));
+                if round == 0 && ready.recv_timeout(Duration::from_secs(60)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    for round in 0..2 {
+        for _ in 0..CLIENTS {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (r, answer) = answered.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("round {round}: not every kept-alive client was answered within 30 s")
+            });
+            assert_eq!(r, round);
+            let (status, body) = answer.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(status, 200, "{body}");
+        }
+        // Only once every client got its first answer do they send their second.
+        for go in &go_on {
+            let _ = go.send(());
+        }
+    }
 }
 
 #[test]
@@ -1257,24 +1341,46 @@ fn post_with_retry_after(url: &str, body: &Value) -> (u16, Option<String>, Value
 }
 
 /// A stand-in upstream on loopback: `answer` gets each request's method, path and JSON
-/// body (null when none) and says the status and JSON to answer.
+/// body (null when none) and says the status and JSON to answer. It speaks just enough
+/// HTTP/1.1 for the proxy's client: one request per connection, sized by Content-Length.
 fn fake_upstream(
     answer: impl Fn(&str, &str, Value) -> (u16, Value) + Send + 'static,
 ) -> (String, String) {
-    let server = tiny_http::Server::http("127.0.0.1:0").expect("a fake upstream");
-    let port = server.server_addr().to_ip().expect("an IP address").port();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a fake upstream");
+    let port = listener.local_addr().expect("its address").port();
     std::thread::spawn(move || {
-        for mut request in server.incoming_requests() {
-            let mut text = String::new();
-            let _ = request.as_reader().read_to_string(&mut text);
-            let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-            let (status, reply) = answer(request.method().as_str(), request.url(), body);
-            let response = tiny_http::Response::from_string(reply.to_string())
-                .with_status_code(status)
-                .with_header(
-                    tiny_http::Header::from_bytes("Content-Type", "application/json").unwrap(),
-                );
-            let _ = request.respond(response);
+        for stream in listener.incoming().map_while(Result::ok) {
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let mut words = request_line.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let (status, reply) = answer(method, path, body);
+            let reply = reply.to_string();
+            let _ = write!(
+                reader.get_mut(),
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
         }
     });
     (format!("http://127.0.0.1:{port}"), port.to_string())

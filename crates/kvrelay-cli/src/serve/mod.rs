@@ -24,10 +24,10 @@ use kvrelay_engine::{
     SamplingParams, Tokenizer,
 };
 use serde_json::{json, Value};
-use tiny_http::{Method, Request, Server};
 
 use crate::http::{
     lock, read_json_object, respond_bytes, respond_error, respond_json, ChunkedResponse, HttpError,
+    Limits, Listener, Method, Request,
 };
 use engine_loop::{cancel_pd_pages, AbortScope, EngineHandle, Event, RequestEvents, Shared};
 pub use openai::DECODE_REQUEST;
@@ -146,8 +146,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     let request_timeout = Duration::from_secs(args.request_timeout_sec);
     let (handle, shared) = EngineHandle::spawn(engine, args.max_pending_requests, request_timeout)
         .map_err(|e| format!("starting the engine thread: {e}"))?;
-    let server = Server::http((args.host.as_str(), args.port))
-        .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
+    let listener = Listener::bind(&args.host, args.port)?;
     let state = Arc::new(ServeState {
         engine: handle,
         shared,
@@ -160,13 +159,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     });
     // Every admitted request may hold a handler while it streams; a few more answer the
     // cheap endpoints (and the 503s) meanwhile.
-    let handlers =
-        crate::http::serve_threads(server, args.max_pending_requests + 4, move |request| {
-            state.handle(request)
-        })?;
-    let listen = handlers.address();
-    eprintln!("kvrelay serve: listening on http://{listen}");
-    handlers.join();
+    let limits = Limits::with_handlers(args.max_pending_requests + 4);
+    eprintln!("kvrelay serve: listening on http://{}", listener.address());
+    listener.serve(limits, move |request| state.handle(request))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -186,18 +181,18 @@ impl ServeState {
         }
     }
 
-    fn handle(&self, mut request: Request) {
-        let path = request.url().split('?').next().unwrap_or("").to_string();
+    fn handle(&self, request: Request) {
+        let path = request.path().to_string();
         let method = request.method().clone();
         match (method, path.as_str()) {
-            (Method::Get, "/health") => match lock(&self.shared.dead).as_ref() {
+            (Method::GET, "/health") => match lock(&self.shared.dead).as_ref() {
                 None => respond_bytes(request, 200, "text/plain", Vec::new()),
                 Some(reason) => respond_error(
                     request,
                     &HttpError::new(500, format!("the engine stopped: {reason}")),
                 ),
             },
-            (Method::Get, "/metrics") => {
+            (Method::GET, "/metrics") => {
                 let in_flight = self.shared.in_flight.load(Ordering::SeqCst);
                 let mut text = lock(&self.shared.metrics).render(in_flight);
                 if let Some(receiver) = &self.shared.pd_receiver {
@@ -205,9 +200,9 @@ impl ServeState {
                 }
                 respond_bytes(request, 200, "text/plain; version=0.0.4", text.into_bytes());
             }
-            (Method::Get, "/v1/models") => respond_json(request, 200, &self.models()),
+            (Method::GET, "/v1/models") => respond_json(request, 200, &self.models()),
             // Cheap enough for a proxy to ask before every prefill.
-            (Method::Get, "/load") => respond_json(
+            (Method::GET, "/load") => respond_json(
                 request,
                 200,
                 &json!({
@@ -215,29 +210,29 @@ impl ServeState {
                     "max_pending": self.engine.max_pending(),
                 }),
             ),
-            (Method::Post, "/abort_requests") => {
-                let answer = read_json_object(&mut request).and_then(|body| self.abort(&body));
+            (Method::POST, "/abort_requests") => {
+                let answer = read_json_object(&request).and_then(|body| self.abort(&body));
                 match answer {
                     Ok(body) => respond_json(request, 200, &body),
                     Err(e) => respond_error(request, &e),
                 }
             }
-            (Method::Post, "/tokenize") => {
-                let answer = read_json_object(&mut request).and_then(|body| self.tokenize(&body));
+            (Method::POST, "/tokenize") => {
+                let answer = read_json_object(&request).and_then(|body| self.tokenize(&body));
                 match answer {
                     Ok(body) => respond_json(request, 200, &body),
                     Err(e) => respond_error(request, &e),
                 }
             }
-            (Method::Post, "/detokenize") => {
-                let answer = read_json_object(&mut request).and_then(|body| self.detokenize(&body));
+            (Method::POST, "/detokenize") => {
+                let answer = read_json_object(&request).and_then(|body| self.detokenize(&body));
                 match answer {
                     Ok(body) => respond_json(request, 200, &body),
                     Err(e) => respond_error(request, &e),
                 }
             }
-            (Method::Post, "/v1/completions") => self.generate(request, Api::Completions),
-            (Method::Post, "/v1/chat/completions") => self.generate(request, Api::ChatCompletions),
+            (Method::POST, "/v1/completions") => self.generate(request, Api::Completions),
+            (Method::POST, "/v1/chat/completions") => self.generate(request, Api::ChatCompletions),
             (
                 _,
                 "/health"
@@ -335,8 +330,8 @@ impl ServeState {
     }
 
     /// Answers a completion or chat completion request, streamed or not.
-    fn generate(&self, mut request: Request, api: Api) {
-        let body = match read_json_object(&mut request) {
+    fn generate(&self, request: Request, api: Api) {
+        let body = match read_json_object(&request) {
             Ok(body) => body,
             Err(e) => return respond_error(request, &e),
         };
