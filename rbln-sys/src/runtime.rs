@@ -53,29 +53,9 @@ impl Abi {
     }
 }
 
-/// The symbol table: one lazily resolved slot per function, its accessor, and [`SYMBOLS`].
-macro_rules! symbols {
-    ($($field:ident: $ty:ident = $name:ident, $call:literal;)*) => {
-        #[derive(Default)]
-        struct Symbols {
-            $($field: Slot<sys::$ty>,)*
-        }
-
-        /// Every symbol rbln-sys binds, in the order of `wrapper.h`.
-        pub const SYMBOLS: &[Symbol] = &[$(Symbol {
-            name: symbol_name(sys::$name),
-            declaration: $call,
-        }),*];
-
-        impl Runtime {
-            $(fn $field(&self) -> Result<<sys::$ty as FnPtr>::Raw, RblnError> {
-                self.resolve::<sys::$ty>(&self.symbols.$field, sys::$name, $call)
-            })*
-        }
-    };
-}
-
-symbols! {
+vendor_dl::lazy_symbols! {
+    /// Every symbol rbln-sys binds, in the order of `wrapper.h`.
+    SYMBOLS for Runtime, error RblnError;
     abi_current_fn: rbln_abi_current_fn = RBLN_SYM_ABI_CURRENT, "rbln_abi_current";
     abi_min_supported_fn: rbln_abi_min_supported_fn =
         RBLN_SYM_ABI_MIN_SUPPORTED, "rbln_abi_min_supported";

@@ -43,6 +43,36 @@ impl<F: Copy> FnPtr for Option<F> {
     }
 }
 
+/// Declares a symbol table: a `Symbols` struct with one lazily resolved [`Slot`] per
+/// function, the public list of [`Symbol`]s, and one accessor per function on `$owner`,
+/// which must have a field `symbols: Symbols` and a method
+/// `resolve::<T>(&self, &Slot<T>, name, call) -> Result<T::Raw, $error>`. Types and names
+/// are looked up in the caller's `sys` module (bindgen's output).
+#[macro_export]
+macro_rules! lazy_symbols {
+    (
+        $(#[$doc:meta])* $list:ident for $owner:ty, error $error:ty;
+        $($field:ident: $ty:ident = $name:ident, $call:literal;)*
+    ) => {
+        #[derive(Default)]
+        struct Symbols {
+            $($field: $crate::Slot<sys::$ty>,)*
+        }
+
+        $(#[$doc])*
+        pub const $list: &[$crate::Symbol] = &[$($crate::Symbol {
+            name: $crate::symbol_name(sys::$name),
+            declaration: $call,
+        }),*];
+
+        impl $owner {
+            $(fn $field(&self) -> Result<<sys::$ty as $crate::FnPtr>::Raw, $error> {
+                self.resolve::<sys::$ty>(&self.symbols.$field, sys::$name, $call)
+            })*
+        }
+    };
+}
+
 /// A lazily resolved symbol: the function pointer, or why it could not be resolved.
 pub type Slot<T> = OnceLock<Result<<T as FnPtr>::Raw, String>>;
 
