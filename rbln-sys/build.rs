@@ -11,7 +11,7 @@ fn main() {
 
 #[cfg(feature = "bindgen")]
 fn generate() {
-    use bindgen::callbacks::{IntKind, ParseCallbacks};
+    use vendor_dl::bindgen::callbacks::{IntKind, ParseCallbacks};
 
     /// The ABI number is unsigned like `rbln_abi_current()`; status codes are `RBLNRetCode`.
     #[derive(Debug)]
@@ -27,23 +27,10 @@ fn generate() {
         }
     }
 
-    println!("cargo:rerun-if-changed=wrapper.h");
-    println!("cargo:rerun-if-env-changed=RBLN_SYS_BINDINGS_OUT");
-    let bindings = bindgen::Builder::default()
-        .header("wrapper.h")
-        .allowlist_type("RBLNRetCode|rbln_.*_fn")
-        .allowlist_var("RBLNRetCode_.*|RBLN_SYM_.*|RBLN_SYS_BUILT_ABI")
-        .parse_callbacks(Box::new(MacroTypes))
-        .formatter(bindgen::Formatter::Prettyplease)
-        .generate()
-        .unwrap_or_else(|e| panic!("bindgen failed on rbln-sys/wrapper.h: {e}"));
-    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let generated = out.join("bindings.rs");
-    bindings
-        .write_to_file(&generated)
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", generated.display()));
-    if let Some(copy) = std::env::var_os("RBLN_SYS_BINDINGS_OUT") {
-        std::fs::copy(&generated, &copy)
-            .unwrap_or_else(|e| panic!("cannot copy bindings to {copy:?}: {e}"));
-    }
+    vendor_dl::generate_bindings("wrapper.h", "RBLN_SYS_BINDINGS_OUT", |builder| {
+        builder
+            .allowlist_type("RBLNRetCode|rbln_.*_fn")
+            .allowlist_var("RBLNRetCode_.*|RBLN_SYM_.*|RBLN_SYS_BUILT_ABI")
+            .parse_callbacks(Box::new(MacroTypes))
+    });
 }

@@ -8,6 +8,37 @@ use std::sync::OnceLock;
 
 pub use libloading::os::unix::Library;
 
+#[cfg(feature = "bindgen")]
+pub use bindgen;
+
+/// A test double cdylib for tests: the file the environment variable `var` names, else
+/// `file` where `cargo build -p <package>` puts it for a test binary at `exe`
+/// (`<target>/<profile>/deps/<test>` → `<target>/<profile>/<file>`). The error says how
+/// to build it.
+pub fn test_double_for(
+    exe: &std::path::Path,
+    package: &str,
+    file: &str,
+    var: &str,
+) -> Result<std::path::PathBuf, String> {
+    let path = match std::env::var_os(var) {
+        Some(path) => std::path::PathBuf::from(path),
+        None => exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .ok_or_else(|| format!("{} is not in <target>/<profile>/deps", exe.display()))?
+            .join(file),
+    };
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(format!(
+        "the {package} test double is not built at {}; run `cargo build -p {package}` with the \
+         same target directory and profile first (scripts/test.sh does), or set {var}",
+        path.display()
+    ))
+}
+
 /// One library that was tried while searching, and why it was not used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attempt {
@@ -188,5 +219,34 @@ mod tests {
         assert!(open_loaded("libc.so.6").is_some());
         assert!(open_loaded("libnot-loaded-anywhere.so").is_none());
         assert_eq!(symbol_name(b"abc\0"), "abc");
+    }
+}
+
+/// For a -sys crate's build script (its feature `bindgen`): runs bindgen on `header` as
+/// `configure` sets it up, writes `$OUT_DIR/bindings.rs`, and copies it to the file named
+/// by the environment variable `copy_to_env` when that is set (the bindings check script
+/// compares that copy with the committed file).
+#[cfg(feature = "bindgen")]
+pub fn generate_bindings(
+    header: &str,
+    copy_to_env: &str,
+    configure: impl FnOnce(bindgen::Builder) -> bindgen::Builder,
+) {
+    println!("cargo:rerun-if-changed={header}");
+    println!("cargo:rerun-if-env-changed={copy_to_env}");
+    let builder = bindgen::Builder::default()
+        .header(header)
+        .formatter(bindgen::Formatter::Prettyplease);
+    let bindings = configure(builder)
+        .generate()
+        .unwrap_or_else(|e| panic!("bindgen failed on {header}: {e}"));
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let generated = out.join("bindings.rs");
+    bindings
+        .write_to_file(&generated)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", generated.display()));
+    if let Some(copy) = std::env::var_os(copy_to_env) {
+        std::fs::copy(&generated, &copy)
+            .unwrap_or_else(|e| panic!("cannot copy bindings to {copy:?}: {e}"));
     }
 }
