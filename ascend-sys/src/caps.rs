@@ -46,6 +46,56 @@ impl Feature {
 /// A package version, or why it could not be read.
 pub type VersionResult = Result<FoundVersion, String>;
 
+/// What a device needs to know to copy: the versions, whether the runtime is new enough,
+/// and whether batch copies can be used. Probes only the ACL library.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyCapabilities {
+    /// `runtime`, `hccl` and `driver` versions, in [`VERSION_PACKAGES`] order.
+    pub versions: Vec<(&'static str, VersionResult)>,
+    /// The ACL runtime itself, at this version.
+    pub runtime: Feature,
+    /// One `aclrtMemcpyBatchAsync` per plan instead of one `aclrtMemcpyAsync` per run.
+    pub batch_copy: Feature,
+}
+
+impl CopyCapabilities {
+    pub fn probe(acl: &Acl) -> CopyCapabilities {
+        let versions: Vec<(&'static str, VersionResult)> = VERSION_PACKAGES
+            .iter()
+            .map(|&pkg| (pkg, acl.version(pkg)))
+            .collect();
+        let runtime_version = &versions[0].1;
+        let acl_path = acl.origin().path.clone();
+        let runtime = Feature {
+            name: "the ACL runtime",
+            needs: Some(MIN_RUNTIME),
+            status: gate("the ACL runtime", MIN_RUNTIME, runtime_version)
+                .map(|()| acl_path.clone()),
+        };
+        let batch_symbol = vendor_dl::symbol_name(sys::ACL_SYM_MEMCPY_BATCH_ASYNC);
+        let batch_copy = Feature {
+            name: "batch copies",
+            needs: Some(BATCH_COPY),
+            status: gate("batch copies", BATCH_COPY, runtime_version).and_then(|()| {
+                if acl.has(batch_symbol) {
+                    Ok(acl_path.clone())
+                } else {
+                    Err(Unsupported::MissingSymbols {
+                        feature: "batch copies",
+                        library: acl_path.clone(),
+                        symbols: vec![batch_symbol],
+                    })
+                }
+            }),
+        };
+        CopyCapabilities {
+            versions,
+            runtime,
+            batch_copy,
+        }
+    }
+}
+
 /// Everything the probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {
@@ -69,35 +119,13 @@ impl Capabilities {
     /// Probes the installation `acl` belongs to; other libraries are found through their
     /// search order (see [`crate::search`]).
     pub fn probe(acl: &Acl) -> Capabilities {
-        let versions: Vec<(&'static str, VersionResult)> = VERSION_PACKAGES
-            .iter()
-            .map(|&pkg| (pkg, acl.version(pkg)))
-            .collect();
+        let CopyCapabilities {
+            versions,
+            runtime,
+            batch_copy,
+        } = CopyCapabilities::probe(acl);
         let runtime_version = versions[0].1.clone();
         let gate = |name, needs| gate(name, needs, &runtime_version);
-        let acl_path = acl.origin().path.clone();
-
-        let runtime = Feature {
-            name: "the ACL runtime",
-            needs: Some(MIN_RUNTIME),
-            status: gate("the ACL runtime", MIN_RUNTIME).map(|()| acl_path.clone()),
-        };
-        let batch_symbol = vendor_dl::symbol_name(sys::ACL_SYM_MEMCPY_BATCH_ASYNC);
-        let batch_copy = Feature {
-            name: "batch copies",
-            needs: Some(BATCH_COPY),
-            status: gate("batch copies", BATCH_COPY).and_then(|()| {
-                if acl.has(batch_symbol) {
-                    Ok(acl_path.clone())
-                } else {
-                    Err(Unsupported::MissingSymbols {
-                        feature: "batch copies",
-                        library: acl_path.clone(),
-                        symbols: vec![batch_symbol],
-                    })
-                }
-            }),
-        };
         let hccl = Feature {
             name: "transfer channel hccl",
             needs: None,

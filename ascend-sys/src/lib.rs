@@ -44,7 +44,7 @@ pub mod sys {
 }
 
 pub use acl::{Acl, CopyKind, RawStream, ACL_SYMBOLS, TEST_DOUBLE_MARKER, VERSION_PACKAGES};
-pub use caps::{Capabilities, Feature};
+pub use caps::{Capabilities, CopyCapabilities, Feature};
 pub use error::{AclError, AclStatus, Attempt, LoadError, Unsupported};
 pub use library::{Loaded, Origin};
 pub use memory::{DeviceBuffer, PinnedHost, Stream};
