@@ -30,10 +30,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use ascend_sys::test_double::{fake_home, test_double_for};
-use ascend_sys::Stream;
+
 pub use ascend_sys::{
     Acl, AclError, Capabilities, CopyCapabilities, CopyKind, DeviceBuffer, LoadError, PinnedHost,
-    Unsupported,
+    Stream, Unsupported,
 };
 use parking_lot::Mutex;
 
