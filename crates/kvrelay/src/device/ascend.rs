@@ -29,6 +29,8 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// The whole -sys crate, for tools that report on the installation (`kvrelay doctor`).
+pub use ascend_sys;
 pub use ascend_sys::test_double::{fake_home, test_double_for};
 
 pub use ascend_sys::{

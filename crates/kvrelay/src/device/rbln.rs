@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use rbln_sys::search::test_double_for;
-pub use rbln_sys::{AbiCheck, AllocKind, CopyHandle, DeviceMemory, LoadError, RblnError, Runtime};
+pub use rbln_sys::{
+    AbiCheck, AllocKind, CopyHandle, DeviceMemory, LoadError, RblnError, Runtime, BUILT_ABI,
+};
 
 use super::staged::{bad_region, check_regions, region_end, StagedPlan, StagingPool};
 use super::{
