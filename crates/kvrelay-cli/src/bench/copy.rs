@@ -28,8 +28,10 @@ pub struct CopyArgs {
     /// Timed rounds per path; the fastest counts.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
-    /// The copy engine: `host` (memcpy), or `rbln` (the RBLN runtime found through
-    /// RBLN_RUNTIME_LIB and rbln-sys's search order; needs the `rbln` feature).
+    /// The copy engine: `host` (memcpy), `rbln` (the RBLN runtime found through
+    /// RBLN_RUNTIME_LIB and rbln-sys's search order; needs the `rbln` feature) or `ascend`
+    /// (the CANN runtime found through KVRELAY_ASCENDCL_LIB and ascend-sys's search order;
+    /// needs the `ascend` feature).
     #[arg(long, default_value = "host")]
     device: String,
     /// With `--device rbln`: `auto` copies plans of many small runs through a device-shaped
@@ -226,7 +228,17 @@ pub fn run(args: CopyArgs) -> Result<(), String> {
                        (cargo run -p kvrelay-cli --features rbln -- bench copy --device rbln)"
                 .into(),
         ),
-        other => Err(format!("unknown --device {other:?}; known: host, rbln")),
+        #[cfg(feature = "ascend")]
+        "ascend" => super::copy_ascend::run(setup),
+        #[cfg(not(feature = "ascend"))]
+        "ascend" => Err(
+            "--device ascend needs a kvrelay built with the `ascend` feature \
+                       (cargo run -p kvrelay-cli --features ascend -- bench copy --device ascend)"
+                .into(),
+        ),
+        other => Err(format!(
+            "unknown --device {other:?}; known: host, rbln, ascend"
+        )),
     }
 }
 
