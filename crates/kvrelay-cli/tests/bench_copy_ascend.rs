@@ -20,7 +20,7 @@ fn bench(version: &str) -> Vec<Value> {
             "--layout",
             "ascend_separate_kv",
         ])
-        .args(["--tokens", "512", "--rounds", "1"])
+        .args(["--tokens", "256", "--rounds", "1"])
         .env("KVRELAY_ASCENDCL_LIB", emu)
         .env("ASCEND_EMU_CANN_VERSION", version)
         .output()
