@@ -1,7 +1,7 @@
 //! With feature `bindgen`, regenerates the raw bindings from `wrapper.h` into
 //! `$OUT_DIR/bindings.rs` (which the crate then uses instead of the committed
 //! `src/bindings.rs`), and copies them to `$ASCEND_SYS_BINDINGS_OUT` when that is set.
-//! `scripts/check_ascend_bindings.sh` uses this to check that the committed file is current.
+//! `scripts/check_bindings.sh ascend-sys` uses this to check that the committed file is current.
 //! bindgen's layout assertions (size, alignment, field offsets) are kept: they are
 //! compile-time checks in the committed file.
 
@@ -13,27 +13,16 @@ fn main() {
 
 #[cfg(feature = "bindgen")]
 fn generate() {
-    use vendor_dl::bindgen::callbacks::{IntKind, ParseCallbacks};
-
-    /// Status and enum values are the C `int` of their typedef; config markers and sizes
-    /// are unsigned like the fields they go in.
-    #[derive(Debug)]
-    struct MacroTypes;
-
-    impl ParseCallbacks for MacroTypes {
-        fn int_macro(&self, name: &str, _value: i64) -> Option<IntKind> {
-            if name.starts_with("ASCEND_SYS_") || name.starts_with("HIXL_") {
-                Some(IntKind::U32)
-            } else {
-                Some(IntKind::I32)
-            }
-        }
-    }
-
-    vendor_dl::generate_bindings("wrapper.h", "ASCEND_SYS_BINDINGS_OUT", |builder| {
-        builder
-            .allowlist_type("acl.*|Hccl.*|Hixl.*|CommMem.*|CommAddr|Endpoint.*")
-            .allowlist_var("ACL_.*|HCCL_.*|HIXL_.*|COMM_MEM_.*|ASCEND_SYS_.*")
-            .parse_callbacks(Box::new(MacroTypes))
-    });
+    // Config markers and sizes are unsigned like the fields they go in, and so is
+    // `HixlStatus`; ACL and HCCL codes and enum values are C `int`.
+    vendor_dl::generate_bindings(
+        "wrapper.h",
+        "ASCEND_SYS_BINDINGS_OUT",
+        &["ASCEND_SYS_", "HIXL_"],
+        |builder| {
+            builder
+                .allowlist_type("acl.*|Hccl.*|Hixl.*|CommMem.*|CommAddr|Endpoint.*")
+                .allowlist_var("ACL_.*|HCCL_.*|HIXL_.*|COMM_MEM_.*|ASCEND_SYS_.*")
+        },
+    );
 }

@@ -11,26 +11,15 @@ fn main() {
 
 #[cfg(feature = "bindgen")]
 fn generate() {
-    use vendor_dl::bindgen::callbacks::{IntKind, ParseCallbacks};
-
-    /// The ABI number is unsigned like `rbln_abi_current()`; status codes are `RBLNRetCode`.
-    #[derive(Debug)]
-    struct MacroTypes;
-
-    impl ParseCallbacks for MacroTypes {
-        fn int_macro(&self, name: &str, _value: i64) -> Option<IntKind> {
-            if name == "RBLN_SYS_BUILT_ABI" {
-                Some(IntKind::U32)
-            } else {
-                Some(IntKind::I32)
-            }
-        }
-    }
-
-    vendor_dl::generate_bindings("wrapper.h", "RBLN_SYS_BINDINGS_OUT", |builder| {
-        builder
-            .allowlist_type("RBLNRetCode|rbln_.*_fn")
-            .allowlist_var("RBLNRetCode_.*|RBLN_SYM_.*|RBLN_SYS_BUILT_ABI")
-            .parse_callbacks(Box::new(MacroTypes))
-    });
+    // The ABI number is unsigned like `rbln_abi_current()`; status codes are `RBLNRetCode`.
+    vendor_dl::generate_bindings(
+        "wrapper.h",
+        "RBLN_SYS_BINDINGS_OUT",
+        &["RBLN_SYS_BUILT_ABI"],
+        |builder| {
+            builder
+                .allowlist_type("RBLNRetCode|rbln_.*_fn")
+                .allowlist_var("RBLNRetCode_.*|RBLN_SYM_.*|RBLN_SYS_BUILT_ABI")
+        },
+    );
 }

@@ -130,15 +130,8 @@ pub fn search_order(lib: Lib, env: impl Fn(&str) -> Option<OsString>) -> Vec<Can
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
-        let vars: HashMap<String, OsString> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), OsString::from(v)))
-            .collect();
-        move |k| vars.get(k).cloned()
-    }
+    use vendor_dl::fixed_env as env;
 
     #[test]
     fn an_override_is_the_only_candidate_and_only_for_its_library() {

@@ -110,15 +110,8 @@ fn python_dirs(lib: &Path, leaf: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
-        let vars: HashMap<String, OsString> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), OsString::from(v)))
-            .collect();
-        move |k| vars.get(k).cloned()
-    }
+    use vendor_dl::fixed_env as env;
 
     #[test]
     fn an_explicit_path_is_the_only_candidate() {

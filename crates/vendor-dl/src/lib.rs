@@ -39,6 +39,16 @@ pub fn test_double_for(
     ))
 }
 
+/// A fixed environment for the search-order functions, which read variables through a
+/// closure so tests can pass their own.
+pub fn fixed_env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+    let vars: Vec<(String, std::ffi::OsString)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
 /// One library that was tried while searching, and why it was not used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attempt {
@@ -225,17 +235,36 @@ mod tests {
 /// For a -sys crate's build script (its feature `bindgen`): runs bindgen on `header` as
 /// `configure` sets it up, writes `$OUT_DIR/bindings.rs`, and copies it to the file named
 /// by the environment variable `copy_to_env` when that is set (the bindings check script
-/// compares that copy with the committed file).
+/// compares that copy with the committed file). Integer macros become `u32` constants when
+/// their name starts with one of `unsigned_prefixes` (sizes, markers), `i32` otherwise (the
+/// C `int` of status codes and enum values).
 #[cfg(feature = "bindgen")]
 pub fn generate_bindings(
     header: &str,
     copy_to_env: &str,
+    unsigned_prefixes: &'static [&'static str],
     configure: impl FnOnce(bindgen::Builder) -> bindgen::Builder,
 ) {
+    use bindgen::callbacks::{IntKind, ParseCallbacks};
+
+    #[derive(Debug)]
+    struct MacroTypes(&'static [&'static str]);
+
+    impl ParseCallbacks for MacroTypes {
+        fn int_macro(&self, name: &str, _value: i64) -> Option<IntKind> {
+            if self.0.iter().any(|prefix| name.starts_with(prefix)) {
+                Some(IntKind::U32)
+            } else {
+                Some(IntKind::I32)
+            }
+        }
+    }
+
     println!("cargo:rerun-if-changed={header}");
     println!("cargo:rerun-if-env-changed={copy_to_env}");
     let builder = bindgen::Builder::default()
         .header(header)
+        .parse_callbacks(Box::new(MacroTypes(unsigned_prefixes)))
         .formatter(bindgen::Formatter::Prettyplease);
     let bindings = configure(builder)
         .generate()
