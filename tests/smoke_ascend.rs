@@ -15,11 +15,10 @@ use std::path::PathBuf;
 use std::process::Output;
 
 use kvrelay::device::ascend::test_double_for;
-use serde_json::Value;
 
 use common::{
-    assert_same_output, colocated, json_of, lmcache_yaml, run, shared_storage_phases, strict_phase,
-    PROMPT, STRICT_BOTH,
+    assert_all_hit, assert_same_output, colocated, json_of, lmcache_yaml, run,
+    shared_storage_phases, stderr, strict_phase, PROMPT, STRICT_BOTH,
 };
 
 fn emulator_path() -> PathBuf {
@@ -39,23 +38,6 @@ fn ascend(name: &str, version: &str, args: &[&str], env: &[(&str, &OsStr)]) -> O
     ];
     envs.extend(env);
     run(name, &all, &envs)
-}
-
-fn assert_all_hit(phase: &Value, what: &str) {
-    let hits: Vec<u64> = phase["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["hit_tokens"].as_u64().unwrap())
-        .collect();
-    assert!(
-        !hits.is_empty() && hits.iter().all(|&h| h >= 256),
-        "{what}: hit tokens {hits:?}"
-    );
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
