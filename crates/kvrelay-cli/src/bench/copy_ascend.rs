@@ -6,65 +6,26 @@
 //! figures are host memcpy through an emulator, and every line says `"emulated": true`:
 //! they measure kvrelay's per-call overhead, not an NPU.
 
-use kvrelay::device::ascend::DeviceBuffer;
-use kvrelay::device::{AscendDevice, Device, DeviceError, EngineMemory, HostBuffer, Region};
-use rand::Rng;
+use std::sync::Arc;
 
-use super::copy::{chunk_buffers, plan_step, print_pair, time_rounds, Setup, Step};
+use kvrelay::device::ascend::{AclError, DeviceBuffer};
+use kvrelay::device::{AscendDevice, Device, DeviceError, Region};
+
+use super::copy::{print_pair, run_vendor, Setup, VendorMemory};
 
 pub fn run(setup: Setup) -> Result<(), String> {
-    let device = AscendDevice::open(0).map_err(|e| e.to_string())?;
+    let device = Arc::new(AscendDevice::open(0).map_err(|e| e.to_string())?);
     let mut extra = setup.extra(device.name());
-    let Setup {
-        spec,
-        layout,
-        windows,
-        gather,
-        scatter,
-        mut rng,
-        rounds,
-        ..
-    } = setup;
-    let bytes = gather.total_bytes();
-    let failed = |e: DeviceError| e.to_string();
-
-    // The engine's KV cache in device memory (vllm-ascend: one buffer per layer and K/V),
-    // filled with random bytes.
-    let mut fill = vec![0u8; layout.buffer_bytes()];
-    let buffers = (0..layout.num_buffers())
-        .map(|_| {
-            let buffer = device.alloc(layout.buffer_bytes())?;
-            rng.fill(&mut fill[..]);
-            buffer
-                .write(0, &fill)
-                .map_err(|e| runtime_failure(&device, e))?;
-            Ok(buffer)
-        })
-        .collect::<Result<Vec<DeviceBuffer>, DeviceError>>()
-        .map_err(failed)?;
-    drop(fill);
-    let regions = buffers.iter().map(Region::from).collect();
-    // SAFETY: each region is a live device allocation of exactly that length, owned by
-    // `buffers`, which lives until the end of this function, after the last copy.
-    let memory = unsafe { EngineMemory::from_raw(layout, regions) }.map_err(|e| e.to_string())?;
-    let mut chunks = chunk_buffers(&device, &spec, &windows)?;
-    let baseline_device = device.alloc(bytes).map_err(failed)?;
-    let mut baseline_host = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
-    baseline_host.fill(1);
-
+    let bytes = setup.gather.total_bytes();
+    let allocator = Arc::clone(&device);
+    let memory = VendorMemory {
+        alloc: Box::new(move |len| allocator.alloc(len)),
+        write: |b: &DeviceBuffer, src| b.write(0, src).map_err(runtime_failure),
+        read: |b: &DeviceBuffer, dst| b.read(0, dst).map_err(runtime_failure),
+        region: |b| Region::from(b),
+    };
     let before = device.calls();
-    let best = time_rounds(rounds, |step| {
-        plan_step(&device, step, (&gather, &scatter), &memory, &mut chunks)
-            .unwrap_or_else(|| {
-                if matches!(step, Step::GatherBaseline) {
-                    baseline_device.read(0, &mut baseline_host)
-                } else {
-                    baseline_device.write(0, &baseline_host)
-                }
-                .map_err(|e| runtime_failure(&device, e))
-            })
-            .map_err(|e| format!("{} failed: {e}", step.name()))
-    })?;
+    let best = run_vendor(device.as_ref(), setup, memory, |_| Ok(()))?;
     let calls = device.calls().since(&before);
     let per_plan = |n: u64| n as f64 / calls.plans.max(1) as f64;
     let acl = device.acl();
@@ -83,13 +44,13 @@ pub fn run(setup: Setup) -> Result<(), String> {
     extra["async_copies_per_plan"] = per_plan(calls.copies).into();
     extra["synchronizes_per_plan"] = per_plan(calls.synchronizes).into();
     print_pair(bytes, best, extra);
-    drop(buffers);
     Ok(())
 }
 
-fn runtime_failure(device: &AscendDevice, e: kvrelay::device::ascend::AclError) -> DeviceError {
+/// A baseline copy's error; the device name is the only one the bench opens.
+fn runtime_failure(e: AclError) -> DeviceError {
     DeviceError::Runtime {
-        device: device.name().to_string(),
+        device: "ascend:0".into(),
         call: e.call(),
         message: e.to_string(),
     }
