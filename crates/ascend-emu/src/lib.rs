@@ -357,6 +357,29 @@ impl State {
     }
 }
 
+/// A fresh read-write mapping of `len` bytes (`fd` -1 for anonymous memory).
+fn map(len: usize, flags: libc::c_int, fd: libc::c_int) -> Result<*mut c_void, Failure> {
+    // SAFETY: a new mapping chosen by the kernel aliases nothing the caller holds (a shared
+    // one aliases only its own memory file); the result is checked.
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return fail(
+            BAD_ALLOC,
+            format!("mmap {len} bytes: {}", std::io::Error::last_os_error()),
+        );
+    }
+    Ok(mapped)
+}
+
 fn perform(copy: Copy) {
     // SAFETY: both sides were checked when the copy was issued: device sides lie in live
     // mappings (freeing them while a copy is pending breaks the API contract, as on the
@@ -569,26 +592,16 @@ pub unsafe extern "C" fn aclrtMalloc(ptr: *mut *mut c_void, size: usize, _policy
                 format!("memfd_create: {}", std::io::Error::last_os_error()),
             );
         }
-        // SAFETY: `fd` is ours; sizing it and mapping it shared aliases nothing else.
-        let host = unsafe {
-            if libc::ftruncate(fd, map_len as libc::off_t) != 0 {
-                libc::close(fd);
-                return fail(BAD_ALLOC, format!("ftruncate {map_len}"));
-            }
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if host == libc::MAP_FAILED {
+        // SAFETY: `fd` is ours; sizing it cannot affect anything else.
+        if unsafe { libc::ftruncate(fd, map_len as libc::off_t) } != 0 {
             // SAFETY: `fd` is ours and not yet recorded anywhere.
             unsafe { libc::close(fd) };
-            return fail(BAD_ALLOC, format!("mmap {map_len} bytes"));
+            return fail(BAD_ALLOC, format!("ftruncate {map_len}"));
         }
+        let host = map(map_len, libc::MAP_SHARED, fd).inspect_err(|_| {
+            // SAFETY: `fd` is ours and not yet recorded anywhere.
+            unsafe { libc::close(fd) };
+        })?;
         let addr = state.next_device_addr;
         state.next_device_addr = (addr + size as u64).next_multiple_of(DEVICE_ALIGN) + DEVICE_ALIGN;
         state.device_allocs.insert(
@@ -634,20 +647,7 @@ pub unsafe extern "C" fn aclrtMallocHost(ptr: *mut *mut c_void, size: usize) -> 
             return fail(INVALID_PARAM, "null pointer slot or zero size");
         }
         let map_len = size.next_multiple_of(4096);
-        // SAFETY: a fresh private anonymous mapping aliases nothing; the result is checked.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            return fail(BAD_ALLOC, format!("mmap {map_len} bytes of host memory"));
-        }
+        let host = map(map_len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)?;
         state.pinned.insert(host as usize, (size, map_len));
         // SAFETY: checked non-null; the caller passes a writable pointer slot.
         unsafe { *ptr = host };
