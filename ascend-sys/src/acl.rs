@@ -69,8 +69,11 @@ impl std::fmt::Debug for Acl {
 /// Direction of a copy, as `aclrtMemcpyKind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyKind {
+    /// `ACL_MEMCPY_HOST_TO_DEVICE`.
     HostToDevice,
+    /// `ACL_MEMCPY_DEVICE_TO_HOST`.
     DeviceToHost,
+    /// `ACL_MEMCPY_DEVICE_TO_DEVICE`.
     DeviceToDevice,
 }
 
@@ -115,6 +118,7 @@ impl Acl {
         }
     }
 
+    /// Where the library was found.
     pub fn origin(&self) -> &Origin {
         &self.loaded.origin
     }

@@ -25,6 +25,7 @@ pub const MIN_RUNTIME: CannVersion = CannVersion::release(8, 0, 0);
 /// One feature: usable (with the library that provides it) or why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Feature {
+    /// What it is, as error messages name it.
     pub name: &'static str,
     /// The oldest CANN it works with, if it has a minimum.
     pub needs: Option<CannVersion>,
@@ -33,6 +34,7 @@ pub struct Feature {
 }
 
 impl Feature {
+    /// Whether this installation provides it.
     pub fn usable(&self) -> bool {
         self.status.is_ok()
     }
@@ -59,6 +61,8 @@ pub struct CopyCapabilities {
 }
 
 impl CopyCapabilities {
+    /// Reads the versions and probes the ACL library `acl` (nothing is called but the
+    /// version queries).
     pub fn probe(acl: &Acl) -> CopyCapabilities {
         let versions: Vec<(&'static str, VersionResult)> = VERSION_PACKAGES
             .iter()

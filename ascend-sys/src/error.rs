@@ -13,6 +13,7 @@ use crate::version::CannVersion;
 pub struct AclStatus(pub sys::aclError);
 
 impl AclStatus {
+    /// `ACL_SUCCESS`.
     pub const SUCCESS: AclStatus = AclStatus(sys::ACL_SUCCESS);
 
     /// The code's name for the codes ascend-sys declares, `None` for others.
@@ -54,23 +55,33 @@ pub enum AclError {
     /// `aclGetRecentErrMsg` said right after (empty when it said nothing).
     #[error("{call} returned {status}{}", detail(.message))]
     Status {
+        /// The ACL function the call was for.
         call: &'static str,
+        /// The status it returned.
         status: AclStatus,
+        /// The runtime's or loader's own text.
         message: String,
     },
     /// The library does not export the symbol this call needs (an older or newer CANN).
     #[error("{call} is not available: symbol {symbol} is missing from {library}: {message}")]
     MissingSymbol {
+        /// The ACL function the call was for.
         call: &'static str,
+        /// The symbol the call needs.
         symbol: &'static str,
+        /// The library (its soname, or the path it was loaded from).
         library: String,
+        /// The runtime's or loader's own text.
         message: String,
     },
     /// The runtime handed back a value that cannot be right.
     #[error("{call} returned an invalid {what}: {value}")]
     InvalidValue {
+        /// The ACL function the call was for.
         call: &'static str,
+        /// What the value was meant to be.
         what: &'static str,
+        /// The value, as text.
         value: String,
     },
 }
@@ -101,15 +112,21 @@ pub enum LoadError {
     /// No candidate of the search order could be opened.
     #[error("{library} not found; install CANN and source its set_env.sh, or set {var} to the library's path. Tried:{}", vendor_dl::list_attempts(.tried))]
     NotFound {
+        /// The library (its soname, or the path it was loaded from).
         library: &'static str,
+        /// The variable that names the library's path explicitly.
         var: &'static str,
+        /// Every place searched, with why it was not used.
         tried: Vec<Attempt>,
     },
     /// An explicitly named library could not be opened.
     #[error("cannot open {library} at {path}: {message}")]
     Open {
+        /// The library (its soname, or the path it was loaded from).
         library: &'static str,
+        /// The path that was named.
         path: String,
+        /// The runtime's or loader's own text.
         message: String,
     },
 }
@@ -121,30 +138,43 @@ pub enum Unsupported {
     /// The installed CANN is older than the feature needs.
     #[error("{feature} needs CANN {needed} or newer, but this installation is CANN {found} (from {source_of_found})")]
     TooOld {
+        /// What was asked for.
         feature: &'static str,
+        /// The oldest CANN that has it.
         needed: CannVersion,
+        /// The CANN installed.
         found: CannVersion,
+        /// Where that version was read.
         source_of_found: String,
     },
     /// No version could be read, so a feature with a minimum version is refused.
     #[error("{feature} needs CANN {needed} or newer, but the installed CANN version could not be read ({why})")]
     VersionUnknown {
+        /// What was asked for.
         feature: &'static str,
+        /// The oldest CANN that has it.
         needed: CannVersion,
+        /// Why no version could be read.
         why: String,
     },
     /// The library the feature lives in is not there.
     #[error("{feature} needs {library}: {reason}")]
     NoLibrary {
+        /// What was asked for.
         feature: &'static str,
+        /// The library (its soname, or the path it was loaded from).
         library: &'static str,
+        /// Why the library is not usable.
         reason: String,
     },
     /// The library is there but lacks symbols the feature calls.
     #[error("{feature} needs {} from {library}, which does not export them", .symbols.join(", "))]
     MissingSymbols {
+        /// What was asked for.
         feature: &'static str,
+        /// The library (its soname, or the path it was loaded from).
         library: String,
+        /// The symbols it lacks.
         symbols: Vec<&'static str>,
     },
 }

@@ -33,7 +33,9 @@ impl Origin {
 /// An opened CANN library.
 pub struct Loaded {
     pub(crate) lib: Library,
+    /// Which CANN library this is.
     pub which: Lib,
+    /// Where it was found.
     pub origin: Origin,
 }
 

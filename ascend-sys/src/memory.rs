@@ -51,10 +51,12 @@ impl DeviceBuffer {
         self.ptr as u64
     }
 
+    /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -186,6 +188,7 @@ impl Stream {
         })
     }
 
+    /// The handle, for calls that take a stream.
     pub fn raw(&self) -> RawStream {
         self.raw
     }

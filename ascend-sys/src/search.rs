@@ -31,6 +31,7 @@ pub enum Lib {
 }
 
 impl Lib {
+    /// Every library, in the order reports list them.
     pub const ALL: [Lib; 4] = [Lib::AscendCl, Lib::Hcomm, Lib::Hccl, Lib::Hixl];
 
     /// The file name and SONAME.
@@ -71,13 +72,20 @@ pub const DEFAULT_ROOTS: [&str; 2] = [
 pub enum Candidate {
     /// A path from the override variable (named), or one given to an `open` call.
     Explicit {
+        /// The file.
         path: PathBuf,
+        /// The variable it came from, if any.
         var: Option<&'static str>,
     },
     /// A library with this SONAME already loaded in the process.
     AlreadyLoaded(&'static str),
     /// A file in a CANN install tree (`from` says which root).
-    Install { path: PathBuf, from: &'static str },
+    Install {
+        /// The file.
+        path: PathBuf,
+        /// The root it is under (`ASCEND_HOME_PATH` or a default root).
+        from: &'static str,
+    },
     /// A name for the dynamic linker's own search.
     System(&'static str),
 }

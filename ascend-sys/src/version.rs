@@ -175,9 +175,11 @@ impl fmt::Display for VersionSource {
 /// A package version and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FoundVersion {
+    /// The version.
     pub version: CannVersion,
     /// The text as the source wrote it.
     pub text: String,
+    /// Where it was read.
     pub source: VersionSource,
 }
 
