@@ -95,9 +95,13 @@ pub enum CopyPath {
 }
 
 thread_local! {
-    /// The (runtime, device) this thread last bound with `aclrtSetDevice`.
-    static BOUND: Cell<Option<(usize, u32)>> = const { Cell::new(None) };
+    /// The [`AscendDevice`] (its instance number) this thread last bound with
+    /// `aclrtSetDevice`. ACL binds a thread to one device at a time.
+    static BOUND: Cell<Option<u64>> = const { Cell::new(None) };
 }
+
+/// Instance numbers: unlike addresses, never reused by a later device.
+static INSTANCES: AtomicU64 = AtomicU64::new(0);
 
 /// A whole device allocation as an engine region (its device address).
 impl From<&DeviceBuffer> for Region {
@@ -113,6 +117,7 @@ impl From<&DeviceBuffer> for Region {
 pub struct AscendDevice {
     acl: Arc<Acl>,
     device: u32,
+    instance: u64,
     name: String,
     capabilities: CopyCapabilities,
     path: CopyPath,
@@ -188,6 +193,7 @@ impl AscendDevice {
         Ok(AscendDevice {
             acl,
             device,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             name,
             capabilities,
             path,
@@ -245,7 +251,7 @@ impl AscendDevice {
 
     /// Binds the calling thread to this device, once per thread.
     fn bind(&self) -> Result<(), DeviceError> {
-        let me = (Arc::as_ptr(&self.acl) as usize, self.device);
+        let me = self.instance;
         if BOUND.get() == Some(me) {
             return Ok(());
         }
