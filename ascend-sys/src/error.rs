@@ -40,10 +40,7 @@ impl AclStatus {
 
 impl fmt::Display for AclStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => write!(f, "{name} ({})", self.0),
-            None => write!(f, "aclError {}", self.0),
-        }
+        vendor_dl::write_status(f, self.name(), self.0, "aclError")
     }
 }
 

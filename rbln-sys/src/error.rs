@@ -38,10 +38,7 @@ impl RblnStatus {
 
 impl fmt::Display for RblnStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => write!(f, "{name} ({})", self.0),
-            None => write!(f, "unknown RBLNRetCode {}", self.0),
-        }
+        vendor_dl::write_status(f, self.name(), self.0, "unknown RBLNRetCode")
     }
 }
 

@@ -39,6 +39,20 @@ pub fn test_double_for(
     ))
 }
 
+/// Writes a vendor status code as its name and number (`ACL_ERROR_X (100000)`), or, for a
+/// code the declarations do not name, as `<unknown> <code>`.
+pub fn write_status(
+    f: &mut std::fmt::Formatter<'_>,
+    name: Option<&str>,
+    code: i32,
+    unknown: &str,
+) -> std::fmt::Result {
+    match name {
+        Some(name) => write!(f, "{name} ({code})"),
+        None => write!(f, "{unknown} {code}"),
+    }
+}
+
 /// A fixed environment for the search-order functions, which read variables through a
 /// closure so tests can pass their own.
 pub fn fixed_env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> {
