@@ -253,6 +253,30 @@ fn a_missing_library_or_symbol_is_a_typed_error_naming_it() {
 }
 
 #[test]
+fn a_runtime_already_loaded_in_the_process_is_reused() {
+    let out = run_child(
+        "child_load_after_open",
+        &[("ASCEND_HOME_PATH", "/nonexistent/cann")],
+        &["KVRELAY_ASCENDCL_LIB"],
+    );
+    assert!(
+        out.contains("LOADED libascendcl.so already loaded in this process"),
+        "{out}"
+    );
+}
+
+/// Opens the test double by path (as torch_npu would have loaded CANN), then searches
+/// without KVRELAY_ASCENDCL_LIB.
+#[test]
+#[ignore = "run by a_runtime_already_loaded_in_the_process_is_reused in a child process"]
+fn child_load_after_open() {
+    let _held = Acl::open(emulator_path()).unwrap();
+    let acl = Acl::load().unwrap();
+    assert!(acl.is_test_double());
+    println!("LOADED {}", acl.origin().candidate);
+}
+
+#[test]
 fn async_copies_land_only_at_synchronize_and_need_pinned_host_memory() {
     let ascend = device();
     let acl = ascend.acl().clone();
