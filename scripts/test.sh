@@ -53,6 +53,18 @@ if ! dpkg -s libclang-dev >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq libclang-dev
 fi
 scripts/check_rbln_bindings.sh
+# Ascend (feature `ascend`; nothing here needs CANN): build the ascend-emu test double
+# that the device, doctor, bench and smoke tests load through ascend-sys's real loading
+# path, lint and test with the feature (the smoke flows with --device ascend on the
+# double), and check that the committed ascend-sys bindings are what bindgen makes of
+# wrapper.h (libclang, installed above).
+cargo build -p ascend-emu
+cargo clippy --workspace --all-targets --features kvrelay/ascend,kvrelay-cli/ascend,kvrelay-examples/ascend -- -D warnings
+cargo test -p kvrelay --features ascend --lib --test device_ascend
+cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_ascend
+cargo build -p kvrelay-examples --examples --features ascend
+cargo test -p kvrelay-examples --features ascend --test smoke_ascend
+scripts/check_bindings.sh ascend-sys
 # The seed's 1p1d PD flow (prefiller, decoder, proxy on the seed's ports) end to end.
 examples/pd_1p1d/launch.sh >/dev/null
 # Ordinary PD traffic for a while: 3,000 short and long completions through the proxy must

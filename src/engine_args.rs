@@ -21,6 +21,10 @@ pub enum DeviceKind {
     /// RBLN device memory (feature `rbln`): the first device of RBLN_DEVICES (default 0),
     /// through the runtime rbln-sys finds (RBLN_RUNTIME_LIB first).
     Rbln,
+    /// Ascend NPU memory (feature `ascend`): logical device 0 (the first of
+    /// ASCEND_RT_VISIBLE_DEVICES), through the CANN runtime ascend-sys finds
+    /// (KVRELAY_ASCENDCL_LIB first, then ASCEND_HOME_PATH).
+    Ascend,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -35,14 +39,16 @@ pub struct EngineArgs {
     pub max_num_batched_tokens: usize,
     #[arg(long, default_value_t = 1)]
     pub max_num_seqs: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub block_size: usize,
-    /// Where the KV cache lives: host, or rbln (the engine computes on the host and keeps
-    /// a working copy in step with the device cache).
+    /// Tokens per KV block; default 1024, or 128 (vllm-ascend's) with --device ascend.
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Where the KV cache lives: host, rbln or ascend (the engine computes on the host and
+    /// keeps a working copy in step with the device cache).
     #[arg(long, value_enum, default_value = "host")]
     pub device: DeviceKind,
     /// Paged KV layout, any kvrelay layout name; default flash_attn_nhd (vLLM's) on the
-    /// host, rbln_kv_first (vllm-rbln's) with --device rbln.
+    /// host, rbln_kv_first (vllm-rbln's) with --device rbln, ascend_separate_kv
+    /// (vllm-ascend's) with --device ascend.
     #[arg(long, value_parser = LayoutKind::from_str)]
     pub layout: Option<LayoutKind>,
     /// KV cache dtype: bfloat16, float16 or float32.
@@ -87,6 +93,15 @@ impl EngineArgs {
         self.layout.unwrap_or(match self.device {
             DeviceKind::Host => LayoutKind::FlashAttnNhd,
             DeviceKind::Rbln => LayoutKind::RblnKvFirst,
+            DeviceKind::Ascend => LayoutKind::AscendSeparateKv,
+        })
+    }
+
+    /// Tokens per block: --block-size, or the device's default.
+    pub fn block_size(&self) -> usize {
+        self.block_size.unwrap_or(match self.device {
+            DeviceKind::Host | DeviceKind::Rbln => 1024,
+            DeviceKind::Ascend => 128,
         })
     }
 
@@ -96,7 +111,7 @@ impl EngineArgs {
             max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,
-            block_size: self.block_size,
+            block_size: self.block_size(),
             num_blocks: None,
             layout: self.layout(),
             kv_dtype: self.kv_dtype,
@@ -109,6 +124,7 @@ impl EngineArgs {
         match self.device {
             DeviceKind::Host => Ok(KvPlacement::Host),
             DeviceKind::Rbln => rbln_placement(),
+            DeviceKind::Ascend => ascend_placement(),
         }
     }
 
@@ -142,6 +158,20 @@ fn rbln_placement() -> Result<KvPlacement, String> {
 #[cfg(not(feature = "rbln"))]
 fn rbln_placement() -> Result<KvPlacement, String> {
     Err("--device rbln: this binary was built without the `rbln` feature (cargo build --features rbln)".into())
+}
+
+/// Logical Ascend device 0 (the runtime applies ASCEND_RT_VISIBLE_DEVICES), opened
+/// through the CANN runtime ascend-sys finds.
+#[cfg(feature = "ascend")]
+fn ascend_placement() -> Result<KvPlacement, String> {
+    let device =
+        kvrelay::device::AscendDevice::open(0).map_err(|e| format!("--device ascend: {e}"))?;
+    Ok(KvPlacement::Ascend(std::sync::Arc::new(device)))
+}
+
+#[cfg(not(feature = "ascend"))]
+fn ascend_placement() -> Result<KvPlacement, String> {
+    Err("--device ascend: this binary was built without the `ascend` feature (cargo build --features ascend)".into())
 }
 
 /// The first id of a comma-separated RBLN_DEVICES value; 0 when it is unset or empty.

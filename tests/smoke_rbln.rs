@@ -17,8 +17,8 @@ use kvrelay::device::rbln::test_double_for;
 use serde_json::Value;
 
 use common::{
-    assert_same_output, colocated, json_of, lmcache_yaml, run, shared_storage_phases, strict_phase,
-    PROMPT, STRICT_BOTH,
+    assert_all_hit, assert_same_output, colocated, json_of, lmcache_yaml, run,
+    shared_storage_phases, stderr, strict_phase, PROMPT, STRICT_BOTH,
 };
 
 fn emulator_path() -> PathBuf {
@@ -35,27 +35,6 @@ fn rbln(name: &str, args: &[&str], env: &[(&str, &OsStr)]) -> Output {
     let mut envs = vec![("RBLN_RUNTIME_LIB", emulator.as_os_str())];
     envs.extend(env);
     run(name, &all, &envs)
-}
-
-fn hits(phase: &Value) -> Vec<u64> {
-    phase["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["hit_tokens"].as_u64().unwrap())
-        .collect()
-}
-
-fn assert_all_hit(phase: &Value, what: &str) {
-    let hits = hits(phase);
-    assert!(
-        !hits.is_empty() && hits.iter().all(|&h| h >= 256),
-        "{what}: hit tokens {hits:?}"
-    );
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

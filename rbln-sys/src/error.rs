@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+pub use vendor_dl::Attempt;
+
 use crate::sys;
 
 /// A status code the runtime returned (`RBLNRetCode`).
@@ -36,10 +38,7 @@ impl RblnStatus {
 
 impl fmt::Display for RblnStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => write!(f, "{name} ({})", self.0),
-            None => write!(f, "unknown RBLNRetCode {}", self.0),
-        }
+        vendor_dl::write_status(f, self.name(), self.0, "unknown RBLNRetCode")
     }
 }
 
@@ -90,19 +89,12 @@ impl RblnError {
     }
 }
 
-/// One library that was tried while searching, and why it was not used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Attempt {
-    pub candidate: String,
-    pub reason: String,
-}
-
 /// The runtime library could not be found, opened or accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
     /// No candidate of the search order could be opened.
-    #[error("no RBLN runtime library (librbln.so) found; set RBLN_RUNTIME_LIB to its path. Tried:{}", list(.tried))]
+    #[error("no RBLN runtime library (librbln.so) found; set RBLN_RUNTIME_LIB to its path. Tried:{}", vendor_dl::list_attempts(.tried))]
     NotFound { tried: Vec<Attempt> },
     /// An explicitly named library (RBLN_RUNTIME_LIB or a path given to `Runtime::open`)
     /// could not be opened.
@@ -120,11 +112,4 @@ pub enum LoadError {
     /// The runtime does not export `rbln_abi_current`, so its ABI cannot be checked.
     #[error("RBLN runtime {path} does not report its ABI (no symbol rbln_abi_current); set RBLN_SKIP_ABI_CHECK=1 to use it unchecked")]
     AbiUnknown { path: String },
-}
-
-fn list(tried: &[Attempt]) -> String {
-    tried
-        .iter()
-        .map(|a| format!("\n  {}: {}", a.candidate, a.reason))
-        .collect()
 }

@@ -6,7 +6,8 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use libloading::os::unix::Library;
+pub use vendor_dl::Symbol;
+use vendor_dl::{mapped_path, symbol_name, FnPtr, Library, Slot};
 
 use crate::error::{Attempt, LoadError, RblnError, RblnStatus};
 use crate::search::{search_order, Candidate};
@@ -52,49 +53,9 @@ impl Abi {
     }
 }
 
-/// A function-pointer type as bindgen declares it (`Option<unsafe extern "C" fn(..)>`).
-trait FnPtr: Copy {
-    type Raw: Copy;
-    fn into_raw(self) -> Option<Self::Raw>;
-}
-
-impl<F: Copy> FnPtr for Option<F> {
-    type Raw = F;
-    fn into_raw(self) -> Option<F> {
-        self
-    }
-}
-
-/// One declared symbol: its name in the library and the C++ declaration it stands for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Symbol {
-    pub name: &'static str,
-    pub declaration: &'static str,
-}
-
-/// The symbol table: one lazily resolved slot per function, its accessor, and [`SYMBOLS`].
-macro_rules! symbols {
-    ($($field:ident: $ty:ident = $name:ident, $call:literal;)*) => {
-        #[derive(Default)]
-        struct Symbols {
-            $($field: OnceLock<Result<<sys::$ty as FnPtr>::Raw, String>>,)*
-        }
-
-        /// Every symbol rbln-sys binds, in the order of `wrapper.h`.
-        pub const SYMBOLS: &[Symbol] = &[$(Symbol {
-            name: symbol_name(sys::$name),
-            declaration: $call,
-        }),*];
-
-        impl Runtime {
-            $(fn $field(&self) -> Result<<sys::$ty as FnPtr>::Raw, RblnError> {
-                self.resolve::<sys::$ty>(&self.symbols.$field, sys::$name, $call)
-            })*
-        }
-    };
-}
-
-symbols! {
+vendor_dl::lazy_symbols! {
+    /// Every symbol rbln-sys binds, in the order of `wrapper.h`.
+    SYMBOLS for Runtime, error RblnError;
     abi_current_fn: rbln_abi_current_fn = RBLN_SYM_ABI_CURRENT, "rbln_abi_current";
     abi_min_supported_fn: rbln_abi_min_supported_fn =
         RBLN_SYM_ABI_MIN_SUPPORTED, "rbln_abi_min_supported";
@@ -116,15 +77,6 @@ symbols! {
         RBLN_SYM_DEVICE_SYNCHRONIZE, "rbln::rbln_device_synchronize";
     device_of_fn: rbln_get_torch_device_id_from_vaddr_fn =
         RBLN_SYM_GET_DEVICE_ID_FROM_VADDR, "rbln::rbln_get_torch_device_id_from_vaddr";
-}
-
-/// A symbol name constant without its trailing NUL, as text.
-const fn symbol_name(nul_terminated: &'static [u8]) -> &'static str {
-    let (name, _nul) = nul_terminated.split_at(nul_terminated.len() - 1);
-    match std::str::from_utf8(name) {
-        Ok(name) => name,
-        Err(_) => panic!("symbol names in wrapper.h are ASCII"),
-    }
 }
 
 /// The name of the marker symbol the `rbln-emu` test double exports, so figures measured
@@ -288,40 +240,28 @@ impl Runtime {
         SYMBOLS
             .iter()
             .copied()
-            .filter(|s| {
-                let name = [s.name.as_bytes(), b"\0"].concat();
-                // SAFETY: probed for presence only; the address is never used.
-                unsafe { self.lib.get::<*const u8>(&name) }.is_err()
-            })
+            .filter(|s| !vendor_dl::has_symbol(&self.lib, s.name))
             .collect()
     }
 
     fn resolve<T: FnPtr>(
         &self,
-        slot: &OnceLock<Result<T::Raw, String>>,
+        slot: &Slot<T>,
         name: &'static [u8],
         call: &'static str,
     ) -> Result<T::Raw, RblnError> {
-        let resolved = slot.get_or_init(|| {
-            // SAFETY: T is the function-pointer type wrapper.h declares for the symbol
-            // `name`, written from its mangled name (parameter types) and documented
-            // usage (return type). The pointer is copied out and only called while
-            // `self.lib` is alive, since both live in this Runtime.
-            match unsafe { self.lib.get::<T>(name) } {
-                Ok(symbol) => (*symbol)
-                    .into_raw()
-                    .ok_or_else(|| "the symbol's address is null".to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        });
-        resolved
-            .clone()
-            .map_err(|message| RblnError::MissingSymbol {
+        // SAFETY: T is the function-pointer type wrapper.h declares for the symbol
+        // `name`, written from its mangled name (parameter types) and documented usage
+        // (return type). The pointer is only called while `self.lib` is alive, since both
+        // live in this Runtime.
+        unsafe { vendor_dl::resolve::<T>(&self.lib, slot, name) }.map_err(|message| {
+            RblnError::MissingSymbol {
                 call,
                 symbol: symbol_name(name),
                 library: self.origin.path.clone(),
                 message,
-            })
+            }
+        })
     }
 
     // ---- checked calls (the `result` layer) ------------------------------------------
@@ -487,54 +427,17 @@ impl Runtime {
 
 /// Opens one candidate: `Ok(None)` when an already-loaded library is not loaded.
 fn open_candidate(candidate: &Candidate) -> Result<Option<Library>, String> {
-    let flags = libc::RTLD_NOW | libc::RTLD_LOCAL;
     let path: OsString = match candidate {
         Candidate::Explicit(path) => path.clone().into(),
-        Candidate::AlreadyLoaded(name) => {
-            // SAFETY: RTLD_NOLOAD maps nothing new: it returns a library that is already
-            // loaded and initialized in this process, or fails.
-            let lib = unsafe { Library::open(Some(*name), flags | libc::RTLD_NOLOAD) };
-            return Ok(lib.ok());
-        }
+        Candidate::AlreadyLoaded(name) => return Ok(vendor_dl::open_loaded(name)),
         Candidate::RebelPackage(path) if !path.is_file() => return Err("no such file".into()),
         Candidate::RebelPackage(path) => path.clone().into(),
         Candidate::System(name) => OsString::from(name),
     };
-    // SAFETY: opening runs the library's initializers. A library named by the user
-    // (RBLN_RUNTIME_LIB), installed in a rebel package or named librbln.so on the system
-    // path is trusted to be the RBLN runtime; loading it is the point.
-    unsafe { Library::open(Some(path), flags) }
-        .map(Some)
-        .map_err(|e| e.to_string())
-}
-
-/// The path of the file the dynamic linker mapped for `lib`.
-fn mapped_path(lib: Library) -> (Library, Option<String>) {
-    let raw = lib.into_raw();
-    let mut map: *mut libc::c_void = std::ptr::null_mut();
-    // SAFETY: `raw` is a live dlopen handle; RTLD_DI_LINKMAP writes one
-    // `struct link_map *` into `map`.
-    let rc = unsafe {
-        libc::dlinfo(
-            raw,
-            libc::RTLD_DI_LINKMAP,
-            (&mut map as *mut *mut libc::c_void).cast(),
-        )
-    };
-    let path = (rc == 0 && !map.is_null())
-        .then(|| {
-            // glibc <link.h>: struct link_map { ElfW(Addr) l_addr; char *l_name; ... }.
-            // SAFETY: `map` points at the library's link_map, which lives as long as the
-            // handle; its second field is the NUL-terminated path of the mapped file.
-            let name = unsafe { *(map as *const *const libc::c_char).add(1) };
-            // SAFETY: a non-null l_name is a NUL-terminated string owned by the linker.
-            (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) })
-        })
-        .flatten()
-        .map(|name| name.to_string_lossy().into_owned())
-        .filter(|name| !name.is_empty());
-    // SAFETY: `raw` came from `into_raw` above and is turned back into its only owner.
-    (unsafe { Library::from_raw(raw) }, path)
+    // SAFETY: a library named by the user (RBLN_RUNTIME_LIB), installed in a rebel
+    // package or named librbln.so on the system path is trusted to be the RBLN runtime;
+    // loading it is the point.
+    unsafe { vendor_dl::open(&path) }.map(Some)
 }
 
 #[cfg(test)]

@@ -22,26 +22,10 @@ use std::path::{Path, PathBuf};
 pub const LIBRARY_NAME: &str = "librbln.so";
 
 /// The `rbln-emu` test double for tests: the file `RBLN_EMU_LIB` names, else where
-/// `cargo build -p rbln-emu` puts it for a test binary at `exe`
-/// (`<target>/<profile>/deps/<test>` → `<target>/<profile>/librbln_emu.so`). The error
-/// says how to build it.
+/// `cargo build -p rbln-emu` puts it for a test binary at `exe`. The error says how to
+/// build it.
 pub fn test_double_for(exe: &Path) -> Result<PathBuf, String> {
-    let path = match std::env::var_os("RBLN_EMU_LIB") {
-        Some(path) => PathBuf::from(path),
-        None => exe
-            .parent()
-            .and_then(Path::parent)
-            .ok_or_else(|| format!("{} is not in <target>/<profile>/deps", exe.display()))?
-            .join("librbln_emu.so"),
-    };
-    if path.is_file() {
-        return Ok(path);
-    }
-    Err(format!(
-        "the rbln-emu test double is not built at {}; run `cargo build -p rbln-emu` with the \
-         same target directory and profile first (scripts/test.sh does), or set RBLN_EMU_LIB",
-        path.display()
-    ))
+    vendor_dl::test_double_for(exe, "rbln-emu", "librbln_emu.so", "RBLN_EMU_LIB")
 }
 
 /// One place the library may be.
@@ -126,15 +110,8 @@ fn python_dirs(lib: &Path, leaf: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
-        let vars: HashMap<String, OsString> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), OsString::from(v)))
-            .collect();
-        move |k| vars.get(k).cloned()
-    }
+    use vendor_dl::fixed_env as env;
 
     #[test]
     fn an_explicit_path_is_the_only_candidate() {

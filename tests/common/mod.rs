@@ -153,3 +153,26 @@ pub fn colocated(max_tokens: &str, batch: &str, stride: &str) -> Value {
     args.extend(PROMPT);
     json_of(&run("generate", &args, &[]))
 }
+
+/// Each request's `hit_tokens` in a phase's summary.
+pub fn hits(phase: &Value) -> Vec<u64> {
+    phase["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["hit_tokens"].as_u64().unwrap())
+        .collect()
+}
+
+/// Every request of the phase loaded at least one 256-token chunk.
+pub fn assert_all_hit(phase: &Value, what: &str) {
+    let hits = hits(phase);
+    assert!(
+        !hits.is_empty() && hits.iter().all(|&h| h >= 256),
+        "{what}: hit tokens {hits:?}"
+    );
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

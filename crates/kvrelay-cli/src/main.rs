@@ -1,11 +1,12 @@
 //! The `kvrelay` command: chunk keys, disk-tier maintenance, benchmarks, and the
-//! `serve`/`proxy` HTTP servers.
+//! `serve`/`proxy` HTTP servers, and `doctor`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod doctor;
 mod http;
 mod keys_cmd;
 mod proxy;
@@ -37,6 +38,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Disaggregated-prefill proxy: prefill on one server, decode on another.
     Proxy(proxy::ProxyArgs),
+    /// What kvrelay finds of the host, RBLN and Ascend stacks (libraries, versions,
+    /// devices, usable copy paths and PD channels); exit 1 when --device cannot work.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => serve::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Doctor(args) => doctor::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -24,16 +24,28 @@ pub enum KvPlacement {
     /// RBLN device memory, one allocation per layout buffer, on this device.
     #[cfg(feature = "rbln")]
     Rbln(Arc<kvrelay::device::RblnDevice>),
+    /// Ascend NPU memory, one allocation per layout buffer (vllm-ascend's separate K and V
+    /// tensors per layer with `ascend_separate_kv`), on this device.
+    #[cfg(feature = "ascend")]
+    Ascend(Arc<kvrelay::device::AscendDevice>),
 }
 
 impl KvPlacement {
     /// The cache for `layout` at this placement.
-    #[cfg_attr(not(feature = "rbln"), allow(unused_variables))]
+    #[cfg_attr(
+        not(any(feature = "rbln", feature = "ascend")),
+        allow(unused_variables)
+    )]
     pub(crate) fn backing(&self, layout: &KvLayout) -> Result<Box<dyn KvBacking>, EngineError> {
         match self {
             KvPlacement::Host => Ok(Box::new(HostBacking)),
             #[cfg(feature = "rbln")]
             KvPlacement::Rbln(device) => Ok(Box::new(rbln::RblnBacking::new(
+                Arc::clone(device),
+                *layout,
+            )?)),
+            #[cfg(feature = "ascend")]
+            KvPlacement::Ascend(device) => Ok(Box::new(ascend::AscendBacking::new(
                 Arc::clone(device),
                 *layout,
             )?)),
@@ -194,6 +206,102 @@ mod rbln {
 
         fn flush(&self, host: &PagedKv, blocks: &[u32]) -> Result<(), EngineError> {
             self.copy(host, blocks, Direction::ToDevice)
+        }
+    }
+}
+
+#[cfg(feature = "ascend")]
+mod ascend {
+    use std::sync::Arc;
+
+    use kvrelay::device::ascend::DeviceBuffer;
+    use kvrelay::device::{AscendDevice, Device, DeviceError, EngineMemory, Region};
+    use kvrelay::layout::KvLayout;
+
+    use super::KvBacking;
+    use crate::kv::PagedKv;
+    use crate::EngineError;
+
+    /// The KV cache in Ascend device memory. The engine's host copy is ordinary memory,
+    /// which async copies cannot use (they need pinned memory), so blocks move with one
+    /// synchronous `aclrtMemcpy` per contiguous byte range; only the connector's copies,
+    /// which are the ones measured, take the batched path.
+    pub(super) struct AscendBacking {
+        device: Arc<AscendDevice>,
+        // Declared before `buffers`: the registration's raw addresses must not outlive them.
+        memory: EngineMemory,
+        buffers: Vec<DeviceBuffer>,
+    }
+
+    impl AscendBacking {
+        pub(super) fn new(
+            device: Arc<AscendDevice>,
+            layout: KvLayout,
+        ) -> Result<Self, EngineError> {
+            let buffers = (0..layout.num_buffers())
+                .map(|_| device.alloc(layout.buffer_bytes()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let regions = buffers.iter().map(Region::from).collect();
+            // SAFETY: each region is a live device allocation of exactly its length on
+            // `device`, freed only when this backing drops, after `memory` (field order) and
+            // after the engine's connector (the engine's field order). The engine touches a
+            // block's device bytes only in fetch/flush, for blocks of requests it schedules,
+            // which the connector does not copy at the same time.
+            let memory = unsafe { EngineMemory::from_raw(layout, regions) }?;
+            Ok(AscendBacking {
+                device,
+                memory,
+                buffers,
+            })
+        }
+
+        fn error(&self, e: kvrelay::device::ascend::AclError) -> EngineError {
+            EngineError::KvMemory(DeviceError::Runtime {
+                device: self.device.name().to_string(),
+                call: e.call(),
+                message: e.to_string(),
+            })
+        }
+    }
+
+    impl KvBacking for AscendBacking {
+        fn engine_memory(&self, _host: &PagedKv) -> EngineMemory {
+            self.memory.clone()
+        }
+
+        fn device(&self) -> Arc<dyn Device> {
+            self.device.clone()
+        }
+
+        fn fetch(&self, host: &PagedKv, blocks: &[u32]) -> Result<(), EngineError> {
+            for (buffer, offset, len) in host.block_ranges(blocks) {
+                // SAFETY: `block_ranges` lies inside buffer `buffer` of the layout, which the
+                // host copy holds in full; the engine calls this between forwards, so nothing
+                // else reads or writes the range while this exclusive slice lives.
+                let local = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        host.buffer_ptr(buffer).wrapping_add(offset),
+                        len,
+                    )
+                };
+                self.buffers[buffer]
+                    .read(offset, local)
+                    .map_err(|e| self.error(e))?;
+            }
+            Ok(())
+        }
+
+        fn flush(&self, host: &PagedKv, blocks: &[u32]) -> Result<(), EngineError> {
+            for (buffer, offset, len) in host.block_ranges(blocks) {
+                // SAFETY: as in fetch; the slice is only read.
+                let local = unsafe {
+                    std::slice::from_raw_parts(host.buffer_ptr(buffer).wrapping_add(offset), len)
+                };
+                self.buffers[buffer]
+                    .write(offset, local)
+                    .map_err(|e| self.error(e))?;
+            }
+            Ok(())
         }
     }
 }

@@ -98,7 +98,7 @@ impl PagedKv {
     /// The bytes `blocks` occupy, as `(buffer, offset, len)` ranges, sorted and with
     /// adjacent ranges merged: one range per block and buffer in the RBLN layouts (a whole
     /// block of each plane, or of both), more in layouts that interleave blocks.
-    #[cfg(feature = "rbln")]
+    #[cfg(any(feature = "rbln", feature = "ascend"))]
     pub(crate) fn block_ranges(&self, blocks: &[u32]) -> Vec<(usize, usize, usize)> {
         let spec = self.layout.spec();
         let head = spec.head_bytes();

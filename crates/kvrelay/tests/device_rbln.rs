@@ -8,18 +8,17 @@
 #![cfg(feature = "rbln")]
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use kvrelay::device::rbln::{
     test_double_for, AbiCheck, AllocKind, DeviceMemory, LoadError, Runtime, Staging,
 };
-use kvrelay::device::{
-    Device, DeviceError, EngineMemory, HostDevice, HostKvCache, RblnDevice, Region,
-};
-use kvrelay::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
-use kvrelay::plan::{paged_to_chunks, ChunkWindow, CopyPlan};
-use kvrelay::KvDtype;
+use kvrelay::device::{Device, DeviceError, EngineMemory, HostDevice, RblnDevice, Region};
+use kvrelay::layout::{KvLayout, LayoutKind};
+use kvrelay::plan::{paged_to_chunks, ChunkWindow};
+
+mod support;
+use support::{gather, host_cache, pattern, plan, scatter, spec, staging_buffers};
 
 fn emulator_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
@@ -39,47 +38,8 @@ fn device() -> RblnDevice {
 
 const POLICIES: [Staging; 2] = [Staging::Auto, Staging::Never];
 
-/// Runs the ignored test `name` of this binary in a child process with `env` (plus
-/// `RBLN_EMU_LIB`), asserts that exactly it ran and passed, and returns its stdout.
 fn run_child(name: &str, env: &[(&str, &str)], remove: &[&str]) -> String {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        name,
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("RBLN_EMU_LIB", emulator_path());
-    for var in remove {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
-    let out = cmd.output().expect("run the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "child {name} failed:\n{stdout}\n{stderr}"
-    );
-    stdout
-}
-
-fn spec(block_size: usize, num_kv_heads: usize) -> KvCacheSpec {
-    KvCacheSpec {
-        num_layers: 3,
-        num_kv_heads,
-        head_size: 16,
-        dtype: KvDtype::Bf16,
-        block_size,
-        num_blocks: 10,
-        attention: AttentionKind::Mha,
-    }
-}
-
-/// Byte `j` of buffer `i` of a test cache.
-fn pattern(i: usize, j: usize) -> u8 {
-    (j * 131 + j / 509 + i * 17 + 1) as u8
+    support::run_child(name, ("RBLN_EMU_LIB", &emulator_path()), env, remove)
 }
 
 /// A KV cache in emulated device memory: one allocation per layout buffer.
@@ -112,75 +72,6 @@ impl DeviceCache {
         self.buffers[index].read(0, &mut out).unwrap();
         out
     }
-}
-
-fn host_cache(layout: KvLayout, filled: bool) -> Arc<HostKvCache> {
-    let cache = HostKvCache::new(layout).unwrap();
-    if filled {
-        for i in 0..layout.num_buffers() {
-            // SAFETY: no copy is running.
-            let buf = unsafe { cache.buffer_mut(i) };
-            buf.iter_mut()
-                .enumerate()
-                .for_each(|(j, x)| *x = pattern(i, j));
-        }
-    }
-    cache
-}
-
-/// Two chunks of a 3-block request over scattered blocks; the first skips 2 tokens.
-fn plan(layout: &KvLayout) -> CopyPlan {
-    let bs = layout.spec().block_size;
-    let windows = [
-        ChunkWindow {
-            start: 0,
-            tokens: bs + 1,
-            skip_leading: 2,
-        },
-        ChunkWindow {
-            start: bs + 1,
-            tokens: 2 * bs - 1,
-            skip_leading: 0,
-        },
-    ];
-    paged_to_chunks(layout, &[7, 2, 5], &windows).unwrap()
-}
-
-fn staging_buffers(device: &dyn Device, plan: &CopyPlan) -> Vec<kvrelay::device::HostBuffer> {
-    plan.dst_extents()
-        .iter()
-        .map(|&len| device.alloc_staging(len).unwrap())
-        .collect()
-}
-
-fn gather(
-    device: &dyn Device,
-    plan: &CopyPlan,
-    memory: &EngineMemory,
-) -> Vec<kvrelay::device::HostBuffer> {
-    let mut chunks = staging_buffers(device, plan);
-    let mut host: Vec<&mut [u8]> = chunks.iter_mut().map(|c| &mut c[..]).collect();
-    device
-        .start_gather(plan, memory, &mut host)
-        .unwrap()
-        .wait()
-        .unwrap();
-    drop(host);
-    chunks
-}
-
-fn scatter(
-    device: &dyn Device,
-    plan: &CopyPlan,
-    chunks: &[kvrelay::device::HostBuffer],
-    memory: &EngineMemory,
-) {
-    let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-    device
-        .start_scatter(plan, &host, memory)
-        .unwrap()
-        .wait()
-        .unwrap();
 }
 
 #[test]

@@ -28,8 +28,10 @@ pub struct CopyArgs {
     /// Timed rounds per path; the fastest counts.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
-    /// The copy engine: `host` (memcpy), or `rbln` (the RBLN runtime found through
-    /// RBLN_RUNTIME_LIB and rbln-sys's search order; needs the `rbln` feature).
+    /// The copy engine: `host` (memcpy), `rbln` (the RBLN runtime found through
+    /// RBLN_RUNTIME_LIB and rbln-sys's search order; needs the `rbln` feature) or `ascend`
+    /// (the CANN runtime found through KVRELAY_ASCENDCL_LIB and ascend-sys's search order;
+    /// needs the `ascend` feature).
     #[arg(long, default_value = "host")]
     device: String,
     /// With `--device rbln`: `auto` copies plans of many small runs through a device-shaped
@@ -226,8 +228,87 @@ pub fn run(args: CopyArgs) -> Result<(), String> {
                        (cargo run -p kvrelay-cli --features rbln -- bench copy --device rbln)"
                 .into(),
         ),
-        other => Err(format!("unknown --device {other:?}; known: host, rbln")),
+        #[cfg(feature = "ascend")]
+        "ascend" => super::copy_ascend::run(setup),
+        #[cfg(not(feature = "ascend"))]
+        "ascend" => Err(
+            "--device ascend needs a kvrelay built with the `ascend` feature \
+                       (cargo run -p kvrelay-cli --features ascend -- bench copy --device ascend)"
+                .into(),
+        ),
+        other => Err(format!(
+            "unknown --device {other:?}; known: host, rbln, ascend"
+        )),
     }
+}
+
+/// The device memory of a vendor device's bench: how to allocate it, copy into and out of
+/// it with one synchronous runtime call (the baseline), and register it.
+#[cfg(any(feature = "rbln", feature = "ascend"))]
+pub(super) struct VendorMemory<B> {
+    pub alloc: Box<dyn Fn(usize) -> Result<B, DeviceError>>,
+    pub write: fn(&B, &[u8]) -> Result<(), DeviceError>,
+    pub read: fn(&B, &mut [u8]) -> Result<(), DeviceError>,
+    pub region: fn(&B) -> kvrelay::device::Region,
+}
+
+/// Times `setup`'s plans through a vendor `device` against one runtime copy of the same
+/// bytes between one device allocation and one host buffer. The engine cache is one
+/// allocation per layout buffer, filled with random bytes; `verify` checks its
+/// registration. Returns the best times; the caller adds its runtime's figures to `extra`.
+#[cfg(any(feature = "rbln", feature = "ascend"))]
+pub(super) fn run_vendor<B>(
+    device: &dyn Device,
+    setup: Setup,
+    memory: VendorMemory<B>,
+    verify: impl FnOnce(&EngineMemory) -> Result<(), DeviceError>,
+) -> Result<[Duration; 4], String> {
+    let Setup {
+        spec,
+        layout,
+        windows,
+        gather,
+        scatter,
+        mut rng,
+        rounds,
+        ..
+    } = setup;
+    let bytes = gather.total_bytes();
+    let failed = |e: DeviceError| e.to_string();
+    let mut fill = vec![0u8; layout.buffer_bytes()];
+    let buffers = (0..layout.num_buffers())
+        .map(|_| {
+            let buffer = (memory.alloc)(layout.buffer_bytes())?;
+            rng.fill(&mut fill[..]);
+            (memory.write)(&buffer, &fill)?;
+            Ok(buffer)
+        })
+        .collect::<Result<Vec<B>, DeviceError>>()
+        .map_err(failed)?;
+    drop(fill);
+    let regions = buffers.iter().map(memory.region).collect();
+    // SAFETY: each region is a live device allocation of exactly that length, owned by
+    // `buffers`, which lives until the end of this function, after the last copy.
+    let engine = unsafe { EngineMemory::from_raw(layout, regions) }.map_err(failed)?;
+    verify(&engine).map_err(failed)?;
+    let mut chunks = chunk_buffers(device, &spec, &windows)?;
+    let baseline_device = (memory.alloc)(bytes).map_err(failed)?;
+    let mut baseline_host = HostBuffer::zeroed(bytes).map_err(failed)?;
+    baseline_host.fill(1);
+    let best = time_rounds(rounds, |step| {
+        plan_step(device, step, (&gather, &scatter), &engine, &mut chunks)
+            .unwrap_or_else(|| {
+                if matches!(step, Step::GatherBaseline) {
+                    (memory.read)(&baseline_device, &mut baseline_host)
+                } else {
+                    (memory.write)(&baseline_device, &baseline_host)
+                }
+            })
+            .map_err(|e| format!("{} failed: {e}", step.name()))
+    })?;
+    drop(engine);
+    drop(buffers);
+    Ok(best)
 }
 
 fn run_host(setup: Setup) -> Result<(), String> {

@@ -6,11 +6,12 @@
 //! host memcpy through an emulator, and every line says `"emulated": true`: they measure
 //! kvrelay's per-call overhead, not an NPU.
 
-use kvrelay::device::rbln::{AllocKind, DeviceMemory, RblnError, Staging};
-use kvrelay::device::{Device, DeviceError, EngineMemory, HostBuffer, RblnDevice, Region};
-use rand::Rng;
+use std::sync::Arc;
 
-use super::copy::{chunk_buffers, plan_step, print_pair, time_rounds, Setup, Step};
+use kvrelay::device::rbln::{AllocKind, DeviceMemory, RblnError, Staging};
+use kvrelay::device::{Device, DeviceError, RblnDevice, Region};
+
+use super::copy::{print_pair, run_vendor, Setup, VendorMemory};
 
 pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
     let staging = match staging {
@@ -25,58 +26,21 @@ pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
     let device = RblnDevice::open(0)
         .map_err(|e| e.to_string())?
         .with_staging(staging);
-    let runtime = std::sync::Arc::clone(device.runtime());
+    let runtime = Arc::clone(device.runtime());
     let mut extra = setup.extra(device.name());
-    let Setup {
-        spec,
-        layout,
-        windows,
-        gather,
-        scatter,
-        mut rng,
-        rounds,
-        ..
-    } = setup;
-    let bytes = gather.total_bytes();
-    let runtime_error = |e: RblnError| e.to_string();
-
-    // The engine's KV cache in device memory, filled with random bytes.
-    let mut fill = vec![0u8; layout.buffer_bytes()];
-    let buffers = (0..layout.num_buffers())
-        .map(|_| {
-            let buffer = DeviceMemory::new(&runtime, 0, layout.buffer_bytes(), AllocKind::Eager)?;
-            rng.fill(&mut fill[..]);
-            buffer.write(0, &fill)?;
-            Ok(buffer)
-        })
-        .collect::<Result<Vec<_>, RblnError>>()
-        .map_err(runtime_error)?;
-    drop(fill);
-    let regions = buffers.iter().map(Region::from).collect();
-    // SAFETY: each region is a live device allocation of exactly that length, owned by
-    // `buffers`, which lives until the end of this function, after the last copy.
-    let memory = unsafe { EngineMemory::from_raw(layout, regions) }.map_err(|e| e.to_string())?;
-    device
-        .verify_engine_memory(&memory)
-        .map_err(|e| e.to_string())?;
-    let mut chunks = chunk_buffers(&device, &spec, &windows)?;
-    let baseline_device =
-        DeviceMemory::new(&runtime, 0, bytes, AllocKind::Eager).map_err(runtime_error)?;
-    let mut baseline_host = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
-    baseline_host.fill(1);
-
+    let bytes = setup.gather.total_bytes();
+    let allocator = Arc::clone(&runtime);
+    let memory = VendorMemory {
+        alloc: Box::new(move |len| {
+            DeviceMemory::new(&allocator, 0, len, AllocKind::Eager).map_err(runtime_failure)
+        }),
+        write: |b: &DeviceMemory, src| b.write(0, src).map_err(runtime_failure),
+        read: |b: &DeviceMemory, dst| b.read(0, dst).map_err(runtime_failure),
+        region: |b| Region::from(b),
+    };
     let before = device.calls();
-    let best = time_rounds(rounds, |step| {
-        plan_step(&device, step, (&gather, &scatter), &memory, &mut chunks)
-            .unwrap_or_else(|| {
-                if matches!(step, Step::GatherBaseline) {
-                    baseline_device.read(0, &mut baseline_host)
-                } else {
-                    baseline_device.write(0, &baseline_host)
-                }
-                .map_err(|e| runtime_failure(&device, e))
-            })
-            .map_err(|e| format!("{} failed: {e}", step.name()))
+    let best = run_vendor(&device, setup, memory, |engine| {
+        device.verify_engine_memory(engine)
     })?;
     let calls = device.calls().since(&before);
     let per_plan = |n: u64| n as f64 / calls.plans.max(1) as f64;
@@ -93,13 +57,13 @@ pub fn run(setup: Setup, staging: &str) -> Result<(), String> {
     extra["staging"] = format!("{staging:?}").to_lowercase().into();
     extra["staged_plans"] = calls.staged_plans.into();
     print_pair(bytes, best, extra);
-    drop(buffers);
     Ok(())
 }
 
-fn runtime_failure(device: &RblnDevice, e: RblnError) -> DeviceError {
+/// A baseline copy's error; the device name is the only one the bench opens.
+fn runtime_failure(e: RblnError) -> DeviceError {
     DeviceError::Runtime {
-        device: device.name().to_string(),
+        device: "rbln:0".into(),
         call: e.call(),
         message: e.to_string(),
     }

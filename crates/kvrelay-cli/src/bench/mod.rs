@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 mod copy;
+#[cfg(feature = "ascend")]
+mod copy_ascend;
 #[cfg(feature = "rbln")]
 mod copy_rbln;
 mod hash;
@@ -19,7 +21,7 @@ mod transfer;
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Gather and scatter of a Llama-3-8B-shaped request against one copy of the same bytes
-    /// (memcpy on the host device; the runtime's own copy with `--device rbln`).
+    /// (memcpy on the host device; the runtime's own copy with `--device rbln` or `ascend`).
     Copy(copy::CopyArgs),
     /// sha256_cbor chunk keys of 1M tokens against a plain sha256 of the same CBOR bytes.
     Hash(hash::HashArgs),

@@ -6,13 +6,19 @@
 //! synchronize): a plan is started as one batch of copies and completed by one wait. The
 //! host implementation copies with memcpy and is always available.
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
 mod host;
 #[cfg(feature = "rbln")]
 pub mod rbln;
+#[cfg(any(feature = "rbln", feature = "ascend"))]
+mod staged;
 pub(crate) mod stream;
 
 use std::sync::Arc;
 
+#[cfg(feature = "ascend")]
+pub use ascend::{AclCalls, AscendDevice};
 pub use host::{HostBuffer, HostDevice, HostKvCache};
 #[cfg(feature = "rbln")]
 pub use rbln::{RblnDevice, RuntimeCalls};

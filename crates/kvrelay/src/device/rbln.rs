@@ -26,11 +26,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 pub use rbln_sys::search::test_double_for;
-pub use rbln_sys::{AbiCheck, AllocKind, CopyHandle, DeviceMemory, LoadError, RblnError, Runtime};
+pub use rbln_sys::{
+    AbiCheck, AllocKind, CopyHandle, DeviceMemory, LoadError, RblnError, Runtime, BUILT_ABI,
+};
 
+use super::staged::{bad_region, check_regions, region_end, StagedPlan, StagingPool};
 use super::{
     check_gather, check_scatter, Device, DeviceError, EngineMemory, HostBuffer, PendingCopy, Region,
 };
@@ -95,9 +96,6 @@ pub enum Staging {
 /// when `(runs - device ranges) * CALL_COST_BYTES` exceeds the plan's bytes.
 pub const CALL_COST_BYTES: usize = 256 << 10;
 
-/// Staging buffers kept for reuse; more concurrent plans allocate and drop their own.
-const POOLED_STAGING_BUFFERS: usize = 2;
-
 /// A whole device allocation as an engine region (its device virtual address).
 impl From<&DeviceMemory> for Region {
     fn from(memory: &DeviceMemory) -> Self {
@@ -115,7 +113,7 @@ pub struct RblnDevice {
     name: String,
     counters: Counters,
     staging: Staging,
-    pool: Mutex<Vec<HostBuffer>>,
+    pool: StagingPool<HostBuffer>,
 }
 
 impl std::fmt::Debug for RblnDevice {
@@ -148,7 +146,7 @@ impl RblnDevice {
             name: format!("rbln:{device}"),
             counters: Counters::default(),
             staging: Staging::default(),
-            pool: Mutex::new(Vec::new()),
+            pool: StagingPool::new(),
         };
         let count = rbln.runtime.device_count().map_err(|e| rbln.error(e))?;
         if device >= count {
@@ -290,120 +288,6 @@ impl RblnDevice {
         let saved = runs.len() - staged.ranges.len();
         (saved.saturating_mul(CALL_COST_BYTES) > plan.total_bytes()).then_some(staged)
     }
-
-    /// A pooled staging buffer of at least `len` bytes, or a new one.
-    fn take_staging(&self, len: usize) -> Result<HostBuffer, DeviceError> {
-        let mut pool = self.pool.lock();
-        match pool.iter().position(|b| b.len() >= len) {
-            Some(i) => Ok(pool.swap_remove(i)),
-            None => {
-                drop(pool);
-                HostBuffer::zeroed(len)
-            }
-        }
-    }
-
-    /// Returns a staging buffer to the pool, which keeps the largest few.
-    fn give_back(&self, buffer: HostBuffer) {
-        let mut pool = self.pool.lock();
-        pool.push(buffer);
-        if pool.len() > POOLED_STAGING_BUFFERS {
-            let smallest = (0..pool.len()).min_by_key(|&i| pool[i].len());
-            smallest.map(|i| pool.swap_remove(i));
-        }
-    }
-}
-
-/// A plan's runs merged into contiguous device ranges, laid out one after another in a
-/// host staging buffer.
-struct StagedPlan {
-    ranges: Vec<DeviceRange>,
-    /// For each run of the plan, in plan order, its offset in the staging buffer.
-    run_staging: Vec<usize>,
-    /// Staging bytes needed.
-    bytes: usize,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct DeviceRange {
-    buffer: u32,
-    offset: usize,
-    len: usize,
-    /// Offset in the staging buffer.
-    staging: usize,
-}
-
-impl StagedPlan {
-    fn new(runs: &[CopyRun], device_side: impl Fn(&CopyRun) -> (u32, usize)) -> Self {
-        // Sort (device position, run index) pairs: keys next to each other sort several
-        // times faster than comparisons that chase each run.
-        let mut order: Vec<((u32, usize), usize)> = runs
-            .iter()
-            .enumerate()
-            .map(|(i, run)| (device_side(run), i))
-            .collect();
-        order.sort_unstable();
-        let mut ranges: Vec<DeviceRange> = Vec::new();
-        let mut run_staging = vec![0; runs.len()];
-        let mut end = 0usize;
-        for ((buffer, offset), i) in order {
-            let len = runs[i].len;
-            match ranges.last_mut() {
-                // Touching or overlapping the previous range: extend it.
-                Some(r) if r.buffer == buffer && offset <= r.offset + r.len => {
-                    run_staging[i] = r.staging + (offset - r.offset);
-                    r.len = r.len.max(offset + len - r.offset);
-                }
-                _ => {
-                    // DMA wants 4 KiB-aligned host operands; small ranges pack tighter.
-                    let align = if len >= 4096 { 4096 } else { 64 };
-                    let staging = end.next_multiple_of(align);
-                    ranges.push(DeviceRange {
-                        buffer,
-                        offset,
-                        len,
-                        staging,
-                    });
-                    run_staging[i] = staging;
-                }
-            }
-            end = ranges.last().map_or(0, |r| r.staging + r.len);
-        }
-        StagedPlan {
-            ranges,
-            run_staging,
-            bytes: end,
-        }
-    }
-}
-
-/// One past the region's last device address, if that is addressable.
-fn region_end(region: &Region) -> Option<u64> {
-    region.addr.checked_add(region.len as u64)
-}
-
-fn bad_region(engine: &EngineMemory, index: usize, region: &Region) -> DeviceError {
-    let layout = engine.layout();
-    DeviceError::BadRegions {
-        layout: layout.kind().to_string(),
-        expected: layout.num_buffers(),
-        bytes: layout.buffer_bytes(),
-        found: engine.regions().len(),
-        detail: format!(
-            " (region {index}: {} bytes at {:#x} overflow the address space)",
-            region.len, region.addr
-        ),
-    }
-}
-
-/// Checks that every region's device range is addressable, so `addr + offset` below
-/// cannot overflow for offsets `check_gather`/`check_scatter` accepted.
-fn check_regions(engine: &EngineMemory) -> Result<&[Region], DeviceError> {
-    let regions = engine.regions();
-    match regions.iter().position(|r| region_end(r).is_none()) {
-        Some(i) => Err(bad_region(engine, i, &regions[i])),
-        None => Ok(regions),
-    }
 }
 
 impl Device for RblnDevice {
@@ -425,7 +309,7 @@ impl Device for RblnDevice {
         }
         if let Some(staged) = self.stage(plan, |r| (r.src_buffer, r.src_offset)) {
             self.counters.staged_plans.fetch_add(1, Ordering::Relaxed);
-            let mut staging = self.take_staging(staged.bytes)?;
+            let mut staging = self.pool.take(staged.bytes, HostBuffer::zeroed)?;
             let base = staging.as_mut_ptr();
             let started = self.start_copies(&staged.ranges, |range| {
                 let src = regions[range.buffer as usize].addr + range.offset as u64;
@@ -439,7 +323,7 @@ impl Device for RblnDevice {
                 }
             });
             if let Err(e) = started {
-                self.give_back(staging);
+                self.pool.give_back(staging);
                 return Err(e);
             }
             return Ok(PendingCopy::new(move || {
@@ -447,12 +331,9 @@ impl Device for RblnDevice {
                 // After a failed synchronize the staging bytes are not trustworthy: the
                 // caller's buffers stay untouched.
                 if landed.is_ok() {
-                    for (run, &at) in plan.runs().iter().zip(&staged.run_staging) {
-                        host[run.dst_buffer as usize][run.dst_offset..][..run.len]
-                            .copy_from_slice(&staging[at..][..run.len]);
-                    }
+                    staged.unpack(plan.runs(), &staging, host);
                 }
-                self.give_back(staging);
+                self.pool.give_back(staging);
                 landed
             }));
         }
@@ -483,11 +364,8 @@ impl Device for RblnDevice {
         }
         if let Some(staged) = self.stage(plan, |r| (r.dst_buffer, r.dst_offset)) {
             self.counters.staged_plans.fetch_add(1, Ordering::Relaxed);
-            let mut staging = self.take_staging(staged.bytes)?;
-            for (run, &at) in plan.runs().iter().zip(&staged.run_staging) {
-                staging[at..][..run.len]
-                    .copy_from_slice(&host[run.src_buffer as usize][run.src_offset..][..run.len]);
-            }
+            let mut staging = self.pool.take(staged.bytes, HostBuffer::zeroed)?;
+            staged.pack(plan.runs(), host, &mut staging);
             let base = staging.as_ptr();
             let started = self.start_copies(&staged.ranges, |range| {
                 let dst = regions[range.buffer as usize].addr + range.offset as u64;
@@ -501,12 +379,12 @@ impl Device for RblnDevice {
                 }
             });
             if let Err(e) = started {
-                self.give_back(staging);
+                self.pool.give_back(staging);
                 return Err(e);
             }
             return Ok(PendingCopy::new(move || {
                 let landed = self.synchronize();
-                self.give_back(staging);
+                self.pool.give_back(staging);
                 landed
             }));
         }
@@ -520,51 +398,5 @@ impl Device for RblnDevice {
             unsafe { self.runtime.memcpy_h2v_async(src, dst, run.len) }
         })?;
         Ok(PendingCopy::new(move || self.synchronize()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(src_buffer: u32, src_offset: usize, dst_offset: usize, len: usize) -> CopyRun {
-        CopyRun {
-            src_buffer,
-            src_offset,
-            dst_buffer: 0,
-            dst_offset,
-            len,
-        }
-    }
-
-    #[test]
-    fn staging_merges_touching_device_ranges_and_aligns_large_ones() {
-        // Plan order interleaves two blocks' heads; on the device they are contiguous.
-        let runs = [
-            run(0, 8192, 0, 4096),
-            run(0, 0, 4096, 4096),
-            run(0, 12288, 8192, 4096),
-            run(0, 4096, 12288, 4096),
-            // A separate range after a gap, a small one in another buffer, and a run
-            // overlapping the previous range's end.
-            run(0, 20000, 16384, 100),
-            run(1, 64, 16484, 32),
-            run(0, 20050, 16516, 100),
-        ];
-        let staged = StagedPlan::new(&runs, |r| (r.src_buffer, r.src_offset));
-        let ranges: Vec<_> = staged
-            .ranges
-            .iter()
-            .map(|r| (r.buffer, r.offset, r.len, r.staging))
-            .collect();
-        assert_eq!(
-            ranges,
-            [(0, 0, 16384, 0), (0, 20000, 150, 16384), (1, 64, 32, 16576)]
-        );
-        assert_eq!(
-            staged.run_staging,
-            [8192, 0, 12288, 4096, 16384, 16576, 16434]
-        );
-        assert_eq!(staged.bytes, 16608);
     }
 }
