@@ -158,7 +158,7 @@ fn check_supported(
     }
     if engine.moves_whole_blocks() {
         let why = "vLLM CPU packs each KV block for its attention kernel's instruction set, so kvrelay moves whole blocks only";
-        if effective.chunk_size % engine.block_size != 0 {
+        if !effective.chunk_size.is_multiple_of(engine.block_size) {
             return Err(ConfigError::Invalid {
                 reason: format!(
                     "chunk_size {} is not a multiple of vLLM's block_size {}: {why}",

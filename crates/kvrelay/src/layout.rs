@@ -155,23 +155,35 @@ pub enum CpuAttnIsa {
     Amx,
     /// Arm NEON.
     Neon,
+    /// RISC-V vector extension.
+    Rvv,
+    /// IBM Z vector extension.
+    Vxe,
+    /// POWER VSX.
+    Vsx,
 }
 
 impl CpuAttnIsa {
-    pub const ALL: [CpuAttnIsa; 4] = [
+    pub const ALL: [CpuAttnIsa; 7] = [
         CpuAttnIsa::Vec,
         CpuAttnIsa::Vec16,
         CpuAttnIsa::Amx,
         CpuAttnIsa::Neon,
+        CpuAttnIsa::Rvv,
+        CpuAttnIsa::Vxe,
+        CpuAttnIsa::Vsx,
     ];
 
-    /// vLLM's name for the instruction set (`vec`, `vec16`, `amx`, `neon`).
+    /// vLLM's name for the instruction set (`_get_attn_isa` in vLLM 0.32's `cpu_attn.py`).
     pub const fn name(self) -> &'static str {
         match self {
             CpuAttnIsa::Vec => "vec",
             CpuAttnIsa::Vec16 => "vec16",
             CpuAttnIsa::Amx => "amx",
             CpuAttnIsa::Neon => "neon",
+            CpuAttnIsa::Rvv => "rvv",
+            CpuAttnIsa::Vxe => "vxe",
+            CpuAttnIsa::Vsx => "vsx",
         }
     }
 }
@@ -637,7 +649,10 @@ mod tests {
             assert_ne!(fingerprint(s, kind), vec, "{kind}");
         }
         // ... nor another instruction set's packing, nor another block size.
-        for isa in [CpuAttnIsa::Vec16, CpuAttnIsa::Amx, CpuAttnIsa::Neon] {
+        for isa in CpuAttnIsa::ALL
+            .into_iter()
+            .filter(|i| *i != CpuAttnIsa::Vec)
+        {
             let other = LayoutKind::OpaqueBlocks(BlockPacking::CpuAttn(isa));
             assert_ne!(fingerprint(s, other), vec, "{other}");
         }
