@@ -28,14 +28,16 @@ pub struct TensorInfo {
     pub strides: Vec<usize>,
     /// `tensor.data_ptr()`: the address of element 0.
     pub data_ptr: u64,
+    /// The attention backend of the layer (`attn_backend.get_name()`), e.g. `CPU_ATTN`.
+    pub backend: String,
 }
 
 impl fmt::Display for TensorInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: shape {:?}, strides {:?}, dtype {}, device {}",
-            self.name, self.shape, self.strides, self.dtype, self.device
+            "{}: shape {:?}, strides {:?}, dtype {}, device {}, backend {}",
+            self.name, self.shape, self.strides, self.dtype, self.device, self.backend
         )
     }
 }
@@ -65,6 +67,8 @@ pub enum TensorError {
     Overlap { first: String, second: String },
     #[error("vLLM CPU attention ISA {isa:?} is not known to kvrelay: {reason}")]
     UnknownIsa { isa: String, reason: String },
+    #[error("the vLLM connector did not name the CPU attention ISA its KV blocks are packed for")]
+    NoIsa,
 }
 
 /// The layout and one memory region per layer (in layer order) that `tensors` hold.
@@ -74,11 +78,15 @@ pub struct RecognizedKv {
     pub regions: Vec<Region>,
 }
 
+/// The attention backend whose cache this module recognizes.
+const CPU_ATTN: &str = "CPU_ATTN";
+
 /// Recognizes vLLM CPU's `CPU_ATTN` cache for an engine of geometry `expected`, packed
-/// for the attention ISA vLLM chose (`isa`, from `cpu_attn._get_attn_isa`).
+/// for the attention ISA vLLM chose (`isa`, from `cpu_attn._get_attn_isa`; the shell
+/// asks only when every tensor is on the CPU).
 pub fn recognize_kv_caches(
     tensors: &[TensorInfo],
-    isa: &str,
+    isa: Option<&str>,
     expected: &KvCacheSpec,
 ) -> Result<RecognizedKv, TensorError> {
     if tensors.is_empty() {
@@ -92,6 +100,11 @@ pub fn recognize_kv_caches(
                 device: tensor.device.clone(),
             });
         }
+        if tensor.backend != CPU_ATTN {
+            return Err(TensorError::UnknownLayout {
+                seen: tensor.to_string(),
+            });
+        }
         check_cpu_attn_tensor(tensor, expected)?;
         layers.push((layer_index(&tensor.name)?, tensor));
     }
@@ -103,6 +116,7 @@ pub fn recognize_kv_caches(
             num_layers: expected.num_layers,
         });
     }
+    let isa = isa.ok_or(TensorError::NoIsa)?;
     let isa: CpuAttnIsa = isa.parse().map_err(|e| TensorError::UnknownIsa {
         isa: isa.to_string(),
         reason: format!("{e}"),
@@ -207,6 +221,7 @@ mod tests {
                 shape: vec![nb, h, bs, c],
                 strides: vec![h * bs * c, bs * c, c, 1],
                 data_ptr: 0x1000_0000 + layer as u64 * layer_bytes,
+                backend: "CPU_ATTN".into(),
             })
             .collect()
     }
@@ -214,7 +229,7 @@ mod tests {
     #[test]
     fn cpu_attn_layers_become_opaque_blocks_in_layer_order() {
         let spec = engine().spec().unwrap();
-        let kv = recognize_kv_caches(&cpu_attn_tensors(), "vec", &spec).unwrap();
+        let kv = recognize_kv_caches(&cpu_attn_tensors(), Some("vec"), &spec).unwrap();
         assert_eq!(
             kv.layout.kind(),
             LayoutKind::OpaqueBlocks(BlockPacking::CpuAttn(CpuAttnIsa::Vec))
@@ -223,14 +238,14 @@ mod tests {
         assert_eq!(kv.layout.buffer_bytes(), layer_bytes);
         let addrs: Vec<u64> = kv.regions.iter().map(|r| r.addr).collect();
         assert_eq!(addrs, [0x1000_0000, 0x1000_0000 + layer_bytes as u64]);
-        let amx = recognize_kv_caches(&cpu_attn_tensors(), "amx", &spec).unwrap();
+        let amx = recognize_kv_caches(&cpu_attn_tensors(), Some("amx"), &spec).unwrap();
         assert_ne!(
             amx.layout.chunk_fingerprint(),
             kv.layout.chunk_fingerprint()
         );
     }
 
-    fn refusal(tensors: &[TensorInfo], isa: &str) -> String {
+    fn refusal(tensors: &[TensorInfo], isa: Option<&str>) -> String {
         let spec = engine().spec().unwrap();
         recognize_kv_caches(tensors, isa, &spec)
             .unwrap_err()
@@ -241,7 +256,7 @@ mod tests {
     fn cuda_tensors_are_refused_saying_what_was_seen() {
         let mut tensors = cpu_attn_tensors();
         tensors[1].device = "cuda".into();
-        let message = refusal(&tensors, "vec");
+        let message = refusal(&tensors, Some("vec"));
         assert!(message.contains("device 'cuda'"), "{message}");
         assert!(
             message.contains("model.layers.0.self_attn.attn: shape [16, 4, 128, 64]"),
@@ -257,13 +272,21 @@ mod tests {
             t.shape = vec![2, 16, 128, 4, 32];
             t.strides = vec![16 * 128 * 4 * 32, 128 * 4 * 32, 4 * 32, 32, 1];
         }
-        let message = refusal(&flash, "vec");
+        let message = refusal(&flash, Some("vec"));
         assert!(message.contains("not a layout kvrelay knows"), "{message}");
         assert!(message.contains("shape [2, 16, 128, 4, 32]"), "{message}");
         // The right shape, but not contiguous (a permuted view).
         let mut permuted = cpu_attn_tensors();
         permuted[0].strides = vec![4 * 128 * 64, 64, 4 * 64, 1];
-        assert!(refusal(&permuted, "vec").contains("strides [32768, 64, 256, 1]"));
+        assert!(refusal(&permuted, Some("vec")).contains("strides [32768, 64, 256, 1]"));
+        // The right tensors behind another attention backend.
+        let mut other_backend = cpu_attn_tensors();
+        other_backend[0].backend = "FLASH_ATTN".into();
+        let message = refusal(&other_backend, Some("vec"));
+        assert!(
+            message.contains("backend FLASH_ATTN") && message.contains("not a layout"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -271,23 +294,23 @@ mod tests {
         let mut wrong_heads = cpu_attn_tensors();
         wrong_heads[0].shape[1] = 8;
         wrong_heads[0].strides = vec![8 * 128 * 64, 128 * 64, 64, 1];
-        assert!(refusal(&wrong_heads, "vec").contains("does not match the engine"));
+        assert!(refusal(&wrong_heads, Some("vec")).contains("does not match the engine"));
         let mut wrong_dtype = cpu_attn_tensors();
         wrong_dtype[0].dtype = "bfloat16".into();
         wrong_dtype[0].element_size = 2;
-        assert!(refusal(&wrong_dtype, "vec").contains("dtype bfloat16"));
+        assert!(refusal(&wrong_dtype, Some("vec")).contains("dtype bfloat16"));
         let mut unnamed = cpu_attn_tensors();
         unnamed[0].name = "attn".into();
-        assert!(refusal(&unnamed, "vec").contains("\"attn\""));
+        assert!(refusal(&unnamed, Some("vec")).contains("\"attn\""));
         let mut missing = cpu_attn_tensors();
         missing.pop();
-        assert!(refusal(&missing, "vec").contains("are not the layers 0..2"));
+        assert!(refusal(&missing, Some("vec")).contains("are not the layers 0..2"));
         let mut overlapping = cpu_attn_tensors();
         overlapping[0].data_ptr = overlapping[1].data_ptr + 4096;
-        assert!(refusal(&overlapping, "vec").contains("overlap"));
-        assert!(refusal(&cpu_attn_tensors(), "avx9").contains("avx9"));
+        assert!(refusal(&overlapping, Some("vec")).contains("overlap"));
+        assert!(refusal(&cpu_attn_tensors(), Some("avx9")).contains("avx9"));
         assert!(matches!(
-            recognize_kv_caches(&[], "vec", &engine().spec().unwrap()),
+            recognize_kv_caches(&[], Some("vec"), &engine().spec().unwrap()),
             Err(TensorError::NoTensors)
         ));
     }
