@@ -77,11 +77,6 @@ impl VllmEngine {
             .map_err(|e| AdapterError::BadEngine(e.to_string()))?;
         Ok(spec)
     }
-
-    /// Whether the engine's blocks are packed so that only whole blocks can move (vLLM CPU).
-    fn moves_whole_blocks(&self) -> bool {
-        self.device_type == CPU_DEVICE
-    }
 }
 
 /// Builds the connector for one process of `engine`. `kv_transfer_config_json` is vLLM's
@@ -156,27 +151,27 @@ fn check_supported(
                 .into(),
         );
     }
-    if engine.moves_whole_blocks() {
-        let why = "vLLM CPU packs each KV block for its attention kernel's instruction set, so kvrelay moves whole blocks only";
-        if !effective.chunk_size.is_multiple_of(engine.block_size) {
-            return Err(ConfigError::Invalid {
-                reason: format!(
-                    "chunk_size {} is not a multiple of vLLM's block_size {}: {why}",
-                    effective.chunk_size, engine.block_size
-                ),
-            }
-            .into());
+    // The only device so far, vLLM CPU, packs each block for its attention ISA: chunks
+    // must be whole blocks.
+    let why = "vLLM CPU packs each KV block for its attention kernel's instruction set, so kvrelay moves whole blocks only";
+    if !effective.chunk_size.is_multiple_of(engine.block_size) {
+        return Err(ConfigError::Invalid {
+            reason: format!(
+                "chunk_size {} is not a multiple of vLLM's block_size {}: {why}",
+                effective.chunk_size, engine.block_size
+            ),
         }
-        let discards_partial = transfer.kv_connector_extra_config.discard_partial_chunks
-            || !effective.save_unfull_chunk;
-        if transfer.is_producer() && !discards_partial {
-            return Err(ConfigError::Invalid {
-                reason: format!(
-                    "save_unfull_chunk: true saves a prompt's trailing partial chunk, which ends inside a block: {why}; set save_unfull_chunk: false"
-                ),
-            }
-            .into());
+        .into());
+    }
+    let discards_partial =
+        transfer.kv_connector_extra_config.discard_partial_chunks || !effective.save_unfull_chunk;
+    if transfer.is_producer() && !discards_partial {
+        return Err(ConfigError::Invalid {
+            reason: format!(
+                "save_unfull_chunk: true saves a prompt's trailing partial chunk, which ends inside a block: {why}; set save_unfull_chunk: false"
+            ),
         }
+        .into());
     }
     Ok(())
 }
