@@ -336,6 +336,8 @@ def main() -> int:
     parser.add_argument("--result-json", default="", help="where a single phase writes its result")
     args = parser.parse_args()
 
+    if args.corrupt_chunk and args.lmcache_config_file:
+        parser.error("--corrupt-chunk damages the disk tier of the generated config; drop --lmcache-config-file")
     if args.role == "both":
         summary = run_both(args)
         print(json.dumps(summary))

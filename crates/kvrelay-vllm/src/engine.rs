@@ -134,9 +134,15 @@ fn check_supported(
             "LMCache PD (enable_pd): a decoder's PD buffer is process-local. {NEEDS_LOOKUP_CHANNEL}"
         ));
     }
-    if effective.local_disk_path().is_none() && effective.remote_url.is_none() {
+    if effective.remote_url.is_some() {
+        return not_yet(
+            "remote_url: the remote tier holds LMCache's KV_2LTD chunks, which LMCache reads too, and vLLM CPU's ISA-packed blocks are not in that format"
+                .into(),
+        );
+    }
+    if effective.local_disk_path().is_none() {
         return not_yet(format!(
-            "no shared tier is configured (set local_disk, or remote_url, which every process can open). {NEEDS_LOOKUP_CHANNEL}"
+            "no shared tier is configured (set local_disk, which every process can open). {NEEDS_LOOKUP_CHANNEL}"
         ));
     }
     if effective.enable_async_loading {
@@ -274,6 +280,8 @@ mod tests {
             let message = refusal(&engine(), PRODUCER, &format!("{DISK}{key}: true\n"));
             assert!(message.contains(key), "{message}");
         }
+        let redis = format!("{DISK}remote_url: redis://localhost:6379\n");
+        assert!(refusal(&engine(), PRODUCER, &redis).contains("remote_url"));
         let mut bad_dtype = engine();
         bad_dtype.kv_dtype = "complex64".into();
         assert!(refusal(&bad_dtype, PRODUCER, DISK).contains("complex64"));
