@@ -134,6 +134,83 @@ pub enum FusedOrder {
     Blhnc,
 }
 
+/// How an engine packs the bytes inside one block when kvrelay cannot address the tokens
+/// in it. Such blocks move whole and unchanged, and only an engine with the same packing
+/// may load them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockPacking {
+    /// vLLM CPU's `CPU_ATTN` cache, per layer `[NB, H, BS, 2*D]`, each (block, head) packed
+    /// for the attention kernel's instruction set (`CpuPlatform.pack_kv_cache`).
+    CpuAttn(CpuAttnIsa),
+}
+
+/// The instruction sets vLLM's CPU attention packs KV for; each packs differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuAttnIsa {
+    /// AVX-512 without AMX.
+    Vec,
+    /// AVX2 and other 16-wide vector paths.
+    Vec16,
+    /// AVX-512 with AMX tiles.
+    Amx,
+    /// Arm NEON.
+    Neon,
+    /// RISC-V vector extension.
+    Rvv,
+    /// IBM Z vector extension.
+    Vxe,
+    /// POWER VSX.
+    Vsx,
+}
+
+impl CpuAttnIsa {
+    pub const ALL: [CpuAttnIsa; 7] = [
+        CpuAttnIsa::Vec,
+        CpuAttnIsa::Vec16,
+        CpuAttnIsa::Amx,
+        CpuAttnIsa::Neon,
+        CpuAttnIsa::Rvv,
+        CpuAttnIsa::Vxe,
+        CpuAttnIsa::Vsx,
+    ];
+
+    /// vLLM's name for the instruction set (`_get_attn_isa` in vLLM 0.32's `cpu_attn.py`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            CpuAttnIsa::Vec => "vec",
+            CpuAttnIsa::Vec16 => "vec16",
+            CpuAttnIsa::Amx => "amx",
+            CpuAttnIsa::Neon => "neon",
+            CpuAttnIsa::Rvv => "rvv",
+            CpuAttnIsa::Vxe => "vxe",
+            CpuAttnIsa::Vsx => "vsx",
+        }
+    }
+}
+
+impl std::str::FromStr for CpuAttnIsa {
+    type Err = LayoutError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CpuAttnIsa::ALL
+            .into_iter()
+            .find(|isa| isa.name() == s)
+            .ok_or_else(|| LayoutError::UnknownName {
+                name: s.to_string(),
+                known: CpuAttnIsa::ALL.map(CpuAttnIsa::name).join(", "),
+            })
+    }
+}
+
+impl BlockPacking {
+    /// A name for messages and fingerprints (`cpu_attn_vec`, ...).
+    pub fn name(self) -> String {
+        match self {
+            BlockPacking::CpuAttn(isa) => format!("cpu_attn_{}", isa.name()),
+        }
+    }
+}
+
 /// The engine layouts kvrelay can read and write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LayoutKind {
@@ -155,6 +232,10 @@ pub enum LayoutKind {
     RblnKvFirst,
     /// RBLN blocks-first, per layer `[NB, 2, H, 1, BS, D]`.
     RblnBlocksFirst,
+    /// Per layer `[NB, <block bytes>]` whose block bytes are packed in a way kvrelay does
+    /// not read: blocks move whole, as opaque bytes. Not in [`LayoutKind::ALL`], which
+    /// lists the token-addressable layouts.
+    OpaqueBlocks(BlockPacking),
 }
 
 impl LayoutKind {
@@ -189,7 +270,13 @@ impl LayoutKind {
             LayoutKind::AscendSeparateKv => "ascend_separate_kv",
             LayoutKind::RblnKvFirst => "rbln_kv_first",
             LayoutKind::RblnBlocksFirst => "rbln_blocks_first",
+            LayoutKind::OpaqueBlocks(_) => "opaque_blocks",
         }
+    }
+
+    /// Whether copies must move whole blocks: the layout cannot address one token.
+    pub const fn moves_whole_blocks(self) -> bool {
+        matches!(self, LayoutKind::OpaqueBlocks(_))
     }
 
     /// Which attention kinds the layout can hold.
@@ -204,7 +291,10 @@ impl LayoutKind {
 
 impl fmt::Display for LayoutKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            LayoutKind::OpaqueBlocks(packing) => write!(f, "opaque_blocks({})", packing.name()),
+            _ => f.write_str(self.name()),
+        }
     }
 }
 
@@ -294,7 +384,10 @@ impl KvLayout {
                 l,
                 p * nb * bs * h * head,
             ),
-            LayoutKind::FlashInferNhd => (
+            // Opaque blocks get FlashInfer NHD strides only as a fixed bijection between a
+            // block's bytes and its (plane, slot, head) cells: a whole block maps onto
+            // whole-block chunk bytes and back unchanged, in runs of half a block.
+            LayoutKind::FlashInferNhd | LayoutKind::OpaqueBlocks(_) => (
                 per_layer(bs * h * head, p * bs * h * head, h * head, head),
                 l,
                 p * nb * bs * h * head,
@@ -389,6 +482,22 @@ impl KvLayout {
         }
     }
 
+    /// What chunks saved from this layout can be loaded into: the spec's
+    /// [`KvCacheSpec::chunk_fingerprint`] for token-addressable layouts, which all share
+    /// the `KV_2LTD` chunk format; for opaque blocks one that also names the packing and
+    /// the block size, so only an engine packing blocks the same way loads them.
+    pub fn chunk_fingerprint(&self) -> u64 {
+        let LayoutKind::OpaqueBlocks(packing) = self.kind else {
+            return self.spec.chunk_fingerprint();
+        };
+        let mut bytes = Vec::with_capacity(64);
+        bytes.extend_from_slice(b"kvrelay-opaque-blocks-v1");
+        bytes.extend_from_slice(&self.spec.chunk_fingerprint().to_le_bytes());
+        bytes.extend_from_slice(&(self.spec.block_size as u64).to_le_bytes());
+        bytes.extend_from_slice(packing.name().as_bytes());
+        xxhash_rust::xxh3::xxh3_64(&bytes)
+    }
+
     /// True when all heads of one token sit next to each other (NHD-like), so one token's
     /// row is a single contiguous run.
     pub fn heads_contiguous(&self) -> bool {
@@ -416,10 +525,12 @@ mod tests {
         }
     }
 
+    const CPU_VEC: LayoutKind = LayoutKind::OpaqueBlocks(BlockPacking::CpuAttn(CpuAttnIsa::Vec));
+
     /// Every (layer, plane, block, slot, head) maps to a distinct, in-bounds, head-sized range.
     #[test]
     fn every_position_is_distinct_and_in_bounds() {
-        for kind in LayoutKind::ALL {
+        for kind in LayoutKind::ALL.into_iter().chain([CPU_VEC]) {
             for attention in [AttentionKind::Mha, AttentionKind::Mla] {
                 let s = spec(attention);
                 let Ok(layout) = KvLayout::new(s, kind) else {
@@ -489,6 +600,76 @@ mod tests {
         for kind in LayoutKind::ALL {
             assert_eq!(kind.name().parse::<LayoutKind>(), Ok(kind));
         }
+    }
+
+    /// vLLM CPU's `[NB, H, BS, 2*D]` layer tensor: block b is bytes
+    /// `b * block_bytes..(b + 1) * block_bytes` of its layer's buffer, and the opaque layout's
+    /// cells of block b cover exactly those bytes.
+    #[test]
+    fn opaque_blocks_cover_exactly_their_tensor_block() {
+        let s = spec(AttentionKind::Mha);
+        let layout = KvLayout::new(s, CPU_VEC).unwrap();
+        let block_bytes = s.num_kv_heads * s.block_size * 2 * s.head_bytes();
+        assert_eq!(layout.num_buffers(), s.num_layers);
+        assert_eq!(layout.buffer_bytes(), s.num_blocks * block_bytes);
+        for layer in 0..s.num_layers {
+            for block in 0..s.num_blocks {
+                let mut offsets: Vec<usize> = (0..2)
+                    .flat_map(|plane| (0..s.block_size).map(move |slot| (plane, slot)))
+                    .flat_map(|(plane, slot)| {
+                        (0..s.num_kv_heads)
+                            .map(move |head| layout.locate(layer, plane, block, slot, head))
+                    })
+                    .inspect(|at| assert_eq!(at.buffer, layer))
+                    .map(|at| at.offset)
+                    .collect();
+                offsets.sort_unstable();
+                let expected: Vec<usize> = (block * block_bytes..(block + 1) * block_bytes)
+                    .step_by(s.head_bytes())
+                    .collect();
+                assert_eq!(offsets, expected);
+            }
+        }
+        assert!(layout.kind().moves_whole_blocks());
+        assert!(!LayoutKind::ALL.iter().any(|k| k.moves_whole_blocks()));
+    }
+
+    #[test]
+    fn opaque_fingerprint_names_packing_and_block_size() {
+        let s = spec(AttentionKind::Mha);
+        let fingerprint =
+            |spec: KvCacheSpec, kind| KvLayout::new(spec, kind).unwrap().chunk_fingerprint();
+        let vec = fingerprint(s, CPU_VEC);
+        // No token-addressable layout of the same geometry shares it ...
+        for kind in LayoutKind::ALL
+            .into_iter()
+            .filter(|k| k.supports(s.attention))
+        {
+            assert_eq!(fingerprint(s, kind), s.chunk_fingerprint());
+            assert_ne!(fingerprint(s, kind), vec, "{kind}");
+        }
+        // ... nor another instruction set's packing, nor another block size.
+        for isa in CpuAttnIsa::ALL
+            .into_iter()
+            .filter(|i| *i != CpuAttnIsa::Vec)
+        {
+            let other = LayoutKind::OpaqueBlocks(BlockPacking::CpuAttn(isa));
+            assert_ne!(fingerprint(s, other), vec, "{other}");
+        }
+        let mut other_blocks = s;
+        other_blocks.block_size += 1;
+        assert_ne!(fingerprint(other_blocks, CPU_VEC), vec);
+        // Only the number of blocks may differ.
+        let mut more_blocks = s;
+        more_blocks.num_blocks += 3;
+        assert_eq!(fingerprint(more_blocks, CPU_VEC), vec);
+        for isa in CpuAttnIsa::ALL {
+            assert_eq!(isa.name().parse::<CpuAttnIsa>(), Ok(isa));
+        }
+        assert!(matches!(
+            "avx512".parse::<CpuAttnIsa>(),
+            Err(LayoutError::UnknownName { .. })
+        ));
     }
 
     #[test]

@@ -291,6 +291,23 @@ fn copy_unit(spec: &KvCacheSpec, layouts: &[&KvLayout]) -> usize {
     }
 }
 
+/// A layout that moves whole blocks only (opaque packing) cannot copy part of a block:
+/// the tokens copied must start and end on block boundaries.
+fn check_whole_blocks(layout: &KvLayout, tokens: Range<usize>) -> Result<(), String> {
+    let block_size = layout.spec().block_size;
+    if !layout.kind().moves_whole_blocks()
+        || (tokens.start.is_multiple_of(block_size) && tokens.end.is_multiple_of(block_size))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "layout {} moves whole blocks of {block_size} tokens only, but tokens {}..{} were asked for",
+        layout.kind(),
+        tokens.start,
+        tokens.end
+    ))
+}
+
 /// Plans the gather of `windows` of a request whose tokens live in `block_ids` (the
 /// request's block table, token `t` in block `block_ids[t / block_size]`) into one chunk
 /// buffer per window. Invert the plan for the scatter.
@@ -316,6 +333,7 @@ pub fn paged_to_chunks(
             .start
             .checked_add(w.tokens)
             .ok_or_else(|| bad("its token range overflows".into()))?;
+        check_whole_blocks(layout, w.start + w.skip_leading..end).map_err(bad)?;
         last_token = last_token.max(end);
     }
     let table = BlockTable::new(layout, block_ids, last_token)?;
@@ -351,11 +369,16 @@ pub fn paged_to_paged(
     tokens: Range<usize>,
 ) -> Result<CopyPlan, PlanError> {
     let spec = src.spec();
-    if spec.chunk_fingerprint() != dst.spec().chunk_fingerprint() {
+    // Layout fingerprints: opaque blocks copy only into the same packing and block size.
+    if src.chunk_fingerprint() != dst.chunk_fingerprint() {
         return Err(PlanError::GeometryMismatch {
             src: Box::new(*spec),
             dst: Box::new(*dst.spec()),
         });
+    }
+    for layout in [src, dst] {
+        check_whole_blocks(layout, tokens.clone())
+            .map_err(|reason| PlanError::BadWindow { index: 0, reason })?;
     }
     let src_table = BlockTable::new(src, src_block_ids, tokens.end)?;
     let dst_table = BlockTable::new(dst, dst_block_ids, tokens.end)?;
@@ -446,6 +469,64 @@ mod tests {
         assert!(matches!(
             plan.execute(&[&src], &mut [&mut small]),
             Err(PlanError::BufferCount { .. })
+        ));
+    }
+
+    #[test]
+    fn opaque_blocks_move_whole_blocks_only() {
+        use crate::layout::{BlockPacking, CpuAttnIsa};
+        let opaque = {
+            let kind = LayoutKind::OpaqueBlocks(BlockPacking::CpuAttn(CpuAttnIsa::Vec));
+            KvLayout::new(*layout(LayoutKind::FlashAttnNhd).spec(), kind).unwrap()
+        };
+        // Two whole blocks (block size 4): each block's bytes go out and come back unchanged.
+        let blocks = [4, 1];
+        let plan = paged_to_chunks(&opaque, &blocks, &[window(0, 8, 0)]).unwrap();
+        let paged: Vec<Vec<u8>> = (0..2)
+            .map(|layer| {
+                (0..opaque.buffer_bytes())
+                    .map(|i| (i * 7 + layer) as u8)
+                    .collect()
+            })
+            .collect();
+        let mut chunk = vec![0u8; opaque.spec().chunk_bytes(8)];
+        let src: Vec<&[u8]> = paged.iter().map(|b| &b[..]).collect();
+        plan.execute(&src, &mut [&mut chunk]).unwrap();
+        let mut restored = vec![vec![0u8; opaque.buffer_bytes()]; 2];
+        let mut dst: Vec<&mut [u8]> = restored.iter_mut().map(|b| &mut b[..]).collect();
+        plan.inverse().execute(&[&chunk], &mut dst).unwrap();
+        let block_bytes = opaque.buffer_bytes() / opaque.spec().num_blocks;
+        for layer in 0..2 {
+            for block in 0..opaque.spec().num_blocks {
+                let bytes = block * block_bytes..(block + 1) * block_bytes;
+                let expected = if blocks.contains(&(block as u32)) {
+                    &paged[layer][bytes.clone()]
+                } else {
+                    &vec![0u8; block_bytes][..]
+                };
+                assert_eq!(
+                    &restored[layer][bytes], expected,
+                    "layer {layer} block {block}"
+                );
+            }
+        }
+        // Part of a block, at either end, is refused.
+        for w in [window(0, 6, 0), window(0, 8, 2), window(2, 6, 0)] {
+            assert!(matches!(
+                paged_to_chunks(&opaque, &blocks, &[w]),
+                Err(PlanError::BadWindow { .. })
+            ));
+        }
+        // Opaque blocks are no other layout's bytes.
+        let nhd = layout(LayoutKind::FlashInferNhd);
+        assert!(matches!(
+            paged_to_paged(&opaque, &[0], &nhd, &[0], 0..4),
+            Err(PlanError::GeometryMismatch { .. })
+        ));
+        assert!(paged_to_paged(&opaque, &[0], &opaque, &[1], 0..4).is_ok());
+        assert!(matches!(
+            paged_to_paged(&opaque, &[0], &opaque, &[1], 0..3),
+            Err(PlanError::BadWindow { .. })
         ));
     }
 

@@ -40,6 +40,7 @@ fn lmcache_upstream_and_rbln_names_map_to_connectors() {
         ("LMCacheConnectorV1", ConnectorKind::Lmcache),
         ("LMCacheConnector", ConnectorKind::Lmcache),
         ("RBLNLMCacheConnectorV1", ConnectorKind::Lmcache),
+        ("KvrelayConnector", ConnectorKind::Lmcache),
         ("SharedStorageConnector", ConnectorKind::SharedStorage),
         ("ExampleConnector", ConnectorKind::SharedStorage),
         ("RBLNHostConnector", ConnectorKind::SharedStorage),

@@ -61,6 +61,9 @@ const CONNECTORS: &[(&str, Option<ConnectorKind>)] = &[
         "LMCacheAscendConnectorV1Dynamic",
         Some(ConnectorKind::Lmcache),
     ),
+    // kvrelay's own vLLM connector class (`kv_connector_module_path: kvrelay.vllm`), which
+    // speaks LMCache's protocol and config.
+    ("KvrelayConnector", Some(ConnectorKind::Lmcache)),
     // LMCache as a separate server process, reached over ZMQ with CUDA-IPC handles.
     ("LMCacheMPConnector", None),
     ("NixlConnector", None),

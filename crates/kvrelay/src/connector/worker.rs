@@ -270,10 +270,9 @@ impl KvWorker {
             ..ConnectorStats::default()
         };
         let staged = self.gather(request, &saves)?;
-        let fingerprint = self.spec.chunk_fingerprint();
         for (save, buffer) in saves.iter().zip(staged) {
             let meta = ChunkMeta {
-                layout_fingerprint: fingerprint,
+                layout_fingerprint: self.memory()?.layout().chunk_fingerprint(),
                 num_tokens: save.window.tokens as u32,
             };
             stats.saved_chunks += 1;
@@ -382,7 +381,7 @@ impl LoadContext {
     /// unusable; everything from there on is reported as failed.
     fn load(&self, request: &RequestTransfer) -> LoadOutcome {
         let started = Instant::now();
-        let fingerprint = self.spec.chunk_fingerprint();
+        let fingerprint = self.memory.layout().chunk_fingerprint();
         let mut chunks: Vec<Bytes> = Vec::with_capacity(request.loads.len());
         for load in &request.loads {
             let expected = self.spec.chunk_bytes(load.window.tokens);

@@ -1,0 +1,272 @@
+"""kvrelay as a vLLM v1 KV connector.
+
+Use it with::
+
+    --kv-transfer-config '{"kv_connector": "KvrelayConnector",
+                           "kv_connector_module_path": "kvrelay.vllm",
+                           "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+                           "kv_connector_extra_config": {...}}'
+
+and ``LMCACHE_CONFIG_FILE`` naming an LMCache YAML file; both are parsed by kvrelay's
+strict Rust config code. vLLM builds this class twice: with the scheduler role in its
+EngineCore process and with the worker role in each Worker process. This module only
+translates vLLM's objects into plain values; every decision and every byte moved is in
+Rust (``kvrelay._native``), which releases the GIL while it looks up, copies or waits.
+
+What works so far, and what is refused with a clear error, is in the README section
+"kvrelay with vLLM".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvrelay import _native
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# If set, the worker half writes its transfer totals to this file (JSON, replaced
+# atomically) whenever they change, so a caller outside vLLM's processes can read them.
+STATS_FILE_ENV = "KVRELAY_STATS_FILE"
+
+
+class KvrelayConnectorMetadata(KVConnectorMetadata):
+    """One step's work, encoded by the Rust scheduler half; vLLM pickles it as bytes."""
+
+    def __init__(self, encoded: bytes) -> None:
+        self.encoded = encoded
+
+
+def _engine(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> dict[str, Any]:
+    """What vLLM's config says about the engine, as plain values for Rust."""
+    from vllm.platforms import current_platform
+
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    cache = vllm_config.cache_config
+    kv_dtype = cache.cache_dtype
+    if kv_dtype == "auto":
+        kv_dtype = str(model.dtype).removeprefix("torch.")
+    return {
+        "model": model.model,
+        "num_layers": model.get_num_layers(parallel),
+        "num_kv_heads": model.get_num_kv_heads(parallel),
+        "head_size": model.get_head_size(),
+        "kv_dtype": kv_dtype,
+        "block_size": cache.block_size,
+        "num_blocks": kv_cache_config.num_blocks if kv_cache_config is not None else 0,
+        "world_size": parallel.world_size,
+        "rank": parallel.rank,
+        "device_type": current_platform.device_type,
+    }
+
+
+def _kv_transfer_config_json(vllm_config: VllmConfig) -> str:
+    """vLLM's KVTransferConfig, every field, for kvrelay's strict parser."""
+    config = vllm_config.kv_transfer_config
+    return json.dumps({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+
+def describe_tensor(name: str, tensor: torch.Tensor, backend: str) -> dict[str, Any]:
+    """A KV cache tensor as plain values; Rust decides whether it can be moved."""
+    return {
+        "name": name,
+        "device": tensor.device.type,
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "element_size": tensor.element_size(),
+        "shape": list(tensor.shape),
+        "strides": list(tensor.stride()),
+        "data_ptr": tensor.data_ptr(),
+        "backend": backend,
+    }
+
+
+def _attention_backends(vllm_config: VllmConfig, layer_names: list[str]) -> dict[str, str]:
+    """Each layer's attention backend name (``CPU_ATTN`` on vLLM's CPU build)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+    return {name: layer.attn_backend.get_name() for name, layer in layers.items()}
+
+
+def _cpu_attention_isa(vllm_config: VllmConfig, tensor: torch.Tensor) -> str:
+    """The instruction set vLLM CPU packs KV blocks for: the builder's own rule, asked
+    with the builder's own inputs (model dtype, block size, head size, cache dtype)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    _, _, block_size, cell = tensor.shape
+    return _get_attn_isa(
+        vllm_config.model_config.dtype,
+        block_size,
+        cell // 2,
+        vllm_config.cache_config.cache_dtype,
+    )
+
+
+class KvrelayConnector(KVConnectorBase_V1):
+    """vLLM's KV connector over kvrelay (LMCache's semantics and config)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        engine = _engine(vllm_config, kv_cache_config)
+        config_json = _kv_transfer_config_json(vllm_config)
+        self._scheduler: _native.SchedulerConnector | None = None
+        self._worker: _native.WorkerConnector | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = _native.SchedulerConnector(engine, config_json)
+        else:
+            self._worker = _native.WorkerConnector(engine, config_json)
+        # The registered tensors: kept referenced while Rust holds their addresses.
+        self._kv_caches: dict[str, torch.Tensor] | None = None
+        self._stats_file = os.environ.get(STATS_FILE_ENV)
+        self._last_stats: dict[str, Any] | None = None
+
+    # ---- worker half ----
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        names = list(kv_caches)
+        backends = _attention_backends(self._vllm_config, names)
+        tensors = [
+            describe_tensor(name, kv_caches[name], backends.get(name, "unknown"))
+            for name in names
+        ]
+        # vLLM is asked for the CPU attention ISA only for tensors that can be CPU_ATTN's;
+        # Rust refuses the others saying what it saw.
+        first = kv_caches[names[0]] if names else None
+        isa = None
+        if first is not None and all(t["device"] == "cpu" for t in tensors) and first.dim() == 4:
+            isa = _cpu_attention_isa(self._vllm_config, first)
+        self._worker.register_kv_caches(tensors, isa)
+        self._kv_caches = kv_caches
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert self._worker is not None and isinstance(connector_metadata, KvrelayConnectorMetadata)
+        self._worker.bind_connector_metadata(connector_metadata.encoded)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        assert self._worker is not None
+        self._worker.clear_connector_metadata()
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        self._worker.start_load_kv()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads complete inside start_load_kv.
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Saves run for all layers in wait_for_save, once the forward wrote its KV.
+        return
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        self._worker.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        sending, receiving = self._worker.get_finished(finished_req_ids)
+        if self._stats_file:
+            self._write_stats()
+        return sending or None, receiving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.get_block_ids_with_load_errors()
+
+    def stats(self) -> dict[str, Any]:
+        """The worker half's transfer totals."""
+        assert self._worker is not None
+        return self._worker.stats()
+
+    def _write_stats(self) -> None:
+        stats = self.stats()
+        if stats == self._last_stats:
+            return
+        temporary = f"{self._stats_file}.{os.getpid()}.tmp"
+        with open(temporary, "w") as f:
+            json.dump(stats, f)
+        os.replace(temporary, self._stats_file)
+        self._last_stats = stats
+
+    # ---- scheduler half ----
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        params = request.kv_transfer_params
+        return self._scheduler.get_num_new_matched_tokens(
+            request.request_id,
+            request.prompt_token_ids,
+            json.dumps(params) if params is not None else None,
+            num_computed_tokens,
+        )
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        assert self._scheduler is not None
+        (block_ids,) = blocks.get_block_ids()
+        self._scheduler.update_state_after_alloc(request.request_id, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        scheduled = scheduler_output.num_scheduled_tokens
+        new = [
+            (r.req_id, r.block_ids[0], r.num_computed_tokens + scheduled[r.req_id])
+            for r in scheduler_output.scheduled_new_reqs
+        ]
+        cached_reqs = scheduler_output.scheduled_cached_reqs
+        cached = [
+            (
+                req_id,
+                new_block_ids[0] if new_block_ids is not None else [],
+                req_id in cached_reqs.resumed_req_ids,
+                num_computed + scheduled[req_id],
+            )
+            for req_id, new_block_ids, num_computed in zip(
+                cached_reqs.req_ids,
+                cached_reqs.new_block_ids,
+                cached_reqs.num_computed_tokens,
+            )
+        ]
+        return KvrelayConnectorMetadata(self._scheduler.build_connector_meta(new, cached))
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        delay_free, params = self._scheduler.request_finished(request.request_id)
+        return delay_free, json.loads(params) if params is not None else None

@@ -1,0 +1,376 @@
+//! `kvrelay._native`: the Python bindings of kvrelay's vLLM connector. The Python class
+//! `kvrelay.vllm.KvrelayConnector` is a thin shell over the two halves here; everything
+//! that decides or moves KV is Rust (crates/kvrelay-vllm over crates/kvrelay), and the GIL
+//! is released around every lookup, copy and wait.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kvrelay::connector::{ConnectorError, ConnectorStats, KvWorker};
+use kvrelay::device::EngineMemory;
+use kvrelay::store::TierStack;
+use kvrelay_vllm::{
+    build_half, metadata, recognize_kv_caches, AdapterError, CachedStep, NewStep, SchedulerHalf,
+    TensorInfo, VllmEngine,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+create_exception!(
+    kvrelay._native,
+    KvrelayError,
+    PyException,
+    "A kvrelay connector call failed."
+);
+create_exception!(
+    kvrelay._native,
+    KvrelayConfigError,
+    KvrelayError,
+    "kv_transfer_config or the LMCache config is invalid."
+);
+create_exception!(
+    kvrelay._native,
+    KvrelayUnsupportedError,
+    KvrelayError,
+    "A configuration, device or KV cache layout kvrelay does not support (yet)."
+);
+
+/// Typed Python exceptions: bad config, unsupported setup or tensors, anything else.
+fn to_py(error: AdapterError) -> PyErr {
+    let message = error.to_string();
+    match error {
+        AdapterError::Config(_) | AdapterError::Connector(ConnectorError::Config(_)) => {
+            KvrelayConfigError::new_err(message)
+        }
+        AdapterError::NotYetSupported(_) | AdapterError::Tensors(_) => {
+            KvrelayUnsupportedError::new_err(message)
+        }
+        _ => KvrelayError::new_err(message),
+    }
+}
+
+fn connector_error(error: ConnectorError) -> PyErr {
+    to_py(AdapterError::Connector(error))
+}
+
+/// The engine as the shell reads it from `VllmConfig`: a dict with [`VllmEngine`]'s fields.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct EngineArgs {
+    model: String,
+    num_layers: usize,
+    num_kv_heads: usize,
+    head_size: usize,
+    kv_dtype: String,
+    block_size: usize,
+    num_blocks: usize,
+    world_size: u32,
+    rank: u32,
+    device_type: String,
+}
+
+impl From<EngineArgs> for VllmEngine {
+    fn from(a: EngineArgs) -> Self {
+        VllmEngine {
+            model: a.model,
+            num_layers: a.num_layers,
+            num_kv_heads: a.num_kv_heads,
+            head_size: a.head_size,
+            kv_dtype: a.kv_dtype,
+            block_size: a.block_size,
+            num_blocks: a.num_blocks,
+            world_size: a.world_size,
+            rank: a.rank,
+            device_type: a.device_type,
+        }
+    }
+}
+
+/// One KV cache tensor as the shell describes it: a dict with [`TensorInfo`]'s fields.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct TensorArgs {
+    name: String,
+    device: String,
+    dtype: String,
+    element_size: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    data_ptr: u64,
+    backend: String,
+}
+
+impl From<TensorArgs> for TensorInfo {
+    fn from(a: TensorArgs) -> Self {
+        TensorInfo {
+            name: a.name,
+            device: a.device,
+            dtype: a.dtype,
+            element_size: a.element_size,
+            shape: a.shape,
+            strides: a.strides,
+            data_ptr: a.data_ptr,
+            backend: a.backend,
+        }
+    }
+}
+
+fn environment() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+fn parse_params(json: Option<&str>) -> PyResult<Option<serde_json::Value>> {
+    json.map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| KvrelayError::new_err(format!("kv_transfer_params is not JSON: {e}")))
+}
+
+/// Python objects must be `Sync`; the halves are `Send` only. Every method takes
+/// `&mut self`, so [`Mutex::get_mut`] reaches the value without ever locking (and so the
+/// mutex cannot be poisoned).
+fn exclusive<T>(mutex: &mut Mutex<T>) -> &mut T {
+    mutex.get_mut().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// vLLM's scheduler-role connector (EngineCore process).
+#[pyclass(module = "kvrelay._native")]
+struct SchedulerConnector {
+    half: Mutex<SchedulerHalf>,
+}
+
+#[pymethods]
+impl SchedulerConnector {
+    #[new]
+    fn new(py: Python<'_>, engine: EngineArgs, kv_transfer_config_json: &str) -> PyResult<Self> {
+        let engine = VllmEngine::from(engine);
+        let connector = py
+            .allow_threads(|| build_half(&engine, kv_transfer_config_json, environment()))
+            .map_err(to_py)?;
+        Ok(SchedulerConnector {
+            half: Mutex::new(SchedulerHalf::new(connector.scheduler)),
+        })
+    }
+
+    /// `(tokens to load, load asynchronously)`; `(None, False)` asks vLLM to retry later.
+    #[pyo3(signature = (request_id, prompt_token_ids, kv_transfer_params_json, num_computed_tokens))]
+    fn get_num_new_matched_tokens(
+        &mut self,
+        py: Python<'_>,
+        request_id: &str,
+        prompt_token_ids: Vec<u32>,
+        kv_transfer_params_json: Option<&str>,
+        num_computed_tokens: usize,
+    ) -> PyResult<(Option<usize>, bool)> {
+        let params = parse_params(kv_transfer_params_json)?;
+        let half = exclusive(&mut self.half);
+        let matched = py
+            .allow_threads(|| {
+                half.get_num_new_matched_tokens(
+                    request_id,
+                    prompt_token_ids,
+                    params,
+                    num_computed_tokens,
+                )
+            })
+            .map_err(to_py)?;
+        Ok(matched.map_or((None, false), |(n, load_async)| (Some(n), load_async)))
+    }
+
+    fn update_state_after_alloc(
+        &mut self,
+        request_id: &str,
+        block_ids: Vec<u32>,
+        num_external_tokens: usize,
+    ) -> PyResult<()> {
+        exclusive(&mut self.half)
+            .update_state_after_alloc(request_id, block_ids, num_external_tokens)
+            .map_err(to_py)
+    }
+
+    /// This step's metadata as bytes. `new`: `(request_id, block_ids, num_computed_tokens)`;
+    /// `cached`: `(request_id, new_block_ids, resumed, num_computed_tokens)`; token counts
+    /// include the tokens scheduled in this step.
+    fn build_connector_meta<'py>(
+        &mut self,
+        py: Python<'py>,
+        new: Vec<(String, Vec<u32>, usize)>,
+        cached: Vec<(String, Vec<u32>, bool, usize)>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let new = new
+            .into_iter()
+            .map(|(id, block_ids, num_computed_tokens)| NewStep {
+                id,
+                block_ids,
+                num_computed_tokens,
+            })
+            .collect();
+        let cached = cached
+            .into_iter()
+            .map(
+                |(id, new_block_ids, resumed, num_computed_tokens)| CachedStep {
+                    id,
+                    new_block_ids,
+                    resumed,
+                    num_computed_tokens,
+                },
+            )
+            .collect();
+        let half = exclusive(&mut self.half);
+        let encoded = py
+            .allow_threads(|| {
+                half.build_connector_meta(new, cached)
+                    .map(|m| metadata::encode(&m))
+            })
+            .map_err(to_py)?;
+        Ok(PyBytes::new(py, &encoded))
+    }
+
+    /// `(keep the blocks, kv_transfer_params as JSON or None)`.
+    fn request_finished(&mut self, request_id: &str) -> (bool, Option<String>) {
+        let (delay_free, params) = exclusive(&mut self.half).request_finished(request_id);
+        (delay_free, params.map(|p| p.to_string()))
+    }
+}
+
+/// vLLM's worker-role connector (Worker process).
+#[pyclass(module = "kvrelay._native")]
+struct WorkerConnector {
+    worker: Mutex<KvWorker>,
+    engine: VllmEngine,
+    /// The tiers the worker writes through; kept for their statistics.
+    tiers: Arc<TierStack>,
+}
+
+#[pymethods]
+impl WorkerConnector {
+    #[new]
+    fn new(py: Python<'_>, engine: EngineArgs, kv_transfer_config_json: &str) -> PyResult<Self> {
+        let engine = VllmEngine::from(engine);
+        let connector = py
+            .allow_threads(|| build_half(&engine, kv_transfer_config_json, environment()))
+            .map_err(to_py)?;
+        Ok(WorkerConnector {
+            worker: Mutex::new(connector.worker),
+            engine,
+            tiers: connector.tiers,
+        })
+    }
+
+    /// Registers vLLM's KV cache tensors (described as dicts of plain values) and returns
+    /// the layout kvrelay moves them with. The caller keeps the tensors alive for as long
+    /// as this connector lives.
+    #[pyo3(signature = (tensors, isa))]
+    fn register_kv_caches(
+        &mut self,
+        tensors: Vec<TensorArgs>,
+        isa: Option<&str>,
+    ) -> PyResult<String> {
+        let tensors: Vec<TensorInfo> = tensors.into_iter().map(TensorInfo::from).collect();
+        let spec = self.engine.spec().map_err(to_py)?;
+        let recognized = recognize_kv_caches(&tensors, isa, &spec).map_err(|e| to_py(e.into()))?;
+        let layout = recognized.layout;
+        // SAFETY: each region is one layer's KV cache tensor of vLLM's CPU build: host
+        // memory of `layout.buffer_bytes()` bytes (shape, strides, dtype and device checked
+        // by `recognize_kv_caches`, layers checked not to overlap). vLLM allocates these
+        // tensors once and never frees them while the connector lives, and the Python shell
+        // holds a reference to them besides. vLLM does not touch a request's blocks while
+        // its load or save runs: both complete inside start_load_kv / wait_for_save.
+        let memory = unsafe { EngineMemory::from_raw(layout, recognized.regions) }
+            .map_err(|e| connector_error(e.into()))?;
+        exclusive(&mut self.worker)
+            .register_kv_caches(memory)
+            .map_err(connector_error)?;
+        Ok(format!(
+            "{} over {} layers of {} bytes (chunk fingerprint {:#018x})",
+            layout.kind(),
+            layout.num_buffers(),
+            layout.buffer_bytes(),
+            layout.chunk_fingerprint()
+        ))
+    }
+
+    fn bind_connector_metadata(&mut self, encoded: &[u8]) -> PyResult<()> {
+        let metadata = metadata::decode(encoded).map_err(|e| to_py(e.into()))?;
+        exclusive(&mut self.worker).bind_connector_metadata(metadata);
+        Ok(())
+    }
+
+    fn clear_connector_metadata(&mut self) {
+        exclusive(&mut self.worker).clear_connector_metadata();
+    }
+
+    /// Loads this step's chunks into the paged cache; returns when they have landed.
+    fn start_load_kv(&mut self, py: Python<'_>) -> PyResult<()> {
+        let worker = exclusive(&mut self.worker);
+        py.allow_threads(|| worker.start_load_kv())
+            .map_err(connector_error)
+    }
+
+    /// Saves this step's chunks into every tier before vLLM may reuse the blocks.
+    fn wait_for_save(&mut self, py: Python<'_>) -> PyResult<()> {
+        let worker = exclusive(&mut self.worker);
+        py.allow_threads(|| worker.wait_for_save())
+            .map_err(connector_error)
+    }
+
+    /// `(finished sending, finished receiving)` request ids.
+    fn get_finished(
+        &mut self,
+        py: Python<'_>,
+        finished_req_ids: HashSet<String>,
+    ) -> (HashSet<String>, HashSet<String>) {
+        let worker = exclusive(&mut self.worker);
+        py.allow_threads(|| worker.get_finished(&finished_req_ids))
+    }
+
+    fn get_block_ids_with_load_errors(&mut self) -> HashSet<u32> {
+        exclusive(&mut self.worker).get_block_ids_with_load_errors()
+    }
+
+    /// The worker's totals since it started, as a dict of numbers.
+    fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let ConnectorStats {
+            loaded_tokens,
+            loaded_bytes,
+            load_time,
+            failed_load_tokens,
+            saved_chunks,
+            saved_bytes,
+            save_time,
+            skipped_saves,
+            failed_sends,
+            pd_skipped_chunks,
+        } = exclusive(&mut self.worker).stats().clone();
+        let stack = self.tiers.stats();
+        let stats = PyDict::new(py);
+        stats.set_item("loaded_tokens", loaded_tokens)?;
+        stats.set_item("loaded_bytes", loaded_bytes)?;
+        stats.set_item("load_seconds", load_time.as_secs_f64())?;
+        stats.set_item("failed_load_tokens", failed_load_tokens)?;
+        stats.set_item("saved_chunks", saved_chunks)?;
+        stats.set_item("saved_bytes", saved_bytes)?;
+        stats.set_item("save_seconds", save_time.as_secs_f64())?;
+        stats.set_item("skipped_saves", skipped_saves)?;
+        stats.set_item("failed_sends", failed_sends)?;
+        stats.set_item("pd_skipped_chunks", pd_skipped_chunks)?;
+        stats.set_item("tier_hits", stack.hits)?;
+        stats.set_item("tier_misses", stack.misses)?;
+        Ok(stats)
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<SchedulerConnector>()?;
+    m.add_class::<WorkerConnector>()?;
+    m.add("KvrelayError", py.get_type::<KvrelayError>())?;
+    m.add("KvrelayConfigError", py.get_type::<KvrelayConfigError>())?;
+    m.add(
+        "KvrelayUnsupportedError",
+        py.get_type::<KvrelayUnsupportedError>(),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,142 @@
+"""The worker half's refusals, through the installed wheel: KV caches kvrelay cannot move
+(a CUDA tensor, an unknown layout) and configs vLLM's two processes cannot share fail at
+once with an error that says what was seen. Runs with pytest or as a plain script.
+
+    python crates/kvrelay-py/tests/test_register_refusals.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from kvrelay import KvrelayConfigError, KvrelayUnsupportedError, _native
+from kvrelay.vllm import describe_tensor
+
+ENGINE = {
+    "model": "/models/tiny-llama",
+    "num_layers": 2,
+    "num_kv_heads": 4,
+    "head_size": 32,
+    "kv_dtype": "float32",
+    "block_size": 128,
+    "num_blocks": 8,
+    "world_size": 1,
+    "rank": 0,
+    "device_type": "cpu",
+}
+PRODUCER = '{"kv_connector": "KvrelayConnector", "kv_connector_module_path": "kvrelay.vllm", "kv_role": "kv_producer"}'
+WORK = Path(tempfile.mkdtemp(prefix="kvrelay-py-test-"))
+
+
+def use_lmcache_config(text: str) -> None:
+    """Points LMCACHE_CONFIG_FILE (read by Rust from the process environment) at `text`."""
+    path = WORK / "lmcache.yaml"
+    path.write_text(text)
+    os.environ["LMCACHE_CONFIG_FILE"] = str(path)
+
+
+def shared_disk_worker() -> _native.WorkerConnector:
+    disk = WORK / f"disk-{len(list(WORK.iterdir()))}"
+    use_lmcache_config(
+        f'chunk_size: 256\nlocal_cpu: false\nlocal_disk: "file://{disk}/"\nmax_local_disk_size: 1\n'
+    )
+    return _native.WorkerConnector(ENGINE, PRODUCER)
+
+
+def cpu_attn_caches() -> dict[str, torch.Tensor]:
+    """What vLLM CPU registers: each layer [num_blocks, heads, block_size, 2 * head_size],
+    views into one buffer."""
+    buffer = torch.zeros(2, 8, 4, 128, 64, dtype=torch.float32)
+    return {f"model.layers.{i}.self_attn.attn": buffer[i] for i in range(2)}
+
+
+def describe_all(caches: dict, backend: str = "CPU_ATTN") -> list[dict]:
+    return [describe_tensor(name, tensor, backend) for name, tensor in caches.items()]
+
+
+def test_cpu_attn_caches_register_as_opaque_blocks() -> None:
+    layout = shared_disk_worker().register_kv_caches(describe_all(cpu_attn_caches()), "vec")
+    assert layout.startswith("opaque_blocks(cpu_attn_vec) over 2 layers of 1048576 bytes"), layout
+
+
+def test_a_cuda_tensor_is_refused_saying_what_it_saw() -> None:
+    # No CUDA device here: a tensor-like object answering the calls the shell makes.
+    fake = SimpleNamespace(
+        device=SimpleNamespace(type="cuda"),
+        dtype=torch.bfloat16,
+        element_size=lambda: 2,
+        shape=(2, 8, 128, 4, 32),
+        stride=lambda: (131072, 16384, 128, 32, 1),
+        data_ptr=lambda: 0x7F0000000000,
+    )
+    tensors = [describe_tensor("model.layers.0.self_attn.attn", fake, "FLASH_ATTN")]
+    try:
+        shared_disk_worker().register_kv_caches(tensors, None)
+    except KvrelayUnsupportedError as error:
+        message = str(error)
+        assert "device 'cuda'" in message, message
+        assert "shape [2, 8, 128, 4, 32]" in message and "dtype bfloat16" in message, message
+    else:
+        raise AssertionError("a CUDA tensor was registered")
+
+
+def test_an_unknown_layout_is_refused_saying_what_it_saw() -> None:
+    # vLLM's GPU FlashAttention layout [2, num_blocks, block_size, heads, head_size], on CPU.
+    flash = {f"model.layers.{i}.self_attn.attn": torch.zeros(2, 8, 128, 4, 32) for i in range(2)}
+    try:
+        shared_disk_worker().register_kv_caches(describe_all(flash, "FLASH_ATTN"), None)
+    except KvrelayUnsupportedError as error:
+        message = str(error)
+        assert "not a layout kvrelay knows" in message, message
+        assert "shape [2, 8, 128, 4, 32]" in message and "backend FLASH_ATTN" in message, message
+    else:
+        raise AssertionError("an unknown layout was registered")
+    # The right shape, transposed: not contiguous, so not CPU_ATTN's bytes.
+    transposed = {name: t.transpose(1, 2).contiguous().transpose(1, 2) for name, t in cpu_attn_caches().items()}
+    try:
+        shared_disk_worker().register_kv_caches(describe_all(transposed), "vec")
+    except KvrelayUnsupportedError as error:
+        assert "strides" in str(error), error
+    else:
+        raise AssertionError("a non-contiguous cache was registered")
+
+
+def test_process_local_configs_are_refused() -> None:
+    use_lmcache_config("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n")
+    for half in (_native.WorkerConnector, _native.SchedulerConnector):
+        try:
+            half(ENGINE, PRODUCER)
+        except KvrelayUnsupportedError as error:
+            assert "lookup channel" in str(error), error
+        else:
+            raise AssertionError(f"{half.__name__} accepted a CPU-only tier")
+
+
+def test_config_typos_name_the_nearest_key() -> None:
+    use_lmcache_config("chunk_size: 256\nlocal_disk: file:///tmp/x\nmax_local_disk_sise: 1\n")
+    try:
+        _native.SchedulerConnector(ENGINE, PRODUCER)
+    except KvrelayConfigError as error:
+        assert "did you mean 'max_local_disk_size'" in str(error), error
+    else:
+        raise AssertionError("a misspelled key was accepted")
+
+
+if __name__ == "__main__":
+    tests = [f for name, f in sorted(globals().items()) if name.startswith("test_")]
+    failed = 0
+    for test in tests:
+        try:
+            test()
+            print(f"ok: {test.__name__}")
+        except Exception as error:  # report every test, then fail
+            failed += 1
+            print(f"FAILED: {test.__name__}: {error!r}")
+    print(f"{len(tests) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
