@@ -9,7 +9,7 @@ use kvrelay::plan::ChunkWindow;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the encoding changes.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// Bytes that are not metadata of this kvrelay.
 #[derive(Debug, thiserror::Error)]
@@ -178,14 +178,14 @@ mod tests {
             Err(MetadataError::Malformed(_))
         ));
         assert!(matches!(
-            decode(br#"{"version":2,"requests":[]}"#),
-            Err(MetadataError::Version { found: 2 })
+            decode(br#"{"version":1,"requests":[]}"#),
+            Err(MetadataError::Version { found: 1 })
         ));
-        let bad_key = br#"{"version":1,"requests":[{"id":"r","block_ids":[],"loads":[["not a key",0,1,0]],"load_async":false,"saves":[],"flush_saves":false,"kv_transfer_params":null}]}"#;
+        let bad_key = br#"{"version":2,"requests":[{"id":"r","block_ids":[],"loads":[["not a key",0,1,0]],"load_async":false,"saves":[],"flush_saves":false,"prompt_tokens":3,"kv_transfer_params":null}]}"#;
         let message = decode(bad_key).unwrap_err().to_string();
         assert!(message.contains("not a key"), "{message}");
         assert!(matches!(
-            decode(br#"{"version":1,"requests":[],"extra":0}"#),
+            decode(br#"{"version":2,"requests":[],"extra":0}"#),
             Err(MetadataError::Malformed(_))
         ));
     }
