@@ -235,11 +235,11 @@ def run_phase(args: argparse.Namespace) -> dict:
     for _ in range(args.rounds):
         # Step time from the difference of two runs, so the prefill step (and
         # ExampleConnector's save of the short prompt's empty tensors) cancels out; the
-        # hooks' time from the decode steps alone (every step after the first).
+        # hooks' time from every hooked step after the prefill step (vLLM hooks one step
+        # more than it makes tokens; none of them moves anything).
         one = generate(idle_prompt(), 1)
         many = generate(idle_prompt(), args.decode_tokens)
         steps = many["output_tokens"] - one["output_tokens"]
-        # Every hooked step after the prefill step (vLLM also runs one empty step at the end).
         decode_hooks = many["step_hooks"][1:]
         idle.append(
             {
