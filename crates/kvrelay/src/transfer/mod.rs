@@ -27,8 +27,9 @@
 //!
 //! 1. **Init port** (`pd_peer_init_port[rank]`), once per sender: `Hello` (rank, channel,
 //!    page size, layout fingerprint, [`KeyDerivation`], nonce) → `Challenge` (nonce, receiver
-//!    proof) → `Auth` (sender proof) → `Welcome` (one-time session token, buffer geometry, shm
-//!    name, the decoder's `skip_last_n_tokens`). A sender that derives keys differently
+//!    proof) → `Auth` (sender proof) → `Welcome` (one-time session token, buffer geometry, the
+//!    channel's opaque versioned parameters (shm: the file to map), the decoder's
+//!    `skip_last_n_tokens`). A sender that derives keys differently
 //!    (model, world size, dtype, chunk size, hash algorithm or seed) is refused with
 //!    `Error{KeyMismatch}` naming the first differing field and both values. With
 //!    `pd_shared_secret` both proofs are HMAC-SHA256 over both nonces and the rank, so each
