@@ -267,6 +267,10 @@ pub const HIXL_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_CREATE)];
 /// HIXL's synchronous batch calls (CANN 9.1).
 pub const HIXL_SYNC_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_BATCH_PUT_SYNC)];
 
+/// The two-sided channel passes the version-8 communicator config (CANN 8.5's layout);
+/// older libraries were never checked against it, so the channel needs 8.5.
+pub const HCCL_TWO_SIDED_MIN: CannVersion = CannVersion::release(8, 5, 0);
+
 /// CANN 8.5 moved communicators and one-sided calls into libhcomm.so.
 pub const HCOMM_SPLIT: CannVersion = CannVersion::release(8, 5, 0);
 /// HIXL's C client/server API exists from 9.0 ...

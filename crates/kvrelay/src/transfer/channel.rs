@@ -144,6 +144,10 @@ pub(crate) trait ServerSession: Send {
     fn landed(&mut self, _chunk: usize) -> Result<(), TransferError> {
         Ok(())
     }
+
+    /// The current request failed after its grant: stop every pending write into its
+    /// pages, which are freed right after this returns.
+    fn abandon(&mut self) {}
 }
 
 /// The session of a channel that needs no per-session work (tcp, shm).
@@ -159,23 +163,32 @@ pub(crate) fn server(
     Ok(match config.channel {
         ChannelKind::Tcp => Box::new(TcpServer),
         ChannelKind::Shm => Box::new(ShmServer::new(rank)),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hccl => Box::new(super::hccl::HcclServer::new(config)?),
+        #[cfg(not(feature = "ascend"))]
+        ChannelKind::Hccl => return Err(TransferError::UnsupportedChannel("hccl".into())),
     })
 }
 
-/// The sender side of `kind`, opened from the receiver's `Welcome` parameters once the
+/// The sender side of `config.channel`, opened from the receiver's `Welcome` parameters once the
 /// sender attached on `control`, for a PD buffer of `buffer_len` bytes.
 pub(crate) fn connect(
-    kind: ChannelKind,
+    config: &PdConfig,
     params: &[u8],
     control: &TcpStream,
     buffer_len: u64,
 ) -> Result<Box<dyn Channel>, TransferError> {
+    let kind = config.channel;
     Ok(match kind {
         ChannelKind::Tcp => {
             ChannelParams::read(kind, params)?.end()?;
             Box::new(TcpChannel::new(control)?)
         }
         ChannelKind::Shm => Box::new(ShmChannel::from_params(params, buffer_len)?),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hccl => Box::new(super::hccl::HcclChannel::connect(config, params)?),
+        #[cfg(not(feature = "ascend"))]
+        ChannelKind::Hccl => return Err(TransferError::UnsupportedChannel("hccl".into())),
     })
 }
 

@@ -206,6 +206,8 @@ impl ErrorCode {
 pub enum ChannelKind {
     Tcp,
     Shm,
+    /// HCCL two-sided send/receive (feature `ascend`).
+    Hccl,
 }
 
 impl ChannelKind {
@@ -213,6 +215,7 @@ impl ChannelKind {
         match self {
             ChannelKind::Tcp => "tcp",
             ChannelKind::Shm => "shm",
+            ChannelKind::Hccl => "hccl",
         }
     }
 
@@ -220,6 +223,7 @@ impl ChannelKind {
         match v {
             1 => Some(ChannelKind::Tcp),
             2 => Some(ChannelKind::Shm),
+            3 => Some(ChannelKind::Hccl),
             _ => None,
         }
     }
@@ -228,6 +232,7 @@ impl ChannelKind {
         match self {
             ChannelKind::Tcp => 1,
             ChannelKind::Shm => 2,
+            ChannelKind::Hccl => 3,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::auth::{proof, random, verify_proof, Role};
-use super::buffer::{Occupancy, PdBuffer, ReadyRequest};
+use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
 use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
 use super::frame::{
     self, read_frame, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck, Incoming, Message,
@@ -574,6 +574,24 @@ impl Inner {
             request_id,
             armed: true,
         };
+        let result = self.receive(stream, session, request_id, chunks, &grant, &mut guard);
+        if result.is_err() {
+            session.abandon();
+        }
+        result
+    }
+
+    /// Posts the grant, takes the chunks' data and seals, and answers the commit.
+    fn receive(
+        &self,
+        stream: &mut TcpStream,
+        session: &mut dyn ServerSession,
+        request_id: &str,
+        chunks: &[ChunkDecl],
+        grant: &Grant,
+        guard: &mut AbortGuard<'_>,
+    ) -> Result<(), TransferError> {
+        let cfg = &self.config;
         let page_size = self.buffer.page_size();
         let granted: Vec<GrantedChunk> = grant
             .pages

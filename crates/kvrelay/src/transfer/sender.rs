@@ -362,7 +362,7 @@ impl Link {
             .map_err(|e| TransferError::io("setting socket timeouts", e))?;
         write(&mut stream, &Message::Attach { token }.encode())?;
         let buffer_len = num_pages as u64 * page_size as u64;
-        let channel = channel::connect(cfg.channel, &channel_params, &stream, buffer_len)?;
+        let channel = channel::connect(cfg, &channel_params, &stream, buffer_len)?;
         tracing::debug!(
             rank,
             host = peer.host,
