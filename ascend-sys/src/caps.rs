@@ -7,8 +7,8 @@
 use crate::acl::{Acl, VERSION_PACKAGES};
 use crate::error::Unsupported;
 use crate::hccl::{
-    HCCL_TWO_SIDED_MIN, HCOMM_SPLIT, HIXL_C_API_LAYOUT, HIXL_SYMBOLS, HIXL_SYNC_SYMBOLS, ONE_SIDED_SYMBOLS,
-    TWO_SIDED_SYMBOLS,
+    HCCL_TWO_SIDED_MIN, HCOMM_SPLIT, HIXL_C_API_LAYOUT, HIXL_SYMBOLS, HIXL_SYNC_SYMBOLS,
+    ONE_SIDED_SYMBOLS, TWO_SIDED_SYMBOLS,
 };
 use crate::library::Loaded;
 use crate::search::Lib;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vendor_dl::{symbol_name, FnPtr, Slot};
 
 use crate::acl::RawStream;
-use crate::error::LoadError;
+use crate::error::{AclError, LoadError};
 use crate::library::{Loaded, Origin};
 use crate::search::Lib;
 use crate::sys;
@@ -40,18 +40,10 @@ pub enum HcclError {
         /// `HcclGetErrorString`'s text for the code (empty when unavailable).
         message: String,
     },
-    /// The library does not export the symbol this call needs.
-    #[error("{call} is not available: symbol {symbol} is missing from {library}: {message}")]
-    MissingSymbol {
-        /// The HCCL function the call was for.
-        call: &'static str,
-        /// The symbol the call needs.
-        symbol: &'static str,
-        /// The library it was looked up in.
-        library: String,
-        /// The loader's text.
-        message: String,
-    },
+    /// The library does not export the symbol this call needs
+    /// ([`AclError::MissingSymbol`], which names the call, symbol and library).
+    #[error(transparent)]
+    Unavailable(AclError),
 }
 
 /// HCCL's two-sided calls (`libhccl.so`; the communicator calls come from `libhcomm.so`
@@ -94,17 +86,9 @@ impl Hccl {
         name: &'static [u8],
         call: &'static str,
     ) -> Result<T::Raw, HcclError> {
-        // SAFETY: T is the function-pointer type wrapper.h declares for the C symbol
-        // `name`; the pointer is only called while the library is loaded (both live in
-        // this Hccl).
-        unsafe { vendor_dl::resolve::<T>(&self.loaded.lib, slot, name) }.map_err(|message| {
-            HcclError::MissingSymbol {
-                call,
-                symbol: symbol_name(name),
-                library: self.loaded.origin.path.clone(),
-                message,
-            }
-        })
+        self.loaded
+            .resolve::<T>(slot, name, call)
+            .map_err(HcclError::Unavailable)
     }
 
     fn check(&self, call: &'static str, code: sys::HcclResult) -> Result<(), HcclError> {
@@ -118,7 +102,11 @@ impl Hccl {
             .map(|f| unsafe { f(code) })
             .filter(|text| !text.is_null())
             // SAFETY: checked non-null; copied out at once.
-            .map(|text| unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned())
+            .map(|text| {
+                unsafe { CStr::from_ptr(text) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .unwrap_or_default();
         Err(HcclError::Status {
             call,

@@ -227,7 +227,9 @@ pub unsafe extern "C" fn HcclCommInitRootInfoConfig(
         if ranks != 2 || rank > 1 {
             return Err((
                 E_NOT_SUPPORT,
-                format!("the emulator builds 2-rank communicators; asked for rank {rank} of {ranks}"),
+                format!(
+                    "the emulator builds 2-rank communicators; asked for rank {rank} of {ranks}"
+                ),
             ));
         }
         // SAFETY: checked non-null; 4108 plain bytes.
@@ -261,8 +263,19 @@ pub unsafe extern "C" fn HcclCommInitRootInfoConfig(
 fn timed_out(what: &str) -> (HcclResult, String) {
     (
         E_TIMEOUT,
-        format!("{what} within HCCL_CONNECT_TIMEOUT ({:?})", knobs().connect_timeout),
+        format!(
+            "{what} within HCCL_CONNECT_TIMEOUT ({:?})",
+            knobs().connect_timeout
+        ),
     )
+}
+
+/// What is left until `deadline`, at least a millisecond (a zero socket timeout means
+/// none).
+fn left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
 }
 
 fn accept_peer(id: u64, deadline: Instant) -> Result<TcpStream, (HcclResult, String)> {
@@ -273,7 +286,8 @@ fn accept_peer(id: u64, deadline: Instant) -> Result<TcpStream, (HcclResult, Str
         .ok_or_else(|| {
             (
                 E_PARA,
-                "rank 0 must join with a root info HcclGetRootInfo made in this process, once".into(),
+                "rank 0 must join with a root info HcclGetRootInfo made in this process, once"
+                    .into(),
             )
         })?;
     let io = |e: std::io::Error| (E_TCP_CONNECT, e.to_string());
@@ -282,9 +296,7 @@ fn accept_peer(id: u64, deadline: Instant) -> Result<TcpStream, (HcclResult, Str
         match listener.accept() {
             Ok((mut socket, _)) => {
                 socket.set_nonblocking(false).map_err(io)?;
-                socket
-                    .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
-                    .map_err(io)?;
+                socket.set_read_timeout(Some(left(deadline))).map_err(io)?;
                 let mut hello = [0u8; 8];
                 if socket.read_exact(&mut hello).is_ok() && hello == id.to_le_bytes() {
                     socket.write_all(b"ok").map_err(io)?;
@@ -303,13 +315,16 @@ fn accept_peer(id: u64, deadline: Instant) -> Result<TcpStream, (HcclResult, Str
 }
 
 fn connect_root(port: u16, id: u64, deadline: Instant) -> Result<TcpStream, (HcclResult, String)> {
-    let io = |e: std::io::Error| (E_TCP_CONNECT, format!("joining the root at port {port}: {e}"));
+    let io = |e: std::io::Error| {
+        (
+            E_TCP_CONNECT,
+            format!("joining the root at port {port}: {e}"),
+        )
+    };
     loop {
         match TcpStream::connect(("127.0.0.1", port)) {
             Ok(mut socket) => {
-                socket
-                    .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
-                    .map_err(io)?;
+                socket.set_read_timeout(Some(left(deadline))).map_err(io)?;
                 socket.write_all(&id.to_le_bytes()).map_err(io)?;
                 let mut ok = [0u8; 2];
                 socket.read_exact(&mut ok).map_err(io)?;
@@ -322,7 +337,11 @@ fn connect_root(port: u16, id: u64, deadline: Instant) -> Result<TcpStream, (Hcc
 }
 
 /// Registers a communicator and starts its workers; returns its handle.
-fn start(rank: u32, socket: TcpStream, exec_timeout: Duration) -> Result<usize, (HcclResult, String)> {
+fn start(
+    rank: u32,
+    socket: TcpStream,
+    exec_timeout: Duration,
+) -> Result<usize, (HcclResult, String)> {
     let io = |e: std::io::Error| (E_TCP_CONNECT, e.to_string());
     socket.set_nodelay(true).map_err(io)?;
     socket.set_read_timeout(Some(exec_timeout)).map_err(io)?;
@@ -366,28 +385,15 @@ fn stall(closed: &AtomicBool) {
     }
 }
 
-fn send_worker(mut socket: TcpStream, ops: Receiver<Op>, closed: &AtomicBool) {
+/// Runs one direction's operations in order with `step`; after a failure every later
+/// operation fails with its reason (the byte stream is out of step).
+fn worker(ops: Receiver<Op>, mut step: impl FnMut(&Op) -> Result<(), String>) {
     let mut broken: Option<String> = None;
     for op in ops {
-        if let Some(why) = &broken {
-            op.done.finish(Err(why.clone()));
-            continue;
-        }
-        // SAFETY: see `Op`: the mapping is valid for `len` bytes until completion.
-        let bytes = unsafe { std::slice::from_raw_parts(op.host, op.len) };
-        let result = socket
-            .write_all(&(op.len as u64).to_le_bytes())
-            .and_then(|()| {
-                for piece in bytes.chunks(1 << 20) {
-                    if account(piece.len()) {
-                        stall(closed);
-                        return Err(std::io::Error::other("stalled by ASCEND_EMU_HCCL_STALL_AFTER_BYTES"));
-                    }
-                    socket.write_all(piece)?;
-                }
-                Ok(())
-            })
-            .map_err(|e| format!("HcclSend of {} bytes failed: the peer is gone or stalled ({e})", op.len));
+        let result = match &broken {
+            Some(why) => Err(why.clone()),
+            None => step(&op),
+        };
         if let Err(why) = &result {
             broken = Some(why.clone());
         }
@@ -395,44 +401,61 @@ fn send_worker(mut socket: TcpStream, ops: Receiver<Op>, closed: &AtomicBool) {
     }
 }
 
+const STALLED: &str = "stalled by ASCEND_EMU_HCCL_STALL_AFTER_BYTES";
+
+fn send_worker(mut socket: TcpStream, ops: Receiver<Op>, closed: &AtomicBool) {
+    worker(ops, |op| {
+        // SAFETY: see `Op`: the mapping is valid for `len` bytes until completion.
+        let bytes = unsafe { std::slice::from_raw_parts(op.host, op.len) };
+        let gone = |e: std::io::Error| {
+            format!(
+                "HcclSend of {} bytes: the peer is gone or stalled ({e})",
+                op.len
+            )
+        };
+        socket
+            .write_all(&(op.len as u64).to_le_bytes())
+            .map_err(gone)?;
+        for piece in bytes.chunks(1 << 20) {
+            if account(piece.len()) {
+                stall(closed);
+                return Err(STALLED.into());
+            }
+            socket.write_all(piece).map_err(gone)?;
+        }
+        Ok(())
+    })
+}
+
 fn recv_worker(mut socket: TcpStream, ops: Receiver<Op>, closed: &AtomicBool) {
-    let mut broken: Option<String> = None;
-    for op in ops {
-        if let Some(why) = &broken {
-            op.done.finish(Err(why.clone()));
-            continue;
+    worker(ops, |op| {
+        let gone = |e: std::io::Error| {
+            format!(
+                "HcclRecv of {} bytes: the peer is gone or timed out ({e})",
+                op.len
+            )
+        };
+        let mut len = [0u8; 8];
+        socket.read_exact(&mut len).map_err(gone)?;
+        let len = u64::from_le_bytes(len) as usize;
+        if len != op.len {
+            return Err(format!(
+                "HcclRecv of {} bytes paired with an HcclSend of {len} bytes",
+                op.len
+            ));
         }
-        let result = (|| {
-            let mut len = [0u8; 8];
-            socket
-                .read_exact(&mut len)
-                .map_err(|e| format!("HcclRecv of {} bytes: the peer is gone or timed out ({e})", op.len))?;
-            let len = u64::from_le_bytes(len) as usize;
-            if len != op.len {
-                return Err(format!(
-                    "HcclRecv of {} bytes paired with an HcclSend of {len} bytes",
-                    op.len
-                ));
+        // SAFETY: see `Op`: the mapping is valid and ours for `len` bytes until completion
+        // or destroy (which joins this worker first).
+        let dst = unsafe { std::slice::from_raw_parts_mut(op.host, op.len) };
+        for piece in dst.chunks_mut(1 << 20) {
+            socket.read_exact(piece).map_err(gone)?;
+            if account(piece.len()) {
+                stall(closed);
+                return Err(STALLED.into());
             }
-            // SAFETY: see `Op`: the mapping is valid and ours for `len` bytes until
-            // completion or destroy (which joins this worker first).
-            let dst = unsafe { std::slice::from_raw_parts_mut(op.host, op.len) };
-            for piece in dst.chunks_mut(1 << 20) {
-                socket
-                    .read_exact(piece)
-                    .map_err(|e| format!("HcclRecv of {} bytes: the peer is gone or timed out mid-transfer ({e})", op.len))?;
-                if account(piece.len()) {
-                    stall(closed);
-                    return Err("stalled by ASCEND_EMU_HCCL_STALL_AFTER_BYTES".into());
-                }
-            }
-            Ok(())
-        })();
-        if let Err(why) = &result {
-            broken = Some(why.clone());
         }
-        op.done.finish(result);
-    }
+        Ok(())
+    })
 }
 
 fn comm_of(comm: HcclComm) -> Result<Arc<EmuComm>, (HcclResult, String)> {
@@ -455,11 +478,17 @@ fn queue(
     outgoing: bool,
 ) -> Result<(), (HcclResult, String)> {
     if data_type != sys::HCCL_DATA_TYPE_UINT8 {
-        return Err((E_NOT_SUPPORT, format!("the emulator moves HCCL_DATA_TYPE_UINT8 only, not {data_type}")));
+        return Err((
+            E_NOT_SUPPORT,
+            format!("the emulator moves HCCL_DATA_TYPE_UINT8 only, not {data_type}"),
+        ));
     }
     let comm = comm_of(comm)?;
     if peer != 1 - comm.rank {
-        return Err((E_PARA, format!("rank {} of 2 has no peer rank {peer}", comm.rank)));
+        return Err((
+            E_PARA,
+            format!("rank {} of 2 has no peer rank {peer}", comm.rank),
+        ));
     }
     let len = usize::try_from(count).map_err(|_| (E_PARA, "count too large".into()))?;
     let mut state = initialized().map_err(acl_failure)?;
@@ -481,7 +510,14 @@ fn queue(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
-        .map(|tx| tx.send(Op { host, len, done: Arc::clone(&done) }).is_ok());
+        .map(|tx| {
+            tx.send(Op {
+                host,
+                len,
+                done: Arc::clone(&done),
+            })
+            .is_ok()
+        });
     if queued != Some(true) {
         done.finish(Err("the communicator was destroyed".into()));
     }

@@ -17,6 +17,8 @@ use kvrelay::transfer::frame;
 use kvrelay::transfer::{OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, TransferError};
 use kvrelay::KvDtype;
 
+mod support;
+
 const CHUNK_TOKENS: usize = 256;
 /// Chunks per request: 4 chunks of 2 MiB, more than loopback socket buffers hold, so a
 /// peer that dies after 3 MiB dies mid-transfer.
@@ -57,7 +59,9 @@ fn config() -> PdConfig {
 /// The chunks of request `id`: bytes derived from the id and the chunk index, so the
 /// receiver can check what landed without being told.
 fn chunks(id: &str) -> Vec<(CacheKey, ChunkMeta, Vec<u8>)> {
-    let seed = id.bytes().fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
+    let seed = id
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
     (0..CHUNKS)
         .map(|i| {
             let len = spec().chunk_bytes(CHUNK_TOKENS);
@@ -88,9 +92,8 @@ fn emulator() -> PathBuf {
 /// This binary as a child running the ignored test `name`, on the double at `version`.
 fn child(name: &str, version: &str, env: &[(&str, &str)]) -> Command {
     let emu = emulator();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("KVRELAY_ASCENDCL_LIB", &emu)
+    let mut cmd = support::child_command(name);
+    cmd.env("KVRELAY_ASCENDCL_LIB", &emu)
         .env("KVRELAY_HCCL_LIB", &emu)
         .env("ASCEND_EMU_CANN_VERSION", version)
         .env("HCCL_CONNECT_TIMEOUT", "10")
@@ -143,7 +146,10 @@ fn finish_receiver(mut rx: Receiver) -> (bool, String) {
     let mut err = String::new();
     let _ = std::io::Read::read_to_string(rx.child.stderr.as_mut().unwrap(), &mut err);
     let out = rx.out.join().unwrap();
-    (status.success() && out.contains("1 passed"), format!("{out}\n{err}"))
+    (
+        status.success() && out.contains("1 passed"),
+        format!("{out}\n{err}"),
+    )
 }
 
 fn run_sender(ports: &str, requests: &str, env: &[(&str, &str)]) -> (bool, String) {
@@ -165,40 +171,55 @@ fn kv_moves_bit_exact_between_two_processes() {
     let (ok, out) = run_sender(&ports, "r1", &[]);
     assert!(ok && out.contains("SENT r1 chunks=4 channel=Hccl"), "{out}");
     let (ok, out) = finish_receiver(rx);
-    assert!(ok && out.contains("VERIFIED r1 4 chunks bit-exact"), "{out}");
+    assert!(
+        ok && out.contains("VERIFIED r1 4 chunks bit-exact"),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_sender_killed_mid_transfer_frees_the_pages_and_the_next_request_succeeds() {
     let (rx, ports) = start_receiver("dead:fail,r2:ok", &[]);
     let started = Instant::now();
-    let (ok, out) = run_sender(&ports, "dead", &[("ASCEND_EMU_HCCL_DIE_AFTER_BYTES", DIE_AFTER)]);
-    assert!(!ok && !out.contains("SENT dead"), "the sender should have died: {out}");
+    let (ok, out) = run_sender(
+        &ports,
+        "dead",
+        &[("ASCEND_EMU_HCCL_DIE_AFTER_BYTES", DIE_AFTER)],
+    );
+    assert!(
+        !ok && !out.contains("SENT dead"),
+        "the sender should have died: {out}"
+    );
     let (ok, out) = run_sender(&ports, "r2", &[]);
     assert!(ok && out.contains("SENT r2"), "{out}");
     let (ok, out) = finish_receiver(rx);
     assert!(ok, "{out}");
     assert!(out.contains("FAILED dead pages_used=0"), "{out}");
     assert!(out.contains("VERIFIED r2 4 chunks bit-exact"), "{out}");
-    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
 fn a_receiver_killed_mid_transfer_is_a_bounded_typed_error_and_the_next_receiver_works() {
-    let (dying, dying_ports) =
-        start_receiver("doomed:fail", &[("ASCEND_EMU_HCCL_DIE_AFTER_BYTES", DIE_AFTER)]);
+    let (dying, dying_ports) = start_receiver(
+        "doomed:fail",
+        &[("ASCEND_EMU_HCCL_DIE_AFTER_BYTES", DIE_AFTER)],
+    );
     let (healthy, healthy_ports) = start_receiver("r3:ok", &[]);
     let started = Instant::now();
-    let (ok, out) = run_sender(
-        &format!("{dying_ports};{healthy_ports}"),
-        "doomed;r3",
-        &[],
-    );
+    let (ok, out) = run_sender(&format!("{dying_ports};{healthy_ports}"), "doomed;r3", &[]);
     assert!(ok, "{out}");
-    println!("{out}");
     assert!(out.contains("SEND-ERROR doomed"), "{out}");
     assert!(out.contains("SENT r3 chunks=4"), "{out}");
-    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
     let (dead_ok, _) = finish_receiver(dying);
     assert!(!dead_ok, "the receiver should have died");
     let (ok, out) = finish_receiver(healthy);
@@ -210,7 +231,10 @@ fn a_chunk_whose_checksum_does_not_match_is_dropped_and_the_next_request_lands()
     let (rx, ports) = start_receiver("bad:fail,r4:ok", &[]);
     let (ok, out) = run_sender(&ports, "bad!corrupt;r4", &[]);
     assert!(ok, "{out}");
-    assert!(out.contains("SEND-ERROR bad ChunksRejected rejected=1"), "{out}");
+    assert!(
+        out.contains("SEND-ERROR bad ChunksRejected rejected=1"),
+        "{out}"
+    );
     assert!(out.contains("SENT r4"), "{out}");
     let (ok, out) = finish_receiver(rx);
     assert!(ok && out.contains("FAILED bad pages_used=0"), "{out}");
@@ -293,7 +317,10 @@ fn child_sender() {
             tx.send_request(id, &outgoing)
         });
         match result {
-            Ok(stats) => println!("SENT {id} chunks={} channel={:?}", stats.chunks, stats.channel),
+            Ok(stats) => println!(
+                "SENT {id} chunks={} channel={:?}",
+                stats.chunks, stats.channel
+            ),
             Err(TransferError::ChunksRejected { rejected, .. }) => {
                 println!("SEND-ERROR {id} ChunksRejected rejected={rejected}")
             }

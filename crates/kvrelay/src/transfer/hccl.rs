@@ -62,7 +62,8 @@ struct Runtime {
 
 impl Runtime {
     fn open(config: &PdConfig) -> Result<Self, TransferError> {
-        let acl = Acl::global().map_err(|e| TransferError::Config(format!("transfer_channel hccl: {e}")))?;
+        let acl = Acl::global()
+            .map_err(|e| TransferError::Config(format!("transfer_channel hccl: {e}")))?;
         let caps = Capabilities::probe(&acl);
         caps.hccl
             .require()
@@ -70,7 +71,8 @@ impl Runtime {
                 channel: "hccl",
                 source,
             })?;
-        let hccl = Hccl::load().map_err(|e| TransferError::Config(format!("transfer_channel hccl: {e}")))?;
+        let hccl = Hccl::load()
+            .map_err(|e| TransferError::Config(format!("transfer_channel hccl: {e}")))?;
         let runtime = Runtime {
             acl,
             hccl,
@@ -236,12 +238,11 @@ impl ServerSession for HcclSession {
         })?;
         // SAFETY: the host copy is the PD buffer's memory; this page is granted to the
         // request being served, which nothing else reads until it is committed.
-        let host = unsafe {
-            std::slice::from_raw_parts_mut((self.host_base + offset) as *mut u8, len)
-        };
-        self.device
-            .read(offset, host)
-            .map_err(acl_error("copying a landed page to the host for its checksum"))
+        let host =
+            unsafe { std::slice::from_raw_parts_mut((self.host_base + offset) as *mut u8, len) };
+        self.device.read(offset, host).map_err(acl_error(
+            "copying a landed page to the host for its checksum",
+        ))
     }
 
     fn abandon(&mut self) {
@@ -263,10 +264,7 @@ pub(crate) struct HcclChannel {
 
 impl HcclChannel {
     /// Joins the communicator the receiver's root info names.
-    pub(crate) fn connect(
-        config: &PdConfig,
-        params: &[u8],
-    ) -> Result<Self, TransferError> {
+    pub(crate) fn connect(config: &PdConfig, params: &[u8]) -> Result<Self, TransferError> {
         let mut p = ChannelParams::read(ChannelKind::Hccl, params)?;
         let root: RootInfo = p.bytes("root info")?.try_into().map_err(|_| {
             TransferError::Protocol("hccl root info in Welcome is not 4108 bytes".into())
