@@ -153,10 +153,19 @@ fn finish_receiver(mut rx: Receiver) -> (bool, String) {
 }
 
 fn run_sender(ports: &str, requests: &str, env: &[(&str, &str)]) -> (bool, String) {
+    run_sender_on(ports, requests, "9.1.0", env)
+}
+
+fn run_sender_on(
+    ports: &str,
+    requests: &str,
+    version: &str,
+    env: &[(&str, &str)],
+) -> (bool, String) {
     let mut env = env.to_vec();
     env.push(("PORTS", ports));
     env.push(("REQUESTS", requests));
-    let out = child("child_sender", "9.1.0", &env).output().unwrap();
+    let out = child("child_sender", version, &env).output().unwrap();
     let text = format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
@@ -239,6 +248,50 @@ fn a_chunk_whose_checksum_does_not_match_is_dropped_and_the_next_request_lands()
     let (ok, out) = finish_receiver(rx);
     assert!(ok && out.contains("FAILED bad pages_used=0"), "{out}");
     assert!(out.contains("VERIFIED r4"), "{out}");
+}
+
+#[test]
+fn a_stalled_sender_times_out_on_both_sides_and_the_next_request_succeeds() {
+    let (rx, ports) = start_receiver("stalled:fail,r5:ok", &[]);
+    let started = Instant::now();
+    let (ok, out) = run_sender(
+        &ports,
+        "stalled",
+        &[("ASCEND_EMU_HCCL_STALL_AFTER_BYTES", DIE_AFTER)],
+    );
+    // The sender's fence gives up after the communicator's execution timeout (the PD io
+    // timeout, 5 s here), with the emulator's reason.
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("SEND-ERROR stalled") && out.contains("did not complete within 5s"),
+        "{out}"
+    );
+    let (ok, out) = run_sender(&ports, "r5", &[]);
+    assert!(ok && out.contains("SENT r5"), "{out}");
+    let (ok, out) = finish_receiver(rx);
+    assert!(ok && out.contains("FAILED stalled pages_used=0"), "{out}");
+    assert!(out.contains("VERIFIED r5"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_sender_on_a_cann_too_old_is_refused_naming_both_versions() {
+    let (rx, ports) = start_receiver("r6:ok", &[]);
+    let (ok, out) = run_sender_on(&ports, "old;r6", "8.3.0", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("SEND-ERROR old after") && out.contains("transfer channel hccl needs CANN 8.5.0 or newer, but this installation is CANN 8.3.0"),
+        "{out}"
+    );
+    // The receiver still serves a sender that can.
+    let (ok, out) = run_sender(&ports, "r6", &[]);
+    assert!(ok && out.contains("SENT r6"), "{out}");
+    let (ok, out) = finish_receiver(rx);
+    assert!(ok && out.contains("VERIFIED r6"), "{out}");
 }
 
 #[test]

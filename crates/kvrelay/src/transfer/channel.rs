@@ -170,6 +170,15 @@ pub(crate) fn server(
     })
 }
 
+/// Checks, before a sender's handshake, that this process can run `config.channel`.
+pub(crate) fn preflight(config: &PdConfig) -> Result<(), TransferError> {
+    match config.channel {
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hccl => super::hccl::check().map(drop),
+        _ => Ok(()),
+    }
+}
+
 /// The sender side of `config.channel`, opened from the receiver's `Welcome` parameters once the
 /// sender attached on `control`, for a PD buffer of `buffer_len` bytes.
 pub(crate) fn connect(

@@ -60,17 +60,24 @@ struct Runtime {
     exec_timeout_s: i32,
 }
 
+/// The ACL runtime, if this CANN can run the channel; otherwise why not (naming the
+/// version found and needed). A sender checks before its handshake, so a receiver never
+/// waits for a peer that cannot join.
+pub(crate) fn check() -> Result<Arc<Acl>, TransferError> {
+    let acl =
+        Acl::global().map_err(|e| TransferError::Config(format!("transfer_channel hccl: {e}")))?;
+    Capabilities::probe(&acl).hccl.require().map_err(|source| {
+        TransferError::ChannelUnsupported {
+            channel: "hccl",
+            source,
+        }
+    })?;
+    Ok(acl)
+}
+
 impl Runtime {
     fn open(config: &PdConfig) -> Result<Self, TransferError> {
-        let acl = Acl::global()
-            .map_err(|e| TransferError::Config(format!("transfer_channel hccl: {e}")))?;
-        let caps = Capabilities::probe(&acl);
-        caps.hccl
-            .require()
-            .map_err(|source| TransferError::ChannelUnsupported {
-                channel: "hccl",
-                source,
-            })?;
+        let acl = check()?;
         let hccl = Hccl::load()
             .map_err(|e| TransferError::Config(format!("transfer_channel hccl: {e}")))?;
         let runtime = Runtime {

@@ -286,6 +286,7 @@ struct Granted {
 
 impl Link {
     fn open(cfg: &PdConfig, peer: &PdPeer, rank: u32) -> Result<Self, TransferError> {
+        channel::preflight(cfg)?;
         let timeout = cfg.handshake_timeout;
         let mut init = connect(&peer.host, peer.init_port, timeout)?;
         let page_size = cfg.page_size();
