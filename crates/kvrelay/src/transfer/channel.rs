@@ -26,11 +26,11 @@
 //!   `HcclOneSideOpDesc{local = src, remote = remote_base + remote_offset, count = len,
 //!   UINT8}`; `fence` issues the batch with `HcclBatchPut(comm, remote_rank, descs, n,
 //!   stream)`, adds the op fence and synchronizes the stream; `Seal` then notifies.
-//! - **HCCL two-sided (`HcclSend`/`HcclRecv`, hccl)**: `put` is `HcclSend(src, len,
-//!   UINT8, peer, comm, stream)`; the receiver, on sending `AllocGrant`, posts one
-//!   `HcclRecv` per granted chunk into its page in chunk order (sends and receives pair in
-//!   order), and waits for its stream when the `Seal` arrives; `fence` synchronizes the
-//!   send stream.
+//! - **HCCL two-sided (`HcclSend`/`HcclRecv`, hccl, built)**: `put` stages the piece in
+//!   device memory; `fence` is one `HcclSend(staging, chunk len, UINT8, peer, comm,
+//!   stream)` and a stream synchronize. The receiver, before sending `AllocGrant`, posts
+//!   one `HcclRecv` per granted chunk into its page in chunk order (sends and receives pair
+//!   in order), and synchronizes its stream at the grant's first `Seal` (see `hccl.rs`).
 //! - **HIXL**: like one-sided: `put` appends a `TransferOpDesc{local_addr, remote_addr =
 //!   remote_base + remote_offset, len}`; `fence` runs `TransferSync(remote_engine, WRITE,
 //!   descs, timeout)` (or `TransferAsync` + `GetTransferStatus` until `COMPLETED`).

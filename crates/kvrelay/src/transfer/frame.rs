@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic "KVRL"
-//!      4    1 version (2)
+//!      4    1 version (3)
 //!      5    1 message type (MsgType)
 //!      6    2 flags, must be 0
 //!      8    4 body length in bytes (u32), bounded per message type and connection state
