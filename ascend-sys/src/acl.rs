@@ -6,7 +6,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use vendor_dl::{symbol_name, FnPtr, Slot};
+use vendor_dl::{FnPtr, Slot};
 
 use crate::error::{AclError, AclStatus, LoadError};
 use crate::library::{Loaded, Origin};
@@ -145,17 +145,7 @@ impl Acl {
         name: &'static [u8],
         call: &'static str,
     ) -> Result<T::Raw, AclError> {
-        // SAFETY: T is the function-pointer type wrapper.h declares for the C symbol
-        // `name`, from its documented prototype. The pointer is only called while the
-        // library is loaded: both live in this Acl.
-        unsafe { vendor_dl::resolve::<T>(&self.loaded.lib, slot, name) }.map_err(|message| {
-            AclError::MissingSymbol {
-                call,
-                symbol: symbol_name(name),
-                library: self.loaded.origin.path.clone(),
-                message,
-            }
-        })
+        self.loaded.resolve::<T>(slot, name, call)
     }
 
     /// `Ok` for success; otherwise the error, with `aclGetRecentErrMsg`'s text.

@@ -7,8 +7,8 @@
 use crate::acl::{Acl, VERSION_PACKAGES};
 use crate::error::Unsupported;
 use crate::hccl::{
-    HCOMM_SPLIT, HIXL_C_API_LAYOUT, HIXL_SYMBOLS, HIXL_SYNC_SYMBOLS, ONE_SIDED_SYMBOLS,
-    TWO_SIDED_SYMBOLS,
+    HCCL_TWO_SIDED_MIN, HCOMM_SPLIT, HIXL_C_API_LAYOUT, HIXL_SYMBOLS, HIXL_SYNC_SYMBOLS,
+    ONE_SIDED_SYMBOLS, TWO_SIDED_SYMBOLS,
 };
 use crate::library::Loaded;
 use crate::search::Lib;
@@ -132,8 +132,10 @@ impl Capabilities {
         let gate = |name, needs| gate(name, needs, &runtime_version);
         let hccl = Feature {
             name: "transfer channel hccl",
-            needs: None,
-            status: with_symbols("transfer channel hccl", &[Lib::Hccl], &TWO_SIDED_SYMBOLS),
+            needs: Some(HCCL_TWO_SIDED_MIN),
+            status: gate("transfer channel hccl", HCCL_TWO_SIDED_MIN).and_then(|()| {
+                with_symbols("transfer channel hccl", &[Lib::Hccl], &TWO_SIDED_SYMBOLS)
+            }),
         };
         // The one-sided calls moved with CANN 8.5; with no version known, either will do.
         let one_sided_libs: &[Lib] = match &runtime_version {

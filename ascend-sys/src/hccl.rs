@@ -2,10 +2,232 @@
 //! capability probe, and the versioned communicator config. Their calls are bound by the
 //! PD channels that use them.
 
-use vendor_dl::symbol_name;
+use std::ffi::{c_void, CStr};
+use std::sync::Arc;
 
+use vendor_dl::{symbol_name, FnPtr, Slot};
+
+use crate::acl::RawStream;
+use crate::error::{AclError, LoadError};
+use crate::library::{Loaded, Origin};
+use crate::search::Lib;
 use crate::sys;
 use crate::version::CannVersion;
+
+vendor_dl::lazy_symbols! {
+    /// The HCCL symbols the two-sided `hccl` channel calls.
+    HCCL_TWO_SIDED for Hccl, error HcclError;
+    get_root_info_fn: HcclGetRootInfo_fn = HCCL_SYM_GET_ROOT_INFO, "HcclGetRootInfo";
+    init_root_info_config_fn: HcclCommInitRootInfoConfig_fn =
+        HCCL_SYM_COMM_INIT_ROOT_INFO_CONFIG, "HcclCommInitRootInfoConfig";
+    destroy_fn: HcclCommDestroy_fn = HCCL_SYM_COMM_DESTROY, "HcclCommDestroy";
+    error_string_fn: HcclGetErrorString_fn = HCCL_SYM_GET_ERROR_STRING, "HcclGetErrorString";
+    send_fn: HcclSend_fn = HCCL_SYM_SEND, "HcclSend";
+    recv_fn: HcclRecv_fn = HCCL_SYM_RECV, "HcclRecv";
+}
+
+/// An HCCL call that failed or could not be made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HcclError {
+    /// The call returned a status other than `HCCL_SUCCESS`.
+    #[error("{call} returned HcclResult {code}: {message}")]
+    Status {
+        /// The HCCL function.
+        call: &'static str,
+        /// The `HcclResult` it returned.
+        code: sys::HcclResult,
+        /// `HcclGetErrorString`'s text for the code (empty when unavailable).
+        message: String,
+    },
+    /// The library does not export the symbol this call needs
+    /// ([`AclError::MissingSymbol`], which names the call, symbol and library).
+    #[error(transparent)]
+    Unavailable(AclError),
+}
+
+/// HCCL's two-sided calls (`libhccl.so`; the communicator calls come from `libhcomm.so`
+/// on CANN 8.5+, which `libhccl.so` depends on, so its handle resolves them too).
+pub struct Hccl {
+    loaded: Loaded,
+    symbols: Symbols,
+}
+
+impl std::fmt::Debug for Hccl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hccl")
+            .field("origin", &self.loaded.origin)
+            .finish()
+    }
+}
+
+/// The 4108-byte root info rank 0 hands every other rank out of band.
+pub type RootInfo = [u8; sys::ASCEND_SYS_HCCL_ROOT_INFO_BYTES as usize];
+
+impl Hccl {
+    /// Finds and opens `libhccl.so` through its search order.
+    pub fn load() -> Result<Arc<Hccl>, LoadError> {
+        Loaded::load(Lib::Hccl).map(|loaded| {
+            Arc::new(Hccl {
+                loaded,
+                symbols: Symbols::default(),
+            })
+        })
+    }
+
+    /// Where the library was found.
+    pub fn origin(&self) -> &Origin {
+        &self.loaded.origin
+    }
+
+    fn resolve<T: FnPtr>(
+        &self,
+        slot: &Slot<T>,
+        name: &'static [u8],
+        call: &'static str,
+    ) -> Result<T::Raw, HcclError> {
+        self.loaded
+            .resolve::<T>(slot, name, call)
+            .map_err(HcclError::Unavailable)
+    }
+
+    fn check(&self, call: &'static str, code: sys::HcclResult) -> Result<(), HcclError> {
+        if code == sys::HCCL_SUCCESS as sys::HcclResult {
+            return Ok(());
+        }
+        let message = self
+            .error_string_fn()
+            .ok()
+            // SAFETY: takes a code; returns null or a static NUL-terminated string.
+            .map(|f| unsafe { f(code) })
+            .filter(|text| !text.is_null())
+            // SAFETY: checked non-null; copied out at once.
+            .map(|text| {
+                unsafe { CStr::from_ptr(text) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        Err(HcclError::Status {
+            call,
+            code,
+            message,
+        })
+    }
+
+    /// `HcclGetRootInfo`: rank 0's bootstrap address for a new communicator.
+    pub fn root_info(&self) -> Result<RootInfo, HcclError> {
+        let f = self.get_root_info_fn()?;
+        let mut info = sys::HcclRootInfo {
+            internal: [0; sys::ASCEND_SYS_HCCL_ROOT_INFO_BYTES as usize],
+        };
+        // SAFETY: `info` is a writable HcclRootInfo for the duration of the call.
+        self.check("HcclGetRootInfo", unsafe { f(&mut info) })?;
+        Ok(info.internal.map(|b| b as u8))
+    }
+
+    /// `HcclCommInitRootInfoConfig`: joins the `ranks`-rank communicator `root` names as
+    /// `rank`; blocks until every rank joined or HCCL's connect timeout passed.
+    pub fn join(
+        self: &Arc<Self>,
+        ranks: u32,
+        root: &RootInfo,
+        rank: u32,
+        config: &CommConfigV8,
+    ) -> Result<Comm, HcclError> {
+        let f = self.init_root_info_config_fn()?;
+        let info = sys::HcclRootInfo {
+            internal: root.map(|b| b as std::ffi::c_char),
+        };
+        let mut comm: sys::HcclComm = std::ptr::null_mut();
+        // SAFETY: `info` and `config` are valid for the call; `comm` is a writable slot.
+        self.check("HcclCommInitRootInfoConfig", unsafe {
+            f(ranks, &info, rank, &config.0, &mut comm)
+        })?;
+        Ok(Comm {
+            hccl: Arc::clone(self),
+            raw: comm,
+        })
+    }
+}
+
+/// A communicator, destroyed when dropped (which also ends its pending sends and
+/// receives).
+pub struct Comm {
+    hccl: Arc<Hccl>,
+    raw: sys::HcclComm,
+}
+
+// SAFETY: an HcclComm handle may be used from any thread bound to its device; Comm owns it.
+unsafe impl Send for Comm {}
+
+impl Comm {
+    /// `HcclSend` of `len` bytes at device address `buf` to `peer`, issued on `stream`.
+    ///
+    /// # Safety
+    /// `buf` is device memory readable for `len` bytes that stays valid and unchanged
+    /// until `stream` is synchronized; `stream` is live.
+    pub unsafe fn send(
+        &self,
+        buf: *const c_void,
+        len: usize,
+        peer: u32,
+        stream: RawStream,
+    ) -> Result<(), HcclError> {
+        let f = self.hccl.send_fn()?;
+        // SAFETY: forwarded from the caller; UINT8 makes the count a byte count.
+        let code = unsafe {
+            f(
+                buf.cast_mut(),
+                len as u64,
+                sys::HCCL_DATA_TYPE_UINT8,
+                peer,
+                self.raw,
+                stream.0,
+            )
+        };
+        self.hccl.check("HcclSend", code)
+    }
+
+    /// `HcclRecv` of `len` bytes from `peer` into device address `buf`, issued on `stream`.
+    ///
+    /// # Safety
+    /// `buf` is device memory writable for `len` bytes, used by nothing else until
+    /// `stream` is synchronized or this communicator is dropped; `stream` is live.
+    pub unsafe fn recv(
+        &self,
+        buf: *mut c_void,
+        len: usize,
+        peer: u32,
+        stream: RawStream,
+    ) -> Result<(), HcclError> {
+        let f = self.hccl.recv_fn()?;
+        // SAFETY: forwarded from the caller.
+        let code = unsafe {
+            f(
+                buf,
+                len as u64,
+                sys::HCCL_DATA_TYPE_UINT8,
+                peer,
+                self.raw,
+                stream.0,
+            )
+        };
+        self.hccl.check("HcclRecv", code)
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        let result = self.hccl.destroy_fn().and_then(|f| {
+            // SAFETY: the handle came from HcclCommInitRootInfoConfig and is destroyed once.
+            self.hccl.check("HcclCommDestroy", unsafe { f(self.raw) })
+        });
+        if let Err(error) = result {
+            tracing::error!(%error, "destroying an HCCL communicator failed");
+        }
+    }
+}
 
 /// Symbols the two-sided `hccl` channel calls (comm setup in libhcomm.so from 8.5, found
 /// through libhccl.so's dependencies; ops in libhccl.so).
@@ -32,6 +254,10 @@ pub const HIXL_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_CREATE)];
 
 /// HIXL's synchronous batch calls (CANN 9.1).
 pub const HIXL_SYNC_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_BATCH_PUT_SYNC)];
+
+/// The two-sided channel passes the version-8 communicator config (CANN 8.5's layout);
+/// older libraries were never checked against it, so the channel needs 8.5.
+pub const HCCL_TWO_SIDED_MIN: CannVersion = CannVersion::release(8, 5, 0);
 
 /// CANN 8.5 moved communicators and one-sided calls into libhcomm.so.
 pub const HCOMM_SPLIT: CannVersion = CannVersion::release(8, 5, 0);

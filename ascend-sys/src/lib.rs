@@ -52,6 +52,7 @@ pub mod sys {
 pub use acl::{Acl, CopyKind, RawStream, ACL_SYMBOLS, TEST_DOUBLE_MARKER, VERSION_PACKAGES};
 pub use caps::{Capabilities, CopyCapabilities, Feature};
 pub use error::{AclError, AclStatus, Attempt, LoadError, Unsupported};
+pub use hccl::{Comm, CommConfigV8, Hccl, HcclError, RootInfo, HCCL_TWO_SIDED};
 pub use library::{Loaded, Origin};
 pub use memory::{DeviceBuffer, PinnedHost, Stream};
 pub use search::{Candidate, Lib};

@@ -3,9 +3,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use vendor_dl::Library;
+use vendor_dl::{symbol_name, FnPtr, Library, Slot};
 
-use crate::error::{Attempt, LoadError};
+use crate::error::{AclError, Attempt, LoadError};
 use crate::search::{search_order, Candidate, Lib};
 
 /// Where a loaded library came from.
@@ -112,6 +112,26 @@ impl Loaded {
     /// Whether the library exports `symbol`. Only probes; never calls.
     pub fn has(&self, symbol: &str) -> bool {
         vendor_dl::has_symbol(&self.lib, symbol)
+    }
+
+    /// Resolves `name` (the C symbol `call` needs) once, remembering the result in `slot`.
+    pub(crate) fn resolve<T: FnPtr>(
+        &self,
+        slot: &Slot<T>,
+        name: &'static [u8],
+        call: &'static str,
+    ) -> Result<T::Raw, AclError> {
+        // SAFETY: T is the function-pointer type wrapper.h declares for the C symbol
+        // `name`, from its documented prototype. The pointer is only called while the
+        // library is loaded: callers keep this Loaded alive as long as they call it.
+        unsafe { vendor_dl::resolve::<T>(&self.lib, slot, name) }.map_err(|message| {
+            AclError::MissingSymbol {
+                call,
+                symbol: symbol_name(name),
+                library: self.origin.path.clone(),
+                message,
+            }
+        })
     }
 
     /// Those of `symbols` the library does not export.

@@ -43,16 +43,24 @@
 //! - `ASCEND_EMU_FAIL_SYNC_AFTER=N`: stream synchronizes after the first N fail with
 //!   `ACL_ERROR_RT_COPY_DATA` and drop the copies they were to land (nothing is written).
 //!
+//! HCCL two-sided (`HcclGetRootInfo`, `HcclCommInitRootInfoConfig`, `HcclSend`,
+//! `HcclRecv`, `HcclCommDestroy`, `HcclGetErrorString`) is emulated in [`hccl`], with its
+//! own knobs; point `KVRELAY_HCCL_LIB` at this library too (the device memory the calls
+//! move is this library's).
+//!
 //! Every export catches panics and returns `ACL_ERROR_INTERNAL_ERROR`; none unwinds into C.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use ascend_sys::sys::{self, aclError, aclrtMemcpyBatchAttr, aclrtMemcpyKind, aclrtStream};
 use ascend_sys::CannVersion;
+
+mod hccl;
 
 /// Marks this library as the test double (`ascend_sys::TEST_DOUBLE_MARKER`).
 #[no_mangle]
@@ -156,6 +164,8 @@ struct Copy {
 struct StreamState {
     device: u32,
     pending: Vec<Copy>,
+    /// HCCL sends and receives issued on the stream, each with its execution timeout.
+    hccl: Vec<(Arc<hccl::Completion>, Duration)>,
 }
 
 struct State {
@@ -215,12 +225,16 @@ fn export(body: impl FnOnce() -> Outcome) -> aclError {
     match outcome {
         Ok(()) => SUCCESS,
         Err(Failure(code, message)) => {
-            let text =
-                CString::new(format!("ascend-emu test double: {message}")).unwrap_or_default();
-            LAST_ERROR.with(|last| *last.borrow_mut() = text);
+            record_error(&message);
             code
         }
     }
+}
+
+/// Keeps `message` as the calling thread's last error text.
+fn record_error(message: &str) {
+    let text = CString::new(format!("ascend-emu test double: {message}")).unwrap_or_default();
+    LAST_ERROR.with(|last| *last.borrow_mut() = text);
 }
 
 fn initialized() -> Result<MutexGuard<'static, State>, Failure> {
@@ -523,6 +537,7 @@ pub unsafe extern "C" fn aclrtCreateStream(stream: *mut aclrtStream) -> aclError
             StreamState {
                 device,
                 pending: Vec::new(),
+                hccl: Vec::new(),
             },
         );
         // SAFETY: checked non-null; the handle is an opaque number, never dereferenced.
@@ -561,12 +576,19 @@ pub unsafe extern "C" fn aclrtSynchronizeStream(stream: aclrtStream) -> aclError
             .get_mut(&(stream as usize))
             .ok_or_else(|| Failure(INVALID_PARAM, format!("unknown stream {stream:?}")))?;
         let pending = std::mem::take(&mut entry.pending);
+        let hccl = std::mem::take(&mut entry.hccl);
         if let Some(after) = config().fail_sync_after {
             if n > after {
                 return fail(COPY_DATA, format!("injected failure of synchronize {n} (ASCEND_EMU_FAIL_SYNC_AFTER={after}); {} queued copies dropped", pending.len()));
             }
         }
         pending.into_iter().for_each(perform);
+        // HCCL operations complete on their communicator's workers: wait without the lock.
+        drop(state);
+        for (done, timeout) in hccl {
+            done.wait(timeout)
+                .map_err(|why| Failure(sys::ACL_ERROR_RT_INTERNAL_ERROR, why))?;
+        }
         Ok(())
     })
 }

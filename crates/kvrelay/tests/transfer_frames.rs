@@ -32,8 +32,7 @@ fn samples() -> Vec<Vec<u8>> {
             token: [2; 16],
             page_size: 4096,
             num_pages: 8,
-            shm_path: "/dev/shm/kvrelay-pd-1-0-ab".into(),
-            shm_len: 32768,
+            channel_params: b"\x01/dev/shm/kvrelay-pd-1-0-ab".to_vec(),
             skip_last_n_tokens: 1,
         },
         Message::Error {

@@ -1143,7 +1143,7 @@ fn handshake_refuses_mismatched_geometry_rank_and_channel() {
 
 #[test]
 fn unsupported_channels_are_named() {
-    let yaml = "enable_pd: true\npd_role: receiver\ntransfer_channel: hccl\npd_buffer_size: 4096\n\
+    let yaml = "enable_pd: true\npd_role: receiver\ntransfer_channel: hixl\npd_buffer_size: 4096\n\
                 pd_buffer_device: npu\npd_peer_host: h\npd_peer_init_port: 1\npd_peer_alloc_port: 2\n";
     let cfg = LmcacheConfig::from_yaml_str(yaml).unwrap();
     let err = PdConfig::from_lmcache(&cfg, &spec(), keys()).unwrap_err();

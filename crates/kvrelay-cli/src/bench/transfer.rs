@@ -9,6 +9,11 @@
 //! The sender's checksums are taken when its staging buffers are filled, as the connector
 //! takes them when it gathers each chunk during chunked prefill; that cost is reported on
 //! its own (`sender_checksum_gbps`), not hidden in the send.
+//!
+//! `hccl` (feature `ascend`) runs the HCCL two-sided channel with the PD buffer on the NPU;
+//! on the `ascend-emu` test double (`KVRELAY_ASCENDCL_LIB` and `KVRELAY_HCCL_LIB` naming
+//! it) the line says `"emulated": true`, and the figure is the emulator's: host copies and
+//! a loopback TCP stream, against the same plain TCP stream as baseline.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -29,7 +34,7 @@ use super::{gbps, print_result};
 
 #[derive(clap::Args)]
 pub struct TransferArgs {
-    /// `tcp` or `shm`.
+    /// `tcp`, `shm`, or `hccl` (with the ascend feature).
     #[arg(long, default_value = "tcp")]
     transport: String,
     /// Bytes of KV in the request, MiB (128 KiB per token for this model shape).
@@ -44,9 +49,18 @@ const CHUNK_TOKENS: usize = 256;
 
 pub fn run(args: TransferArgs) -> Result<(), String> {
     let transport = args.transport.as_str();
-    if !matches!(transport, "tcp" | "shm") {
-        return Err(format!("--transport {transport:?}: expected tcp or shm"));
+    let channels: &[&str] = if cfg!(feature = "ascend") {
+        &["tcp", "shm", "hccl"]
+    } else {
+        &["tcp", "shm"]
+    };
+    if !channels.contains(&transport) {
+        return Err(format!(
+            "--transport {transport:?}: expected one of {}",
+            channels.join(", ")
+        ));
     }
+    let buffer_device = if transport == "hccl" { "npu" } else { "cpu" };
     let spec = super::LLAMA_8B_CHUNKS;
     let token_bytes = spec.chunk_bytes(1);
     let tokens = (args.size_mib << 20) / token_bytes;
@@ -68,7 +82,7 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     });
     let yaml = format!(
         "chunk_size: {CHUNK_TOKENS}\nenable_pd: true\npd_role: sender\ntransfer_channel: {transport}\n\
-         pd_buffer_size: {}\npd_buffer_device: cpu\npd_peer_host: 127.0.0.1\npd_peer_init_port: 0\n\
+         pd_buffer_size: {}\npd_buffer_device: {buffer_device}\npd_peer_host: 127.0.0.1\npd_peer_init_port: 0\n\
          pd_peer_alloc_port: 0\npd_proxy_host: 127.0.0.1\npd_proxy_port: {proxy_port}\n",
         num_chunks * page
     );
@@ -140,14 +154,10 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     }
     let baseline_kind = match transport {
         "tcp" => "one plain loopback TCP stream of the same bytes (same socket options)",
+        "hccl" => "one plain loopback TCP stream of the same bytes (what the emulator's HCCL moves them over)",
         _ => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping",
     };
-    print_result(
-        "transfer",
-        "gbps",
-        gbps(bytes, best[0]),
-        gbps(bytes, best[1]),
-        serde_json::json!({
+    let mut extra = serde_json::json!({
             "transport": transport,
             "baseline_kind": baseline_kind,
             "bytes": bytes,
@@ -156,9 +166,26 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
             "sender_checksum_gbps": gbps(bytes, checksum_time),
             "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, best[2])),
             "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
-        }),
+    });
+    #[cfg(feature = "ascend")]
+    if transport == "hccl" {
+        extra["emulated"] = emulated()?.into();
+    }
+    print_result(
+        "transfer",
+        "gbps",
+        gbps(bytes, best[0]),
+        gbps(bytes, best[1]),
+        extra,
     );
     Ok(())
+}
+
+/// Whether the ACL runtime the `hccl` channel ran on is the `ascend-emu` test double.
+#[cfg(feature = "ascend")]
+fn emulated() -> Result<bool, String> {
+    let acl = kvrelay::device::ascend::ascend_sys::Acl::global().map_err(|e| e.to_string())?;
+    Ok(acl.is_test_double())
 }
 
 fn timed_memcpy(dst: &mut [u8], src: &[u8]) -> Duration {

@@ -220,6 +220,15 @@ impl PdBuffer {
         self.shared.memory.base().as_ptr().wrapping_add(offset)
     }
 
+    /// The start of page `page` (< `num_pages()`).
+    pub(crate) fn page_ptr(&self, page: usize) -> NonNull<u8> {
+        debug_assert!(page < self.num_pages());
+        let base = self.shared.memory.base();
+        // SAFETY: a page index below num_pages() starts inside the memory, which is not
+        // null; the offset cannot overflow as the memory is that large.
+        unsafe { NonNull::new_unchecked(base.as_ptr().add(page * self.page_size())) }
+    }
+
     /// Reserves one page for each chunk, all or nothing, waiting up to `timeout` for pages
     /// to come free.
     pub(crate) fn reserve(

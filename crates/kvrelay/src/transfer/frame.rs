@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic "KVRL"
-//!      4    1 version (2)
+//!      4    1 version (3)
 //!      5    1 message type (MsgType)
 //!      6    2 flags, must be 0
 //!      8    4 body length in bytes (u32), bounded per message type and connection state
@@ -22,11 +22,13 @@ use crate::store::ChunkMeta;
 
 pub const MAGIC: [u8; 4] = *b"KVRL";
 /// 2: `Hello` carries the sender's [`KeyDerivation`], `Welcome` the receiver's lookup rule.
-pub const VERSION: u8 = 2;
+/// 3: `Welcome` carries the channel's opaque, versioned parameters instead of shm fields.
+pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 12;
 
-/// Bound on handshake frames (init port, and the first frame on the alloc port).
-pub const MAX_HANDSHAKE_BODY: u32 = 4 << 10;
+/// Bound on handshake frames (init port, and the first frame on the alloc port): room for
+/// [`MAX_CHANNEL_PARAMS`] and the rest of a `Welcome`.
+pub const MAX_HANDSHAKE_BODY: u32 = 8 << 10;
 /// Bound on every control frame (an `AllocRequest` of a 1M-token prompt is ~0.5 MiB).
 pub const MAX_CONTROL_BODY: u32 = 4 << 20;
 /// Bound on one `Data` frame's payload.
@@ -36,7 +38,8 @@ pub const MAX_CHUNKS: u32 = 1 << 16;
 pub const MAX_REQUEST_ID: usize = 256;
 pub const MAX_KEY: usize = 512;
 pub const MAX_MESSAGE: usize = 1024;
-pub const MAX_SHM_PATH: usize = 255;
+/// Bound on `Welcome`'s channel parameters (an HCCL root info is 4108 bytes).
+pub const MAX_CHANNEL_PARAMS: usize = 6 << 10;
 /// Bound on a dtype or hash algorithm name in `Hello`.
 pub const MAX_NAME: usize = 64;
 pub const NONCE_LEN: usize = 32;
@@ -203,6 +206,8 @@ impl ErrorCode {
 pub enum ChannelKind {
     Tcp,
     Shm,
+    /// HCCL two-sided send/receive (feature `ascend`).
+    Hccl,
 }
 
 impl ChannelKind {
@@ -210,6 +215,7 @@ impl ChannelKind {
         match self {
             ChannelKind::Tcp => "tcp",
             ChannelKind::Shm => "shm",
+            ChannelKind::Hccl => "hccl",
         }
     }
 
@@ -217,6 +223,7 @@ impl ChannelKind {
         match v {
             1 => Some(ChannelKind::Tcp),
             2 => Some(ChannelKind::Shm),
+            3 => Some(ChannelKind::Hccl),
             _ => None,
         }
     }
@@ -225,6 +232,7 @@ impl ChannelKind {
         match self {
             ChannelKind::Tcp => 1,
             ChannelKind::Shm => 2,
+            ChannelKind::Hccl => 3,
         }
     }
 }
@@ -271,8 +279,9 @@ pub enum Message {
         token: [u8; TOKEN_LEN],
         page_size: u64,
         num_pages: u32,
-        shm_path: String,
-        shm_len: u64,
+        /// What the sender needs to open the channel (shm: the file to map): opaque here,
+        /// versioned and decoded by the channel (see `channel::ChannelParams`).
+        channel_params: Vec<u8>,
         /// The decoder's `skip_last_n_tokens`: its lookups leave out a prompt's last n
         /// tokens, so the sender does not send chunks that would never be looked up.
         skip_last_n_tokens: u32,
@@ -370,15 +379,13 @@ impl Message {
                 token,
                 page_size,
                 num_pages,
-                shm_path,
-                shm_len,
+                channel_params,
                 skip_last_n_tokens,
             } => {
                 w.bytes(token);
                 w.u64(*page_size);
                 w.u32(*num_pages);
-                w.str(shm_path);
-                w.u64(*shm_len);
+                w.blob(channel_params);
                 w.u32(*skip_last_n_tokens);
             }
             Message::Error { code, message } => {
@@ -576,8 +583,7 @@ pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
             token: r.array("token")?,
             page_size: r.u64("page_size")?,
             num_pages: r.u32("num_pages")?,
-            shm_path: r.str("shm_path", MAX_SHM_PATH)?,
-            shm_len: r.u64("shm_len")?,
+            channel_params: r.blob("channel_params", MAX_CHANNEL_PARAMS)?,
             skip_last_n_tokens: r.u32("skip_last_n_tokens")?,
         },
         MsgType::Error => Message::Error {
@@ -842,9 +848,13 @@ impl Writer {
     }
     /// Callers bound strings below u16::MAX (ids, keys, messages, paths are checked).
     fn str(&mut self, s: &str) {
-        let len = s.len().min(u16::MAX as usize);
+        self.blob(s.as_bytes());
+    }
+    /// A u16 length, then the bytes; callers bound them below u16::MAX.
+    fn blob(&mut self, b: &[u8]) {
+        let len = b.len().min(u16::MAX as usize);
         self.u16(len as u16);
-        self.0.extend_from_slice(&s.as_bytes()[..len]);
+        self.0.extend_from_slice(&b[..len]);
     }
 }
 
@@ -883,7 +893,10 @@ impl<'a> Reader<'a> {
     fn u64(&mut self, field: &'static str) -> Result<u64, FrameError> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
-    fn str(&mut self, field: &'static str, max: usize) -> Result<String, FrameError> {
+    fn blob(&mut self, field: &'static str, max: usize) -> Result<Vec<u8>, FrameError> {
+        self.blob_ref(field, max).map(<[u8]>::to_vec)
+    }
+    fn blob_ref(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], FrameError> {
         let len = self.u16(field)? as usize;
         if len > max {
             return Err(FrameError::FieldTooLong {
@@ -893,7 +906,10 @@ impl<'a> Reader<'a> {
                 max,
             });
         }
-        let bytes = self.take(field, len)?;
+        self.take(field, len)
+    }
+    fn str(&mut self, field: &'static str, max: usize) -> Result<String, FrameError> {
+        let bytes = self.blob_ref(field, max)?;
         std::str::from_utf8(bytes)
             .map(str::to_string)
             .map_err(|e| self.bad(field, e.to_string()))
@@ -991,8 +1007,7 @@ mod tests {
                 token: [4; TOKEN_LEN],
                 page_size: 4096,
                 num_pages: 3,
-                shm_path: "/dev/shm/kvrelay-pd-1".into(),
-                shm_len: 12288,
+                channel_params: vec![1, 2, 3],
                 skip_last_n_tokens: 1,
             },
             Message::Error {

@@ -27,8 +27,9 @@
 //!
 //! 1. **Init port** (`pd_peer_init_port[rank]`), once per sender: `Hello` (rank, channel,
 //!    page size, layout fingerprint, [`KeyDerivation`], nonce) → `Challenge` (nonce, receiver
-//!    proof) → `Auth` (sender proof) → `Welcome` (one-time session token, buffer geometry, shm
-//!    name, the decoder's `skip_last_n_tokens`). A sender that derives keys differently
+//!    proof) → `Auth` (sender proof) → `Welcome` (one-time session token, buffer geometry, the
+//!    channel's opaque versioned parameters (shm: the file to map), the decoder's
+//!    `skip_last_n_tokens`). A sender that derives keys differently
 //!    (model, world size, dtype, chunk size, hash algorithm or seed) is refused with
 //!    `Error{KeyMismatch}` naming the first differing field and both values. With
 //!    `pd_shared_secret` both proofs are HMAC-SHA256 over both nonces and the rank, so each
@@ -74,6 +75,8 @@ pub mod frame;
 mod auth;
 mod buffer;
 mod channel;
+#[cfg(feature = "ascend")]
+mod hccl;
 mod receiver;
 mod sender;
 mod shm;
@@ -111,6 +114,31 @@ pub enum TransferError {
     Protocol(String),
     #[error("PD configuration: {0}")]
     Config(String),
+    /// This CANN installation cannot run the chosen channel (the reason names the version
+    /// found and the version needed, or the missing library or symbols).
+    #[cfg(feature = "ascend")]
+    #[error("transfer_channel {channel} cannot run here: {source}")]
+    ChannelUnsupported {
+        channel: &'static str,
+        #[source]
+        source: ascend_sys::Unsupported,
+    },
+    /// An ACL call of an Ascend channel failed (loading, memory, stream, copy).
+    #[cfg(feature = "ascend")]
+    #[error("{what}: {source}")]
+    Acl {
+        what: &'static str,
+        #[source]
+        source: ascend_sys::AclError,
+    },
+    /// An HCCL call failed: the peer died or timed out, or the communicator is unusable.
+    #[cfg(feature = "ascend")]
+    #[error("{what}: {source}")]
+    Hccl {
+        what: &'static str,
+        #[source]
+        source: ascend_sys::HcclError,
+    },
     #[error("transfer_channel {0:?} is not available in this build; kvrelay moves PD KV over \"tcp\" or \"shm\" (hccl, hcomm_onesided and hixl come with the ascend feature)")]
     UnsupportedChannel(String),
     #[error("pd_buffer_size = {buffer_size} bytes cannot hold one chunk of {page_size} bytes")]
@@ -361,6 +389,8 @@ pub struct PdConfig {
     pub io_timeout: Duration,
     /// Bound on concurrent connections per listening port.
     pub max_connections: usize,
+    /// The NPU (logical id) an Ascend channel of this process uses: its TP rank's device.
+    pub device: u32,
     /// `pd_backend_mode`: whether a sender's save step waits for the transfer.
     pub backend_mode: PdBackendMode,
 }
@@ -396,6 +426,8 @@ impl PdConfig {
         let channel = match cfg.transfer_channel.as_deref() {
             Some("tcp") => ChannelKind::Tcp,
             Some("shm") => ChannelKind::Shm,
+            #[cfg(feature = "ascend")]
+            Some("hccl") => ChannelKind::Hccl,
             Some(other) => return Err(TransferError::UnsupportedChannel(other.to_string())),
             None => return Err(TransferError::Config("transfer_channel is not set".into())),
         };
@@ -430,6 +462,7 @@ impl PdConfig {
             handshake_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             max_connections: 64,
+            device: 0,
             backend_mode: cfg.pd_backend_mode,
         })
     }

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::auth::{proof, random, verify_proof, Role};
-use super::buffer::{HostPages, Occupancy, PageMemory, PdBuffer, ReadyRequest};
+use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
+use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
 use super::frame::{
-    self, read_frame, ChannelKind, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck,
-    Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    self, read_frame, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck, Incoming, Message,
+    MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
-use super::shm::ShmPages;
 use super::tcp::tune_socket;
 use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
@@ -41,15 +41,19 @@ struct Inner {
     rank: u32,
     fingerprint: u64,
     buffer: PdBuffer,
-    /// `shm`: the file senders map and its length.
-    shm: Option<(String, u64)>,
-    /// Session tokens issued by the init port and not yet attached, with their issue time.
-    sessions: Mutex<HashMap<[u8; TOKEN_LEN], Instant>>,
+    /// The receiving side of `config.channel`; it allocated `buffer`'s memory.
+    server: Box<dyn ChannelServer>,
+    /// Session tokens issued by the init port and not yet attached, with their issue time
+    /// and the channel's receiving end for that sender.
+    sessions: Mutex<HashMap<[u8; TOKEN_LEN], PendingSession>>,
     stop: AtomicBool,
     /// Live connections, so shutdown can unblock their threads.
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
 }
+
+/// A session issued at handshake: when, and the channel's receiving end for it.
+type PendingSession = (Instant, Box<dyn ServerSession>);
 
 #[derive(Clone, Copy)]
 enum Port {
@@ -83,14 +87,8 @@ impl PdReceiver {
             TransferError::Config("pd_buffer_size exceeds the address space".into())
         })?;
         let peer = PdPeer::from_config(config, rank)?;
-        let (memory, shm): (Box<dyn PageMemory>, _) = match config.channel {
-            ChannelKind::Tcp => (Box::new(HostPages::new(len)?), None),
-            ChannelKind::Shm => {
-                let pages = ShmPages::create(rank, len)?;
-                let path = pages.path().to_string_lossy().into_owned();
-                (Box::new(pages), Some((path, len as u64)))
-            }
-        };
+        let mut server = channel::server(config, rank)?;
+        let memory = server.memory(len)?;
         let buffer = PdBuffer::new(memory, page_size, config.ttl)?;
         let bind = |port: u16| {
             TcpListener::bind((peer.host.as_str(), port))
@@ -107,7 +105,7 @@ impl PdReceiver {
             rank,
             fingerprint: config.spec.chunk_fingerprint(),
             buffer,
-            shm,
+            server,
             sessions: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
@@ -431,24 +429,24 @@ impl Inner {
             }
         }
         let token = random()?;
-        {
+        let channel_params = {
             let mut sessions = self.sessions.lock();
             let now = Instant::now();
-            sessions.retain(|_, issued| now.duration_since(*issued) < timeout);
+            sessions.retain(|_, (issued, _)| now.duration_since(*issued) < timeout);
             if sessions.len() >= self.config.max_connections {
                 return Err(refused(ErrorCode::Busy, "too many pending sessions".into()));
             }
-            sessions.insert(token, now);
-        }
-        let (shm_path, shm_len) = self.shm.clone().unwrap_or_default();
+            let (params, session) = self.server.open()?;
+            sessions.insert(token, (now, session));
+            params
+        };
         write(
             stream,
             &Message::Welcome {
                 token,
                 page_size: self.buffer.page_size() as u64,
                 num_pages: self.buffer.num_pages() as u32,
-                shm_path,
-                shm_len,
+                channel_params,
                 skip_last_n_tokens: u32::try_from(self.config.skip_last_n_tokens)
                     .unwrap_or(u32::MAX),
             },
@@ -463,13 +461,16 @@ impl Inner {
             return Err(TransferError::Protocol("expected Attach".into()));
         };
         let issued = self.sessions.lock().remove(&token);
-        let fresh = matches!(issued, Some(t) if t.elapsed() < cfg.handshake_timeout);
-        if !fresh {
-            return Err(refused(
-                ErrorCode::BadSession,
-                "unknown or expired session token; redo the init handshake".into(),
-            ));
-        }
+        let mut session = match issued {
+            Some((t, session)) if t.elapsed() < cfg.handshake_timeout => session,
+            _ => {
+                return Err(refused(
+                    ErrorCode::BadSession,
+                    "unknown or expired session token; redo the init handshake".into(),
+                ))
+            }
+        };
+        session.attach()?;
         tune_socket(stream);
         loop {
             // Idle between requests: no timeout (keepalive notices a vanished peer).
@@ -488,7 +489,7 @@ impl Inner {
             let Message::AllocRequest { request_id, chunks } = message else {
                 return Err(FrameError::Unexpected(message.kind()).into());
             };
-            self.serve_request(stream, &request_id, &chunks)?;
+            self.serve_request(stream, session.as_mut(), &request_id, &chunks)?;
         }
     }
 
@@ -545,6 +546,7 @@ impl Inner {
     fn serve_request(
         &self,
         stream: &mut TcpStream,
+        session: &mut dyn ServerSession,
         request_id: &str,
         chunks: &[ChunkDecl],
     ) -> Result<(), TransferError> {
@@ -572,6 +574,35 @@ impl Inner {
             request_id,
             armed: true,
         };
+        let result = self.receive(stream, session, request_id, chunks, &grant, &mut guard);
+        if result.is_err() {
+            session.abandon();
+        }
+        result
+    }
+
+    /// Posts the grant, takes the chunks' data and seals, and answers the commit.
+    fn receive(
+        &self,
+        stream: &mut TcpStream,
+        session: &mut dyn ServerSession,
+        request_id: &str,
+        chunks: &[ChunkDecl],
+        grant: &Grant,
+        guard: &mut AbortGuard<'_>,
+    ) -> Result<(), TransferError> {
+        let cfg = &self.config;
+        let page_size = self.buffer.page_size();
+        let granted: Vec<GrantedChunk> = grant
+            .pages
+            .iter()
+            .zip(chunks)
+            .map(|(&page, c)| GrantedChunk {
+                page: self.buffer.page_ptr(page as usize),
+                len: c.len as usize,
+            })
+            .collect();
+        session.on_grant(&granted)?;
         write(
             stream,
             &Message::AllocGrant {
@@ -580,7 +611,7 @@ impl Inner {
             },
         )?;
         Self::set_timeouts(stream, Some(cfg.io_timeout), cfg.io_timeout)?;
-        let page_size = self.buffer.page_size();
+        let landing = self.server.landing();
         let mut check = GrantCheck::new(
             grant.id,
             page_size as u64,
@@ -603,7 +634,7 @@ impl Inner {
             }
             match read_frame(stream, MAX_CONTROL_BODY) {
                 Ok(Incoming::Data(d, len)) => {
-                    if cfg.channel != ChannelKind::Tcp {
+                    if landing != Landed::InFrames {
                         return Err(FrameError::Unexpected(MsgType::Data).into());
                     }
                     let range = check
@@ -647,8 +678,8 @@ impl Inner {
                             grant.id
                         )));
                     }
-                    let actual = match cfg.channel {
-                        ChannelKind::Tcp => match open.take() {
+                    let actual = match landing {
+                        Landed::InFrames => match open.take() {
                             Some((c, h)) if c == chunk && check.complete(i) => h.digest(),
                             _ => {
                                 return Err(TransferError::Protocol(format!(
@@ -656,16 +687,13 @@ impl Inner {
                                 )))
                             }
                         },
-                        ChannelKind::Shm => {
-                            let offset = grant.pages[i] as usize * page_size;
+                        Landed::InPage => {
+                            session.landed(i)?;
                             // SAFETY: the page is granted to this request and inside the
                             // buffer; chunk lengths were checked to fit a page. Only the
-                            // sender writes it, and it sealed the chunk.
+                            // sender's channel writes it, and `landed` said it is done.
                             let bytes = unsafe {
-                                std::slice::from_raw_parts(
-                                    self.buffer.ptr_at(offset),
-                                    chunks[i].len as usize,
-                                )
+                                std::slice::from_raw_parts(granted[i].page.as_ptr(), granted[i].len)
                             };
                             frame::checksum(bytes)
                         }

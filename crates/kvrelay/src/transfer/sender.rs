@@ -5,14 +5,13 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use super::auth::{notification_mac, proof, random, verify_notification, verify_proof, Role};
-use super::channel::{Channel, Put};
+use super::channel::{self, Channel, Put};
 use super::frame::{
     clip_message, read_frame, ChannelKind, ChunkDecl, ErrorCode, FrameError, Incoming, Message,
     MsgType, ReadError, HEADER_LEN, MAX_CHUNKS, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, MAX_KEY,
     MAX_REQUEST_ID,
 };
-use super::shm::ShmChannel;
-use super::tcp::{tune_socket, TcpChannel};
+use super::tcp::tune_socket;
 use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::ChunkMeta;
@@ -287,6 +286,7 @@ struct Granted {
 
 impl Link {
     fn open(cfg: &PdConfig, peer: &PdPeer, rank: u32) -> Result<Self, TransferError> {
+        channel::preflight(cfg)?;
         let timeout = cfg.handshake_timeout;
         let mut init = connect(&peer.host, peer.init_port, timeout)?;
         let page_size = cfg.page_size();
@@ -343,8 +343,7 @@ impl Link {
             token,
             page_size: their_page,
             num_pages,
-            shm_path,
-            shm_len,
+            channel_params,
             skip_last_n_tokens,
         } = welcome
         else {
@@ -356,17 +355,6 @@ impl Link {
             )));
         }
         let num_pages = num_pages as usize;
-        let channel: Box<dyn Channel> = match cfg.channel {
-            ChannelKind::Tcp => Box::new(TcpChannel),
-            ChannelKind::Shm => {
-                if shm_len < (num_pages * page_size) as u64 {
-                    return Err(TransferError::Protocol(format!(
-                        "shm buffer of {shm_len} bytes cannot hold {num_pages} pages"
-                    )));
-                }
-                Box::new(ShmChannel::open(&shm_path, shm_len)?)
-            }
-        };
         drop(init);
         let mut stream = connect(&peer.host, peer.alloc_port, timeout)?;
         tune_socket(&stream);
@@ -374,6 +362,8 @@ impl Link {
             .set_write_timeout(Some(cfg.io_timeout))
             .map_err(|e| TransferError::io("setting socket timeouts", e))?;
         write(&mut stream, &Message::Attach { token }.encode())?;
+        let buffer_len = num_pages as u64 * page_size as u64;
+        let channel = channel::connect(cfg, &channel_params, &stream, buffer_len)?;
         tracing::debug!(
             rank,
             host = peer.host,
@@ -450,8 +440,8 @@ impl Link {
                 chunk_offset: 0,
                 remote_offset: u64::from(*page) * self.page_size as u64,
             };
-            self.channel.put_chunk(&mut self.stream, dst, chunk.data)?;
-            self.channel.fence(&mut self.stream)?;
+            self.channel.put_chunk(dst, chunk.data)?;
+            self.channel.fence()?;
             let seal = Message::Seal {
                 grant,
                 chunk: i as u32,

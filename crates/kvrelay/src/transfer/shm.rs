@@ -2,7 +2,6 @@
 //! the sender copies chunk bytes straight into the granted pages.
 
 use std::fs::{File, OpenOptions};
-use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -11,7 +10,7 @@ use memmap2::{MmapMut, MmapOptions};
 
 use super::auth::random;
 use super::buffer::PageMemory;
-use super::channel::{Channel, Put};
+use super::channel::{Channel, ChannelParams, ChannelServer, Landed, Passive, Put, ServerSession};
 use super::frame::ChannelKind;
 use super::TransferError;
 use crate::device::stream::{stream_copy, stream_fence};
@@ -134,16 +133,69 @@ impl Drop for ShmPages {
     }
 }
 
+/// The receiving side: creates the shared PD buffer and names it in `Welcome`.
+pub(crate) struct ShmServer {
+    rank: u32,
+    /// The file senders map and its length, once [`ChannelServer::memory`] created it.
+    file: Option<(String, u64)>,
+}
+
+impl ShmServer {
+    pub(crate) fn new(rank: u32) -> Self {
+        ShmServer { rank, file: None }
+    }
+}
+
+impl ChannelServer for ShmServer {
+    fn landing(&self) -> Landed {
+        Landed::InPage
+    }
+
+    fn memory(&mut self, len: usize) -> Result<Box<dyn PageMemory>, TransferError> {
+        let pages = ShmPages::create(self.rank, len)?;
+        self.file = Some((pages.path().to_string_lossy().into_owned(), len as u64));
+        Ok(Box::new(pages))
+    }
+
+    fn open(&self) -> Result<(Vec<u8>, Box<dyn ServerSession>), TransferError> {
+        let (path, len) = self
+            .file
+            .as_ref()
+            .ok_or_else(|| TransferError::Config("shm PD buffer not created yet".into()))?;
+        let params = ChannelParams::write(|out| {
+            ChannelParams::put_bytes(out, path.as_bytes());
+            ChannelParams::put_u64(out, *len);
+        });
+        Ok((params, Box::new(Passive)))
+    }
+}
+
 /// The sender's mapping of a receiver's shared PD buffer.
 pub(crate) struct ShmChannel {
     map: MmapMut,
 }
 
 impl ShmChannel {
+    /// Opens the buffer `Welcome`'s parameters name, which must hold `buffer_len` bytes.
+    pub(crate) fn from_params(params: &[u8], buffer_len: u64) -> Result<Self, TransferError> {
+        let mut p = ChannelParams::read(ChannelKind::Shm, params)?;
+        let path = p.bytes("path")?;
+        let len = p.u64("length")?;
+        p.end()?;
+        let path = std::str::from_utf8(path)
+            .map_err(|_| TransferError::Protocol("shm path in Welcome is not UTF-8".into()))?;
+        if len < buffer_len {
+            return Err(TransferError::Protocol(format!(
+                "shm buffer of {len} bytes cannot hold the announced {buffer_len}"
+            )));
+        }
+        Self::open(path, len)
+    }
+
     /// Maps the buffer a receiver named in `Welcome`, after checking that the name is a
     /// kvrelay PD file in `/dev/shm` (a receiver must not make us write elsewhere), that it
     /// is a regular file of this user, and that it has the announced size.
-    pub(crate) fn open(path: &str, len: u64) -> Result<Self, TransferError> {
+    fn open(path: &str, len: u64) -> Result<Self, TransferError> {
         let name = path
             .strip_prefix(SHM_DIR)
             .and_then(|p| p.strip_prefix('/'))
@@ -182,7 +234,7 @@ impl Channel for ShmChannel {
         ChannelKind::Shm
     }
 
-    fn put(&mut self, _control: &mut TcpStream, dst: Put, src: &[u8]) -> Result<(), TransferError> {
+    fn put(&mut self, dst: Put, src: &[u8]) -> Result<(), TransferError> {
         let target = self.target(dst, src.len())?;
         // Streaming stores: the destination is read by another process, so filling this
         // cache with it (and reading each line before overwriting it) would only cost.
@@ -192,7 +244,7 @@ impl Channel for ShmChannel {
         Ok(())
     }
 
-    fn fence(&mut self, _control: &mut TcpStream) -> Result<(), TransferError> {
+    fn fence(&mut self) -> Result<(), TransferError> {
         // Streaming stores are weakly ordered: drain them before the Seal frame tells the
         // receiver to read the page.
         stream_fence();

@@ -3,7 +3,8 @@
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
-use super::channel::{Channel, Put};
+use super::buffer::{HostPages, PageMemory};
+use super::channel::{Channel, ChannelParams, ChannelServer, Landed, Passive, Put, ServerSession};
 use super::frame::{data_prefix, write_all_vectored, ChannelKind, DataHeader};
 use super::TransferError;
 
@@ -45,26 +46,54 @@ pub fn tune_socket(stream: &TcpStream) {
 }
 
 /// Sends each put (up to 16 MiB) as one `Data` frame: a 28-byte prefix and the payload in one
-/// `writev`, straight from the caller's buffer.
-pub(crate) struct TcpChannel;
+/// `writev`, straight from the caller's buffer, on its own handle of the control connection.
+pub(crate) struct TcpChannel {
+    control: TcpStream,
+}
+
+impl TcpChannel {
+    pub(crate) fn new(control: &TcpStream) -> Result<Self, TransferError> {
+        let control = control
+            .try_clone()
+            .map_err(|e| TransferError::io("cloning the PD control connection", e))?;
+        Ok(TcpChannel { control })
+    }
+}
 
 impl Channel for TcpChannel {
     fn kind(&self) -> ChannelKind {
         ChannelKind::Tcp
     }
 
-    fn put(&mut self, control: &mut TcpStream, dst: Put, src: &[u8]) -> Result<(), TransferError> {
+    fn put(&mut self, dst: Put, src: &[u8]) -> Result<(), TransferError> {
         let header = DataHeader {
             grant: dst.grant,
             chunk: dst.chunk,
             offset: dst.chunk_offset,
         };
         let prefix = data_prefix(&header, src.len() as u32);
-        write_all_vectored(control, &[&prefix, src])
+        write_all_vectored(&mut self.control, &[&prefix, src])
             .map_err(|e| TransferError::io("sending chunk data", e))
     }
 
-    fn fence(&mut self, _control: &mut TcpStream) -> Result<(), TransferError> {
+    fn fence(&mut self) -> Result<(), TransferError> {
         Ok(())
+    }
+}
+
+/// The receiving side: private host pages, filled by the receiver from `Data` frames.
+pub(crate) struct TcpServer;
+
+impl ChannelServer for TcpServer {
+    fn landing(&self) -> Landed {
+        Landed::InFrames
+    }
+
+    fn memory(&mut self, len: usize) -> Result<Box<dyn PageMemory>, TransferError> {
+        Ok(Box::new(HostPages::new(len)?))
+    }
+
+    fn open(&self) -> Result<(Vec<u8>, Box<dyn ServerSession>), TransferError> {
+        Ok((ChannelParams::write(|_| {}), Box::new(Passive)))
     }
 }

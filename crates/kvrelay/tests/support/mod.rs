@@ -21,15 +21,8 @@ pub fn run_child(
     env: &[(&str, &str)],
     remove: &[&str],
 ) -> String {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        name,
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(emu_var, emu);
+    let mut cmd = child_command(name);
+    cmd.env(emu_var, emu);
     for var in remove {
         cmd.env_remove(var);
     }
@@ -42,6 +35,19 @@ pub fn run_child(
         "child {name} failed:\n{stdout}\n{stderr}"
     );
     stdout
+}
+
+/// This test binary, set to run only its ignored test `name`, printing what it prints.
+pub fn child_command(name: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    cmd
 }
 
 pub fn spec(block_size: usize, num_kv_heads: usize) -> KvCacheSpec {
