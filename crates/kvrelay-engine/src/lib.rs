@@ -14,6 +14,7 @@ pub mod engine;
 pub mod kv;
 pub mod load;
 pub mod model;
+mod ranks;
 pub mod ops;
 pub mod tokenizer;
 pub mod weights;
