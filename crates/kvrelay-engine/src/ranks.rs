@@ -138,3 +138,24 @@ pub(crate) fn request_finished(
     }
     (delay_free, params, stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_request_is_finished_once_every_rank_reported_it() {
+        let mut countdown = Countdown::default();
+        assert!(countdown.arrive(ids(&["a", "b"]), 2).is_empty());
+        assert_eq!(countdown.arrive(ids(&["b"]), 2), vec!["b".to_string()]);
+        assert_eq!(countdown.arrive(ids(&["a", "c"]), 2), vec!["a".to_string()]);
+        // One rank: every report is complete at once.
+        assert_eq!(countdown.arrive(ids(&["d"]), 1), vec!["d".to_string()]);
+        // A finished id starts over: a later report counts from zero.
+        assert!(countdown.arrive(ids(&["b"]), 2).is_empty());
+    }
+}
