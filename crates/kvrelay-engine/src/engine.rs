@@ -238,7 +238,7 @@ impl Engine {
         }
         let tp = config.tensor_parallel_size;
         let num_kv_heads = model.config.num_kv_heads();
-        if tp == 0 || num_kv_heads % tp != 0 {
+        if tp == 0 || !num_kv_heads.is_multiple_of(tp) {
             return Err(EngineError::Config(format!(
                 "tensor_parallel_size {tp} does not divide the model's {num_kv_heads} KV heads: each rank must hold the same number of whole heads"
             )));

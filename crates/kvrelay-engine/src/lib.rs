@@ -16,8 +16,8 @@ pub mod engine;
 pub mod kv;
 pub mod load;
 pub mod model;
-mod ranks;
 pub mod ops;
+mod ranks;
 pub mod tokenizer;
 pub mod weights;
 

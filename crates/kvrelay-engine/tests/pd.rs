@@ -360,7 +360,11 @@ fn two_tp_ranks_compute_the_logits_of_one_bit_for_bit() {
         .generate(&ps, SamplingParams::greedy(5))
         .unwrap();
     let mut two = Engine::new(Model::tiny_random(4096), tp(config(), 2)).unwrap();
-    assert_eq!(two.kv_spec().num_kv_heads, 1, "each rank holds half the heads");
+    assert_eq!(
+        two.kv_spec().num_kv_heads,
+        1,
+        "each rank holds half the heads"
+    );
     let outputs = two.generate(&ps, SamplingParams::greedy(5)).unwrap();
     assert_same(&outputs, &one);
     assert!(outputs.iter().all(|o| o.output_token_count == 5));

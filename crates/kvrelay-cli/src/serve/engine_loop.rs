@@ -240,10 +240,9 @@ impl Drop for MarkDead {
 /// rank: its KV will never be loaded, and should not hold pages until the buffer's TTL.
 /// Returns whether any rank held some.
 pub fn cancel_pd_pages(shared: &Shared, pd_request_id: &str) -> bool {
-    shared
-        .pd_receivers
-        .iter()
-        .fold(false, |held, receiver| receiver.cancel(pd_request_id) | held)
+    shared.pd_receivers.iter().fold(false, |held, receiver| {
+        receiver.cancel(pd_request_id) | held
+    })
 }
 
 /// An admitted request: where its events go and how many tokens it was sent.

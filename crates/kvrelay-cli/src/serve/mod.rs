@@ -195,7 +195,12 @@ impl ServeState {
                 let in_flight = self.shared.in_flight.load(Ordering::SeqCst);
                 let mut text = lock(&self.shared.metrics).render(in_flight);
                 if !self.shared.pd_receivers.is_empty() {
-                    let ranks: Vec<_> = self.shared.pd_receivers.iter().map(|r| r.occupancy()).collect();
+                    let ranks: Vec<_> = self
+                        .shared
+                        .pd_receivers
+                        .iter()
+                        .map(|r| r.occupancy())
+                        .collect();
                     metrics::render_pd_buffer(&mut text, &ranks);
                 }
                 respond_bytes(request, 200, "text/plain; version=0.0.4", text.into_bytes());
