@@ -65,8 +65,11 @@ cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_asce
 cargo build -p kvrelay-examples --examples --features ascend
 cargo test -p kvrelay-examples --features ascend --test smoke_ascend
 scripts/check_bindings.sh ascend-sys
-# The seed's 1p1d PD flow (prefiller, decoder, proxy on the seed's ports) end to end.
+# The seed's 1p1d PD flow (prefiller, decoder, proxy on the seed's ports) end to end, with
+# one TP rank, then with the seed's two (tcp and shm; answers checked against one rank).
 examples/pd_1p1d/launch.sh >/dev/null
+TP=2 examples/pd_1p1d/launch.sh >/dev/null
+TP=2 CHANNEL=shm examples/pd_1p1d/launch.sh >/dev/null
 # Ordinary PD traffic for a while: 3,000 short and long completions through the proxy must
 # all equal the engine alone, and the decoder's PD buffer must end with no page in use.
 cargo run --release -q -p kvrelay-cli -- bench soak --requests 3000 --concurrency 8

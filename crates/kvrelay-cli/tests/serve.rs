@@ -830,6 +830,22 @@ fn a_chat_template_that_does_not_compile_stops_serve_at_start() {
 }
 
 #[test]
+fn a_tensor_parallel_size_that_does_not_divide_the_kv_heads_stops_serve_at_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kvrelay"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(["--model", "tiny-random", "--tensor-parallel-size", "4"])
+        .output()
+        .expect("run kvrelay serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--tensor-parallel-size")
+            && stderr.contains("tensor_parallel_size 4 does not divide the model's 2 KV heads"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_full_queue_answers_503() {
     let server = Proc::serve(&["--max-pending-requests", "1"], &[]);
     let url = format!("{}/v1/completions", server.url);

@@ -3,23 +3,21 @@
 //! vLLM's order (reference/lmcache_vllm.md §1.1).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvrelay::config::{KvLoadFailurePolicy, KvTransferConfig, LmcacheConfig};
 use kvrelay::connector::{
     build_connector, Connector, ConnectorStats, EngineIdentity, RequestView, ScheduledRequest,
 };
-use kvrelay::device::Device;
 use kvrelay::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
 use kvrelay::KvDtype;
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::backing::{KvBacking, KvPlacement};
-use crate::kv::PagedKv;
+use crate::backing::KvPlacement;
 use crate::model::{LayerHooks, Model, SeqInput};
 use crate::ops::argmax;
+use crate::ranks::{self, Countdown, Rank};
 use crate::EngineError;
 
 /// How the engine batches and where its KV lives.
@@ -39,6 +37,9 @@ pub struct EngineConfig {
     pub stall_timeout: Duration,
     /// Where the authoritative KV cache lives (the engine computes in a host copy).
     pub kv_placement: KvPlacement,
+    /// Tensor-parallel ranks: each holds `num_kv_heads / tensor_parallel_size` KV heads in
+    /// its own cache, with its own connector worker.
+    pub tensor_parallel_size: usize,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +54,7 @@ impl Default for EngineConfig {
             kv_dtype: KvDtype::Bf16,
             stall_timeout: Duration::from_secs(120),
             kv_placement: KvPlacement::Host,
+            tensor_parallel_size: 1,
         }
     }
 }
@@ -183,20 +185,20 @@ pub struct EngineStats {
 pub struct Engine {
     model: Model,
     config: EngineConfig,
-    kv: PagedKv,
+    /// The tensor-parallel ranks, each with its share of the KV heads.
+    ranks: Vec<Rank>,
     free_blocks: VecDeque<u32>,
     requests: HashMap<String, Request>,
     waiting: VecDeque<String>,
     running: Vec<String>,
-    connector: Option<Connector>,
-    /// The cache `kv` is the working copy of. Declared after `connector`, which must drop
-    /// first: its loader thread may still be writing the cache.
-    backing: Box<dyn KvBacking>,
     /// Blocks a load wrote in the cache that the working copy has not fetched yet.
     to_fetch: Vec<u32>,
     failure_policy: KvLoadFailurePolicy,
-    /// Requests whose asynchronous load the worker reported finished.
+    /// Requests whose asynchronous load every rank's worker reported finished.
     finished_recving: HashSet<String>,
+    /// Ranks' reports of finished loads and sends, until every rank made its own.
+    recv_countdown: Countdown,
+    send_countdown: Countdown,
     /// Requests whose blocks stay allocated until the worker reports their send finished.
     sending: HashMap<String, Vec<u32>>,
     /// Requests finished since the last step, for the worker's `get_finished`.
@@ -207,19 +209,15 @@ pub struct Engine {
     stats: EngineStats,
 }
 
-/// The connector hooks inside the forward pass.
-struct WorkerHooks<'a>(Option<&'a mut kvrelay::connector::KvWorker>);
+/// The connector hooks inside the forward pass, for every rank's worker.
+struct WorkerHooks<'a>(Vec<&'a mut kvrelay::connector::KvWorker>);
 
 impl LayerHooks for WorkerHooks<'_> {
     fn wait_for_layer_load(&mut self, layer: usize) {
-        if let Some(worker) = self.0.as_deref_mut() {
-            worker.wait_for_layer_load(layer);
-        }
+        self.0.iter_mut().for_each(|w| w.wait_for_layer_load(layer));
     }
     fn save_kv_layer(&mut self, layer: usize) {
-        if let Some(worker) = self.0.as_deref_mut() {
-            worker.save_kv_layer(layer);
-        }
+        self.0.iter_mut().for_each(|w| w.save_kv_layer(layer));
     }
 }
 
@@ -238,9 +236,16 @@ impl Engine {
                 model.max_positions()
             )));
         }
+        let tp = config.tensor_parallel_size;
+        let num_kv_heads = model.config.num_kv_heads();
+        if tp == 0 || !num_kv_heads.is_multiple_of(tp) {
+            return Err(EngineError::Config(format!(
+                "tensor_parallel_size {tp} does not divide the model's {num_kv_heads} KV heads: each rank must hold the same number of whole heads"
+            )));
+        }
         let spec = KvCacheSpec {
             num_layers: model.config.num_hidden_layers,
-            num_kv_heads: model.config.num_kv_heads(),
+            num_kv_heads: num_kv_heads / tp,
             head_size: model.config.head_dim(),
             dtype: config.kv_dtype,
             block_size: config.block_size,
@@ -249,8 +254,9 @@ impl Engine {
         };
         let layout = KvLayout::new(spec, config.layout)
             .map_err(|e| EngineError::Config(format!("KV layout: {e}")))?;
-        let kv = PagedKv::new(layout)?;
-        let backing = config.kv_placement.backing(&layout)?;
+        let ranks = (0..tp)
+            .map(|_| Rank::new(layout, &config.kv_placement))
+            .collect::<Result<Vec<_>, _>>()?;
         let eos = model
             .config
             .eos_token_id
@@ -261,15 +267,15 @@ impl Engine {
             free_blocks: (0..spec.num_blocks as u32).collect(),
             model,
             config,
-            kv,
+            ranks,
             requests: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            connector: None,
-            backing,
             to_fetch: Vec::new(),
             failure_policy: KvLoadFailurePolicy::Recompute,
             finished_recving: HashSet::new(),
+            recv_countdown: Countdown::default(),
+            send_countdown: Countdown::default(),
             sending: HashMap::new(),
             just_finished: HashSet::new(),
             aborted_while_loading: HashSet::new(),
@@ -278,62 +284,61 @@ impl Engine {
         })
     }
 
-    /// The geometry connectors must be built for.
+    /// The geometry connectors must be built for: one rank's share of the KV heads.
     pub fn kv_spec(&self) -> KvCacheSpec {
-        *self.kv.layout().spec()
+        *self.ranks[0].kv.layout().spec()
     }
 
     pub fn model(&self) -> &Model {
         &self.model
     }
 
-    /// Links a connector: registers the KV memory with its worker (vLLM's
-    /// `register_kv_caches` at init). `policy` is what to do when a load fails.
-    pub fn attach_connector(
-        &mut self,
-        mut connector: Connector,
-        policy: KvLoadFailurePolicy,
-    ) -> Result<(), EngineError> {
-        connector
-            .worker
-            .register_kv_caches(self.backing.engine_memory(&self.kv))?;
-        self.connector = Some(connector);
-        self.failure_policy = policy;
-        Ok(())
-    }
-
-    /// The device that moves bytes of this engine's KV cache (host memcpy, or the RBLN
-    /// device its cache lives on).
-    pub fn kv_device(&self) -> Arc<dyn Device> {
-        self.backing.device()
-    }
-
-    /// Builds the connector `transfer` names (with `lmcache` for LMCache's keys) for this
-    /// engine's KV geometry, moving bytes with [`Engine::kv_device`], and attaches it. Load
-    /// failures follow `transfer.kv_load_failure_policy`.
+    /// Builds the connector `transfer` names (with `lmcache` for LMCache's keys) for each
+    /// rank's KV geometry, moving bytes with the device its cache lives on, and attaches
+    /// it: its worker registers the rank's KV memory (vLLM's `register_kv_caches` at init).
+    /// Keys name the world size and the rank, as LMCache's do. Load failures follow
+    /// `transfer.kv_load_failure_policy`.
     pub fn connect(
         &mut self,
         transfer: &KvTransferConfig,
         lmcache: &LmcacheConfig,
         model_name: &str,
     ) -> Result<(), EngineError> {
-        let identity = EngineIdentity {
-            model: model_name.to_string(),
-            world_size: 1,
-            worker_id: 0,
-        };
-        let connector = build_connector(
-            transfer,
-            lmcache,
-            &identity,
-            self.kv_spec(),
-            self.kv_device(),
-        )?;
-        self.attach_connector(connector, transfer.kv_load_failure_policy)
+        let world_size = self.ranks.len() as u32;
+        let mut connectors = Vec::with_capacity(self.ranks.len());
+        for (worker_id, rank) in (0..).zip(&self.ranks) {
+            let identity = EngineIdentity {
+                model: model_name.to_string(),
+                world_size,
+                worker_id,
+            };
+            let mut connector = build_connector(
+                transfer,
+                lmcache,
+                &identity,
+                *rank.kv.layout().spec(),
+                rank.backing.device(),
+            )?;
+            connector
+                .worker
+                .register_kv_caches(rank.backing.engine_memory(&rank.kv))?;
+            connectors.push(connector);
+        }
+        for (rank, connector) in self.ranks.iter_mut().zip(connectors) {
+            rank.connector = Some(connector);
+        }
+        self.failure_policy = transfer.kv_load_failure_policy;
+        Ok(())
     }
 
+    /// Rank 0's connector.
     pub fn connector(&self) -> Option<&Connector> {
-        self.connector.as_ref()
+        self.ranks[0].connector.as_ref()
+    }
+
+    /// Every rank's connector, in rank order (none before [`Engine::connect`]).
+    pub fn connectors(&self) -> impl Iterator<Item = &Connector> {
+        self.ranks.iter().filter_map(|r| r.connector.as_ref())
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -355,15 +360,13 @@ impl Engine {
         }
         if let Err(refusal) = self.check_request(&id, &prompt, &params) {
             // The request ends here: a PD decoder may already hold KV sent for it.
-            if let Some(connector) = self.connector.as_mut() {
-                let view = RequestView {
-                    id: &id,
-                    tokens: &prompt,
-                    num_prompt_tokens: prompt.len(),
-                    kv_transfer_params: params.kv_transfer_params.as_ref(),
-                };
-                connector.scheduler.request_finished(&view, &[]);
-            }
+            let view = RequestView {
+                id: &id,
+                tokens: &prompt,
+                num_prompt_tokens: prompt.len(),
+                kv_transfer_params: params.kv_transfer_params.as_ref(),
+            };
+            ranks::request_finished(&mut self.ranks, &view, &[]);
             return Err(refusal);
         }
         self.requests.insert(
@@ -588,19 +591,14 @@ impl Engine {
             let mut external = 0;
             let mut load_async = false;
             if request.num_computed == 0 {
-                if let Some(connector) = self.connector.as_mut() {
-                    match connector
-                        .scheduler
-                        .get_num_new_matched_tokens(&request.view(), 0)?
-                    {
-                        None => {
-                            skipped.push_back(id);
-                            continue;
-                        }
-                        Some((tokens, is_async)) => {
-                            external = tokens;
-                            load_async = is_async && tokens > 0;
-                        }
+                match ranks::matched_tokens(&mut self.ranks, &request.view())? {
+                    None => {
+                        skipped.push_back(id);
+                        continue;
+                    }
+                    Some((tokens, is_async)) => {
+                        external = tokens;
+                        load_async = is_async && tokens > 0;
                     }
                 }
             }
@@ -615,13 +613,12 @@ impl Engine {
                 break;
             }
             let request = self.requests.get_mut(&id).expect("waiting request");
-            if let Some(connector) = self.connector.as_mut() {
-                connector.scheduler.update_state_after_alloc(
-                    &request.view(),
-                    &request.blocks,
-                    external,
-                );
-            }
+            ranks::update_state_after_alloc(
+                &mut self.ranks,
+                &request.view(),
+                &request.blocks,
+                external,
+            );
             if load_async {
                 request.state = State::WaitingForRemoteKv;
                 request.pending_external = external;
@@ -652,23 +649,19 @@ impl Engine {
     pub fn step(&mut self) -> Result<Vec<RequestOutput>, EngineError> {
         self.stats.steps += 1;
         let scheduled = self.schedule()?;
-        let metadata = match self.connector.as_mut() {
-            Some(connector) => {
-                let views: Vec<ScheduledRequest<'_>> = scheduled
-                    .iter()
-                    .map(|(id, new)| {
-                        let r = &self.requests[id];
-                        ScheduledRequest {
-                            request: r.view(),
-                            block_ids: &r.blocks,
-                            num_computed_tokens: r.num_computed + new,
-                        }
-                    })
-                    .collect();
-                Some(connector.scheduler.build_connector_meta(&views)?)
-            }
-            None => None,
-        };
+        let views: Vec<ScheduledRequest<'_>> = scheduled
+            .iter()
+            .map(|(id, new)| {
+                let r = &self.requests[id];
+                ScheduledRequest {
+                    request: r.view(),
+                    block_ids: &r.blocks,
+                    num_computed_tokens: r.num_computed + new,
+                }
+            })
+            .collect();
+        let metadata = ranks::build_connector_meta(&mut self.ranks, &views)?;
+        drop(views);
         let computing: Vec<&(String, usize)> = scheduled.iter().filter(|(_, n)| *n > 0).collect();
         let inputs: Vec<SeqInput<'_>> = computing
             .iter()
@@ -693,40 +686,56 @@ impl Engine {
             .collect();
         let to_fetch = std::mem::take(&mut self.to_fetch);
         let finished_ids = std::mem::take(&mut self.just_finished);
-        let mut worker = self.connector.as_mut().map(|c| &mut c.worker);
-        // vLLM's KV connector context around execute_model.
+        let world = self.ranks.len();
+        let mut kvs = Vec::with_capacity(world);
+        let mut backings = Vec::with_capacity(world);
+        let mut workers = Vec::with_capacity(world);
+        for rank in &mut self.ranks {
+            kvs.push(&rank.kv);
+            backings.push(&rank.backing);
+            workers.extend(rank.connector.as_mut().map(|c| &mut c.worker));
+        }
+        // vLLM's KV connector context around execute_model, on every rank.
         let (logits, invalid_blocks) = {
-            if let (Some(worker), Some(metadata)) = (worker.as_deref_mut(), metadata) {
+            for (worker, metadata) in workers.iter_mut().zip(metadata) {
                 worker.bind_connector_metadata(metadata);
                 worker.start_load_kv()?;
             }
-            self.backing.fetch(&self.kv, &to_fetch)?;
+            for (backing, kv) in backings.iter().zip(&kvs) {
+                backing.fetch(kv, &to_fetch)?;
+            }
+            let mut hooks = WorkerHooks(workers);
             let logits = if inputs.is_empty() {
                 Vec::new()
             } else {
-                self.model
-                    .forward(&inputs, &self.kv, &mut WorkerHooks(worker.as_deref_mut()))
+                self.model.forward(&inputs, &kvs, &mut hooks)
             };
             // The connector saves from the cache: it must hold this step's KV first.
-            let flushed = self.backing.flush(&self.kv, &written);
+            let flushed = backings
+                .iter()
+                .zip(&kvs)
+                .try_for_each(|(backing, kv)| backing.flush(kv, &written));
             let mut invalid = HashSet::new();
-            if let Some(worker) = worker {
-                let saved = if inputs.is_empty() || flushed.is_err() {
+            let mut saved = Ok(());
+            for worker in hooks.0 {
+                let rank_saved = if inputs.is_empty() || flushed.is_err() {
                     Ok(())
                 } else {
                     worker.wait_for_save()
                 };
                 let (sent, received) = worker.get_finished(&finished_ids);
-                invalid = worker.get_block_ids_with_load_errors();
+                invalid.extend(worker.get_block_ids_with_load_errors());
                 worker.clear_connector_metadata();
-                saved?;
-                for id in sent {
+                saved = saved.and(rank_saved);
+                for id in self.send_countdown.arrive(sent, world) {
                     if let Some(blocks) = self.sending.remove(&id) {
                         self.free_blocks.extend(blocks);
                     }
                 }
-                self.finished_recving.extend(received);
+                self.finished_recving
+                    .extend(self.recv_countdown.arrive(received, world));
             }
+            saved?;
             flushed?;
             (logits, invalid)
         };
@@ -814,15 +823,8 @@ impl Engine {
         self.running.retain(|r| r != id);
         self.waiting.retain(|r| r != id);
         self.just_finished.insert(id.to_string());
-        let (delay_free, kv_transfer_params, transfer) = match self.connector.as_mut() {
-            Some(connector) => {
-                let (delay, params) = connector
-                    .scheduler
-                    .request_finished(&request.view(), &request.blocks);
-                (delay, params, connector.worker.take_request_stats(id))
-            }
-            None => (false, None, ConnectorStats::default()),
-        };
+        let (delay_free, kv_transfer_params, transfer) =
+            ranks::request_finished(&mut self.ranks, &request.view(), &request.blocks);
         let now = Instant::now();
         let output = RequestOutput {
             request_id: request.id.clone(),

@@ -5,7 +5,9 @@
 //! and calls the connector's hooks in vLLM's order. Every token's result depends only on
 //! its own inputs and the KV bytes in the cache, never on how requests were batched or
 //! chunked, so a disaggregated run (prefill here, KV through kvrelay, decode there) is
-//! bit-exact with a colocated one.
+//! bit-exact with a colocated one. With [`EngineConfig::tensor_parallel_size`] N the KV
+//! heads are split over N ranks, each with its own cache and connector worker; only
+//! attention is split, so the logits are those of one rank bit for bit.
 
 pub mod backing;
 pub mod chat_template;
@@ -15,6 +17,7 @@ pub mod kv;
 pub mod load;
 pub mod model;
 pub mod ops;
+mod ranks;
 pub mod tokenizer;
 pub mod weights;
 

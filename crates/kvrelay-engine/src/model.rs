@@ -141,12 +141,18 @@ impl Model {
         self.rope.cos.len() / self.rope.half
     }
 
-    /// Runs the batch, writing each new token's K and V into `kv`, and returns the last
-    /// token's logits for every sequence that asked for them.
+    /// Runs the batch, writing each new token's K and V into the caches, and returns the
+    /// last token's logits for every sequence that asked for them.
+    ///
+    /// `kvs` holds one cache per tensor-parallel rank, each with its share of the KV heads
+    /// (rank r: heads `r * n .. (r + 1) * n` of `n = num_kv_heads / kvs.len()`). Each rank
+    /// attends for the query heads of its KV heads, on its own thread when there are
+    /// several; the heads' outputs are gathered in head order and everything else is
+    /// computed as with one rank, so the logits do not depend on the number of ranks.
     pub fn forward(
         &self,
         batch: &[SeqInput<'_>],
-        kv: &PagedKv,
+        kvs: &[&PagedKv],
         hooks: &mut dyn LayerHooks,
     ) -> Vec<Option<Vec<f32>>> {
         let c = &self.config;
@@ -178,16 +184,35 @@ impl Model {
                 );
             }
             hooks.wait_for_layer_load(layer);
-            let mut attn = vec![0.0f32; rows * num_heads * head_dim];
-            let mut row0 = 0;
-            for seq in batch {
-                let n = seq.tokens.len();
-                let q_rows = &q[row0 * num_heads * head_dim..][..n * num_heads * head_dim];
-                let k_rows = &k[row0 * num_kv_heads * head_dim..][..n * num_kv_heads * head_dim];
-                let v_rows = &v[row0 * num_kv_heads * head_dim..][..n * num_kv_heads * head_dim];
-                let out = &mut attn[row0 * num_heads * head_dim..][..n * num_heads * head_dim];
-                self.attend(kv, layer, seq, q_rows, k_rows, v_rows, out);
-                row0 += n;
+            let qkv = Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            };
+            let shares: Vec<Vec<f32>> = if let [kv] = kvs {
+                vec![self.attend_rank(kv, 0, layer, batch, qkv)]
+            } else {
+                std::thread::scope(|s| {
+                    let ranks: Vec<_> = kvs
+                        .iter()
+                        .enumerate()
+                        .map(|(rank, kv)| {
+                            s.spawn(move || self.attend_rank(kv, rank, layer, batch, qkv))
+                        })
+                        .collect();
+                    ranks
+                        .into_iter()
+                        .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                        .collect()
+                })
+            };
+            // Gather: rank r's heads are the r-th slice of every row.
+            let share_len = num_heads / kvs.len() * head_dim;
+            let mut attn = Vec::with_capacity(rows * num_heads * head_dim);
+            for row in 0..rows {
+                for share in &shares {
+                    attn.extend_from_slice(&share[row * share_len..][..share_len]);
+                }
             }
             hooks.save_kv_layer(layer);
             let o = linear(&attn, rows, &w.o_proj);
@@ -213,24 +238,62 @@ impl Model {
             .collect()
     }
 
-    /// Writes the new tokens' K and V into the cache, then computes causal attention for
-    /// them over every cached position of the sequence. Keys and values are read back from
-    /// the cache, so a token attends to exactly the bytes a connector would load.
-    #[allow(clippy::too_many_arguments)]
+    /// Attention of one TP rank for every sequence of the batch: rows of its query heads'
+    /// outputs (`num_heads / ranks` heads each).
+    fn attend_rank(
+        &self,
+        kv: &PagedKv,
+        rank: usize,
+        layer: usize,
+        batch: &[SeqInput<'_>],
+        qkv: Qkv<'_>,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let head_dim = c.head_dim();
+        let (q_width, kv_width) = (
+            c.num_attention_heads * head_dim,
+            c.num_kv_heads() * head_dim,
+        );
+        let ranks = c.num_kv_heads() / kv.layout().spec().num_kv_heads;
+        let share = q_width / ranks;
+        let rows: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let mut out = vec![0.0f32; rows * share];
+        let mut row0 = 0;
+        for seq in batch {
+            let n = seq.tokens.len();
+            let rows = Qkv {
+                q: &qkv.q[row0 * q_width..][..n * q_width],
+                k: &qkv.k[row0 * kv_width..][..n * kv_width],
+                v: &qkv.v[row0 * kv_width..][..n * kv_width],
+            };
+            let out = &mut out[row0 * share..][..n * share];
+            self.attend(kv, rank, layer, seq, rows, out);
+            row0 += n;
+        }
+        out
+    }
+
+    /// Writes the new tokens' K and V of rank `rank`'s KV heads into its cache, then
+    /// computes causal attention for its query heads over every cached position of the
+    /// sequence. Keys and values are read back from the cache, so a token attends to
+    /// exactly the bytes a connector would load.
     fn attend(
         &self,
         kv: &PagedKv,
+        rank: usize,
         layer: usize,
         seq: &SeqInput<'_>,
-        q_rows: &[f32],
-        k_rows: &[f32],
-        v_rows: &[f32],
+        rows: Qkv<'_>,
         out: &mut [f32],
     ) {
         let c = &self.config;
         let (head_dim, num_heads, num_kv_heads) =
             (c.head_dim(), c.num_attention_heads, c.num_kv_heads());
-        let block_size = kv.layout().spec().block_size;
+        let spec = kv.layout().spec();
+        let (block_size, local_kv_heads) = (spec.block_size, spec.num_kv_heads);
+        let local_heads = num_heads / (num_kv_heads / local_kv_heads);
+        // This rank's first KV head and first query head.
+        let (kv0, q0) = (rank * local_kv_heads, rank * local_heads);
         let at = |pos: usize, plane: usize, head: usize| HeadSlot {
             layer,
             plane,
@@ -238,13 +301,14 @@ impl Model {
             slot: pos % block_size,
             head,
         };
-        for (i, (k_row, v_row)) in k_rows
+        for (i, (k_row, v_row)) in rows
+            .k
             .chunks_exact(num_kv_heads * head_dim)
-            .zip(v_rows.chunks_exact(num_kv_heads * head_dim))
+            .zip(rows.v.chunks_exact(num_kv_heads * head_dim))
             .enumerate()
         {
-            for head in 0..num_kv_heads {
-                let range = head * head_dim..(head + 1) * head_dim;
+            for head in 0..local_kv_heads {
+                let range = (kv0 + head) * head_dim..(kv0 + head + 1) * head_dim;
                 // SAFETY: the block belongs to this sequence, which the engine is computing;
                 // the connector does not copy it during the forward pass.
                 unsafe {
@@ -254,11 +318,11 @@ impl Model {
             }
         }
         let end = seq.start + seq.tokens.len();
-        // Per KV head, the sequence's keys and values as rows of head_dim floats.
-        let mut keys = vec![0.0f32; num_kv_heads * end * head_dim];
-        let mut values = vec![0.0f32; num_kv_heads * end * head_dim];
+        // Per KV head of this rank, the sequence's keys and values as rows of head_dim floats.
+        let mut keys = vec![0.0f32; local_kv_heads * end * head_dim];
+        let mut values = vec![0.0f32; local_kv_heads * end * head_dim];
         for pos in 0..end {
-            for head in 0..num_kv_heads {
+            for head in 0..local_kv_heads {
                 let row = (head * end + pos) * head_dim..(head * end + pos + 1) * head_dim;
                 // SAFETY: as above.
                 unsafe {
@@ -270,15 +334,16 @@ impl Model {
         let group = num_heads / num_kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let mut scores = vec![0.0f32; end];
-        for (i, (q_row, out_row)) in q_rows
+        for (i, (q_row, out_row)) in rows
+            .q
             .chunks_exact(num_heads * head_dim)
-            .zip(out.chunks_exact_mut(num_heads * head_dim))
+            .zip(out.chunks_exact_mut(local_heads * head_dim))
             .enumerate()
         {
             let visible = seq.start + i + 1;
-            for head in 0..num_heads {
+            for head in 0..local_heads {
                 let kv_head = head / group;
-                let q = &q_row[head * head_dim..][..head_dim];
+                let q = &q_row[(q0 + head) * head_dim..][..head_dim];
                 let head_keys = &keys[kv_head * end * head_dim..][..visible * head_dim];
                 let head_values = &values[kv_head * end * head_dim..][..visible * head_dim];
                 let mut max = f32::NEG_INFINITY;
@@ -301,4 +366,12 @@ impl Model {
             }
         }
     }
+}
+
+/// Rows of queries, keys and values (every head) after RoPE.
+#[derive(Clone, Copy)]
+struct Qkv<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
 }

@@ -38,12 +38,26 @@ fn fake_proxy() -> (u16, mpsc::Receiver<KvReady>) {
 }
 
 fn pd_yaml(role: &str, channel: &str, init: u16, alloc: u16, proxy: u16) -> String {
+    pd_yaml_ranks(role, channel, &[init], &[alloc], proxy)
+}
+
+/// A PD config whose ports list one entry per TP rank.
+fn pd_yaml_ranks(role: &str, channel: &str, init: &[u16], alloc: &[u16], proxy: u16) -> String {
+    let list = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     format!(
         "chunk_size: 32\nlocal_cpu: false\nmax_local_cpu_size: 0\nenable_pd: true\n\
          pd_role: {role}\npd_buffer_size: 4000000\npd_buffer_device: cpu\n\
-         pd_peer_host: 127.0.0.1\npd_peer_init_port: [{init}]\npd_peer_alloc_port: [{alloc}]\n\
+         pd_peer_host: 127.0.0.1\npd_peer_init_port: [{}]\npd_peer_alloc_port: [{}]\n\
          pd_proxy_host: 127.0.0.1\npd_proxy_port: {proxy}\ntransfer_channel: {channel}\n\
-         pre_caching_hash_algorithm: sha256_cbor\n"
+         pre_caching_hash_algorithm: sha256_cbor\n",
+        list(init),
+        list(alloc)
     )
 }
 
@@ -97,59 +111,91 @@ fn assert_same(decode: &[RequestOutput], colocated: &[RequestOutput]) {
     }
 }
 
+/// What one engine of one rank computes for `ps`.
+fn colocated(ps: &[Vec<u32>]) -> Vec<RequestOutput> {
+    Engine::new(Model::tiny_random(4096), config())
+        .unwrap()
+        .generate(ps, SamplingParams::greedy(5))
+        .unwrap()
+}
+
+/// A PD round over `channel` between engines of `ranks` TP ranks each (the decoder in
+/// `decoder_config`, the YAMLs with the extra lines given): the prefiller pushes `ps`' KV,
+/// every prefiller rank tells the proxy about every request, then the decoder decodes
+/// them, equal to one colocated rank and with every prompt token but the last loaded, and
+/// every rank's consumed pages come back.
+fn pd_round(
+    ps: &[Vec<u32>],
+    channel: &str,
+    ranks: usize,
+    (decoder_config, decoder_yaml): (EngineConfig, &str),
+    prefiller_yaml: &str,
+) {
+    let init: Vec<u16> = (0..ranks).map(|_| free_port()).collect();
+    let alloc: Vec<u16> = (0..ranks).map(|_| free_port()).collect();
+    let (proxy, notifications) = fake_proxy();
+    let yaml = |role, extra| pd_yaml_ranks(role, channel, &init, &alloc, proxy) + extra;
+    let mut decoder = engine(
+        "kv_consumer",
+        &yaml("receiver", decoder_yaml),
+        tp(decoder_config, ranks),
+    );
+    let mut prefiller = engine(
+        "kv_producer",
+        &yaml("sender", prefiller_yaml),
+        tp(config(), ranks),
+    );
+    let prefill = prefiller.generate(ps, SamplingParams::greedy(1)).unwrap();
+    assert!(
+        prefill.iter().all(|o| o.transfer.failed_sends == 0),
+        "{prefill:?}"
+    );
+    let mut heard = Vec::new();
+    for _ in 0..ranks * ps.len() {
+        let ready = notifications
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the proxy heard from every rank about every request");
+        assert_eq!(ready.failure, None);
+        heard.push((ready.request_id, ready.rank));
+    }
+    heard.sort();
+    heard.dedup();
+    assert_eq!(heard.len(), ranks * ps.len(), "{heard:?}");
+    let decode = decoder.generate(ps, SamplingParams::greedy(5)).unwrap();
+    assert_same(&decode, &colocated(ps));
+    for (d, p) in decode.iter().zip(ps) {
+        assert_eq!(d.hit_tokens, p.len() - 1, "{channel}: {d:?}");
+    }
+    assert_eq!(decoder.connectors().count(), ranks);
+    for connector in decoder.connectors() {
+        let receiver = connector.pd_receiver.as_ref().unwrap();
+        assert_eq!(
+            receiver.occupancy().used_pages,
+            0,
+            "{channel}: consumed pages come back"
+        );
+    }
+}
+
 #[test]
 fn pd_over_tcp_and_shm_decodes_like_a_colocated_run() {
-    let ps = prompts();
-    let colocated = Engine::new(Model::tiny_random(4096), config())
-        .unwrap()
-        .generate(&ps, SamplingParams::greedy(5))
-        .unwrap();
     // The last decoder also loads asynchronously (the engine's WaitingForRemoteKv path);
     // the shm prefiller sends from its save step (`sync`), the others from a sender thread.
+    // The last decoder also has another block size and layout than its prefiller.
     for (channel, decoder_config, async_loading, backend_mode) in [
         ("tcp", config(), false, "async"),
         ("shm", config(), false, "sync"),
         ("tcp", other_config(), true, "async"),
     ] {
-        let (init, alloc) = (free_port(), free_port());
-        let (proxy, notifications) = fake_proxy();
-        let mut decoder = engine(
-            "kv_consumer",
-            &format!(
-                "{}enable_async_loading: {async_loading}\n",
-                pd_yaml("receiver", channel, init, alloc, proxy)
+        pd_round(
+            &prompts(),
+            channel,
+            1,
+            (
+                decoder_config,
+                &format!("enable_async_loading: {async_loading}\n"),
             ),
-            decoder_config,
-        );
-        let mut prefiller = engine(
-            "kv_producer",
-            &format!(
-                "{}pd_backend_mode: {backend_mode}\n",
-                pd_yaml("sender", channel, init, alloc, proxy)
-            ),
-            config(),
-        );
-        let prefill = prefiller.generate(&ps, SamplingParams::greedy(1)).unwrap();
-        assert!(
-            prefill.iter().all(|o| o.transfer.failed_sends == 0),
-            "{prefill:?}"
-        );
-        for _ in &ps {
-            let ready = notifications
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the proxy heard about every request");
-            assert_eq!((ready.rank, ready.failure), (0, None));
-        }
-        let decode = decoder.generate(&ps, SamplingParams::greedy(5)).unwrap();
-        assert_same(&decode, &colocated);
-        for (d, p) in decode.iter().zip(&ps) {
-            assert_eq!(d.hit_tokens, p.len() - 1, "{channel}: {d:?}");
-        }
-        let receiver = decoder.connector().unwrap().pd_receiver.as_ref().unwrap();
-        assert_eq!(
-            receiver.occupancy().used_pages,
-            0,
-            "{channel}: consumed pages come back"
+            &format!("pd_backend_mode: {backend_mode}\n"),
         );
     }
 }
@@ -329,4 +375,55 @@ fn kv_for_a_request_the_decoder_refuses_is_freed() {
     assert!(refusal.is_err());
     let occ = used_pages(&decoder);
     assert_eq!((occ.used_pages, occ.requests), (0, 0));
+}
+
+fn tp(config: EngineConfig, tensor_parallel_size: usize) -> EngineConfig {
+    EngineConfig {
+        tensor_parallel_size,
+        ..config
+    }
+}
+
+#[test]
+fn two_tp_ranks_compute_the_logits_of_one_bit_for_bit() {
+    let ps = prompts();
+    let mut two = Engine::new(Model::tiny_random(4096), tp(config(), 2)).unwrap();
+    assert_eq!(
+        two.kv_spec().num_kv_heads,
+        1,
+        "each rank holds half the heads"
+    );
+    let outputs = two.generate(&ps, SamplingParams::greedy(5)).unwrap();
+    assert_same(&outputs, &colocated(&ps));
+    assert!(outputs.iter().all(|o| o.output_token_count == 5));
+    // The digests are of real, differing logits: not a constant both runs share.
+    assert_ne!(outputs[0].logits_digest, outputs[1].logits_digest);
+}
+
+#[test]
+fn a_tp_size_that_does_not_divide_the_kv_heads_is_refused() {
+    // tiny-random has 2 KV heads.
+    for size in [0, 3, 4] {
+        let error = Engine::new(Model::tiny_random(4096), tp(config(), size))
+            .err()
+            .unwrap_or_else(|| panic!("tensor_parallel_size {size} was accepted"));
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!("tensor_parallel_size {size} does not divide"))
+                && text.contains("2 KV heads"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn pd_with_two_tp_ranks_decodes_like_a_one_rank_colocated_run() {
+    // The last decoder has another block size and layout than its prefiller.
+    for (channel, decoder_config) in [
+        ("tcp", config()),
+        ("shm", config()),
+        ("tcp", other_config()),
+    ] {
+        pd_round(&prompts(), channel, 2, (decoder_config, ""), "");
+    }
 }

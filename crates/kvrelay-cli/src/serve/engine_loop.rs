@@ -63,8 +63,8 @@ pub struct Shared {
     pub in_flight: AtomicUsize,
     /// Why the engine thread stopped, once it did.
     pub dead: Mutex<Option<String>>,
-    /// A PD decoder's receive buffer, for its occupancy.
-    pub pd_receiver: Option<Arc<PdReceiver>>,
+    /// A PD decoder's receive buffers, one per TP rank, for their occupancy.
+    pub pd_receivers: Vec<Arc<PdReceiver>>,
 }
 
 /// The handlers' side of the engine thread.
@@ -87,7 +87,10 @@ impl EngineHandle {
             metrics: Mutex::new(Metrics::default()),
             in_flight: AtomicUsize::new(0),
             dead: Mutex::new(None),
-            pd_receiver: engine.connector().and_then(|c| c.pd_receiver.clone()),
+            pd_receivers: engine
+                .connectors()
+                .filter_map(|c| c.pd_receiver.clone())
+                .collect(),
         });
         // Submissions are bounded by `max_pending` (see `submit`); the other half of the
         // queue keeps room for aborts.
@@ -233,12 +236,13 @@ impl Drop for MarkDead {
     }
 }
 
-/// Frees the PD buffer pages of `pd_request_id`, a request this decoder refused: its KV
-/// will never be loaded, and should not hold pages until the buffer's TTL.
-pub fn cancel_pd_pages(shared: &Shared, pd_request_id: &str) {
-    if let Some(receiver) = &shared.pd_receiver {
-        receiver.cancel(pd_request_id);
-    }
+/// Frees the PD buffer pages of `pd_request_id`, a request this decoder refused, on every
+/// rank: its KV will never be loaded, and should not hold pages until the buffer's TTL.
+/// Returns whether any rank held some.
+pub fn cancel_pd_pages(shared: &Shared, pd_request_id: &str) -> bool {
+    shared.pd_receivers.iter().fold(false, |held, receiver| {
+        receiver.cancel(pd_request_id) | held
+    })
 }
 
 /// An admitted request: where its events go and how many tokens it was sent.
@@ -329,11 +333,7 @@ impl EngineLoop {
             }
             Some(_) => false,
             // KV pushed for a request this decoder never got (or already refused).
-            None if scope == AbortScope::PdOnly => self
-                .shared
-                .pd_receiver
-                .as_ref()
-                .is_some_and(|receiver| receiver.cancel(id)),
+            None if scope == AbortScope::PdOnly => cancel_pd_pages(&self.shared, id),
             None => false,
         }
     }

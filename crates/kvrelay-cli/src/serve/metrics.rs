@@ -164,12 +164,23 @@ impl Metrics {
     }
 }
 
-/// Gauges of a PD decoder's receive buffer.
-pub fn render_pd_buffer(out: &mut String, occupancy: &Occupancy) {
+/// Gauges of a PD decoder's receive buffers, one per TP rank: pages summed over the ranks,
+/// requests counted once however many ranks hold their KV.
+pub fn render_pd_buffer(out: &mut String, ranks: &[Occupancy]) {
+    let sum = |field: fn(&Occupancy) -> u64| ranks.iter().map(field).sum::<u64>();
+    let occupancy = Occupancy {
+        page_size: ranks.first().map_or(0, |r| r.page_size),
+        total_pages: sum(|r| r.total_pages as u64) as usize,
+        used_pages: sum(|r| r.used_pages as u64) as usize,
+        requests: ranks.iter().map(|r| r.requests).max().unwrap_or(0),
+        waiting: sum(|r| r.waiting as u64) as usize,
+        expired_requests: ranks.iter().map(|r| r.expired_requests).max().unwrap_or(0),
+        expired_pages: sum(|r| r.expired_pages),
+    };
     let gauges = [
         (
             "kvrelay_pd_buffer_pages",
-            "Pages (one full chunk each) of the PD receive buffer.",
+            "Pages (one full chunk each) of the PD receive buffers of every TP rank.",
             occupancy.total_pages,
         ),
         (

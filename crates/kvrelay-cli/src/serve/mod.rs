@@ -92,9 +92,11 @@ pub struct ServeArgs {
     /// Accepted for compatibility: the engine sizes its cache from max_model_len.
     #[arg(long)]
     gpu_memory_utilization: Option<f64>,
-    /// Accepted for compatibility: the reference engine always runs one worker.
-    #[arg(long)]
-    tensor_parallel_size: Option<usize>,
+    /// Tensor-parallel ranks (threads of this process): each holds num_kv_heads / N KV
+    /// heads and its own connector worker (worker id = rank; a PD rank i uses
+    /// pd_peer_init_port[i] / pd_peer_alloc_port[i]). N must divide the KV heads.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel_size: usize,
 }
 
 /// What the handler threads share.
@@ -114,11 +116,6 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     if args.max_pending_requests == 0 {
         return Err("--max-pending-requests must be at least 1".into());
     }
-    if args.tensor_parallel_size.is_some_and(|tp| tp > 1) {
-        eprintln!(
-            "kvrelay serve: --tensor-parallel-size ignored: the reference engine runs one worker"
-        );
-    }
     let (model, tokenizer) =
         load_model(&args.model, args.max_model_len).map_err(|e| format!("--model {e}"))?;
     // A broken template fails the start rather than every chat request later.
@@ -132,9 +129,11 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
         kv_dtype: args.kv_dtype,
         layout: args.layout,
         stall_timeout: Duration::from_secs(args.request_timeout_sec),
+        tensor_parallel_size: args.tensor_parallel_size,
         ..EngineConfig::default()
     };
-    let mut engine = Engine::new(model, config).map_err(|e| e.to_string())?;
+    let mut engine =
+        Engine::new(model, config).map_err(|e| format!("--tensor-parallel-size: {e}"))?;
     if let Some(json) = &args.kv_transfer_config {
         let transfer = KvTransferConfig::from_json_str(json)
             .map_err(|e| format!("--kv-transfer-config: {e}"))?;
@@ -195,8 +194,14 @@ impl ServeState {
             (Method::GET, "/metrics") => {
                 let in_flight = self.shared.in_flight.load(Ordering::SeqCst);
                 let mut text = lock(&self.shared.metrics).render(in_flight);
-                if let Some(receiver) = &self.shared.pd_receiver {
-                    metrics::render_pd_buffer(&mut text, &receiver.occupancy());
+                if !self.shared.pd_receivers.is_empty() {
+                    let ranks: Vec<_> = self
+                        .shared
+                        .pd_receivers
+                        .iter()
+                        .map(|r| r.occupancy())
+                        .collect();
+                    metrics::render_pd_buffer(&mut text, &ranks);
                 }
                 respond_bytes(request, 200, "text/plain; version=0.0.4", text.into_bytes());
             }

@@ -41,7 +41,8 @@ pub struct ConnectorStats {
 }
 
 impl ConnectorStats {
-    fn add(&mut self, other: &ConnectorStats) {
+    /// Adds `other`'s figures to these (one request's transfers over several TP ranks).
+    pub fn add(&mut self, other: &ConnectorStats) {
         self.loaded_tokens += other.loaded_tokens;
         self.loaded_bytes += other.loaded_bytes;
         self.load_time += other.load_time;
