@@ -91,7 +91,7 @@ impl Hccl {
             .map_err(HcclError::Unavailable)
     }
 
-    fn check(&self, call: &'static str, code: sys::HcclResult) -> Result<(), HcclError> {
+    pub(crate) fn check(&self, call: &'static str, code: sys::HcclResult) -> Result<(), HcclError> {
         if code == sys::HCCL_SUCCESS as sys::HcclResult {
             return Ok(());
         }
@@ -144,10 +144,7 @@ impl Hccl {
         self.check("HcclCommInitRootInfoConfig", unsafe {
             f(ranks, &info, rank, &config.0, &mut comm)
         })?;
-        Ok(Comm {
-            hccl: Arc::clone(self),
-            raw: comm,
-        })
+        Ok(Comm::from_raw(Arc::clone(self), comm))
     }
 }
 
@@ -162,6 +159,15 @@ pub struct Comm {
 unsafe impl Send for Comm {}
 
 impl Comm {
+    /// Takes ownership of a communicator `hccl` made.
+    pub(crate) fn from_raw(hccl: Arc<Hccl>, raw: sys::HcclComm) -> Comm {
+        Comm { hccl, raw }
+    }
+
+    pub(crate) fn raw(&self) -> sys::HcclComm {
+        self.raw
+    }
+
     /// `HcclSend` of `len` bytes at device address `buf` to `peer`, issued on `stream`.
     ///
     /// # Safety
@@ -220,7 +226,7 @@ impl Comm {
 impl Drop for Comm {
     fn drop(&mut self) {
         let result = self.hccl.destroy_fn().and_then(|f| {
-            // SAFETY: the handle came from HcclCommInitRootInfoConfig and is destroyed once.
+            // SAFETY: the handle came from an HCCL communicator init and is destroyed once.
             self.hccl.check("HcclCommDestroy", unsafe { f(self.raw) })
         });
         if let Err(error) = result {
@@ -255,8 +261,8 @@ pub const HIXL_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_CREATE)];
 /// HIXL's synchronous batch calls (CANN 9.1).
 pub const HIXL_SYNC_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_BATCH_PUT_SYNC)];
 
-/// The two-sided channel passes the version-8 communicator config (CANN 8.5's layout);
-/// older libraries were never checked against it, so the channel needs 8.5.
+/// The HCCL channels pass the version-8 communicator config (CANN 8.5's layout); older
+/// libraries were never checked against it, so `hccl` and `hcomm_onesided` need 8.5.
 pub const HCCL_TWO_SIDED_MIN: CannVersion = CannVersion::release(8, 5, 0);
 
 /// CANN 8.5 moved communicators and one-sided calls into libhcomm.so.

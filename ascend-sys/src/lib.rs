@@ -7,7 +7,7 @@
 //! | ACL runtime | `libascendcl.so` | devices, memory, streams, copies, versions ([`Acl`]) | ≥ 8.0 | [`Capabilities::runtime`] |
 //! | | | `aclrtMemcpyBatchAsync` | ≥ 8.5 | [`Capabilities::batch_copy`] |
 //! | HCCL | `libhccl.so` (+ `libhcomm.so` ≥ 8.5) | root-info comm, `HcclSend`/`HcclRecv` | any | [`Capabilities::hccl`] |
-//! | HCCL one-sided | `libhcomm.so` ≥ 8.5, `libhccl.so` before | `HcclRegisterGlobalMem` … `HcclBatchPut` | any | [`Capabilities::hcomm_onesided`] |
+//! | HCCL one-sided | `libhcomm.so` ≥ 8.5, `libhccl.so` before | `HcclRegisterGlobalMem` … `HcclBatchPut` ([`OneSided`]) | ≥ 8.5 | [`Capabilities::hcomm_onesided`] |
 //! | HIXL | `libcann_hixl.so` | `HixlCS*` C API (9.1 layout) | ≥ 9.1 | [`Capabilities::hixl`], [`Capabilities::hixl_sync`] |
 //!
 //! Levels, as in cudarc and rbln-sys:
@@ -29,6 +29,7 @@ pub mod hccl;
 mod layout;
 mod library;
 mod memory;
+pub mod onesided;
 pub mod search;
 pub mod test_double;
 pub mod version;
@@ -55,6 +56,7 @@ pub use error::{AclError, AclStatus, Attempt, LoadError, Unsupported};
 pub use hccl::{Comm, CommConfigV8, Hccl, HcclError, RootInfo, HCCL_TWO_SIDED};
 pub use library::{Loaded, Origin};
 pub use memory::{DeviceBuffer, PinnedHost, Stream};
+pub use onesided::{OneSided, OneSidedComm, Registered, HCCL_ONE_SIDED};
 pub use search::{Candidate, Lib};
 pub use vendor_dl::Symbol;
 pub use version::{CannVersion, FoundVersion, VersionSource};

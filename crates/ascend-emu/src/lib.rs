@@ -46,7 +46,10 @@
 //! HCCL two-sided (`HcclGetRootInfo`, `HcclCommInitRootInfoConfig`, `HcclSend`,
 //! `HcclRecv`, `HcclCommDestroy`, `HcclGetErrorString`) is emulated in [`hccl`], with its
 //! own knobs; point `KVRELAY_HCCL_LIB` at this library too (the device memory the calls
-//! move is this library's).
+//! move is this library's). HCCL one-sided (`HcclRegisterGlobalMem`,
+//! `HcclCommInitClusterInfoMemConfig`, `HcclCommBindMem`, `HcclCommPrepare`,
+//! `HcclBatchPut`) is emulated in [`onesided`]: the peer's registered device memory is
+//! mapped into the putting process (`KVRELAY_HCOMM_LIB` points here too).
 //!
 //! Every export catches panics and returns `ACL_ERROR_INTERNAL_ERROR`; none unwinds into C.
 
@@ -61,6 +64,7 @@ use ascend_sys::sys::{self, aclError, aclrtMemcpyBatchAttr, aclrtMemcpyKind, acl
 use ascend_sys::CannVersion;
 
 mod hccl;
+mod onesided;
 
 /// Marks this library as the test double (`ascend_sys::TEST_DOUBLE_MARKER`).
 #[no_mangle]
@@ -256,8 +260,8 @@ fn current_device() -> Result<u32, Failure> {
 }
 
 impl State {
-    /// The host address of device range `addr..addr + len`, if it lies in one allocation.
-    fn device_range(&self, addr: u64, len: usize) -> Result<(*mut u8, u32), Failure> {
+    /// The allocation device range `addr..addr + len` lies in, with its device address.
+    fn device_alloc(&self, addr: u64, len: usize) -> Result<(u64, &DeviceAlloc), Failure> {
         let bad = || {
             Failure(
                 INVALID_PARAM,
@@ -271,11 +275,19 @@ impl State {
             .range(..=addr)
             .next_back()
             .ok_or_else(bad)?;
-        let offset = (addr - base) as usize;
-        match offset.checked_add(len) {
-            Some(end) if end <= alloc.len => Ok((alloc.host.wrapping_add(offset), alloc.device)),
+        match ((addr - base) as usize).checked_add(len) {
+            Some(end) if end <= alloc.len => Ok((base, alloc)),
             _ => Err(bad()),
         }
+    }
+
+    /// The host address of device range `addr..addr + len`, if it lies in one allocation.
+    fn device_range(&self, addr: u64, len: usize) -> Result<(*mut u8, u32), Failure> {
+        let (base, alloc) = self.device_alloc(addr, len)?;
+        Ok((
+            alloc.host.wrapping_add((addr - base) as usize),
+            alloc.device,
+        ))
     }
 
     /// Whether host range `addr..addr + len` lies in one pinned allocation.
