@@ -208,6 +208,8 @@ pub enum ChannelKind {
     Shm,
     /// HCCL two-sided send/receive (feature `ascend`).
     Hccl,
+    /// HCCL one-sided `HcclBatchPut` into registered memory (feature `ascend`).
+    HcommOnesided,
 }
 
 impl ChannelKind {
@@ -216,6 +218,7 @@ impl ChannelKind {
             ChannelKind::Tcp => "tcp",
             ChannelKind::Shm => "shm",
             ChannelKind::Hccl => "hccl",
+            ChannelKind::HcommOnesided => "hcomm_onesided",
         }
     }
 
@@ -224,6 +227,7 @@ impl ChannelKind {
             1 => Some(ChannelKind::Tcp),
             2 => Some(ChannelKind::Shm),
             3 => Some(ChannelKind::Hccl),
+            4 => Some(ChannelKind::HcommOnesided),
             _ => None,
         }
     }
@@ -233,6 +237,7 @@ impl ChannelKind {
             ChannelKind::Tcp => 1,
             ChannelKind::Shm => 2,
             ChannelKind::Hccl => 3,
+            ChannelKind::HcommOnesided => 4,
         }
     }
 }

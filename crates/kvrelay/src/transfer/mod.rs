@@ -77,6 +77,10 @@ mod buffer;
 mod channel;
 #[cfg(feature = "ascend")]
 mod hccl;
+#[cfg(feature = "ascend")]
+mod hcomm_onesided;
+#[cfg(feature = "ascend")]
+mod npu;
 mod receiver;
 mod sender;
 mod shm;
@@ -428,6 +432,8 @@ impl PdConfig {
             Some("shm") => ChannelKind::Shm,
             #[cfg(feature = "ascend")]
             Some("hccl") => ChannelKind::Hccl,
+            #[cfg(feature = "ascend")]
+            Some("hcomm_onesided") => ChannelKind::HcommOnesided,
             Some(other) => return Err(TransferError::UnsupportedChannel(other.to_string())),
             None => return Err(TransferError::Config("transfer_channel is not set".into())),
         };
