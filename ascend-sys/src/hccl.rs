@@ -86,9 +86,7 @@ impl Hccl {
         name: &'static [u8],
         call: &'static str,
     ) -> Result<T::Raw, HcclError> {
-        self.loaded
-            .resolve::<T>(slot, name, call)
-            .map_err(HcclError::Unavailable)
+        resolve_in::<T>(&self.loaded, slot, name, call)
     }
 
     pub(crate) fn check(&self, call: &'static str, code: sys::HcclResult) -> Result<(), HcclError> {
@@ -146,6 +144,18 @@ impl Hccl {
         })?;
         Ok(Comm::from_raw(Arc::clone(self), comm))
     }
+}
+
+/// Resolves an HCCL-family symbol in `loaded`, failing as [`HcclError::Unavailable`].
+pub(crate) fn resolve_in<T: FnPtr>(
+    loaded: &Loaded,
+    slot: &Slot<T>,
+    name: &'static [u8],
+    call: &'static str,
+) -> Result<T::Raw, HcclError> {
+    loaded
+        .resolve::<T>(slot, name, call)
+        .map_err(HcclError::Unavailable)
 }
 
 /// A communicator, destroyed when dropped (which also ends its pending sends and

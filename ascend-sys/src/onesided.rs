@@ -9,7 +9,7 @@ use vendor_dl::Slot;
 
 use crate::acl::RawStream;
 use crate::error::LoadError;
-use crate::hccl::{Comm, CommConfigV8, Hccl, HcclError, HCOMM_SPLIT};
+use crate::hccl::{resolve_in, Comm, CommConfigV8, Hccl, HcclError, HCOMM_SPLIT};
 use crate::library::Loaded;
 use crate::memory::DeviceBuffer;
 use crate::search::Lib;
@@ -41,9 +41,7 @@ pub struct OneSided {
 
 impl std::fmt::Debug for OneSided {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OneSided")
-            .field("origin", &self.loaded.origin)
-            .finish()
+        write!(f, "OneSided({})", self.loaded.origin.path)
     }
 }
 
@@ -70,9 +68,7 @@ impl OneSided {
         name: &'static [u8],
         call: &'static str,
     ) -> Result<T::Raw, HcclError> {
-        self.loaded
-            .resolve::<T>(slot, name, call)
-            .map_err(HcclError::Unavailable)
+        resolve_in::<T>(&self.loaded, slot, name, call)
     }
 
     /// `HcclRegisterGlobalMem` of the whole of `buffer`, as device memory. The
