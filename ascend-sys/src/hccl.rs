@@ -265,8 +265,18 @@ pub const ONE_SIDED_SYMBOLS: [&str; 5] = [
     symbol_name(sys::HCCL_SYM_BATCH_PUT),
 ];
 
-/// Symbols of HIXL's C client API (libcann_hixl.so).
-pub const HIXL_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_CREATE)];
+/// Symbols of HIXL's C client/server API the `hixl` channel needs (libcann_hixl.so).
+pub const HIXL_SYMBOLS: [&str; 9] = [
+    symbol_name(sys::HIXL_SYM_SERVER_CREATE),
+    symbol_name(sys::HIXL_SYM_SERVER_REG_MEM),
+    symbol_name(sys::HIXL_SYM_SERVER_LISTEN),
+    symbol_name(sys::HIXL_SYM_SERVER_DESTROY),
+    symbol_name(sys::HIXL_SYM_CLIENT_CREATE),
+    symbol_name(sys::HIXL_SYM_CLIENT_CONNECT),
+    symbol_name(sys::HIXL_SYM_CLIENT_REG_MEM),
+    symbol_name(sys::HIXL_SYM_CLIENT_BATCH_PUT_ASYNC),
+    symbol_name(sys::HIXL_SYM_CLIENT_QUERY_COMPLETE_STATUS),
+];
 
 /// HIXL's synchronous batch calls (CANN 9.1).
 pub const HIXL_SYNC_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_BATCH_PUT_SYNC)];
