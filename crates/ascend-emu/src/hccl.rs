@@ -100,6 +100,14 @@ impl Completion {
         self.done.notify_all();
     }
 
+    /// The outcome, if the operation finished.
+    pub(crate) fn peek(&self) -> Option<Result<(), String>> {
+        self.result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Waits for the operation, at most `timeout`.
     pub(crate) fn wait(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
@@ -161,10 +169,20 @@ pub(crate) static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Runs an HCCL export body: records a failure's text (for `aclGetRecentErrMsg`), turns a
 /// panic into `HCCL_E_INTERNAL`.
 pub(crate) fn hccl_export(body: impl FnOnce() -> Result<(), (HcclResult, String)>) -> HcclResult {
+    status_export(sys::HCCL_SUCCESS, E_INTERNAL, body)
+}
+
+/// Runs an export body that returns `code` statuses (HCCL's, HIXL's): `ok` on success,
+/// the failure's code with its text recorded, `internal` for a panic.
+pub(crate) fn status_export<C>(
+    ok: C,
+    internal: C,
+    body: impl FnOnce() -> Result<(), (C, String)>,
+) -> C {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
-        .unwrap_or_else(|_| Err((E_INTERNAL, "ascend-emu: internal panic".into())));
+        .unwrap_or_else(|_| Err((internal, "ascend-emu: internal panic".into())));
     match outcome {
-        Ok(()) => sys::HCCL_SUCCESS,
+        Ok(()) => ok,
         Err((code, message)) => {
             crate::record_error(&message);
             code

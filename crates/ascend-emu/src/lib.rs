@@ -49,7 +49,8 @@
 //! move is this library's). HCCL one-sided (`HcclRegisterGlobalMem`,
 //! `HcclCommInitClusterInfoMemConfig`, `HcclCommBindMem`, `HcclCommPrepare`,
 //! `HcclBatchPut`) is emulated in [`onesided`]: the peer's registered device memory is
-//! mapped into the putting process (`KVRELAY_HCOMM_LIB` points here too).
+//! mapped into the putting process (`KVRELAY_HCOMM_LIB` points here too); HIXL's client/
+//! server C API (9.1) in [`hixl`], over the same mapping (`KVRELAY_HIXL_LIB`).
 //!
 //! Every export catches panics and returns `ACL_ERROR_INTERNAL_ERROR`; none unwinds into C.
 
@@ -64,6 +65,7 @@ use ascend_sys::sys::{self, aclError, aclrtMemcpyBatchAttr, aclrtMemcpyKind, acl
 use ascend_sys::CannVersion;
 
 mod hccl;
+mod hixl;
 mod onesided;
 
 /// Marks this library as the test double (`ascend_sys::TEST_DOUBLE_MARKER`).

@@ -56,9 +56,9 @@ const ACK: u8 = 2;
 
 /// A registered device range.
 #[derive(Clone, Copy)]
-struct Region {
-    addr: u64,
-    len: usize,
+pub(crate) struct Region {
+    pub(crate) addr: u64,
+    pub(crate) len: usize,
 }
 
 impl Region {
@@ -69,7 +69,7 @@ impl Region {
 
 /// A peer's registered region, mapped here: the whole allocation that holds it, whose
 /// device address `base` maps to `host`.
-struct PeerRegion {
+pub(crate) struct PeerRegion {
     region: Region,
     base: u64,
     host: *mut u8,
@@ -83,21 +83,91 @@ impl Drop for PeerRegion {
     }
 }
 
-/// The rendezvous's result: the connection to the peer and its memory.
-struct Link {
-    writer: Arc<Mutex<UnixStream>>,
+/// A connection to the peer that one-sided puts are acknowledged over, and the peer's
+/// memory mapped here (one-sided communicators and HIXL clients/servers).
+pub(crate) struct Link {
+    writer: Arc<Mutex<Box<dyn Write + Send>>>,
     acks: Mutex<Receiver<()>>,
     peer: Vec<PeerRegion>,
-    socket: UnixStream,
+    shutdown: Box<dyn Fn() + Send + Sync>,
     closed: Arc<AtomicBool>,
     watcher: Mutex<Option<JoinHandle<()>>>,
 }
 
-// SAFETY: `PeerRegion::host` is a private shared mapping, written only by HcclBatchPut
-// under the API contract (ranges checked, ordered by streams).
+// SAFETY: `PeerRegion::host` is a private shared mapping, written only by puts under the
+// API contract (ranges checked, ordered by their callers).
 unsafe impl Send for Link {}
 // SAFETY: as above.
 unsafe impl Sync for Link {}
+
+impl Link {
+    /// Starts the link over a connected pair of streams after the memory exchange; the
+    /// watcher thread serves the peer's notes and forwards its acknowledgements.
+    pub(crate) fn start(
+        reader: impl Read + Send + 'static,
+        writer: impl Write + Send + 'static,
+        shutdown: impl Fn() + Send + Sync + 'static,
+        peer: Vec<PeerRegion>,
+    ) -> std::io::Result<Link> {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        let writer: Arc<Mutex<Box<dyn Write + Send>>> = Arc::new(Mutex::new(Box::new(writer)));
+        let (w, c) = (Arc::clone(&writer), Arc::clone(&closed));
+        let watcher = std::thread::Builder::new()
+            .name("ascend-emu-put-watch".into())
+            .spawn(move || watch(reader, &w, &ack_tx, &c))?;
+        Ok(Link {
+            writer,
+            acks: Mutex::new(ack_rx),
+            peer,
+            shutdown: Box::new(shutdown),
+            closed,
+            watcher: Mutex::new(Some(watcher)),
+        })
+    }
+
+    /// Closes the link (the peer's puts and acknowledgements fail from then on) and joins
+    /// the watcher.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        (self.shutdown)();
+        let watcher = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(watcher) = watcher {
+            let _ = watcher.join();
+        }
+    }
+
+    /// The copies `(local, remote, len)` as host addresses: every local range inside one
+    /// of `local` (memory registered or bound here), every remote range in the peer's.
+    pub(crate) fn resolve(
+        &self,
+        local: &[Region],
+        copies: impl Iterator<Item = (u64, u64, u64)>,
+    ) -> Result<Vec<crate::Copy>, String> {
+        let state = initialized().map_err(|f| f.1)?;
+        copies
+            .enumerate()
+            .map(|(i, (from, to, len))| {
+                let len = usize::try_from(len).map_err(|_| format!("descriptor {i}: length too large"))?;
+                if !local.iter().any(|r| r.holds(from, len)) {
+                    return Err(format!("descriptor {i}: {len} bytes at {from:#x} are not in memory registered here"));
+                }
+                let (src, _) = state.device_range(from, len).map_err(|f| f.1)?;
+                let peer = self
+                    .peer
+                    .iter()
+                    .find(|p| p.region.holds(to, len))
+                    .ok_or_else(|| format!("descriptor {i}: {len} bytes at remote {to:#x} are not in memory the peer registered"))?;
+                let dst = peer.host.wrapping_add((to - peer.base) as usize);
+                Ok(crate::Copy { dst, src, len })
+            })
+            .collect()
+    }
+}
 
 struct OneComm {
     rank: u32,
@@ -311,7 +381,7 @@ pub unsafe extern "C" fn HcclCommBindMem(comm: HcclComm, handle: *mut c_void) ->
 
 /// What one rank tells the other at prepare: its pid, then per bound region its range,
 /// the allocation that holds it (device address, length) and that allocation's memfd.
-fn describe(bound: &[Region]) -> Fallible<Vec<u8>> {
+pub(crate) fn describe(bound: &[Region]) -> Fallible<Vec<u8>> {
     let state = initialized().map_err(acl_failure)?;
     let mut out = Vec::new();
     out.extend_from_slice(&std::process::id().to_le_bytes());
@@ -329,7 +399,7 @@ fn describe(bound: &[Region]) -> Fallible<Vec<u8>> {
 }
 
 /// Reads the peer's description and maps its regions.
-fn map_peer(socket: &mut UnixStream) -> Fallible<Vec<PeerRegion>> {
+pub(crate) fn map_peer(socket: &mut impl Read) -> Fallible<Vec<PeerRegion>> {
     let io = |e: std::io::Error| (E_TCP_CONNECT, format!("prepare exchange: {e}"));
     let mut u32s = [0u8; 8];
     socket.read_exact(&mut u32s).map_err(io)?;
@@ -458,23 +528,15 @@ pub unsafe extern "C" fn HcclCommPrepare(
         socket.write_all(&description).map_err(io)?;
         let peer = map_peer(&mut socket)?;
         socket.set_read_timeout(None).map_err(io)?;
-        let (ack_tx, ack_rx) = mpsc::channel();
-        let closed = Arc::new(AtomicBool::new(false));
-        let writer = Arc::new(Mutex::new(socket.try_clone().map_err(io)?));
         let reader = socket.try_clone().map_err(io)?;
-        let (w, c) = (Arc::clone(&writer), Arc::clone(&closed));
-        let watcher = std::thread::Builder::new()
-            .name("ascend-emu-hcomm-watch".into())
-            .spawn(move || watch(reader, &w, &ack_tx, &c))
-            .map_err(io)?;
-        let link = Link {
+        let writer = socket.try_clone().map_err(io)?;
+        let link = Link::start(
+            reader,
             writer,
-            acks: Mutex::new(ack_rx),
+            move || drop(socket.shutdown(std::net::Shutdown::Both)),
             peer,
-            socket,
-            closed,
-            watcher: Mutex::new(Some(watcher)),
-        };
+        )
+        .map_err(io)?;
         *comm.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(link));
         Ok(())
     })
@@ -484,8 +546,8 @@ pub unsafe extern "C" fn HcclCommPrepare(
 /// acknowledged) and forwards its acknowledgements of ours, until the link closes. Ending
 /// drops `acks`, so a put waiting for one fails at once.
 fn watch(
-    mut reader: UnixStream,
-    writer: &Mutex<UnixStream>,
+    mut reader: impl Read,
+    writer: &Mutex<Box<dyn Write + Send>>,
     acks: &Sender<()>,
     closed: &AtomicBool,
 ) {
@@ -555,35 +617,25 @@ pub unsafe extern "C" fn HcclBatchPut(
             n => unsafe { std::slice::from_raw_parts(desc, n as usize) },
         };
         let bound = comm.bound.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(i) = descs
+            .iter()
+            .position(|d| d.dataType != sys::HCCL_DATA_TYPE_UINT8)
+        {
+            return Err((
+                E_NOT_SUPPORT,
+                format!("descriptor {i}: the emulator moves HCCL_DATA_TYPE_UINT8 only"),
+            ));
+        }
+        let copies = link
+            .resolve(
+                &bound,
+                descs
+                    .iter()
+                    .map(|d| (d.localAddr as u64, d.remoteAddr as u64, d.count)),
+            )
+            .map_err(|why| (E_PARA, why))?;
         let mut state = initialized().map_err(acl_failure)?;
         stream_device(&state, stream).map_err(acl_failure)?;
-        let mut copies = Vec::with_capacity(descs.len());
-        for (i, d) in descs.iter().enumerate() {
-            if d.dataType != sys::HCCL_DATA_TYPE_UINT8 {
-                return Err((
-                    E_NOT_SUPPORT,
-                    format!("descriptor {i}: the emulator moves HCCL_DATA_TYPE_UINT8 only"),
-                ));
-            }
-            let len = usize::try_from(d.count).map_err(|_| (E_PARA, "count too large".into()))?;
-            let (local, remote) = (d.localAddr as u64, d.remoteAddr as u64);
-            if !bound.iter().any(|r| r.holds(local, len)) {
-                return Err((E_PARA, format!("descriptor {i}: {len} bytes at {local:#x} are not in memory bound to this communicator")));
-            }
-            let (src, _) = state.device_range(local, len).map_err(acl_failure)?;
-            let peer = link
-                .peer
-                .iter()
-                .find(|p| p.region.holds(remote, len))
-                .ok_or_else(|| {
-                    (
-                        E_PARA,
-                        format!("descriptor {i}: {len} bytes at remote {remote:#x} are not in memory the peer bound"),
-                    )
-                })?;
-            let dst = peer.host.wrapping_add((remote - peer.base) as usize);
-            copies.push(crate::Copy { dst, src, len });
-        }
         let done = Arc::new(Completion::default());
         let entry = state
             .streams
@@ -604,7 +656,11 @@ pub unsafe extern "C" fn HcclBatchPut(
 
 /// Moves the copies a piece at a time, each acknowledged by the peer; `None` when the
 /// stall knob stops it (the put then never completes).
-fn put(link: &Link, copies: &[crate::Copy], timeout: Duration) -> Option<Result<(), String>> {
+pub(crate) fn put(
+    link: &Link,
+    copies: &[crate::Copy],
+    timeout: Duration,
+) -> Option<Result<(), String>> {
     for copy in copies {
         let mut moved = 0;
         while moved < copy.len {
@@ -619,7 +675,7 @@ fn put(link: &Link, copies: &[crate::Copy], timeout: Duration) -> Option<Result<
             });
             let gone = |why: String| {
                 Some(Err(format!(
-                    "HcclBatchPut of {} bytes: the peer rank is gone or stalled ({why})",
+                    "a put of {} bytes: the peer is gone or stalled ({why})",
                     copy.len
                 )))
             };
@@ -661,16 +717,7 @@ pub(crate) fn destroy(handle: usize) -> Fallible<()> {
         .remove(&comm.name);
     let link = comm.link.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(link) = link {
-        link.closed.store(true, Ordering::SeqCst);
-        let _ = link.socket.shutdown(std::net::Shutdown::Both);
-        let watcher = link
-            .watcher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(watcher) = watcher {
-            let _ = watcher.join();
-        }
+        link.close();
     }
     Ok(())
 }
