@@ -7,7 +7,12 @@
 mod ascend_pd;
 mod support;
 
-ascend_pd::pd_channel_tests!("hcomm_onesided", "HcommOnesided");
+ascend_pd::pd_channel_tests!(
+    "hcomm_onesided",
+    "HcommOnesided",
+    needs "8.5.0",
+    timed_out "did not complete within 5s"
+);
 
 #[test]
 fn a_refused_registration_of_the_pd_buffer_is_a_typed_error_at_start() {

@@ -32,9 +32,11 @@
 //!   stream)` and a stream synchronize. The receiver, before sending `AllocGrant`, posts
 //!   one `HcclRecv` per granted chunk into its page in chunk order (sends and receives pair
 //!   in order), and synchronizes its stream at the grant's first `Seal` (see `hccl.rs`).
-//! - **HIXL**: like one-sided: `put` appends a `TransferOpDesc{local_addr, remote_addr =
-//!   remote_base + remote_offset, len}`; `fence` runs `TransferSync(remote_engine, WRITE,
-//!   descs, timeout)` (or `TransferAsync` + `GetTransferStatus` until `COMPLETED`).
+//! - **HIXL (hixl, built)**: like one-sided, over the HIXL C API: `Welcome` carries the
+//!   receiver's HIXL server address and PD buffer address; `put` stages the piece and
+//!   appends a `HixlOneSideOpDesc{remote = remote_base + remote_offset, local = staging,
+//!   len}`; `fence` runs `HixlCSClientBatchPutSync` (or `HixlCSClientBatchPutAsync` +
+//!   `HixlCSClientQueryCompleteStatus` until a deadline) (see `hixl.rs`).
 //!
 //! Channels never hash: the `Seal`'s checksum is computed once when the chunk is gathered
 //! (for device-memory staging that can be a device-computed one), and the receiver
@@ -168,8 +170,10 @@ pub(crate) fn server(
         ChannelKind::Hccl => Box::new(super::hccl::HcclServer::new(config)?),
         #[cfg(feature = "ascend")]
         ChannelKind::HcommOnesided => Box::new(super::hcomm_onesided::OneSidedServer::new(config)?),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hixl => Box::new(super::hixl::HixlServerSide::new(config)?),
         #[cfg(not(feature = "ascend"))]
-        kind @ (ChannelKind::Hccl | ChannelKind::HcommOnesided) => {
+        kind @ (ChannelKind::Hccl | ChannelKind::HcommOnesided | ChannelKind::Hixl) => {
             return Err(TransferError::UnsupportedChannel(kind.as_str().into()))
         }
     })
@@ -182,6 +186,8 @@ pub(crate) fn preflight(config: &PdConfig) -> Result<(), TransferError> {
         ChannelKind::Hccl => super::npu::check(super::hccl::NEED).map(drop),
         #[cfg(feature = "ascend")]
         ChannelKind::HcommOnesided => super::npu::check(super::hcomm_onesided::NEED).map(drop),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hixl => super::npu::check(super::hixl::NEED).map(drop),
         _ => Ok(()),
     }
 }
@@ -207,8 +213,10 @@ pub(crate) fn connect(
         ChannelKind::HcommOnesided => Box::new(super::hcomm_onesided::OneSidedChannel::connect(
             config, params,
         )?),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hixl => Box::new(super::hixl::HixlChannel::connect(config, params)?),
         #[cfg(not(feature = "ascend"))]
-        kind @ (ChannelKind::Hccl | ChannelKind::HcommOnesided) => {
+        kind @ (ChannelKind::Hccl | ChannelKind::HcommOnesided | ChannelKind::Hixl) => {
             return Err(TransferError::UnsupportedChannel(kind.as_str().into()))
         }
     })

@@ -210,6 +210,8 @@ pub enum ChannelKind {
     Hccl,
     /// HCCL one-sided `HcclBatchPut` into registered memory (feature `ascend`).
     HcommOnesided,
+    /// HIXL client/server batch puts into registered memory (feature `ascend`).
+    Hixl,
 }
 
 impl ChannelKind {
@@ -219,6 +221,7 @@ impl ChannelKind {
             ChannelKind::Shm => "shm",
             ChannelKind::Hccl => "hccl",
             ChannelKind::HcommOnesided => "hcomm_onesided",
+            ChannelKind::Hixl => "hixl",
         }
     }
 
@@ -228,6 +231,7 @@ impl ChannelKind {
             2 => Some(ChannelKind::Shm),
             3 => Some(ChannelKind::Hccl),
             4 => Some(ChannelKind::HcommOnesided),
+            5 => Some(ChannelKind::Hixl),
             _ => None,
         }
     }
@@ -238,6 +242,7 @@ impl ChannelKind {
             ChannelKind::Shm => 2,
             ChannelKind::Hccl => 3,
             ChannelKind::HcommOnesided => 4,
+            ChannelKind::Hixl => 5,
         }
     }
 }

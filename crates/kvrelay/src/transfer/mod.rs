@@ -80,6 +80,8 @@ mod hccl;
 #[cfg(feature = "ascend")]
 mod hcomm_onesided;
 #[cfg(feature = "ascend")]
+mod hixl;
+#[cfg(feature = "ascend")]
 mod npu;
 mod receiver;
 mod sender;
@@ -142,6 +144,14 @@ pub enum TransferError {
         what: &'static str,
         #[source]
         source: ascend_sys::HcclError,
+    },
+    /// A HIXL call of the `hixl` channel failed: the server died or timed out.
+    #[cfg(feature = "ascend")]
+    #[error("{what}: {source}")]
+    Hixl {
+        what: &'static str,
+        #[source]
+        source: ascend_sys::HixlError,
     },
     #[error("transfer_channel {0:?} is not available in this build; kvrelay moves PD KV over \"tcp\" or \"shm\" (hccl, hcomm_onesided and hixl come with the ascend feature)")]
     UnsupportedChannel(String),
@@ -434,6 +444,8 @@ impl PdConfig {
             Some("hccl") => ChannelKind::Hccl,
             #[cfg(feature = "ascend")]
             Some("hcomm_onesided") => ChannelKind::HcommOnesided,
+            #[cfg(feature = "ascend")]
+            Some("hixl") => ChannelKind::Hixl,
             Some(other) => return Err(TransferError::UnsupportedChannel(other.to_string())),
             None => return Err(TransferError::Config("transfer_channel is not set".into())),
         };

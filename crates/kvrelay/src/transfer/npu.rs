@@ -154,6 +154,11 @@ impl Grant {
             .collect();
     }
 
+    /// The PD buffer's device address.
+    pub fn base(&self) -> u64 {
+        self.device.addr()
+    }
+
     pub fn clear(&mut self) {
         self.chunks.clear();
     }

@@ -97,6 +97,7 @@ pub fn child(name: &str, version: &str, env: &[(&str, &str)]) -> Command {
     cmd.env("KVRELAY_ASCENDCL_LIB", &emu)
         .env("KVRELAY_HCCL_LIB", &emu)
         .env("KVRELAY_HCOMM_LIB", &emu)
+        .env("KVRELAY_HIXL_LIB", &emu)
         .env("ASCEND_EMU_CANN_VERSION", version)
         .env("HCCL_CONNECT_TIMEOUT", "10")
         .env_remove("ASCEND_HOME_PATH")
@@ -190,6 +191,10 @@ pub fn run_sender_on(
 pub struct Channel {
     pub name: &'static str,
     pub kind: &'static str,
+    /// The oldest CANN it runs on.
+    pub needs: &'static str,
+    /// What its fence says when the put did not complete within the io timeout (5 s).
+    pub timed_out: &'static str,
 }
 
 /// The channel a child runs (`CHANNEL`).
@@ -294,7 +299,7 @@ pub fn a_stalled_sender_times_out_on_both_sides_and_the_next_request_succeeds(ch
     // timeout, 5 s here), with the emulator's reason.
     assert!(ok, "{out}");
     assert!(
-        out.contains("SEND-ERROR stalled") && out.contains("did not complete within 5s"),
+        out.contains("SEND-ERROR stalled") && out.contains(ch.timed_out),
         "{out}"
     );
     let (ok, out) = run_sender(ch, &ports, "r5", &[]);
@@ -316,8 +321,8 @@ pub fn a_sender_on_a_cann_too_old_is_refused_naming_both_versions(ch: Channel) {
     assert!(
         out.contains("SEND-ERROR old after")
             && out.contains(&format!(
-                "transfer channel {} needs CANN 8.5.0 or newer, but this installation is CANN 8.3.0",
-                ch.name
+                "transfer channel {} needs CANN {} or newer, but this installation is CANN 8.3.0",
+                ch.name, ch.needs
             )),
         "{out}"
     );
@@ -336,8 +341,8 @@ pub fn a_cann_too_old_for_the_channel_is_refused_at_start_naming_both_versions(c
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains(&format!(
-            "BIND-ERROR transfer_channel {0} cannot run here: transfer channel {0} needs CANN 8.5.0 or newer, but this installation is CANN 8.3.0",
-            ch.name
+            "BIND-ERROR transfer_channel {0} cannot run here: transfer channel {0} needs CANN {1} or newer, but this installation is CANN 8.3.0",
+            ch.name, ch.needs
         )),
         "{text}"
     );
@@ -425,10 +430,12 @@ pub fn child_bind_only() {
 
 /// Defines the shared tests for one channel, and the ignored children they run.
 macro_rules! pd_channel_tests {
-    ($name:literal, $kind:literal) => {
+    ($name:literal, $kind:literal, needs $needs:literal, timed_out $timed_out:literal) => {
         const CHANNEL: ascend_pd::Channel = ascend_pd::Channel {
             name: $name,
             kind: $kind,
+            needs: $needs,
+            timed_out: $timed_out,
         };
         ascend_pd::pd_channel_tests!(@tests
             kv_moves_bit_exact_between_two_processes,
