@@ -276,7 +276,7 @@ impl HixlClient {
         })
     }
 
-    /// Puts `(remote, local, len)` byte copies and waits until they landed, at most
+    /// Puts `(local, remote, len)` byte copies and waits until they landed, at most
     /// `timeout`: one `HixlCSClientBatchPutSync` when `sync` (CANN 9.1), else
     /// `HixlCSClientBatchPutAsync` and `HixlCSClientQueryCompleteStatus` until the
     /// deadline.
@@ -292,7 +292,7 @@ impl HixlClient {
     ) -> Result<(), HixlError> {
         let descs: Vec<sys::HixlOneSideOpDesc> = copies
             .iter()
-            .map(|&(remote, local, len)| sys::HixlOneSideOpDesc {
+            .map(|&(local, remote, len)| sys::HixlOneSideOpDesc {
                 remote_buf: remote as *mut c_void,
                 local_buf: local as *mut c_void,
                 len: len as u64,

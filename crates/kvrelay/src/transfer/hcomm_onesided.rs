@@ -36,7 +36,8 @@ use super::channel::{
 };
 use super::frame::ChannelKind;
 use super::npu::{
-    acl_error, hccl_error, Grant, Need, NpuPages, Runtime, Staging, RECEIVER_RANK, SENDER_RANK,
+    acl_error, hccl_error, Grant, Need, NpuPages, PutBatch, Runtime, Staging, RECEIVER_RANK,
+    SENDER_RANK,
 };
 use super::{PdConfig, TransferError};
 
@@ -212,10 +213,7 @@ impl ServerSession for OneSidedSession {
 /// being put, and the session's communicator.
 pub(crate) struct OneSidedChannel {
     runtime: Runtime,
-    staging: Staging,
-    /// (local device address, remote device address, length) per put since the fence.
-    copies: Vec<(u64, u64, usize)>,
-    remote_base: u64,
+    batch: PutBatch,
     comm: OneSidedComm,
     stream: Stream,
     /// Keeps the staging page registered while the communicator may use it.
@@ -244,9 +242,7 @@ impl OneSidedChannel {
         let comm = join(&runtime, &api, &table, &name, SENDER_RANK, &registered)?;
         Ok(OneSidedChannel {
             runtime,
-            staging,
-            copies: Vec::new(),
-            remote_base,
+            batch: PutBatch::new(staging, remote_base),
             comm,
             stream,
             _registered: registered,
@@ -260,21 +256,15 @@ impl Channel for OneSidedChannel {
     }
 
     fn put(&mut self, dst: Put, src: &[u8]) -> Result<(), TransferError> {
-        let local = self
-            .staging
-            .put(&self.runtime, "hcomm_onesided", dst, src)?;
-        self.copies
-            .push((local, self.remote_base + dst.remote_offset, src.len()));
-        Ok(())
+        self.batch.put(&self.runtime, "hcomm_onesided", dst, src)
     }
 
     fn fence(&mut self) -> Result<(), TransferError> {
-        self.staging.filled = 0;
-        if self.copies.is_empty() {
+        let copies = self.batch.take();
+        if copies.is_empty() {
             return Ok(());
         }
         self.runtime.bind()?;
-        let copies = std::mem::take(&mut self.copies);
         // SAFETY: every local range is in the registered, bound staging page and is not
         // written again before the stream synchronize below; every remote range is inside
         // the receiver's registered PD buffer (the sender checked the put against the

@@ -32,7 +32,7 @@ use super::channel::{
     Channel, ChannelParams, ChannelServer, GrantedChunk, Landed, Put, ServerSession,
 };
 use super::frame::ChannelKind;
-use super::npu::{Grant, Need, NpuPages, Runtime, Staging};
+use super::npu::{Grant, Need, NpuPages, PutBatch, Runtime, Staging};
 use super::{PdConfig, TransferError};
 
 pub(super) const NEED: Need = Need {
@@ -152,10 +152,7 @@ impl ServerSession for HixlSession {
 /// being put, and the client connected to the receiver's server.
 pub(crate) struct HixlChannel {
     runtime: Runtime,
-    staging: Staging,
-    /// (remote device address, local device address, length) per put since the fence.
-    copies: Vec<(u64, u64, usize)>,
-    remote_base: u64,
+    batch: PutBatch,
     client: HixlClient,
     /// Whether this CANN has `HixlCSClientBatchPutSync`.
     sync: bool,
@@ -188,9 +185,7 @@ impl HixlChannel {
             .map_err(hixl_error("connecting to the receiver's HIXL server"))?;
         Ok(HixlChannel {
             runtime,
-            staging,
-            copies: Vec::new(),
-            remote_base,
+            batch: PutBatch::new(staging, remote_base),
             client,
             sync,
             timeout: config.io_timeout,
@@ -204,19 +199,15 @@ impl Channel for HixlChannel {
     }
 
     fn put(&mut self, dst: Put, src: &[u8]) -> Result<(), TransferError> {
-        let local = self.staging.put(&self.runtime, "hixl", dst, src)?;
-        self.copies
-            .push((self.remote_base + dst.remote_offset, local, src.len()));
-        Ok(())
+        self.batch.put(&self.runtime, "hixl", dst, src)
     }
 
     fn fence(&mut self) -> Result<(), TransferError> {
-        self.staging.filled = 0;
-        if self.copies.is_empty() {
+        let copies = self.batch.take();
+        if copies.is_empty() {
             return Ok(());
         }
         self.runtime.bind()?;
-        let copies = std::mem::take(&mut self.copies);
         // SAFETY: every local range is in the registered staging page, unchanged until the
         // put returns; every remote range is inside the receiver's registered PD buffer
         // (the sender checked the put against the grant and the buffer size).

@@ -226,3 +226,41 @@ impl Staging {
         Ok(at)
     }
 }
+
+/// A one-sided sender's chunk in flight: its staging page and one `(local, remote, len)`
+/// copy per put since the last fence, remote addresses in the receiver's PD buffer.
+pub(super) struct PutBatch {
+    pub staging: Staging,
+    copies: Vec<(u64, u64, usize)>,
+    remote_base: u64,
+}
+
+impl PutBatch {
+    pub fn new(staging: Staging, remote_base: u64) -> Self {
+        PutBatch {
+            staging,
+            copies: Vec::new(),
+            remote_base,
+        }
+    }
+
+    /// Stages `src` and records its copy.
+    pub fn put(
+        &mut self,
+        runtime: &Runtime,
+        channel: &str,
+        dst: Put,
+        src: &[u8],
+    ) -> Result<(), TransferError> {
+        let local = self.staging.put(runtime, channel, dst, src)?;
+        self.copies
+            .push((local, self.remote_base + dst.remote_offset, src.len()));
+        Ok(())
+    }
+
+    /// The copies to issue at a fence (the staging page is reused after it).
+    pub fn take(&mut self) -> Vec<(u64, u64, usize)> {
+        self.staging.filled = 0;
+        std::mem::take(&mut self.copies)
+    }
+}
