@@ -13,7 +13,9 @@
 //! `hccl` (feature `ascend`) runs the HCCL two-sided channel with the PD buffer on the NPU;
 //! on the `ascend-emu` test double (`KVRELAY_ASCENDCL_LIB` and `KVRELAY_HCCL_LIB` naming
 //! it) the line says `"emulated": true`, and the figure is the emulator's: host copies and
-//! a loopback TCP stream, against the same plain TCP stream as baseline.
+//! a loopback TCP stream, against the same plain TCP stream as baseline. `hixl` runs the
+//! HIXL channel the same way (`KVRELAY_HIXL_LIB` too); on the double its put is a memcpy
+//! into the server's mapped memory, against the `/dev/shm` memcpy baseline.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,7 +36,8 @@ use super::{gbps, print_result};
 
 #[derive(clap::Args)]
 pub struct TransferArgs {
-    /// `tcp`, `shm`, or `hccl` (with the ascend feature).
+    /// `tcp`, `shm`, or `hccl` / `hixl` (with the ascend feature; `hcomm_onesided` needs its
+    /// two ranks in separate processes, which this bench does not run).
     #[arg(long, default_value = "tcp")]
     transport: String,
     /// Bytes of KV in the request, MiB (128 KiB per token for this model shape).
@@ -50,7 +53,7 @@ const CHUNK_TOKENS: usize = 256;
 pub fn run(args: TransferArgs) -> Result<(), String> {
     let transport = args.transport.as_str();
     let channels: &[&str] = if cfg!(feature = "ascend") {
-        &["tcp", "shm", "hccl"]
+        &["tcp", "shm", "hccl", "hixl"]
     } else {
         &["tcp", "shm"]
     };
@@ -60,7 +63,11 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
             channels.join(", ")
         ));
     }
-    let buffer_device = if transport == "hccl" { "npu" } else { "cpu" };
+    let buffer_device = if matches!(transport, "hccl" | "hixl") {
+        "npu"
+    } else {
+        "cpu"
+    };
     let spec = super::LLAMA_8B_CHUNKS;
     let token_bytes = spec.chunk_bytes(1);
     let tokens = (args.size_mib << 20) / token_bytes;
@@ -155,6 +162,7 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     let baseline_kind = match transport {
         "tcp" => "one plain loopback TCP stream of the same bytes (same socket options)",
         "hccl" => "one plain loopback TCP stream of the same bytes (what the emulator's HCCL moves them over)",
+        "hixl" => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping (the emulator's HIXL put is a memcpy into the server's mapped memory, acknowledged per MiB)",
         _ => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping",
     };
     let mut extra = serde_json::json!({
@@ -168,7 +176,7 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
             "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
     });
     #[cfg(feature = "ascend")]
-    if transport == "hccl" {
+    if matches!(transport, "hccl" | "hixl") {
         extra["emulated"] = emulated()?.into();
     }
     print_result(
@@ -181,7 +189,7 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether the ACL runtime the `hccl` channel ran on is the `ascend-emu` test double.
+/// Whether the ACL runtime the Ascend channel ran on is the `ascend-emu` test double.
 #[cfg(feature = "ascend")]
 fn emulated() -> Result<bool, String> {
     let acl = kvrelay::device::ascend::ascend_sys::Acl::global().map_err(|e| e.to_string())?;
@@ -215,7 +223,7 @@ impl<'a> Baseline<'a> {
         let err = |e: std::io::Error| e.to_string();
         let mut dst = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
         dst.fill(1);
-        if transport == "shm" {
+        if matches!(transport, "shm" | "hixl") {
             let mut src = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
             let mut at = 0;
             for s in sources {
