@@ -179,6 +179,7 @@ pub(crate) fn status_export<C>(
     internal: C,
     body: impl FnOnce() -> Result<(), (C, String)>,
 ) -> C {
+    crate::count_call();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
         .unwrap_or_else(|_| Err((internal, "ascend-emu: internal panic".into())));
     match outcome {

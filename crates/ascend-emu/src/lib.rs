@@ -73,6 +73,20 @@ mod onesided;
 #[allow(non_upper_case_globals)]
 pub static ascend_emu_test_double: u8 = 1;
 
+/// ACL, HCCL and HIXL calls this library answered (every export counts once).
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_call() {
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `uint64_t ascend_emu_calls(void)`: the calls answered so far
+/// (`ascend_sys::Acl::test_double_calls`), for benches that report calls per request.
+#[no_mangle]
+pub extern "C" fn ascend_emu_calls() -> u64 {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 const SUCCESS: aclError = sys::ACL_SUCCESS;
 const UNINITIALIZE: aclError = 100001;
 const REPEAT_INITIALIZE: aclError = 100002;
@@ -226,6 +240,7 @@ fn fail<T>(code: aclError, message: impl Into<String>) -> Result<T, Failure> {
 /// Runs an export body: records the error text of a failure, turns a panic into
 /// `ACL_ERROR_INTERNAL_ERROR`.
 fn export(body: impl FnOnce() -> Outcome) -> aclError {
+    count_call();
     let outcome = catch_unwind(AssertUnwindSafe(body))
         .unwrap_or_else(|_| fail(INTERNAL, "ascend-emu: internal panic"));
     match outcome {

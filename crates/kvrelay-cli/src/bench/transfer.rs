@@ -142,11 +142,18 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
 
     let mut best = [Duration::MAX; 3];
     let mut alloc_ms = f64::MAX;
+    let mut calls_per_request: Option<u64> = None;
+    let on_npu = buffer_device == "npu";
     for round in 0..args.rounds.max(1) {
         let id = format!("bench-{round}");
+        let calls_before = on_npu.then(emulator_calls).flatten();
         let started = Instant::now();
         let stats = sender.send_request(&id, &refs).map_err(|e| e.to_string())?;
         best[0] = best[0].min(started.elapsed());
+        if let Some((before, after)) = calls_before.zip(on_npu.then(emulator_calls).flatten()) {
+            let calls = after - before;
+            calls_per_request = Some(calls_per_request.map_or(calls, |c| c.min(calls)));
+        }
         alloc_ms = alloc_ms.min(stats.alloc_wait.as_secs_f64() * 1e3);
         // Consume the request (untimed) so the next round finds the buffer empty.
         for chunk in &refs {
@@ -178,6 +185,9 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     #[cfg(feature = "ascend")]
     if matches!(transport, "hccl" | "hixl") {
         extra["emulated"] = emulated()?.into();
+        // Both sides run in this process: every ACL/HCCL/HIXL call either made during one
+        // request (the fewest of the rounds), as the double counted them.
+        extra["calls_per_request"] = calls_per_request.into();
     }
     print_result(
         "transfer",
@@ -194,6 +204,19 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
 fn emulated() -> Result<bool, String> {
     let acl = kvrelay::device::ascend::ascend_sys::Acl::global().map_err(|e| e.to_string())?;
     Ok(acl.is_test_double())
+}
+
+/// Calls the `ascend-emu` test double has answered so far in this process, when the
+/// Ascend runtime loaded is the double.
+fn emulator_calls() -> Option<u64> {
+    #[cfg(feature = "ascend")]
+    {
+        kvrelay::device::ascend::ascend_sys::Acl::global()
+            .ok()?
+            .test_double_calls()
+    }
+    #[cfg(not(feature = "ascend"))]
+    None
 }
 
 fn timed_memcpy(dst: &mut [u8], src: &[u8]) -> Duration {
