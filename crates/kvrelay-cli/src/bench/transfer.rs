@@ -172,7 +172,7 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         "hixl" => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping (the emulator's HIXL put is a memcpy into the server's mapped memory, acknowledged per MiB)",
         _ => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping",
     };
-    let mut extra = serde_json::json!({
+    let extra = serde_json::json!({
             "transport": transport,
             "baseline_kind": baseline_kind,
             "bytes": bytes,
@@ -181,14 +181,12 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
             "sender_checksum_gbps": gbps(bytes, checksum_time),
             "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, best[2])),
             "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
+            // NPU channels: whether the runtime is the test double, and (on the double,
+            // both sides in this process) every ACL/HCCL/HIXL call either side made during
+            // one request, the fewest of the rounds. Null for host channels.
+            "emulated": on_npu.then(emulated).transpose()?,
+            "calls_per_request": calls_per_request,
     });
-    #[cfg(feature = "ascend")]
-    if matches!(transport, "hccl" | "hixl") {
-        extra["emulated"] = emulated()?.into();
-        // Both sides run in this process: every ACL/HCCL/HIXL call either made during one
-        // request (the fewest of the rounds), as the double counted them.
-        extra["calls_per_request"] = calls_per_request.into();
-    }
     print_result(
         "transfer",
         "gbps",
@@ -200,10 +198,14 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
 }
 
 /// Whether the ACL runtime the Ascend channel ran on is the `ascend-emu` test double.
-#[cfg(feature = "ascend")]
 fn emulated() -> Result<bool, String> {
-    let acl = kvrelay::device::ascend::ascend_sys::Acl::global().map_err(|e| e.to_string())?;
-    Ok(acl.is_test_double())
+    #[cfg(feature = "ascend")]
+    {
+        let acl = kvrelay::device::ascend::ascend_sys::Acl::global().map_err(|e| e.to_string())?;
+        Ok(acl.is_test_double())
+    }
+    #[cfg(not(feature = "ascend"))]
+    Err("the Ascend channels need the ascend feature".into())
 }
 
 /// Calls the `ascend-emu` test double has answered so far in this process, when the
