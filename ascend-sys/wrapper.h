@@ -287,7 +287,20 @@ typedef HcclResult (*HcclBatchPut_fn)(HcclComm comm, uint32_t remoteRank,
 
 typedef uint32_t HixlStatus; /* 0 is success */
 #define HIXL_SUCCESS 0
+#define HIXL_PARAM_INVALID 103900
+#define HIXL_TIMEOUT 103901
+#define HIXL_FAILED 503900
 typedef void *HixlClientHandle;
+typedef void *HixlServerHandle;
+/* CompleteHandle and MemHandle in hixl_cs.h */
+typedef void *HixlCompleteHandle;
+typedef void *HixlMemHandle;
+/* HixlCompleteStatus */
+typedef int32_t HixlCompleteStatus;
+#define HIXL_COMPLETE_STATUS_WAITING 0
+#define HIXL_COMPLETE_STATUS_COMPLETED 1
+#define HIXL_COMPLETE_STATUS_TIMEOUT 2
+#define HIXL_COMPLETE_STATUS_FAILED 3
 
 /** An endpoint address: a type tag and 36 bytes of address. 40 bytes. */
 typedef struct CommAddr {
@@ -353,3 +366,46 @@ typedef HixlStatus (*HixlCSClientBatchPutSync_fn)(HixlClientHandle handle, uint3
                                                   const HixlOneSideOpDesc *descs,
                                                   uint32_t timeoutMs);
 #define HIXL_SYM_CLIENT_BATCH_PUT_SYNC "HixlCSClientBatchPutSync"
+
+/** HixlStatus HixlCSServerCreate(const HixlServerDesc*, const HixlConfig*, handle*). */
+typedef HixlStatus (*HixlCSServerCreate_fn)(const HixlServerDesc *desc, const HixlConfig *config,
+                                            HixlServerHandle *handle);
+#define HIXL_SYM_SERVER_CREATE "HixlCSServerCreate"
+
+/** HixlStatus HixlCSServerRegMem(handle, memTag, const CommMem*, MemHandle*). */
+typedef HixlStatus (*HixlCSServerRegMem_fn)(HixlServerHandle handle, const char *memTag,
+                                            const CommMem *mem, HixlMemHandle *memHandle);
+#define HIXL_SYM_SERVER_REG_MEM "HixlCSServerRegMem"
+
+/** HixlStatus HixlCSServerListen(handle, backlog). */
+typedef HixlStatus (*HixlCSServerListen_fn)(HixlServerHandle handle, uint32_t backlog);
+#define HIXL_SYM_SERVER_LISTEN "HixlCSServerListen"
+
+/** HixlStatus HixlCSServerDestroy(handle). */
+typedef HixlStatus (*HixlCSServerDestroy_fn)(HixlServerHandle handle);
+#define HIXL_SYM_SERVER_DESTROY "HixlCSServerDestroy"
+
+/** HixlStatus HixlCSClientConnect(handle, timeout_ms). */
+typedef HixlStatus (*HixlCSClientConnect_fn)(HixlClientHandle handle, uint32_t timeoutMs);
+#define HIXL_SYM_CLIENT_CONNECT "HixlCSClientConnect"
+
+/** HixlStatus HixlCSClientRegMem(handle, memTag, const CommMem*, MemHandle*). */
+typedef HixlStatus (*HixlCSClientRegMem_fn)(HixlClientHandle handle, const char *memTag,
+                                            const CommMem *mem, HixlMemHandle *memHandle);
+#define HIXL_SYM_CLIENT_REG_MEM "HixlCSClientRegMem"
+
+/** HixlStatus HixlCSClientBatchPutAsync(handle, n, descs, CompleteHandle*). */
+typedef HixlStatus (*HixlCSClientBatchPutAsync_fn)(HixlClientHandle handle, uint32_t listNum,
+                                                   const HixlOneSideOpDesc *descs,
+                                                   HixlCompleteHandle *complete);
+#define HIXL_SYM_CLIENT_BATCH_PUT_ASYNC "HixlCSClientBatchPutAsync"
+
+/** HixlStatus HixlCSClientQueryCompleteStatus(handle, CompleteHandle, HixlCompleteStatus*). */
+typedef HixlStatus (*HixlCSClientQueryCompleteStatus_fn)(HixlClientHandle handle,
+                                                         HixlCompleteHandle complete,
+                                                         HixlCompleteStatus *status);
+#define HIXL_SYM_CLIENT_QUERY_COMPLETE_STATUS "HixlCSClientQueryCompleteStatus"
+
+/** HixlStatus HixlCSClientDestroy(handle). */
+typedef HixlStatus (*HixlCSClientDestroy_fn)(HixlClientHandle handle);
+#define HIXL_SYM_CLIENT_DESTROY "HixlCSClientDestroy"

@@ -60,7 +60,7 @@ scripts/check_rbln_bindings.sh
 # wrapper.h (libclang, installed above).
 cargo build -p ascend-emu
 cargo clippy --workspace --all-targets --features kvrelay/ascend,kvrelay-cli/ascend,kvrelay-examples/ascend -- -D warnings
-cargo test -p kvrelay --features ascend --lib --test device_ascend --test transfer_hccl
+cargo test -p kvrelay --features ascend --lib --test device_ascend --test transfer_hccl --test transfer_hcomm_onesided --test transfer_hixl
 cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_ascend
 cargo build -p kvrelay-examples --examples --features ascend
 cargo test -p kvrelay-examples --features ascend --test smoke_ascend

@@ -128,6 +128,23 @@ impl Acl {
         self.test_double
     }
 
+    /// How many ACL, HCCL and HIXL calls the `ascend-emu` test double has answered in this
+    /// process (its own counter); `None` on a real runtime.
+    pub fn test_double_calls(&self) -> Option<u64> {
+        if !self.test_double {
+            return None;
+        }
+        // SAFETY: the test double exports `ascend_emu_calls` as `uint64_t (*)(void)`.
+        let f = unsafe {
+            self.loaded
+                .lib
+                .get::<unsafe extern "C" fn() -> u64>(b"ascend_emu_calls\0")
+        }
+        .ok()?;
+        // SAFETY: takes nothing and reads a counter; the library stays loaded with `self`.
+        Some(unsafe { f() })
+    }
+
     /// Whether the library exports `symbol` (probe only).
     pub fn has(&self, symbol: &str) -> bool {
         self.loaded.has(symbol)

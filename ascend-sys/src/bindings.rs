@@ -61,8 +61,24 @@ pub const HCCL_SYM_COMM_BIND_MEM: &[u8; 16] = b"HcclCommBindMem\0";
 pub const HCCL_SYM_COMM_PREPARE: &[u8; 16] = b"HcclCommPrepare\0";
 pub const HCCL_SYM_BATCH_PUT: &[u8; 13] = b"HcclBatchPut\0";
 pub const HIXL_SUCCESS: u32 = 0;
+pub const HIXL_PARAM_INVALID: u32 = 103900;
+pub const HIXL_TIMEOUT: u32 = 103901;
+pub const HIXL_FAILED: u32 = 503900;
+pub const HIXL_COMPLETE_STATUS_WAITING: u32 = 0;
+pub const HIXL_COMPLETE_STATUS_COMPLETED: u32 = 1;
+pub const HIXL_COMPLETE_STATUS_TIMEOUT: u32 = 2;
+pub const HIXL_COMPLETE_STATUS_FAILED: u32 = 3;
 pub const HIXL_SYM_CLIENT_CREATE: &[u8; 19] = b"HixlCSClientCreate\0";
 pub const HIXL_SYM_CLIENT_BATCH_PUT_SYNC: &[u8; 25] = b"HixlCSClientBatchPutSync\0";
+pub const HIXL_SYM_SERVER_CREATE: &[u8; 19] = b"HixlCSServerCreate\0";
+pub const HIXL_SYM_SERVER_REG_MEM: &[u8; 19] = b"HixlCSServerRegMem\0";
+pub const HIXL_SYM_SERVER_LISTEN: &[u8; 19] = b"HixlCSServerListen\0";
+pub const HIXL_SYM_SERVER_DESTROY: &[u8; 20] = b"HixlCSServerDestroy\0";
+pub const HIXL_SYM_CLIENT_CONNECT: &[u8; 20] = b"HixlCSClientConnect\0";
+pub const HIXL_SYM_CLIENT_REG_MEM: &[u8; 19] = b"HixlCSClientRegMem\0";
+pub const HIXL_SYM_CLIENT_BATCH_PUT_ASYNC: &[u8; 26] = b"HixlCSClientBatchPutAsync\0";
+pub const HIXL_SYM_CLIENT_QUERY_COMPLETE_STATUS: &[u8; 32] = b"HixlCSClientQueryCompleteStatus\0";
+pub const HIXL_SYM_CLIENT_DESTROY: &[u8; 20] = b"HixlCSClientDestroy\0";
 pub type aclError = i32;
 pub type aclrtStream = *mut ::std::os::raw::c_void;
 pub type aclrtMemcpyKind = i32;
@@ -478,6 +494,10 @@ pub type HcclBatchPut_fn = ::std::option::Option<
 >;
 pub type HixlStatus = u32;
 pub type HixlClientHandle = *mut ::std::os::raw::c_void;
+pub type HixlServerHandle = *mut ::std::os::raw::c_void;
+pub type HixlCompleteHandle = *mut ::std::os::raw::c_void;
+pub type HixlMemHandle = *mut ::std::os::raw::c_void;
+pub type HixlCompleteStatus = i32;
 /// An endpoint address: a type tag and 36 bytes of address. 40 bytes.
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -664,4 +684,63 @@ pub type HixlCSClientBatchPutSync_fn = ::std::option::Option<
         descs: *const HixlOneSideOpDesc,
         timeoutMs: u32,
     ) -> HixlStatus,
+>;
+/// HixlStatus HixlCSServerCreate(const HixlServerDesc*, const HixlConfig*, handle*).
+pub type HixlCSServerCreate_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        desc: *const HixlServerDesc,
+        config: *const HixlConfig,
+        handle: *mut HixlServerHandle,
+    ) -> HixlStatus,
+>;
+/// HixlStatus HixlCSServerRegMem(handle, memTag, const CommMem*, MemHandle*).
+pub type HixlCSServerRegMem_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        handle: HixlServerHandle,
+        memTag: *const ::std::os::raw::c_char,
+        mem: *const CommMem,
+        memHandle: *mut HixlMemHandle,
+    ) -> HixlStatus,
+>;
+/// HixlStatus HixlCSServerListen(handle, backlog).
+pub type HixlCSServerListen_fn = ::std::option::Option<
+    unsafe extern "C" fn(handle: HixlServerHandle, backlog: u32) -> HixlStatus,
+>;
+/// HixlStatus HixlCSServerDestroy(handle).
+pub type HixlCSServerDestroy_fn = ::std::option::Option<
+    unsafe extern "C" fn(handle: HixlServerHandle) -> HixlStatus,
+>;
+/// HixlStatus HixlCSClientConnect(handle, timeout_ms).
+pub type HixlCSClientConnect_fn = ::std::option::Option<
+    unsafe extern "C" fn(handle: HixlClientHandle, timeoutMs: u32) -> HixlStatus,
+>;
+/// HixlStatus HixlCSClientRegMem(handle, memTag, const CommMem*, MemHandle*).
+pub type HixlCSClientRegMem_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        handle: HixlClientHandle,
+        memTag: *const ::std::os::raw::c_char,
+        mem: *const CommMem,
+        memHandle: *mut HixlMemHandle,
+    ) -> HixlStatus,
+>;
+/// HixlStatus HixlCSClientBatchPutAsync(handle, n, descs, CompleteHandle*).
+pub type HixlCSClientBatchPutAsync_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        handle: HixlClientHandle,
+        listNum: u32,
+        descs: *const HixlOneSideOpDesc,
+        complete: *mut HixlCompleteHandle,
+    ) -> HixlStatus,
+>;
+/// HixlStatus HixlCSClientQueryCompleteStatus(handle, CompleteHandle, HixlCompleteStatus*).
+pub type HixlCSClientQueryCompleteStatus_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        handle: HixlClientHandle,
+        complete: HixlCompleteHandle,
+        status: *mut HixlCompleteStatus,
+    ) -> HixlStatus,
+>;
+/// HixlStatus HixlCSClientDestroy(handle).
+pub type HixlCSClientDestroy_fn = ::std::option::Option<
+    unsafe extern "C" fn(handle: HixlClientHandle) -> HixlStatus,
 >;

@@ -145,12 +145,14 @@ impl Capabilities {
         };
         let hcomm_onesided = Feature {
             name: "transfer channel hcomm_onesided",
-            needs: None,
-            status: with_symbols(
-                "transfer channel hcomm_onesided",
-                one_sided_libs,
-                &ONE_SIDED_SYMBOLS,
-            ),
+            needs: Some(HCCL_TWO_SIDED_MIN),
+            status: gate("transfer channel hcomm_onesided", HCCL_TWO_SIDED_MIN).and_then(|()| {
+                with_symbols(
+                    "transfer channel hcomm_onesided",
+                    one_sided_libs,
+                    &ONE_SIDED_SYMBOLS,
+                )
+            }),
         };
         let hixl_feature = |name: &'static str, symbols: &[&'static str]| Feature {
             name,

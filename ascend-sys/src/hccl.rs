@@ -86,12 +86,10 @@ impl Hccl {
         name: &'static [u8],
         call: &'static str,
     ) -> Result<T::Raw, HcclError> {
-        self.loaded
-            .resolve::<T>(slot, name, call)
-            .map_err(HcclError::Unavailable)
+        resolve_in::<T>(&self.loaded, slot, name, call)
     }
 
-    fn check(&self, call: &'static str, code: sys::HcclResult) -> Result<(), HcclError> {
+    pub(crate) fn check(&self, call: &'static str, code: sys::HcclResult) -> Result<(), HcclError> {
         if code == sys::HCCL_SUCCESS as sys::HcclResult {
             return Ok(());
         }
@@ -144,11 +142,20 @@ impl Hccl {
         self.check("HcclCommInitRootInfoConfig", unsafe {
             f(ranks, &info, rank, &config.0, &mut comm)
         })?;
-        Ok(Comm {
-            hccl: Arc::clone(self),
-            raw: comm,
-        })
+        Ok(Comm::from_raw(Arc::clone(self), comm))
     }
+}
+
+/// Resolves an HCCL-family symbol in `loaded`, failing as [`HcclError::Unavailable`].
+pub(crate) fn resolve_in<T: FnPtr>(
+    loaded: &Loaded,
+    slot: &Slot<T>,
+    name: &'static [u8],
+    call: &'static str,
+) -> Result<T::Raw, HcclError> {
+    loaded
+        .resolve::<T>(slot, name, call)
+        .map_err(HcclError::Unavailable)
 }
 
 /// A communicator, destroyed when dropped (which also ends its pending sends and
@@ -162,6 +169,15 @@ pub struct Comm {
 unsafe impl Send for Comm {}
 
 impl Comm {
+    /// Takes ownership of a communicator `hccl` made.
+    pub(crate) fn from_raw(hccl: Arc<Hccl>, raw: sys::HcclComm) -> Comm {
+        Comm { hccl, raw }
+    }
+
+    pub(crate) fn raw(&self) -> sys::HcclComm {
+        self.raw
+    }
+
     /// `HcclSend` of `len` bytes at device address `buf` to `peer`, issued on `stream`.
     ///
     /// # Safety
@@ -220,7 +236,7 @@ impl Comm {
 impl Drop for Comm {
     fn drop(&mut self) {
         let result = self.hccl.destroy_fn().and_then(|f| {
-            // SAFETY: the handle came from HcclCommInitRootInfoConfig and is destroyed once.
+            // SAFETY: the handle came from an HCCL communicator init and is destroyed once.
             self.hccl.check("HcclCommDestroy", unsafe { f(self.raw) })
         });
         if let Err(error) = result {
@@ -249,14 +265,24 @@ pub const ONE_SIDED_SYMBOLS: [&str; 5] = [
     symbol_name(sys::HCCL_SYM_BATCH_PUT),
 ];
 
-/// Symbols of HIXL's C client API (libcann_hixl.so).
-pub const HIXL_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_CREATE)];
+/// Symbols of HIXL's C client/server API the `hixl` channel needs (libcann_hixl.so).
+pub const HIXL_SYMBOLS: [&str; 9] = [
+    symbol_name(sys::HIXL_SYM_SERVER_CREATE),
+    symbol_name(sys::HIXL_SYM_SERVER_REG_MEM),
+    symbol_name(sys::HIXL_SYM_SERVER_LISTEN),
+    symbol_name(sys::HIXL_SYM_SERVER_DESTROY),
+    symbol_name(sys::HIXL_SYM_CLIENT_CREATE),
+    symbol_name(sys::HIXL_SYM_CLIENT_CONNECT),
+    symbol_name(sys::HIXL_SYM_CLIENT_REG_MEM),
+    symbol_name(sys::HIXL_SYM_CLIENT_BATCH_PUT_ASYNC),
+    symbol_name(sys::HIXL_SYM_CLIENT_QUERY_COMPLETE_STATUS),
+];
 
 /// HIXL's synchronous batch calls (CANN 9.1).
 pub const HIXL_SYNC_SYMBOLS: [&str; 1] = [symbol_name(sys::HIXL_SYM_CLIENT_BATCH_PUT_SYNC)];
 
-/// The two-sided channel passes the version-8 communicator config (CANN 8.5's layout);
-/// older libraries were never checked against it, so the channel needs 8.5.
+/// The HCCL channels pass the version-8 communicator config (CANN 8.5's layout); older
+/// libraries were never checked against it, so `hccl` and `hcomm_onesided` need 8.5.
 pub const HCCL_TWO_SIDED_MIN: CannVersion = CannVersion::release(8, 5, 0);
 
 /// CANN 8.5 moved communicators and one-sided calls into libhcomm.so.

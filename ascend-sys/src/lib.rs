@@ -7,8 +7,8 @@
 //! | ACL runtime | `libascendcl.so` | devices, memory, streams, copies, versions ([`Acl`]) | ≥ 8.0 | [`Capabilities::runtime`] |
 //! | | | `aclrtMemcpyBatchAsync` | ≥ 8.5 | [`Capabilities::batch_copy`] |
 //! | HCCL | `libhccl.so` (+ `libhcomm.so` ≥ 8.5) | root-info comm, `HcclSend`/`HcclRecv` | any | [`Capabilities::hccl`] |
-//! | HCCL one-sided | `libhcomm.so` ≥ 8.5, `libhccl.so` before | `HcclRegisterGlobalMem` … `HcclBatchPut` | any | [`Capabilities::hcomm_onesided`] |
-//! | HIXL | `libcann_hixl.so` | `HixlCS*` C API (9.1 layout) | ≥ 9.1 | [`Capabilities::hixl`], [`Capabilities::hixl_sync`] |
+//! | HCCL one-sided | `libhcomm.so` ≥ 8.5, `libhccl.so` before | `HcclRegisterGlobalMem` … `HcclBatchPut` ([`OneSided`]) | ≥ 8.5 | [`Capabilities::hcomm_onesided`] |
+//! | HIXL | `libcann_hixl.so` | `HixlCS*` C API (9.1 layout, [`Hixl`]) | ≥ 9.1 | [`Capabilities::hixl`], [`Capabilities::hixl_sync`] |
 //!
 //! Levels, as in cudarc and rbln-sys:
 //! - [`sys`]: the declarations bindgen generates from `wrapper.h` (function-pointer types,
@@ -26,9 +26,11 @@ mod acl;
 pub mod caps;
 pub mod error;
 pub mod hccl;
+pub mod hixl;
 mod layout;
 mod library;
 mod memory;
+pub mod onesided;
 pub mod search;
 pub mod test_double;
 pub mod version;
@@ -53,8 +55,10 @@ pub use acl::{Acl, CopyKind, RawStream, ACL_SYMBOLS, TEST_DOUBLE_MARKER, VERSION
 pub use caps::{Capabilities, CopyCapabilities, Feature};
 pub use error::{AclError, AclStatus, Attempt, LoadError, Unsupported};
 pub use hccl::{Comm, CommConfigV8, Hccl, HcclError, RootInfo, HCCL_TWO_SIDED};
+pub use hixl::{Hixl, HixlClient, HixlError, HixlServer, HIXL_CS};
 pub use library::{Loaded, Origin};
 pub use memory::{DeviceBuffer, PinnedHost, Stream};
+pub use onesided::{OneSided, OneSidedComm, Registered, HCCL_ONE_SIDED};
 pub use search::{Candidate, Lib};
 pub use vendor_dl::Symbol;
 pub use version::{CannVersion, FoundVersion, VersionSource};

@@ -19,7 +19,8 @@
 //! Failure injection (environment, read once): `ASCEND_EMU_HCCL_DIE_AFTER_BYTES=N` ends
 //! this process (`_exit(137)`, as a SIGKILL would) once N payload bytes were sent or
 //! received; `ASCEND_EMU_HCCL_STALL_AFTER_BYTES=N` stops moving bytes after N (the peer
-//! then times out).
+//! then times out); `ASCEND_EMU_HCCL_REGISTER_FAIL=1` makes `HcclRegisterGlobalMem` fail.
+//! The byte knobs count one-sided puts too (see [`crate::onesided`]).
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
@@ -35,23 +36,25 @@ use ascend_sys::sys::{self, aclrtStream, HcclComm, HcclCommConfigV8, HcclResult,
 
 use crate::{current_device, initialized, stream_device, Failure};
 
-const E_PARA: HcclResult = 1;
-const E_PTR: HcclResult = 2;
-const E_INTERNAL: HcclResult = 4;
-const E_NOT_SUPPORT: HcclResult = 5;
-const E_TIMEOUT: HcclResult = 9;
-const E_TCP_CONNECT: HcclResult = 11;
+pub(crate) const E_PARA: HcclResult = 1;
+pub(crate) const E_PTR: HcclResult = 2;
+pub(crate) const E_INTERNAL: HcclResult = 4;
+pub(crate) const E_NOT_SUPPORT: HcclResult = 5;
+pub(crate) const E_TIMEOUT: HcclResult = 9;
+pub(crate) const E_TCP_CONNECT: HcclResult = 11;
 
 const ROOT_MAGIC: &[u8; 8] = b"EMUHCCL1";
 
-struct Knobs {
-    connect_timeout: Duration,
-    exec_timeout: Duration,
+pub(crate) struct Knobs {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) exec_timeout: Duration,
     die_after: Option<u64>,
     stall_after: Option<u64>,
+    /// `HcclRegisterGlobalMem` fails (one-sided registration failure).
+    pub(crate) register_fail: bool,
 }
 
-fn knobs() -> &'static Knobs {
+pub(crate) fn knobs() -> &'static Knobs {
     static KNOBS: OnceLock<Knobs> = OnceLock::new();
     KNOBS.get_or_init(|| {
         let number = |name: &str| {
@@ -64,6 +67,7 @@ fn knobs() -> &'static Knobs {
             exec_timeout: Duration::from_secs(number("HCCL_EXEC_TIMEOUT").unwrap_or(1836)),
             die_after: number("ASCEND_EMU_HCCL_DIE_AFTER_BYTES"),
             stall_after: number("ASCEND_EMU_HCCL_STALL_AFTER_BYTES"),
+            register_fail: number("ASCEND_EMU_HCCL_REGISTER_FAIL").is_some_and(|v| v != 0),
         }
     })
 }
@@ -72,7 +76,7 @@ fn knobs() -> &'static Knobs {
 static MOVED: AtomicU64 = AtomicU64::new(0);
 
 /// Counts `n` more moved bytes; applies the knobs. Returns whether to stall.
-fn account(n: usize) -> bool {
+pub(crate) fn account(n: usize) -> bool {
     let total = MOVED.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
     let knobs = knobs();
     if knobs.die_after.is_some_and(|limit| total >= limit) {
@@ -90,10 +94,18 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
-    fn finish(&self, result: Result<(), String>) {
+    pub(crate) fn finish(&self, result: Result<(), String>) {
         let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
         *slot = Some(result);
         self.done.notify_all();
+    }
+
+    /// The outcome, if the operation finished.
+    pub(crate) fn peek(&self) -> Option<Result<(), String>> {
+        self.result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits for the operation, at most `timeout`.
@@ -152,15 +164,26 @@ fn roots() -> &'static Mutex<HashMap<u64, TcpListener>> {
     ROOTS.get_or_init(Default::default)
 }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+pub(crate) static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Runs an HCCL export body: records a failure's text (for `aclGetRecentErrMsg`), turns a
 /// panic into `HCCL_E_INTERNAL`.
-fn hccl_export(body: impl FnOnce() -> Result<(), (HcclResult, String)>) -> HcclResult {
+pub(crate) fn hccl_export(body: impl FnOnce() -> Result<(), (HcclResult, String)>) -> HcclResult {
+    status_export(sys::HCCL_SUCCESS, E_INTERNAL, body)
+}
+
+/// Runs an export body that returns `code` statuses (HCCL's, HIXL's): `ok` on success,
+/// the failure's code with its text recorded, `internal` for a panic.
+pub(crate) fn status_export<C>(
+    ok: C,
+    internal: C,
+    body: impl FnOnce() -> Result<(), (C, String)>,
+) -> C {
+    crate::count_call();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
-        .unwrap_or_else(|_| Err((E_INTERNAL, "ascend-emu: internal panic".into())));
+        .unwrap_or_else(|_| Err((internal, "ascend-emu: internal panic".into())));
     match outcome {
-        Ok(()) => sys::HCCL_SUCCESS,
+        Ok(()) => ok,
         Err((code, message)) => {
             crate::record_error(&message);
             code
@@ -168,7 +191,7 @@ fn hccl_export(body: impl FnOnce() -> Result<(), (HcclResult, String)>) -> HcclR
     }
 }
 
-fn acl_failure(f: Failure) -> (HcclResult, String) {
+pub(crate) fn acl_failure(f: Failure) -> (HcclResult, String) {
     (E_PARA, f.1)
 }
 
@@ -272,7 +295,7 @@ fn timed_out(what: &str) -> (HcclResult, String) {
 
 /// What is left until `deadline`, at least a millisecond (a zero socket timeout means
 /// none).
-fn left(deadline: Instant) -> Duration {
+pub(crate) fn left(deadline: Instant) -> Duration {
     deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1))
@@ -379,7 +402,7 @@ fn start(
 }
 
 /// Blocks (while stalled by the knob) until the communicator is destroyed.
-fn stall(closed: &AtomicBool) {
+pub(crate) fn stall(closed: &AtomicBool) {
     while !closed.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -557,18 +580,21 @@ pub unsafe extern "C" fn HcclRecv(
 }
 
 /// `HcclResult HcclCommDestroy(HcclComm comm)`: ends pending operations and joins the
-/// workers, so no receive writes after it returns.
+/// workers, so no receive writes after it returns (one-sided communicators: see
+/// [`crate::onesided::destroy`]).
 ///
 /// # Safety
 /// Pointer arguments are null (an error) or valid as the HCCL prototype says.
 #[no_mangle]
 pub unsafe extern "C" fn HcclCommDestroy(comm: HcclComm) -> HcclResult {
     hccl_export(|| {
-        let comm = comms()
+        let Some(comm) = comms()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(comm as usize))
-            .ok_or_else(|| (E_PARA, format!("unknown communicator {comm:?}")))?;
+        else {
+            return crate::onesided::destroy(comm as usize);
+        };
         comm.closed.store(true, Ordering::SeqCst);
         let _ = comm.socket.shutdown(Shutdown::Both);
         comm.sends.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -46,7 +46,11 @@
 //! HCCL two-sided (`HcclGetRootInfo`, `HcclCommInitRootInfoConfig`, `HcclSend`,
 //! `HcclRecv`, `HcclCommDestroy`, `HcclGetErrorString`) is emulated in [`hccl`], with its
 //! own knobs; point `KVRELAY_HCCL_LIB` at this library too (the device memory the calls
-//! move is this library's).
+//! move is this library's). HCCL one-sided (`HcclRegisterGlobalMem`,
+//! `HcclCommInitClusterInfoMemConfig`, `HcclCommBindMem`, `HcclCommPrepare`,
+//! `HcclBatchPut`) is emulated in [`onesided`]: the peer's registered device memory is
+//! mapped into the putting process (`KVRELAY_HCOMM_LIB` points here too); HIXL's client/
+//! server C API (9.1) in [`hixl`], over the same mapping (`KVRELAY_HIXL_LIB`).
 //!
 //! Every export catches panics and returns `ACL_ERROR_INTERNAL_ERROR`; none unwinds into C.
 
@@ -61,11 +65,27 @@ use ascend_sys::sys::{self, aclError, aclrtMemcpyBatchAttr, aclrtMemcpyKind, acl
 use ascend_sys::CannVersion;
 
 mod hccl;
+mod hixl;
+mod onesided;
 
 /// Marks this library as the test double (`ascend_sys::TEST_DOUBLE_MARKER`).
 #[no_mangle]
 #[allow(non_upper_case_globals)]
 pub static ascend_emu_test_double: u8 = 1;
+
+/// ACL, HCCL and HIXL calls this library answered (every export counts once).
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_call() {
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `uint64_t ascend_emu_calls(void)`: the calls answered so far
+/// (`ascend_sys::Acl::test_double_calls`), for benches that report calls per request.
+#[no_mangle]
+pub extern "C" fn ascend_emu_calls() -> u64 {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 const SUCCESS: aclError = sys::ACL_SUCCESS;
 const UNINITIALIZE: aclError = 100001;
@@ -220,6 +240,7 @@ fn fail<T>(code: aclError, message: impl Into<String>) -> Result<T, Failure> {
 /// Runs an export body: records the error text of a failure, turns a panic into
 /// `ACL_ERROR_INTERNAL_ERROR`.
 fn export(body: impl FnOnce() -> Outcome) -> aclError {
+    count_call();
     let outcome = catch_unwind(AssertUnwindSafe(body))
         .unwrap_or_else(|_| fail(INTERNAL, "ascend-emu: internal panic"));
     match outcome {
@@ -256,8 +277,8 @@ fn current_device() -> Result<u32, Failure> {
 }
 
 impl State {
-    /// The host address of device range `addr..addr + len`, if it lies in one allocation.
-    fn device_range(&self, addr: u64, len: usize) -> Result<(*mut u8, u32), Failure> {
+    /// The allocation device range `addr..addr + len` lies in, with its device address.
+    fn device_alloc(&self, addr: u64, len: usize) -> Result<(u64, &DeviceAlloc), Failure> {
         let bad = || {
             Failure(
                 INVALID_PARAM,
@@ -271,11 +292,19 @@ impl State {
             .range(..=addr)
             .next_back()
             .ok_or_else(bad)?;
-        let offset = (addr - base) as usize;
-        match offset.checked_add(len) {
-            Some(end) if end <= alloc.len => Ok((alloc.host.wrapping_add(offset), alloc.device)),
+        match ((addr - base) as usize).checked_add(len) {
+            Some(end) if end <= alloc.len => Ok((base, alloc)),
             _ => Err(bad()),
         }
+    }
+
+    /// The host address of device range `addr..addr + len`, if it lies in one allocation.
+    fn device_range(&self, addr: u64, len: usize) -> Result<(*mut u8, u32), Failure> {
+        let (base, alloc) = self.device_alloc(addr, len)?;
+        Ok((
+            alloc.host.wrapping_add((addr - base) as usize),
+            alloc.device,
+        ))
     }
 
     /// Whether host range `addr..addr + len` lies in one pinned allocation.

@@ -259,7 +259,7 @@ mod ascend {
                 "hixl": feature(&caps.hixl),
                 "hixl_sync_calls": feature(&caps.hixl_sync),
             },
-            "note": "hccl, hcomm_onesided and hixl are probed for the next release; kvrelay moves PD KV over tcp or shm today",
+            "note": "hccl, hcomm_onesided and hixl are built on the ascend-emu test double only; nothing has run on Ascend hardware",
         })
     }
 }

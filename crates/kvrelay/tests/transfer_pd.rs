@@ -1143,14 +1143,52 @@ fn handshake_refuses_mismatched_geometry_rank_and_channel() {
 
 #[test]
 fn unsupported_channels_are_named() {
-    let yaml = "enable_pd: true\npd_role: receiver\ntransfer_channel: hixl\npd_buffer_size: 4096\n\
-                pd_buffer_device: npu\npd_peer_host: h\npd_peer_init_port: 1\npd_peer_alloc_port: 2\n";
+    let yaml = "enable_pd: true\npd_role: receiver\ntransfer_channel: nixl\npd_buffer_size: 4096\n\
+                pd_buffer_device: cpu\npd_peer_host: h\npd_peer_init_port: 1\npd_peer_alloc_port: 2\n";
     let cfg = LmcacheConfig::from_yaml_str(yaml).unwrap();
     let err = PdConfig::from_lmcache(&cfg, &spec(), keys()).unwrap_err();
     assert!(matches!(err, TransferError::UnsupportedChannel(_)), "{err}");
     // The secret never shows in debug output.
     let cfg = config("tcp", 1, "pd_shared_secret: hunter2\n", None);
     assert!(!format!("{cfg:?}").contains("hunter2"));
+}
+
+#[test]
+fn a_pd_buffer_device_the_channel_cannot_use_is_refused_by_name() {
+    let parse = |channel: &str, device: &str| {
+        let yaml = format!(
+            "chunk_size: {CHUNK_TOKENS}\nenable_pd: true\npd_role: receiver\ntransfer_channel: {channel}\n\
+             pd_buffer_size: 1000000\npd_buffer_device: {device}\npd_peer_host: h\npd_peer_init_port: 1\npd_peer_alloc_port: 2\n"
+        );
+        let cfg = LmcacheConfig::from_yaml_str(&yaml).unwrap();
+        PdConfig::from_lmcache(&cfg, &spec(), keys())
+    };
+    assert!(parse("tcp", "cpu").is_ok());
+    let err = parse("tcp", "npu").unwrap_err();
+    assert!(
+        matches!(err, TransferError::Config(_))
+            && err.to_string().contains(
+                "pd_buffer_device \"npu\" with transfer_channel tcp: this channel keeps the PD buffer in host memory"
+            ),
+        "{err}"
+    );
+    let err = parse("shm", "cuda").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("pd_buffer_device \"cuda\" with transfer_channel shm: kvrelay's PD buffers live in cpu or npu memory"),
+        "{err}"
+    );
+    #[cfg(feature = "ascend")]
+    {
+        assert!(parse("hccl", "npu").is_ok());
+        let err = parse("hixl", "cpu").unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "pd_buffer_device \"cpu\" with transfer_channel hixl: the Ascend channels land KV in registered NPU pages"
+            ),
+            "{err}"
+        );
+    }
 }
 
 #[test]

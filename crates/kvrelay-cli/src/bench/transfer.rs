@@ -13,7 +13,9 @@
 //! `hccl` (feature `ascend`) runs the HCCL two-sided channel with the PD buffer on the NPU;
 //! on the `ascend-emu` test double (`KVRELAY_ASCENDCL_LIB` and `KVRELAY_HCCL_LIB` naming
 //! it) the line says `"emulated": true`, and the figure is the emulator's: host copies and
-//! a loopback TCP stream, against the same plain TCP stream as baseline.
+//! a loopback TCP stream, against the same plain TCP stream as baseline. `hixl` runs the
+//! HIXL channel the same way (`KVRELAY_HIXL_LIB` too); on the double its put is a memcpy
+//! into the server's mapped memory, against the `/dev/shm` memcpy baseline.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,7 +36,8 @@ use super::{gbps, print_result};
 
 #[derive(clap::Args)]
 pub struct TransferArgs {
-    /// `tcp`, `shm`, or `hccl` (with the ascend feature).
+    /// `tcp`, `shm`, or `hccl` / `hixl` (with the ascend feature; `hcomm_onesided` needs its
+    /// two ranks in separate processes, which this bench does not run).
     #[arg(long, default_value = "tcp")]
     transport: String,
     /// Bytes of KV in the request, MiB (128 KiB per token for this model shape).
@@ -50,7 +53,7 @@ const CHUNK_TOKENS: usize = 256;
 pub fn run(args: TransferArgs) -> Result<(), String> {
     let transport = args.transport.as_str();
     let channels: &[&str] = if cfg!(feature = "ascend") {
-        &["tcp", "shm", "hccl"]
+        &["tcp", "shm", "hccl", "hixl"]
     } else {
         &["tcp", "shm"]
     };
@@ -60,7 +63,11 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
             channels.join(", ")
         ));
     }
-    let buffer_device = if transport == "hccl" { "npu" } else { "cpu" };
+    let buffer_device = if matches!(transport, "hccl" | "hixl") {
+        "npu"
+    } else {
+        "cpu"
+    };
     let spec = super::LLAMA_8B_CHUNKS;
     let token_bytes = spec.chunk_bytes(1);
     let tokens = (args.size_mib << 20) / token_bytes;
@@ -135,11 +142,18 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
 
     let mut best = [Duration::MAX; 3];
     let mut alloc_ms = f64::MAX;
+    let mut calls_per_request: Option<u64> = None;
+    let on_npu = buffer_device == "npu";
     for round in 0..args.rounds.max(1) {
         let id = format!("bench-{round}");
+        let calls_before = on_npu.then(emulator_calls).flatten();
         let started = Instant::now();
         let stats = sender.send_request(&id, &refs).map_err(|e| e.to_string())?;
         best[0] = best[0].min(started.elapsed());
+        if let Some((before, after)) = calls_before.zip(on_npu.then(emulator_calls).flatten()) {
+            let calls = after - before;
+            calls_per_request = Some(calls_per_request.map_or(calls, |c| c.min(calls)));
+        }
         alloc_ms = alloc_ms.min(stats.alloc_wait.as_secs_f64() * 1e3);
         // Consume the request (untimed) so the next round finds the buffer empty.
         for chunk in &refs {
@@ -155,9 +169,10 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     let baseline_kind = match transport {
         "tcp" => "one plain loopback TCP stream of the same bytes (same socket options)",
         "hccl" => "one plain loopback TCP stream of the same bytes (what the emulator's HCCL moves them over)",
+        "hixl" => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping (the emulator's HIXL put is a memcpy into the server's mapped memory, acknowledged per MiB)",
         _ => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping",
     };
-    let mut extra = serde_json::json!({
+    let extra = serde_json::json!({
             "transport": transport,
             "baseline_kind": baseline_kind,
             "bytes": bytes,
@@ -166,11 +181,12 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
             "sender_checksum_gbps": gbps(bytes, checksum_time),
             "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, best[2])),
             "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
+            // NPU channels: whether the runtime is the test double, and (on the double,
+            // both sides in this process) every ACL/HCCL/HIXL call either side made during
+            // one request, the fewest of the rounds. Null for host channels.
+            "emulated": on_npu.then(emulated).transpose()?,
+            "calls_per_request": calls_per_request,
     });
-    #[cfg(feature = "ascend")]
-    if transport == "hccl" {
-        extra["emulated"] = emulated()?.into();
-    }
     print_result(
         "transfer",
         "gbps",
@@ -181,11 +197,28 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether the ACL runtime the `hccl` channel ran on is the `ascend-emu` test double.
-#[cfg(feature = "ascend")]
+/// Whether the ACL runtime the Ascend channel ran on is the `ascend-emu` test double.
 fn emulated() -> Result<bool, String> {
-    let acl = kvrelay::device::ascend::ascend_sys::Acl::global().map_err(|e| e.to_string())?;
-    Ok(acl.is_test_double())
+    #[cfg(feature = "ascend")]
+    {
+        let acl = kvrelay::device::ascend::ascend_sys::Acl::global().map_err(|e| e.to_string())?;
+        Ok(acl.is_test_double())
+    }
+    #[cfg(not(feature = "ascend"))]
+    Err("the Ascend channels need the ascend feature".into())
+}
+
+/// Calls the `ascend-emu` test double has answered so far in this process, when the
+/// Ascend runtime loaded is the double.
+fn emulator_calls() -> Option<u64> {
+    #[cfg(feature = "ascend")]
+    {
+        kvrelay::device::ascend::ascend_sys::Acl::global()
+            .ok()?
+            .test_double_calls()
+    }
+    #[cfg(not(feature = "ascend"))]
+    None
 }
 
 fn timed_memcpy(dst: &mut [u8], src: &[u8]) -> Duration {
@@ -215,7 +248,7 @@ impl<'a> Baseline<'a> {
         let err = |e: std::io::Error| e.to_string();
         let mut dst = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
         dst.fill(1);
-        if transport == "shm" {
+        if matches!(transport, "shm" | "hixl") {
             let mut src = HostBuffer::zeroed(bytes).map_err(|e| e.to_string())?;
             let mut at = 0;
             for s in sources {

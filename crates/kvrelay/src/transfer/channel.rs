@@ -21,19 +21,22 @@
 //! - **shm** (one-sided, same host): the receiver's PD buffer is a shared mapping the sender
 //!   mapped at handshake; `put` is a memcpy to `base + remote_offset`, `fence` a release
 //!   fence before the `Seal` frame.
-//! - **HCCL one-sided (`HcclBatchPut`, hcomm_onesided)**: the handshake exchanges the
-//!   registered buffer's base address (as `PeerBufferInfo` does); `put` appends an
-//!   `HcclOneSideOpDesc{local = src, remote = remote_base + remote_offset, count = len,
-//!   UINT8}`; `fence` issues the batch with `HcclBatchPut(comm, remote_rank, descs, n,
-//!   stream)`, adds the op fence and synchronizes the stream; `Seal` then notifies.
+//! - **HCCL one-sided (`HcclBatchPut`, hcomm_onesided, built)**: `Welcome` carries a
+//!   2-rank rank table, a comm name and the registered PD buffer's device address; `put`
+//!   stages the piece in registered device memory and appends an `HcclOneSideOpDesc{local
+//!   = staging, remote = remote_base + remote_offset, count = len, UINT8}`; `fence` issues
+//!   the batch with `HcclBatchPut(comm, remote_rank, descs, n, stream)` and synchronizes
+//!   the stream; `Seal` then notifies (see `hcomm_onesided.rs`).
 //! - **HCCL two-sided (`HcclSend`/`HcclRecv`, hccl, built)**: `put` stages the piece in
 //!   device memory; `fence` is one `HcclSend(staging, chunk len, UINT8, peer, comm,
 //!   stream)` and a stream synchronize. The receiver, before sending `AllocGrant`, posts
 //!   one `HcclRecv` per granted chunk into its page in chunk order (sends and receives pair
 //!   in order), and synchronizes its stream at the grant's first `Seal` (see `hccl.rs`).
-//! - **HIXL**: like one-sided: `put` appends a `TransferOpDesc{local_addr, remote_addr =
-//!   remote_base + remote_offset, len}`; `fence` runs `TransferSync(remote_engine, WRITE,
-//!   descs, timeout)` (or `TransferAsync` + `GetTransferStatus` until `COMPLETED`).
+//! - **HIXL (hixl, built)**: like one-sided, over the HIXL C API: `Welcome` carries the
+//!   receiver's HIXL server address and PD buffer address; `put` stages the piece and
+//!   appends a `HixlOneSideOpDesc{remote = remote_base + remote_offset, local = staging,
+//!   len}`; `fence` runs `HixlCSClientBatchPutSync` (or `HixlCSClientBatchPutAsync` +
+//!   `HixlCSClientQueryCompleteStatus` until a deadline) (see `hixl.rs`).
 //!
 //! Channels never hash: the `Seal`'s checksum is computed once when the chunk is gathered
 //! (for device-memory staging that can be a device-computed one), and the receiver
@@ -165,8 +168,14 @@ pub(crate) fn server(
         ChannelKind::Shm => Box::new(ShmServer::new(rank)),
         #[cfg(feature = "ascend")]
         ChannelKind::Hccl => Box::new(super::hccl::HcclServer::new(config)?),
+        #[cfg(feature = "ascend")]
+        ChannelKind::HcommOnesided => Box::new(super::hcomm_onesided::OneSidedServer::new(config)?),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hixl => Box::new(super::hixl::HixlServerSide::new(config)?),
         #[cfg(not(feature = "ascend"))]
-        ChannelKind::Hccl => return Err(TransferError::UnsupportedChannel("hccl".into())),
+        kind @ (ChannelKind::Hccl | ChannelKind::HcommOnesided | ChannelKind::Hixl) => {
+            return Err(TransferError::UnsupportedChannel(kind.as_str().into()))
+        }
     })
 }
 
@@ -174,7 +183,11 @@ pub(crate) fn server(
 pub(crate) fn preflight(config: &PdConfig) -> Result<(), TransferError> {
     match config.channel {
         #[cfg(feature = "ascend")]
-        ChannelKind::Hccl => super::hccl::check().map(drop),
+        ChannelKind::Hccl => super::npu::check(super::hccl::NEED).map(drop),
+        #[cfg(feature = "ascend")]
+        ChannelKind::HcommOnesided => super::npu::check(super::hcomm_onesided::NEED).map(drop),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hixl => super::npu::check(super::hixl::NEED).map(drop),
         _ => Ok(()),
     }
 }
@@ -196,8 +209,16 @@ pub(crate) fn connect(
         ChannelKind::Shm => Box::new(ShmChannel::from_params(params, buffer_len)?),
         #[cfg(feature = "ascend")]
         ChannelKind::Hccl => Box::new(super::hccl::HcclChannel::connect(config, params)?),
+        #[cfg(feature = "ascend")]
+        ChannelKind::HcommOnesided => Box::new(super::hcomm_onesided::OneSidedChannel::connect(
+            config, params,
+        )?),
+        #[cfg(feature = "ascend")]
+        ChannelKind::Hixl => Box::new(super::hixl::HixlChannel::connect(config, params)?),
         #[cfg(not(feature = "ascend"))]
-        ChannelKind::Hccl => return Err(TransferError::UnsupportedChannel("hccl".into())),
+        kind @ (ChannelKind::Hccl | ChannelKind::HcommOnesided | ChannelKind::Hixl) => {
+            return Err(TransferError::UnsupportedChannel(kind.as_str().into()))
+        }
     })
 }
 

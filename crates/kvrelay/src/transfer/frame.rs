@@ -208,6 +208,10 @@ pub enum ChannelKind {
     Shm,
     /// HCCL two-sided send/receive (feature `ascend`).
     Hccl,
+    /// HCCL one-sided `HcclBatchPut` into registered memory (feature `ascend`).
+    HcommOnesided,
+    /// HIXL client/server batch puts into registered memory (feature `ascend`).
+    Hixl,
 }
 
 impl ChannelKind {
@@ -216,6 +220,8 @@ impl ChannelKind {
             ChannelKind::Tcp => "tcp",
             ChannelKind::Shm => "shm",
             ChannelKind::Hccl => "hccl",
+            ChannelKind::HcommOnesided => "hcomm_onesided",
+            ChannelKind::Hixl => "hixl",
         }
     }
 
@@ -224,6 +230,8 @@ impl ChannelKind {
             1 => Some(ChannelKind::Tcp),
             2 => Some(ChannelKind::Shm),
             3 => Some(ChannelKind::Hccl),
+            4 => Some(ChannelKind::HcommOnesided),
+            5 => Some(ChannelKind::Hixl),
             _ => None,
         }
     }
@@ -233,6 +241,8 @@ impl ChannelKind {
             ChannelKind::Tcp => 1,
             ChannelKind::Shm => 2,
             ChannelKind::Hccl => 3,
+            ChannelKind::HcommOnesided => 4,
+            ChannelKind::Hixl => 5,
         }
     }
 }

@@ -77,6 +77,12 @@ mod buffer;
 mod channel;
 #[cfg(feature = "ascend")]
 mod hccl;
+#[cfg(feature = "ascend")]
+mod hcomm_onesided;
+#[cfg(feature = "ascend")]
+mod hixl;
+#[cfg(feature = "ascend")]
+mod npu;
 mod receiver;
 mod sender;
 mod shm;
@@ -138,6 +144,14 @@ pub enum TransferError {
         what: &'static str,
         #[source]
         source: ascend_sys::HcclError,
+    },
+    /// A HIXL call of the `hixl` channel failed: the server died or timed out.
+    #[cfg(feature = "ascend")]
+    #[error("{what}: {source}")]
+    Hixl {
+        what: &'static str,
+        #[source]
+        source: ascend_sys::HixlError,
     },
     #[error("transfer_channel {0:?} is not available in this build; kvrelay moves PD KV over \"tcp\" or \"shm\" (hccl, hcomm_onesided and hixl come with the ascend feature)")]
     UnsupportedChannel(String),
@@ -412,6 +426,28 @@ fn seconds(s: f64) -> Duration {
     Duration::try_from_secs_f64(s).map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
 }
 
+/// `pd_buffer_device`: where the receiver's PD buffer lives, which the channel decides:
+/// NPU pages for the Ascend channels (`npu`, LMCache-Ascend's default), host memory for
+/// `tcp` and `shm` (`cpu`). Unset means the channel's own; the other one is refused.
+fn check_buffer_device(channel: ChannelKind, device: Option<&str>) -> Result<(), TransferError> {
+    let npu_pages = matches!(
+        channel,
+        ChannelKind::Hccl | ChannelKind::HcommOnesided | ChannelKind::Hixl
+    );
+    let own = if npu_pages { "npu" } else { "cpu" };
+    let asked = device.unwrap_or(own);
+    let why = match asked {
+        _ if asked == own => return Ok(()),
+        "cpu" => "the Ascend channels land KV in registered NPU pages; a host PD buffer is not built for them (use npu)",
+        "npu" => "this channel keeps the PD buffer in host memory (npu needs hccl, hcomm_onesided or hixl)",
+        _ => "kvrelay's PD buffers live in cpu or npu memory",
+    };
+    Err(TransferError::Config(format!(
+        "pd_buffer_device {asked:?} with transfer_channel {}: {why}",
+        channel.as_str()
+    )))
+}
+
 impl PdConfig {
     /// Reads the `pd_*` keys, `transfer_channel` and `chunk_size` of a validated config;
     /// `keys` is how this engine derives chunk keys (its chunk size and dtype must be the
@@ -428,9 +464,14 @@ impl PdConfig {
             Some("shm") => ChannelKind::Shm,
             #[cfg(feature = "ascend")]
             Some("hccl") => ChannelKind::Hccl,
+            #[cfg(feature = "ascend")]
+            Some("hcomm_onesided") => ChannelKind::HcommOnesided,
+            #[cfg(feature = "ascend")]
+            Some("hixl") => ChannelKind::Hixl,
             Some(other) => return Err(TransferError::UnsupportedChannel(other.to_string())),
             None => return Err(TransferError::Config("transfer_channel is not set".into())),
         };
+        check_buffer_device(channel, cfg.pd_buffer_device.as_deref())?;
         let buffer_size = cfg
             .pd_buffer_size
             .ok_or_else(|| TransferError::Config("pd_buffer_size is not set".into()))?;
