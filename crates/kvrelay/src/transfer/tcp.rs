@@ -1,5 +1,6 @@
 //! The `tcp` channel: payload travels in `Data` frames on the control connection.
 
+use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
@@ -18,7 +19,6 @@ pub fn tune_socket(stream: &TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "TCP_NODELAY not set");
     }
-    let fd = stream.as_raw_fd();
     let options = [
         (libc::SOL_SOCKET, libc::SO_SNDBUF, SEND_BUFFER),
         (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
@@ -27,20 +27,53 @@ pub fn tune_socket(stream: &TcpStream) {
         (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
     ];
     for (level, name, value) in options {
-        // SAFETY: fd is an open socket owned by `stream`; the option value is a c_int
-        // whose size is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(name, error = %std::io::Error::last_os_error(), "setsockopt failed");
+        if let Err(error) = set_option(stream, level, name, value) {
+            tracing::debug!(name, %error, "setsockopt failed");
         }
+    }
+}
+
+/// Sets a socket's `SO_SNDBUF` and `SO_RCVBUF` (bytes; `None` keeps the kernel's
+/// autotuning, which setting a size turns off). The kernel caps sizes at
+/// `net.core.wmem_max` / `rmem_max`. Set the receive buffer on a listener before clients
+/// connect: accepted sockets inherit it, and the handshake fixes the window scale.
+pub fn set_socket_buffers(
+    socket: &impl AsRawFd,
+    send: Option<usize>,
+    receive: Option<usize>,
+) -> io::Result<()> {
+    let sizes = [(libc::SO_SNDBUF, send), (libc::SO_RCVBUF, receive)];
+    for (name, size) in sizes {
+        if let Some(size) = size {
+            let size = libc::c_int::try_from(size)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket buffer too large"))?;
+            set_option(socket, libc::SOL_SOCKET, name, size)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the descriptor is an open socket that `socket` owns for the whole call; the
+    // option value is a c_int whose size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
