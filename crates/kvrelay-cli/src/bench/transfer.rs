@@ -22,8 +22,7 @@ use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation, DEFAULT
 use kvrelay::store::ChunkMeta;
 use kvrelay::transfer::frame::checksum;
 use kvrelay::transfer::{
-    read_notification, set_socket_buffers, OutgoingChunk, PdConfig, PdPeer,
-    PdReceiver, PdSender,
+    read_notification, set_socket_buffers, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender,
 };
 use kvrelay::KvDtype;
 use rand::{Rng, SeedableRng};
@@ -144,7 +143,9 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         }
     }
     let baseline_kind = match transport {
-        "tcp" => "the best of several plain single-stream loopback TCP configurations of the same bytes",
+        "tcp" => {
+            "the best of several plain single-stream loopback TCP configurations of the same bytes"
+        }
         _ => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping",
     };
     let (baseline_config, configs) = baseline.configs(bytes);
@@ -212,7 +213,8 @@ fn stream_configs() -> Vec<StreamConfig> {
 
 impl std::fmt::Display for StreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let buffer = |b: Option<usize>| b.map_or("auto".to_string(), |b| format!("{} KiB", b >> 10));
+        let buffer =
+            |b: Option<usize>| b.map_or("auto".to_string(), |b| format!("{} KiB", b >> 10));
         write!(
             f,
             "SO_SNDBUF {}, SO_RCVBUF {}, writes of {} KiB",
@@ -255,7 +257,11 @@ impl Stream {
 
     /// Streams `sources` once, writing `write_size` bytes a call, while a thread reads them
     /// into `sink`'s buffer; returns the time until the last byte was read.
-    fn run(&mut self, sources: &[&[u8]], sink: &mut Option<HostBuffer>) -> Result<Duration, String> {
+    fn run(
+        &mut self,
+        sources: &[&[u8]],
+        sink: &mut Option<HostBuffer>,
+    ) -> Result<Duration, String> {
         let mut stream = self.reader.take().ok_or("baseline socket lost")?;
         let mut dst = sink.take().ok_or("baseline buffer lost")?;
         let started = Instant::now();

@@ -46,8 +46,8 @@ use twox_hash::XxHash3_64;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 
 use super::lru::LruIndex;
-use crate::device::{HostBuffer, StagingPool};
 use super::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
+use crate::device::{HostBuffer, StagingPool};
 use crate::keys::CacheKey;
 use crate::process::process_alive;
 
@@ -494,7 +494,10 @@ impl DiskTier {
     /// already faulted in, when one is idle.
     fn read_buffer(&self, path: &Path, file_len: u64) -> Result<ReadBuffer, StoreError> {
         let len = usize::try_from(file_len).map_err(|_| {
-            corrupt(path, format!("{file_len} bytes do not fit this machine's memory"))
+            corrupt(
+                path,
+                format!("{file_len} bytes do not fit this machine's memory"),
+            )
         })?;
         let buffer = self
             .reads
@@ -981,12 +984,13 @@ fn read_and_check(
         return Err(too_short(path, file_len));
     }
     let read_at = |buf: &mut [u8], offset: usize| {
-        file.read_exact_at(buf, offset as u64).map_err(|e| match e.kind() {
-            // The length came from the same open file, and chunk files never shrink: only
-            // a foreign writer can cut one short under the reader.
-            io::ErrorKind::UnexpectedEof => corrupt(path, "truncated while being read".into()),
-            _ => StoreError::io(path, e),
-        })
+        file.read_exact_at(buf, offset as u64)
+            .map_err(|e| match e.kind() {
+                // The length came from the same open file, and chunk files never shrink: only
+                // a foreign writer can cut one short under the reader.
+                io::ErrorKind::UnexpectedEof => corrupt(path, "truncated while being read".into()),
+                _ => StoreError::io(path, e),
+            })
     };
     let head = contents.len().min(MAX_HEADER);
     read_at(&mut contents[..head], 0)?;
@@ -1063,5 +1067,3 @@ fn read_header(path: &Path) -> Result<DiskEntry, StoreError> {
     let header = decode_header(path, &buf, meta.len())?;
     Ok(entry_of(path, header, &meta))
 }
-
-

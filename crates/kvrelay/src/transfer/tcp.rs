@@ -51,8 +51,9 @@ pub fn set_socket_buffers(
     let sizes = [(libc::SO_SNDBUF, send), (libc::SO_RCVBUF, receive)];
     for (name, size) in sizes {
         if let Some(size) = size {
-            let size = libc::c_int::try_from(size)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket buffer too large"))?;
+            let size = libc::c_int::try_from(size).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "socket buffer too large")
+            })?;
             set_option(socket, libc::SOL_SOCKET, name, size)?;
         }
     }
