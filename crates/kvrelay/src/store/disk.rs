@@ -71,6 +71,8 @@ const READ_BUFFERS_KEPT: usize = 4;
 /// Bytes of a chunk file read (then hashed) at a time: small enough to be hashed while still
 /// in the core's cache, large enough that the system calls do not count.
 const READ_PIECE: usize = 256 << 10;
+// A file's first piece holds any valid header.
+const _: () = assert!(MAX_HEADER <= READ_PIECE);
 
 /// Makes temp file names unique among the tiers of one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -970,9 +972,9 @@ fn decode_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header, Sto
 /// Reads a whole chunk file into `contents` (exactly the file's length, from the open file's
 /// metadata) and runs every check a reader needs. With `expect`, also checks that the header
 /// names that key and layout fingerprint; without, that the file name matches the key in the
-/// header. The header is read and checked first, so another model's chunk costs no payload
-/// read; the payload is then read in pieces of [`READ_PIECE`], each hashed right after it
-/// lands, while it is still in cache, so verifying costs no second pass over memory.
+/// header. The header is checked as soon as the first piece is in, so another model's chunk
+/// costs one piece's read; the file is read in pieces of [`READ_PIECE`], each hashed right
+/// after it lands, while it is still in cache, so verifying costs no second pass over memory.
 fn read_and_check(
     path: &Path,
     file: &File,
@@ -992,7 +994,9 @@ fn read_and_check(
                 _ => StoreError::io(path, e),
             })
     };
-    let head = contents.len().min(MAX_HEADER);
+    // The first piece holds the header (`MAX_HEADER` < `READ_PIECE`); every read after it
+    // starts at a multiple of `READ_PIECE` in the file and in the 2 MiB aligned buffer.
+    let head = contents.len().min(READ_PIECE);
     read_at(&mut contents[..head], 0)?;
     let header = decode_header(path, &contents[..head], file_len)?;
     match expect {
