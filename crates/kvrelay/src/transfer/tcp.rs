@@ -11,9 +11,9 @@ use super::TransferError;
 /// Socket send buffer for PD connections: several MiB of a `Data` frame in flight.
 const SEND_BUFFER: libc::c_int = 4 << 20;
 /// Socket receive buffer for PD connections. A fixed 4 MiB (the kernel doubles it for its
-/// bookkeeping) beat Linux's autotuning, which grows the buffer to 32 MiB, in every run of
-/// `kvrelay bench transfer`'s single-stream loopback configurations: the bytes a reader
-/// copies out were written into the buffer recently enough to still be in cache.
+/// bookkeeping) beat Linux's autotuning, which grows the buffer to 32 MiB, in 11 of 12 runs
+/// of `kvrelay bench transfer`'s single-stream loopback configurations (2 shared cores): the
+/// bytes a reader copies out were written into the buffer recently enough to be in cache.
 const RECEIVE_BUFFER: libc::c_int = 4 << 20;
 
 /// Tunes a PD connection: no Nagle delay for the small control frames, large send and
