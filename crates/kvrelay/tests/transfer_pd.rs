@@ -137,15 +137,23 @@ impl Request {
         self.chunks.iter().map(|c| c.1.num_tokens as usize).sum()
     }
 
-    /// Hands every chunk to `sink`, as a prefiller's save steps do.
-    fn stage(&self, sink: &mut PdSink) {
+    /// Hands every chunk to `sink` in its staging buffers, as a prefiller's save steps do;
+    /// returns how many buffers had to be allocated (the others were reused).
+    fn stage(&self, sink: &mut PdSink) -> usize {
         let mut window_end = 0;
+        let mut allocated = 0;
         for (key, meta, data) in &self.chunks {
-            let mut staged = HostBuffer::zeroed(data.len()).unwrap();
+            let mut staged = sink
+                .staging_buffer(data.len(), |len| {
+                    allocated += 1;
+                    HostBuffer::zeroed(len)
+                })
+                .unwrap();
             staged.copy_from_slice(data);
             window_end += meta.num_tokens as usize;
             sink.add(&self.id, key.clone(), *meta, staged, window_end);
         }
+        allocated
     }
 
     /// Consumes every chunk from the receiver and checks it bit for bit.
@@ -534,6 +542,44 @@ fn skipping_receiver_and_sink(proxy: u16) -> (PdReceiver, PdSink, PdTarget) {
         alloc_ports: vec![rx.alloc_addr().port()],
     };
     (rx, sink, target)
+}
+
+/// A sink gathers later requests into the staging buffers of chunks it sent or forgot, and
+/// what arrives is still exactly each request's own bytes.
+#[test]
+fn a_sink_reuses_the_staging_of_sent_chunks() {
+    let (proxy, notes) = fake_proxy(None);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let first = request("first", 3, false);
+    assert_eq!(first.stage(&mut sink), 3);
+    sink.flush(&first.id, Some(target.clone()), first.tokens() + 1)
+        .unwrap()
+        .unwrap();
+    first.consume_and_check(&rx);
+    // Three full chunks reuse the first request's buffers; the 5-token tail is new.
+    let second = request("second", 4, true);
+    assert_eq!(second.stage(&mut sink), 1);
+    sink.flush(&second.id, Some(target.clone()), second.tokens() + 1)
+        .unwrap()
+        .unwrap();
+    second.consume_and_check(&rx);
+    // A forgotten request's buffers come back too.
+    let dropped = request("dropped", 2, false);
+    assert_eq!(dropped.stage(&mut sink), 0);
+    sink.forget(&dropped.id);
+    let third = request("third", 3, false);
+    assert_eq!(third.stage(&mut sink), 0);
+    sink.flush(&third.id, Some(target), third.tokens() + 1)
+        .unwrap()
+        .unwrap();
+    third.consume_and_check(&rx);
+    for id in ["first", "second", "third"] {
+        let note = notes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .unwrap();
+        assert_eq!((note.request_id.as_str(), note.failure), (id, None));
+    }
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! `kvrelay bench store`: disk-tier put then get of random chunks against a plain file write
-//! then read of the same bytes (same file sizes, same directory, no fsync on either); with
-//! `--tier redis`, the Redis tier against plain SET/GET (see `store_redis.rs`).
+//! then read of the same bytes (same file sizes, same directory, no fsync on either), from
+//! the page cache, then once more cold (`store_get_cold`: every file written back and
+//! dropped from the page cache with `posix_fadvise(DONTNEED)` first); with `--tier redis`,
+//! the Redis tier against plain SET/GET (see `store_redis.rs`).
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,6 +48,9 @@ pub struct StoreArgs {
     /// Rounds; each figure is the best round.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Cold-cache rounds of the disk get and read (0 skips them).
+    #[arg(long, default_value_t = 1)]
+    pub cold_rounds: usize,
 }
 
 fn temp_dir(parent: Option<&Path>) -> Result<tempfile::TempDir, String> {
@@ -132,6 +138,28 @@ fn run_disk(args: StoreArgs) -> Result<(), String> {
         Ok(())
     };
 
+    let get_all = |failure: &mut Option<String>| {
+        for key in &keys {
+            match tier.get(key, FINGERPRINT) {
+                Ok(Some(chunk)) => drop(std::hint::black_box(chunk)),
+                Ok(None) => {
+                    failure.get_or_insert(format!("{key} missing"));
+                }
+                Err(e) => {
+                    failure.get_or_insert(e.to_string());
+                }
+            }
+        }
+    };
+    let mut read_all = |failure: &mut Option<String>| {
+        for path in &plain_paths {
+            let got = File::open(path).and_then(|mut f| f.read_exact(&mut read_buf));
+            if let Err(e) = got {
+                failure.get_or_insert(format!("{}: {e}", path.display()));
+            }
+            std::hint::black_box(&read_buf);
+        }
+    };
     let (mut put, mut write, mut get, mut read) =
         (Duration::MAX, Duration::MAX, Duration::MAX, Duration::MAX);
     let mut failure: Option<String> = None;
@@ -154,28 +182,18 @@ fn run_disk(args: StoreArgs) -> Result<(), String> {
                 }
             }
         }));
-        get = get.min(best_of(1, || {
-            for key in &keys {
-                match tier.get(key, FINGERPRINT) {
-                    Ok(Some(chunk)) => drop(std::hint::black_box(chunk)),
-                    Ok(None) => {
-                        failure.get_or_insert(format!("{key} missing"));
-                    }
-                    Err(e) => {
-                        failure.get_or_insert(e.to_string());
-                    }
-                }
-            }
-        }));
-        read = read.min(best_of(1, || {
-            for path in &plain_paths {
-                let got = File::open(path).and_then(|mut f| f.read_exact(&mut read_buf));
-                if let Err(e) = got {
-                    failure.get_or_insert(format!("{}: {e}", path.display()));
-                }
-                std::hint::black_box(&read_buf);
-            }
-        }));
+        get = get.min(best_of(1, || get_all(&mut failure)));
+        read = read.min(best_of(1, || read_all(&mut failure)));
+        if let Some(failure) = failure.take() {
+            return Err(failure);
+        }
+    }
+    let tier_paths: Vec<PathBuf> = keys.iter().map(|k| tier.chunk_path(k)).collect();
+    let (mut cold_get, mut cold_read) = (Duration::MAX, Duration::MAX);
+    for _ in 0..args.cold_rounds {
+        drop_cached(tier_paths.iter().chain(&plain_paths))?;
+        cold_get = cold_get.min(best_of(1, || get_all(&mut failure)));
+        cold_read = cold_read.min(best_of(1, || read_all(&mut failure)));
         if let Some(failure) = failure.take() {
             return Err(failure);
         }
@@ -199,7 +217,33 @@ fn run_disk(args: StoreArgs) -> Result<(), String> {
         "gbps",
         gbps(total, get),
         gbps(total, read),
-        extra,
+        extra.clone(),
     );
+    if args.cold_rounds > 0 {
+        print_result(
+            "store_get_cold",
+            "gbps",
+            gbps(total, cold_get),
+            gbps(total, cold_read),
+            extra,
+        );
+    }
+    Ok(())
+}
+
+/// Writes each file's dirty pages back, then drops its pages from the page cache, so the
+/// next read of it comes from the disk.
+fn drop_cached<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> Result<(), String> {
+    for path in paths {
+        let err = |e: std::io::Error| format!("{}: {e}", path.display());
+        let file = File::open(path).map_err(err)?;
+        file.sync_data().map_err(err)?;
+        // SAFETY: the descriptor is open for the whole call; the advice changes no memory
+        // of this process.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            return Err(err(std::io::Error::from_raw_os_error(rc)));
+        }
+    }
     Ok(())
 }

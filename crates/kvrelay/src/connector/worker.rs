@@ -320,9 +320,17 @@ impl KvWorker {
         let windows: Vec<ChunkWindow> = saves.iter().map(|s| s.window).collect();
         let memory = self.memory()?;
         let plan = paged_to_chunks(memory.layout(), &request.block_ids, &windows)?;
+        // A PD prefiller gathers into the staging buffers of chunks it has already sent.
+        let alloc = |len| self.device.alloc_staging(len);
         let mut staging = windows
             .iter()
-            .map(|w| self.device.alloc_staging(self.spec.chunk_bytes(w.tokens)))
+            .map(|w| {
+                let len = self.spec.chunk_bytes(w.tokens);
+                match &self.pd_sink {
+                    Some(sink) => sink.staging_buffer(len, alloc),
+                    None => alloc(len),
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         {
             let mut host: Vec<&mut [u8]> = staging.iter_mut().map(|b| &mut b[..]).collect();

@@ -9,6 +9,7 @@
 #[cfg(feature = "ascend")]
 pub mod ascend;
 mod host;
+mod pool;
 #[cfg(feature = "rbln")]
 pub mod rbln;
 #[cfg(any(feature = "rbln", feature = "ascend"))]
@@ -20,6 +21,7 @@ use std::sync::Arc;
 #[cfg(feature = "ascend")]
 pub use ascend::{AclCalls, AscendDevice};
 pub use host::{HostBuffer, HostDevice, HostKvCache};
+pub(crate) use pool::StagingPool;
 #[cfg(feature = "rbln")]
 pub use rbln::{RblnDevice, RuntimeCalls};
 

@@ -1,9 +1,8 @@
 //! What the vendor devices share: a plan's runs merged into contiguous device ranges laid
-//! out in a host staging buffer, the packing of runs into and out of that buffer, a small
-//! pool of staging buffers, and the address checks on engine regions.
+//! out in a host staging buffer, the packing of runs into and out of that buffer, and the
+//! address checks on engine regions. (Their pool of staging buffers is [`StagingPool`].)
 
-use parking_lot::Mutex;
-
+pub(crate) use super::pool::StagingPool;
 use super::{DeviceError, EngineMemory, Region};
 use crate::plan::CopyRun;
 
@@ -114,48 +113,6 @@ pub(crate) fn check_regions(engine: &EngineMemory) -> Result<&[Region], DeviceEr
     match regions.iter().position(|r| region_end(r).is_none()) {
         Some(i) => Err(bad_region(engine, i, &regions[i])),
         None => Ok(regions),
-    }
-}
-
-/// Staging buffers kept for reuse; more concurrent plans allocate and drop their own.
-const POOLED_STAGING_BUFFERS: usize = 2;
-
-/// A few staging buffers of any kind (plain or pinned host memory), reused across plans.
-pub(crate) struct StagingPool<B> {
-    buffers: Mutex<Vec<B>>,
-}
-
-impl<B: std::ops::Deref<Target = [u8]>> StagingPool<B> {
-    pub(crate) fn new() -> Self {
-        StagingPool {
-            buffers: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// A pooled buffer of at least `len` bytes, or a new one from `alloc`.
-    pub(crate) fn take(
-        &self,
-        len: usize,
-        alloc: impl FnOnce(usize) -> Result<B, DeviceError>,
-    ) -> Result<B, DeviceError> {
-        let mut pool = self.buffers.lock();
-        match pool.iter().position(|b| b.len() >= len) {
-            Some(i) => Ok(pool.swap_remove(i)),
-            None => {
-                drop(pool);
-                alloc(len)
-            }
-        }
-    }
-
-    /// Returns a buffer to the pool, which keeps the largest few.
-    pub(crate) fn give_back(&self, buffer: B) {
-        let mut pool = self.buffers.lock();
-        pool.push(buffer);
-        if pool.len() > POOLED_STAGING_BUFFERS {
-            let smallest = (0..pool.len()).min_by_key(|&i| pool[i].len());
-            smallest.map(|i| pool.swap_remove(i));
-        }
     }
 }
 

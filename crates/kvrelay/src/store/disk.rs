@@ -5,8 +5,8 @@
 //! file (`.tmp-<pid>-<n>`) in the directory and renames it over the chunk's name, so a chunk
 //! is either wholly visible or not at all. A killed writer leaves only a temp file, which
 //! `open` and `gc` remove once its process is gone. Files are never modified after the rename
-//! and kvrelay only ever unlinks them, which is what makes zero-copy reads through a mapping
-//! sound (see [`DiskTier::get`]). A reader that finds a chunk damaged unlinks it at once.
+//! and kvrelay only ever unlinks them, so a reader that read a file's length of bytes read
+//! one whole chunk. A reader that finds a chunk damaged unlinks it at once.
 //!
 //! Only regular files are ever read. Every open uses `O_NOFOLLOW | O_NONBLOCK` and checks
 //! the open file's type, so a symlink is never followed out of the directory and a FIFO
@@ -32,19 +32,22 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::hash::Hasher;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use memmap2::{Mmap, MmapOptions};
 use parking_lot::Mutex;
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed, Xxh3Default};
+use twox_hash::XxHash3_64;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 
 use super::lru::LruIndex;
 use super::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
+use crate::device::{HostBuffer, StagingPool};
 use crate::keys::CacheKey;
 use crate::process::process_alive;
 
@@ -61,6 +64,15 @@ const TEMP_PREFIX: &str = ".tmp-";
 /// possibly delete) files there.
 const MARKER: &str = ".kvrelay-disk-tier";
 const MARKER_TEXT: &str = "kvrelay disk tier, chunk format 1\n";
+
+/// Idle read buffers a tier keeps for its gets (the largest ones): a loader holds a request's
+/// chunks at once, then drops them all; four spare buffers of a few chunks' size cost little.
+const READ_BUFFERS_KEPT: usize = 4;
+/// Bytes of a chunk file read (then hashed) at a time: small enough to be hashed while still
+/// in the core's cache, large enough that the system calls do not count.
+const READ_PIECE: usize = 256 << 10;
+// A file's first piece holds any valid header.
+const _: () = assert!(MAX_HEADER <= READ_PIECE);
 
 /// Makes temp file names unique among the tiers of one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -171,6 +183,44 @@ pub struct DiskTier {
     dir: PathBuf,
     opts: DiskTierOptions,
     inner: Mutex<Inner>,
+    /// Buffers that gets read chunk files into, reused once their chunk is dropped.
+    reads: Arc<StagingPool<HostBuffer>>,
+}
+
+/// A chunk file's bytes, read by `get` into a pooled buffer; handed out as the chunk's
+/// `Bytes`, and back in the pool once the last of them drops.
+struct ReadBuffer {
+    /// `Some` until the drop gives it back.
+    buffer: Option<HostBuffer>,
+    pool: Arc<StagingPool<HostBuffer>>,
+}
+
+impl std::ops::Deref for ReadBuffer {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.buffer.as_deref().unwrap_or_default()
+    }
+}
+
+impl std::ops::DerefMut for ReadBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buffer.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.pool.give_back(buffer);
+        }
+    }
 }
 
 struct Header {
@@ -203,6 +253,7 @@ impl DiskTier {
         let tier = DiskTier {
             dir,
             opts,
+            reads: Arc::new(StagingPool::keeping(READ_BUFFERS_KEPT)),
             inner: Mutex::new(Inner {
                 index: LruIndex::new(),
                 bytes: 0,
@@ -314,7 +365,7 @@ impl DiskTier {
             let DirItem::Chunk(path) = item else { continue };
             let result = match check {
                 Check::Header => read_header(&path),
-                Check::Full => verify_file(&path),
+                Check::Full => self.verify_file(&path),
             };
             match result {
                 Ok(entry) => listing.entries.push(entry),
@@ -441,6 +492,33 @@ impl DiskTier {
         Ok(victims)
     }
 
+    /// A buffer of exactly `file_len` bytes to read a chunk file into: a pooled one, which is
+    /// already faulted in, when one is idle.
+    fn read_buffer(&self, path: &Path, file_len: u64) -> Result<ReadBuffer, StoreError> {
+        let len = usize::try_from(file_len).map_err(|_| {
+            corrupt(
+                path,
+                format!("{file_len} bytes do not fit this machine's memory"),
+            )
+        })?;
+        let buffer = self
+            .reads
+            .take_exact(len, HostBuffer::zeroed)
+            .map_err(|e| StoreError::io(path, io::Error::new(io::ErrorKind::OutOfMemory, e)))?;
+        Ok(ReadBuffer {
+            buffer: Some(buffer),
+            pool: Arc::clone(&self.reads),
+        })
+    }
+
+    /// Runs every check on a chunk file, as `get` would.
+    fn verify_file(&self, path: &Path) -> Result<DiskEntry, StoreError> {
+        let (file, meta) = open_regular(path)?;
+        let mut contents = self.read_buffer(path, meta.len())?;
+        let header = read_and_check(path, &file, &mut contents, None)?;
+        Ok(entry_of(path, header, &meta))
+    }
+
     /// Writes the payload in pieces, hashing each piece just before writing it (so it is
     /// still in cache), then the header, which needs the checksum, at the start.
     fn write_chunk(
@@ -453,12 +531,12 @@ impl DiskTier {
         const PIECE: usize = 1 << 20;
         let header_len = header_len(key.len());
         write_atomically(&self.dir, path, &self.opts, |file| {
-            let mut hasher = Xxh3Default::new();
+            let mut hasher = XxHash3_64::new();
             for (i, piece) in data.chunks(PIECE).enumerate() {
-                hasher.update(piece);
+                hasher.write(piece);
                 file.write_all_at(piece, (header_len + i * PIECE) as u64)?;
             }
-            file.write_all_at(&encode_header(key, meta, data.len(), hasher.digest()), 0)
+            file.write_all_at(&encode_header(key, meta, data.len(), hasher.finish()), 0)
         })
     }
 }
@@ -512,8 +590,10 @@ impl Tier for DiskTier {
             Err(err) => return Err(err),
         };
         let expect = Some((key_str.as_str(), expected_fingerprint));
-        let (map, header) = match map_and_check(&path, &file, file_meta.len(), expect) {
-            Ok(ok) => ok,
+        let file_len = file_meta.len();
+        let mut contents = self.read_buffer(&path, file_len)?;
+        let header = match read_and_check(&path, &file, &mut contents, expect) {
+            Ok(header) => header,
             Err(err) => {
                 match err {
                     StoreError::FingerprintMismatch { .. } => self.inner.lock().rejected += 1,
@@ -529,17 +609,15 @@ impl Tier for DiskTier {
         // Records the access for LRU across processes and restarts; best effort, as a
         // read-only reader may not own the file.
         let _ = file.set_modified(SystemTime::now());
-        self.note_present(id, map.len() as u64);
+        self.note_present(id, file_len);
         self.inner.lock().hits += 1;
         let meta = ChunkMeta {
             layout_fingerprint: header.layout_fingerprint,
             num_tokens: header.num_tokens,
         };
-        // Zero copy: the chunk keeps the mapping alive. Sound because kvrelay never modifies
-        // or truncates a chunk file after its rename, it only unlinks it, and an unlinked
-        // file stays mapped until the last `Bytes` drops. (A foreign process truncating the
-        // file would fault the reader; the directory is owner-only for that reason.)
-        let data = Bytes::from_owner(map).slice(header.header_len..);
+        // The chunk owns a copy of the verified bytes, in a pooled buffer that returns to the
+        // pool when the last `Bytes` of it drops; the file may go at any time.
+        let data = Bytes::from_owner(contents).slice(header.header_len..);
         Ok(Some(Chunk { meta, data }))
     }
 
@@ -661,7 +739,7 @@ fn read_marker(marker: &Path) -> Result<String, StoreError> {
 /// Opens an entry of the tier for reading if, and only if, it is a regular file, without
 /// ever blocking: `O_NOFOLLOW` fails on a symlink instead of reading outside the directory,
 /// and `O_NONBLOCK` returns at once from opening a FIFO that has no writer. Regular files
-/// ignore `O_NONBLOCK`, so reads and mappings of the returned file work as usual. The
+/// ignore `O_NONBLOCK`, so reads of the returned file work as usual. The
 /// metadata is the open file's (fstat), so the check and the reads concern the same file.
 fn open_regular(path: &Path) -> Result<(File, fs::Metadata), StoreError> {
     let opened = OpenOptions::new()
@@ -891,26 +969,36 @@ fn decode_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header, Sto
     })
 }
 
-/// Maps a chunk file of `file_len` bytes (from the open file's metadata) and runs every
-/// check a reader needs. With `expect`, also checks that the header names that key and
-/// layout fingerprint (the fingerprint before the payload checksum, so another model's chunk
-/// costs no hashing); without, checks that the file name matches the key in the header.
-fn map_and_check(
+/// Reads a whole chunk file into `contents` (exactly the file's length, from the open file's
+/// metadata) and runs every check a reader needs. With `expect`, also checks that the header
+/// names that key and layout fingerprint; without, that the file name matches the key in the
+/// header. The header is checked as soon as the first piece is in, so another model's chunk
+/// costs one piece's read; the file is read in pieces of [`READ_PIECE`], each hashed right
+/// after it lands, while it is still in cache, so verifying costs no second pass over memory.
+fn read_and_check(
     path: &Path,
     file: &File,
-    file_len: u64,
+    contents: &mut [u8],
     expect: Option<(&str, u64)>,
-) -> Result<(Mmap, Header), StoreError> {
+) -> Result<Header, StoreError> {
+    let file_len = contents.len() as u64;
     if file_len < FIXED_HEADER as u64 {
         return Err(too_short(path, file_len));
     }
-    // SAFETY: the mapping is read-only and private to this call until returned. Chunk files
-    // are immutable after their atomic rename and kvrelay never truncates or rewrites them
-    // (it only unlinks), so the mapped bytes cannot change or vanish under the reader. The
-    // length was read from the same open file, and every offset below is bounds-checked.
-    let map =
-        unsafe { MmapOptions::new().populate().map(file) }.map_err(|e| StoreError::io(path, e))?;
-    let header = decode_header(path, &map, file_len)?;
+    let read_at = |buf: &mut [u8], offset: usize| {
+        file.read_exact_at(buf, offset as u64)
+            .map_err(|e| match e.kind() {
+                // The length came from the same open file, and chunk files never shrink: only
+                // a foreign writer can cut one short under the reader.
+                io::ErrorKind::UnexpectedEof => corrupt(path, "truncated while being read".into()),
+                _ => StoreError::io(path, e),
+            })
+    };
+    // The first piece holds the header (`MAX_HEADER` < `READ_PIECE`); every read after it
+    // starts at a multiple of `READ_PIECE` in the file and in the 2 MiB aligned buffer.
+    let head = contents.len().min(READ_PIECE);
+    read_at(&mut contents[..head], 0)?;
+    let header = decode_header(path, &contents[..head], file_len)?;
     match expect {
         Some((key, fingerprint)) => {
             if header.key != key {
@@ -940,7 +1028,15 @@ fn map_and_check(
             }
         }
     }
-    let computed = xxh3_64(&map[header.header_len..]);
+    let mut hasher = XxHash3_64::new();
+    hasher.write(&contents[header.header_len..head]);
+    let mut at = head;
+    for piece in contents[head..].chunks_mut(READ_PIECE) {
+        read_at(piece, at)?;
+        hasher.write(piece);
+        at += piece.len();
+    }
+    let computed = hasher.finish();
     if computed != header.payload_checksum {
         return Err(corrupt(
             path,
@@ -950,7 +1046,7 @@ fn map_and_check(
             ),
         ));
     }
-    Ok((map, header))
+    Ok(header)
 }
 
 fn entry_of(path: &Path, header: Header, meta: &fs::Metadata) -> DiskEntry {
@@ -973,12 +1069,5 @@ fn read_header(path: &Path) -> Result<DiskEntry, StoreError> {
         .read_to_end(&mut buf)
         .map_err(|e| StoreError::io(path, e))?;
     let header = decode_header(path, &buf, meta.len())?;
-    Ok(entry_of(path, header, &meta))
-}
-
-/// Runs every check on a chunk file, as `get` would.
-fn verify_file(path: &Path) -> Result<DiskEntry, StoreError> {
-    let (file, meta) = open_regular(path)?;
-    let (_, header) = map_and_check(path, &file, meta.len(), None)?;
     Ok(entry_of(path, header, &meta))
 }

@@ -97,7 +97,7 @@ pub use channel::{Channel, Put};
 pub use frame::{ChannelKind, ErrorCode, FrameError};
 pub use receiver::PdReceiver;
 pub use sender::{read_notification, KvReady, OutgoingChunk, PdSender, SendStats};
-pub use tcp::tune_socket;
+pub use tcp::set_socket_buffers;
 pub use tier::{PdSink, ReceivedKv};
 
 use crate::config::{LmcacheConfig, PdBackendMode, SecretString};

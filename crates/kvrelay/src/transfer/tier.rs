@@ -15,7 +15,7 @@ use super::{
     OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, SendStats, TransferError,
 };
 use crate::config::PdBackendMode;
-use crate::device::HostBuffer;
+use crate::device::{DeviceError, HostBuffer, StagingPool};
 use crate::keys::CacheKey;
 use crate::store::{Chunk, ChunkMeta, RequestIdScope, StoreError, Tier, TierStats};
 
@@ -131,6 +131,8 @@ const SEND_QUEUE: usize = 8;
 pub struct PdSink {
     pending: HashMap<String, Vec<GatheredChunk>>,
     sending: Sending,
+    /// Staging buffers of sent (or forgotten) chunks, for the next gathers.
+    staging: Arc<StagingPool<HostBuffer>>,
     /// Chunks left out of sends because the decoder never looks them up, in either mode.
     skipped_chunks: Arc<AtomicU64>,
 }
@@ -152,6 +154,15 @@ struct SendJob {
     decoder_tokens: usize,
 }
 
+impl SendJob {
+    /// Hands the job's staging buffers back for the next gathers.
+    fn recycle(self, staging: &StagingPool<HostBuffer>) {
+        for chunk in self.chunks {
+            staging.give_back(chunk.data);
+        }
+    }
+}
+
 /// A chunk waiting to be sent, with the checksum taken when it was gathered.
 struct GatheredChunk {
     key: CacheKey,
@@ -166,6 +177,11 @@ impl PdSink {
     pub fn new(config: PdConfig, rank: u32) -> Result<Self, TransferError> {
         let mode = config.backend_mode;
         let skipped_chunks = Arc::new(AtomicU64::new(0));
+        // As many idle chunk buffers as the decoder's buffer has pages: one request's worth
+        // at most (a larger one could never be admitted whole).
+        let pages = (config.buffer_size / config.page_size().max(1) as u64).max(1);
+        let staging = Arc::new(StagingPool::keeping(pages as usize));
+        let recycled = Arc::clone(&staging);
         let mut links = Links {
             config,
             rank,
@@ -181,7 +197,8 @@ impl PdSink {
                     .name(format!("kvrelay-pd-send-{rank}"))
                     .spawn(move || {
                         for job in jobs {
-                            links.send_or_report(job);
+                            links.send_or_report(&job);
+                            job.recycle(&recycled);
                         }
                     })
                     .map_err(|e| TransferError::io("starting the PD sender thread", e))?;
@@ -194,8 +211,21 @@ impl PdSink {
         Ok(PdSink {
             pending: HashMap::new(),
             sending,
+            staging,
             skipped_chunks,
         })
+    }
+
+    /// A staging buffer of `len` bytes to gather a chunk into before [`PdSink::add`]: the
+    /// buffer of a chunk already sent when one of that length is idle, else a new one from
+    /// `alloc` (the device's staging allocator). So a steady stream of requests gathers into
+    /// the same, already faulted-in memory instead of allocating per request.
+    pub fn staging_buffer(
+        &self,
+        len: usize,
+        alloc: impl FnOnce(usize) -> Result<HostBuffer, DeviceError>,
+    ) -> Result<HostBuffer, DeviceError> {
+        self.staging.take_exact(len, alloc)
     }
 
     /// Holds one gathered chunk of `request_id`, whose window of tokens ends at
@@ -246,7 +276,11 @@ impl PdSink {
             decoder_tokens,
         };
         match &mut self.sending {
-            Sending::Inline(links) => links.send(&job).map(Some),
+            Sending::Inline(links) => {
+                let sent = links.send(&job);
+                job.recycle(&self.staging);
+                sent.map(Some)
+            }
             Sending::Background { queue, .. } => queue
                 .as_ref()
                 .and_then(|q| q.send(job).ok())
@@ -257,7 +291,9 @@ impl PdSink {
 
     /// Drops what is held for a request that ended before its prompt was saved.
     pub fn forget(&mut self, request_id: &str) {
-        self.pending.remove(request_id);
+        for chunk in self.pending.remove(request_id).unwrap_or_default() {
+            self.staging.give_back(chunk.data);
+        }
     }
 
     /// Chunks gathered but left out of sends so far because the decoder would never look
@@ -343,8 +379,8 @@ impl Links {
 
     /// The sender thread's send: a failure is logged and reported to the proxy, which then
     /// fails the request at once instead of waiting for KV that will not come.
-    fn send_or_report(&mut self, job: SendJob) {
-        let Err(error) = self.send(&job) else {
+    fn send_or_report(&mut self, job: &SendJob) {
+        let Err(error) = self.send(job) else {
             return;
         };
         let request = &job.request_id;
