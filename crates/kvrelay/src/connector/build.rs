@@ -42,6 +42,22 @@ pub fn build_connector(
     spec: KvCacheSpec,
     device: Arc<dyn Device>,
 ) -> Result<Connector, ConnectorError> {
+    build_connector_with_pd_buffer(transfer, lmcache, identity, spec, device, None)
+}
+
+/// [`build_connector`], except that a PD receiver (`pd_role: receiver`) given
+/// `remote_pd_buffer` binds no PD buffer of its own and looks up `remote_pd_buffer`
+/// instead: an engine whose scheduler runs in another process than the worker that holds
+/// the PD buffer (vLLM's EngineCore) passes a tier that asks that worker. Other
+/// configurations ignore it.
+pub fn build_connector_with_pd_buffer(
+    transfer: &KvTransferConfig,
+    lmcache: &LmcacheConfig,
+    identity: &EngineIdentity,
+    spec: KvCacheSpec,
+    device: Arc<dyn Device>,
+    remote_pd_buffer: Option<Arc<dyn Tier>>,
+) -> Result<Connector, ConnectorError> {
     spec.validate()
         .map_err(|e| ConnectorError::GeometryMismatch(e.to_string()))?;
     let role = transfer.kv_role.ok_or_else(|| ConfigError::Invalid {
@@ -84,7 +100,8 @@ pub fn build_connector(
                     KeyDerivation::new(&prefix.model, prefix.world_size, prefix.dtype, &hasher)?;
                 let mut config = PdConfig::from_lmcache(&lmcache, &spec, keys)?;
                 config.skip_last_n_tokens = extra.skip_last_n_tokens;
-                let (tiers, sink, receiver) = pd_tiers(config, &lmcache, role, identity)?;
+                let (tiers, sink, receiver) =
+                    pd_tiers(config, &lmcache, role, identity, remote_pd_buffer)?;
                 pd_sink = sink;
                 pd_receiver = receiver;
                 Arc::new(tiers)
@@ -145,13 +162,15 @@ pub fn build_connector(
 type PdSetup = (TierStack, Option<PdSink>, Option<Arc<PdReceiver>>);
 
 /// LMCache PD (`enable_pd`): a receiver's only tier is its PD buffer, bound on
-/// `pd_peer_host:pd_peer_*_port[rank]`; a sender stores nothing locally and pushes each
-/// request's chunks to its decoder.
+/// `pd_peer_host:pd_peer_*_port[rank]` (or `remote_pd_buffer`, another process's buffer,
+/// when given); a sender stores nothing locally and pushes each request's chunks to its
+/// decoder.
 fn pd_tiers(
     config: PdConfig,
     lmcache: &LmcacheConfig,
     role: KvRole,
     identity: &EngineIdentity,
+    remote_pd_buffer: Option<Arc<dyn Tier>>,
 ) -> Result<PdSetup, ConnectorError> {
     let rank = identity.worker_id;
     let mismatch = |pd_role: &str, kv_role: &str| ConfigError::Invalid {
@@ -161,6 +180,9 @@ fn pd_tiers(
         Some(PdRole::Receiver) => {
             if !role.is_consumer() || role.is_producer() {
                 return Err(mismatch("receiver", "kv_consumer").into());
+            }
+            if let Some(remote) = remote_pd_buffer {
+                return Ok((TierStack::new(vec![remote]), None, None));
             }
             let receiver = Arc::new(PdReceiver::bind(&config, rank)?);
             let tier = Arc::new(ReceivedKv::new(Arc::clone(&receiver))) as Arc<dyn Tier>;

@@ -13,7 +13,7 @@ mod worker;
 
 use std::sync::Arc;
 
-pub use build::{build_connector, Connector, EngineIdentity};
+pub use build::{build_connector, build_connector_with_pd_buffer, Connector, EngineIdentity};
 pub use lmcache::{LmcachePolicy, LmcacheScheduler};
 pub use shared_storage::SharedStorageScheduler;
 pub use worker::{ConnectorStats, KvWorker};
