@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvrelay import _native
 
@@ -51,6 +52,36 @@ class KvrelayConnectorMetadata(KVConnectorMetadata):
 
     def __init__(self, encoded: bytes) -> None:
         self.encoded = encoded
+
+
+@dataclasses.dataclass
+class KvrelayConnectorStats(KVConnectorStats):
+    """kvrelay's transfer figures over an interval, as sums: ``loaded_tokens`` (the hit
+    tokens loaded into vLLM's cache), ``loaded_bytes``, ``load_seconds``,
+    ``failed_load_tokens``, ``saved_chunks``, ``saved_bytes``, ``save_seconds``,
+    ``skipped_saves``, ``failed_sends``, ``pd_skipped_chunks``. vLLM adds up the workers'
+    and the steps' figures with ``aggregate`` and logs ``reduce``'s."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KvrelayConnectorStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        figures = dict(self.data)
+        for moved, seconds, rate in (
+            ("loaded_bytes", "load_seconds", "load_gb_per_s"),
+            ("saved_bytes", "save_seconds", "save_gb_per_s"),
+        ):
+            if figures.get(seconds):
+                figures[rate] = round(figures.get(moved, 0) / figures[seconds] / 1e9, 3)
+        return figures
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
 
 
 def _engine(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> dict[str, Any]:
@@ -204,6 +235,18 @@ class KvrelayConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
         return self._worker.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KvrelayConnectorStats | None:
+        """What moved since vLLM last asked (once a step); None when nothing did. The
+        scheduler half moves nothing and answers None."""
+        if self._worker is None:
+            return None
+        interval = self._worker.interval_stats()
+        return KvrelayConnectorStats(data=interval) if interval is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvrelayConnectorStats:
+        return KvrelayConnectorStats(data=dict(data or {}))
 
     def stats(self) -> dict[str, Any]:
         """The worker half's transfer totals."""
