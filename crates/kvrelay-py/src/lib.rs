@@ -11,7 +11,7 @@ use kvrelay::device::EngineMemory;
 use kvrelay::store::TierStack;
 use kvrelay_vllm::lookup::LookupServer;
 use kvrelay_vllm::{
-    build_half, metadata, recognize_kv_caches, AdapterError, CachedStep, Half, NewStep,
+    build_half, metadata, recognize_kv_caches, AdapterError, BuiltHalf, CachedStep, Half, NewStep,
     SchedulerHalf, TensorInfo, VllmEngine,
 };
 use pyo3::create_exception;
@@ -122,6 +122,17 @@ fn environment() -> Vec<(String, String)> {
     std::env::vars().collect()
 }
 
+/// Builds one half from the process environment, with the GIL released.
+fn build(
+    py: Python<'_>,
+    engine: &VllmEngine,
+    kv_transfer_config_json: &str,
+    half: Half,
+) -> PyResult<BuiltHalf> {
+    py.allow_threads(|| build_half(engine, kv_transfer_config_json, environment(), half))
+        .map_err(to_py)
+}
+
 fn parse_params(json: Option<&str>) -> PyResult<Option<serde_json::Value>> {
     json.map(serde_json::from_str)
         .transpose()
@@ -146,16 +157,7 @@ impl SchedulerConnector {
     #[new]
     fn new(py: Python<'_>, engine: EngineArgs, kv_transfer_config_json: &str) -> PyResult<Self> {
         let engine = VllmEngine::from(engine);
-        let built = py
-            .allow_threads(|| {
-                build_half(
-                    &engine,
-                    kv_transfer_config_json,
-                    environment(),
-                    Half::Scheduler,
-                )
-            })
-            .map_err(to_py)?;
+        let built = build(py, &engine, kv_transfer_config_json, Half::Scheduler)?;
         Ok(SchedulerConnector {
             half: Mutex::new(SchedulerHalf::new(built.connector.scheduler)),
         })
@@ -261,16 +263,7 @@ impl WorkerConnector {
     #[new]
     fn new(py: Python<'_>, engine: EngineArgs, kv_transfer_config_json: &str) -> PyResult<Self> {
         let engine = VllmEngine::from(engine);
-        let built = py
-            .allow_threads(|| {
-                build_half(
-                    &engine,
-                    kv_transfer_config_json,
-                    environment(),
-                    Half::Worker,
-                )
-            })
-            .map_err(to_py)?;
+        let built = build(py, &engine, kv_transfer_config_json, Half::Worker)?;
         Ok(WorkerConnector {
             worker: Mutex::new(built.connector.worker),
             engine,

@@ -134,6 +134,13 @@ impl RequestTransfer {
     pub fn decoder_tokens(&self) -> usize {
         self.prompt_tokens + usize::from(wants_first_token(self.kv_transfer_params.as_ref()))
     }
+
+    /// The id this request's PD transfer travels under (see [`pd_request_id`]): what a
+    /// prefiller sends and notifies the proxy under, and whose copy a decoder loads. An
+    /// engine that names requests its own way (vLLM) differs from the proxy's id here.
+    pub fn pd_request_id(&self) -> &str {
+        pd_id(&self.request_id, self.kv_transfer_params.as_ref()).0
+    }
 }
 
 /// Whether a request's `kv_transfer_params` ask for the first token (`ret_first_tok`).
@@ -147,14 +154,18 @@ pub(crate) fn wants_first_token(params: Option<&serde_json::Value>) -> bool {
 /// The id a PD transfer for this request travels under: the proxy's
 /// `kv_transfer_params.disagg_spec.req_id` when present, else the engine's request id.
 pub(crate) fn pd_request_id<'a>(request: &RequestView<'a>) -> (&'a str, RequestIdScope) {
-    request
-        .kv_transfer_params
+    pd_id(request.id, request.kv_transfer_params)
+}
+
+fn pd_id<'a>(
+    id: &'a str,
+    kv_transfer_params: Option<&'a serde_json::Value>,
+) -> (&'a str, RequestIdScope) {
+    kv_transfer_params
         .and_then(|p| p.get("disagg_spec"))
         .and_then(|spec| spec.get("req_id"))
         .and_then(serde_json::Value::as_str)
-        .map_or((request.id, RequestIdScope::Local), |id| {
-            (id, RequestIdScope::Shared)
-        })
+        .map_or((id, RequestIdScope::Local), |pd| (pd, RequestIdScope::Shared))
 }
 
 /// The per-step message from the scheduler half to the worker half.
