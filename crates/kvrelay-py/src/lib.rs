@@ -70,6 +70,7 @@ struct EngineArgs {
     world_size: u32,
     rank: u32,
     device_type: String,
+    cpu_attn_isa: Option<String>,
 }
 
 impl From<EngineArgs> for VllmEngine {
@@ -85,6 +86,7 @@ impl From<EngineArgs> for VllmEngine {
             world_size: a.world_size,
             rank: a.rank,
             device_type: a.device_type,
+            cpu_attn_isa: a.cpu_attn_isa,
         }
     }
 }

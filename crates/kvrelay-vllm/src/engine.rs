@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use kvrelay::config::{ConfigError, ConnectorKind, KvTransferConfig, LmcacheConfig, PdRole};
 use kvrelay::connector::{
-    build_connector_with_pd_buffer, Connector, ConnectorError, EngineIdentity,
+    build_connector_with, BuildOptions, Connector, ConnectorError, EngineIdentity,
 };
 use kvrelay::device::HostDevice;
-use kvrelay::layout::{AttentionKind, KvCacheSpec};
+use kvrelay::layout::{AttentionKind, BlockPacking, CpuAttnIsa, KvCacheSpec};
 use kvrelay::store::Tier;
 use kvrelay::KvDtype;
 
@@ -33,6 +33,9 @@ pub struct VllmEngine {
     pub rank: u32,
     /// `current_platform.device_type`: `cpu` for vLLM's CPU build.
     pub device_type: String,
+    /// vLLM CPU: the instruction set its attention kernel packs KV blocks for (`vec`,
+    /// `amx`, ...), as vLLM's own `_get_attn_isa` answers for this config.
+    pub cpu_attn_isa: Option<String>,
 }
 
 /// Why a connector half cannot be built or cannot do what vLLM asks.
@@ -131,24 +134,36 @@ pub fn build_half(
     } else {
         None
     };
-    let remote = match (half, &lookup) {
+    let remote_pd_buffer = match (half, &lookup) {
         (Half::Scheduler, Some(endpoint)) => {
             Some(Arc::new(LookupClient::new(endpoint.clone())) as Arc<dyn Tier>)
         }
         _ => None,
     };
+    let block_packing = engine
+        .cpu_attn_isa
+        .as_deref()
+        .map(|isa| {
+            isa.parse::<CpuAttnIsa>()
+                .map(BlockPacking::CpuAttn)
+                .map_err(|e| AdapterError::BadEngine(format!("CPU attention ISA {isa:?}: {e}")))
+        })
+        .transpose()?;
     let identity = EngineIdentity {
         model: engine.model.clone(),
         world_size: engine.world_size,
         worker_id: engine.rank,
     };
-    let connector = build_connector_with_pd_buffer(
+    let connector = build_connector_with(
         &transfer,
         &lmcache,
         &identity,
         engine.spec()?,
         Arc::new(HostDevice),
-        remote,
+        BuildOptions {
+            remote_pd_buffer,
+            block_packing,
+        },
     )?;
     let lookup_server = match (half, lookup) {
         (Half::Worker, Some(endpoint)) => Some(LookupServer::start(

@@ -36,6 +36,7 @@ mod test_support {
             world_size: 1,
             rank: 0,
             device_type: "cpu".into(),
+            cpu_attn_isa: Some("vec".into()),
         }
     }
 }

@@ -105,6 +105,7 @@ def _engine(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> d
         "world_size": parallel.world_size,
         "rank": parallel.rank,
         "device_type": current_platform.device_type,
+        "cpu_attn_isa": _cpu_attention_isa(vllm_config) if current_platform.device_type == "cpu" else None,
     }
 
 
@@ -137,16 +138,16 @@ def _attention_backends(vllm_config: VllmConfig, layer_names: list[str]) -> dict
     return {name: layer.attn_backend.get_name() for name, layer in layers.items()}
 
 
-def _cpu_attention_isa(vllm_config: VllmConfig, tensor: torch.Tensor) -> str:
+def _cpu_attention_isa(vllm_config: VllmConfig) -> str:
     """The instruction set vLLM CPU packs KV blocks for: the builder's own rule, asked
-    with the builder's own inputs (model dtype, block size, head size, cache dtype)."""
+    with the builder's own inputs (model dtype, block size, head size, cache dtype).
+    Rust checks the registered tensors against the same block and head size."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    _, _, block_size, cell = tensor.shape
     return _get_attn_isa(
         vllm_config.model_config.dtype,
-        block_size,
-        cell // 2,
+        vllm_config.cache_config.block_size,
+        vllm_config.model_config.get_head_size(),
         vllm_config.cache_config.cache_dtype,
     )
 
@@ -162,6 +163,7 @@ class KvrelayConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         engine = _engine(vllm_config, kv_cache_config)
+        self._cpu_attn_isa: str | None = engine["cpu_attn_isa"]
         config_json = _kv_transfer_config_json(vllm_config)
         self._scheduler: _native.SchedulerConnector | None = None
         self._worker: _native.WorkerConnector | None = None
@@ -189,7 +191,7 @@ class KvrelayConnector(KVConnectorBase_V1):
         first = kv_caches[names[0]] if names else None
         isa = None
         if first is not None and all(t["device"] == "cpu" for t in tensors) and first.dim() == 4:
-            isa = _cpu_attention_isa(self._vllm_config, first)
+            isa = self._cpu_attn_isa
         self._worker.register_kv_caches(tensors, isa)
         self._kv_caches = kv_caches
 

@@ -9,7 +9,7 @@ use super::{
 use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig, PdRole};
 use crate::device::Device;
 use crate::keys::{default_seed, ChunkHasher, HashAlgorithm, KeyDerivation};
-use crate::layout::{AttentionKind, KvCacheSpec};
+use crate::layout::{opaque_blocks_fingerprint, AttentionKind, BlockPacking, KvCacheSpec};
 use crate::store::{CpuTier, DiskTier, DiskTierOptions, Tier, TierStack};
 use crate::transfer::{PdConfig, PdReceiver, PdSink, ReceivedKv};
 
@@ -42,21 +42,37 @@ pub fn build_connector(
     spec: KvCacheSpec,
     device: Arc<dyn Device>,
 ) -> Result<Connector, ConnectorError> {
-    build_connector_with_pd_buffer(transfer, lmcache, identity, spec, device, None)
+    build_connector_with(
+        transfer,
+        lmcache,
+        identity,
+        spec,
+        device,
+        BuildOptions::default(),
+    )
 }
 
-/// [`build_connector`], except that a PD receiver (`pd_role: receiver`) given
-/// `remote_pd_buffer` binds no PD buffer of its own and looks up `remote_pd_buffer`
-/// instead: an engine whose scheduler runs in another process than the worker that holds
-/// the PD buffer (vLLM's EngineCore) passes a tier that asks that worker. Other
-/// configurations ignore it.
-pub fn build_connector_with_pd_buffer(
+/// What an engine that is not kvrelay's own may need to say when a connector is built.
+#[derive(Default)]
+pub struct BuildOptions {
+    /// A PD receiver (`pd_role: receiver`) given this binds no PD buffer of its own and
+    /// looks this tier up instead: an engine whose scheduler runs in another process than
+    /// the worker that holds the PD buffer (vLLM's EngineCore) passes a tier that asks that
+    /// worker. Other configurations ignore it.
+    pub remote_pd_buffer: Option<Arc<dyn Tier>>,
+    /// The engine's cache moves as opaque blocks packed this way (vLLM CPU): PD chunks then
+    /// carry that layout's fingerprint ([`opaque_blocks_fingerprint`]).
+    pub block_packing: Option<BlockPacking>,
+}
+
+/// [`build_connector`] with [`BuildOptions`].
+pub fn build_connector_with(
     transfer: &KvTransferConfig,
     lmcache: &LmcacheConfig,
     identity: &EngineIdentity,
     spec: KvCacheSpec,
     device: Arc<dyn Device>,
-    remote_pd_buffer: Option<Arc<dyn Tier>>,
+    options: BuildOptions,
 ) -> Result<Connector, ConnectorError> {
     spec.validate()
         .map_err(|e| ConnectorError::GeometryMismatch(e.to_string()))?;
@@ -100,8 +116,11 @@ pub fn build_connector_with_pd_buffer(
                     KeyDerivation::new(&prefix.model, prefix.world_size, prefix.dtype, &hasher)?;
                 let mut config = PdConfig::from_lmcache(&lmcache, &spec, keys)?;
                 config.skip_last_n_tokens = extra.skip_last_n_tokens;
+                if let Some(packing) = options.block_packing {
+                    config.chunk_fingerprint = opaque_blocks_fingerprint(&spec, packing);
+                }
                 let (tiers, sink, receiver) =
-                    pd_tiers(config, &lmcache, role, identity, remote_pd_buffer)?;
+                    pd_tiers(config, &lmcache, role, identity, options.remote_pd_buffer)?;
                 pd_sink = sink;
                 pd_receiver = receiver;
                 Arc::new(tiers)

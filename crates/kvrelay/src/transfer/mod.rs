@@ -336,6 +336,9 @@ pub struct PdConfig {
     pub buffer_size: u64,
     /// Geometry of a chunk: `spec.chunk_bytes(tokens)` is a chunk's length.
     pub spec: KvCacheSpec,
+    /// The layout fingerprint every chunk sent or received must carry: `spec`'s, or the
+    /// engine's opaque-block layout's ([`crate::layout::KvLayout::chunk_fingerprint`]).
+    pub chunk_fingerprint: u64,
     /// `chunk_size`, tokens per full chunk.
     pub chunk_size: usize,
     /// How this engine names chunks; a receiver refuses senders that differ.
@@ -416,6 +419,7 @@ impl PdConfig {
             channel,
             buffer_size,
             spec: *spec,
+            chunk_fingerprint: spec.chunk_fingerprint(),
             chunk_size: cfg.chunk_size,
             keys,
             skip_last_n_tokens: 0,
