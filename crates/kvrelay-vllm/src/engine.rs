@@ -166,10 +166,9 @@ pub fn build_half(
         },
     )?;
     let lookup_server = match (half, lookup) {
-        (Half::Worker, Some(endpoint)) => Some(LookupServer::start(
-            endpoint,
-            Arc::clone(&connector.tiers),
-        )?),
+        (Half::Worker, Some(endpoint)) => {
+            Some(LookupServer::start(endpoint, Arc::clone(&connector.tiers))?)
+        }
         _ => None,
     };
     Ok(BuiltHalf {

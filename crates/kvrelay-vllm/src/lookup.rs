@@ -97,9 +97,8 @@ impl LookupEndpoint {
         if !valid {
             return Err(LookupError::BadName(name.to_string()));
         }
-        let dir = dir.unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("kvrelay-{}", effective_uid()))
-        });
+        let dir = dir
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("kvrelay-{}", effective_uid())));
         Ok(LookupEndpoint {
             socket: dir.join(format!("{name}-rank{rank}.sock")),
             token: dir.join(format!("{name}-rank{rank}.token")),
@@ -162,10 +161,17 @@ fn private_dir(dir: &Path, create: bool) -> Result<(), LookupError> {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
     /// Which of these chunk keys (LMCache key strings) the worker's tiers hold.
-    Contains { keys: Vec<String> },
-    WhyAbsent { key: String },
+    Contains {
+        keys: Vec<String>,
+    },
+    WhyAbsent {
+        key: String,
+    },
     /// A request ended: free what the tiers hold for it.
-    Release { request_id: String, shared: bool },
+    Release {
+        request_id: String,
+        shared: bool,
+    },
 }
 
 /// What the worker half answers.
@@ -531,7 +537,11 @@ impl Tier for LookupClient {
         }
     }
 
-    fn get(&self, _key: &CacheKey, _expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError> {
+    fn get(
+        &self,
+        _key: &CacheKey,
+        _expected_fingerprint: u64,
+    ) -> Result<Option<Chunk>, StoreError> {
         Err(self.lookup_only())
     }
 
@@ -693,7 +703,11 @@ mod tests {
         assert_eq!(stream.read_to_end(&mut rest).unwrap_or(0), 0);
         // A malformed request is an error answer; the server keeps serving.
         let (mut stream, _) = raw(&server, &token_of(&server));
-        write_frame(&mut stream, &serde_json::json!({"op": "contains", "keys": ["nope"]})).unwrap();
+        write_frame(
+            &mut stream,
+            &serde_json::json!({"op": "contains", "keys": ["nope"]}),
+        )
+        .unwrap();
         let answer: Response = read_frame(&mut stream).unwrap().unwrap();
         assert!(matches!(answer, Response::Error(e) if e.contains("nope")));
         // A client whose token file was replaced is refused: its lookups miss.
@@ -728,7 +742,9 @@ mod tests {
         std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let endpoint = LookupEndpoint::new(Some(open_dir), "x", 0).unwrap();
         let tiers = Arc::new(TierStack::new(Vec::new()));
-        let error = LookupServer::start(endpoint, Arc::clone(&tiers)).err().unwrap();
+        let error = LookupServer::start(endpoint, Arc::clone(&tiers))
+            .err()
+            .unwrap();
         assert!(error.to_string().contains("mode 755"), "{error}");
         for name in ["", "../up", "a/b", ".hidden", &"n".repeat(65)] {
             assert!(matches!(
@@ -737,7 +753,9 @@ mod tests {
             ));
         }
         let (server, _) = serving(dir.path(), &[]);
-        let again = LookupServer::start(server.endpoint().clone(), tiers).err().unwrap();
+        let again = LookupServer::start(server.endpoint().clone(), tiers)
+            .err()
+            .unwrap();
         assert!(matches!(again, LookupError::InUse(_)), "{again}");
     }
 }

@@ -166,7 +166,9 @@ fn pd_id<'a>(
         .and_then(|p| p.get("disagg_spec"))
         .and_then(|spec| spec.get("req_id"))
         .and_then(serde_json::Value::as_str)
-        .map_or((id, RequestIdScope::Local), |pd| (pd, RequestIdScope::Shared))
+        .map_or((id, RequestIdScope::Local), |pd| {
+            (pd, RequestIdScope::Shared)
+        })
 }
 
 /// The per-step message from the scheduler half to the worker half.

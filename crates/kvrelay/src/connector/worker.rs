@@ -290,8 +290,8 @@ impl KvWorker {
         }
         if let (true, Some(sink)) = (request.flush_saves, self.pd_sink.as_mut()) {
             let target = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref());
-            let sent =
-                target.and_then(|t| sink.flush(request.pd_request_id(), t, request.decoder_tokens()));
+            let sent = target
+                .and_then(|t| sink.flush(request.pd_request_id(), t, request.decoder_tokens()));
             match sent {
                 Ok(sent) => {
                     stats.pd_skipped_chunks = sent.map_or(0, |s| s.skipped_chunks);
