@@ -25,6 +25,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,10 +49,16 @@ KILLED_DECODER_BOUND_SEC = 30.0
 
 
 def lmcache_config(role: str, work: Path) -> Path:
-    """The seed's config for `role`, with asynchronous loading left out (see above)."""
+    """The seed's config for `role`, with asynchronous loading left out (see above) and
+    the PD ports moved by --port-offset."""
+    ports = {
+        "pd_peer_init_port": f"[{PD_PORTS['init']}]",
+        "pd_peer_alloc_port": f"[{PD_PORTS['alloc']}]",
+        "pd_proxy_port": str(PD_PORTS["notify"]),
+    }
     lines = (SEED_CONFIGS / f"lmcache-{role}-config.yaml").read_text().splitlines()
     kept = [
-        line
+        f"{line.split(':')[0]}: {ports[line.split(':')[0]]}" if line.split(":")[0] in ports else line
         for line in lines
         if not line.startswith("enable_async_loading") and "in the background" not in line
     ]
@@ -170,7 +177,22 @@ def logged_loaded_tokens(processes: Processes, name: str, timeout: float) -> int
         time.sleep(0.5)
 
 
+def check_free(ports: list[int]) -> None:
+    """Refuses to start when another program (another 1p1d, say) holds one of the ports."""
+    for port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as error:
+                raise SystemExit(f"port {port} is taken ({error}); pass --port-offset to move every port")
+
+
 def run(args: argparse.Namespace) -> dict:
+    global PORTS, PD_PORTS
+    PORTS = {name: port + args.port_offset for name, port in PORTS.items()}
+    PD_PORTS = {name: port + args.port_offset for name, port in PD_PORTS.items()}
+    check_free([*PORTS.values(), *PD_PORTS.values()])
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvrelay-vllm-pd-"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.model:
@@ -287,6 +309,7 @@ def main() -> int:
     parser.add_argument("--kvrelay", default=str(ROOT / "target" / "release" / "kvrelay"), help="the kvrelay binary (for `kvrelay proxy`)")
     parser.add_argument("--model", default="", help="model directory; a tiny random Llama is made when empty")
     parser.add_argument("--work-dir", default="", help="model, configs, logs (a new temp dir when empty)")
+    parser.add_argument("--port-offset", type=int, default=0, help="added to every port (the seed's: 7100, 7200, 7300, 7400, 7500, 9100; plain 7000)")
     parser.add_argument("--start-timeout-sec", type=float, default=300)
     parser.add_argument("--request-timeout-sec", type=int, default=120)
     args = parser.parse_args()
