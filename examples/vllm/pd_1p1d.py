@@ -177,6 +177,42 @@ def logged_loaded_tokens(processes: Processes, name: str, timeout: float) -> int
         time.sleep(0.5)
 
 
+def check_release(args: argparse.Namespace, work: Path) -> dict:
+    """KV sent for a request the decoder then runs without loading it (another prompt under
+    the same disagg_spec.req_id) is freed when vLLM finishes the request: request_finished
+    releases it through the lookup channel, not the PD buffer's TTL. `tier_bytes` in the
+    decoder's stats file is what its PD buffer holds at its last step."""
+    req_id = "kvrelay-release-check"
+    prefill = {
+        "model": args.model, "prompt": SEED_PROMPT, "max_tokens": 1, "temperature": 0,
+        "kv_transfer_params": {"disagg_spec": {
+            "req_id": req_id, "receiver_host": "localhost",
+            "receiver_init_port": [PD_PORTS["init"]], "receiver_alloc_port": [PD_PORTS["alloc"]],
+        }},
+    }  # fmt: skip
+    answer(*post(PORTS["prefiller"], prefill, args.request_timeout_sec))
+    stats_file = work / "decoder-stats.json"
+    other = {
+        "model": args.model, "prompt": "the quick brown fox " * 100, "max_tokens": 1,
+        "temperature": 0, "kv_transfer_params": {"disagg_spec": {"req_id": req_id}},
+    }  # fmt: skip
+    plain_step = {"model": args.model, "prompt": "the lazy dog", "max_tokens": 1, "temperature": 0}
+
+    def held_after_a_step() -> int:
+        answer(*post(PORTS["decoder"], plain_step, args.request_timeout_sec))
+        return json.loads(stats_file.read_text()).get("tier_bytes", 0)
+
+    # The prefiller's KV lands in the decoder's buffer shortly after its answer.
+    deadline = time.monotonic() + 30
+    held_before = held_after_a_step()
+    while held_before == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        held_before = held_after_a_step()
+    miss = answer(*post(PORTS["decoder"], other, args.request_timeout_sec))
+    held_after = held_after_a_step()
+    return {"held_bytes_before": held_before, "held_bytes_after": held_after, "miss_cached_tokens": miss["cached_tokens"]}
+
+
 def check_free(ports: list[int]) -> None:
     """Refuses to start when another program (another 1p1d, say) holds one of the ports."""
     for port in ports:
@@ -262,6 +298,8 @@ def run(args: argparse.Namespace) -> dict:
         decoder_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         logged = logged_loaded_tokens(processes, "decoder", 10 * STATS_INTERVAL_SEC + 5)
 
+        release = check_release(args, work)
+
         processes.kill("decoder")
         killed_started = time.monotonic()
         killed_status, killed_body = post(PORTS["proxy"], request, args.request_timeout_sec)
@@ -281,6 +319,7 @@ def run(args: argparse.Namespace) -> dict:
         "decoder_loaded_tokens": decoder_stats.get("loaded_tokens", 0),
         "decoder_loaded_bytes": decoder_stats.get("loaded_bytes", 0),
         "decoder_logged_loaded_tokens": logged,
+        "release": release,
         "killed_decoder": {"status": killed_status, "seconds": round(killed_sec, 2), "body": killed_body},
     }
     # The decoder looks up all but the last prompt token; the prefiller sends whole chunks.
@@ -294,6 +333,8 @@ def run(args: argparse.Namespace) -> dict:
         problems.append(
             f"the decoder hit {summary['decoder_hit_tokens']} and loaded {summary['decoder_loaded_tokens']} tokens; expected {expected_hit}"
         )
+    if release["held_bytes_before"] <= 0 or release["held_bytes_after"] != 0 or release["miss_cached_tokens"] != 0:
+        problems.append(f"the PD buffer was not released when the request finished: {release}")
     if logged != expected_hit:
         problems.append(f"vLLM's KV Transfer metrics (get_kv_connector_stats) logged {logged} loaded tokens; expected {expected_hit}")
     if killed_status != 502 or killed_sec > KILLED_DECODER_BOUND_SEC:

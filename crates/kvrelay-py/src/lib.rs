@@ -353,6 +353,9 @@ impl WorkerConnector {
         let stats = figures(py, &totals, &ConnectorStats::default())?;
         stats.set_item("tier_hits", stack.hits)?;
         stats.set_item("tier_misses", stack.misses)?;
+        // What the worker's tiers hold now (a PD decoder: its PD buffer's pages in use).
+        let held: u64 = self.tiers.tiers().iter().map(|t| t.stats().bytes).sum();
+        stats.set_item("tier_bytes", held)?;
         Ok(stats)
     }
 
