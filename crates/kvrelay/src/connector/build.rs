@@ -9,7 +9,7 @@ use super::{
 use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig, PdRole};
 use crate::device::Device;
 use crate::keys::{default_seed, ChunkHasher, HashAlgorithm, KeyDerivation};
-use crate::layout::{opaque_blocks_fingerprint, AttentionKind, BlockPacking, KvCacheSpec};
+use crate::layout::{AttentionKind, BlockPacking, KvCacheSpec};
 use crate::store::{CpuTier, DiskTier, DiskTierOptions, Tier, TierStack};
 use crate::transfer::{PdConfig, PdReceiver, PdSink, ReceivedKv};
 
@@ -61,7 +61,7 @@ pub struct BuildOptions {
     /// worker. Other configurations ignore it.
     pub remote_pd_buffer: Option<Arc<dyn Tier>>,
     /// The engine's cache moves as opaque blocks packed this way (vLLM CPU): PD chunks then
-    /// carry that layout's fingerprint ([`opaque_blocks_fingerprint`]).
+    /// carry that layout's fingerprint ([`crate::layout::opaque_blocks_fingerprint`]).
     pub block_packing: Option<BlockPacking>,
 }
 
@@ -116,9 +116,7 @@ pub fn build_connector_with(
                     KeyDerivation::new(&prefix.model, prefix.world_size, prefix.dtype, &hasher)?;
                 let mut config = PdConfig::from_lmcache(&lmcache, &spec, keys)?;
                 config.skip_last_n_tokens = extra.skip_last_n_tokens;
-                if let Some(packing) = options.block_packing {
-                    config.chunk_fingerprint = opaque_blocks_fingerprint(&spec, packing);
-                }
+                config.block_packing = options.block_packing;
                 let (tiers, sink, receiver) =
                     pd_tiers(config, &lmcache, role, identity, options.remote_pd_buffer)?;
                 pd_sink = sink;

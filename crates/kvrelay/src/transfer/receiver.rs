@@ -105,7 +105,7 @@ impl PdReceiver {
         let inner = Arc::new(Inner {
             config: config.clone(),
             rank,
-            fingerprint: config.chunk_fingerprint,
+            fingerprint: config.chunk_fingerprint(),
             buffer,
             shm,
             sessions: Mutex::new(HashMap::new()),
