@@ -648,8 +648,7 @@ mod tests {
         // A connection over the limit may be closed before the token is written.
         let sent = stream.write_all(token).is_ok();
         let mut answer = [0u8; 1];
-        let accepted =
-            sent && stream.read(&mut answer).unwrap_or(0) == 1 && answer[0] == ACCEPTED;
+        let accepted = sent && stream.read(&mut answer).unwrap_or(0) == 1 && answer[0] == ACCEPTED;
         (stream, accepted)
     }
 
