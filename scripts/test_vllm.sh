@@ -6,7 +6,13 @@
 #      disk tier (decode hits >= 256 tokens; token ids equal a plain run, logprobs equal
 #      vLLM's own ExampleConnector run bit for bit),
 #   3. the same with a prefill batch of 3 prompts of different lengths,
-#   4. the same with a corrupted chunk between the phases (recomputed; equals the plain run).
+#   4. the same with a corrupted chunk between the phases (recomputed; equals the plain run),
+#   5. the seed-004 1p1d: two vLLM servers and `kvrelay proxy` (release build), PD over tcp;
+#      the seed's request through the proxy equals one plain vLLM server's answer, the
+#      decoder hits the prefiller's KV (looked up through the scheduler-to-worker lookup
+#      channel), vLLM logs it from get_kv_connector_stats, and a killed decoder is a 502.
+#      Uses the seed's ports (7100, 7200, 7300, 7400, 7500, 9100) and 7000 for the plain one,
+#      each plus KVRELAY_PD_PORT_OFFSET when set (it refuses to start on a taken port).
 # Needs no network once the venv is cached. scripts/test.sh runs it last.
 set -euo pipefail
 
@@ -45,4 +51,11 @@ step "seed-000 smoke with a corrupted chunk between the phases"
 "${SMOKE[@]}" --min-lmcache-hit-tokens 256 --corrupt-chunk --reference-json "$WORK/one.json" \
     --model "$WORK/one/tiny-llama" --work-dir "$WORK/corrupt" >"$WORK/corrupt.json"
 summarize "$WORK/corrupt.json"
+step "seed-004 1p1d: prefiller + decoder vLLM servers and kvrelay proxy, PD over tcp"
+(cd "$ROOT" && cargo build --release -q -p kvrelay-cli)
+"$PYTHON" "$ROOT/examples/vllm/pd_1p1d.py" --kvrelay "${CARGO_TARGET_DIR:-$ROOT/target}/release/kvrelay" \
+    --model "$WORK/one/tiny-llama" --work-dir "$WORK/pd" --port-offset "${KVRELAY_PD_PORT_OFFSET:-0}" >"$WORK/pd.json"
+"$PYTHON" -c 'import json, sys
+s = json.load(open(sys.argv[1]))
+print(json.dumps({k: s[k] for k in ("prompt_tokens", "equal_token_ids", "equal_text", "decoder_hit_tokens", "decoder_loaded_tokens", "decoder_logged_loaded_tokens", "release", "problems")} | {"killed_decoder": {k: s["killed_decoder"][k] for k in ("status", "seconds")}}))' "$WORK/pd.json"
 step "all vLLM tests passed"

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use kvrelay::connector::{ConnectorError, ConnectorStats, KvWorker};
 use kvrelay::device::EngineMemory;
 use kvrelay::store::TierStack;
+use kvrelay_vllm::lookup::LookupServer;
 use kvrelay_vllm::{
-    build_half, metadata, recognize_kv_caches, AdapterError, CachedStep, NewStep, SchedulerHalf,
-    TensorInfo, VllmEngine,
+    build_half, metadata, recognize_kv_caches, AdapterError, BuiltHalf, CachedStep, Half, NewStep,
+    SchedulerHalf, TensorInfo, VllmEngine,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -69,6 +70,7 @@ struct EngineArgs {
     world_size: u32,
     rank: u32,
     device_type: String,
+    cpu_attn_isa: Option<String>,
 }
 
 impl From<EngineArgs> for VllmEngine {
@@ -84,6 +86,7 @@ impl From<EngineArgs> for VllmEngine {
             world_size: a.world_size,
             rank: a.rank,
             device_type: a.device_type,
+            cpu_attn_isa: a.cpu_attn_isa,
         }
     }
 }
@@ -121,6 +124,17 @@ fn environment() -> Vec<(String, String)> {
     std::env::vars().collect()
 }
 
+/// Builds one half from the process environment, with the GIL released.
+fn build(
+    py: Python<'_>,
+    engine: &VllmEngine,
+    kv_transfer_config_json: &str,
+    half: Half,
+) -> PyResult<BuiltHalf> {
+    py.allow_threads(|| build_half(engine, kv_transfer_config_json, environment(), half))
+        .map_err(to_py)
+}
+
 fn parse_params(json: Option<&str>) -> PyResult<Option<serde_json::Value>> {
     json.map(serde_json::from_str)
         .transpose()
@@ -145,11 +159,9 @@ impl SchedulerConnector {
     #[new]
     fn new(py: Python<'_>, engine: EngineArgs, kv_transfer_config_json: &str) -> PyResult<Self> {
         let engine = VllmEngine::from(engine);
-        let connector = py
-            .allow_threads(|| build_half(&engine, kv_transfer_config_json, environment()))
-            .map_err(to_py)?;
+        let built = build(py, &engine, kv_transfer_config_json, Half::Scheduler)?;
         Ok(SchedulerConnector {
-            half: Mutex::new(SchedulerHalf::new(connector.scheduler)),
+            half: Mutex::new(SchedulerHalf::new(built.connector.scheduler)),
         })
     }
 
@@ -241,6 +253,11 @@ struct WorkerConnector {
     engine: VllmEngine,
     /// The tiers the worker writes through; kept for their statistics.
     tiers: Arc<TierStack>,
+    /// A PD decoder's lookup channel, serving its PD buffer to the scheduler half; closed
+    /// when the connector goes.
+    _lookup_server: Option<LookupServer>,
+    /// The totals `interval_stats` last reported.
+    reported: ConnectorStats,
 }
 
 #[pymethods]
@@ -248,13 +265,13 @@ impl WorkerConnector {
     #[new]
     fn new(py: Python<'_>, engine: EngineArgs, kv_transfer_config_json: &str) -> PyResult<Self> {
         let engine = VllmEngine::from(engine);
-        let connector = py
-            .allow_threads(|| build_half(&engine, kv_transfer_config_json, environment()))
-            .map_err(to_py)?;
+        let built = build(py, &engine, kv_transfer_config_json, Half::Worker)?;
         Ok(WorkerConnector {
-            worker: Mutex::new(connector.worker),
+            worker: Mutex::new(built.connector.worker),
             engine,
-            tiers: connector.tiers,
+            tiers: built.connector.tiers,
+            _lookup_server: built.lookup_server,
+            reported: ConnectorStats::default(),
         })
     }
 
@@ -331,34 +348,58 @@ impl WorkerConnector {
 
     /// The worker's totals since it started, as a dict of numbers.
     fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let ConnectorStats {
-            loaded_tokens,
-            loaded_bytes,
-            load_time,
-            failed_load_tokens,
-            saved_chunks,
-            saved_bytes,
-            save_time,
-            skipped_saves,
-            failed_sends,
-            pd_skipped_chunks,
-        } = exclusive(&mut self.worker).stats().clone();
+        let totals = exclusive(&mut self.worker).stats().clone();
         let stack = self.tiers.stats();
-        let stats = PyDict::new(py);
-        stats.set_item("loaded_tokens", loaded_tokens)?;
-        stats.set_item("loaded_bytes", loaded_bytes)?;
-        stats.set_item("load_seconds", load_time.as_secs_f64())?;
-        stats.set_item("failed_load_tokens", failed_load_tokens)?;
-        stats.set_item("saved_chunks", saved_chunks)?;
-        stats.set_item("saved_bytes", saved_bytes)?;
-        stats.set_item("save_seconds", save_time.as_secs_f64())?;
-        stats.set_item("skipped_saves", skipped_saves)?;
-        stats.set_item("failed_sends", failed_sends)?;
-        stats.set_item("pd_skipped_chunks", pd_skipped_chunks)?;
+        let stats = figures(py, &totals, &ConnectorStats::default())?;
         stats.set_item("tier_hits", stack.hits)?;
         stats.set_item("tier_misses", stack.misses)?;
+        // What the worker's tiers hold now (a PD decoder: its PD buffer's pages in use).
+        let held: u64 = self.tiers.tiers().iter().map(|t| t.stats().bytes).sum();
+        stats.set_item("tier_bytes", held)?;
         Ok(stats)
     }
+
+    /// What changed since the last call (vLLM's `get_kv_connector_stats`, asked once a
+    /// step): `None` when nothing moved, so an idle step costs one comparison.
+    fn interval_stats<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let totals = exclusive(&mut self.worker).stats();
+        if *totals == self.reported {
+            return Ok(None);
+        }
+        let totals = totals.clone();
+        let interval = figures(py, &totals, &self.reported)?;
+        self.reported = totals;
+        Ok(Some(interval))
+    }
+}
+
+/// `now - before` for each of the worker's figures, by name (times in seconds).
+fn figures<'py>(
+    py: Python<'py>,
+    now: &ConnectorStats,
+    before: &ConnectorStats,
+) -> PyResult<Bound<'py, PyDict>> {
+    let counts = |s: &ConnectorStats| {
+        [
+            ("loaded_tokens", s.loaded_tokens),
+            ("loaded_bytes", s.loaded_bytes),
+            ("failed_load_tokens", s.failed_load_tokens),
+            ("saved_chunks", s.saved_chunks),
+            ("saved_bytes", s.saved_bytes),
+            ("skipped_saves", s.skipped_saves),
+            ("failed_sends", s.failed_sends),
+            ("pd_skipped_chunks", s.pd_skipped_chunks),
+        ]
+    };
+    let times = |s: &ConnectorStats| [("load_seconds", s.load_time), ("save_seconds", s.save_time)];
+    let dict = PyDict::new(py);
+    for ((name, value), (_, earlier)) in counts(now).into_iter().zip(counts(before)) {
+        dict.set_item(name, value.saturating_sub(earlier))?;
+    }
+    for ((name, value), (_, earlier)) in times(now).into_iter().zip(times(before)) {
+        dict.set_item(name, value.saturating_sub(earlier).as_secs_f64())?;
+    }
+    Ok(dict)
 }
 
 #[pymodule]

@@ -29,6 +29,7 @@ ENGINE = {
     "world_size": 1,
     "rank": 0,
     "device_type": "cpu",
+    "cpu_attn_isa": "vec",
 }
 PRODUCER = '{"kv_connector": "KvrelayConnector", "kv_connector_module_path": "kvrelay.vllm", "kv_role": "kv_producer"}'
 WORK = Path(tempfile.mkdtemp(prefix="kvrelay-py-test-"))

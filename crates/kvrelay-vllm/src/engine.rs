@@ -4,11 +4,16 @@
 
 use std::sync::Arc;
 
-use kvrelay::config::{ConfigError, ConnectorKind, KvTransferConfig, LmcacheConfig};
-use kvrelay::connector::{build_connector, Connector, ConnectorError, EngineIdentity};
+use kvrelay::config::{ConfigError, ConnectorKind, KvTransferConfig, LmcacheConfig, PdRole};
+use kvrelay::connector::{
+    build_connector_with, BuildOptions, Connector, ConnectorError, EngineIdentity,
+};
 use kvrelay::device::HostDevice;
-use kvrelay::layout::{AttentionKind, KvCacheSpec};
+use kvrelay::layout::{AttentionKind, BlockPacking, CpuAttnIsa, KvCacheSpec};
+use kvrelay::store::Tier;
 use kvrelay::KvDtype;
+
+use crate::lookup::{LookupClient, LookupEndpoint, LookupError, LookupServer, DIR_ENV};
 
 /// What vLLM's config says about the engine a connector half serves. Both halves describe
 /// the same engine; the worker half checks it against the tensors it is handed.
@@ -28,6 +33,9 @@ pub struct VllmEngine {
     pub rank: u32,
     /// `current_platform.device_type`: `cpu` for vLLM's CPU build.
     pub device_type: String,
+    /// vLLM CPU: the instruction set its attention kernel packs KV blocks for (`vec`,
+    /// `amx`, ...), as vLLM's own `_get_attn_isa` answers for this config.
+    pub cpu_attn_isa: Option<String>,
 }
 
 /// Why a connector half cannot be built or cannot do what vLLM asks.
@@ -48,14 +56,32 @@ pub enum AdapterError {
     Metadata(#[from] crate::metadata::MetadataError),
     #[error("vLLM scheduled request {0:?}, which the connector never looked up")]
     UnknownRequest(String),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+}
+
+/// Which of vLLM's two connector objects a build is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    /// The EngineCore process's: answers lookups, plans each step.
+    Scheduler,
+    /// A Worker process's: moves the bytes, holds process-local tiers.
+    Worker,
+}
+
+/// A built half: the connector and, for a PD receiver's worker half, the lookup channel
+/// it serves its PD buffer on (dropping it closes the channel).
+pub struct BuiltHalf {
+    pub connector: Connector,
+    pub lookup_server: Option<LookupServer>,
 }
 
 /// The device whose KV cache vLLM's CPU build hands over; the only one moved so far.
 const CPU_DEVICE: &str = "cpu";
 
-/// Why process-local tiers are refused: vLLM asks the scheduler process for hits while the
-/// data would sit in a worker process.
-const NEEDS_LOOKUP_CHANNEL: &str = "vLLM runs the connector's scheduler half (which answers lookups) in the EngineCore process and its worker half (which holds process-local tiers) in a Worker process; lookups into process-local tiers need the scheduler-to-worker lookup channel, which is not built yet";
+/// Why process-local tiers other than the PD buffer are refused: vLLM asks the scheduler
+/// process for hits while the data would sit in a worker process.
+const NEEDS_LOOKUP_CHANNEL: &str = "vLLM runs the connector's scheduler half (which answers lookups) in the EngineCore process and its worker half (which holds process-local tiers) in a Worker process; the scheduler-to-worker lookup channel serves a PD decoder's PD buffer only so far";
 
 impl VllmEngine {
     /// The cache geometry vLLM's config describes.
@@ -81,36 +107,99 @@ impl VllmEngine {
 
 /// Builds the connector for one process of `engine`. `kv_transfer_config_json` is vLLM's
 /// `kv_transfer_config` as a JSON object; `env` is the process environment, of which
-/// `LMCACHE_CONFIG_FILE` and the `LMCACHE_*` variables are read as LMCache reads them.
-/// The scheduler half uses the result's `scheduler`, the worker half its `worker`.
+/// `LMCACHE_CONFIG_FILE` and the `LMCACHE_*` variables are read as LMCache reads them, and
+/// `KVRELAY_LOOKUP_DIR` names the lookup channel's directory. A PD receiver's worker half
+/// binds the PD buffer and serves it on the lookup channel; its scheduler half binds
+/// nothing and looks the buffer up through that channel.
 pub fn build_half(
     engine: &VllmEngine,
     kv_transfer_config_json: &str,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Connector, AdapterError> {
+    half: Half,
+) -> Result<BuiltHalf, AdapterError> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
     let transfer = KvTransferConfig::from_json_str(kv_transfer_config_json)?;
-    let lmcache = LmcacheConfig::load_with_env(env)?;
-    check_supported(engine, &transfer, &lmcache)?;
+    let lmcache = LmcacheConfig::load_with_env(env.iter().cloned())?;
+    let pd_receiver = check_supported(engine, &transfer, &lmcache)?;
+    let lookup = if pd_receiver {
+        let dir = env
+            .iter()
+            .find(|(name, _)| name == DIR_ENV)
+            .map(|(_, dir)| dir.into());
+        Some(LookupEndpoint::new(
+            dir,
+            &lookup_name(&transfer)?,
+            engine.rank,
+        )?)
+    } else {
+        None
+    };
+    let remote_pd_buffer = match (half, &lookup) {
+        (Half::Scheduler, Some(endpoint)) => {
+            Some(Arc::new(LookupClient::new(endpoint.clone())) as Arc<dyn Tier>)
+        }
+        _ => None,
+    };
+    let block_packing = engine
+        .cpu_attn_isa
+        .as_deref()
+        .map(|isa| {
+            isa.parse::<CpuAttnIsa>()
+                .map(BlockPacking::CpuAttn)
+                .map_err(|e| AdapterError::BadEngine(format!("CPU attention ISA {isa:?}: {e}")))
+        })
+        .transpose()?;
     let identity = EngineIdentity {
         model: engine.model.clone(),
         world_size: engine.world_size,
         worker_id: engine.rank,
     };
-    Ok(build_connector(
+    let connector = build_connector_with(
         &transfer,
         &lmcache,
         &identity,
         engine.spec()?,
         Arc::new(HostDevice),
-    )?)
+        BuildOptions {
+            remote_pd_buffer,
+            block_packing,
+        },
+    )?;
+    let lookup_server = match (half, lookup) {
+        (Half::Worker, Some(endpoint)) => {
+            Some(LookupServer::start(endpoint, Arc::clone(&connector.tiers))?)
+        }
+        _ => None,
+    };
+    Ok(BuiltHalf {
+        connector,
+        lookup_server,
+    })
 }
 
-/// Refuses configurations this first slice of the vLLM adapter cannot run correctly.
+/// What tells this engine's lookup channel from other engines' on the host: LMCache's
+/// `lmcache_rpc_port` (its lookup socket's suffix), else vLLM's `engine_id`, which vLLM
+/// generates per server and hands both processes.
+fn lookup_name(transfer: &KvTransferConfig) -> Result<String, AdapterError> {
+    transfer
+        .kv_connector_extra_config
+        .lmcache_rpc_port
+        .clone()
+        .or_else(|| transfer.engine_id.clone())
+        .ok_or_else(|| {
+            AdapterError::BadEngine(
+                "a PD receiver needs lmcache_rpc_port or engine_id in kv_transfer_config to name its lookup channel".into(),
+            )
+        })
+}
+
+/// Refuses configurations this slice of the vLLM adapter cannot run correctly. Returns
+/// whether the engine is a PD receiver (whose halves need the lookup channel).
 fn check_supported(
     engine: &VllmEngine,
     transfer: &KvTransferConfig,
     lmcache: &LmcacheConfig,
-) -> Result<(), AdapterError> {
+) -> Result<bool, AdapterError> {
     let not_yet = |what: String| Err(AdapterError::NotYetSupported(what));
     if engine.device_type != CPU_DEVICE {
         return not_yet(format!(
@@ -129,18 +218,13 @@ fn check_supported(
     }
     let mut effective = lmcache.clone();
     transfer.apply_lmcache_overrides(&mut effective)?;
-    if effective.enable_pd {
-        return not_yet(format!(
-            "LMCache PD (enable_pd): a decoder's PD buffer is process-local. {NEEDS_LOOKUP_CHANNEL}"
-        ));
-    }
     if effective.remote_url.is_some() {
         return not_yet(
             "remote_url: the remote tier holds LMCache's KV_2LTD chunks, which LMCache reads too, and vLLM CPU's ISA-packed blocks are not in that format"
                 .into(),
         );
     }
-    if effective.local_disk_path().is_none() {
+    if !effective.enable_pd && effective.local_disk_path().is_none() {
         return not_yet(format!(
             "no shared tier is configured (set local_disk, which every process can open). {NEEDS_LOOKUP_CHANNEL}"
         ));
@@ -179,7 +263,7 @@ fn check_supported(
         }
         .into());
     }
-    Ok(())
+    Ok(effective.enable_pd && effective.pd_role == Some(PdRole::Receiver))
 }
 
 #[cfg(test)]
@@ -194,15 +278,31 @@ mod tests {
         transfer: &str,
         yaml: &str,
     ) -> Result<Connector, AdapterError> {
+        build_half_with(engine, transfer, yaml, Half::Scheduler).map(|built| built.connector)
+    }
+
+    fn build_half_with(
+        engine: &VllmEngine,
+        transfer: &str,
+        yaml: &str,
+        half: Half,
+    ) -> Result<BuiltHalf, AdapterError> {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("lmcache.yaml");
         let yaml = yaml.replace("DISK", &dir.path().join("disk").display().to_string());
         std::fs::write(&file, yaml).unwrap();
-        let env = [(
-            "LMCACHE_CONFIG_FILE".to_string(),
-            file.display().to_string(),
-        )];
-        build_half(engine, transfer, env)
+        let env = [
+            (
+                "LMCACHE_CONFIG_FILE".to_string(),
+                file.display().to_string(),
+            ),
+            (
+                DIR_ENV.to_string(),
+                dir.path().join("lookup").display().to_string(),
+            ),
+        ];
+        // No test keeps a lookup server running past `dir`.
+        build_half(engine, transfer, env, half)
     }
 
     fn refusal(engine: &VllmEngine, transfer: &str, yaml: &str) -> String {
@@ -232,20 +332,53 @@ mod tests {
         );
     }
 
+    const PD: &str = "chunk_size: 256\nlocal_cpu: false\nenable_pd: true\npd_role: ROLE\npd_buffer_size: 1000000\npd_buffer_device: cpu\npd_peer_host: localhost\npd_peer_init_port: [PORT]\npd_peer_alloc_port: [PORT]\npd_proxy_host: localhost\npd_proxy_port: 7500\ntransfer_channel: tcp\n";
+
     #[test]
-    fn process_local_configs_are_refused_naming_the_lookup_channel() {
+    fn process_local_configs_other_than_pd_are_refused_naming_the_lookup_channel() {
         let cpu_only = "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n";
         let message = refusal(&engine(), PRODUCER, cpu_only);
         assert!(
             message.contains("no shared tier") && message.contains("lookup channel"),
             "{message}"
         );
-        let pd = "chunk_size: 256\nlocal_cpu: false\nenable_pd: true\npd_role: sender\npd_buffer_size: 1000000\npd_buffer_device: cpu\npd_peer_host: localhost\npd_peer_init_port: [7300]\npd_peer_alloc_port: [7400]\npd_proxy_host: localhost\npd_proxy_port: 7500\ntransfer_channel: tcp\n";
-        let message = refusal(&engine(), PRODUCER, pd);
-        assert!(
-            message.contains("enable_pd") && message.contains("lookup channel"),
-            "{message}"
+    }
+
+    /// A PD sender builds in both processes (it sends from the worker); a receiver's
+    /// scheduler half binds no port and looks up through the lookup channel, whose name
+    /// comes from lmcache_rpc_port or engine_id.
+    #[test]
+    fn pd_halves_build_and_the_receivers_scheduler_binds_nothing() {
+        let sender = PD.replace("ROLE", "sender").replace("PORT", "7300");
+        let discarding = PRODUCER.replace(
+            r#""kv_role""#,
+            r#""kv_connector_extra_config":{"discard_partial_chunks":true},"kv_role""#,
         );
+        let built = build_half_with(&engine(), &discarding, &sender, Half::Worker).unwrap();
+        assert!(built.lookup_server.is_none());
+        // A port taken by someone else: the scheduler half must not try to bind it.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port().to_string();
+        let receiver = PD
+            .replace("ROLE", "receiver")
+            .replace("PORT", &port)
+            .replace("localhost", "127.0.0.1");
+        let consumer = r#"{"kv_connector":"KvrelayConnector","kv_role":"kv_consumer","engine_id":"e1","kv_connector_extra_config":{"skip_last_n_tokens":1}}"#;
+        let built = build_half_with(&engine(), consumer, &receiver, Half::Scheduler).unwrap();
+        assert!(built.lookup_server.is_none() && built.connector.pd_receiver.is_none());
+        let tiers = built.connector.tiers.tiers();
+        assert_eq!(tiers.len(), 1);
+        assert_eq!(tiers[0].name(), "pd_buffer (worker lookup)");
+        // Its worker half does bind, and so fails on the taken port.
+        let error = build_half_with(&engine(), consumer, &receiver, Half::Worker)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains(&port), "{error}");
+        let anonymous = consumer.replace(r#""engine_id":"e1","#, "");
+        let error = build_half_with(&engine(), &anonymous, &receiver, Half::Scheduler)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("engine_id"), "{error}");
     }
 
     #[test]

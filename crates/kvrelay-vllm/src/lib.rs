@@ -4,16 +4,18 @@
 //! vLLM runs a connector's scheduler half in its EngineCore process and its worker half in
 //! each Worker process. [`engine`] builds either half from vLLM's configs and refuses what
 //! two processes cannot share yet; [`scheduler`] keeps the per-request state the scheduler
-//! half needs between vLLM's hooks; [`metadata`] carries each step's
+//! half needs between vLLM's hooks; [`lookup`] lets the scheduler half see a PD decoder's
+//! PD buffer, which the worker half holds; [`metadata`] carries each step's
 //! [`kvrelay::connector::ConnectorMetadata`] across the process boundary as bytes;
 //! [`tensors`] recognizes the KV cache tensors vLLM registers.
 
 pub mod engine;
+pub mod lookup;
 pub mod metadata;
 pub mod scheduler;
 pub mod tensors;
 
-pub use engine::{build_half, AdapterError, VllmEngine};
+pub use engine::{build_half, AdapterError, BuiltHalf, Half, VllmEngine};
 pub use scheduler::{CachedStep, NewStep, SchedulerHalf};
 pub use tensors::{recognize_kv_caches, RecognizedKv, TensorError, TensorInfo};
 
@@ -34,6 +36,7 @@ mod test_support {
             world_size: 1,
             rank: 0,
             device_type: "cpu".into(),
+            cpu_attn_isa: Some("vec".into()),
         }
     }
 }

@@ -166,7 +166,7 @@ impl SchedulerHalf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::build_half;
+    use crate::engine::{build_half, Half};
     use crate::test_support::engine;
     use kvrelay::connector::ConnectorMetadata;
 
@@ -182,7 +182,12 @@ mod tests {
             "LMCACHE_CONFIG_FILE".to_string(),
             file.display().to_string(),
         )];
-        SchedulerHalf::new(build_half(&engine(), &transfer, env).unwrap().scheduler)
+        SchedulerHalf::new(
+            build_half(&engine(), &transfer, env, Half::Scheduler)
+                .unwrap()
+                .connector
+                .scheduler,
+        )
     }
 
     /// A prefill of 600 tokens scheduled in two steps (512 then 88 tokens) saves its two

@@ -125,6 +125,18 @@ impl KvCacheSpec {
     }
 }
 
+/// The chunk fingerprint of a cache of geometry `spec` whose blocks are packed as
+/// `packing` and move whole: [`KvLayout::chunk_fingerprint`] of such a layout, known
+/// before the engine hands its tensors over (a PD channel checks it from the start).
+pub fn opaque_blocks_fingerprint(spec: &KvCacheSpec, packing: BlockPacking) -> u64 {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.extend_from_slice(b"kvrelay-opaque-blocks-v1");
+    bytes.extend_from_slice(&spec.chunk_fingerprint().to_le_bytes());
+    bytes.extend_from_slice(&(spec.block_size as u64).to_le_bytes());
+    bytes.extend_from_slice(packing.name().as_bytes());
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
 /// Physical order of vLLM 0.33's fused `[L,B,H,N,C]` cache (K and V packed in `C`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FusedOrder {
@@ -487,15 +499,10 @@ impl KvLayout {
     /// the `KV_2LTD` chunk format; for opaque blocks one that also names the packing and
     /// the block size, so only an engine packing blocks the same way loads them.
     pub fn chunk_fingerprint(&self) -> u64 {
-        let LayoutKind::OpaqueBlocks(packing) = self.kind else {
-            return self.spec.chunk_fingerprint();
-        };
-        let mut bytes = Vec::with_capacity(64);
-        bytes.extend_from_slice(b"kvrelay-opaque-blocks-v1");
-        bytes.extend_from_slice(&self.spec.chunk_fingerprint().to_le_bytes());
-        bytes.extend_from_slice(&(self.spec.block_size as u64).to_le_bytes());
-        bytes.extend_from_slice(packing.name().as_bytes());
-        xxhash_rust::xxh3::xxh3_64(&bytes)
+        match self.kind {
+            LayoutKind::OpaqueBlocks(packing) => opaque_blocks_fingerprint(&self.spec, packing),
+            _ => self.spec.chunk_fingerprint(),
+        }
     }
 
     /// True when all heads of one token sit next to each other (NHD-like), so one token's

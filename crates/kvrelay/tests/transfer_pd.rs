@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvrelay::config::{LmcacheConfig, PdBackendMode};
 use kvrelay::device::HostBuffer;
 use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation};
-use kvrelay::layout::{AttentionKind, KvCacheSpec};
+use kvrelay::layout::{AttentionKind, BlockPacking, CpuAttnIsa, KvCacheSpec};
 use kvrelay::store::{ChunkMeta, RequestIdScope, Tier, TierStack};
 use kvrelay::transfer::frame::{
     self, data_prefix, read_frame, ChunkDecl, DataHeader, Incoming, Message, MAC_LEN, NONCE_LEN,
@@ -1172,6 +1172,15 @@ fn handshake_refuses_mismatched_geometry_rank_and_channel() {
     other.spec.num_layers = 3;
     assert_eq!(
         refused_code(PdSender::connect(&other, peer(&rx), 0)),
+        ErrorCode::LayoutMismatch
+    );
+    // Same geometry, but the sender's blocks are packed for vLLM CPU's attention ISA: its
+    // chunks are not the receiver's token-addressable ones.
+    let mut packed = cfg.clone();
+    packed.block_packing = Some(BlockPacking::CpuAttn(CpuAttnIsa::Vec));
+    assert_ne!(packed.chunk_fingerprint(), cfg.chunk_fingerprint());
+    assert_eq!(
+        refused_code(PdSender::connect(&packed, peer(&rx), 0)),
         ErrorCode::LayoutMismatch
     );
     let shm = config("shm", 4, "", None);

@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvrelay import _native
 
@@ -53,6 +54,36 @@ class KvrelayConnectorMetadata(KVConnectorMetadata):
         self.encoded = encoded
 
 
+@dataclasses.dataclass
+class KvrelayConnectorStats(KVConnectorStats):
+    """kvrelay's transfer figures over an interval, as sums: ``loaded_tokens`` (the hit
+    tokens loaded into vLLM's cache), ``loaded_bytes``, ``load_seconds``,
+    ``failed_load_tokens``, ``saved_chunks``, ``saved_bytes``, ``save_seconds``,
+    ``skipped_saves``, ``failed_sends``, ``pd_skipped_chunks``. vLLM adds up the workers'
+    and the steps' figures with ``aggregate`` and logs ``reduce``'s."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KvrelayConnectorStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        figures = dict(self.data)
+        for moved, seconds, rate in (
+            ("loaded_bytes", "load_seconds", "load_gb_per_s"),
+            ("saved_bytes", "save_seconds", "save_gb_per_s"),
+        ):
+            if figures.get(seconds):
+                figures[rate] = round(figures.get(moved, 0) / figures[seconds] / 1e9, 3)
+        return figures
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
 def _engine(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> dict[str, Any]:
     """What vLLM's config says about the engine, as plain values for Rust."""
     from vllm.platforms import current_platform
@@ -74,6 +105,7 @@ def _engine(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> d
         "world_size": parallel.world_size,
         "rank": parallel.rank,
         "device_type": current_platform.device_type,
+        "cpu_attn_isa": _cpu_attention_isa(vllm_config) if current_platform.device_type == "cpu" else None,
     }
 
 
@@ -106,16 +138,16 @@ def _attention_backends(vllm_config: VllmConfig, layer_names: list[str]) -> dict
     return {name: layer.attn_backend.get_name() for name, layer in layers.items()}
 
 
-def _cpu_attention_isa(vllm_config: VllmConfig, tensor: torch.Tensor) -> str:
+def _cpu_attention_isa(vllm_config: VllmConfig) -> str:
     """The instruction set vLLM CPU packs KV blocks for: the builder's own rule, asked
-    with the builder's own inputs (model dtype, block size, head size, cache dtype)."""
+    with the builder's own inputs (model dtype, block size, head size, cache dtype).
+    Rust checks the registered tensors against the same block and head size."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    _, _, block_size, cell = tensor.shape
     return _get_attn_isa(
         vllm_config.model_config.dtype,
-        block_size,
-        cell // 2,
+        vllm_config.cache_config.block_size,
+        vllm_config.model_config.get_head_size(),
         vllm_config.cache_config.cache_dtype,
     )
 
@@ -131,6 +163,7 @@ class KvrelayConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         engine = _engine(vllm_config, kv_cache_config)
+        self._cpu_attn_isa: str | None = engine["cpu_attn_isa"]
         config_json = _kv_transfer_config_json(vllm_config)
         self._scheduler: _native.SchedulerConnector | None = None
         self._worker: _native.WorkerConnector | None = None
@@ -158,7 +191,7 @@ class KvrelayConnector(KVConnectorBase_V1):
         first = kv_caches[names[0]] if names else None
         isa = None
         if first is not None and all(t["device"] == "cpu" for t in tensors) and first.dim() == 4:
-            isa = _cpu_attention_isa(self._vllm_config, first)
+            isa = self._cpu_attn_isa
         self._worker.register_kv_caches(tensors, isa)
         self._kv_caches = kv_caches
 
@@ -204,6 +237,18 @@ class KvrelayConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
         return self._worker.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KvrelayConnectorStats | None:
+        """What moved since vLLM last asked (once a step); None when nothing did. The
+        scheduler half moves nothing and answers None."""
+        if self._worker is None:
+            return None
+        interval = self._worker.interval_stats()
+        return KvrelayConnectorStats(data=interval) if interval is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvrelayConnectorStats:
+        return KvrelayConnectorStats(data=dict(data or {}))
 
     def stats(self) -> dict[str, Any]:
         """The worker half's transfer totals."""

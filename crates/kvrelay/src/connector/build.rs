@@ -9,7 +9,7 @@ use super::{
 use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig, LmcacheConfig, PdRole};
 use crate::device::Device;
 use crate::keys::{default_seed, ChunkHasher, HashAlgorithm, KeyDerivation};
-use crate::layout::{AttentionKind, KvCacheSpec};
+use crate::layout::{AttentionKind, BlockPacking, KvCacheSpec};
 use crate::store::{CpuTier, DiskTier, DiskTierOptions, Tier, TierStack};
 use crate::transfer::{PdConfig, PdReceiver, PdSink, ReceivedKv};
 
@@ -41,6 +41,38 @@ pub fn build_connector(
     identity: &EngineIdentity,
     spec: KvCacheSpec,
     device: Arc<dyn Device>,
+) -> Result<Connector, ConnectorError> {
+    build_connector_with(
+        transfer,
+        lmcache,
+        identity,
+        spec,
+        device,
+        BuildOptions::default(),
+    )
+}
+
+/// What an engine that is not kvrelay's own may need to say when a connector is built.
+#[derive(Default)]
+pub struct BuildOptions {
+    /// A PD receiver (`pd_role: receiver`) given this binds no PD buffer of its own and
+    /// looks this tier up instead: an engine whose scheduler runs in another process than
+    /// the worker that holds the PD buffer (vLLM's EngineCore) passes a tier that asks that
+    /// worker. Other configurations ignore it.
+    pub remote_pd_buffer: Option<Arc<dyn Tier>>,
+    /// The engine's cache moves as opaque blocks packed this way (vLLM CPU): PD chunks then
+    /// carry that layout's fingerprint ([`crate::layout::opaque_blocks_fingerprint`]).
+    pub block_packing: Option<BlockPacking>,
+}
+
+/// [`build_connector`] with [`BuildOptions`].
+pub fn build_connector_with(
+    transfer: &KvTransferConfig,
+    lmcache: &LmcacheConfig,
+    identity: &EngineIdentity,
+    spec: KvCacheSpec,
+    device: Arc<dyn Device>,
+    options: BuildOptions,
 ) -> Result<Connector, ConnectorError> {
     spec.validate()
         .map_err(|e| ConnectorError::GeometryMismatch(e.to_string()))?;
@@ -84,7 +116,9 @@ pub fn build_connector(
                     KeyDerivation::new(&prefix.model, prefix.world_size, prefix.dtype, &hasher)?;
                 let mut config = PdConfig::from_lmcache(&lmcache, &spec, keys)?;
                 config.skip_last_n_tokens = extra.skip_last_n_tokens;
-                let (tiers, sink, receiver) = pd_tiers(config, &lmcache, role, identity)?;
+                config.block_packing = options.block_packing;
+                let (tiers, sink, receiver) =
+                    pd_tiers(config, &lmcache, role, identity, options.remote_pd_buffer)?;
                 pd_sink = sink;
                 pd_receiver = receiver;
                 Arc::new(tiers)
@@ -145,13 +179,15 @@ pub fn build_connector(
 type PdSetup = (TierStack, Option<PdSink>, Option<Arc<PdReceiver>>);
 
 /// LMCache PD (`enable_pd`): a receiver's only tier is its PD buffer, bound on
-/// `pd_peer_host:pd_peer_*_port[rank]`; a sender stores nothing locally and pushes each
-/// request's chunks to its decoder.
+/// `pd_peer_host:pd_peer_*_port[rank]` (or `remote_pd_buffer`, another process's buffer,
+/// when given); a sender stores nothing locally and pushes each request's chunks to its
+/// decoder.
 fn pd_tiers(
     config: PdConfig,
     lmcache: &LmcacheConfig,
     role: KvRole,
     identity: &EngineIdentity,
+    remote_pd_buffer: Option<Arc<dyn Tier>>,
 ) -> Result<PdSetup, ConnectorError> {
     let rank = identity.worker_id;
     let mismatch = |pd_role: &str, kv_role: &str| ConfigError::Invalid {
@@ -161,6 +197,9 @@ fn pd_tiers(
         Some(PdRole::Receiver) => {
             if !role.is_consumer() || role.is_producer() {
                 return Err(mismatch("receiver", "kv_consumer").into());
+            }
+            if let Some(remote) = remote_pd_buffer {
+                return Ok((TierStack::new(vec![remote]), None, None));
             }
             let receiver = Arc::new(PdReceiver::bind(&config, rank)?);
             let tier = Arc::new(ReceivedKv::new(Arc::clone(&receiver))) as Arc<dyn Tier>;

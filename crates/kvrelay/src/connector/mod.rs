@@ -13,7 +13,7 @@ mod worker;
 
 use std::sync::Arc;
 
-pub use build::{build_connector, Connector, EngineIdentity};
+pub use build::{build_connector, build_connector_with, BuildOptions, Connector, EngineIdentity};
 pub use lmcache::{LmcachePolicy, LmcacheScheduler};
 pub use shared_storage::SharedStorageScheduler;
 pub use worker::{ConnectorStats, KvWorker};
@@ -119,7 +119,8 @@ pub struct RequestTransfer {
     /// This step completes the request's prompt: a PD prefiller sends everything it
     /// gathered for the request now.
     pub flush_saves: bool,
-    /// With `flush_saves`: the request's `kv_transfer_params`, which may name the receiver
+    /// With `flush_saves`, or when they carry a PD id (`disagg_spec.req_id`): the
+    /// request's `kv_transfer_params`, which may name the receiver
     /// ([`crate::transfer::PdTarget`]).
     pub kv_transfer_params: Option<serde_json::Value>,
     /// The request's prompt length: with `flush_saves`, what a PD decoder is handed (with
@@ -134,6 +135,13 @@ impl RequestTransfer {
     pub fn decoder_tokens(&self) -> usize {
         self.prompt_tokens + usize::from(wants_first_token(self.kv_transfer_params.as_ref()))
     }
+
+    /// The id this request's PD transfer travels under (see [`pd_request_id`]): what a
+    /// prefiller sends and notifies the proxy under, and whose copy a decoder loads. An
+    /// engine that names requests its own way (vLLM) differs from the proxy's id here.
+    pub fn pd_request_id(&self) -> &str {
+        pd_id(&self.request_id, self.kv_transfer_params.as_ref()).0
+    }
 }
 
 /// Whether a request's `kv_transfer_params` ask for the first token (`ret_first_tok`).
@@ -147,13 +155,19 @@ pub(crate) fn wants_first_token(params: Option<&serde_json::Value>) -> bool {
 /// The id a PD transfer for this request travels under: the proxy's
 /// `kv_transfer_params.disagg_spec.req_id` when present, else the engine's request id.
 pub(crate) fn pd_request_id<'a>(request: &RequestView<'a>) -> (&'a str, RequestIdScope) {
-    request
-        .kv_transfer_params
+    pd_id(request.id, request.kv_transfer_params)
+}
+
+fn pd_id<'a>(
+    id: &'a str,
+    kv_transfer_params: Option<&'a serde_json::Value>,
+) -> (&'a str, RequestIdScope) {
+    kv_transfer_params
         .and_then(|p| p.get("disagg_spec"))
         .and_then(|spec| spec.get("req_id"))
         .and_then(serde_json::Value::as_str)
-        .map_or((request.id, RequestIdScope::Local), |id| {
-            (id, RequestIdScope::Shared)
+        .map_or((id, RequestIdScope::Local), |pd| {
+            (pd, RequestIdScope::Shared)
         })
 }
 
@@ -174,6 +188,9 @@ impl ConnectorMetadata {
         flush_saves: bool,
     ) {
         if !loads.is_empty() || !saves.is_empty() || flush_saves {
+            // A proxy's PD id (`disagg_spec.req_id`) names each of the request's sends and
+            // loads; the rest of the params matter with `flush_saves` only.
+            let pd = pd_request_id(&scheduled.request).1 == RequestIdScope::Shared;
             self.requests.push(RequestTransfer {
                 request_id: scheduled.request.id.to_string(),
                 block_ids: scheduled.block_ids.to_vec(),
@@ -181,7 +198,7 @@ impl ConnectorMetadata {
                 loads,
                 saves,
                 flush_saves,
-                kv_transfer_params: flush_saves
+                kv_transfer_params: (flush_saves || pd)
                     .then(|| scheduled.request.kv_transfer_params.cloned())
                     .flatten(),
                 prompt_tokens: scheduled.request.num_prompt_tokens,
@@ -241,4 +258,47 @@ pub(crate) fn windows_from(from: usize, len: usize, chunk_size: usize) -> Vec<Ch
             skip_leading: from.saturating_sub(start),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::CacheKey;
+    use crate::plan::ChunkWindow;
+    use crate::KvDtype;
+
+    /// An engine that names requests its own way (vLLM's `cmpl-...`) still sends and loads
+    /// a PD request under the proxy's `disagg_spec.req_id`, on every step with work.
+    #[test]
+    fn pd_transfers_travel_under_the_proxys_id() {
+        let params = serde_json::json!({"disagg_spec": {"req_id": "pd-42"}});
+        let tokens = [1u32; 300];
+        let chunk = ChunkTransfer {
+            key: CacheKey::new("/m", 1, 0, 7, KvDtype::F32).unwrap(),
+            window: ChunkWindow {
+                start: 0,
+                tokens: 256,
+                skip_leading: 0,
+            },
+        };
+        let mut meta = ConnectorMetadata::default();
+        for params in [Some(&params), None] {
+            let scheduled = ScheduledRequest {
+                request: RequestView {
+                    id: "cmpl-1-0",
+                    tokens: &tokens,
+                    num_prompt_tokens: 300,
+                    kv_transfer_params: params,
+                },
+                block_ids: &[1, 2, 3],
+                num_computed_tokens: 256,
+            };
+            // A load, not the prompt's last step.
+            meta.push(&scheduled, vec![chunk.clone()], false, vec![], false);
+        }
+        assert_eq!(meta.requests[0].pd_request_id(), "pd-42");
+        assert_eq!(meta.requests[0].kv_transfer_params.as_ref(), Some(&params));
+        assert_eq!(meta.requests[1].pd_request_id(), "cmpl-1-0");
+        assert_eq!(meta.requests[1].kv_transfer_params, None);
+    }
 }

@@ -280,7 +280,7 @@ impl KvWorker {
             stats.saved_bytes += buffer.len();
             match self.pd_sink.as_mut() {
                 Some(sink) => sink.add(
-                    &request.request_id,
+                    request.pd_request_id(),
                     save.key.clone(),
                     meta,
                     buffer,
@@ -291,8 +291,8 @@ impl KvWorker {
         }
         if let (true, Some(sink)) = (request.flush_saves, self.pd_sink.as_mut()) {
             let target = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref());
-            let sent =
-                target.and_then(|t| sink.flush(&request.request_id, t, request.decoder_tokens()));
+            let sent = target
+                .and_then(|t| sink.flush(request.pd_request_id(), t, request.decoder_tokens()));
             match sent {
                 Ok(sent) => {
                     stats.pd_skipped_chunks = sent.map_or(0, |s| s.skipped_chunks);
@@ -396,7 +396,7 @@ impl LoadContext {
             let expected = self.spec.chunk_bytes(load.window.tokens);
             match self
                 .tiers
-                .get_for_request(&load.key, fingerprint, &request.request_id)
+                .get_for_request(&load.key, fingerprint, request.pd_request_id())
             {
                 Some(chunk)
                     if chunk.data.len() == expected

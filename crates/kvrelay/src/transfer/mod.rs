@@ -378,6 +378,9 @@ pub struct PdConfig {
     pub buffer_size: u64,
     /// Geometry of a chunk: `spec.chunk_bytes(tokens)` is a chunk's length.
     pub spec: KvCacheSpec,
+    /// The engine's cache moves as opaque blocks packed this way (vLLM CPU); `None` for
+    /// token-addressable layouts. Decides [`PdConfig::chunk_fingerprint`].
+    pub block_packing: Option<crate::layout::BlockPacking>,
     /// `chunk_size`, tokens per full chunk.
     pub chunk_size: usize,
     /// How this engine names chunks; a receiver refuses senders that differ.
@@ -449,6 +452,16 @@ fn check_buffer_device(channel: ChannelKind, device: Option<&str>) -> Result<(),
 }
 
 impl PdConfig {
+    /// The layout fingerprint every chunk sent or received must carry: `spec`'s, or with
+    /// `block_packing` the opaque-block layout's
+    /// ([`crate::layout::KvLayout::chunk_fingerprint`] of the engine's cache).
+    pub fn chunk_fingerprint(&self) -> u64 {
+        match self.block_packing {
+            Some(packing) => crate::layout::opaque_blocks_fingerprint(&self.spec, packing),
+            None => self.spec.chunk_fingerprint(),
+        }
+    }
+
     /// Reads the `pd_*` keys, `transfer_channel` and `chunk_size` of a validated config;
     /// `keys` is how this engine derives chunk keys (its chunk size and dtype must be the
     /// config's and `spec`'s). `skip_last_n_tokens` starts at 0 (a sender's value is unused).
@@ -489,6 +502,7 @@ impl PdConfig {
             channel,
             buffer_size,
             spec: *spec,
+            block_packing: None,
             chunk_size: cfg.chunk_size,
             keys,
             skip_last_n_tokens: 0,

@@ -103,7 +103,7 @@ impl PdReceiver {
         let inner = Arc::new(Inner {
             config: config.clone(),
             rank,
-            fingerprint: config.spec.chunk_fingerprint(),
+            fingerprint: config.chunk_fingerprint(),
             buffer,
             server,
             sessions: Mutex::new(HashMap::new()),

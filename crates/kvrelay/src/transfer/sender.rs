@@ -185,7 +185,7 @@ impl PdSender {
                 format!("{} chunks; a request has 1..={MAX_CHUNKS}", chunks.len()),
             ));
         }
-        let fingerprint = self.config.spec.chunk_fingerprint();
+        let fingerprint = self.config.chunk_fingerprint();
         let mut decls = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
             let (key, meta, data) = (chunk.key, &chunk.meta, chunk.data);
@@ -295,7 +295,7 @@ impl Link {
             rank,
             channel: cfg.channel,
             page_size: page_size as u64,
-            fingerprint: cfg.spec.chunk_fingerprint(),
+            fingerprint: cfg.chunk_fingerprint(),
             keys: cfg.keys.clone(),
             nonce: sender_nonce,
         };
