@@ -62,7 +62,7 @@ impl Setup {
             "layout": self.kind.name(),
             "tokens": self.windows.iter().map(|w| w.tokens).sum::<usize>(),
             "bytes": self.gather.total_bytes(),
-            "runs": self.gather.runs().len(),
+            "runs": self.gather.num_runs(),
             "plan_build_ms": (self.plan_ms * 1000.0).round() / 1000.0,
             "device": device,
         })

@@ -9,6 +9,7 @@
 #[cfg(feature = "ascend")]
 pub mod ascend;
 mod host;
+mod kernel;
 #[cfg(feature = "rbln")]
 pub mod rbln;
 #[cfg(any(feature = "rbln", feature = "ascend"))]
