@@ -573,10 +573,175 @@ pub fn paged_to_paged(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dtype::KvDtype;
     use crate::layout::{AttentionKind, LayoutKind};
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+
+    /// A random request on a random small cache: any layout, odd block sizes and counts,
+    /// units from 1 to 512 bytes, scattered blocks, windows that start inside blocks and
+    /// skip leading tokens.
+    pub(crate) fn random_request(rng: &mut impl Rng) -> (KvLayout, Vec<u32>, Vec<ChunkWindow>) {
+        let kind = LayoutKind::ALL[rng.gen_range(0..LayoutKind::ALL.len())];
+        let attention = match kind {
+            LayoutKind::Mla => AttentionKind::Mla,
+            LayoutKind::Fused(_) if rng.gen_bool(0.3) => AttentionKind::Mla,
+            _ => AttentionKind::Mha,
+        };
+        let spec = KvCacheSpec {
+            num_layers: rng.gen_range(1..=3),
+            num_kv_heads: match attention {
+                AttentionKind::Mla => 1,
+                AttentionKind::Mha => rng.gen_range(1..=5),
+            },
+            head_size: [1, 4, 40, 64, 128][rng.gen_range(0..5)],
+            dtype: [KvDtype::Int8, KvDtype::Bf16, KvDtype::F32][rng.gen_range(0..3)],
+            block_size: rng.gen_range(1..=7),
+            num_blocks: rng.gen_range(1..=9),
+            attention,
+        };
+        let layout = KvLayout::new(spec, kind).unwrap();
+        let mut blocks: Vec<u32> = (0..spec.num_blocks as u32).collect();
+        blocks.shuffle(rng);
+        let tokens = rng.gen_range(1..=spec.num_blocks * spec.block_size);
+        let mut windows = Vec::new();
+        let mut start = 0;
+        while start < tokens {
+            let len = rng.gen_range(1..=tokens - start);
+            let skip_leading = if rng.gen_bool(0.3) {
+                rng.gen_range(0..=len)
+            } else {
+                0
+            };
+            windows.push(window(start, len, skip_leading));
+            start += len;
+        }
+        (layout, blocks, windows)
+    }
+
+    /// The plan as the planner once built it: one push per (token, head), each merged into
+    /// the previous run where both sides continue it.
+    fn unit_by_unit(units: impl Iterator<Item = CopyRun>) -> Vec<CopyRun> {
+        let mut runs: Vec<CopyRun> = Vec::new();
+        for run in units {
+            match runs.last_mut() {
+                Some(last) if last.continued_by(&run) => last.len += run.len,
+                _ => runs.push(run),
+            }
+        }
+        runs
+    }
+
+    #[test]
+    fn tiles_hold_the_runs_of_a_unit_by_unit_plan() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(15);
+        for case in 0..400 {
+            let (layout, blocks, windows) = random_request(&mut rng);
+            let spec = *layout.spec();
+            let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+            let (layout_ref, blocks_ref) = (&layout, &blocks);
+            let units = windows.iter().enumerate().flat_map(|(chunk, w)| {
+                (0..spec.kv_planes() * spec.num_layers).flat_map(move |pl| {
+                    let (plane, layer) = (pl / spec.num_layers, pl % spec.num_layers);
+                    (w.skip_leading..w.tokens).flat_map(move |t| {
+                        let token = w.start + t;
+                        let (block, slot) = (
+                            blocks_ref[token / spec.block_size] as usize,
+                            token % spec.block_size,
+                        );
+                        (0..spec.num_kv_heads).map(move |head| {
+                            let at = layout_ref.locate(layer, plane, block, slot, head);
+                            CopyRun {
+                                src_buffer: at.buffer as u32,
+                                src_offset: at.offset,
+                                dst_buffer: chunk as u32,
+                                dst_offset: (pl * w.tokens + t) * spec.row_bytes()
+                                    + head * spec.head_bytes(),
+                                len: spec.head_bytes(),
+                            }
+                        })
+                    })
+                })
+            });
+            let expected = unit_by_unit(units);
+            let what = format!("case {case}: {} {spec:?} {windows:?}", layout.kind());
+            assert_eq!(plan.num_runs(), expected.len(), "{what}");
+            assert_eq!(plan.runs(), &expected[..], "{what}");
+            let moved: usize = expected.iter().map(|r| r.len).sum();
+            assert_eq!(plan.total_bytes(), moved, "{what}");
+            for (i, extent) in plan.src_extents().iter().enumerate() {
+                let end = expected.iter().filter(|r| r.src_buffer as usize == i);
+                let end = end.map(|r| r.src_offset + r.len).max().unwrap_or(0);
+                assert_eq!(*extent, end, "{what}");
+            }
+            let inverse = plan.inverse();
+            assert_eq!(inverse.num_runs(), expected.len(), "{what}");
+            assert_eq!(inverse.runs().len(), expected.len(), "{what}");
+
+            // The same request into another layout with another block size and table.
+            let mut other_spec = spec;
+            other_spec.block_size = rng.gen_range(1..=7);
+            other_spec.num_blocks = spec.num_blocks * spec.block_size;
+            let kinds = LayoutKind::ALL.iter();
+            let kinds: Vec<_> = kinds.filter(|k| KvLayout::new(other_spec, **k).is_ok()).collect();
+            let other = KvLayout::new(other_spec, *kinds[rng.gen_range(0..kinds.len())]).unwrap();
+            let mut other_blocks: Vec<u32> = (0..other_spec.num_blocks as u32).collect();
+            other_blocks.shuffle(&mut rng);
+            let tokens = windows[0].start..windows.last().map_or(0, |w| w.start + w.tokens);
+            let tokens = rng.gen_range(0..=tokens.end)..tokens.end;
+            let plan = paged_to_paged(&layout, &blocks, &other, &other_blocks, tokens.clone())
+                .unwrap();
+            let units = (0..spec.kv_planes() * spec.num_layers).flat_map(|pl| {
+                let (plane, layer) = (pl / spec.num_layers, pl % spec.num_layers);
+                let (layout, other, blocks, other_blocks) = (&layout, &other, &blocks, &other_blocks);
+                tokens.clone().flat_map(move |t| {
+                    (0..spec.num_kv_heads).map(move |head| {
+                        let slot = |bs: usize, ids: &[u32]| (ids[t / bs] as usize, t % bs);
+                        let (b, s) = slot(spec.block_size, blocks);
+                        let from = layout.locate(layer, plane, b, s, head);
+                        let (b, s) = slot(other_spec.block_size, other_blocks);
+                        let to = other.locate(layer, plane, b, s, head);
+                        CopyRun {
+                            src_buffer: from.buffer as u32,
+                            src_offset: from.offset,
+                            dst_buffer: to.buffer as u32,
+                            dst_offset: to.offset,
+                            len: spec.head_bytes(),
+                        }
+                    })
+                })
+            });
+            let expected = unit_by_unit(units);
+            let what = format!("{what} into {} {other_spec:?} {tokens:?}", other.kind());
+            assert_eq!(plan.num_runs(), expected.len(), "{what}");
+            assert_eq!(plan.runs(), &expected[..], "{what}");
+        }
+    }
+
+    /// A request's plan is one tile per (chunk, plane, layer, block) at most, whatever the
+    /// layout: building it costs nothing per token or head.
+    #[test]
+    fn a_plan_holds_a_tile_per_block_at_most() {
+        let spec = KvCacheSpec {
+            num_layers: 4,
+            num_kv_heads: 8,
+            head_size: 128,
+            dtype: KvDtype::Bf16,
+            block_size: 16,
+            num_blocks: 64,
+            attention: AttentionKind::Mha,
+        };
+        let blocks: Vec<u32> = (0..32).map(|i| (i * 37 + 5) % 64).collect();
+        let windows: Vec<_> = (0..4).map(|i| window(i * 128, 128, 0)).collect();
+        for kind in LayoutKind::ALL.into_iter().filter(|k| *k != LayoutKind::Mla) {
+            let layout = KvLayout::new(spec, kind).unwrap();
+            let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+            assert!(plan.tiles().len() <= 2 * 4 * 32, "{kind}: {}", plan.tiles().len());
+            assert_eq!(plan.total_bytes(), spec.chunk_bytes(512), "{kind}");
+        }
+    }
 
     fn layout(kind: LayoutKind) -> KvLayout {
         let spec = KvCacheSpec {

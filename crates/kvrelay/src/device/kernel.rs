@@ -234,3 +234,142 @@ mod x86 {
         unsafe { walk::<Streamed<Avx2>>(tiles, src, dst) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::device::stream::stream_fence;
+    use crate::dtype::KvDtype;
+    use crate::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
+    use crate::plan::tests::random_request;
+    use crate::plan::{paged_to_chunks, ChunkWindow, CopyPlan};
+
+    /// Buffers of the given sizes starting `shift` bytes past a 64-byte boundary, so the
+    /// kernels meet unaligned heads and tails.
+    struct Shifted {
+        storage: Vec<Vec<u8>>,
+        shift: usize,
+    }
+
+    impl Shifted {
+        fn new(lens: &[usize], shift: usize, fill: impl Fn(usize, usize) -> u8) -> Self {
+            let storage = lens
+                .iter()
+                .enumerate()
+                .map(|(b, &len)| {
+                    let mut v = vec![0u8; len + shift + 64];
+                    let at = v.as_ptr().align_offset(64) + shift;
+                    v[at..at + len].iter_mut().enumerate().for_each(|(i, x)| *x = fill(b, i));
+                    v
+                })
+                .collect();
+            Shifted { storage, shift }
+        }
+
+        fn slices(&self) -> Vec<&[u8]> {
+            let at = |v: &Vec<u8>| v.as_ptr().align_offset(64) + self.shift;
+            self.storage.iter().map(|v| &v[at(v)..v.len() + at(v) - self.shift - 64]).collect()
+        }
+
+        fn ptrs(&mut self) -> Vec<*mut u8> {
+            let shift = self.shift;
+            let at = |v: &Vec<u8>| v.as_ptr().align_offset(64) + shift;
+            self.storage
+                .iter_mut()
+                .map(|v| {
+                    let start = at(v);
+                    v[start..].as_mut_ptr()
+                })
+                .collect()
+        }
+    }
+
+    /// The plain run-by-run copy every kernel must match.
+    fn run_by_run(plan: &CopyPlan, src: &[&[u8]], dst: &mut [Vec<u8>]) {
+        for run in plan.runs() {
+            dst[run.dst_buffer as usize][run.dst_offset..][..run.len]
+                .copy_from_slice(&src[run.src_buffer as usize][run.src_offset..][..run.len]);
+        }
+    }
+
+    /// Gathers `plan` with `kernel` from `paged` into fresh chunk buffers shifted by
+    /// `shift`, scatters it back into fresh zeroed engine buffers, and checks both against
+    /// the run-by-run copy, byte for byte.
+    fn check(kernel: Kernel, plan: &CopyPlan, paged: &Shifted, shift: usize, what: &str) {
+        let chunk_lens = plan.dst_extents().to_vec();
+        let mut chunks = Shifted::new(&chunk_lens, shift, |_, _| 0xee);
+        let mut expected: Vec<Vec<u8>> = chunk_lens.iter().map(|&n| vec![0xee; n]).collect();
+        run_by_run(plan, &paged.slices(), &mut expected);
+        let src: Vec<*const u8> = paged.slices().iter().map(|s| s.as_ptr()).collect();
+        // SAFETY: the plan's extents fit these buffers (they are sized from them), the
+        // buffers are distinct allocations, and `kernel` comes from Kernel::available.
+        unsafe { copy_tiles(kernel, plan.tiles(), &src, &chunks.ptrs()) };
+        stream_fence();
+        let got: Vec<Vec<u8>> = chunks.slices().iter().map(|s| s.to_vec()).collect();
+        assert!(got == expected, "{kernel:?} gather, {what}");
+
+        let scatter = plan.inverse();
+        let engine_lens: Vec<usize> = paged.slices().iter().map(|s| s.len()).collect();
+        let mut restored = Shifted::new(&engine_lens, paged.shift, |_, _| 0);
+        let mut expected: Vec<Vec<u8>> = engine_lens.iter().map(|&n| vec![0; n]).collect();
+        run_by_run(&scatter, &chunks.slices(), &mut expected);
+        let src: Vec<*const u8> = chunks.slices().iter().map(|s| s.as_ptr()).collect();
+        // SAFETY: as above, for the inverse plan.
+        unsafe { copy_tiles(kernel, scatter.tiles(), &src, &restored.ptrs()) };
+        stream_fence();
+        let got: Vec<Vec<u8>> = restored.slices().iter().map(|s| s.to_vec()).collect();
+        assert!(got == expected, "{kernel:?} scatter, {what}");
+    }
+
+    #[test]
+    fn every_kernel_matches_the_run_by_run_copy() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x15);
+        for case in 0..300 {
+            let (layout, blocks, windows) = random_request(&mut rng);
+            let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+            let lens = vec![layout.buffer_bytes(); layout.num_buffers()];
+            let paged_shift = rng.gen_range(0..64);
+            let paged = Shifted::new(&lens, paged_shift, |b, i| (i * 7 + i / 251 + b) as u8);
+            let shift = rng.gen_range(0..64);
+            for kernel in Kernel::available() {
+                let what = format!("case {case}: {} {:?} {windows:?}", layout.kind(), layout.spec());
+                check(kernel, &plan, &paged, shift, &what);
+            }
+        }
+    }
+
+    /// Llama-sized heads (256-byte units in 32 KiB head-major tiles), an odd number of
+    /// scattered blocks, a window starting mid-block, and adjacent blocks that merge into
+    /// contiguous runs over 64 KiB (which prefetch inside themselves).
+    #[test]
+    fn every_kernel_matches_on_large_tiles() {
+        let spec = KvCacheSpec {
+            num_layers: 2,
+            num_kv_heads: 8,
+            head_size: 128,
+            dtype: KvDtype::Bf16,
+            block_size: 16,
+            num_blocks: 23,
+            attention: AttentionKind::Mha,
+        };
+        let blocks: Vec<u32> = [4, 5, 6, 7, 8, 9, 0, 17, 3, 22, 11].to_vec();
+        let windows = [
+            ChunkWindow { start: 0, tokens: 100, skip_leading: 3 },
+            ChunkWindow { start: 100, tokens: 75, skip_leading: 0 },
+        ];
+        for kind in [LayoutKind::FlashAttnNhd, LayoutKind::FlashAttnHnd, LayoutKind::RblnKvFirst]
+        {
+            let layout = KvLayout::new(spec, kind).unwrap();
+            let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+            let lens = vec![layout.buffer_bytes(); layout.num_buffers()];
+            let paged = Shifted::new(&lens, 0, |b, i| (i * 13 + i / 509 + b) as u8);
+            for kernel in Kernel::available() {
+                for shift in [0, 16, 33] {
+                    check(kernel, &plan, &paged, shift, &format!("{kind} shift {shift}"));
+                }
+            }
+        }
+    }
+}
