@@ -2,7 +2,7 @@
 //!
 //! A head-major layout's block is a tile of tokens × heads whose units are a few hundred
 //! bytes; copied as millions of separate runs, the per-run work costs as much as the memory
-//! traffic. The kernel walks each tile in place, writing the destination in address order
+//! traffic. The kernel walks each tile in place, reading the source in address order
 //! with wide loads and, for plans larger than the cache, non-temporal stores of whole
 //! lines. While it copies one tile it prefetches the next tile's source at the same
 //! position, so the jump to a scattered block does not stall. The widest instructions the
@@ -124,12 +124,14 @@ unsafe fn walk<U: UnitCopy>(tiles: &[CopyTile], src: &[*const u8], dst: &[*mut u
             }
             _ => s.wrapping_add(PREFETCH_AHEAD),
         };
-        // Write the destination in address order: columns outer where they are the
-        // destination's wide stride (a scatter into a head-major block).
+        // Read the source in address order: columns outer where they are the source's wide
+        // stride (a gather from a head-major block). Measured on the bench machine (AMD
+        // EPYC, 32 KiB tiles of 256-byte units, next tile prefetched): source order ran at
+        // 1.3-1.5x one memcpy, destination order at 0.97-1.05x.
         let [mut src_outer, mut src_inner] = tile.src_strides;
         let [mut dst_outer, mut dst_inner] = tile.dst_strides;
         let (mut outer, mut inner) = (tile.rows, tile.cols);
-        if dst_outer == tile.unit && dst_inner != tile.unit {
+        if src_outer == tile.unit && src_inner != tile.unit {
             std::mem::swap(&mut src_outer, &mut src_inner);
             std::mem::swap(&mut dst_outer, &mut dst_inner);
             std::mem::swap(&mut outer, &mut inner);
@@ -150,7 +152,7 @@ unsafe fn walk<U: UnitCopy>(tiles: &[CopyTile], src: &[*const u8], dst: &[*mut u
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m256i, _mm256_loadu_si256, _mm256_stream_si256, _mm_prefetch, _MM_HINT_NTA,
+        __m256i, _mm256_loadu_si256, _mm256_stream_si256, _mm_prefetch, _MM_HINT_T0,
     };
     use std::marker::PhantomData;
 
@@ -212,7 +214,7 @@ mod x86 {
                 // is 64-byte aligned; the prefetch is a hint that never faults, its address
                 // computed with wrapping_add.
                 unsafe {
-                    _mm_prefetch::<_MM_HINT_NTA>(prefetch.wrapping_add(done) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(prefetch.wrapping_add(done) as *const i8);
                     L::line(dst.add(done), src.add(done));
                 }
                 done += LINE;
