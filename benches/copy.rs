@@ -33,7 +33,9 @@ fn copy(c: &mut Criterion) {
     let device = HostDevice;
     let bytes = spec.chunk_bytes(tokens);
     let mut group = c.benchmark_group("copy");
-    group.sample_size(10).throughput(Throughput::Bytes(bytes as u64));
+    group
+        .sample_size(10)
+        .throughput(Throughput::Bytes(bytes as u64));
     for kind in [
         LayoutKind::FlashAttnNhd,
         LayoutKind::FlashAttnHnd,

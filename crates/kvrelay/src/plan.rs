@@ -337,9 +337,10 @@ struct PlanBuilder {
 }
 
 impl PlanBuilder {
-    fn new(src_buffers: usize, dst_buffers: usize) -> Self {
+    /// A builder for at most `tiles` tiles, allocated once.
+    fn new(src_buffers: usize, dst_buffers: usize, tiles: usize) -> Self {
         PlanBuilder {
-            tiles: Vec::new(),
+            tiles: Vec::with_capacity(tiles),
             num_runs: 0,
             src_extents: vec![0; src_buffers],
             dst_extents: vec![0; dst_buffers],
@@ -497,7 +498,13 @@ pub fn paged_to_chunks(
     let table = BlockTable::new(layout, block_ids, last_token)?;
     // In a chunk, a token's heads follow each other and so do a (plane, layer)'s tokens.
     let chunk_strides = [spec.row_bytes(), spec.head_bytes()];
-    let mut plan = PlanBuilder::new(layout.num_buffers(), windows.len());
+    // A window's tokens touch at most one block more than they fill.
+    let pieces: usize = windows
+        .iter()
+        .map(|w| (w.tokens - w.skip_leading).div_ceil(spec.block_size) + 1)
+        .sum();
+    let planes_layers = spec.kv_planes() * spec.num_layers;
+    let mut plan = PlanBuilder::new(layout.num_buffers(), windows.len(), pieces * planes_layers);
     for (chunk, w) in windows.iter().enumerate() {
         for plane in 0..spec.kv_planes() {
             for layer in 0..spec.num_layers {
@@ -547,7 +554,11 @@ pub fn paged_to_paged(
     }
     let src_table = BlockTable::new(src, src_block_ids, tokens.end)?;
     let dst_table = BlockTable::new(dst, dst_block_ids, tokens.end)?;
-    let mut plan = PlanBuilder::new(src.num_buffers(), dst.num_buffers());
+    // Each block boundary of either table starts a piece.
+    let len = tokens.len();
+    let pieces = len.div_ceil(spec.block_size) + len.div_ceil(dst.spec().block_size) + 1;
+    let planes_layers = spec.kv_planes() * spec.num_layers;
+    let mut plan = PlanBuilder::new(src.num_buffers(), dst.num_buffers(), pieces * planes_layers);
     for plane in 0..spec.kv_planes() {
         for layer in 0..spec.num_layers {
             for (t, rows) in block_pieces(&[&src_table, &dst_table], tokens.clone()) {
@@ -685,17 +696,20 @@ pub(crate) mod tests {
             other_spec.block_size = rng.gen_range(1..=7);
             other_spec.num_blocks = spec.num_blocks * spec.block_size;
             let kinds = LayoutKind::ALL.iter();
-            let kinds: Vec<_> = kinds.filter(|k| KvLayout::new(other_spec, **k).is_ok()).collect();
+            let kinds: Vec<_> = kinds
+                .filter(|k| KvLayout::new(other_spec, **k).is_ok())
+                .collect();
             let other = KvLayout::new(other_spec, *kinds[rng.gen_range(0..kinds.len())]).unwrap();
             let mut other_blocks: Vec<u32> = (0..other_spec.num_blocks as u32).collect();
             other_blocks.shuffle(&mut rng);
             let tokens = windows[0].start..windows.last().map_or(0, |w| w.start + w.tokens);
             let tokens = rng.gen_range(0..=tokens.end)..tokens.end;
-            let plan = paged_to_paged(&layout, &blocks, &other, &other_blocks, tokens.clone())
-                .unwrap();
+            let plan =
+                paged_to_paged(&layout, &blocks, &other, &other_blocks, tokens.clone()).unwrap();
             let units = (0..spec.kv_planes() * spec.num_layers).flat_map(|pl| {
                 let (plane, layer) = (pl / spec.num_layers, pl % spec.num_layers);
-                let (layout, other, blocks, other_blocks) = (&layout, &other, &blocks, &other_blocks);
+                let (layout, other, blocks, other_blocks) =
+                    (&layout, &other, &blocks, &other_blocks);
                 tokens.clone().flat_map(move |t| {
                     (0..spec.num_kv_heads).map(move |head| {
                         let slot = |bs: usize, ids: &[u32]| (ids[t / bs] as usize, t % bs);
@@ -735,10 +749,17 @@ pub(crate) mod tests {
         };
         let blocks: Vec<u32> = (0..32).map(|i| (i * 37 + 5) % 64).collect();
         let windows: Vec<_> = (0..4).map(|i| window(i * 128, 128, 0)).collect();
-        for kind in LayoutKind::ALL.into_iter().filter(|k| *k != LayoutKind::Mla) {
+        for kind in LayoutKind::ALL
+            .into_iter()
+            .filter(|k| *k != LayoutKind::Mla)
+        {
             let layout = KvLayout::new(spec, kind).unwrap();
             let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
-            assert!(plan.tiles().len() <= 2 * 4 * 32, "{kind}: {}", plan.tiles().len());
+            assert!(
+                plan.tiles().len() <= 2 * 4 * 32,
+                "{kind}: {}",
+                plan.tiles().len()
+            );
             assert_eq!(plan.total_bytes(), spec.chunk_bytes(512), "{kind}");
         }
     }

@@ -215,7 +215,14 @@ impl Device for HostDevice {
         // SAFETY: check_gather proved every tile's units inside the regions, which
         // EngineMemory's contract makes valid host memory not written during the copy, and
         // inside the host buffers, distinct &mut slices that cannot overlap the regions.
-        unsafe { copy_tiles(Kernel::for_plan(plan.total_bytes()), plan.tiles(), &src, &dst) };
+        unsafe {
+            copy_tiles(
+                Kernel::for_plan(plan.total_bytes()),
+                plan.tiles(),
+                &src,
+                &dst,
+            )
+        };
         stream_fence();
         Ok(PendingCopy::done())
     }
@@ -233,7 +240,14 @@ impl Device for HostDevice {
         // SAFETY: check_scatter proved every tile's units inside the host buffers and the
         // regions, which EngineMemory's contract makes valid, unaliased host memory during
         // the copy; the host buffers are shared slices of other memory.
-        unsafe { copy_tiles(Kernel::for_plan(plan.total_bytes()), plan.tiles(), &src, &dst) };
+        unsafe {
+            copy_tiles(
+                Kernel::for_plan(plan.total_bytes()),
+                plan.tiles(),
+                &src,
+                &dst,
+            )
+        };
         stream_fence();
         Ok(PendingCopy::done())
     }

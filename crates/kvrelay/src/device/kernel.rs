@@ -138,10 +138,7 @@ unsafe fn walk<U: UnitCopy>(tiles: &[CopyTile], src: &[*const u8], dst: &[*mut u
         }
         for o in 0..outer {
             for n in 0..inner {
-                let (sx, dx) = (
-                    o * src_outer + n * src_inner,
-                    o * dst_outer + n * dst_inner,
-                );
+                let (sx, dx) = (o * src_outer + n * src_inner, o * dst_outer + n * dst_inner);
                 // SAFETY: unit (o, n) (or (n, o)) lies in both buffers, per the caller.
                 unsafe { U::copy(d.add(dx), s.add(sx), tile.unit, ahead.wrapping_add(sx)) };
             }
@@ -263,7 +260,10 @@ mod tests {
                 .map(|(b, &len)| {
                     let mut v = vec![0u8; len + shift + 64];
                     let at = v.as_ptr().align_offset(64) + shift;
-                    v[at..at + len].iter_mut().enumerate().for_each(|(i, x)| *x = fill(b, i));
+                    v[at..at + len]
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, x)| *x = fill(b, i));
                     v
                 })
                 .collect();
@@ -272,7 +272,10 @@ mod tests {
 
         fn slices(&self) -> Vec<&[u8]> {
             let at = |v: &Vec<u8>| v.as_ptr().align_offset(64) + self.shift;
-            self.storage.iter().map(|v| &v[at(v)..v.len() + at(v) - self.shift - 64]).collect()
+            self.storage
+                .iter()
+                .map(|v| &v[at(v)..v.len() + at(v) - self.shift - 64])
+                .collect()
         }
 
         fn ptrs(&mut self) -> Vec<*mut u8> {
@@ -336,7 +339,11 @@ mod tests {
             let paged = Shifted::new(&lens, paged_shift, |b, i| (i * 7 + i / 251 + b) as u8);
             let shift = rng.gen_range(0..64);
             for kernel in Kernel::available() {
-                let what = format!("case {case}: {} {:?} {windows:?}", layout.kind(), layout.spec());
+                let what = format!(
+                    "case {case}: {} {:?} {windows:?}",
+                    layout.kind(),
+                    layout.spec()
+                );
                 check(kernel, &plan, &paged, shift, &what);
             }
         }
@@ -358,18 +365,35 @@ mod tests {
         };
         let blocks: Vec<u32> = [4, 5, 6, 7, 8, 9, 0, 17, 3, 22, 11].to_vec();
         let windows = [
-            ChunkWindow { start: 0, tokens: 100, skip_leading: 3 },
-            ChunkWindow { start: 100, tokens: 75, skip_leading: 0 },
+            ChunkWindow {
+                start: 0,
+                tokens: 100,
+                skip_leading: 3,
+            },
+            ChunkWindow {
+                start: 100,
+                tokens: 75,
+                skip_leading: 0,
+            },
         ];
-        for kind in [LayoutKind::FlashAttnNhd, LayoutKind::FlashAttnHnd, LayoutKind::RblnKvFirst]
-        {
+        for kind in [
+            LayoutKind::FlashAttnNhd,
+            LayoutKind::FlashAttnHnd,
+            LayoutKind::RblnKvFirst,
+        ] {
             let layout = KvLayout::new(spec, kind).unwrap();
             let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
             let lens = vec![layout.buffer_bytes(); layout.num_buffers()];
             let paged = Shifted::new(&lens, 0, |b, i| (i * 13 + i / 509 + b) as u8);
             for kernel in Kernel::available() {
                 for shift in [0, 16, 33] {
-                    check(kernel, &plan, &paged, shift, &format!("{kind} shift {shift}"));
+                    check(
+                        kernel,
+                        &plan,
+                        &paged,
+                        shift,
+                        &format!("{kind} shift {shift}"),
+                    );
                 }
             }
         }

@@ -111,7 +111,9 @@ mod tests {
                 ] {
                     let mut dst = vec![0u8; 4100];
                     // SAFETY: both ranges are in bounds of distinct vectors.
-                    unsafe { stream_copy(dst.as_mut_ptr().add(dst_shift), src.as_ptr().add(3), len) };
+                    unsafe {
+                        stream_copy(dst.as_mut_ptr().add(dst_shift), src.as_ptr().add(3), len)
+                    };
                     stream_fence();
                     let what = format!("{name} shift {dst_shift} len {len}");
                     assert_eq!(&dst[dst_shift..dst_shift + len], &src[3..3 + len], "{what}");
