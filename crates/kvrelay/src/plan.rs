@@ -591,6 +591,19 @@ pub(crate) mod tests {
     use rand::seq::SliceRandom;
     use rand::Rng;
 
+    /// Llama-3-8B's KV heads (8 of 128 bf16 elements: 256-byte units), blocks of 16 tokens.
+    pub(crate) fn llama_spec(num_layers: usize, num_blocks: usize) -> KvCacheSpec {
+        KvCacheSpec {
+            num_layers,
+            num_kv_heads: 8,
+            head_size: 128,
+            dtype: KvDtype::Bf16,
+            block_size: 16,
+            num_blocks,
+            attention: AttentionKind::Mha,
+        }
+    }
+
     /// A random request on a random small cache: any layout, odd block sizes and counts,
     /// units from 1 to 512 bytes, scattered blocks, windows that start inside blocks and
     /// skip leading tokens.
@@ -738,15 +751,7 @@ pub(crate) mod tests {
     /// layout: building it costs nothing per token or head.
     #[test]
     fn a_plan_holds_a_tile_per_block_at_most() {
-        let spec = KvCacheSpec {
-            num_layers: 4,
-            num_kv_heads: 8,
-            head_size: 128,
-            dtype: KvDtype::Bf16,
-            block_size: 16,
-            num_blocks: 64,
-            attention: AttentionKind::Mha,
-        };
+        let spec = llama_spec(4, 64);
         let blocks: Vec<u32> = (0..32).map(|i| (i * 37 + 5) % 64).collect();
         let windows: Vec<_> = (0..4).map(|i| window(i * 128, 128, 0)).collect();
         for kind in LayoutKind::ALL

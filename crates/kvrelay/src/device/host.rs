@@ -193,6 +193,17 @@ impl HostKvCache {
     }
 }
 
+/// Copies `plan`'s tiles from the buffers at `src` to those at `dst` with the kernel for
+/// its size, then fences the streaming stores so the bytes are visible once it returns.
+///
+/// # Safety
+/// As for [`copy_tiles`] (except the kernel, which this picks).
+unsafe fn copy_plan(plan: &CopyPlan, src: &[*const u8], dst: &[*mut u8]) {
+    // SAFETY: forwarded from the caller; Kernel::for_plan picks a kernel this CPU runs.
+    unsafe { copy_tiles(Kernel::for_plan(plan.total_bytes()), plan.tiles(), src, dst) };
+    stream_fence();
+}
+
 /// Copies plans with the host copy kernel. Copies complete before `start_*` returns.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostDevice;
@@ -215,15 +226,7 @@ impl Device for HostDevice {
         // SAFETY: check_gather proved every tile's units inside the regions, which
         // EngineMemory's contract makes valid host memory not written during the copy, and
         // inside the host buffers, distinct &mut slices that cannot overlap the regions.
-        unsafe {
-            copy_tiles(
-                Kernel::for_plan(plan.total_bytes()),
-                plan.tiles(),
-                &src,
-                &dst,
-            )
-        };
-        stream_fence();
+        unsafe { copy_plan(plan, &src, &dst) };
         Ok(PendingCopy::done())
     }
 
@@ -240,15 +243,7 @@ impl Device for HostDevice {
         // SAFETY: check_scatter proved every tile's units inside the host buffers and the
         // regions, which EngineMemory's contract makes valid, unaliased host memory during
         // the copy; the host buffers are shared slices of other memory.
-        unsafe {
-            copy_tiles(
-                Kernel::for_plan(plan.total_bytes()),
-                plan.tiles(),
-                &src,
-                &dst,
-            )
-        };
-        stream_fence();
+        unsafe { copy_plan(plan, &src, &dst) };
         Ok(PendingCopy::done())
     }
 }
@@ -258,6 +253,7 @@ mod tests {
     use super::*;
     use crate::dtype::KvDtype;
     use crate::layout::{AttentionKind, KvCacheSpec, LayoutKind};
+    use crate::plan::tests::llama_spec;
     use crate::plan::{paged_to_chunks, ChunkWindow};
 
     fn cache() -> Arc<HostKvCache> {
@@ -345,15 +341,7 @@ mod tests {
     #[test]
     fn streaming_gather_and_scatter_round_trip() {
         // 64 blocks of 64 KiB per layer buffer: large enough to take the streaming path.
-        let spec = KvCacheSpec {
-            num_layers: 2,
-            num_kv_heads: 8,
-            head_size: 128,
-            dtype: KvDtype::Bf16,
-            block_size: 16,
-            num_blocks: 64,
-            attention: AttentionKind::Mha,
-        };
+        let spec = llama_spec(2, 64);
         for kind in [LayoutKind::FlashAttnNhd, LayoutKind::FlashAttnHnd] {
             let layout = KvLayout::new(spec, kind).unwrap();
             let (a, b) = (

@@ -240,9 +240,8 @@ mod tests {
 
     use super::*;
     use crate::device::stream::stream_fence;
-    use crate::dtype::KvDtype;
-    use crate::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
-    use crate::plan::tests::random_request;
+    use crate::layout::{KvLayout, LayoutKind};
+    use crate::plan::tests::{llama_spec, random_request};
     use crate::plan::{paged_to_chunks, ChunkWindow, CopyPlan};
 
     /// Buffers of the given sizes starting `shift` bytes past a 64-byte boundary, so the
@@ -354,15 +353,7 @@ mod tests {
     /// contiguous runs over 64 KiB (which prefetch inside themselves).
     #[test]
     fn every_kernel_matches_on_large_tiles() {
-        let spec = KvCacheSpec {
-            num_layers: 2,
-            num_kv_heads: 8,
-            head_size: 128,
-            dtype: KvDtype::Bf16,
-            block_size: 16,
-            num_blocks: 23,
-            attention: AttentionKind::Mha,
-        };
+        let spec = llama_spec(2, 23);
         let blocks: Vec<u32> = [4, 5, 6, 7, 8, 9, 0, 17, 3, 22, 11].to_vec();
         let windows = [
             ChunkWindow {
