@@ -206,7 +206,8 @@ pub struct CopyPlan {
 }
 
 impl CopyPlan {
-    /// The plan's tiles, in plan order; adjacent tiles never form one contiguous run.
+    /// The plan's tiles, in plan order. A contiguous tile that continues the one before it
+    /// on both sides is merged into it; other tiles may still touch at their ends.
     pub fn tiles(&self) -> &[CopyTile] {
         &self.tiles
     }
