@@ -505,6 +505,13 @@ impl KvLayout {
         }
     }
 
+    /// Byte strides, inside one buffer, from a slot of a block to the next slot and from a
+    /// head of a slot to the next head: with [`KvLayout::locate`] of a block's first cell,
+    /// they place every (slot, head) cell of that block.
+    pub fn slot_and_head_strides(&self) -> [usize; 2] {
+        [self.strides.slot, self.strides.head]
+    }
+
     /// True when all heads of one token sit next to each other (NHD-like), so one token's
     /// row is a single contiguous run.
     pub fn heads_contiguous(&self) -> bool {

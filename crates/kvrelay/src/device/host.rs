@@ -4,13 +4,11 @@ use std::alloc::Layout as AllocLayout;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::stream::{
-    prefetch_run, stream_copy, stream_copy_scattered, stream_fence, PREFETCH_AHEAD,
-    STREAMING_THRESHOLD,
-};
+use super::kernel::{copy_tiles, Kernel};
+use super::stream::stream_fence;
 use super::{check_gather, check_scatter, Device, DeviceError, EngineMemory, PendingCopy, Region};
 use crate::layout::KvLayout;
-use crate::plan::{CopyPlan, CopyRun};
+use crate::plan::CopyPlan;
 
 /// Zeroed host memory with a fixed alignment: 4 KiB, or 2 MiB for buffers of 2 MiB and
 /// more, which is what DMA engines and huge pages want.
@@ -195,59 +193,18 @@ impl HostKvCache {
     }
 }
 
-type RawCopy = unsafe fn(*mut u8, *const u8, usize);
-
-/// Streaming stores for plans larger than the cache, plain memcpy for small ones.
-/// `scattered_source`: the runs' sources are scattered blocks, not one sequential buffer.
-fn copy_fn(plan: &CopyPlan, scattered_source: bool) -> RawCopy {
-    unsafe fn memcpy(dst: *mut u8, src: *const u8, len: usize) {
-        // SAFETY: forwarded from the caller, who upholds stream_copy's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
-    }
-    if plan.total_bytes() < STREAMING_THRESHOLD {
-        memcpy
-    } else if scattered_source {
-        stream_copy_scattered
-    } else {
-        stream_copy
-    }
+/// Copies `plan`'s tiles from the buffers at `src` to those at `dst` with the kernel for
+/// its size, then fences the streaming stores so the bytes are visible once it returns.
+///
+/// # Safety
+/// As for [`copy_tiles`] (except the kernel, which this picks).
+unsafe fn copy_plan(plan: &CopyPlan, src: &[*const u8], dst: &[*mut u8]) {
+    // SAFETY: forwarded from the caller; Kernel::for_plan picks a kernel this CPU runs.
+    unsafe { copy_tiles(Kernel::for_plan(plan.total_bytes()), plan.tiles(), src, dst) };
+    stream_fence();
 }
 
-/// Keeps the starts of upcoming runs prefetched [`PREFETCH_AHEAD`] bytes past the end of
-/// the run being copied: the next run for runs of KiBs, several runs ahead for runs of a
-/// few hundred bytes, which are too short to prefetch within.
-struct Lookahead {
-    /// The first run not yet prefetched.
-    next: usize,
-    /// Bytes of the plan from the start of the current run to the start of `next`.
-    distance: usize,
-}
-
-impl Lookahead {
-    fn new() -> Self {
-        Lookahead {
-            next: 0,
-            distance: 0,
-        }
-    }
-
-    /// Call before copying `runs[i]`, with `prefetch` issuing the prefetch of one run's
-    /// start (`prefetch_run`); then [`Lookahead::passed`] after it.
-    fn before(&mut self, runs: &[CopyRun], i: usize, mut prefetch: impl FnMut(&CopyRun)) {
-        let reach = runs[i].len + PREFETCH_AHEAD;
-        while let Some(run) = runs.get(self.next).filter(|_| self.distance < reach) {
-            prefetch(run);
-            self.distance += run.len;
-            self.next += 1;
-        }
-    }
-
-    fn passed(&mut self, run: &CopyRun) {
-        self.distance -= run.len;
-    }
-}
-
-/// Copies plans with memcpy. Copies complete before `start_*` returns.
+/// Copies plans with the host copy kernel. Copies complete before `start_*` returns.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HostDevice;
 
@@ -264,23 +221,12 @@ impl Device for HostDevice {
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = engine.regions();
         check_gather(plan, regions, host)?;
-        let copy = copy_fn(plan, true);
-        let source = |run: &CopyRun| regions[run.src_buffer as usize].addr as *const u8;
-        let runs = plan.runs();
-        let mut lookahead = Lookahead::new();
-        for (i, run) in runs.iter().enumerate() {
-            lookahead.before(runs, i, |r| {
-                prefetch_run(source(r).wrapping_add(r.src_offset), r.len)
-            });
-            let src = source(run);
-            let dst = &mut host[run.dst_buffer as usize][run.dst_offset..][..run.len];
-            // SAFETY: check_gather/check_scatter proved src_offset + len is within the region, which
-            // EngineMemory's contract makes valid host memory not written during the copy;
-            // dst is a distinct &mut slice, so the ranges cannot overlap.
-            unsafe { copy(dst.as_mut_ptr(), src.add(run.src_offset), run.len) };
-            lookahead.passed(run);
-        }
-        stream_fence();
+        let src: Vec<*const u8> = regions.iter().map(|r| r.addr as *const u8).collect();
+        let dst: Vec<*mut u8> = host.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        // SAFETY: check_gather proved every tile's units inside the regions, which
+        // EngineMemory's contract makes valid host memory not written during the copy, and
+        // inside the host buffers, distinct &mut slices that cannot overlap the regions.
+        unsafe { copy_plan(plan, &src, &dst) };
         Ok(PendingCopy::done())
     }
 
@@ -292,17 +238,12 @@ impl Device for HostDevice {
     ) -> Result<PendingCopy<'a>, DeviceError> {
         let regions = engine.regions();
         check_scatter(plan, host, regions)?;
-        // The source is the sequential chunk buffers: stream_copy prefetches across runs.
-        let copy = copy_fn(plan, false);
-        for run in plan.runs() {
-            let src = &host[run.src_buffer as usize][run.src_offset..][..run.len];
-            let dst = regions[run.dst_buffer as usize].addr as *mut u8;
-            // SAFETY: check_gather/check_scatter proved dst_offset + len is within the region, which
-            // EngineMemory's contract makes valid, unaliased host memory during the copy;
-            // src is a shared slice of other memory.
-            unsafe { copy(dst.add(run.dst_offset), src.as_ptr(), run.len) };
-        }
-        stream_fence();
+        let src: Vec<*const u8> = host.iter().map(|b| b.as_ptr()).collect();
+        let dst: Vec<*mut u8> = regions.iter().map(|r| r.addr as *mut u8).collect();
+        // SAFETY: check_scatter proved every tile's units inside the host buffers and the
+        // regions, which EngineMemory's contract makes valid, unaliased host memory during
+        // the copy; the host buffers are shared slices of other memory.
+        unsafe { copy_plan(plan, &src, &dst) };
         Ok(PendingCopy::done())
     }
 }
@@ -312,6 +253,7 @@ mod tests {
     use super::*;
     use crate::dtype::KvDtype;
     use crate::layout::{AttentionKind, KvCacheSpec, LayoutKind};
+    use crate::plan::tests::llama_spec;
     use crate::plan::{paged_to_chunks, ChunkWindow};
 
     fn cache() -> Arc<HostKvCache> {
@@ -397,52 +339,9 @@ mod tests {
     }
 
     #[test]
-    fn lookahead_prefetches_each_run_once_before_it_is_copied() {
-        for lens in [
-            vec![32768; 5],
-            vec![256; 20],
-            vec![100, 5000, 1, 1, 2000, 64, 4096],
-        ] {
-            let runs: Vec<CopyRun> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &len)| CopyRun {
-                    src_buffer: 0,
-                    src_offset: i,
-                    dst_buffer: 0,
-                    dst_offset: i,
-                    len,
-                })
-                .collect();
-            let mut lookahead = Lookahead::new();
-            let mut prefetched = Vec::new();
-            for (i, run) in runs.iter().enumerate() {
-                lookahead.before(&runs, i, |r| prefetched.push(r.src_offset));
-                // Every run up to the next one is prefetched, in order, exactly once...
-                assert_eq!(prefetched, (0..prefetched.len()).collect::<Vec<_>>());
-                assert!(prefetched.len() >= (i + 2).min(runs.len()));
-                // ...and none that starts more than PREFETCH_AHEAD past this run's end.
-                let last = prefetched.len() - 1;
-                let start: usize = lens[i..last].iter().sum();
-                assert!(last <= i + 1 || start < run.len + PREFETCH_AHEAD);
-                lookahead.passed(run);
-            }
-            assert_eq!(prefetched.len(), runs.len());
-        }
-    }
-
-    #[test]
     fn streaming_gather_and_scatter_round_trip() {
         // 64 blocks of 64 KiB per layer buffer: large enough to take the streaming path.
-        let spec = KvCacheSpec {
-            num_layers: 2,
-            num_kv_heads: 8,
-            head_size: 128,
-            dtype: KvDtype::Bf16,
-            block_size: 16,
-            num_blocks: 64,
-            attention: AttentionKind::Mha,
-        };
+        let spec = llama_spec(2, 64);
         for kind in [LayoutKind::FlashAttnNhd, LayoutKind::FlashAttnHnd] {
             let layout = KvLayout::new(spec, kind).unwrap();
             let (a, b) = (
@@ -463,7 +362,7 @@ mod tests {
                 skip_leading: 0,
             }];
             let plan = paged_to_chunks(&layout, &blocks, &windows).unwrap();
-            assert!(plan.total_bytes() >= STREAMING_THRESHOLD);
+            assert_ne!(Kernel::for_plan(plan.total_bytes()), Kernel::Plain);
             let device = HostDevice;
             let mut chunk = device.alloc_staging(spec.chunk_bytes(32 * 16)).unwrap();
             let (mem_a, mem_b) = (a.engine_memory(), b.engine_memory());

@@ -9,6 +9,7 @@
 #[cfg(feature = "ascend")]
 pub mod ascend;
 mod host;
+mod kernel;
 mod pool;
 #[cfg(feature = "rbln")]
 pub mod rbln;

@@ -17,53 +17,27 @@ pub const STREAMING_THRESHOLD: usize = 4 << 20;
 /// must not overlap.
 pub unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
     // SAFETY: forwarded from the caller.
-    unsafe { stream_copy_impl::<true>(dst, src, len) }
+    unsafe { stream_copy_impl(dst, src, len) }
 }
 
-/// [`stream_copy`] for a source of scattered runs: it prefetches only inside `src..src +
-/// len`, because the bytes after a scattered run belong to some other block. The caller
-/// prefetches the start of the next run with [`prefetch_run`].
-///
-/// # Safety
-/// As for [`stream_copy`].
-pub unsafe fn stream_copy_scattered(dst: *mut u8, src: *const u8, len: usize) {
-    // SAFETY: forwarded from the caller.
-    unsafe { stream_copy_impl::<false>(dst, src, len) }
-}
-
-/// With `PAST_END`, the source is prefetched [`PREFETCH_AHEAD`] bytes beyond the copy
-/// position even past the end of the run, which is right when the next run's source
-/// follows this one (a sequential chunk buffer).
+/// The source is prefetched [`PREFETCH_AHEAD`] bytes beyond the copy position even past the
+/// end of the copy: the next copy's source usually follows this one.
 ///
 /// # Safety
 /// As for [`stream_copy`].
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-unsafe fn stream_copy_impl<const PAST_END: bool>(dst: *mut u8, src: *const u8, len: usize) {
+unsafe fn stream_copy_impl(dst: *mut u8, src: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA};
         // Copy the unaligned head normally so the streamed part starts on a 16-byte
         // boundary, as _mm_stream_si128 requires.
         let head = dst.align_offset(16).min(len);
-        // Runs are usually aligned multiples of 64 bytes. For gathers (no PAST_END), skipping
-        // the memcpy calls for an empty head and tail made 256-byte runs ~7% faster; for
-        // scatters it made them ~6% slower (the scattered streaming stores seem to drain
-        // better with the gap), so they keep the calls.
-        if PAST_END || head > 0 {
-            // SAFETY: head <= len, and the caller guarantees both ranges for len bytes.
-            unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
-        }
+        // SAFETY: head <= len, and the caller guarantees both ranges for len bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
         let mut done = head;
-        // Without PAST_END, prefetch only while the target is inside this run; reading
-        // another block's bytes would only waste memory bandwidth.
-        let prefetch_end = if PAST_END {
-            len.saturating_sub(LINE - 1)
-        } else {
-            len.saturating_sub(PREFETCH_AHEAD)
-        };
-        while done < prefetch_end {
-            // SAFETY: either bound keeps done + LINE <= len (PREFETCH_AHEAD >= LINE), and
-            // dst + done is 16-byte aligned; the prefetch is a hint that never faults, and
+        while done + LINE <= len {
+            // SAFETY: the bound keeps done + LINE <= len, and dst + done is 16-byte aligned; the prefetch is a hint that never faults, and
             // wrapping_add keeps its address computation defined past the run's end.
             unsafe {
                 _mm_prefetch::<_MM_HINT_NTA>(src.wrapping_add(done + PREFETCH_AHEAD) as *const i8);
@@ -71,15 +45,8 @@ unsafe fn stream_copy_impl<const PAST_END: bool>(dst: *mut u8, src: *const u8, l
             }
             done += LINE;
         }
-        while done + LINE <= len {
-            // SAFETY: done + LINE <= len, and dst + done is still 16-byte aligned.
-            unsafe { stream_line(dst.add(done), src.add(done)) };
-            done += LINE;
-        }
-        if PAST_END || done < len {
-            // SAFETY: the tail lies within the caller's ranges.
-            unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), len - done) };
-        }
+        // SAFETY: the tail lies within the caller's ranges.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), len - done) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -99,7 +66,7 @@ const LINE: usize = 64;
 /// `dst` must be 16-byte aligned.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn stream_line(dst: *mut u8, src: *const u8) {
+pub(crate) unsafe fn stream_line(dst: *mut u8, src: *const u8) {
     use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
     // SAFETY: the caller guarantees 64 readable bytes at src and 64 writable, 16-byte
     // aligned bytes at dst, so all four 16-byte accesses are in bounds and aligned.
@@ -112,21 +79,6 @@ unsafe fn stream_line(dst: *mut u8, src: *const u8) {
         _mm_stream_si128(d.add(1), b);
         _mm_stream_si128(d.add(2), c);
         _mm_stream_si128(d.add(3), e);
-    }
-}
-
-/// Hints the CPU to start loading the first [`PREFETCH_AHEAD`] bytes of a run that will be
-/// copied soon, so the jump to a scattered block does not stall the copy. [`stream_copy`]
-/// prefetches the rest of a run itself.
-pub fn prefetch_run(src: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for offset in (0..len.min(PREFETCH_AHEAD)).step_by(64) {
-        // SAFETY: prefetch is a hint that never faults, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_NTA }>(
-                src.wrapping_add(offset) as *const i8,
-            )
-        };
     }
 }
 
@@ -150,12 +102,8 @@ mod tests {
     #[test]
     fn copies_every_byte_at_any_alignment_and_length() {
         let src: Vec<u8> = (0..5000u32).map(|i| (i * 31 % 251) as u8).collect();
-        type Copy = unsafe fn(*mut u8, *const u8, usize);
-        let copies: [(&str, Copy); 2] = [
-            ("stream_copy", stream_copy),
-            ("stream_copy_scattered", stream_copy_scattered),
-        ];
-        for (name, copy) in copies {
+        {
+            let name = "stream_copy";
             for dst_shift in 0..17 {
                 // Around LINE and around PREFETCH_AHEAD, where the prefetching loop ends.
                 for len in [
@@ -163,7 +111,9 @@ mod tests {
                 ] {
                     let mut dst = vec![0u8; 4100];
                     // SAFETY: both ranges are in bounds of distinct vectors.
-                    unsafe { copy(dst.as_mut_ptr().add(dst_shift), src.as_ptr().add(3), len) };
+                    unsafe {
+                        stream_copy(dst.as_mut_ptr().add(dst_shift), src.as_ptr().add(3), len)
+                    };
                     stream_fence();
                     let what = format!("{name} shift {dst_shift} len {len}");
                     assert_eq!(&dst[dst_shift..dst_shift + len], &src[3..3 + len], "{what}");
