@@ -14,8 +14,8 @@ use kvrelay::transfer::frame::{
     self, data_prefix, read_frame, ChunkDecl, DataHeader, Incoming, Message, MAC_LEN, NONCE_LEN,
 };
 use kvrelay::transfer::{
-    read_notification, ChannelKind, ErrorCode, KvReady, OutgoingChunk, PdConfig, PdPeer,
-    PdReceiver, PdSender, PdSink, PdTarget, ReceivedKv, TransferError,
+    read_notification, ChannelKind, ChunkPlan, ErrorCode, KvReady, OutgoingChunk, PdConfig, PdPeer,
+    PdReceiver, PdSender, PdSink, PdTarget, PdTransfer, ReceivedKv, TransferError,
 };
 use kvrelay::KvDtype;
 use rand::{Rng, SeedableRng};
@@ -115,6 +115,17 @@ impl Request {
                 checksum: frame::checksum(data),
             })
             .collect()
+    }
+
+    /// Reserves the request's pages before any chunk is sent, as a chunked prefill does at
+    /// its first step.
+    fn reserve(&self, tx: &mut PdSender) -> Result<PdTransfer, TransferError> {
+        let plans: Vec<ChunkPlan<'_>> = self
+            .chunks
+            .iter()
+            .map(|(key, meta, _)| ChunkPlan { key, meta: *meta })
+            .collect();
+        tx.reserve(&self.id, &plans)
     }
 
     fn decls(&self) -> Vec<ChunkDecl> {
@@ -313,6 +324,166 @@ fn tcp_a_stale_checksum_fails_the_send_and_loads_nothing() {
 #[test]
 fn shm_a_stale_checksum_fails_the_send_and_loads_nothing() {
     stale_checksum("shm");
+}
+
+/// Reserve, then a chunk at a time (out of order, with pauses as prefill steps take):
+/// the decoder holds the pages from the reserve, sees nothing until the commit, then
+/// every chunk bit for bit.
+fn reserve_put_commit(channel: &str) {
+    let (proxy_port, notes) = fake_proxy(None);
+    let rx = PdReceiver::bind(&config(channel, 8, "", None), 0).unwrap();
+    let mut tx =
+        PdSender::connect(&config(channel, 8, "", Some(proxy_port)), peer(&rx), 0).unwrap();
+    let r = request("chunked", 4, true);
+    let mut transfer = r.reserve(&mut tx).unwrap();
+    assert_eq!(
+        (transfer.request_id(), transfer.num_chunks()),
+        ("chunked", 4)
+    );
+    assert_eq!(rx.occupancy().used_pages, 4);
+    let refs = r.refs();
+    for i in [1, 0, 3] {
+        transfer.put(i, &refs[i]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(matches!(
+            rx.wait_ready(&r.id, Duration::from_millis(1)),
+            Err(TransferError::WaitTimeout { .. })
+        ));
+        assert!(rx.get(&r.chunks[i].0).is_none());
+    }
+    assert!(
+        notes.try_recv().is_err(),
+        "the proxy heard of the request before its commit"
+    );
+    transfer.put(2, &refs[2]).unwrap();
+    let stats = transfer.commit(&mut tx).unwrap();
+    assert_eq!(
+        (stats.chunks, stats.bytes),
+        (4, r.chunks.iter().map(|c| c.2.len() as u64).sum())
+    );
+    assert!(stats.notified);
+    let note = notes
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .unwrap();
+    assert_eq!((note.request_id.as_str(), note.failure), ("chunked", None));
+    assert_eq!(
+        rx.wait_ready(&r.id, Duration::from_secs(20))
+            .unwrap()
+            .chunks,
+        4
+    );
+    r.consume_and_check(&rx);
+    // The connection went back to the sender and carries the next request.
+    let next = request("next", 2, false);
+    next.send(&mut tx).unwrap();
+    next.consume_and_check(&rx);
+}
+
+#[test]
+fn tcp_reserve_put_commit_delivers_bit_exact_only_after_commit() {
+    reserve_put_commit("tcp");
+}
+
+#[test]
+fn shm_reserve_put_commit_delivers_bit_exact_only_after_commit() {
+    reserve_put_commit("shm");
+}
+
+/// A request that ends mid-prefill (aborted: the transfer is dropped) frees its reserved
+/// pages at the decoder, and the chunks it sent early are never loaded.
+fn aborted_mid_prefill(channel: &str) {
+    let cfg = config(channel, 6, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("aborted", 5, false);
+    let refs = r.refs();
+    let mut transfer = r.reserve(&mut tx).unwrap();
+    transfer.put(0, &refs[0]).unwrap();
+    transfer.put(1, &refs[1]).unwrap();
+    assert_eq!(rx.occupancy().used_pages, 5);
+    drop(transfer);
+    eventually("the aborted request's pages are free", || {
+        let occ = rx.occupancy();
+        (occ.used_pages, occ.requests) == (0, 0)
+    });
+    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert!(rx.wait_ready(&r.id, Duration::from_secs(1)).is_err());
+    // The sender's idle connection was untouched; the next request goes through.
+    let next = request("after-abort", 5, false);
+    next.send(&mut tx).unwrap();
+    next.consume_and_check(&rx);
+}
+
+#[test]
+fn tcp_a_request_aborted_mid_prefill_frees_its_reserved_pages() {
+    aborted_mid_prefill("tcp");
+}
+
+#[test]
+fn shm_a_request_aborted_mid_prefill_frees_its_reserved_pages() {
+    aborted_mid_prefill("shm");
+}
+
+/// A chunk sent early, then a later chunk fails verification: the commit fails and not
+/// even the early, intact chunk is loaded.
+#[test]
+fn a_chunk_sent_early_is_never_loaded_when_the_request_fails_later() {
+    for channel in ["tcp", "shm"] {
+        let cfg = config(channel, 4, "", None);
+        let rx = PdReceiver::bind(&cfg, 0).unwrap();
+        let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+        let r = request("fails-late", 3, true);
+        let mut refs = r.refs();
+        let mut transfer = r.reserve(&mut tx).unwrap();
+        transfer.put(0, &refs[0]).unwrap();
+        refs[2].checksum ^= 1;
+        transfer.put(1, &refs[1]).unwrap();
+        transfer.put(2, &refs[2]).unwrap();
+        let err = transfer.commit(&mut tx).err().unwrap();
+        assert!(
+            matches!(err, TransferError::ChunksRejected { rejected: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()),
+            "{channel}"
+        );
+        assert_eq!(rx.occupancy().used_pages, 0, "{channel}");
+    }
+}
+
+/// Puts that do not match the reserve are typed errors that move nothing and leave the
+/// transfer usable; a commit with a chunk missing fails and frees the pages.
+#[test]
+fn mismatched_puts_and_an_early_commit_are_refused() {
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let r = request("strict", 3, true);
+    let other = request("other", 3, false);
+    let refs = r.refs();
+    let mut transfer = r.reserve(&mut tx).unwrap();
+    let bad_index = |res: Result<(), TransferError>| match res {
+        Err(TransferError::BadChunk { index, .. }) => index,
+        other => panic!("expected BadChunk, got {other:?}"),
+    };
+    assert_eq!(bad_index(transfer.put(3, &refs[0])), 3);
+    assert_eq!(bad_index(transfer.put(0, &other.refs()[0])), 0);
+    // Chunk 2 is partial; a full chunk's bytes under its key and meta do not fit.
+    let long = OutgoingChunk {
+        data: &other.chunks[0].2,
+        ..refs[2]
+    };
+    assert_eq!(bad_index(transfer.put(2, &long)), 2);
+    transfer.put(0, &refs[0]).unwrap();
+    assert_eq!(bad_index(transfer.put(0, &refs[0])), 0);
+    transfer.put(2, &refs[2]).unwrap();
+    assert_eq!(bad_index(transfer.commit(&mut tx).map(|_| ())), 1);
+    eventually("an unfinished commit frees the pages", || {
+        rx.occupancy().used_pages == 0
+    });
+    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
 }
 
 /// `pd_backend_mode: async`: `flush` only queues; the sender thread delivers the KV and

@@ -96,7 +96,9 @@ pub use buffer::{Occupancy, ReadyRequest};
 pub use channel::{Channel, Put};
 pub use frame::{ChannelKind, ErrorCode, FrameError};
 pub use receiver::PdReceiver;
-pub use sender::{read_notification, KvReady, OutgoingChunk, PdSender, SendStats};
+pub use sender::{
+    read_notification, ChunkPlan, KvReady, OutgoingChunk, PdSender, PdTransfer, SendStats,
+};
 pub use tcp::set_socket_buffers;
 pub use tier::{PdSink, ReceivedKv};
 
@@ -191,6 +193,8 @@ pub enum TransferError {
     Refused { code: ErrorCode, message: String },
     #[error("request {request:?}: {rejected} chunks failed verification at the receiver; nothing of it will be loaded")]
     ChunksRejected { request: String, rejected: u32 },
+    #[error("request {0:?}: an earlier put failed on the wire, so its connection and the receiver's reservation are gone; reserve it again")]
+    TransferBroken(String),
     #[error("request {request:?} was not ready within {waited:?}")]
     WaitTimeout { request: String, waited: Duration },
     #[error("request {request:?} ended without becoming ready: {reason}")]

@@ -111,18 +111,66 @@ impl PdSender {
         self.receiver_skip
     }
 
-    /// Sends one request: reserves a page per chunk at the receiver (all or nothing), moves
-    /// the bytes, waits until the receiver verified every chunk, then notifies the proxy.
-    ///
-    /// Request-level refusals (too large, allocation timeout, duplicate id, bad chunk,
-    /// checksum failure) keep the connection; other failures drop it and the next call
-    /// redoes the handshake.
+    /// Sends one request whose chunks all exist: [`PdSender::reserve`], a
+    /// [`PdTransfer::put`] per chunk, then [`PdTransfer::commit`]. Every chunk is checked
+    /// before anything goes on the wire.
     pub fn send_request(
         &mut self,
         request_id: &str,
         chunks: &[OutgoingChunk<'_>],
     ) -> Result<SendStats, TransferError> {
+        let plans: Vec<ChunkPlan<'_>> = chunks
+            .iter()
+            .map(|c| ChunkPlan {
+                key: c.key,
+                meta: c.meta,
+            })
+            .collect();
+        let alloc = self.alloc_frame(request_id, &plans)?;
+        for (i, chunk) in chunks.iter().enumerate() {
+            check_len(
+                request_id,
+                i,
+                chunk,
+                self.config.spec.chunk_bytes(chunk.meta.num_tokens as usize),
+            )?;
+        }
+        let mut transfer = self.reserve_frame(request_id, alloc)?;
+        for (i, chunk) in chunks.iter().enumerate() {
+            transfer.put(i, chunk)?;
+        }
+        transfer.commit(self)
+    }
+
+    /// Reserves a page per chunk at the receiver for a request whose chunks are known but
+    /// not computed yet (all or nothing, waiting up to `pd_allocation_timeout_sec`). The
+    /// chunks then go over one by one with [`PdTransfer::put`] as they are computed, and
+    /// [`PdTransfer::commit`] ends the request; the receiver shows the request to its
+    /// engine only after the commit, when every chunk is verified.
+    ///
+    /// Dropping the [`PdTransfer`] without committing closes its connection, and the
+    /// receiver frees the reserved pages. A transfer holds its own connection, so several
+    /// requests of one sender can be in flight at once; the sender keeps one idle
+    /// connection for the next reserve.
+    ///
+    /// Request-level refusals (too large, allocation timeout, duplicate id, bad chunk)
+    /// keep the idle connection; other failures drop it and the next call redoes the
+    /// handshake.
+    pub fn reserve(
+        &mut self,
+        request_id: &str,
+        chunks: &[ChunkPlan<'_>],
+    ) -> Result<PdTransfer, TransferError> {
         let alloc = self.alloc_frame(request_id, chunks)?;
+        self.reserve_frame(request_id, alloc)
+    }
+
+    /// Asks for the pages of an encoded `AllocRequest` declaring `chunks`.
+    fn reserve_frame(
+        &mut self,
+        request_id: &str,
+        (alloc, chunks): (Vec<u8>, Vec<ChunkDecl>),
+    ) -> Result<PdTransfer, TransferError> {
         let (mut link, reused) = match self.link.take() {
             Some(link) => (link, true),
             None => (Link::open(&self.config, &self.peer, self.rank)?, false),
@@ -141,38 +189,35 @@ impl PdSender {
             grant = link.request_grant(&self.config, &alloc, chunks.len());
         }
         self.receiver_skip = link.receiver_skip;
-        let result = grant.and_then(|grant| link.send(&self.config, request_id, grant, chunks));
-        let keep = match &result {
-            Ok(_) => true,
-            Err(TransferError::Refused { code, .. }) => matches!(
-                code,
-                ErrorCode::RequestTooLarge
-                    | ErrorCode::AllocationTimeout
-                    | ErrorCode::DuplicateRequest
-                    | ErrorCode::BadChunk
-                    | ErrorCode::Cancelled
-            ),
-            Err(e) => matches!(e, TransferError::ChunksRejected { .. }),
-        };
-        if keep {
-            self.link = Some(link);
+        match grant {
+            Ok(granted) => {
+                link.set_read_timeout(self.config.io_timeout)?;
+                Ok(PdTransfer {
+                    request_id: request_id.to_string(),
+                    link: Some(link),
+                    sealed: vec![false; chunks.len()],
+                    chunks,
+                    granted,
+                    bytes: 0,
+                })
+            }
+            Err(e) => {
+                if keeps_link(&e) {
+                    self.link = Some(link);
+                }
+                Err(e)
+            }
         }
-        let mut stats = result?;
-        stats.notified = notify_proxy(&self.config, request_id, self.rank, None)?;
-        Ok(stats)
     }
 
-    /// Checks the chunks against the configured geometry and encodes the `AllocRequest`.
+    /// Checks the chunks against the configured geometry and encodes the `AllocRequest`
+    /// (each chunk declared with the bytes its token count takes).
     fn alloc_frame(
         &self,
         request_id: &str,
-        chunks: &[OutgoingChunk<'_>],
-    ) -> Result<Vec<u8>, TransferError> {
-        let bad = |index: usize, reason: String| TransferError::BadChunk {
-            request: request_id.to_string(),
-            index,
-            reason,
-        };
+        chunks: &[ChunkPlan<'_>],
+    ) -> Result<(Vec<u8>, Vec<ChunkDecl>), TransferError> {
+        let bad = |index: usize, reason: String| bad_chunk(request_id, index, reason);
         if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID {
             return Err(bad(
                 0,
@@ -188,9 +233,8 @@ impl PdSender {
         let fingerprint = self.config.chunk_fingerprint();
         let mut decls = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
-            let (key, meta, data) = (chunk.key, &chunk.meta, chunk.data);
+            let (key, meta) = (chunk.key, &chunk.meta);
             let tokens = meta.num_tokens as usize;
-            let expected = self.config.spec.chunk_bytes(tokens);
             if meta.layout_fingerprint != fingerprint {
                 return Err(bad(
                     i,
@@ -200,14 +244,10 @@ impl PdSender {
                     ),
                 ));
             }
-            if tokens == 0 || tokens > self.config.chunk_size || data.len() != expected {
+            if tokens == 0 || tokens > self.config.chunk_size {
                 return Err(bad(
                     i,
-                    format!(
-                        "{} bytes for {tokens} tokens; expected 1..={} tokens and {expected} bytes",
-                        data.len(),
-                        self.config.chunk_size
-                    ),
+                    format!("{tokens} tokens; expected 1..={}", self.config.chunk_size),
                 ));
             }
             let key_len = key.to_string().len();
@@ -217,18 +257,171 @@ impl PdSender {
             decls.push(ChunkDecl {
                 key: key.clone(),
                 meta: *meta,
-                len: data.len() as u64,
+                len: self.config.spec.chunk_bytes(tokens) as u64,
             });
         }
         let frame = Message::AllocRequest {
             request_id: request_id.to_string(),
-            chunks: decls,
+            chunks: decls.clone(),
         }
         .encode();
         if frame.len() - HEADER_LEN > MAX_CONTROL_BODY as usize {
             return Err(bad(0, format!("the chunk list encodes to {} bytes, over the {MAX_CONTROL_BODY}-byte frame bound; split the request", frame.len())));
         }
-        Ok(frame)
+        Ok((frame, decls))
+    }
+}
+
+/// One chunk of a request as [`PdSender::reserve`] declares it, before its bytes exist.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkPlan<'a> {
+    pub key: &'a CacheKey,
+    pub meta: ChunkMeta,
+}
+
+/// A request whose pages the receiver reserved (see [`PdSender::reserve`]): its chunks go
+/// over one by one, in any order, each exactly once, then [`PdTransfer::commit`]. Dropping
+/// it uncommitted closes its connection, and the receiver frees the pages and loads none
+/// of what arrived.
+pub struct PdTransfer {
+    request_id: String,
+    /// `None` once a put failed on the wire: the connection is gone, and with it the
+    /// receiver's reservation.
+    link: Option<Link>,
+    chunks: Vec<ChunkDecl>,
+    sealed: Vec<bool>,
+    granted: Granted,
+    bytes: u64,
+}
+
+impl PdTransfer {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Chunks declared at reserve.
+    pub fn num_chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Moves chunk `index` into its reserved page and seals it. The chunk must be the one
+    /// declared at that index (key, tokens, layout, and the bytes they take); a mismatch is
+    /// [`TransferError::BadChunk`] and moves nothing, leaving the transfer usable. A
+    /// failure on the wire ends the transfer (see [`TransferError::TransferBroken`]).
+    pub fn put(&mut self, index: usize, chunk: &OutgoingChunk<'_>) -> Result<(), TransferError> {
+        let bad = |reason: String| bad_chunk(&self.request_id, index, reason);
+        let Some(decl) = self.chunks.get(index) else {
+            return Err(bad(format!(
+                "the request declared {} chunks",
+                self.chunks.len()
+            )));
+        };
+        if self.sealed[index] {
+            return Err(bad("already sent".into()));
+        }
+        if decl.key != *chunk.key || decl.meta != chunk.meta {
+            return Err(bad(format!(
+                "{} ({} tokens) is not the declared {} ({} tokens)",
+                chunk.key, chunk.meta.num_tokens, decl.key, decl.meta.num_tokens
+            )));
+        }
+        check_len(&self.request_id, index, chunk, decl.len as usize)?;
+        let (grant, page) = (self.granted.grant, self.granted.pages[index]);
+        let result = self.link()?.put(grant, index, page, chunk);
+        if result.is_err() {
+            self.link = None;
+        }
+        result?;
+        self.sealed[index] = true;
+        self.bytes += chunk.data.len() as u64;
+        Ok(())
+    }
+
+    /// Ends the request once every chunk was put: waits until the receiver verified them
+    /// all, then notifies the proxy. The connection goes back to `sender` for its next
+    /// request.
+    pub fn commit(mut self, sender: &mut PdSender) -> Result<SendStats, TransferError> {
+        if let Some(missing) = self.sealed.iter().position(|s| !s) {
+            return Err(bad_chunk(
+                &self.request_id,
+                missing,
+                "never sent; the request is dropped at the receiver".into(),
+            ));
+        }
+        let grant = self.granted.grant;
+        let request_id = self.request_id.clone();
+        let link = self.link()?;
+        let channel = link.channel.kind();
+        let result = link.commit(grant, &request_id);
+        if (result.is_ok() || result.as_ref().is_err_and(keeps_link)) && sender.link.is_none() {
+            sender.link = self.link.take();
+        }
+        result?;
+        let Granted {
+            started,
+            alloc_wait,
+            ..
+        } = self.granted;
+        let mut stats = SendStats {
+            channel,
+            chunks: self.chunks.len(),
+            bytes: self.bytes,
+            alloc_wait,
+            transfer: started.elapsed() - alloc_wait,
+            notified: false,
+            skipped_chunks: 0,
+        };
+        stats.notified = notify_proxy(&sender.config, &request_id, sender.rank, None)?;
+        Ok(stats)
+    }
+
+    fn link(&mut self) -> Result<&mut Link, TransferError> {
+        self.link
+            .as_mut()
+            .ok_or_else(|| TransferError::TransferBroken(self.request_id.clone()))
+    }
+}
+
+fn bad_chunk(request_id: &str, index: usize, reason: String) -> TransferError {
+    TransferError::BadChunk {
+        request: request_id.to_string(),
+        index,
+        reason,
+    }
+}
+
+fn check_len(
+    request_id: &str,
+    index: usize,
+    chunk: &OutgoingChunk<'_>,
+    expected: usize,
+) -> Result<(), TransferError> {
+    if chunk.data.len() == expected {
+        return Ok(());
+    }
+    Err(bad_chunk(
+        request_id,
+        index,
+        format!(
+            "{} bytes for {} tokens; expected {expected} bytes",
+            chunk.data.len(),
+            chunk.meta.num_tokens
+        ),
+    ))
+}
+
+/// Whether a request-level failure leaves the connection fit for the next request.
+fn keeps_link(e: &TransferError) -> bool {
+    match e {
+        TransferError::Refused { code, .. } => matches!(
+            code,
+            ErrorCode::RequestTooLarge
+                | ErrorCode::AllocationTimeout
+                | ErrorCode::DuplicateRequest
+                | ErrorCode::BadChunk
+                | ErrorCode::Cancelled
+        ),
+        e => matches!(e, TransferError::ChunksRejected { .. }),
     }
 }
 
@@ -414,41 +607,35 @@ impl Link {
             .map_err(|e| TransferError::io("setting socket timeouts", e))
     }
 
-    /// Moves the chunks into the granted pages and commits them.
-    fn send(
+    /// Moves chunk `index` into `page` and seals it. The receiver verifies the chunk
+    /// while the caller computes or moves the next one; it answers only at `Commit`.
+    fn put(
         &mut self,
-        cfg: &PdConfig,
-        request_id: &str,
-        granted: Granted,
-        chunks: &[OutgoingChunk<'_>],
-    ) -> Result<SendStats, TransferError> {
-        let Granted {
+        grant: u32,
+        index: usize,
+        page: u32,
+        chunk: &OutgoingChunk<'_>,
+    ) -> Result<(), TransferError> {
+        // Nothing is hashed here: the checksum came with the chunk, so moving the bytes
+        // is all the sending thread does.
+        let dst = Put {
             grant,
-            pages,
-            started,
-            alloc_wait,
-        } = granted;
-        self.set_read_timeout(cfg.io_timeout)?;
-        let bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
-        // Nothing is hashed here: the checksums came with the chunks, so moving the bytes
-        // is all the sending thread does. The receiver verifies chunk i while this loop
-        // moves chunk i + 1; it answers only at `Commit`.
-        for (i, (chunk, page)) in chunks.iter().zip(&pages).enumerate() {
-            let dst = Put {
-                grant,
-                chunk: i as u32,
-                chunk_offset: 0,
-                remote_offset: u64::from(*page) * self.page_size as u64,
-            };
-            self.channel.put_chunk(dst, chunk.data)?;
-            self.channel.fence()?;
-            let seal = Message::Seal {
-                grant,
-                chunk: i as u32,
-                checksum: chunk.checksum,
-            };
-            write(&mut self.stream, &seal.encode())?;
-        }
+            chunk: index as u32,
+            chunk_offset: 0,
+            remote_offset: u64::from(page) * self.page_size as u64,
+        };
+        self.channel.put_chunk(dst, chunk.data)?;
+        self.channel.fence()?;
+        let seal = Message::Seal {
+            grant,
+            chunk: index as u32,
+            checksum: chunk.checksum,
+        };
+        write(&mut self.stream, &seal.encode())
+    }
+
+    /// Commits a grant whose chunks were all sealed and waits for the receiver's verdict.
+    fn commit(&mut self, grant: u32, request_id: &str) -> Result<(), TransferError> {
         write(&mut self.stream, &Message::Commit { grant }.encode())?;
         let reply = read_message(&mut self.stream, MAX_CONTROL_BODY)?;
         let Message::Committed {
@@ -468,15 +655,7 @@ impl Link {
                 rejected,
             });
         }
-        Ok(SendStats {
-            channel: self.channel.kind(),
-            chunks: chunks.len(),
-            bytes,
-            alloc_wait,
-            transfer: started.elapsed() - alloc_wait,
-            notified: false,
-            skipped_chunks: 0,
-        })
+        Ok(())
     }
 }
 
