@@ -116,6 +116,7 @@ pub fn decode(bytes: &[u8]) -> Result<ConnectorMetadata, MetadataError> {
                 load_async: r.load_async,
                 saves: from_wire(r.saves)?,
                 flush_saves: r.flush_saves,
+                pd_plan: Vec::new(),
                 prompt_tokens: r.prompt_tokens,
                 kv_transfer_params: r.kv_transfer_params,
             })
@@ -151,6 +152,7 @@ mod tests {
                     load_async: false,
                     saves: vec![],
                     flush_saves: false,
+                    pd_plan: vec![],
                     prompt_tokens: 300,
                     kv_transfer_params: None,
                 },
@@ -161,6 +163,7 @@ mod tests {
                     load_async: true,
                     saves: vec![chunk(7, 0, 0)],
                     flush_saves: true,
+                    pd_plan: vec![],
                     prompt_tokens: 17,
                     kv_transfer_params: Some(serde_json::json!({"ret_first_tok": true})),
                 },

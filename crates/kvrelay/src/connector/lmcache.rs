@@ -50,6 +50,8 @@ pub struct LmcacheScheduler {
     saved_upto: HashMap<String, usize>,
     /// PD requests whose chunks were sent.
     flushed: HashSet<String>,
+    /// PD prefills whose whole chunk list went to the worker (see `RequestTransfer::pd_plan`).
+    planned: HashSet<String>,
     /// Requests whose lookup stopped short and said why (once per request).
     explained: HashSet<String>,
 }
@@ -70,6 +72,7 @@ impl LmcacheScheduler {
             loads: HashMap::new(),
             saved_upto: HashMap::new(),
             flushed: HashSet::new(),
+            planned: HashSet::new(),
             explained: HashSet::new(),
         }
     }
@@ -128,8 +131,14 @@ impl LmcacheScheduler {
                 aligned
             };
         }
+        self.prompt_save_end(s)
+    }
+
+    /// Where the saves of a request's whole prompt end.
+    fn prompt_save_end(&self, s: &ScheduledRequest<'_>) -> usize {
+        let prompt = s.request.num_prompt_tokens.min(s.request.tokens.len());
         if self.policy.discard_partial_chunks {
-            prompt / chunk * chunk
+            prompt / self.hasher.chunk_size() * self.hasher.chunk_size()
         } else {
             prompt
         }
@@ -217,7 +226,25 @@ impl SchedulerConnector for LmcacheScheduler {
             let flush = self.policy.pd_sender
                 && s.num_computed_tokens >= s.request.num_prompt_tokens
                 && self.flushed.insert(id.to_string());
-            meta.push(s, loads, self.policy.async_loading, save_chunks, flush);
+            // The first save of a prompt that takes several steps: every chunk key is known
+            // now, so the decoder's pages can be reserved before the prompt is done.
+            let pd_plan = if self.policy.pd_sender
+                && !flush
+                && !save_chunks.is_empty()
+                && self.planned.insert(id.to_string())
+            {
+                self.chunks(s.request.tokens, 0, self.prompt_save_end(s))?
+            } else {
+                Vec::new()
+            };
+            meta.push(
+                s,
+                loads,
+                self.policy.async_loading,
+                save_chunks,
+                flush,
+                pd_plan,
+            );
         }
         Ok(meta)
     }
@@ -231,6 +258,7 @@ impl SchedulerConnector for LmcacheScheduler {
         self.loads.remove(request.id);
         self.saved_upto.remove(request.id);
         self.flushed.remove(request.id);
+        self.planned.remove(request.id);
         self.explained.remove(request.id);
         // A PD decoder need not have loaded all the KV sent for the request (its lookup
         // or its own cache stopped short): free the rest now rather than at the TTL.

@@ -123,6 +123,11 @@ pub struct RequestTransfer {
     /// request's `kv_transfer_params`, which may name the receiver
     /// ([`crate::transfer::PdTarget`]).
     pub kv_transfer_params: Option<serde_json::Value>,
+    /// A PD prefiller's every prompt chunk, on the request's first save step when the
+    /// prompt takes several steps (chunked prefill): the worker reserves the decoder's
+    /// pages for them then and sends each chunk in the step that computed it. Empty
+    /// otherwise (everything goes at `flush_saves`).
+    pub pd_plan: Vec<ChunkTransfer>,
     /// The request's prompt length: with `flush_saves`, what a PD decoder is handed (with
     /// the first token too under `ret_first_tok`), which decides the chunks it looks up.
     pub prompt_tokens: usize,
@@ -186,11 +191,13 @@ impl ConnectorMetadata {
         load_async: bool,
         saves: Vec<ChunkTransfer>,
         flush_saves: bool,
+        pd_plan: Vec<ChunkTransfer>,
     ) {
         if !loads.is_empty() || !saves.is_empty() || flush_saves {
             // A proxy's PD id (`disagg_spec.req_id`) names each of the request's sends and
             // loads; the rest of the params matter with `flush_saves` only.
             let pd = pd_request_id(&scheduled.request).1 == RequestIdScope::Shared;
+            let with_params = flush_saves || pd || !pd_plan.is_empty();
             self.requests.push(RequestTransfer {
                 request_id: scheduled.request.id.to_string(),
                 block_ids: scheduled.block_ids.to_vec(),
@@ -198,7 +205,8 @@ impl ConnectorMetadata {
                 loads,
                 saves,
                 flush_saves,
-                kv_transfer_params: (flush_saves || pd)
+                pd_plan,
+                kv_transfer_params: with_params
                     .then(|| scheduled.request.kv_transfer_params.cloned())
                     .flatten(),
                 prompt_tokens: scheduled.request.num_prompt_tokens,

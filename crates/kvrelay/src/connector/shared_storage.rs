@@ -131,7 +131,7 @@ impl SchedulerConnector for SharedStorageScheduler {
                 self.saved.insert(id.to_string());
                 save.push(self.entry(s.request.tokens, len, 0)?);
             }
-            meta.push(s, loads, false, save, false);
+            meta.push(s, loads, false, save, false, Vec::new());
         }
         Ok(meta)
     }

@@ -270,12 +270,30 @@ impl KvWorker {
             skipped_saves: request.saves.len() - saves.len(),
             ..ConnectorStats::default()
         };
+        let fingerprint = self.memory()?.layout().chunk_fingerprint();
+        let meta = |c: &ChunkTransfer| ChunkMeta {
+            layout_fingerprint: fingerprint,
+            num_tokens: c.window.tokens as u32,
+        };
+        if let (false, Some(sink)) = (request.pd_plan.is_empty(), self.pd_sink.as_mut()) {
+            // Chunked prefill's first step: hold the decoder's pages from now on, so each
+            // chunk goes over in the step that computed it.
+            let chunks = request
+                .pd_plan
+                .iter()
+                .map(|c| (c.key.clone(), meta(c), c.window.start + c.window.tokens))
+                .collect();
+            let reserved = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref())
+                .and_then(|t| {
+                    sink.reserve(request.pd_request_id(), chunks, t, request.decoder_tokens())
+                });
+            if let Err(error) = reserved {
+                tracing::warn!(request = %request.request_id, %error, "reserving the decoder's pages failed; sending at the prompt's end");
+            }
+        }
         let staged = self.gather(request, &saves)?;
         for (save, buffer) in saves.iter().zip(staged) {
-            let meta = ChunkMeta {
-                layout_fingerprint: self.memory()?.layout().chunk_fingerprint(),
-                num_tokens: save.window.tokens as u32,
-            };
+            let meta = meta(save);
             stats.saved_chunks += 1;
             stats.saved_bytes += buffer.len();
             match self.pd_sink.as_mut() {

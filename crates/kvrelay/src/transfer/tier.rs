@@ -2,7 +2,7 @@
 //! pushed, and the prefiller's side that collects a request's chunks and pushes them.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
@@ -12,7 +12,8 @@ use std::time::Duration;
 use super::frame::checksum;
 use super::sender::notify_proxy;
 use super::{
-    OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, SendStats, TransferError,
+    ChunkPlan, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, PdTransfer,
+    SendStats, TransferError,
 };
 use crate::config::PdBackendMode;
 use crate::device::{DeviceError, HostBuffer, StagingPool};
@@ -124,12 +125,19 @@ const MAX_LINKS: usize = 64;
 /// save step wait, which bounds the staging memory held for sends.
 const SEND_QUEUE: usize = 8;
 
-/// The prefiller's PD side: gathers a request's chunks as chunked prefill saves them, and
-/// sends them all at once when the prompt is done (the receiver admits a request whole) to
-/// the receiver its proxy named, or to the configured peer: from the save step itself
-/// (`pd_backend_mode: sync`) or from a sender thread (`async`).
+/// The prefiller's PD side, towards the receiver its proxy named or the configured peer,
+/// from the save step itself (`pd_backend_mode: sync`) or from a sender thread (`async`).
+///
+/// A request [`reserve`](PdSink::reserve)d at its first step (chunked prefill: every chunk
+/// key is known then) has its decoder pages held from that step on, and each chunk
+/// [`add`](PdSink::add)ed goes over at once; [`flush`](PdSink::flush) at the prompt's end
+/// only commits. Without a reservation (or when the chunks saved differ from those
+/// reserved), the chunks are held and all sent at the flush.
 pub struct PdSink {
     pending: HashMap<String, Vec<GatheredChunk>>,
+    /// Requests reserved and not yet flushed or forgotten: their chunks go to the sender
+    /// as they are added.
+    reserved: HashSet<String>,
     sending: Sending,
     /// Staging buffers of sent (or forgotten) chunks, for the next gathers.
     staging: Arc<StagingPool<HostBuffer>>,
@@ -140,9 +148,40 @@ pub struct PdSink {
 enum Sending {
     Inline(Box<Links>),
     Background {
-        queue: Option<SyncSender<SendJob>>,
+        queue: Option<SyncSender<Job>>,
         thread: Option<JoinHandle<()>>,
     },
+}
+
+/// What the save steps hand the sender, in order.
+enum Job {
+    Reserve(Reservation),
+    Put {
+        request_id: String,
+        chunk: GatheredChunk,
+    },
+    Flush(SendJob),
+    Forget(String),
+}
+
+/// A request's every chunk, declared at its first step.
+struct Reservation {
+    request_id: String,
+    /// Each chunk's key, meta and the token after its last.
+    chunks: Vec<(CacheKey, ChunkMeta, usize)>,
+    target: Option<PdTarget>,
+    decoder_tokens: usize,
+}
+
+/// A reserved request on the sender's side.
+struct Open {
+    /// `None` when the reserve or a put failed: the flush then sends the held chunks.
+    transfer: Option<PdTransfer>,
+    /// Index in the reserve of each chunk the decoder looks up.
+    index: HashMap<CacheKey, usize>,
+    /// Chunks added so far (put or not), held for a fallback send and then recycled.
+    chunks: Vec<GatheredChunk>,
+    put: usize,
 }
 
 /// One request handed to the sender thread.
@@ -187,18 +226,21 @@ impl PdSink {
             rank,
             links: HashMap::new(),
             sends: 0,
+            open: HashMap::new(),
             skipped_chunks: Arc::clone(&skipped_chunks),
         };
         let sending = match mode {
             PdBackendMode::Sync => Sending::Inline(Box::new(links)),
             PdBackendMode::Async => {
-                let (queue, jobs) = std::sync::mpsc::sync_channel::<SendJob>(SEND_QUEUE);
+                let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(SEND_QUEUE);
                 let thread = std::thread::Builder::new()
                     .name(format!("kvrelay-pd-send-{rank}"))
                     .spawn(move || {
                         for job in jobs {
-                            links.send_or_report(&job);
-                            job.recycle(&recycled);
+                            if let Some(job) = links.run(job, &recycled) {
+                                links.send_or_report(&job);
+                                job.recycle(&recycled);
+                            }
                         }
                     })
                     .map_err(|e| TransferError::io("starting the PD sender thread", e))?;
@@ -210,6 +252,7 @@ impl PdSink {
         };
         Ok(PdSink {
             pending: HashMap::new(),
+            reserved: HashSet::new(),
             sending,
             staging,
             skipped_chunks,
@@ -228,10 +271,54 @@ impl PdSink {
         self.staging.take_exact(len, alloc)
     }
 
-    /// Holds one gathered chunk of `request_id`, whose window of tokens ends at
-    /// `window_end`, until the request is flushed, and takes its checksum now: during
-    /// chunked prefill, so that the flush at the end of the prompt (on the path to the
-    /// decoder's first token) only moves bytes.
+    /// Reserves the decoder's pages for every chunk of `request_id` at its first step:
+    /// `chunks` are each chunk's key, meta and the token after its last, in prompt order;
+    /// `target` and `decoder_tokens` as for [`PdSink::flush`]. Only the chunks the decoder
+    /// will look up are reserved. A failed reserve is logged, and the request's chunks
+    /// are then held and sent at the flush as without one.
+    pub fn reserve(
+        &mut self,
+        request_id: &str,
+        chunks: Vec<(CacheKey, ChunkMeta, usize)>,
+        target: Option<PdTarget>,
+        decoder_tokens: usize,
+    ) -> Result<(), TransferError> {
+        if !self.reserved.insert(request_id.to_string()) {
+            return Ok(());
+        }
+        self.dispatch(Job::Reserve(Reservation {
+            request_id: request_id.to_string(),
+            chunks,
+            target,
+            decoder_tokens,
+        }))
+        .map(drop)
+    }
+
+    /// Hands the sender (inline or its thread) one job; a flush run inline returns what
+    /// its send did.
+    fn dispatch(&mut self, job: Job) -> Result<Option<SendStats>, TransferError> {
+        match &mut self.sending {
+            Sending::Inline(links) => match links.run(job, &self.staging) {
+                Some(job) => {
+                    let sent = links.send(&job);
+                    job.recycle(&self.staging);
+                    sent.map(Some)
+                }
+                None => Ok(None),
+            },
+            Sending::Background { queue, .. } => queue
+                .as_ref()
+                .and_then(|q| q.send(job).ok())
+                .map(|()| None)
+                .ok_or(TransferError::SenderStopped),
+        }
+    }
+
+    /// Takes one gathered chunk of `request_id`, whose window of tokens ends at
+    /// `window_end`, and its checksum now, during chunked prefill: a reserved request's
+    /// chunk goes to the decoder now, another is held until the flush, which then (on the
+    /// path to the decoder's first token) only moves bytes.
     pub fn add(
         &mut self,
         request_id: &str,
@@ -240,17 +327,27 @@ impl PdSink {
         data: HostBuffer,
         window_end: usize,
     ) {
-        let checksum = checksum(&data);
+        let chunk = GatheredChunk {
+            checksum: checksum(&data),
+            key,
+            meta,
+            data,
+            window_end,
+        };
+        if self.reserved.contains(request_id) {
+            let put = Job::Put {
+                request_id: request_id.to_string(),
+                chunk,
+            };
+            if let Err(error) = self.dispatch(put) {
+                tracing::warn!(request = request_id, %error, "handing a PD chunk to the sender failed");
+            }
+            return;
+        }
         self.pending
             .entry(request_id.to_string())
             .or_default()
-            .push(GatheredChunk {
-                key,
-                meta,
-                data,
-                checksum,
-                window_end,
-            });
+            .push(chunk);
     }
 
     /// Sends what is held for `request_id` to `target`'s receiver of this rank, or to the
@@ -268,31 +365,26 @@ impl PdSink {
         target: Option<PdTarget>,
         decoder_tokens: usize,
     ) -> Result<Option<SendStats>, TransferError> {
+        self.reserved.remove(request_id);
         let chunks = self.pending.remove(request_id).unwrap_or_default();
-        let job = SendJob {
+        self.dispatch(Job::Flush(SendJob {
             request_id: request_id.to_string(),
             chunks,
             target,
             decoder_tokens,
-        };
-        match &mut self.sending {
-            Sending::Inline(links) => {
-                let sent = links.send(&job);
-                job.recycle(&self.staging);
-                sent.map(Some)
-            }
-            Sending::Background { queue, .. } => queue
-                .as_ref()
-                .and_then(|q| q.send(job).ok())
-                .map(|()| None)
-                .ok_or(TransferError::SenderStopped),
-        }
+        }))
     }
 
-    /// Drops what is held for a request that ended before its prompt was saved.
+    /// Drops what is held for a request that ended before its prompt was saved; a
+    /// reservation is given up, and the decoder frees its pages.
     pub fn forget(&mut self, request_id: &str) {
         for chunk in self.pending.remove(request_id).unwrap_or_default() {
             self.staging.give_back(chunk.data);
+        }
+        if self.reserved.remove(request_id) {
+            if let Err(error) = self.dispatch(Job::Forget(request_id.to_string())) {
+                tracing::warn!(request = request_id, %error, "the PD sender could not drop a reservation");
+            }
         }
     }
 
@@ -325,20 +417,134 @@ struct Links {
     /// Each link with the send count of its last use.
     links: HashMap<PdPeer, (PdSender, u64)>,
     sends: u64,
+    /// Reserved requests not yet flushed or forgotten.
+    open: HashMap<String, Open>,
     skipped_chunks: Arc<AtomicU64>,
 }
 
 impl Links {
-    fn send(&mut self, job: &SendJob) -> Result<SendStats, TransferError> {
-        let peer = match &job.target {
-            Some(target) => target.peer(self.rank)?,
+    /// Runs one job; a flush that needs a whole send (no usable reservation) comes back
+    /// for [`Links::send`].
+    fn run(&mut self, job: Job, staging: &StagingPool<HostBuffer>) -> Option<SendJob> {
+        match job {
+            Job::Reserve(r) => {
+                let open = self.reserve(&r).unwrap_or_else(|error| {
+                    tracing::warn!(request = r.request_id, %error, "reserving the decoder's pages failed; sending at the prompt's end");
+                    Open {
+                        transfer: None,
+                        index: HashMap::new(),
+                        chunks: Vec::new(),
+                        put: 0,
+                    }
+                });
+                self.open.insert(r.request_id, open);
+                None
+            }
+            Job::Put { request_id, chunk } => {
+                match self.open.get_mut(&request_id) {
+                    Some(open) => open.put(&request_id, chunk),
+                    None => staging.give_back(chunk.data),
+                }
+                None
+            }
+            Job::Forget(request_id) => {
+                // Dropping the transfer closes its connection: the decoder frees the pages.
+                for chunk in self.open.remove(&request_id).into_iter().flat_map(|o| o.chunks) {
+                    staging.give_back(chunk.data);
+                }
+                None
+            }
+            Job::Flush(mut job) => {
+                let Some(mut open) = self.open.remove(&job.request_id) else {
+                    return Some(job);
+                };
+                open.chunks.append(&mut job.chunks);
+                job.chunks = open.chunks;
+                let wanted = self.looked_up(&job).unwrap_or(usize::MAX);
+                match open.transfer {
+                    // Every chunk the decoder looks up was reserved and put: commit.
+                    Some(transfer) if open.put == transfer.num_chunks() && open.put == wanted => {
+                        let committed = self.commit(&job, transfer);
+                        if let Err(error) = committed {
+                            self.report(&job.request_id, &error);
+                        }
+                        job.recycle(staging);
+                        None
+                    }
+                    _ => Some(job),
+                }
+            }
+        }
+    }
+
+    /// Asks the decoder for the pages of every chunk of `r` it will look up.
+    fn reserve(&mut self, r: &Reservation) -> Result<Open, TransferError> {
+        let chunk_size = self.config.chunk_size;
+        let sender = self.link(self.peer(&r.request_id, r.target.as_ref())?)?;
+        let lookup_len = r
+            .decoder_tokens
+            .saturating_sub(sender.receiver_skip_last_n_tokens());
+        let wanted: Vec<&(CacheKey, ChunkMeta, usize)> = r
+            .chunks
+            .iter()
+            .filter(|(_, _, end)| decoder_looks_up(*end, lookup_len, chunk_size))
+            .collect();
+        let plans: Vec<ChunkPlan<'_>> = wanted
+            .iter()
+            .map(|(key, meta, _)| ChunkPlan { key, meta: *meta })
+            .collect();
+        let transfer = sender.reserve(&r.request_id, &plans)?;
+        Ok(Open {
+            transfer: Some(transfer),
+            index: wanted
+                .iter()
+                .enumerate()
+                .map(|(i, (key, _, _))| (key.clone(), i))
+                .collect(),
+            chunks: Vec::new(),
+            put: 0,
+        })
+    }
+
+    /// Commits a reserved request whose every chunk went over.
+    fn commit(&mut self, job: &SendJob, transfer: PdTransfer) -> Result<SendStats, TransferError> {
+        let sender = self.link(self.peer(&job.request_id, job.target.as_ref())?)?;
+        let mut stats = transfer.commit(sender)?;
+        stats.skipped_chunks = job.chunks.len() - stats.chunks;
+        self.skipped_chunks
+            .fetch_add(stats.skipped_chunks as u64, Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    /// The receiver `target` names, or the configured one.
+    fn peer(&self, request_id: &str, target: Option<&PdTarget>) -> Result<PdPeer, TransferError> {
+        match target {
+            Some(target) => target.peer(self.rank),
             None => PdPeer::from_config(&self.config, self.rank).map_err(|e| {
                 TransferError::Config(format!(
-                    "request {:?} names no receiver (no disagg_spec) and {e}",
-                    job.request_id
+                    "request {request_id:?} names no receiver (no disagg_spec) and {e}"
                 ))
-            })?,
-        };
+            }),
+        }
+    }
+
+    /// How many chunks of `job` its decoder looks up.
+    fn looked_up(&mut self, job: &SendJob) -> Result<usize, TransferError> {
+        let chunk_size = self.config.chunk_size;
+        let sender = self.link(self.peer(&job.request_id, job.target.as_ref())?)?;
+        let lookup_len = job
+            .decoder_tokens
+            .saturating_sub(sender.receiver_skip_last_n_tokens());
+        let wanted = job
+            .chunks
+            .iter()
+            .filter(|c| decoder_looks_up(c.window_end, lookup_len, chunk_size))
+            .count();
+        Ok(wanted)
+    }
+
+    fn send(&mut self, job: &SendJob) -> Result<SendStats, TransferError> {
+        let peer = self.peer(&job.request_id, job.target.as_ref())?;
         let chunk_size = self.config.chunk_size;
         let sender = self.link(peer)?;
         let lookup_len = job
@@ -380,10 +586,14 @@ impl Links {
     /// The sender thread's send: a failure is logged and reported to the proxy, which then
     /// fails the request at once instead of waiting for KV that will not come.
     fn send_or_report(&mut self, job: &SendJob) {
-        let Err(error) = self.send(job) else {
-            return;
-        };
-        let request = &job.request_id;
+        if let Err(error) = self.send(job) {
+            self.report(&job.request_id, &error);
+        }
+    }
+
+    /// Logs a failed send and tells the proxy, which then fails the request at once
+    /// instead of waiting for KV that will not come.
+    fn report(&self, request: &str, error: &TransferError) {
         tracing::warn!(request, %error, "sending KV to the decoder failed; the proxy is told");
         let reason = format!("prefiller rank {}: {error}", self.rank);
         if let Err(notify_error) = notify_proxy(&self.config, request, self.rank, Some(&reason)) {
@@ -414,6 +624,31 @@ impl Links {
         };
         link.1 = self.sends;
         Ok(&mut link.0)
+    }
+}
+
+impl Open {
+    /// Sends `chunk` into its reserved page when it is one the decoder looks up; holds it
+    /// either way. A failed put gives up the reservation (the flush then sends whole).
+    fn put(&mut self, request_id: &str, chunk: GatheredChunk) {
+        if let (Some(transfer), Some(&index)) =
+            (self.transfer.as_mut(), self.index.get(&chunk.key))
+        {
+            let view = OutgoingChunk {
+                key: &chunk.key,
+                meta: chunk.meta,
+                data: &chunk.data,
+                checksum: chunk.checksum,
+            };
+            match transfer.put(index, &view) {
+                Ok(()) => self.put += 1,
+                Err(error) => {
+                    tracing::warn!(request = request_id, %error, "sending a PD chunk early failed; sending the request at the prompt's end");
+                    self.transfer = None;
+                }
+            }
+        }
+        self.chunks.push(chunk);
     }
 }
 
