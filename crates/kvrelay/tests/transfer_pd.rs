@@ -715,6 +715,67 @@ fn skipping_receiver_and_sink(proxy: u16) -> (PdReceiver, PdSink, PdTarget) {
     (rx, sink, target)
 }
 
+/// Every chunk's key, meta and window end, as chunked prefill knows them at its first step.
+fn plan(r: &Request) -> Vec<(CacheKey, ChunkMeta, usize)> {
+    let mut end = 0;
+    r.chunks
+        .iter()
+        .map(|(key, meta, _)| {
+            end += meta.num_tokens as usize;
+            (key.clone(), *meta, end)
+        })
+        .collect()
+}
+
+/// A sink reserves a chunked prefill's pages (only those the decoder looks up) at its
+/// first step and sends each chunk as it is added; the flush only commits. A request that
+/// ends mid-prefill gives the pages back and loads nothing.
+#[test]
+fn a_reserved_sink_sends_chunks_as_added_and_commits_at_the_flush() {
+    let (proxy, notes) = fake_proxy(None);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let r = request("overlap", 4, false);
+    sink.reserve(&r.id, plan(&r), Some(target.clone()), r.tokens())
+        .unwrap();
+    // The decoder skips the last token, so the last chunk is never looked up.
+    assert_eq!((rx.occupancy().used_pages, rx.occupancy().requests), (3, 1));
+    assert_eq!(r.stage(&mut sink), 4);
+    assert!(matches!(
+        rx.wait_ready(&r.id, Duration::from_millis(1)),
+        Err(TransferError::WaitTimeout { .. })
+    ));
+    assert!(notes.try_recv().is_err());
+    let stats = sink
+        .flush(&r.id, Some(target.clone()), r.tokens())
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.skipped_chunks), (3, 1));
+    let note = notes
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .unwrap();
+    assert_eq!((note.request_id.as_str(), note.failure), ("overlap", None));
+    for (key, meta, data) in &r.chunks[..3] {
+        let chunk = rx.get(key).expect("chunk present");
+        assert_eq!(chunk.meta, *meta);
+        assert!(chunk.data[..] == data[..], "chunk bytes differ");
+    }
+    assert!(rx.get(&r.chunks[3].0).is_none());
+
+    let gone = request("gone", 4, false);
+    sink.reserve(&gone.id, plan(&gone), Some(target), gone.tokens())
+        .unwrap();
+    let (key, meta, data) = &gone.chunks[0];
+    let mut staged = HostBuffer::zeroed(data.len()).unwrap();
+    staged.copy_from_slice(data);
+    sink.add(&gone.id, key.clone(), *meta, staged, CHUNK_TOKENS);
+    sink.forget(&gone.id);
+    eventually("a forgotten reservation frees its pages", || {
+        rx.occupancy().used_pages == 0
+    });
+    assert!(gone.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+}
+
 /// A sink gathers later requests into the staging buffers of chunks it sent or forgot, and
 /// what arrives is still exactly each request's own bytes.
 #[test]

@@ -236,10 +236,11 @@ impl PdSink {
                 let thread = std::thread::Builder::new()
                     .name(format!("kvrelay-pd-send-{rank}"))
                     .spawn(move || {
+                        // A failed send is reported to the proxy, which then fails the
+                        // request at once instead of waiting for KV that will not come.
                         for job in jobs {
-                            if let Some(job) = links.run(job, &recycled) {
-                                links.send_or_report(&job);
-                                job.recycle(&recycled);
+                            if let Some((request, Err(error))) = links.run(job, &recycled) {
+                                links.report(&request, &error);
                             }
                         }
                     })
@@ -300,11 +301,7 @@ impl PdSink {
     fn dispatch(&mut self, job: Job) -> Result<Option<SendStats>, TransferError> {
         match &mut self.sending {
             Sending::Inline(links) => match links.run(job, &self.staging) {
-                Some(job) => {
-                    let sent = links.send(&job);
-                    job.recycle(&self.staging);
-                    sent.map(Some)
-                }
+                Some((_, sent)) => sent.map(Some),
                 None => Ok(None),
             },
             Sending::Background { queue, .. } => queue
@@ -423,9 +420,13 @@ struct Links {
 }
 
 impl Links {
-    /// Runs one job; a flush that needs a whole send (no usable reservation) comes back
-    /// for [`Links::send`].
-    fn run(&mut self, job: Job, staging: &StagingPool<HostBuffer>) -> Option<SendJob> {
+    /// Runs one job; a flush answers with its request and what its send did: the commit
+    /// of a reservation, or a whole send (no usable reservation).
+    fn run(
+        &mut self,
+        job: Job,
+        staging: &StagingPool<HostBuffer>,
+    ) -> Option<(String, Result<SendStats, TransferError>)> {
         match job {
             Job::Reserve(r) => {
                 let open = self.reserve(&r).unwrap_or_else(|error| {
@@ -449,30 +450,34 @@ impl Links {
             }
             Job::Forget(request_id) => {
                 // Dropping the transfer closes its connection: the decoder frees the pages.
-                for chunk in self.open.remove(&request_id).into_iter().flat_map(|o| o.chunks) {
+                for chunk in self
+                    .open
+                    .remove(&request_id)
+                    .into_iter()
+                    .flat_map(|o| o.chunks)
+                {
                     staging.give_back(chunk.data);
                 }
                 None
             }
             Job::Flush(mut job) => {
-                let Some(mut open) = self.open.remove(&job.request_id) else {
-                    return Some(job);
-                };
-                open.chunks.append(&mut job.chunks);
-                job.chunks = open.chunks;
-                let wanted = self.looked_up(&job).unwrap_or(usize::MAX);
-                match open.transfer {
+                let mut transfer = None;
+                if let Some(mut open) = self.open.remove(&job.request_id) {
+                    open.chunks.append(&mut job.chunks);
+                    job.chunks = open.chunks;
+                    let wanted = self.looked_up(&job).unwrap_or(usize::MAX);
                     // Every chunk the decoder looks up was reserved and put: commit.
-                    Some(transfer) if open.put == transfer.num_chunks() && open.put == wanted => {
-                        let committed = self.commit(&job, transfer);
-                        if let Err(error) = committed {
-                            self.report(&job.request_id, &error);
-                        }
-                        job.recycle(staging);
-                        None
-                    }
-                    _ => Some(job),
+                    transfer = open
+                        .transfer
+                        .filter(|t| open.put == t.num_chunks() && open.put == wanted);
                 }
+                let sent = match transfer {
+                    Some(transfer) => self.commit(&job, transfer),
+                    None => self.send(&job),
+                };
+                let request = std::mem::take(&mut job.request_id);
+                job.recycle(staging);
+                Some((request, sent))
             }
         }
     }
@@ -583,14 +588,6 @@ impl Links {
         Ok(stats)
     }
 
-    /// The sender thread's send: a failure is logged and reported to the proxy, which then
-    /// fails the request at once instead of waiting for KV that will not come.
-    fn send_or_report(&mut self, job: &SendJob) {
-        if let Err(error) = self.send(job) {
-            self.report(&job.request_id, &error);
-        }
-    }
-
     /// Logs a failed send and tells the proxy, which then fails the request at once
     /// instead of waiting for KV that will not come.
     fn report(&self, request: &str, error: &TransferError) {
@@ -631,8 +628,7 @@ impl Open {
     /// Sends `chunk` into its reserved page when it is one the decoder looks up; holds it
     /// either way. A failed put gives up the reservation (the flush then sends whole).
     fn put(&mut self, request_id: &str, chunk: GatheredChunk) {
-        if let (Some(transfer), Some(&index)) =
-            (self.transfer.as_mut(), self.index.get(&chunk.key))
+        if let (Some(transfer), Some(&index)) = (self.transfer.as_mut(), self.index.get(&chunk.key))
         {
             let view = OutgoingChunk {
                 key: &chunk.key,
