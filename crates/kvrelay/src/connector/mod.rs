@@ -302,7 +302,14 @@ mod tests {
                 num_computed_tokens: 256,
             };
             // A load, not the prompt's last step.
-            meta.push(&scheduled, vec![chunk.clone()], false, vec![], false, vec![]);
+            meta.push(
+                &scheduled,
+                vec![chunk.clone()],
+                false,
+                vec![],
+                false,
+                vec![],
+            );
         }
         assert_eq!(meta.requests[0].pd_request_id(), "pd-42");
         assert_eq!(meta.requests[0].kv_transfer_params.as_ref(), Some(&params));

@@ -485,10 +485,8 @@ impl Links {
     /// Asks the decoder for the pages of every chunk of `r` it will look up.
     fn reserve(&mut self, r: &Reservation) -> Result<Open, TransferError> {
         let chunk_size = self.config.chunk_size;
-        let sender = self.link(self.peer(&r.request_id, r.target.as_ref())?)?;
-        let lookup_len = r
-            .decoder_tokens
-            .saturating_sub(sender.receiver_skip_last_n_tokens());
+        let (sender, lookup_len) =
+            self.link_and_lookup(&r.request_id, r.target.as_ref(), r.decoder_tokens)?;
         let wanted: Vec<&(CacheKey, ChunkMeta, usize)> = r
             .chunks
             .iter()
@@ -533,13 +531,24 @@ impl Links {
         }
     }
 
+    /// The link to a request's receiver, and how many of the tokens its decoder is handed
+    /// its lookup covers (it leaves out the last `skip_last_n_tokens` its `Welcome` named).
+    fn link_and_lookup(
+        &mut self,
+        request_id: &str,
+        target: Option<&PdTarget>,
+        decoder_tokens: usize,
+    ) -> Result<(&mut PdSender, usize), TransferError> {
+        let sender = self.link(self.peer(request_id, target)?)?;
+        let lookup_len = decoder_tokens.saturating_sub(sender.receiver_skip_last_n_tokens());
+        Ok((sender, lookup_len))
+    }
+
     /// How many chunks of `job` its decoder looks up.
     fn looked_up(&mut self, job: &SendJob) -> Result<usize, TransferError> {
         let chunk_size = self.config.chunk_size;
-        let sender = self.link(self.peer(&job.request_id, job.target.as_ref())?)?;
-        let lookup_len = job
-            .decoder_tokens
-            .saturating_sub(sender.receiver_skip_last_n_tokens());
+        let (_, lookup_len) =
+            self.link_and_lookup(&job.request_id, job.target.as_ref(), job.decoder_tokens)?;
         let wanted = job
             .chunks
             .iter()
@@ -549,12 +558,9 @@ impl Links {
     }
 
     fn send(&mut self, job: &SendJob) -> Result<SendStats, TransferError> {
-        let peer = self.peer(&job.request_id, job.target.as_ref())?;
         let chunk_size = self.config.chunk_size;
-        let sender = self.link(peer)?;
-        let lookup_len = job
-            .decoder_tokens
-            .saturating_sub(sender.receiver_skip_last_n_tokens());
+        let (sender, lookup_len) =
+            self.link_and_lookup(&job.request_id, job.target.as_ref(), job.decoder_tokens)?;
         let views: Vec<OutgoingChunk<'_>> = job
             .chunks
             .iter()
