@@ -12,6 +12,7 @@ mod copy_ascend;
 #[cfg(feature = "rbln")]
 mod copy_rbln;
 mod hash;
+mod pd;
 mod soak;
 mod store;
 #[cfg(feature = "redis")]
@@ -34,6 +35,10 @@ pub enum BenchCommand {
     /// prefiller and decoder: every answer must equal the engine alone, and the decoder's
     /// PD buffer must end with no page in use.
     Soak(soak::SoakArgs),
+    /// An 8,192-token prompt in chunked prefill on the reference engine, its KV pushed to a
+    /// decoder engine as each chunk is computed: prefill compute time and the KV-ready delay
+    /// after the last step, against one chunk's and the whole prompt's transfer time.
+    Pd(pd::PdArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
@@ -43,6 +48,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Store(args) => store::run(args),
         BenchCommand::Transfer(args) => transfer::run(args),
         BenchCommand::Soak(args) => soak::run(args),
+        BenchCommand::Pd(args) => pd::run(args),
     }?;
     Ok(ExitCode::SUCCESS)
 }
