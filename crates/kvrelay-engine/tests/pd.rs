@@ -427,3 +427,60 @@ fn pd_with_two_tp_ranks_decodes_like_a_one_rank_colocated_run() {
         pd_round(&prompts(), channel, 2, (decoder_config, ""), "");
     }
 }
+
+/// Chunked prefill overlaps the transfer: the decoder's pages are held from the prompt's
+/// first step (each chunk then goes over in the step that computed it), nothing is
+/// visible to the decoder before the prompt's end, and the decoded output still equals
+/// a colocated run.
+#[test]
+fn chunked_prefill_reserves_the_decoders_pages_at_its_first_step() {
+    for mode in ["sync", "async"] {
+        let (init, alloc) = (free_port(), free_port());
+        let (proxy, notifications) = fake_proxy();
+        let mut decoder = engine(
+            "kv_consumer",
+            &pd_yaml("receiver", "tcp", init, alloc, proxy),
+            config(),
+        );
+        let sender_yaml = pd_yaml("sender", "tcp", init, alloc, proxy);
+        let mut prefiller = engine(
+            "kv_producer",
+            &format!("{sender_yaml}pd_backend_mode: {mode}\n"),
+            config(),
+        );
+        // 100 tokens at 48 a step: three steps, the first saving one 32-token chunk.
+        let prompt = prompts()[0].clone();
+        prefiller
+            .add_request("long", prompt.clone(), SamplingParams::greedy(1))
+            .unwrap();
+        assert!(prefiller.step().unwrap().is_empty());
+        let receiver = decoder
+            .connector()
+            .unwrap()
+            .pd_receiver
+            .as_ref()
+            .unwrap()
+            .clone();
+        let reserved = |r: &kvrelay::transfer::PdReceiver| {
+            let occ = r.occupancy();
+            occ.requests == 1 && occ.used_pages >= 3
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !reserved(&receiver) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode}: never reserved"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(notifications.try_recv().is_err(), "{mode}: ready too early");
+        let prefill = prefiller.run_to_completion().unwrap();
+        assert_eq!(prefill[0].transfer.failed_sends, 0, "{mode}");
+        let ready = notifications.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!((ready.request_id.as_str(), ready.failure), ("long", None));
+        let ps = [prompt];
+        let decode = decoder.generate(&ps, SamplingParams::greedy(5)).unwrap();
+        assert_same(&decode, &colocated(&ps));
+        assert_eq!(decode[0].hit_tokens, ps[0].len() - 1, "{mode}");
+    }
+}
