@@ -21,6 +21,10 @@
 //! let sum = frame::checksum(&staged);       // once, when the chunk is gathered
 //! tx.send_request(request_id, &[OutgoingChunk { key, meta, data: &staged, checksum: sum }])?;
 //!                                            // alloc → data → seal → commit → notify
+//! // or, in chunked prefill, the same steps spread over the prompt's steps:
+//! let mut t = tx.reserve(request_id, &[ChunkPlan { key, meta }])?; // first step: pages
+//! t.put(0, &OutgoingChunk { key, meta, data: &staged, checksum: sum })?; // as computed
+//! t.commit(&mut tx)?;                        // last step; dropping `t` instead frees them
 //! ```
 //!
 //! # Protocol ([`frame`] has the byte layout)
