@@ -84,6 +84,8 @@ pub fn build_connector(
                     KeyDerivation::new(&prefix.model, prefix.world_size, prefix.dtype, &hasher)?;
                 let mut config = PdConfig::from_lmcache(&lmcache, &spec, keys)?;
                 config.skip_last_n_tokens = extra.skip_last_n_tokens;
+                // An Ascend channel runs on the NPU that holds this rank's KV.
+                config.device = device.ordinal();
                 let (tiers, sink, receiver) = pd_tiers(config, &lmcache, role, identity)?;
                 pd_sink = sink;
                 pd_receiver = receiver;
