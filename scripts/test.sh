@@ -61,7 +61,7 @@ scripts/check_rbln_bindings.sh
 cargo build -p ascend-emu
 cargo clippy --workspace --all-targets --features kvrelay/ascend,kvrelay-cli/ascend,kvrelay-examples/ascend -- -D warnings
 cargo test -p kvrelay --features ascend --lib --test device_ascend --test transfer_hccl
-cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_ascend
+cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_ascend --test serve_ascend
 cargo build -p kvrelay-examples --examples --features ascend
 cargo test -p kvrelay-examples --features ascend --test smoke_ascend
 scripts/check_bindings.sh ascend-sys

@@ -178,9 +178,11 @@ fn kv_placement(device: &str) -> Result<KvPlacement, String> {
             .map(|d| KvPlacement::Ascend(Arc::new(d)))
             .map_err(|e| format!("--device ascend: {e}")),
         #[cfg(not(feature = "ascend"))]
-        "ascend" => Err("--device ascend needs a kvrelay built with the `ascend` feature \
+        "ascend" => Err(
+            "--device ascend needs a kvrelay built with the `ascend` feature \
                          (cargo build -p kvrelay-cli --features ascend)"
-            .into()),
+                .into(),
+        ),
         other => Err(format!("unknown --device {other:?}; known: host, ascend")),
     }
 }
