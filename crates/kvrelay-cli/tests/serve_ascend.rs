@@ -85,12 +85,10 @@ fn two_ranks_on_two_npus_answer_like_one_host_rank_bit_for_bit() {
 
 #[test]
 fn a_tp_size_larger_than_the_npus_is_refused_at_start() {
-    let Output { status, stderr, .. } = serve(
-        &["--device", "ascend", "--tensor-parallel-size", "2"],
-        "1",
-    )
-    .output()
-    .unwrap();
+    let Output { status, stderr, .. } =
+        serve(&["--device", "ascend", "--tensor-parallel-size", "2"], "1")
+            .output()
+            .unwrap();
     assert!(!status.success());
     let stderr = String::from_utf8_lossy(&stderr);
     assert!(
