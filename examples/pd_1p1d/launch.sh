@@ -42,7 +42,8 @@ case "$DEVICE" in
     BUFFER_DEVICE=npu
     if [ -z "${KVRELAY_ASCENDCL_LIB:-}" ]; then
       cargo build --release -q -p ascend-emu
-      export KVRELAY_ASCENDCL_LIB="$RELEASE/libascend_emu.so" KVRELAY_HCCL_LIB="$RELEASE/libascend_emu.so"
+      export KVRELAY_ASCENDCL_LIB="$RELEASE/libascend_emu.so" KVRELAY_HCCL_LIB="$RELEASE/libascend_emu.so" \
+        KVRELAY_HCOMM_LIB="$RELEASE/libascend_emu.so" KVRELAY_HIXL_LIB="$RELEASE/libascend_emu.so"
       export ASCEND_EMU_CANN_VERSION="${ASCEND_EMU_CANN_VERSION:-9.1.0}" ASCEND_EMU_DEVICES=$((2 * TP))
     fi
     ;;
