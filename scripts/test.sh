@@ -61,15 +61,22 @@ scripts/check_rbln_bindings.sh
 cargo build -p ascend-emu
 cargo clippy --workspace --all-targets --features kvrelay/ascend,kvrelay-cli/ascend,kvrelay-examples/ascend -- -D warnings
 cargo test -p kvrelay --features ascend --lib --test device_ascend --test transfer_hccl --test transfer_hcomm_onesided --test transfer_hixl
-cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_ascend
+cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_ascend --test serve_ascend
 cargo build -p kvrelay-examples --examples --features ascend
 cargo test -p kvrelay-examples --features ascend --test smoke_ascend
 scripts/check_bindings.sh ascend-sys
 # The seed's 1p1d PD flow (prefiller, decoder, proxy on the seed's ports) end to end, with
-# one TP rank, then with the seed's two (tcp and shm; answers checked against one rank).
+# one TP rank, then with the seed's two (tcp, shm, and hccl on Ascend; answers checked
+# against one rank).
 examples/pd_1p1d/launch.sh >/dev/null
 TP=2 examples/pd_1p1d/launch.sh >/dev/null
 TP=2 CHANNEL=shm examples/pd_1p1d/launch.sh >/dev/null
+# The same on NPU KV (ascend-emu), NPU PD buffer, each rank on its own NPU, once per Ascend
+# channel (hccl with a decoder of another block size than its prefiller); token ids and
+# logits digest equal to one colocated rank's.
+DEVICE=ascend CHANNEL=hccl TP=2 DECODER_BLOCK_SIZE=64 examples/pd_1p1d/launch.sh >/dev/null
+DEVICE=ascend CHANNEL=hcomm_onesided TP=2 examples/pd_1p1d/launch.sh >/dev/null
+DEVICE=ascend CHANNEL=hixl TP=2 examples/pd_1p1d/launch.sh >/dev/null
 # Ordinary PD traffic for a while: 3,000 short and long completions through the proxy must
 # all equal the engine alone, and the decoder's PD buffer must end with no page in use.
 cargo run --release -q -p kvrelay-cli -- bench soak --requests 3000 --concurrency 8

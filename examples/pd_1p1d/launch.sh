@@ -10,8 +10,18 @@
 # token ids are then checked against a colocated one-rank engine (port 7000) given the
 # same request, and the decoder must have loaded KV (hit tokens above 0).
 #
+# With DEVICE=ascend both engines keep their KV on NPUs (serve --device ascend; rank i on
+# NPU i of its process, as the seed's ASCEND_RT_VISIBLE_DEVICES=4,5 and 6,7 give it) with
+# the seed's PD settings (pd_buffer_device: npu; CHANNEL=hccl, hcomm_onesided or hixl). A
+# kvrelay built with the `ascend` feature runs on the CANN that KVRELAY_ASCENDCL_LIB /
+# KVRELAY_HCCL_LIB (or ascend-sys's search order) finds; without KVRELAY_ASCENDCL_LIB it
+# runs on the ascend-emu test double (ASCEND_EMU_CANN_VERSION, default 9.1.0). The answer's
+# token ids and logits digest are then checked against a colocated one-rank engine.
+#
 #   examples/pd_1p1d/launch.sh                 # tiny-random, tcp, one rank
 #   TP=2 CHANNEL=shm examples/pd_1p1d/launch.sh
+#   DEVICE=ascend CHANNEL=hccl TP=2 examples/pd_1p1d/launch.sh
+#   DECODER_BLOCK_SIZE=64 TP=2 examples/pd_1p1d/launch.sh   # decoder pages unlike the prefiller's
 #   MODEL=/data/Llama-3.2-1B CHANNEL=shm examples/pd_1p1d/launch.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,8 +29,26 @@ cd "$(dirname "$0")/../.."
 MODEL="${MODEL:-tiny-random}"
 CHANNEL="${CHANNEL:-tcp}"
 TP="${TP:-1}"
-cargo build --release -q -p kvrelay-cli
-KVRELAY="${CARGO_TARGET_DIR:-target}/release/kvrelay"
+DEVICE="${DEVICE:-host}"
+BLOCK_SIZE=128
+DECODER_BLOCK_SIZE="${DECODER_BLOCK_SIZE:-$BLOCK_SIZE}"
+RELEASE="${CARGO_TARGET_DIR:-target}/release"
+KVRELAY="$RELEASE/kvrelay"
+BUFFER_DEVICE=cpu
+case "$DEVICE" in
+  host) cargo build --release -q -p kvrelay-cli ;;
+  ascend)
+    cargo build --release -q -p kvrelay-cli --features ascend
+    BUFFER_DEVICE=npu
+    if [ -z "${KVRELAY_ASCENDCL_LIB:-}" ]; then
+      cargo build --release -q -p ascend-emu
+      export KVRELAY_ASCENDCL_LIB="$RELEASE/libascend_emu.so" KVRELAY_HCCL_LIB="$RELEASE/libascend_emu.so" \
+        KVRELAY_HCOMM_LIB="$RELEASE/libascend_emu.so" KVRELAY_HIXL_LIB="$RELEASE/libascend_emu.so"
+      export ASCEND_EMU_CANN_VERSION="${ASCEND_EMU_CANN_VERSION:-9.1.0}" ASCEND_EMU_DEVICES=$((2 * TP))
+    fi
+    ;;
+  *) echo "DEVICE must be host or ascend, not $DEVICE" >&2; exit 2 ;;
+esac
 # One init and one alloc port per rank: "7300,7301" and "7400,7401" for TP=2.
 INIT_PORTS="$(seq -s, 7300 $((7300 + TP - 1)))"
 ALLOC_PORTS="$(seq -s, 7400 $((7400 + TP - 1)))"
@@ -37,14 +65,21 @@ for role in prefiller decoder; do
   sed -e "s/^transfer_channel: .*/transfer_channel: $CHANNEL/" \
     -e "s/^pd_peer_init_port: .*/pd_peer_init_port: [${INIT_PORTS//,/, }]/" \
     -e "s/^pd_peer_alloc_port: .*/pd_peer_alloc_port: [${ALLOC_PORTS//,/, }]/" \
+    -e "s/^pd_buffer_device: .*/pd_buffer_device: $BUFFER_DEVICE/" \
     "examples/pd_1p1d/lmcache-$role-config.yaml" > "$WORK/$role.yaml"
 done
 
-serve() { # role port tp [kv-transfer-config]
+# The NPUs each engine sees, as the seed's ASCEND_RT_VISIBLE_DEVICES: the prefiller's ranks
+# on the first TP devices, the decoder's on the next (the colocated engine on the first).
+visible() { # role tp
+  if [ "$1" = decoder ]; then seq -s, "$2" $((2 * $2 - 1)); else seq -s, 0 $(($2 - 1)); fi
+}
+serve() { # role port tp block-size [kv-transfer-config]
+  ASCEND_RT_VISIBLE_DEVICES="$(visible "$1" "$3")" \
   LMCACHE_CONFIG_FILE="$WORK/$1.yaml" PYTHONHASHSEED=0 "$KVRELAY" serve \
     --port "$2" --model "$MODEL" --enforce-eager --no-enable-prefix-caching \
-    --tensor-parallel-size "$3" --block-size 128 --max-model-len 32768 \
-    ${4:+--kv-transfer-config "$4"} > "$WORK/$1.log" 2>&1 &
+    --tensor-parallel-size "$3" --block-size "$4" --max-model-len 32768 --device "$DEVICE" \
+    ${5:+--kv-transfer-config "$5"} > "$WORK/$1.log" 2>&1 &
   PIDS+=($!)
 }
 wait_healthy() { # port
@@ -58,9 +93,9 @@ wait_healthy() { # port
 }
 
 # The decoder first: its PD buffer must listen before the prefiller sends.
-serve decoder 7200 "$TP" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"consumer1","skip_last_n_tokens":1}}'
+serve decoder 7200 "$TP" "$DECODER_BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"consumer1","skip_last_n_tokens":1}}'
 wait_healthy 7200
-serve prefiller 7100 "$TP" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"producer1"}}'
+serve prefiller 7100 "$TP" "$BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"producer1"}}'
 wait_healthy 7100
 "$KVRELAY" proxy --host localhost --port 9100 \
   --prefiller-host localhost --prefiller-port 7100 --num-prefillers 1 \
@@ -86,18 +121,19 @@ if ! grep -Eq '^kvrelay_connector_hit_tokens_total [1-9]' <<<"$HITS"; then
   cat "$WORK"/*.log >&2
   exit 1
 fi
-if [ "$TP" != 1 ]; then
-  # Splitting the heads over ranks must not change a token: a colocated one-rank engine.
-  serve colocated 7000 1
+if [ "$TP" != 1 ] || [ "$DEVICE" != host ] || [ "$DECODER_BLOCK_SIZE" != "$BLOCK_SIZE" ]; then
+  # Splitting the heads over ranks (and the NPU path) must not change a bit of the
+  # logits: the token ids and logits digest of a colocated one-rank engine.
+  serve colocated 7000 1 "$BLOCK_SIZE"
   wait_healthy 7000
-  token_ids() { grep -o '"token_ids":\[[0-9,]*\]' | head -1; }
-  PD_IDS="$(token_ids <<<"$ANSWER")"
-  COLOCATED_IDS="$(complete 7000 | token_ids)"
-  if [ -z "$PD_IDS" ] || [ "$PD_IDS" != "$COLOCATED_IDS" ]; then
-    echo "TP=$TP PD answer differs from one colocated rank:" >&2
-    echo "  pd:        $PD_IDS" >&2
-    echo "  colocated: $COLOCATED_IDS" >&2
+  fingerprint() { grep -o '"token_ids":\[[0-9,]*\]\|"logits_digest":"[0-9a-f]*"' | sort; }
+  PD_RUN="$(fingerprint <<<"$ANSWER")"
+  COLOCATED_RUN="$(complete 7000 | fingerprint)"
+  if [ "$(wc -l <<<"$PD_RUN")" != 2 ] || [ "$PD_RUN" != "$COLOCATED_RUN" ]; then
+    echo "DEVICE=$DEVICE TP=$TP DECODER_BLOCK_SIZE=$DECODER_BLOCK_SIZE PD answer differs from one colocated rank:" >&2
+    echo "  pd:        $PD_RUN" >&2
+    echo "  colocated: $COLOCATED_RUN" >&2
     exit 1
   fi
-  echo "TP=$TP PD token ids equal a colocated one-rank run's" >&2
+  echo "DEVICE=$DEVICE TP=$TP DECODER_BLOCK_SIZE=$DECODER_BLOCK_SIZE PD token ids and logits digest equal a colocated one-rank run's" >&2
 fi

@@ -9,7 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use kvrelay_engine::{
-    load_model, Engine, EngineConfig, LlamaConfig, Model, SamplingParams, Tokenizer, TINY_RANDOM,
+    load_model, Engine, EngineConfig, LlamaConfig, Model, RequestOutput, SamplingParams, Tokenizer,
+    TINY_RANDOM,
 };
 use serde_json::{json, Value};
 
@@ -205,7 +206,7 @@ fn token_ids(value: &Value) -> Vec<u32> {
 }
 
 /// What the reference engine generates in-process for each prompt.
-fn expected(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+fn expected_outputs(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<RequestOutput> {
     let (model, _) = load_model(TINY_RANDOM, MAX_MODEL_LEN).expect("tiny-random");
     let config = EngineConfig {
         max_model_len: MAX_MODEL_LEN,
@@ -215,6 +216,11 @@ fn expected(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
     engine
         .generate(prompts, SamplingParams::greedy(max_tokens))
         .expect("generate")
+}
+
+/// The token ids the reference engine generates in-process for each prompt.
+fn expected(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    expected_outputs(prompts, max_tokens)
         .into_iter()
         .map(|o| o.output_token_ids)
         .collect()
@@ -243,7 +249,8 @@ fn completions_equal_the_engine_streaming_and_not() {
     let text = text_prompt(0);
     let text_ids = Tokenizer::Bytes.encode(&text).unwrap();
     let id_prompt: Vec<u32> = (0..40).map(|i| (i * 7 % 250) as u32).collect();
-    let want = expected(&[text_ids.clone(), id_prompt.clone()], 12);
+    let outputs = expected_outputs(&[text_ids.clone(), id_prompt.clone()], 12);
+    let want: Vec<Vec<u32>> = outputs.iter().map(|o| o.output_token_ids.clone()).collect();
 
     let (status, body) = post(
         &url,
@@ -258,9 +265,14 @@ fn completions_equal_the_engine_streaming_and_not() {
     assert_eq!(body["usage"]["completion_tokens"], 12);
     assert_eq!(body["object"], "text_completion");
 
+    // A whole answer carries the engine's digest of its logits.
+    assert_eq!(body["logits_digest"], outputs[0].logits_digest);
+
     let (status, body) = post(&url, &json!({"prompt": id_prompt, "max_tokens": 12}));
     assert_eq!(status, 200, "{body}");
     assert_eq!(token_ids(&body["choices"][0]["token_ids"]), want[1]);
+    assert_eq!(body["logits_digest"], outputs[1].logits_digest);
+    assert_ne!(outputs[0].logits_digest, outputs[1].logits_digest);
 
     for (prompt, want) in [(json!(text), &want[0]), (json!(id_prompt), &want[1])] {
         let events = post_stream(

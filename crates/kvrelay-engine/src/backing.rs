@@ -31,6 +31,30 @@ pub enum KvPlacement {
 }
 
 impl KvPlacement {
+    /// Where tensor-parallel rank `rank` of `world` keeps its cache. On Ascend each rank
+    /// has its own NPU, as vllm-ascend gives it: rank i uses the placement's device id + i
+    /// of the same runtime, and a world larger than the devices the runtime sees is
+    /// refused. The host and RBLN placements are shared by every rank.
+    #[cfg_attr(not(feature = "ascend"), allow(unused_variables))]
+    pub(crate) fn for_rank(&self, rank: u32, world: u32) -> Result<KvPlacement, EngineError> {
+        match self {
+            #[cfg(feature = "ascend")]
+            KvPlacement::Ascend(first) if rank > 0 => {
+                let id = first.device() + rank;
+                let device = kvrelay::device::AscendDevice::new(Arc::clone(first.acl()), id)
+                    .map_err(|e| {
+                        EngineError::Config(format!(
+                            "tensor_parallel_size {world} needs one NPU per rank (ids {}..={}): {e}",
+                            first.device(),
+                            first.device() + world - 1
+                        ))
+                    })?;
+                Ok(KvPlacement::Ascend(Arc::new(device)))
+            }
+            _ => Ok(self.clone()),
+        }
+    }
+
     /// The cache for `layout` at this placement.
     #[cfg_attr(
         not(any(feature = "rbln", feature = "ascend")),

@@ -35,7 +35,8 @@ pub struct EngineConfig {
     /// How long the engine waits without progress (only asynchronous loads pending) before
     /// giving up with [`EngineError::Stalled`].
     pub stall_timeout: Duration,
-    /// Where the authoritative KV cache lives (the engine computes in a host copy).
+    /// Where the authoritative KV cache lives (the engine computes in a host copy); on
+    /// Ascend, rank 0's NPU, rank i using the next ids (see `KvPlacement::for_rank`).
     pub kv_placement: KvPlacement,
     /// Tensor-parallel ranks: each holds `num_kv_heads / tensor_parallel_size` KV heads in
     /// its own cache, with its own connector worker.
@@ -254,8 +255,8 @@ impl Engine {
         };
         let layout = KvLayout::new(spec, config.layout)
             .map_err(|e| EngineError::Config(format!("KV layout: {e}")))?;
-        let ranks = (0..tp)
-            .map(|_| Rank::new(layout, &config.kv_placement))
+        let ranks = (0..tp as u32)
+            .map(|rank| Rank::new(layout, &config.kv_placement.for_rank(rank, tp as u32)?))
             .collect::<Result<Vec<_>, _>>()?;
         let eos = model
             .config

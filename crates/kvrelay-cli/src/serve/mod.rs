@@ -20,7 +20,7 @@ use kvrelay::config::{KvTransferConfig, LmcacheConfig};
 use kvrelay::layout::LayoutKind;
 use kvrelay::KvDtype;
 use kvrelay_engine::{
-    load_chat_template, load_model, ChatTemplate, Engine, EngineConfig, RequestOutput,
+    load_chat_template, load_model, ChatTemplate, Engine, EngineConfig, KvPlacement, RequestOutput,
     SamplingParams, Tokenizer,
 };
 use serde_json::{json, Value};
@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// pd_peer_init_port[i] / pd_peer_alloc_port[i]). N must divide the KV heads.
     #[arg(long, default_value_t = 1)]
     tensor_parallel_size: usize,
+    /// Where the KV cache lives: `host`, or `ascend` (feature `ascend`): TP rank i's cache
+    /// in NPU i's memory, its Ascend PD channel on that NPU.
+    #[arg(long, default_value = "host")]
+    device: String,
 }
 
 /// What the handler threads share.
@@ -130,6 +134,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
         layout: args.layout,
         stall_timeout: Duration::from_secs(args.request_timeout_sec),
         tensor_parallel_size: args.tensor_parallel_size,
+        kv_placement: kv_placement(&args.device)?,
         ..EngineConfig::default()
     };
     let mut engine =
@@ -162,6 +167,24 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     eprintln!("kvrelay serve: listening on http://{}", listener.address());
     listener.serve(limits, move |request| state.handle(request))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The engine's KV placement for `--device`: rank 0 on NPU 0 (the engine gives rank i NPU i).
+fn kv_placement(device: &str) -> Result<KvPlacement, String> {
+    match device {
+        "host" => Ok(KvPlacement::Host),
+        #[cfg(feature = "ascend")]
+        "ascend" => kvrelay::device::AscendDevice::open(0)
+            .map(|d| KvPlacement::Ascend(Arc::new(d)))
+            .map_err(|e| format!("--device ascend: {e}")),
+        #[cfg(not(feature = "ascend"))]
+        "ascend" => Err(
+            "--device ascend needs a kvrelay built with the `ascend` feature \
+                         (cargo build -p kvrelay-cli --features ascend)"
+                .into(),
+        ),
+        other => Err(format!("unknown --device {other:?}; known: host, ascend")),
+    }
 }
 
 fn unix_time() -> u64 {

@@ -1,5 +1,6 @@
 //! The OpenAI completions and chat completions protocols: reading a request body, and the
-//! JSON of responses and stream chunks (vLLM's shapes, plus `token_ids` in every choice).
+//! JSON of responses and stream chunks (vLLM's shapes, plus `token_ids` in every choice and
+//! a whole answer's `logits_digest`).
 
 use kvrelay::transfer::PdTarget;
 use kvrelay_engine::{ChatMessage, ChatTemplate, FinishReason, RequestOutput, Tokenizer};
@@ -457,6 +458,9 @@ impl Envelope<'_> {
         let mut body = self.object(false, json!([choice]));
         body["usage"] = usage(output);
         body["kv_transfer_params"] = output.kv_transfer_params.clone().unwrap_or(Value::Null);
+        // kvrelay's own field: the engine's xxh3 over the logits of every sampled position,
+        // so two servers can be shown to compute bit-identical logits (launch.sh TP=N).
+        body["logits_digest"] = json!(output.logits_digest);
         body
     }
 

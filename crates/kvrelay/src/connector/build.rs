@@ -117,6 +117,8 @@ pub fn build_connector_with(
                 let mut config = PdConfig::from_lmcache(&lmcache, &spec, keys)?;
                 config.skip_last_n_tokens = extra.skip_last_n_tokens;
                 config.block_packing = options.block_packing;
+                // An Ascend channel runs on the NPU that holds this rank's KV.
+                config.device = device.ordinal();
                 let (tiers, sink, receiver) =
                     pd_tiers(config, &lmcache, role, identity, options.remote_pd_buffer)?;
                 pd_sink = sink;

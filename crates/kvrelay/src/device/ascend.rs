@@ -365,6 +365,10 @@ impl Device for AscendDevice {
         &self.name
     }
 
+    fn ordinal(&self) -> u32 {
+        self.device
+    }
+
     fn start_gather<'a>(
         &'a self,
         plan: &'a CopyPlan,

@@ -173,6 +173,12 @@ pub trait Device: Send + Sync {
     /// A short name for logs and figures ("host", "rbln:0", ...).
     fn name(&self) -> &str;
 
+    /// The device's id within its runtime (an NPU's logical id): what a PD channel of the
+    /// same process opens its communicator on. Host memory is 0.
+    fn ordinal(&self) -> u32 {
+        0
+    }
+
     /// Host memory the device copies to and from fastest. The default is aligned host
     /// memory (huge pages for large buffers); a device whose runtime can pin or register
     /// memory overrides it.

@@ -104,7 +104,6 @@ pub(crate) struct OneSidedServer {
     api: Arc<OneSided>,
     pages: NpuPages,
     registered: Option<Arc<Registered>>,
-    sessions: AtomicU64,
 }
 
 impl OneSidedServer {
@@ -115,7 +114,6 @@ impl OneSidedServer {
             api,
             pages: NpuPages::default(),
             registered: None,
-            sessions: AtomicU64::new(0),
         })
     }
 }
@@ -141,10 +139,13 @@ impl ChannelServer for OneSidedServer {
             TransferError::Config("hcomm_onesided PD buffer not registered yet".into())
         })?;
         let table = rank_table(self.runtime.device());
+        // HCCL refuses a comm name already used in a process, and one process can hold
+        // several receivers (one per TP rank) and senders: number sessions process-wide.
+        static SESSIONS: AtomicU64 = AtomicU64::new(0);
         let name = format!(
             "kvrelay-{}-{}",
             std::process::id(),
-            self.sessions.fetch_add(1, Ordering::Relaxed)
+            SESSIONS.fetch_add(1, Ordering::Relaxed)
         );
         let base = registered.buffer().addr();
         let params = ChannelParams::write(|out| {

@@ -286,6 +286,28 @@ pub fn a_chunk_whose_checksum_does_not_match_is_dropped_and_the_next_request_lan
     assert!(out.contains("VERIFIED r4"), "{out}");
 }
 
+pub fn an_allocation_wait_on_a_full_buffer_is_bounded_and_the_same_request_then_lands(ch: Channel) {
+    // The buffer holds two requests: the third waits for pages, gives up after
+    // pd_allocation_timeout_sec with a typed error, and lands once the first is consumed.
+    let (rx, ports) = start_receiver(ch, "a1:held,a2:ok,a3:ok", &[]);
+    let (ok, out) = run_sender(ch, &ports, "a1;a2;a3;a3", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("SENT a1") && out.contains("SENT a2") && out.contains("SENT a3"),
+        "{out}"
+    );
+    assert!(
+        out.contains("SEND-ERROR a3") && out.contains("(AllocationTimeout)"),
+        "{out}"
+    );
+    let (ok, out) = finish_receiver(rx);
+    assert!(
+        ok && out.contains("HELD a1 through an allocation wait"),
+        "{out}"
+    );
+    assert!(out.contains("VERIFIED a3 4 chunks bit-exact"), "{out}");
+}
+
 pub fn a_stalled_sender_times_out_on_both_sides_and_the_next_request_succeeds(ch: Channel) {
     let (rx, ports) = start_receiver(ch, "stalled:fail,r5:ok", &[]);
     let started = Instant::now();
@@ -350,8 +372,9 @@ pub fn a_cann_too_old_for_the_channel_is_refused_at_start_naming_both_versions(c
 
 // ---- children (run by the ignored tests [`pd_channel_tests!`] defines) -------------
 
-/// Binds, prints the ports, then for each `id:ok|fail` of `SCENARIO` waits for that
-/// request and checks it landed bit for bit, or that it failed and freed its pages.
+/// Binds, prints the ports, then for each `id:ok|fail|held` of `SCENARIO` waits for that
+/// request and checks it landed bit for bit, or that it failed and freed its pages;
+/// `held` keeps the request's pages until a sender has waited for pages and given up.
 pub fn child_receiver() {
     let rx = PdReceiver::bind(&channel_config(), 0).unwrap();
     println!("PORTS {} {}", rx.init_addr().port(), rx.alloc_addr().port());
@@ -366,6 +389,18 @@ pub fn child_receiver() {
             continue;
         }
         let ready = ready.unwrap_or_else(|e| panic!("{id}: {e}"));
+        if expect == "held" {
+            let waited = |waiting: bool| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while (rx.occupancy().waiting > 0) != waiting {
+                    assert!(Instant::now() < deadline, "{id}: no allocation wait");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            waited(true);
+            waited(false);
+            println!("HELD {id} through an allocation wait");
+        }
         assert_eq!(ready.chunks, CHUNKS);
         for (key, _, data) in chunks(id) {
             let chunk = rx.get_for_request(&key, id).unwrap();
@@ -442,6 +477,7 @@ macro_rules! pd_channel_tests {
             a_sender_killed_mid_transfer_frees_the_pages_and_the_next_request_succeeds,
             a_receiver_killed_mid_transfer_is_a_bounded_typed_error_and_the_next_receiver_works,
             a_chunk_whose_checksum_does_not_match_is_dropped_and_the_next_request_lands,
+            an_allocation_wait_on_a_full_buffer_is_bounded_and_the_same_request_then_lands,
             a_stalled_sender_times_out_on_both_sides_and_the_next_request_succeeds,
             a_sender_on_a_cann_too_old_is_refused_naming_both_versions,
             a_cann_too_old_for_the_channel_is_refused_at_start_naming_both_versions,
