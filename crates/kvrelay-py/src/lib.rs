@@ -209,7 +209,7 @@ impl SchedulerConnector {
         py: Python<'py>,
         new: Vec<(String, Vec<u32>, usize)>,
         cached: Vec<(String, Vec<u32>, bool, usize)>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let new = new
             .into_iter()
             .map(|(id, block_ids, num_computed_tokens)| NewStep {
@@ -232,11 +232,12 @@ impl SchedulerConnector {
         let half = exclusive(&mut self.half);
         let encoded = py
             .allow_threads(|| {
+                // Only requests with KV to move are listed: none, nothing to encode.
                 half.build_connector_meta(new, cached)
-                    .map(|m| metadata::encode(&m))
+                    .map(|m| (!m.requests.is_empty()).then(|| metadata::encode(&m)))
             })
             .map_err(to_py)?;
-        Ok(PyBytes::new(py, &encoded))
+        Ok(encoded.map(|e| PyBytes::new(py, &e)))
     }
 
     /// `(keep the blocks, kv_transfer_params as JSON or None)`.
@@ -318,11 +319,14 @@ impl WorkerConnector {
         exclusive(&mut self.worker).clear_connector_metadata();
     }
 
-    /// Loads this step's chunks into the paged cache; returns when they have landed.
-    fn start_load_kv(&mut self, py: Python<'_>) -> PyResult<()> {
+    /// Loads this step's chunks into the paged cache; returns when they have landed, or,
+    /// for asynchronous loads, once queued. Returns whether loads run in the background,
+    /// whose ends `get_finished` reports.
+    fn start_load_kv(&mut self, py: Python<'_>) -> PyResult<bool> {
         let worker = exclusive(&mut self.worker);
         py.allow_threads(|| worker.start_load_kv())
-            .map_err(connector_error)
+            .map_err(connector_error)?;
+        Ok(worker.loads_in_background())
     }
 
     /// Saves this step's chunks into every tier before vLLM may reuse the blocks.

@@ -48,9 +48,11 @@ STATS_FILE_ENV = "KVRELAY_STATS_FILE"
 
 
 class KvrelayConnectorMetadata(KVConnectorMetadata):
-    """One step's work, encoded by the Rust scheduler half; vLLM pickles it as bytes."""
+    """One step's work, encoded by the Rust scheduler half; vLLM pickles it as bytes.
+    ``None`` on a step with no KV to move: the worker's hooks then return at once,
+    without calling into Rust."""
 
-    def __init__(self, encoded: bytes) -> None:
+    def __init__(self, encoded: bytes | None) -> None:
         self.encoded = encoded
 
 
@@ -175,6 +177,12 @@ class KvrelayConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] | None = None
         self._stats_file = os.environ.get(STATS_FILE_ENV)
         self._last_stats: dict[str, Any] | None = None
+        # Whether Rust holds this step's metadata (a step with KV to move), and whether it
+        # has loads in the background that only get_finished reports: the idle hooks'
+        # fast paths.
+        self._bound = False
+        self._background_loads = False
+        self._new_errors = self._new_stats = False
 
     # ---- worker half ----
 
@@ -198,16 +206,22 @@ class KvrelayConnector(KVConnectorBase_V1):
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         assert self._worker is not None and isinstance(connector_metadata, KvrelayConnectorMetadata)
-        self._worker.bind_connector_metadata(connector_metadata.encoded)
+        if connector_metadata.encoded is not None:
+            self._worker.bind_connector_metadata(connector_metadata.encoded)
+            self._bound = True
 
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()
-        assert self._worker is not None
-        self._worker.clear_connector_metadata()
+        if self._bound:
+            assert self._worker is not None
+            self._worker.clear_connector_metadata()
+            self._bound = False
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        assert self._worker is not None
-        self._worker.start_load_kv()
+        if self._bound:
+            assert self._worker is not None
+            self._background_loads = self._worker.start_load_kv()
+            self._worked()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads complete inside start_load_kv.
@@ -224,25 +238,40 @@ class KvrelayConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
-        assert self._worker is not None
-        self._worker.wait_for_save()
+        if self._bound:
+            assert self._worker is not None
+            self._worker.wait_for_save()
+            self._worked()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        assert self._worker is not None
-        sending, receiving = self._worker.get_finished(finished_req_ids)
+        finished: tuple[set[str] | None, set[str] | None] = (None, None)
+        # Only loads in the background end outside start_load_kv.
+        if self._background_loads:
+            assert self._worker is not None
+            sending, receiving = self._worker.get_finished(finished_req_ids)
+            finished = (sending or None, receiving or None)
+            self._worked()
         if self._stats_file:
             self._write_stats()
-        return sending or None, receiving or None
+        return finished
+
+    def _worked(self) -> None:
+        """Rust moved KV or collected loads: it may have new figures and load errors."""
+        self._new_errors = self._new_stats = True
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        if not self._new_errors:
+            return set()
         assert self._worker is not None
+        self._new_errors = False
         return self._worker.get_block_ids_with_load_errors()
 
     def get_kv_connector_stats(self) -> KvrelayConnectorStats | None:
         """What moved since vLLM last asked (once a step); None when nothing did. The
         scheduler half moves nothing and answers None."""
-        if self._worker is None:
+        if self._worker is None or not self._new_stats:
             return None
+        self._new_stats = False
         interval = self._worker.interval_stats()
         return KvrelayConnectorStats(data=interval) if interval is not None else None
 
@@ -307,6 +336,7 @@ class KvrelayConnector(KVConnectorBase_V1):
                 cached_reqs.num_computed_tokens,
             )
         ]
+        # None on a step with no KV to move.
         return KvrelayConnectorMetadata(self._scheduler.build_connector_meta(new, cached))
 
     def request_finished(

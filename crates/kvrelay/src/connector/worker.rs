@@ -244,6 +244,11 @@ impl KvWorker {
         self.load_errors.extend(outcome.failed_blocks);
     }
 
+    /// Whether asynchronous loads were started, whose ends only `get_finished` reports.
+    pub fn loads_in_background(&self) -> bool {
+        self.loader.is_some()
+    }
+
     /// Blocks until `layer`'s KV is in the paged cache. Loads finish in `start_load_kv`.
     pub fn wait_for_layer_load(&mut self, _layer: usize) {}
 

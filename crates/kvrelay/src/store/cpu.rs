@@ -12,7 +12,8 @@ use crate::keys::CacheKey;
 
 struct Entry {
     meta: ChunkMeta,
-    data: Box<[u8]>,
+    /// Its own copy (`put`), or the bytes a lower tier's hit returned (`put_shared`).
+    data: Bytes,
 }
 
 /// What a `Chunk` handed out by `get` owns. While it lives, the entry's `Arc` count is above
@@ -92,18 +93,61 @@ impl Tier for CpuTier {
     }
 
     fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError> {
-        let size = data.len() as u64;
+        self.check_size(data.len())?;
+        // Copy before taking the lock: other threads keep working meanwhile.
+        self.insert(key, meta, Bytes::copy_from_slice(data))
+    }
+
+    /// Keeps a reference to `data` instead of a copy: a promotion from the disk tier then
+    /// costs no copy on the load path. `data` is immutable, so the entry cannot change
+    /// under a reader, and its buffer lives until the entry is gone and no reader holds it.
+    fn put_shared(&self, key: &CacheKey, meta: ChunkMeta, data: &Bytes) -> Result<(), StoreError> {
+        self.check_size(data.len())?;
+        self.insert(key, meta, data.clone())
+    }
+
+    fn remove(&self, key: &CacheKey) -> Result<bool, StoreError> {
+        let mut inner = self.inner.lock();
+        let removed = inner.index.remove(key);
+        if let Some(e) = &removed {
+            inner.bytes -= e.data.len() as u64;
+        }
+        Ok(removed.is_some())
+    }
+
+    fn stats(&self) -> TierStats {
+        let inner = self.inner.lock();
+        TierStats {
+            entries: inner.index.len() as u64,
+            bytes: inner.bytes,
+            budget: self.budget,
+            hits: inner.hits,
+            misses: inner.misses,
+            evictions: inner.evictions,
+            corrupt: 0,
+            rejected: inner.rejected,
+            unavailable: 0,
+            unchecked: 0,
+        }
+    }
+}
+
+impl CpuTier {
+    fn check_size(&self, len: usize) -> Result<(), StoreError> {
+        let size = len as u64;
         if size > self.budget {
             return Err(StoreError::TooLarge {
                 size,
                 budget: self.budget,
             });
         }
-        // Copy before taking the lock: other threads keep working meanwhile.
-        let entry = Arc::new(Entry {
-            meta,
-            data: data.into(),
-        });
+        Ok(())
+    }
+
+    /// Stores `data` under `key`, evicting least recently used entries no reader holds.
+    fn insert(&self, key: &CacheKey, meta: ChunkMeta, data: Bytes) -> Result<(), StoreError> {
+        let size = data.len() as u64;
+        let entry = Arc::new(Entry { meta, data });
         // Dropped after the lock is released, so freeing memory does not block other threads.
         let mut dropped: Vec<Arc<Entry>> = Vec::new();
         let mut inner = self.inner.lock();
@@ -147,31 +191,6 @@ impl Tier for CpuTier {
         inner.index.insert(key.clone(), entry);
         Ok(())
     }
-
-    fn remove(&self, key: &CacheKey) -> Result<bool, StoreError> {
-        let mut inner = self.inner.lock();
-        let removed = inner.index.remove(key);
-        if let Some(e) = &removed {
-            inner.bytes -= e.data.len() as u64;
-        }
-        Ok(removed.is_some())
-    }
-
-    fn stats(&self) -> TierStats {
-        let inner = self.inner.lock();
-        TierStats {
-            entries: inner.index.len() as u64,
-            bytes: inner.bytes,
-            budget: self.budget,
-            hits: inner.hits,
-            misses: inner.misses,
-            evictions: inner.evictions,
-            corrupt: 0,
-            rejected: inner.rejected,
-            unavailable: 0,
-            unchecked: 0,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -190,6 +209,30 @@ mod tests {
 
     fn keys_in(tier: &CpuTier, n: u64) -> Vec<u64> {
         (0..n).filter(|&i| tier.contains(&key(i))).collect()
+    }
+
+    #[test]
+    fn put_shared_keeps_a_reference_not_a_copy_under_the_same_budget() {
+        let tier = CpuTier::new(300);
+        let shared = Bytes::from(vec![5u8; 200]);
+        tier.put_shared(&key(0), META, &shared).unwrap();
+        let held = tier.get(&key(0), 7).unwrap().unwrap();
+        assert_eq!(held.data.as_ptr(), shared.as_ptr());
+        assert_eq!(&held.data[..], &[5; 200][..]);
+        assert_eq!(tier.stats().bytes, 200);
+        // The held entry is not evicted, so a second one over budget is refused.
+        let second = Bytes::from(vec![6u8; 200]);
+        assert!(matches!(
+            tier.put_shared(&key(1), META, &second),
+            Err(StoreError::BudgetExhausted { .. })
+        ));
+        assert!(matches!(
+            tier.put_shared(&key(2), META, &Bytes::from(vec![0u8; 301])),
+            Err(StoreError::TooLarge { .. })
+        ));
+        drop(held);
+        tier.put_shared(&key(1), META, &second).unwrap();
+        assert_eq!(keys_in(&tier, 3), vec![1]);
     }
 
     #[test]

@@ -183,6 +183,11 @@ pub trait Tier: Send + Sync {
         self.get(key, expected_fingerprint)
     }
     fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError>;
+    /// `put` of bytes another tier's `get` returned (a promotion). A tier that keeps
+    /// chunks in memory may keep a reference to them instead of a copy.
+    fn put_shared(&self, key: &CacheKey, meta: ChunkMeta, data: &Bytes) -> Result<(), StoreError> {
+        self.put(key, meta, data)
+    }
     /// Returns whether the key was present.
     fn remove(&self, key: &CacheKey) -> Result<bool, StoreError>;
     fn stats(&self) -> TierStats;
@@ -372,7 +377,7 @@ impl TierStack {
 
     fn promote(&self, key: &CacheKey, chunk: &Chunk, above: &[Arc<dyn Tier>]) {
         for tier in above {
-            match tier.put(key, chunk.meta, &chunk.data) {
+            match tier.put_shared(key, chunk.meta, &chunk.data) {
                 Ok(()) => {
                     self.counters.promotions.fetch_add(1, Ordering::Relaxed);
                 }
