@@ -182,21 +182,21 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     // tcp: the winner's best run, calibration included.
     best[1] = best[1].min(baseline.best_stream());
     let extra = serde_json::json!({
-            "transport": transport,
-            "baseline_kind": baseline_kind,
-            "baseline_config": baseline_config,
-            "baseline_configs": configs,
-            "bytes": bytes,
-            "chunks": num_chunks,
-            "includes": "alloc round trip, data, the receiver's xxh3 of every chunk, commit, proxy notify",
-            "sender_checksum_gbps": gbps(bytes, checksum_time),
-            "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, best[2])),
-            "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
-            // NPU channels: whether the runtime is the test double, and (on the double,
-            // both sides in this process) every ACL/HCCL/HIXL call either side made during
-            // one request, the fewest of the rounds. Null for host channels.
-            "emulated": on_npu.then(emulated).transpose()?,
-            "calls_per_request": calls_per_request,
+        "transport": transport,
+        "baseline_kind": baseline_kind,
+        "baseline_config": baseline_config,
+        "baseline_configs": configs,
+        "bytes": bytes,
+        "chunks": num_chunks,
+        "includes": "alloc round trip, data, the receiver's xxh3 of every chunk, commit, proxy notify",
+        "sender_checksum_gbps": gbps(bytes, checksum_time),
+        "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, best[2])),
+        "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
+        // NPU channels: whether the runtime is the test double, and (on the double,
+        // both sides in this process) every ACL/HCCL/HIXL call either side made during
+        // one request, the fewest of the rounds. Null for host channels.
+        "emulated": on_npu.then(emulated).transpose()?,
+        "calls_per_request": calls_per_request,
     });
     print_result(
         "transfer",
