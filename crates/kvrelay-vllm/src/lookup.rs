@@ -511,9 +511,7 @@ impl Tier for LookupClient {
     }
 
     fn contains(&self, key: &CacheKey) -> bool {
-        let mut found = [false];
-        self.contains_many(std::slice::from_ref(key), &mut found);
-        found[0]
+        kvrelay::store::contains_by_batch(self, key)
     }
 
     fn contains_many(&self, keys: &[CacheKey], found: &mut [bool]) {

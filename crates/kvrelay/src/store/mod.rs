@@ -52,6 +52,14 @@ pub struct Chunk {
     pub data: Bytes,
 }
 
+/// `contains` for a tier whose lookups are batched round trips: one key asked through
+/// its `contains_many`, so both share one path.
+pub fn contains_by_batch<T: Tier + ?Sized>(tier: &T, key: &CacheKey) -> bool {
+    let mut found = [false];
+    tier.contains_many(std::slice::from_ref(key), &mut found);
+    found[0]
+}
+
 /// Why a tier could not store or return a chunk.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -457,9 +457,7 @@ impl Tier for RedisTier {
     }
 
     fn contains(&self, key: &CacheKey) -> bool {
-        let mut found = [false];
-        self.contains_many(std::slice::from_ref(key), &mut found);
-        found[0]
+        super::contains_by_batch(self, key)
     }
 
     /// One pipelined round trip: `EXISTS` of the three keys of every chunk asked about.
