@@ -15,6 +15,13 @@
 //! scatter). A plan thus makes 2 runtime calls with batch copies and at most
 //! `runs + 1` without. [`AscendDevice::calls`] counts them.
 //!
+//! A scatter from device pages (a PD buffer on the same NPU,
+//! [`Device::start_scatter_from_device`]) needs no staging: one `aclrtMemcpyAsync` with
+//! `ACL_MEMCPY_DEVICE_TO_DEVICE` per run (runs continuing each other on both sides merged)
+//! and one synchronize, on every CANN: `aclrtMemcpyBatchAsync` copies host to device or
+//! device to host only. Pages on another device are left to the host path (copying
+//! between NPUs needs peer access, which kvrelay does not enable).
+//!
 //! Each thread that issues copies is bound to the device with `aclrtSetDevice` first (once
 //! per thread). `ASCEND_RT_VISIBLE_DEVICES` is applied by the runtime: device ids here are
 //! the logical ids it leaves. A failed copy or synchronize is [`DeviceError::Runtime`]
