@@ -95,7 +95,11 @@ wait_healthy() { # port
 }
 
 # The decoder first: its PD buffer must listen before the prefiller sends.
-serve decoder 7200 "$TP" "$DECODER_BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"consumer1","skip_last_n_tokens":1}}'
+# With injected device-copy failures the decoder recomputes what it could not load (vLLM's
+# kv_load_failure_policy; the seed keeps the default, which fails the request).
+POLICY=""
+if [ -n "${ASCEND_EMU_FAIL_D2D_AFTER:-}" ]; then POLICY='"kv_load_failure_policy":"recompute",'; fi
+serve decoder 7200 "$TP" "$DECODER_BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer",'"$POLICY"'"kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"consumer1","skip_last_n_tokens":1}}'
 wait_healthy 7200
 serve prefiller 7100 "$TP" "$BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"producer1"}}'
 wait_healthy 7100
