@@ -73,7 +73,7 @@ TP=2 examples/pd_1p1d/launch.sh >/dev/null
 TP=2 CHANNEL=shm examples/pd_1p1d/launch.sh >/dev/null
 # The same on NPU KV (ascend-emu), NPU PD buffer, each rank on its own NPU, once per Ascend
 # channel (hccl with a decoder of another block size than its prefiller); token ids and
-# logits digest equal to one colocated rank's.
+# logits digest equal to one colocated rank's, every decoder load device to device.
 DEVICE=ascend CHANNEL=hccl TP=2 DECODER_BLOCK_SIZE=64 examples/pd_1p1d/launch.sh >/dev/null
 DEVICE=ascend CHANNEL=hcomm_onesided TP=2 examples/pd_1p1d/launch.sh >/dev/null
 DEVICE=ascend CHANNEL=hixl TP=2 examples/pd_1p1d/launch.sh >/dev/null
