@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-
 use super::{ChunkTransfer, ConnectorError, ConnectorMetadata, RequestTransfer};
 use crate::device::{Device, DevicePage, EngineMemory, HostBuffer};
 use crate::layout::KvCacheSpec;
@@ -501,9 +500,9 @@ impl LoadContext {
         let bytes = plan.total_bytes();
         let pages: Option<Vec<DevicePage>> = chunks.iter().map(|c| c.device.clone()).collect();
         if let Some(pages) = pages {
-            if let Some(copy) = self
-                .device
-                .start_scatter_from_device(&plan, &pages, &self.memory)?
+            if let Some(copy) =
+                self.device
+                    .start_scatter_from_device(&plan, &pages, &self.memory)?
             {
                 copy.wait()?;
                 return Ok(Scattered {

@@ -395,9 +395,7 @@ pub fn the_decoder_loads_the_pd_pages_device_to_device_bit_exact(ch: Channel) {
     assert!(line.ends_with("bit-exact"), "{line}");
 }
 
-pub fn a_failed_device_to_device_load_is_a_typed_error_and_the_host_copy_still_loads(
-    ch: Channel,
-) {
+pub fn a_failed_device_to_device_load_is_a_typed_error_and_the_host_copy_still_loads(ch: Channel) {
     let (rx, ports) = start_receiver(ch, "d2:load", &[("ASCEND_EMU_FAIL_D2D_AFTER", "0")]);
     let (ok, out) = run_sender(ch, &ports, "d2", &[]);
     assert!(ok && out.contains("SENT d2"), "{out}");
@@ -452,7 +450,7 @@ fn load_into_kv(rx: &PdReceiver, id: &str) {
     let regions = buffers.iter().map(Region::from).collect();
     // SAFETY: each region is a live device allocation of that length, kept by `buffers`
     // while `memory` is used.
-    let memory = unsafe { EngineMemory::from_raw(layout.clone(), regions) }.unwrap();
+    let memory = unsafe { EngineMemory::from_raw(layout, regions) }.unwrap();
     // Blocks in reverse, so no two chunks' blocks sit next to each other in order.
     let blocks: Vec<u32> = (0..spec().num_blocks as u32).rev().collect();
     let windows: Vec<ChunkWindow> = (0..CHUNKS)
@@ -471,7 +469,11 @@ fn load_into_kv(rx: &PdReceiver, id: &str) {
         .collect();
     let pages: Vec<DevicePage> = taken
         .iter()
-        .map(|c| c.device.clone().expect("a chunk of an NPU PD buffer names its page"))
+        .map(|c| {
+            c.device
+                .clone()
+                .expect("a chunk of an NPU PD buffer names its page")
+        })
         .collect();
     assert!(pages.iter().all(|p| p.ordinal() == 0), "{pages:?}");
     let calls = |kind| device.acl().test_double_copy_calls(kind).unwrap();
@@ -518,7 +520,6 @@ fn load_into_kv(rx: &PdReceiver, id: &str) {
     // Every page came back to the buffer once the chunks were dropped.
     assert_eq!(rx.occupancy().used_pages, 0);
 }
-
 
 /// Binds, prints the ports, then for each `id:ok|fail|held` of `SCENARIO` waits for that
 /// request and checks it landed bit for bit, or that it failed and freed its pages;
