@@ -316,13 +316,7 @@ pub fn check_device_scatter(
     pages: &[DevicePage],
     regions: &[Region],
 ) -> Result<(), DeviceError> {
-    check_plan(
-        plan,
-        Endpoint::Chunks,
-        Endpoint::Paged,
-        pages.iter().map(DevicePage::len),
-        regions.iter().map(|r| r.len),
-    )
+    check_scatter_sources(plan, pages.iter().map(DevicePage::len), regions)
 }
 
 /// The checks every device runs before a scatter (see [`check_gather`]).
@@ -331,11 +325,20 @@ pub fn check_scatter(
     host: &[&[u8]],
     regions: &[Region],
 ) -> Result<(), DeviceError> {
+    check_scatter_sources(plan, host.iter().map(|b| b.len()), regions)
+}
+
+/// A scatter's checks, given the lengths of its source buffers.
+fn check_scatter_sources(
+    plan: &CopyPlan,
+    src_lens: impl ExactSizeIterator<Item = usize>,
+    regions: &[Region],
+) -> Result<(), DeviceError> {
     check_plan(
         plan,
         Endpoint::Chunks,
         Endpoint::Paged,
-        host.iter().map(|b| b.len()),
+        src_lens,
         regions.iter().map(|r| r.len),
     )
 }
