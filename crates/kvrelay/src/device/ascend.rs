@@ -524,3 +524,57 @@ fn merged_device_copies(
         .map(|(dst, src, len)| (dst as *mut c_void, src as *mut c_void, len))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn run(src_buffer: u32, src_offset: usize, dst_buffer: u32, dst_offset: usize) -> CopyRun {
+        CopyRun {
+            src_buffer,
+            src_offset,
+            dst_buffer,
+            dst_offset,
+            len: 64,
+        }
+    }
+
+    #[test]
+    fn device_copies_merge_only_runs_that_continue_on_both_sides() {
+        let page = |addr| DevicePage::new(0, addr, 4096, Bytes::new());
+        let pages = [page(0x10_0000), page(0x20_0000)];
+        let regions = [
+            Region {
+                addr: 0x80_0000,
+                len: 4096,
+            },
+            Region {
+                addr: 0x90_0000,
+                len: 4096,
+            },
+        ];
+        let runs = [
+            run(0, 0, 0, 128),
+            // Continues on both sides: merged.
+            run(0, 64, 0, 192),
+            // Continues the destination only (another page).
+            run(1, 0, 0, 256),
+            // Continues the source only (another region).
+            run(1, 64, 1, 0),
+        ];
+        let copies: Vec<(u64, u64, usize)> = merged_device_copies(&runs, &pages, &regions)
+            .into_iter()
+            .map(|(dst, src, len)| (dst as u64, src as u64, len))
+            .collect();
+        assert_eq!(
+            copies,
+            [
+                (0x80_0080, 0x10_0000, 128),
+                (0x80_0100, 0x20_0000, 64),
+                (0x90_0000, 0x20_0040, 64),
+            ]
+        );
+    }
+}
