@@ -73,10 +73,13 @@ TP=2 examples/pd_1p1d/launch.sh >/dev/null
 TP=2 CHANNEL=shm examples/pd_1p1d/launch.sh >/dev/null
 # The same on NPU KV (ascend-emu), NPU PD buffer, each rank on its own NPU, once per Ascend
 # channel (hccl with a decoder of another block size than its prefiller); token ids and
-# logits digest equal to one colocated rank's.
+# logits digest equal to one colocated rank's, every decoder load device to device.
 DEVICE=ascend CHANNEL=hccl TP=2 DECODER_BLOCK_SIZE=64 examples/pd_1p1d/launch.sh >/dev/null
 DEVICE=ascend CHANNEL=hcomm_onesided TP=2 examples/pd_1p1d/launch.sh >/dev/null
 DEVICE=ascend CHANNEL=hixl TP=2 examples/pd_1p1d/launch.sh >/dev/null
+# The decoder's device-to-device loads failing (injected on the double): it recomputes,
+# with the same answer.
+ASCEND_EMU_FAIL_D2D_AFTER=0 DEVICE=ascend CHANNEL=hixl TP=2 examples/pd_1p1d/launch.sh >/dev/null
 # Ordinary PD traffic for a while: 3,000 short and long completions through the proxy must
 # all equal the engine alone, and the decoder's PD buffer must end with no page in use.
 cargo run --release -q -p kvrelay-cli -- bench soak --requests 3000 --concurrency 8

@@ -145,6 +145,27 @@ impl Acl {
         Some(unsafe { f() })
     }
 
+    /// On the ascend-emu test double, the copy calls of `kind` it accepted so far (sync,
+    /// async or batch, each call once); `None` on any other library.
+    pub fn test_double_copy_calls(&self, kind: CopyKind) -> Option<u64> {
+        if !self.test_double {
+            return None;
+        }
+        // SAFETY: the test double exports `ascend_emu_copy_calls` as
+        // `uint64_t (*)(int32_t)`.
+        let f = unsafe {
+            self.loaded
+                .lib
+                .get::<unsafe extern "C" fn(sys::aclrtMemcpyKind) -> u64>(
+                    b"ascend_emu_copy_calls\0",
+                )
+        }
+        .ok()?;
+        // SAFETY: takes a kind by value and reads a counter; the library stays loaded with
+        // `self`.
+        Some(unsafe { f(kind.raw()) })
+    }
+
     /// Whether the library exports `symbol` (probe only).
     pub fn has(&self, symbol: &str) -> bool {
         self.loaded.has(symbol)

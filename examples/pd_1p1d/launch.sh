@@ -16,7 +16,9 @@
 # kvrelay built with the `ascend` feature runs on the CANN that KVRELAY_ASCENDCL_LIB /
 # KVRELAY_HCCL_LIB (or ascend-sys's search order) finds; without KVRELAY_ASCENDCL_LIB it
 # runs on the ascend-emu test double (ASCEND_EMU_CANN_VERSION, default 9.1.0). The answer's
-# token ids and logits digest are then checked against a colocated one-rank engine.
+# token ids and logits digest are then checked against a colocated one-rank engine, and the
+# decoder must have loaded all its KV device to device from its PD pages (with
+# ASCEND_EMU_FAIL_D2D_AFTER=0 on the double those copies fail: it must recompute instead).
 #
 #   examples/pd_1p1d/launch.sh                 # tiny-random, tcp, one rank
 #   TP=2 CHANNEL=shm examples/pd_1p1d/launch.sh
@@ -93,7 +95,11 @@ wait_healthy() { # port
 }
 
 # The decoder first: its PD buffer must listen before the prefiller sends.
-serve decoder 7200 "$TP" "$DECODER_BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"consumer1","skip_last_n_tokens":1}}'
+# With injected device-copy failures the decoder recomputes what it could not load (vLLM's
+# kv_load_failure_policy; the seed keeps the default, which fails the request).
+POLICY=""
+if [ -n "${ASCEND_EMU_FAIL_D2D_AFTER:-}" ]; then POLICY='"kv_load_failure_policy":"recompute",'; fi
+serve decoder 7200 "$TP" "$DECODER_BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_consumer",'"$POLICY"'"kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"consumer1","skip_last_n_tokens":1}}'
 wait_healthy 7200
 serve prefiller 7100 "$TP" "$BLOCK_SIZE" '{"kv_connector":"LMCacheAscendConnectorV1Dynamic","kv_role":"kv_producer","kv_connector_extra_config":{"discard_partial_chunks":false,"lmcache_rpc_port":"producer1"}}'
 wait_healthy 7100
@@ -114,12 +120,25 @@ complete() { # port
 }
 ANSWER="$(complete 9100)"
 echo "$ANSWER"
-HITS="$(curl -s http://localhost:7200/metrics | grep -E '^kvrelay_connector_(hit_tokens|loaded_bytes)_total')"
+HITS="$(curl -s http://localhost:7200/metrics | grep -E '^kvrelay_connector_(hit_tokens|recomputed_tokens|loaded_bytes|device_loaded_bytes)_total')"
 echo "decoder: $HITS" >&2
-if ! grep -Eq '^kvrelay_connector_hit_tokens_total [1-9]' <<<"$HITS"; then
-  echo "the decoder loaded no KV; logs:" >&2
+metric() { awk -v name="kvrelay_connector_$1_total" '$1 == name { print $2 }' <<<"$HITS"; }
+fail() {
+  echo "$1; logs:" >&2
   cat "$WORK"/*.log >&2
   exit 1
+}
+if [ -n "${ASCEND_EMU_FAIL_D2D_AFTER:-}" ]; then
+  # The emulator fails the decoder's device-to-device loads: it recomputes instead, and the
+  # answer must still equal the colocated one.
+  if [ "$(metric recomputed_tokens)" = 0 ] || [ "$(metric device_loaded_bytes)" != 0 ]; then
+    fail "ASCEND_EMU_FAIL_D2D_AFTER=$ASCEND_EMU_FAIL_D2D_AFTER: the decoder should have recomputed"
+  fi
+elif [ "$(metric hit_tokens)" = 0 ]; then
+  fail "the decoder loaded no KV"
+elif [ "$BUFFER_DEVICE" = npu ] && [ "$(metric device_loaded_bytes)" != "$(metric loaded_bytes)" ]; then
+  # The decoder's KV and its PD buffer share each rank's NPU: every load is device to device.
+  fail "with pd_buffer_device npu the decoder loaded some KV from host memory"
 fi
 if [ "$TP" != 1 ] || [ "$DEVICE" != host ] || [ "$DECODER_BLOCK_SIZE" != "$BLOCK_SIZE" ]; then
   # Splitting the heads over ranks (and the NPU path) must not change a bit of the

@@ -25,8 +25,10 @@
 //!   and `destMax` must cover the count, or the call fails without copying a byte.
 //!   `aclrtMemcpy` copies at once; `aclrtMemcpyAsync` and `aclrtMemcpyBatchAsync` queue on
 //!   their stream and land only at `aclrtSynchronizeStream`, so a caller that reads before
-//!   synchronizing sees stale bytes, as on the device. The batch call refuses mixed or
-//!   device-to-device directions and reports the failing copy in `failIndex`.
+//!   synchronizing sees stale bytes, as on the device. Device-to-device copies need both
+//!   ranges on the stream's device (no peer access is emulated). The batch call refuses
+//!   mixed or device-to-device directions, as the runtime documents, and reports the
+//!   failing copy in `failIndex`.
 //! - `aclGetRecentErrMsg`: the calling thread's last error text.
 //! - versions: `aclsysGetVersionStr` / `aclsysGetVersionNum` read
 //!   `$ASCEND_HOME_PATH/share/info/<pkg>/version.info` as the runtime does.
@@ -42,6 +44,11 @@
 //!   M of them fail (a transient error).
 //! - `ASCEND_EMU_FAIL_SYNC_AFTER=N`: stream synchronizes after the first N fail with
 //!   `ACL_ERROR_RT_COPY_DATA` and drop the copies they were to land (nothing is written).
+//! - `ASCEND_EMU_FAIL_D2D_AFTER=N`: device-to-device copy calls after the first N fail with
+//!   `ACL_ERROR_RT_COPY_DATA` without copying (other directions are unaffected).
+//!
+//! `ascend_emu_copy_calls(kind)` answers how many copy calls (sync, async or batch) of
+//! `aclrtMemcpyKind` `kind` were accepted, so tests can tell which way KV moved.
 //!
 //! HCCL two-sided (`HcclGetRootInfo`, `HcclCommInitRootInfoConfig`, `HcclSend`,
 //! `HcclRecv`, `HcclCommDestroy`, `HcclGetErrorString`) is emulated in [`hccl`], with its
@@ -87,6 +94,17 @@ pub extern "C" fn ascend_emu_calls() -> u64 {
     CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// `uint64_t ascend_emu_copy_calls(int32_t kind)`: the copy calls (sync, async or batch)
+/// of `aclrtMemcpyKind` `kind` accepted so far; 0 for a kind that does not exist
+/// (`ascend_sys::Acl::test_double_copy_calls`).
+#[no_mangle]
+pub extern "C" fn ascend_emu_copy_calls(kind: aclrtMemcpyKind) -> u64 {
+    usize::try_from(kind)
+        .ok()
+        .and_then(|k| state().copies_by_kind.get(k).copied())
+        .unwrap_or(0)
+}
+
 const SUCCESS: aclError = sys::ACL_SUCCESS;
 const UNINITIALIZE: aclError = 100001;
 const REPEAT_INITIALIZE: aclError = 100002;
@@ -118,6 +136,7 @@ struct Config {
     fail_after: Option<u64>,
     fail_count: Option<u64>,
     fail_sync_after: Option<u64>,
+    fail_d2d_after: Option<u64>,
 }
 
 fn config() -> &'static Config {
@@ -141,6 +160,7 @@ fn config() -> &'static Config {
             fail_after: number("ASCEND_EMU_FAIL_AFTER"),
             fail_count: number("ASCEND_EMU_FAIL_COUNT"),
             fail_sync_after: number("ASCEND_EMU_FAIL_SYNC_AFTER"),
+            fail_d2d_after: number("ASCEND_EMU_FAIL_D2D_AFTER"),
         }
     })
 }
@@ -197,6 +217,8 @@ struct State {
     streams: BTreeMap<usize, StreamState>,
     next_stream: usize,
     copies: u64,
+    /// Accepted copy calls by `aclrtMemcpyKind` (H2H, H2D, D2H, D2D).
+    copies_by_kind: [u64; 4],
     syncs: u64,
 }
 
@@ -213,6 +235,7 @@ fn state() -> MutexGuard<'static, State> {
         streams: BTreeMap::new(),
         next_stream: 1,
         copies: 0,
+        copies_by_kind: [0; 4],
         syncs: 0,
     });
     // A panic while holding the lock is caught at the export; the state stays usable.
@@ -315,8 +338,8 @@ impl State {
             .is_some_and(|(&base, &(size, _))| addr - base + len <= size)
     }
 
-    /// Counts one copy call; an error when failure injection says it must fail.
-    fn admit_copy(&mut self) -> Outcome {
+    /// Counts one copy call of `kind`; an error when failure injection says it must fail.
+    fn admit_copy(&mut self, kind: aclrtMemcpyKind) -> Outcome {
         self.copies += 1;
         let n = self.copies;
         let config = config();
@@ -328,6 +351,16 @@ impl State {
                 );
             }
         }
+        let slot = &mut self.copies_by_kind[kind as usize];
+        if let (sys::ACL_MEMCPY_DEVICE_TO_DEVICE, Some(after)) = (kind, config.fail_d2d_after) {
+            if *slot >= after {
+                return fail(
+                    COPY_DATA,
+                    format!("injected failure of a device-to-device copy (ASCEND_EMU_FAIL_D2D_AFTER={after})"),
+                );
+            }
+        }
+        *slot += 1;
         Ok(())
     }
 
@@ -749,7 +782,7 @@ pub unsafe extern "C" fn aclrtMemcpy(
             None,
             false,
         )?;
-        state.admit_copy()?;
+        state.admit_copy(kind)?;
         perform(copy);
         Ok(())
     })
@@ -798,7 +831,7 @@ pub unsafe extern "C" fn aclrtMemcpyAsync(
             Some(device),
             true,
         )?;
-        state.admit_copy()?;
+        state.admit_copy(kind)?;
         if let Some(s) = state.streams.get_mut(&(stream as usize)) {
             s.pending.push(copy);
         }
@@ -911,7 +944,7 @@ pub unsafe extern "C" fn aclrtMemcpyBatchAsync(
                 }
             }
         }
-        state.admit_copy()?;
+        state.admit_copy(kinds[0].unwrap_or(sys::ACL_MEMCPY_HOST_TO_DEVICE))?;
         if let Some(s) = state.streams.get_mut(&(stream as usize)) {
             s.pending.extend(copies);
         }

@@ -387,6 +387,7 @@ fn figures<'py>(
         [
             ("loaded_tokens", s.loaded_tokens),
             ("loaded_bytes", s.loaded_bytes),
+            ("device_loaded_bytes", s.device_loaded_bytes),
             ("failed_load_tokens", s.failed_load_tokens),
             ("saved_chunks", s.saved_chunks),
             ("saved_bytes", s.saved_bytes),

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub hit_tokens: u64,
     pub recomputed_tokens: u64,
     pub loaded_bytes: u64,
+    pub device_loaded_bytes: u64,
     pub saved_bytes: u64,
     pub load_seconds: Histogram,
     pub save_seconds: Histogram,
@@ -72,6 +73,7 @@ impl Metrics {
         self.recomputed_tokens += output.recomputed_tokens as u64;
         let t = &output.transfer;
         self.loaded_bytes += t.loaded_bytes as u64;
+        self.device_loaded_bytes += t.device_loaded_bytes as u64;
         self.saved_bytes += t.saved_bytes as u64;
         if t.loaded_bytes > 0 {
             self.load_seconds.observe(t.load_time.as_secs_f64());
@@ -88,7 +90,7 @@ impl Metrics {
     /// The Prometheus text exposition, with `in_flight` admitted requests.
     pub fn render(&self, in_flight: usize) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "kvrelay_requests_finished_total",
                 "Requests that finished with tokens.",
@@ -128,6 +130,11 @@ impl Metrics {
                 "kvrelay_connector_loaded_bytes_total",
                 "KV bytes the connector loaded into the paged cache.",
                 self.loaded_bytes,
+            ),
+            (
+                "kvrelay_connector_device_loaded_bytes_total",
+                "Of the loaded KV bytes, those copied device to device from PD buffer pages on the engine's NPU.",
+                self.device_loaded_bytes,
             ),
             (
                 "kvrelay_connector_saved_bytes_total",

@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use super::{ChunkTransfer, ConnectorError, ConnectorMetadata, RequestTransfer};
-use crate::device::{Device, EngineMemory, HostBuffer};
+use crate::device::{Device, DevicePage, EngineMemory, HostBuffer};
 use crate::layout::KvCacheSpec;
 use crate::plan::{paged_to_chunks, ChunkWindow};
-use crate::store::{ChunkMeta, TierStack};
+use crate::store::{Chunk, ChunkMeta, TierStack};
 use crate::transfer::{PdSink, PdTarget};
 
 /// Transfer figures a user can read (the smoke examples print them), for the whole worker
@@ -23,6 +21,9 @@ pub struct ConnectorStats {
     /// Tokens written into the paged cache from chunks.
     pub loaded_tokens: usize,
     pub loaded_bytes: usize,
+    /// Of `loaded_bytes`, those copied device to device from the PD buffer's pages on the
+    /// engine's NPU (the rest came from host memory).
+    pub device_loaded_bytes: usize,
     pub load_time: Duration,
     /// Tokens whose load failed (missing, corrupt or rejected chunks); the engine recomputes them.
     pub failed_load_tokens: usize,
@@ -45,6 +46,7 @@ impl ConnectorStats {
     pub fn add(&mut self, other: &ConnectorStats) {
         self.loaded_tokens += other.loaded_tokens;
         self.loaded_bytes += other.loaded_bytes;
+        self.device_loaded_bytes += other.device_loaded_bytes;
         self.load_time += other.load_time;
         self.failed_load_tokens += other.failed_load_tokens;
         self.saved_chunks += other.saved_chunks;
@@ -414,7 +416,7 @@ impl LoadContext {
     fn load(&self, request: &RequestTransfer) -> LoadOutcome {
         let started = Instant::now();
         let fingerprint = self.memory.layout().chunk_fingerprint();
-        let mut chunks: Vec<Bytes> = Vec::with_capacity(request.loads.len());
+        let mut chunks: Vec<Chunk> = Vec::with_capacity(request.loads.len());
         for load in &request.loads {
             let expected = self.spec.chunk_bytes(load.window.tokens);
             match self
@@ -425,7 +427,7 @@ impl LoadContext {
                     if chunk.data.len() == expected
                         && chunk.meta.num_tokens as usize == load.window.tokens =>
                 {
-                    chunks.push(chunk.data)
+                    chunks.push(chunk)
                 }
                 Some(chunk) => {
                     tracing::warn!(key = %load.key, len = chunk.data.len(), expected, "chunk has the wrong size; recomputing");
@@ -436,8 +438,11 @@ impl LoadContext {
         }
         let mut stats = ConnectorStats::default();
         let loaded = match self.scatter(request, &chunks) {
-            Ok(bytes) => {
+            Ok(Scattered { bytes, from_device }) => {
                 stats.loaded_bytes = bytes;
+                if from_device {
+                    stats.device_loaded_bytes = bytes;
+                }
                 chunks.len()
             }
             Err(error) => {
@@ -473,24 +478,53 @@ impl LoadContext {
         }
     }
 
-    /// Writes the chunks into the request's blocks; returns the bytes moved.
+    /// Writes the chunks into the request's blocks: device to device when every chunk is
+    /// also in a device page the engine's device can copy from, otherwise from their host
+    /// bytes.
     fn scatter(
         &self,
         request: &RequestTransfer,
-        chunks: &[Bytes],
-    ) -> Result<usize, ConnectorError> {
+        chunks: &[Chunk],
+    ) -> Result<Scattered, ConnectorError> {
         if chunks.is_empty() {
-            return Ok(0);
+            return Ok(Scattered {
+                bytes: 0,
+                from_device: false,
+            });
         }
         let windows: Vec<ChunkWindow> = request.loads[..chunks.len()]
             .iter()
             .map(|l| l.window)
             .collect();
         let plan = paged_to_chunks(self.memory.layout(), &request.block_ids, &windows)?.inverse();
-        let host: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+        let bytes = plan.total_bytes();
+        let pages: Option<Vec<DevicePage>> = chunks.iter().map(|c| c.device.clone()).collect();
+        if let Some(pages) = pages {
+            if let Some(copy) =
+                self.device
+                    .start_scatter_from_device(&plan, &pages, &self.memory)?
+            {
+                copy.wait()?;
+                return Ok(Scattered {
+                    bytes,
+                    from_device: true,
+                });
+            }
+        }
+        let host: Vec<&[u8]> = chunks.iter().map(|c| &c.data[..]).collect();
         self.device
             .start_scatter(&plan, &host, &self.memory)?
             .wait()?;
-        Ok(plan.total_bytes())
+        Ok(Scattered {
+            bytes,
+            from_device: false,
+        })
     }
+}
+
+/// What a load's scatter moved.
+struct Scattered {
+    bytes: usize,
+    /// Device to device from the PD pages.
+    from_device: bool,
 }

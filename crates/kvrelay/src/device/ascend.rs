@@ -15,6 +15,13 @@
 //! scatter). A plan thus makes 2 runtime calls with batch copies and at most
 //! `runs + 1` without. [`AscendDevice::calls`] counts them.
 //!
+//! A scatter from device pages (a PD buffer on the same NPU,
+//! [`Device::start_scatter_from_device`]) needs no staging: one `aclrtMemcpyAsync` with
+//! `ACL_MEMCPY_DEVICE_TO_DEVICE` per run (runs continuing each other on both sides merged)
+//! and one synchronize, on every CANN: `aclrtMemcpyBatchAsync` copies host to device or
+//! device to host only. Pages on another device are left to the host path (copying
+//! between NPUs needs peer access, which kvrelay does not enable).
+//!
 //! Each thread that issues copies is bound to the device with `aclrtSetDevice` first (once
 //! per thread). `ASCEND_RT_VISIBLE_DEVICES` is applied by the runtime: device ids here are
 //! the logical ids it leaves. A failed copy or synchronize is [`DeviceError::Runtime`]
@@ -40,7 +47,10 @@ pub use ascend_sys::{
 use parking_lot::Mutex;
 
 use super::staged::{check_regions, DeviceRange, StagedPlan, StagingPool};
-use super::{check_gather, check_scatter, Device, DeviceError, EngineMemory, PendingCopy, Region};
+use super::{
+    check_device_scatter, check_gather, check_scatter, Device, DeviceError, DevicePage,
+    EngineMemory, PendingCopy, Region,
+};
 use crate::plan::{CopyPlan, CopyRun};
 
 /// Runtime calls an [`AscendDevice`] made, cumulative since it was created.
@@ -276,26 +286,39 @@ impl AscendDevice {
         stream.synchronize().map_err(|e| self.error(e))
     }
 
-    /// Issues the device side of a staged plan on `stream`: one batch, or one copy per
-    /// range. `pair` gives a range's (dst, src) addresses. A failure drains what was
-    /// already issued (it uses the staging buffer) before it is returned.
-    fn issue(
+    /// Issues `copies` (dst, src, len) of `kind` on `stream`: one batch, or one copy each.
+    /// Device-to-device copies always go one by one: `aclrtMemcpyBatchAsync` copies host to
+    /// device or device to host only (vllm-ascend falls back the same way). A failure
+    /// drains what was already issued (it may use the caller's buffers) before it is
+    /// returned.
+    ///
+    /// # Safety
+    /// Every copy's ranges are valid for `kind` on this device (engine ranges inside the
+    /// regions the caller checked, host ranges inside pinned staging, device pages held by
+    /// the caller), and stay so until `stream` is synchronized.
+    unsafe fn issue(
         &self,
         stream: &Stream,
-        ranges: &[DeviceRange],
         kind: CopyKind,
-        pair: impl Fn(&DeviceRange) -> (*mut c_void, *mut c_void),
+        copies: Vec<(*mut c_void, *mut c_void, usize)>,
     ) -> Result<(), DeviceError> {
-        let issued = match self.path {
+        let path = match kind {
+            CopyKind::DeviceToDevice => CopyPath::PerRange,
+            _ => self.path,
+        };
+        let issued = match path {
             CopyPath::Batch => {
                 self.counters.batches.fetch_add(1, Ordering::Relaxed);
-                let (mut dsts, mut srcs): (Vec<_>, Vec<_>) = ranges.iter().map(&pair).unzip();
-                let mut sizes: Vec<usize> = ranges.iter().map(|r| r.len).collect();
-                // SAFETY: each (dst, src, len) is a device range inside an engine region
-                // (the union of runs check_gather/check_scatter proved inside it; engine
-                // memory is valid per EngineMemory's contract) and a range of the pinned
-                // staging buffer StagedPlan sized; the caller keeps both until the stream
-                // is synchronized.
+                let mut dsts = Vec::with_capacity(copies.len());
+                let mut srcs = Vec::with_capacity(copies.len());
+                let mut sizes = Vec::with_capacity(copies.len());
+                for (dst, src, len) in copies {
+                    dsts.push(dst);
+                    srcs.push(src);
+                    sizes.push(len);
+                }
+                // SAFETY: each (dst, src, len) is valid per this function's contract, until
+                // the stream is synchronized.
                 unsafe {
                     self.acl.memcpy_batch_async(
                         &mut dsts,
@@ -307,14 +330,10 @@ impl AscendDevice {
                     )
                 }
             }
-            CopyPath::PerRange => ranges.iter().try_for_each(|range| {
+            CopyPath::PerRange => copies.into_iter().try_for_each(|(dst, src, len)| {
                 self.counters.copies.fetch_add(1, Ordering::Relaxed);
-                let (dst, src) = pair(range);
-                // SAFETY: as for the batch above, one range at a time.
-                unsafe {
-                    self.acl
-                        .memcpy_async(dst, src, range.len, kind, stream.raw())
-                }
+                // SAFETY: as for the batch above, one copy at a time.
+                unsafe { self.acl.memcpy_async(dst, src, len, kind, stream.raw()) }
             }),
         };
         issued.map_err(|e| {
@@ -383,10 +402,14 @@ impl Device for AscendDevice {
         }
         let (staged, mut staging, stream) = self.prepare(plan, |r| (r.src_buffer, r.src_offset))?;
         let base = staging.as_mut_ptr();
-        let issued = self.issue(&stream, &staged.ranges, CopyKind::DeviceToHost, |range| {
+        let copies = staged.ranges.iter().map(|range| {
             let dst = base.wrapping_add(range.staging).cast::<c_void>();
-            (dst, device_addr(regions, range))
+            (dst, device_addr(regions, range), range.len)
         });
+        // SAFETY: each range is the union of runs check_gather proved inside an engine
+        // region (valid per EngineMemory's contract) and a range of the pinned staging
+        // buffer StagedPlan sized; both are kept until the synchronize in wait.
+        let issued = unsafe { self.issue(&stream, CopyKind::DeviceToHost, copies.collect()) };
         if let Err(e) = issued {
             self.finish(staging, stream);
             return Err(e);
@@ -418,10 +441,12 @@ impl Device for AscendDevice {
         let (staged, mut staging, stream) = self.prepare(plan, |r| (r.dst_buffer, r.dst_offset))?;
         staged.pack(plan.runs(), host, &mut staging);
         let base = staging.as_mut_ptr();
-        let issued = self.issue(&stream, &staged.ranges, CopyKind::HostToDevice, |range| {
+        let copies = staged.ranges.iter().map(|range| {
             let src = base.wrapping_add(range.staging).cast::<c_void>();
-            (device_addr(regions, range), src)
+            (device_addr(regions, range), src, range.len)
         });
+        // SAFETY: as in start_gather, with check_scatter's proof.
+        let issued = unsafe { self.issue(&stream, CopyKind::HostToDevice, copies.collect()) };
         if let Err(e) = issued {
             self.finish(staging, stream);
             return Err(e);
@@ -431,5 +456,125 @@ impl Device for AscendDevice {
             self.finish(staging, stream);
             landed
         }))
+    }
+
+    /// One `aclrtMemcpyAsync` (`ACL_MEMCPY_DEVICE_TO_DEVICE`) per run, runs that continue
+    /// each other on both sides merged, then one synchronize; no staging. Pages on another
+    /// device than this one are refused (`Ok(None)`, a debug log): copying between NPUs
+    /// needs peer access, which kvrelay does not enable.
+    fn start_scatter_from_device<'a>(
+        &'a self,
+        plan: &'a CopyPlan,
+        pages: &'a [DevicePage],
+        engine: &'a EngineMemory,
+    ) -> Result<Option<PendingCopy<'a>>, DeviceError> {
+        if let Some(page) = pages.iter().find(|p| p.ordinal() != self.device) {
+            tracing::debug!(
+                device = %self.name,
+                page_device = page.ordinal(),
+                "PD pages on another NPU than the engine's KV; loading from their host copies"
+            );
+            return Ok(None);
+        }
+        let regions = check_regions(engine)?;
+        check_device_scatter(plan, pages, regions)?;
+        self.bind()?;
+        self.counters.plans.fetch_add(1, Ordering::Relaxed);
+        if plan.runs().is_empty() {
+            return Ok(Some(PendingCopy::done()));
+        }
+        let stream = self.take_stream()?;
+        let copies = merged_device_copies(plan.runs(), pages, regions);
+        // SAFETY: check_device_scatter proved every run inside its page (held by `pages`,
+        // which the caller keeps until wait) and its engine region (valid per
+        // EngineMemory's contract); both stay until the synchronize in wait.
+        let issued = unsafe { self.issue(&stream, CopyKind::DeviceToDevice, copies) };
+        if let Err(e) = issued {
+            self.streams.lock().push(stream);
+            return Err(e);
+        }
+        Ok(Some(PendingCopy::new(move || {
+            let landed = self.synchronize(&stream);
+            self.streams.lock().push(stream);
+            landed
+        })))
+    }
+}
+
+/// A scatter's runs from device pages as (dst, src, len) device copies, in plan order, a run
+/// merged into the previous copy when it continues it on both sides.
+fn merged_device_copies(
+    runs: &[CopyRun],
+    pages: &[DevicePage],
+    regions: &[Region],
+) -> Vec<(*mut c_void, *mut c_void, usize)> {
+    let mut copies: Vec<(u64, u64, usize)> = Vec::new();
+    for run in runs {
+        let dst = regions[run.dst_buffer as usize].addr + run.dst_offset as u64;
+        let src = pages[run.src_buffer as usize].addr() + run.src_offset as u64;
+        match copies.last_mut() {
+            Some((d, s, len)) if *d + *len as u64 == dst && *s + *len as u64 == src => {
+                *len += run.len;
+            }
+            _ => copies.push((dst, src, run.len)),
+        }
+    }
+    copies
+        .into_iter()
+        .map(|(dst, src, len)| (dst as *mut c_void, src as *mut c_void, len))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn run(src_buffer: u32, src_offset: usize, dst_buffer: u32, dst_offset: usize) -> CopyRun {
+        CopyRun {
+            src_buffer,
+            src_offset,
+            dst_buffer,
+            dst_offset,
+            len: 64,
+        }
+    }
+
+    #[test]
+    fn device_copies_merge_only_runs_that_continue_on_both_sides() {
+        let page = |addr| DevicePage::new(0, addr, 4096, Bytes::new());
+        let pages = [page(0x10_0000), page(0x20_0000)];
+        let regions = [
+            Region {
+                addr: 0x80_0000,
+                len: 4096,
+            },
+            Region {
+                addr: 0x90_0000,
+                len: 4096,
+            },
+        ];
+        let runs = [
+            run(0, 0, 0, 128),
+            // Continues on both sides: merged.
+            run(0, 64, 0, 192),
+            // Continues the destination only (another page).
+            run(1, 0, 0, 256),
+            // Continues the source only (another region).
+            run(1, 64, 1, 0),
+        ];
+        let copies: Vec<(u64, u64, usize)> = merged_device_copies(&runs, &pages, &regions)
+            .into_iter()
+            .map(|(dst, src, len)| (dst as u64, src as u64, len))
+            .collect();
+        assert_eq!(
+            copies,
+            [
+                (0x80_0080, 0x10_0000, 128),
+                (0x80_0100, 0x20_0000, 64),
+                (0x90_0000, 0x20_0040, 64),
+            ]
+        );
     }
 }

@@ -19,6 +19,8 @@ pub(crate) mod stream;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 #[cfg(feature = "ascend")]
 pub use ascend::{AclCalls, AscendDevice};
 pub use host::{HostBuffer, HostDevice, HostKvCache};
@@ -128,6 +130,61 @@ impl EngineMemory {
     }
 }
 
+/// Where a chunk's bytes also live in device memory: a page of a PD buffer on an NPU, by
+/// device ordinal and device address. The page stays held (not reused for other KV) while
+/// this value lives, through the same owner as the chunk's host bytes: one lifetime for
+/// both.
+#[derive(Clone)]
+pub struct DevicePage {
+    ordinal: u32,
+    addr: u64,
+    len: usize,
+    /// The chunk's bytes, whose owner holds the page.
+    _held: Bytes,
+}
+
+impl std::fmt::Debug for DevicePage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicePage")
+            .field("ordinal", &self.ordinal)
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl DevicePage {
+    /// `len` bytes at device address `addr` of device `ordinal`, valid while `held` (the
+    /// chunk's bytes) or a clone of it lives.
+    pub(crate) fn new(ordinal: u32, addr: u64, len: usize, held: Bytes) -> Self {
+        DevicePage {
+            ordinal,
+            addr,
+            len,
+            _held: held,
+        }
+    }
+
+    /// The device (logical id) the page is on.
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    /// The page's device address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// The chunk's bytes in the page.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// A started copy. [`PendingCopy::wait`] completes it; dropping it waits too, because the
 /// buffers it borrows must not be reused while a device may still write them.
 #[must_use = "a started copy must be waited for"]
@@ -203,6 +260,21 @@ pub trait Device: Send + Sync {
         host: &'a [&[u8]],
         engine: &'a EngineMemory,
     ) -> Result<PendingCopy<'a>, DeviceError>;
+
+    /// Starts a scatter plan whose sources are device pages (a chunk's [`DevicePage`], one
+    /// per plan source buffer) into engine memory, device to device. `Ok(None)` when this
+    /// device cannot read those pages (the default: no device-to-device path; or pages on
+    /// another device): the caller then scatters the chunks' host bytes with
+    /// [`Device::start_scatter`]. Every run is checked against the pages and the engine
+    /// regions before a byte moves.
+    fn start_scatter_from_device<'a>(
+        &'a self,
+        _plan: &'a CopyPlan,
+        _pages: &'a [DevicePage],
+        _engine: &'a EngineMemory,
+    ) -> Result<Option<PendingCopy<'a>>, DeviceError> {
+        Ok(None)
+    }
 }
 
 /// Checks that `plan` runs from `source` to `dest`, and that its buffers fit.
@@ -238,17 +310,35 @@ pub fn check_gather(
     )
 }
 
+/// The checks every device runs before a scatter from device pages (see [`check_gather`]).
+pub fn check_device_scatter(
+    plan: &CopyPlan,
+    pages: &[DevicePage],
+    regions: &[Region],
+) -> Result<(), DeviceError> {
+    check_scatter_sources(plan, pages.iter().map(DevicePage::len), regions)
+}
+
 /// The checks every device runs before a scatter (see [`check_gather`]).
 pub fn check_scatter(
     plan: &CopyPlan,
     host: &[&[u8]],
     regions: &[Region],
 ) -> Result<(), DeviceError> {
+    check_scatter_sources(plan, host.iter().map(|b| b.len()), regions)
+}
+
+/// A scatter's checks, given the lengths of its source buffers.
+fn check_scatter_sources(
+    plan: &CopyPlan,
+    src_lens: impl ExactSizeIterator<Item = usize>,
+    regions: &[Region],
+) -> Result<(), DeviceError> {
     check_plan(
         plan,
         Endpoint::Chunks,
         Endpoint::Paged,
-        host.iter().map(|b| b.len()),
+        src_lens,
         regions.iter().map(|r| r.len),
     )
 }

@@ -89,6 +89,7 @@ impl Tier for CpuTier {
         Ok(Some(Chunk {
             meta: entry.meta,
             data: Bytes::from_owner(Lease(entry)),
+            device: None,
         }))
     }
 

@@ -618,7 +618,11 @@ impl Tier for DiskTier {
         // The chunk owns a copy of the verified bytes, in a pooled buffer that returns to the
         // pool when the last `Bytes` of it drops; the file may go at any time.
         let data = Bytes::from_owner(contents).slice(header.header_len..);
-        Ok(Some(Chunk { meta, data }))
+        Ok(Some(Chunk {
+            meta,
+            data,
+            device: None,
+        }))
     }
 
     fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError> {

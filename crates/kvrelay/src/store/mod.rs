@@ -50,6 +50,10 @@ pub struct ChunkMeta {
 pub struct Chunk {
     pub meta: ChunkMeta,
     pub data: Bytes,
+    /// Where the same bytes live in device memory, when the tier keeps them there too (the
+    /// PD buffer on an NPU, whose `data` is the page's host copy): a load may copy from
+    /// there device to device.
+    pub device: Option<crate::device::DevicePage>,
 }
 
 /// `contains` for a tier whose lookups are batched round trips: one key asked through

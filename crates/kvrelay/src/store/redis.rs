@@ -379,6 +379,7 @@ impl RedisTier {
                 num_tokens: record.num_tokens,
             },
             data: Bytes::from(kv),
+            device: None,
         })
     }
 
@@ -436,6 +437,7 @@ impl RedisTier {
                 num_tokens: tokens,
             },
             data: Bytes::from(kv),
+            device: None,
         })
     }
 

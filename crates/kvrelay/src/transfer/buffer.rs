@@ -18,7 +18,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::frame::ChunkDecl;
 use super::TransferError;
-use crate::device::HostBuffer;
+use crate::device::{DevicePage, HostBuffer};
 use crate::keys::CacheKey;
 use crate::store::{Chunk, ChunkMeta};
 
@@ -28,6 +28,12 @@ pub(crate) trait PageMemory: Send + Sync {
     /// Start of the memory; valid for reads and writes of `len()` bytes while `self` lives.
     fn base(&self) -> NonNull<u8>;
     fn len(&self) -> usize;
+    /// Where the pages also live in device memory, when this memory is their host copy: the
+    /// device's ordinal and the device address of page 0's first byte (pages follow at the
+    /// same offsets as here).
+    fn device(&self) -> Option<(u32, u64)> {
+        None
+    }
 }
 
 /// Private host memory, for the `tcp` channel.
@@ -455,7 +461,8 @@ impl PdBuffer {
     /// Takes a verified chunk out of the buffer, `owner`'s own copy when it has one: a
     /// request that took another request's copy of a shared-prefix chunk would leave its
     /// own unused, to be freed when it ends, and the other request would then miss. Its
-    /// page is freed when the returned chunk's bytes are dropped.
+    /// page is freed when the returned chunk's bytes (and its device page, which holds
+    /// them) are dropped.
     pub(crate) fn take(&self, key: &CacheKey, owner: Option<&str>) -> Option<Chunk> {
         let s = &self.shared;
         let mut st = s.state.lock();
@@ -481,10 +488,12 @@ impl PdBuffer {
             page,
             len,
         };
-        Some(Chunk {
-            meta,
-            data: Bytes::from_owner(lease),
-        })
+        let data = Bytes::from_owner(lease);
+        let device = s.memory.device().map(|(ordinal, base)| {
+            let addr = base + (page as usize * s.page_size) as u64;
+            DevicePage::new(ordinal, addr, len, data.clone())
+        });
+        Some(Chunk { meta, data, device })
     }
 
     pub(crate) fn contains(&self, key: &CacheKey) -> bool {

@@ -3,10 +3,13 @@
 //! lets the receiver hash what landed, and the sender's device staging page.
 //!
 //! **Verification.** A channel lands a chunk in its device page; at `Seal` the receiver
-//! copies that page device-to-host into the host copy, which the PD buffer hands out, and
-//! hashes it there (xxh3 on the CPU): one extra D2H copy per chunk, a cost of the chunk's
-//! bytes over the D2H bandwidth plus the hash.
+//! copies that page device-to-host into the host copy and hashes it there (xxh3 on the
+//! CPU): one extra D2H copy per chunk, a cost of the chunk's bytes over the D2H bandwidth
+//! plus the hash. The PD buffer hands out the host copy together with the device page
+//! ([`crate::device::DevicePage`]), so a decoder whose KV is on the same NPU loads from the
+//! page device to device, and any other consumer uses the host copy.
 
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use ascend_sys::{Acl, Capabilities, CommConfigV8, DeviceBuffer, Feature, Hccl, HcclError, Stream};
@@ -99,6 +102,27 @@ impl Runtime {
     }
 }
 
+/// The PD buffer's memory on an NPU receiver: the host copy the PD buffer manages, page for
+/// page, and the device memory the pages land in, which it keeps alive as long as the PD
+/// buffer (and any chunk taken from it) lives.
+struct NpuHostCopy {
+    host: HostPages,
+    device: Arc<DeviceBuffer>,
+    ordinal: u32,
+}
+
+impl PageMemory for NpuHostCopy {
+    fn base(&self) -> NonNull<u8> {
+        self.host.base()
+    }
+    fn len(&self) -> usize {
+        self.host.len()
+    }
+    fn device(&self) -> Option<(u32, u64)> {
+        Some((self.ordinal, self.device.addr()))
+    }
+}
+
 /// The receiver's PD buffer in device memory, once [`NpuPages::allocate`] made it; the PD
 /// buffer itself is its host copy, at `host_base`, page for page.
 #[derive(Default)]
@@ -123,7 +147,12 @@ impl NpuPages {
         let host = HostPages::new(len)?;
         self.host_base = host.base().as_ptr() as usize;
         self.device = Some(Arc::clone(&device));
-        Ok((device, Box::new(host)))
+        let memory = NpuHostCopy {
+            host,
+            device: Arc::clone(&device),
+            ordinal: runtime.device(),
+        };
+        Ok((device, Box::new(memory)))
     }
 
     /// A session's view of the pages.

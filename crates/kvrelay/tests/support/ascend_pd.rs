@@ -11,9 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvrelay::config::LmcacheConfig;
+use kvrelay::device::ascend::{CopyKind, DeviceBuffer};
+use kvrelay::device::{AscendDevice, Device, DevicePage, EngineMemory, Region};
 use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation};
-use kvrelay::layout::{AttentionKind, KvCacheSpec};
-use kvrelay::store::ChunkMeta;
+use kvrelay::layout::{AttentionKind, KvCacheSpec, KvLayout, LayoutKind};
+use kvrelay::plan::{paged_to_chunks, ChunkWindow};
+use kvrelay::store::{Chunk, ChunkMeta};
 use kvrelay::transfer::frame;
 use kvrelay::transfer::{OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, TransferError};
 use kvrelay::KvDtype;
@@ -370,7 +373,153 @@ pub fn a_cann_too_old_for_the_channel_is_refused_at_start_naming_both_versions(c
     );
 }
 
+/// The `LOADED` line a receiver child printed for `id`: how the load moved the bytes and
+/// the copy calls it made by direction.
+fn loaded_line<'a>(out: &'a str, id: &str) -> &'a str {
+    let tag = format!("LOADED {id} ");
+    out.lines()
+        .find(|l| l.starts_with(&tag))
+        .unwrap_or_else(|| panic!("no {tag}line: {out}"))
+}
+
+pub fn the_decoder_loads_the_pd_pages_device_to_device_bit_exact(ch: Channel) {
+    let (rx, ports) = start_receiver(ch, "d1:load", &[]);
+    let (ok, out) = run_sender(ch, &ports, "d1", &[]);
+    assert!(ok && out.contains("SENT d1"), "{out}");
+    let (ok, out) = finish_receiver(rx);
+    assert!(ok, "{out}");
+    let line = loaded_line(&out, "d1");
+    // One device-to-device copy per merged run, no host-to-device copy at all.
+    assert!(line.contains("via=device h2d_calls=0 "), "{line}");
+    assert!(!line.contains("d2d_calls=0 "), "{line}");
+    assert!(line.ends_with("bit-exact"), "{line}");
+}
+
+pub fn a_failed_device_to_device_load_is_a_typed_error_and_the_host_copy_still_loads(ch: Channel) {
+    let (rx, ports) = start_receiver(ch, "d2:load", &[("ASCEND_EMU_FAIL_D2D_AFTER", "0")]);
+    let (ok, out) = run_sender(ch, &ports, "d2", &[]);
+    assert!(ok && out.contains("SENT d2"), "{out}");
+    let (ok, out) = finish_receiver(rx);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("D2D-ERROR d2 ascend:0 runtime error in aclrtMemcpyAsync")
+            && out.contains("ASCEND_EMU_FAIL_D2D_AFTER=0"),
+        "{out}"
+    );
+    let line = loaded_line(&out, "d2");
+    assert!(
+        line.contains("via=host ") && line.contains(" d2d_calls=0 "),
+        "{line}"
+    );
+    assert!(line.ends_with("bit-exact"), "{line}");
+}
+
+pub fn kv_on_another_npu_than_the_pd_buffer_loads_from_the_host_copy(ch: Channel) {
+    let (rx, ports) = start_receiver(
+        ch,
+        "d3:load",
+        &[("KV_DEVICE", "1"), ("ASCEND_EMU_DEVICES", "2")],
+    );
+    let (ok, out) = run_sender(ch, &ports, "d3", &[]);
+    assert!(ok && out.contains("SENT d3"), "{out}");
+    let (ok, out) = finish_receiver(rx);
+    assert!(ok, "{out}");
+    let line = loaded_line(&out, "d3");
+    assert!(
+        line.contains("via=host ") && line.contains(" d2d_calls=0 "),
+        "{line}"
+    );
+    assert!(!line.contains("h2d_calls=0 "), "{line}");
+    assert!(line.ends_with("bit-exact"), "{line}");
+}
+
 // ---- children (run by the ignored tests [`pd_channel_tests!`] defines) -------------
+
+/// Loads request `id`'s chunks from the PD buffer into a paged KV cache on NPU `KV_DEVICE`
+/// (default 0, the PD buffer's), as a decoder's worker does: device to device when the
+/// device takes the pages, else (or after a failed device copy, printed as `D2D-ERROR`)
+/// from the host copies. Gathers the cache back and prints `LOADED` with the copy calls
+/// the load made by direction and whether every chunk came back bit for bit.
+fn load_into_kv(rx: &PdReceiver, id: &str) {
+    let kv_device = std::env::var("KV_DEVICE").map_or(0, |d| d.parse().unwrap());
+    let device = AscendDevice::open(kv_device).unwrap();
+    let layout = KvLayout::new(spec(), LayoutKind::AscendSeparateKv).unwrap();
+    let buffers: Vec<DeviceBuffer> = (0..layout.num_buffers())
+        .map(|_| device.alloc(layout.buffer_bytes()).unwrap())
+        .collect();
+    let regions = buffers.iter().map(Region::from).collect();
+    // SAFETY: each region is a live device allocation of that length, kept by `buffers`
+    // while `memory` is used.
+    let memory = unsafe { EngineMemory::from_raw(layout, regions) }.unwrap();
+    // Blocks in reverse, so no two chunks' blocks sit next to each other in order.
+    let blocks: Vec<u32> = (0..spec().num_blocks as u32).rev().collect();
+    let windows: Vec<ChunkWindow> = (0..CHUNKS)
+        .map(|i| ChunkWindow {
+            start: i * CHUNK_TOKENS,
+            tokens: CHUNK_TOKENS,
+            skip_leading: 0,
+        })
+        .collect();
+    let gather = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+    let scatter = gather.inverse();
+    let expected = chunks(id);
+    let taken: Vec<Chunk> = expected
+        .iter()
+        .map(|(key, _, _)| rx.get_for_request(key, id).unwrap())
+        .collect();
+    let pages: Vec<DevicePage> = taken
+        .iter()
+        .map(|c| {
+            c.device
+                .clone()
+                .expect("a chunk of an NPU PD buffer names its page")
+        })
+        .collect();
+    assert!(pages.iter().all(|p| p.ordinal() == 0), "{pages:?}");
+    let calls = |kind| device.acl().test_double_copy_calls(kind).unwrap();
+    let before = (
+        calls(CopyKind::DeviceToDevice),
+        calls(CopyKind::HostToDevice),
+    );
+    let from_device = match device.start_scatter_from_device(&scatter, &pages, &memory) {
+        Ok(Some(copy)) => copy.wait().map(|()| true),
+        Ok(None) => Ok(false),
+        Err(e) => Err(e),
+    }
+    .unwrap_or_else(|e| {
+        println!("D2D-ERROR {id} {e}");
+        false
+    });
+    if !from_device {
+        let host: Vec<&[u8]> = taken.iter().map(|c| &c.data[..]).collect();
+        device
+            .start_scatter(&scatter, &host, &memory)
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let d2d = calls(CopyKind::DeviceToDevice) - before.0;
+    let h2d = calls(CopyKind::HostToDevice) - before.1;
+    drop((taken, pages));
+    let mut back: Vec<Vec<u8>> = expected.iter().map(|(_, _, d)| vec![0; d.len()]).collect();
+    let mut out: Vec<&mut [u8]> = back.iter_mut().map(|b| &mut b[..]).collect();
+    device
+        .start_gather(&gather, &memory, &mut out)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let exact = back
+        .iter()
+        .zip(&expected)
+        .all(|(got, (_, _, want))| got == want);
+    println!(
+        "LOADED {id} via={} h2d_calls={h2d} d2d_calls={d2d} {}",
+        if from_device { "device" } else { "host" },
+        if exact { "bit-exact" } else { "DIFFERENT" }
+    );
+    // Every page came back to the buffer once the chunks were dropped.
+    assert_eq!(rx.occupancy().used_pages, 0);
+}
 
 /// Binds, prints the ports, then for each `id:ok|fail|held` of `SCENARIO` waits for that
 /// request and checks it landed bit for bit, or that it failed and freed its pages;
@@ -389,6 +538,10 @@ pub fn child_receiver() {
             continue;
         }
         let ready = ready.unwrap_or_else(|e| panic!("{id}: {e}"));
+        if expect == "load" {
+            load_into_kv(&rx, id);
+            continue;
+        }
         if expect == "held" {
             let waited = |waiting: bool| {
                 let deadline = Instant::now() + Duration::from_secs(20);
@@ -481,6 +634,9 @@ macro_rules! pd_channel_tests {
             a_stalled_sender_times_out_on_both_sides_and_the_next_request_succeeds,
             a_sender_on_a_cann_too_old_is_refused_naming_both_versions,
             a_cann_too_old_for_the_channel_is_refused_at_start_naming_both_versions,
+            the_decoder_loads_the_pd_pages_device_to_device_bit_exact,
+            a_failed_device_to_device_load_is_a_typed_error_and_the_host_copy_still_loads,
+            kv_on_another_npu_than_the_pd_buffer_loads_from_the_host_copy,
         );
         ascend_pd::pd_channel_tests!(@children child_receiver, child_sender, child_bind_only);
     };
