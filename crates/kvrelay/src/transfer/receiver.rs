@@ -14,12 +14,12 @@ use parking_lot::Mutex;
 use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
 use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
-use super::verify::Verifier;
 use super::frame::{
-    self, read_frame, ChunkDecl, ErrorCode, FrameError, GrantCheck, Incoming, Message,
-    MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    self, read_frame, ChunkDecl, ErrorCode, FrameError, GrantCheck, Incoming, Message, MsgType,
+    ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
 use super::tcp::tune_socket;
+use super::verify::Verifier;
 use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::Chunk;
@@ -630,135 +630,142 @@ impl Inner {
                 Landed::InFrames => Some(Verifier::spawn(scope, request_id, chunks.len())?),
                 Landed::InPage => None,
             };
-        let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
-        // tcp: the chunk whose data is arriving.
-        let mut open: Option<u32> = None;
-        loop {
-            if Instant::now() > deadline {
-                return Err(TransferError::Protocol(format!(
-                    "request {request_id:?} still incomplete after pd_buffer_ttl_sec"
-                )));
-            }
-            match read_frame(stream, MAX_CONTROL_BODY) {
-                Ok(Incoming::Data(d, len)) => {
-                    let Some(verifier) = &verifier else {
-                        return Err(FrameError::Unexpected(MsgType::Data).into());
-                    };
-                    let range = check
-                        .admit(&d, u64::from(len))
-                        .map_err(TransferError::Protocol)?;
-                    match open {
-                        Some(chunk) if chunk != d.chunk => {
-                            return Err(TransferError::Protocol(format!(
-                                "data for chunk {} before chunk {chunk} was sealed",
-                                d.chunk
-                            )))
-                        }
-                        _ => open = Some(d.chunk),
-                    }
-                    let (mut at, end) = (range.start as usize, range.end as usize);
-                    while at < end {
-                        // SAFETY: `admit` bounded the range to the declared length of a chunk
-                        // inside its granted page, and the grant gives this connection sole
-                        // use of that page until commit or abort; the verifier reads only
-                        // the bytes before `at`.
-                        let piece = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                self.buffer.ptr_at(at),
-                                (end - at).min(RECEIVE_READ),
-                            )
-                        };
-                        let n = match stream.read(piece) {
-                            Ok(0) => {
-                                return Err(TransferError::io(
-                                    "reading chunk data",
-                                    std::io::ErrorKind::UnexpectedEof.into(),
-                                ))
-                            }
-                            Ok(n) => n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(TransferError::io("reading chunk data", e)),
-                        };
-                        // SAFETY: these bytes of the granted page are final: this thread
-                        // writes each byte of a chunk once, and the pages stay granted until
-                        // `receive`'s scope, which the verifier's thread runs in, has ended.
-                        unsafe { verifier.landed(d.chunk, piece.as_ptr(), n) };
-                        at += n;
-                    }
+            let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
+            // tcp: the chunk whose data is arriving.
+            let mut open: Option<u32> = None;
+            loop {
+                if Instant::now() > deadline {
+                    return Err(TransferError::Protocol(format!(
+                        "request {request_id:?} still incomplete after pd_buffer_ttl_sec"
+                    )));
                 }
-                Ok(Incoming::Message(Message::Seal {
-                    grant: g,
-                    chunk,
-                    checksum,
-                })) => {
-                    let i = chunk as usize;
-                    if g != grant.id || verified.get(i) != Some(&None) {
-                        return Err(TransferError::Protocol(format!(
+                match read_frame(stream, MAX_CONTROL_BODY) {
+                    Ok(Incoming::Data(d, len)) => {
+                        let Some(verifier) = &verifier else {
+                            return Err(FrameError::Unexpected(MsgType::Data).into());
+                        };
+                        let range = check
+                            .admit(&d, u64::from(len))
+                            .map_err(TransferError::Protocol)?;
+                        match open {
+                            Some(chunk) if chunk != d.chunk => {
+                                return Err(TransferError::Protocol(format!(
+                                    "data for chunk {} before chunk {chunk} was sealed",
+                                    d.chunk
+                                )))
+                            }
+                            _ => open = Some(d.chunk),
+                        }
+                        let (mut at, end) = (range.start as usize, range.end as usize);
+                        while at < end {
+                            // SAFETY: `admit` bounded the range to the declared length of a chunk
+                            // inside its granted page, and the grant gives this connection sole
+                            // use of that page until commit or abort; the verifier reads only
+                            // the bytes before `at`.
+                            let piece = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    self.buffer.ptr_at(at),
+                                    (end - at).min(RECEIVE_READ),
+                                )
+                            };
+                            let n = match stream.read(piece) {
+                                Ok(0) => {
+                                    return Err(TransferError::io(
+                                        "reading chunk data",
+                                        std::io::ErrorKind::UnexpectedEof.into(),
+                                    ))
+                                }
+                                Ok(n) => n,
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                                Err(e) => return Err(TransferError::io("reading chunk data", e)),
+                            };
+                            // SAFETY: these bytes of the granted page are final: this thread
+                            // writes each byte of a chunk once, and the pages stay granted until
+                            // `receive`'s scope, which the verifier's thread runs in, has ended.
+                            unsafe { verifier.landed(d.chunk, piece.as_ptr(), n) };
+                            at += n;
+                        }
+                    }
+                    Ok(Incoming::Message(Message::Seal {
+                        grant: g,
+                        chunk,
+                        checksum,
+                    })) => {
+                        let i = chunk as usize;
+                        if g != grant.id || verified.get(i) != Some(&None) {
+                            return Err(TransferError::Protocol(format!(
                             "Seal of chunk {chunk} (grant {g}) is not an unsealed chunk of grant {}",
                             grant.id
                         )));
-                    }
-                    verified[i] = Some(match &verifier {
-                        Some(verifier) => {
-                            if open.take() != Some(chunk) || !check.complete(i) {
-                                return Err(TransferError::Protocol(format!(
-                                    "Seal of chunk {chunk} before all its bytes arrived"
-                                )));
-                            }
-                            // The verdict comes from the verifier at commit.
-                            verifier.seal(chunk, checksum);
-                            false
                         }
-                        None => {
-                            session.landed(i)?;
-                            // SAFETY: the page is granted to this request and inside the
-                            // buffer; chunk lengths were checked to fit a page. Only the
-                            // sender's channel writes it, and `landed` said it is done.
-                            let bytes = unsafe {
-                                std::slice::from_raw_parts(granted[i].page.as_ptr(), granted[i].len)
-                            };
-                            let matched = frame::checksum(bytes) == checksum;
-                            if !matched {
-                                tracing::warn!(request = request_id, chunk, "PD chunk checksum mismatch");
+                        verified[i] = Some(match &verifier {
+                            Some(verifier) => {
+                                if open.take() != Some(chunk) || !check.complete(i) {
+                                    return Err(TransferError::Protocol(format!(
+                                        "Seal of chunk {chunk} before all its bytes arrived"
+                                    )));
+                                }
+                                // The verdict comes from the verifier at commit.
+                                verifier.seal(chunk, checksum);
+                                false
                             }
-                            matched
+                            None => {
+                                session.landed(i)?;
+                                // SAFETY: the page is granted to this request and inside the
+                                // buffer; chunk lengths were checked to fit a page. Only the
+                                // sender's channel writes it, and `landed` said it is done.
+                                let bytes = unsafe {
+                                    std::slice::from_raw_parts(
+                                        granted[i].page.as_ptr(),
+                                        granted[i].len,
+                                    )
+                                };
+                                let matched = frame::checksum(bytes) == checksum;
+                                if !matched {
+                                    tracing::warn!(
+                                        request = request_id,
+                                        chunk,
+                                        "PD chunk checksum mismatch"
+                                    );
+                                }
+                                matched
+                            }
+                        });
+                    }
+                    Ok(Incoming::Message(Message::Commit { grant: g })) => {
+                        if g != grant.id || verified.contains(&None) {
+                            return Err(TransferError::Protocol(format!(
+                                "Commit of grant {g} before every chunk of grant {} was sealed",
+                                grant.id
+                            )));
                         }
-                    });
-                }
-                Ok(Incoming::Message(Message::Commit { grant: g })) => {
-                    if g != grant.id || verified.contains(&None) {
-                        return Err(TransferError::Protocol(format!(
-                            "Commit of grant {g} before every chunk of grant {} was sealed",
-                            grant.id
-                        )));
+                        if let Some(verifier) = verifier {
+                            verified = verifier.finish()?;
+                        }
+                        guard.armed = false;
+                        let flags: Vec<bool> = verified.iter().map(|v| *v == Some(true)).collect();
+                        let reply = match self.buffer.commit(request_id, &flags) {
+                            Ok(rejected) => Message::Committed {
+                                grant: g,
+                                verified: (chunks.len() as u32).saturating_sub(rejected),
+                                rejected,
+                            },
+                            Err(e) => Message::Error {
+                                code: e.code(),
+                                message: e.to_string(),
+                            },
+                        };
+                        return write(stream, &reply);
                     }
-                    if let Some(verifier) = verifier {
-                        verified = verifier.finish()?;
+                    Ok(Incoming::Message(other)) => {
+                        return Err(FrameError::Unexpected(other.kind()).into())
                     }
-                    guard.armed = false;
-                    let flags: Vec<bool> = verified.iter().map(|v| *v == Some(true)).collect();
-                    let reply = match self.buffer.commit(request_id, &flags) {
-                        Ok(rejected) => Message::Committed {
-                            grant: g,
-                            verified: (chunks.len() as u32).saturating_sub(rejected),
-                            rejected,
-                        },
-                        Err(e) => Message::Error {
-                            code: e.code(),
-                            message: e.to_string(),
-                        },
-                    };
-                    return write(stream, &reply);
-                }
-                Ok(Incoming::Message(other)) => {
-                    return Err(FrameError::Unexpected(other.kind()).into())
-                }
-                Err(ReadError::Frame(e)) => return Err(e.into()),
-                Err(ReadError::Io(e)) => {
-                    return Err(TransferError::io("reading from the PD sender", e))
+                    Err(ReadError::Frame(e)) => return Err(e.into()),
+                    Err(ReadError::Io(e)) => {
+                        return Err(TransferError::io("reading from the PD sender", e))
+                    }
                 }
             }
-        }
         })
     }
 }

@@ -99,7 +99,8 @@ fn verify(request: &str, chunks: usize, queue: mpsc::Receiver<Job>) -> Vec<Optio
                 };
                 // SAFETY: `Verifier::landed`'s contract: valid, and written by no one until
                 // the scope, which outlives this thread, ends.
-                hasher.update(unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) });
+                hasher
+                    .update(unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) });
             }
             Job::Seal { chunk, checksum } => {
                 // The connection's thread seals only the chunk whose bytes it queued last.
