@@ -14,8 +14,8 @@
 //!
 //! How each transport maps onto it:
 //!
-//! - **tcp** (two-sided, in band): `put` writes a `Data` frame (header + payload, one
-//!   `writev` from the sender's staging buffer) on the control connection; the receiver
+//! - **tcp** (two-sided, in band): `put` writes a `Data` frame (header + payload, in
+//!   writes of 1 MiB from the sender's staging buffer) on the control connection; the receiver
 //!   checks the header against the grant and `read`s the payload straight into the page.
 //!   `fence` has nothing to do: the stream is ordered.
 //! - **shm** (one-sided, same host): the receiver's PD buffer is a shared mapping the sender
@@ -101,7 +101,8 @@ pub trait Channel: Send {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Landed {
     /// The bytes arrive in `Data` frames on the control connection (tcp): the receiver
-    /// reads them into the page and hashes each piece right after reading it.
+    /// reads them into the page and its verify thread hashes each read's bytes right after
+    /// (see `verify.rs`).
     InFrames,
     /// The channel writes the page itself (shm, HCCL, HIXL): once
     /// [`ServerSession::landed`] returns, the receiver hashes the page.

@@ -92,6 +92,7 @@ mod sender;
 mod shm;
 mod tcp;
 mod tier;
+mod verify;
 mod xxh3;
 
 use std::time::Duration;

@@ -15,17 +15,18 @@ use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
 use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
 use super::frame::{
-    self, read_frame, ChunkDecl, ChunkHasher, ErrorCode, FrameError, GrantCheck, Incoming, Message,
-    MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    self, read_frame, ChunkDecl, ErrorCode, FrameError, GrantCheck, Incoming, Message, MsgType,
+    ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
 use super::tcp::tune_socket;
+use super::verify::Verifier;
 use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
 use crate::keys::CacheKey;
 use crate::store::Chunk;
 
-/// tcp: a `Data` payload is read into its page this many bytes at a time, and each piece
-/// is hashed right after its `read`, while it is still in this core's cache.
-const RECEIVE_PIECE: usize = 256 << 10;
+/// tcp: the most bytes of a `Data` payload one `read` takes into its page; each read's
+/// bytes go to the [`Verifier`] right away, to be hashed while they are still in cache.
+const RECEIVE_READ: usize = 1 << 20;
 
 /// One TP rank's PD receiver. Dropping it stops the listeners, closes every connection and
 /// frees the buffer (and removes the shm file).
@@ -623,116 +624,148 @@ impl Inner {
                 .collect(),
         );
         let deadline = Instant::now() + cfg.ttl;
-        let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
-        // tcp: the chunk whose data is arriving, hashed as it lands (while still in cache).
-        let mut open: Option<(u32, ChunkHasher)> = None;
-        loop {
-            if Instant::now() > deadline {
-                return Err(TransferError::Protocol(format!(
-                    "request {request_id:?} still incomplete after pd_buffer_ttl_sec"
-                )));
-            }
-            match read_frame(stream, MAX_CONTROL_BODY) {
-                Ok(Incoming::Data(d, len)) => {
-                    if landing != Landed::InFrames {
-                        return Err(FrameError::Unexpected(MsgType::Data).into());
-                    }
-                    let range = check
-                        .admit(&d, u64::from(len))
-                        .map_err(TransferError::Protocol)?;
-                    let hasher = match &mut open {
-                        Some((chunk, h)) if *chunk == d.chunk => h,
-                        Some((chunk, _)) => {
-                            return Err(TransferError::Protocol(format!(
-                                "data for chunk {} before chunk {chunk} was sealed",
-                                d.chunk
-                            )))
-                        }
-                        None => &mut open.insert((d.chunk, ChunkHasher::new())).1,
-                    };
-                    // SAFETY: `admit` bounded the range to the declared length of a chunk
-                    // inside its granted page, and the grant gives this connection sole use
-                    // of that page until commit or abort.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            self.buffer.ptr_at(range.start as usize),
-                            len as usize,
-                        )
-                    };
-                    for piece in dst.chunks_mut(RECEIVE_PIECE) {
-                        stream
-                            .read_exact(piece)
-                            .map_err(|e| TransferError::io("reading chunk data", e))?;
-                        hasher.update(piece);
-                    }
+        std::thread::scope(|scope| {
+            // tcp: the chunks' bytes are hashed on their own thread as they land.
+            let verifier = match landing {
+                Landed::InFrames => Some(Verifier::spawn(scope, request_id, chunks.len())?),
+                Landed::InPage => None,
+            };
+            let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
+            // tcp: the chunk whose data is arriving.
+            let mut open: Option<u32> = None;
+            loop {
+                if Instant::now() > deadline {
+                    return Err(TransferError::Protocol(format!(
+                        "request {request_id:?} still incomplete after pd_buffer_ttl_sec"
+                    )));
                 }
-                Ok(Incoming::Message(Message::Seal {
-                    grant: g,
-                    chunk,
-                    checksum,
-                })) => {
-                    let i = chunk as usize;
-                    if g != grant.id || verified.get(i) != Some(&None) {
-                        return Err(TransferError::Protocol(format!(
+                match read_frame(stream, MAX_CONTROL_BODY) {
+                    Ok(Incoming::Data(d, len)) => {
+                        let Some(verifier) = &verifier else {
+                            return Err(FrameError::Unexpected(MsgType::Data).into());
+                        };
+                        let range = check
+                            .admit(&d, u64::from(len))
+                            .map_err(TransferError::Protocol)?;
+                        match open {
+                            Some(chunk) if chunk != d.chunk => {
+                                return Err(TransferError::Protocol(format!(
+                                    "data for chunk {} before chunk {chunk} was sealed",
+                                    d.chunk
+                                )))
+                            }
+                            _ => open = Some(d.chunk),
+                        }
+                        let (mut at, end) = (range.start as usize, range.end as usize);
+                        while at < end {
+                            // SAFETY: `admit` bounded the range to the declared length of a chunk
+                            // inside its granted page, and the grant gives this connection sole
+                            // use of that page until commit or abort; the verifier reads only
+                            // the bytes before `at`.
+                            let piece = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    self.buffer.ptr_at(at),
+                                    (end - at).min(RECEIVE_READ),
+                                )
+                            };
+                            let n = match stream.read(piece) {
+                                Ok(0) => {
+                                    return Err(TransferError::io(
+                                        "reading chunk data",
+                                        std::io::ErrorKind::UnexpectedEof.into(),
+                                    ))
+                                }
+                                Ok(n) => n,
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                                Err(e) => return Err(TransferError::io("reading chunk data", e)),
+                            };
+                            // SAFETY: these bytes of the granted page are final: this thread
+                            // writes each byte of a chunk once, and the pages stay granted until
+                            // `receive`'s scope, which the verifier's thread runs in, has ended.
+                            unsafe { verifier.landed(d.chunk, piece.as_ptr(), n) };
+                            at += n;
+                        }
+                    }
+                    Ok(Incoming::Message(Message::Seal {
+                        grant: g,
+                        chunk,
+                        checksum,
+                    })) => {
+                        let i = chunk as usize;
+                        if g != grant.id || verified.get(i) != Some(&None) {
+                            return Err(TransferError::Protocol(format!(
                             "Seal of chunk {chunk} (grant {g}) is not an unsealed chunk of grant {}",
                             grant.id
                         )));
-                    }
-                    let actual = match landing {
-                        Landed::InFrames => match open.take() {
-                            Some((c, h)) if c == chunk && check.complete(i) => h.digest(),
-                            _ => {
-                                return Err(TransferError::Protocol(format!(
-                                    "Seal of chunk {chunk} before all its bytes arrived"
-                                )))
-                            }
-                        },
-                        Landed::InPage => {
-                            session.landed(i)?;
-                            // SAFETY: the page is granted to this request and inside the
-                            // buffer; chunk lengths were checked to fit a page. Only the
-                            // sender's channel writes it, and `landed` said it is done.
-                            let bytes = unsafe {
-                                std::slice::from_raw_parts(granted[i].page.as_ptr(), granted[i].len)
-                            };
-                            frame::checksum(bytes)
                         }
-                    };
-                    if actual != checksum {
-                        tracing::warn!(request = request_id, chunk, "PD chunk checksum mismatch");
+                        verified[i] = Some(match &verifier {
+                            Some(verifier) => {
+                                if open.take() != Some(chunk) || !check.complete(i) {
+                                    return Err(TransferError::Protocol(format!(
+                                        "Seal of chunk {chunk} before all its bytes arrived"
+                                    )));
+                                }
+                                // The verdict comes from the verifier at commit.
+                                verifier.seal(chunk, checksum);
+                                false
+                            }
+                            None => {
+                                session.landed(i)?;
+                                // SAFETY: the page is granted to this request and inside the
+                                // buffer; chunk lengths were checked to fit a page. Only the
+                                // sender's channel writes it, and `landed` said it is done.
+                                let bytes = unsafe {
+                                    std::slice::from_raw_parts(
+                                        granted[i].page.as_ptr(),
+                                        granted[i].len,
+                                    )
+                                };
+                                let matched = frame::checksum(bytes) == checksum;
+                                if !matched {
+                                    tracing::warn!(
+                                        request = request_id,
+                                        chunk,
+                                        "PD chunk checksum mismatch"
+                                    );
+                                }
+                                matched
+                            }
+                        });
                     }
-                    verified[i] = Some(actual == checksum);
-                }
-                Ok(Incoming::Message(Message::Commit { grant: g })) => {
-                    if g != grant.id || verified.contains(&None) {
-                        return Err(TransferError::Protocol(format!(
-                            "Commit of grant {g} before every chunk of grant {} was sealed",
-                            grant.id
-                        )));
+                    Ok(Incoming::Message(Message::Commit { grant: g })) => {
+                        if g != grant.id || verified.contains(&None) {
+                            return Err(TransferError::Protocol(format!(
+                                "Commit of grant {g} before every chunk of grant {} was sealed",
+                                grant.id
+                            )));
+                        }
+                        if let Some(verifier) = verifier {
+                            verified = verifier.finish()?;
+                        }
+                        guard.armed = false;
+                        let flags: Vec<bool> = verified.iter().map(|v| *v == Some(true)).collect();
+                        let reply = match self.buffer.commit(request_id, &flags) {
+                            Ok(rejected) => Message::Committed {
+                                grant: g,
+                                verified: (chunks.len() as u32).saturating_sub(rejected),
+                                rejected,
+                            },
+                            Err(e) => Message::Error {
+                                code: e.code(),
+                                message: e.to_string(),
+                            },
+                        };
+                        return write(stream, &reply);
                     }
-                    guard.armed = false;
-                    let flags: Vec<bool> = verified.iter().map(|v| *v == Some(true)).collect();
-                    let reply = match self.buffer.commit(request_id, &flags) {
-                        Ok(rejected) => Message::Committed {
-                            grant: g,
-                            verified: (chunks.len() as u32).saturating_sub(rejected),
-                            rejected,
-                        },
-                        Err(e) => Message::Error {
-                            code: e.code(),
-                            message: e.to_string(),
-                        },
-                    };
-                    return write(stream, &reply);
-                }
-                Ok(Incoming::Message(other)) => {
-                    return Err(FrameError::Unexpected(other.kind()).into())
-                }
-                Err(ReadError::Frame(e)) => return Err(e.into()),
-                Err(ReadError::Io(e)) => {
-                    return Err(TransferError::io("reading from the PD sender", e))
+                    Ok(Incoming::Message(other)) => {
+                        return Err(FrameError::Unexpected(other.kind()).into())
+                    }
+                    Err(ReadError::Frame(e)) => return Err(e.into()),
+                    Err(ReadError::Io(e)) => {
+                        return Err(TransferError::io("reading from the PD sender", e))
+                    }
                 }
             }
-        }
+        })
     }
 }
