@@ -368,7 +368,11 @@ fn disk_reads_fill_cpu_slots_that_promotion_keeps() {
     let first = stack.get(&keys[0], FP).unwrap();
     assert_eq!(first.data[..], content(&keys[0], small_len(&keys[0]))[..]);
     let cached = cpu.get(&keys[0], FP).unwrap().unwrap();
-    assert_eq!(cached.data.as_ptr(), first.data.as_ptr(), "promotion copied");
+    assert_eq!(
+        cached.data.as_ptr(),
+        first.data.as_ptr(),
+        "promotion copied"
+    );
 
     let bad = disk.chunk_path(&keys[1]);
     let mut bytes = fs::read(&bad).unwrap();
@@ -441,7 +445,13 @@ fn stack_put_fails_only_when_no_tier_stores() {
         .put(&k, meta(&k), &content(&k, 4096))
         .unwrap_err();
     assert!(
-        matches!(err, StoreError::LargerThanSlot { size: 4096, slot: 1024 }),
+        matches!(
+            err,
+            StoreError::LargerThanSlot {
+                size: 4096,
+                slot: 1024
+            }
+        ),
         "{err:?}"
     );
     let none = TierStack::new(vec![]);

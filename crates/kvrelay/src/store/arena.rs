@@ -75,7 +75,7 @@ impl Arena {
             state: Mutex::new(State {
                 // Popped from the end: slot 0 first.
                 free: (0..slots).rev().collect(),
-                owners: vec![Weak::new(); slots as usize],
+                owners: (0..slots).map(|_| Weak::new()).collect(),
             }),
         }))
     }
@@ -121,7 +121,11 @@ impl Arena {
     /// A free slot holding `len` bytes (at most the slot size), or `None` when every slot
     /// is taken.
     pub(crate) fn take(self: &Arc<Self>, len: usize) -> Option<SlotMut> {
-        assert!(len <= self.slot_bytes, "a slot holds {} bytes", self.slot_bytes);
+        assert!(
+            len <= self.slot_bytes,
+            "a slot holds {} bytes",
+            self.slot_bytes
+        );
         self.fault_in();
         let index = self.state.lock().free.pop()?;
         Some(SlotMut {
@@ -152,7 +156,9 @@ impl Arena {
 
     fn slot_ptr(&self, index: u32) -> *mut u8 {
         // index < slots, so the offset stays inside the mapping.
-        self.base.as_ptr().wrapping_add(index as usize * self.stride)
+        self.base
+            .as_ptr()
+            .wrapping_add(index as usize * self.stride)
     }
 }
 
@@ -277,7 +283,10 @@ mod tests {
         let _c = arena.take(1).unwrap();
         assert!(arena.take(1).is_none(), "three slots");
         drop((a, adopted));
-        assert!(arena.take(1).is_none(), "a reader still holds the first slot");
+        assert!(
+            arena.take(1).is_none(),
+            "a reader still holds the first slot"
+        );
         drop(bytes);
         let again = arena.take(1).unwrap();
         assert_eq!(again.slot.index, 0);

@@ -261,7 +261,10 @@ mod tests {
         drop((held, read));
         tier.put_shared(&key(2), META, &foreign).unwrap();
         assert_eq!(keys_in(&tier, 3), vec![1, 2]);
-        assert_eq!(&tier.get(&key(2), 7).unwrap().unwrap().data[..], &foreign[..]);
+        assert_eq!(
+            &tier.get(&key(2), 7).unwrap().unwrap().data[..],
+            &foreign[..]
+        );
     }
 
     #[test]
