@@ -57,8 +57,9 @@ fn small_len(k: &CacheKey) -> usize {
 
 /// A CPU tier of `slots` slots that hold any `small_len` chunk file.
 fn cpu_tier(slots: u64) -> Arc<CpuTier> {
-    let slot = DiskTier::file_bytes(80 * 1024);
-    Arc::new(CpuTier::new(slots * slot as u64, slot).unwrap())
+    const SLOT: usize = 128 << 10;
+    assert!(DiskTier::file_bytes(80 * 1024) <= SLOT);
+    Arc::new(CpuTier::new(slots * SLOT as u64, SLOT).unwrap())
 }
 
 fn open(dir: &Path, budget: u64) -> DiskTier {
