@@ -91,7 +91,7 @@ impl Arena {
     /// Writes every page once (huge pages where the kernel grants them), so no later use
     /// faults. Runs once, on first use: a process that builds the tier but never stores in
     /// it (vLLM's scheduler half) never pays for it.
-    fn fault_in(&self) {
+    pub(crate) fn fault_in(&self) {
         self.faulted_in.get_or_init(|| {
             let start = Instant::now();
             let len = self.len();
