@@ -231,7 +231,7 @@ fn prefix_hits_counts_leading_chunks_across_tiers() {
     assert_eq!(alone.prefix_hits(&keys[21..]), 19);
     assert_eq!(alone.prefix_hits(&[]), 0);
     // The gap filled by the tier above: the stack counts through to the end of Redis' run.
-    let cpu = Arc::new(CpuTier::new(1 << 20));
+    let cpu = Arc::new(CpuTier::new(1 << 20, SPEC.chunk_bytes(16)).unwrap());
     put(cpu.as_ref(), &keys[20], 16);
     let stack = TierStack::new(vec![cpu as Arc<dyn Tier>, Arc::clone(&redis)]);
     assert_eq!(stack.prefix_hits(&keys), 40);

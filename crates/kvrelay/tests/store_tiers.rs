@@ -55,6 +55,13 @@ fn small_len(k: &CacheKey) -> usize {
     16 * 1024 + (k.chunk_hash % 61) as usize * 1024
 }
 
+/// A CPU tier of `slots` slots that hold any `small_len` chunk file.
+fn cpu_tier(slots: u64) -> Arc<CpuTier> {
+    const SLOT: usize = 128 << 10;
+    assert!(DiskTier::file_bytes(80 * 1024) <= SLOT);
+    Arc::new(CpuTier::new(slots * SLOT as u64, SLOT).unwrap())
+}
+
 fn open(dir: &Path, budget: u64) -> DiskTier {
     DiskTier::open(dir, DiskTierOptions::new(budget)).unwrap()
 }
@@ -231,7 +238,7 @@ fn damaged_chunks_are_misses_that_verify_names() {
     }
     // ...and through the stack the other two are counted misses whose bad bytes never
     // reach the cpu tier.
-    let cpu = Arc::new(CpuTier::new(1 << 30));
+    let cpu = cpu_tier(16);
     let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
     for k in &keys[2..4] {
         assert!(stack.get(k, FP).is_none());
@@ -335,12 +342,58 @@ fn another_layout_fingerprint_is_rejected() {
     );
     assert_eq!(disk.stats().rejected, 1);
 
-    let cpu = Arc::new(CpuTier::new(1 << 20));
+    let cpu = cpu_tier(4);
     let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
     assert!(stack.get(&k, FP + 1).is_none());
     assert_eq!(stack.stats().fingerprint_mismatch, 1);
     assert!(!cpu.contains(&k));
     assert!(stack.get(&k, FP).is_some());
+}
+
+/// A disk tier reading into the CPU tier's slots: a promoted chunk is the very bytes the
+/// disk read (no copy), a corrupt file's slot is freed and its bytes never reach the CPU
+/// tier, and with every slot held by readers a hit still loads, just without promotion.
+#[test]
+fn disk_reads_fill_cpu_slots_that_promotion_keeps() {
+    if is_child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = cpu_tier(2);
+    let disk = Arc::new(open(dir.path(), 1 << 30).reading_into(cpu.clone()));
+    let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
+    let keys: Vec<CacheKey> = (0..4).map(key).collect();
+    for k in &keys {
+        put(&*disk, k, small_len(k));
+    }
+    let first = stack.get(&keys[0], FP).unwrap();
+    assert_eq!(first.data[..], content(&keys[0], small_len(&keys[0]))[..]);
+    let cached = cpu.get(&keys[0], FP).unwrap().unwrap();
+    assert_eq!(
+        cached.data.as_ptr(),
+        first.data.as_ptr(),
+        "promotion copied"
+    );
+
+    let bad = disk.chunk_path(&keys[1]);
+    let mut bytes = fs::read(&bad).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    fs::write(&bad, bytes).unwrap();
+    assert!(stack.get(&keys[1], FP).is_none());
+    assert!(!cpu.contains(&keys[1]));
+    assert_eq!(stack.stats().corrupt, 1);
+
+    // The corrupt read gave its slot back: the second slot takes keys[2].
+    let second = stack.get(&keys[2], FP).unwrap();
+    assert!(cpu.contains(&keys[2]));
+    // Both slots held by readers: keys[3] loads from a pooled buffer, not promoted.
+    let third = stack.get(&keys[3], FP).unwrap();
+    assert_eq!(third.data[..], content(&keys[3], small_len(&keys[3]))[..]);
+    assert!(!cpu.contains(&keys[3]));
+    assert_eq!(stack.stats().promotions, 2);
+    drop((first, cached, second, third));
+    assert!(stack.get(&keys[3], FP).is_some());
+    assert!(cpu.contains(&keys[3]) && cpu.stats().entries == 2);
 }
 
 #[test]
@@ -349,7 +402,7 @@ fn stack_counts_prefix_hits_and_promotes_disk_hits() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cpu = Arc::new(CpuTier::new(1 << 30));
+    let cpu = cpu_tier(16);
     let disk = Arc::new(open(dir.path(), 1 << 30));
     let stack = TierStack::new(vec![cpu.clone(), disk.clone()]);
     let keys: Vec<CacheKey> = (0..8).map(key).collect();
@@ -382,8 +435,8 @@ fn stack_put_fails_only_when_no_tier_stores() {
     if is_child() {
         return;
     }
-    let small = Arc::new(CpuTier::new(1024));
-    let big = Arc::new(CpuTier::new(1 << 20));
+    let small = Arc::new(CpuTier::new(4096, 1024).unwrap());
+    let big = cpu_tier(1);
     let stack = TierStack::new(vec![small.clone(), big.clone()]);
     let k = key(1);
     stack.put(&k, meta(&k), &content(&k, 4096)).unwrap();
@@ -392,7 +445,16 @@ fn stack_put_fails_only_when_no_tier_stores() {
     let err = only_small
         .put(&k, meta(&k), &content(&k, 4096))
         .unwrap_err();
-    assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            StoreError::LargerThanSlot {
+                size: 4096,
+                slot: 1024
+            }
+        ),
+        "{err:?}"
+    );
     let none = TierStack::new(vec![]);
     assert!(matches!(
         none.put(&k, meta(&k), &[1]),

@@ -227,14 +227,27 @@ fn pd_tiers(
 /// LMCache's tier order: local CPU, then local disk, then the remote tier.
 fn lmcache_tiers(config: &LmcacheConfig, spec: KvCacheSpec) -> Result<TierStack, ConnectorError> {
     let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
-    if config.local_cpu && config.max_local_cpu_size > 0.0 {
-        tiers.push(Arc::new(CpuTier::new(
-            (config.max_local_cpu_size * GIB) as u64,
-        )));
-    }
+    let cpu = if config.local_cpu && config.max_local_cpu_size > 0.0 {
+        // One slot per chunk, with room for a chunk file's header so the disk tier can
+        // read whole files into it.
+        let slot = DiskTier::file_bytes(spec.chunk_bytes(config.chunk_size));
+        let budget = (config.max_local_cpu_size * GIB) as u64;
+        let cpu = CpuTier::new(budget, slot).map_err(|e| ConfigError::Invalid {
+            reason: format!("max_local_cpu_size {} GiB: {e}", config.max_local_cpu_size),
+        })?;
+        let cpu = Arc::new(cpu);
+        tiers.push(Arc::clone(&cpu) as Arc<dyn Tier>);
+        Some(cpu)
+    } else {
+        None
+    };
     if let Some(dir) = config.local_disk_path() {
         let budget = (config.max_local_disk_size * GIB) as u64;
-        tiers.push(Arc::new(DiskTier::open(dir, DiskTierOptions::new(budget))?));
+        let mut disk = DiskTier::open(dir, DiskTierOptions::new(budget))?;
+        if let Some(cpu) = cpu {
+            disk = disk.reading_into(cpu);
+        }
+        tiers.push(Arc::new(disk));
     }
     if let Some(url) = &config.remote_url {
         tiers.push(remote_tier(url, spec, config)?);

@@ -1,33 +1,44 @@
-//! The host-memory tier: a byte budget with LRU eviction that never evicts an entry a reader
-//! still holds.
+//! The host-memory tier: chunks in slots of an arena the size of the budget (see
+//! [`super::arena`]), with LRU eviction that never evicts an entry a reader still holds.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::arena::{Arena, FilledSlot, SlotMut};
 use super::lru::LruIndex;
 use super::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
 use crate::keys::CacheKey;
 
 struct Entry {
     meta: ChunkMeta,
-    /// Its own copy (`put`), or the bytes a lower tier's hit returned (`put_shared`).
-    data: Bytes,
+    /// The slot holding the bytes: a copy (`put`), or the slot a lower tier read them into
+    /// (`put_shared`). Readers' `Bytes` hold clones, so the entry is in use exactly when the
+    /// count is above one.
+    slot: Arc<FilledSlot>,
+    range: Range<usize>,
 }
 
-/// What a `Chunk` handed out by `get` owns. While it lives, the entry's `Arc` count is above
-/// one, which is how eviction knows the entry is in use.
-struct Lease(Arc<Entry>);
+impl Entry {
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.slot) > 1
+    }
 
-impl AsRef<[u8]> for Lease {
-    fn as_ref(&self) -> &[u8] {
-        &self.0.data
+    fn len(&self) -> u64 {
+        self.range.len() as u64
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.slot.release();
     }
 }
 
 struct Inner {
-    index: LruIndex<CacheKey, Arc<Entry>>,
+    index: LruIndex<CacheKey, Entry>,
     bytes: u64,
     hits: u64,
     misses: u64,
@@ -36,19 +47,26 @@ struct Inner {
 }
 
 /// Chunks in host memory under a byte budget (LMCache's `LocalCPUBackend` with its default
-/// LRU policy).
+/// LRU policy and its local CPU buffer allocated once).
 ///
-/// Memory is only over budget when a reader keeps a chunk that a later put replaced: the
-/// old bytes live until that reader drops them.
+/// The budget is one arena of equal slots, each sized for a whole chunk, so memory never
+/// exceeds the budget: bytes a reader keeps after a later put replaced them stay in their
+/// slot, which returns to the free list when the reader drops them.
 pub struct CpuTier {
     budget: u64,
+    arena: Arc<Arena>,
     inner: Mutex<Inner>,
 }
 
 impl CpuTier {
-    pub fn new(budget_bytes: u64) -> Self {
-        CpuTier {
+    /// A tier of `budget_bytes`, in slots of `slot_bytes` (the largest chunk it will hold,
+    /// plus the header of a chunk file if a disk tier below reads into its slots, see
+    /// [`super::DiskTier::reading_into`]). Maps the memory now and faults it in on first
+    /// use. A budget smaller than one slot is an error.
+    pub fn new(budget_bytes: u64, slot_bytes: usize) -> Result<Self, StoreError> {
+        Ok(CpuTier {
             budget: budget_bytes,
+            arena: Arena::new(budget_bytes, slot_bytes)?,
             inner: Mutex::new(Inner {
                 index: LruIndex::new(),
                 bytes: 0,
@@ -57,6 +75,44 @@ impl CpuTier {
                 evictions: 0,
                 rejected: 0,
             }),
+        })
+    }
+
+    /// A free slot for `len` bytes, evicting least recently used entries no reader holds.
+    pub(crate) fn reserve(&self, len: usize) -> Result<SlotMut, StoreError> {
+        let slot = self.arena.slot_bytes();
+        if len > slot {
+            return Err(StoreError::LargerThanSlot {
+                size: len as u64,
+                slot: slot as u64,
+            });
+        }
+        // The first use faults the arena in (seconds for gigabytes): not under the lock,
+        // which lookups need.
+        self.arena.fault_in();
+        let mut inner = self.inner.lock();
+        loop {
+            if let Some(slot) = self.arena.take(len) {
+                return Ok(slot);
+            }
+            let victim = inner
+                .index
+                .iter_lru()
+                .find(|(_, e)| !e.in_use())
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                return Err(StoreError::BudgetExhausted {
+                    needed: len as u64,
+                    budget: self.budget,
+                    in_use: inner.bytes,
+                });
+            };
+            // Under the lock no new reader can appear, so the victim's slot, which only
+            // the entry held, is free once the entry drops here.
+            if let Some(e) = inner.index.remove(&victim) {
+                inner.bytes -= e.len();
+                inner.evictions += 1;
+            }
         }
     }
 }
@@ -72,46 +128,54 @@ impl Tier for CpuTier {
 
     fn get(&self, key: &CacheKey, expected_fingerprint: u64) -> Result<Option<Chunk>, StoreError> {
         let mut inner = self.inner.lock();
-        let Some(entry) = inner.index.touch(key).cloned() else {
+        let Some(entry) = inner.index.touch(key) else {
             inner.misses += 1;
             return Ok(None);
         };
         if entry.meta.layout_fingerprint != expected_fingerprint {
+            let found = entry.meta.layout_fingerprint;
             inner.rejected += 1;
             return Err(StoreError::FingerprintMismatch {
                 key: key.to_string(),
                 expected: expected_fingerprint,
-                found: entry.meta.layout_fingerprint,
+                found,
             });
         }
-        inner.hits += 1;
-        drop(inner);
-        Ok(Some(Chunk {
+        let chunk = Chunk {
             meta: entry.meta,
-            data: Bytes::from_owner(Lease(entry)),
+            data: entry.slot.bytes(entry.range.clone()),
             device: None,
-        }))
+        };
+        inner.hits += 1;
+        Ok(Some(chunk))
     }
 
     fn put(&self, key: &CacheKey, meta: ChunkMeta, data: &[u8]) -> Result<(), StoreError> {
-        self.check_size(data.len())?;
-        // Copy before taking the lock: other threads keep working meanwhile.
-        self.insert(key, meta, Bytes::copy_from_slice(data))
+        let mut slot = self.reserve(data.len())?;
+        // Copy without the lock: other threads keep working meanwhile.
+        slot.copy_from_slice(data);
+        self.insert(key, meta, slot.freeze(), 0..data.len());
+        Ok(())
     }
 
-    /// Keeps a reference to `data` instead of a copy: a promotion from the disk tier then
-    /// costs no copy on the load path. `data` is immutable, so the entry cannot change
-    /// under a reader, and its buffer lives until the entry is gone and no reader holds it.
+    /// Bytes a lower tier read into one of this tier's slots ([`super::DiskTier::reading_into`])
+    /// are kept by reference: a promotion then costs no copy on the load path. Other bytes
+    /// are copied into a slot.
     fn put_shared(&self, key: &CacheKey, meta: ChunkMeta, data: &Bytes) -> Result<(), StoreError> {
-        self.check_size(data.len())?;
-        self.insert(key, meta, data.clone())
+        match self.arena.adopt(data) {
+            Some((slot, range)) if slot.claim() => {
+                self.insert(key, meta, slot, range);
+                Ok(())
+            }
+            _ => self.put(key, meta, data),
+        }
     }
 
     fn remove(&self, key: &CacheKey) -> Result<bool, StoreError> {
         let mut inner = self.inner.lock();
         let removed = inner.index.remove(key);
         if let Some(e) = &removed {
-            inner.bytes -= e.data.len() as u64;
+            inner.bytes -= e.len();
         }
         Ok(removed.is_some())
     }
@@ -134,63 +198,19 @@ impl Tier for CpuTier {
 }
 
 impl CpuTier {
-    fn check_size(&self, len: usize) -> Result<(), StoreError> {
-        let size = len as u64;
-        if size > self.budget {
-            return Err(StoreError::TooLarge {
-                size,
-                budget: self.budget,
-            });
-        }
-        Ok(())
-    }
-
-    /// Stores `data` under `key`, evicting least recently used entries no reader holds.
-    fn insert(&self, key: &CacheKey, meta: ChunkMeta, data: Bytes) -> Result<(), StoreError> {
-        let size = data.len() as u64;
-        let entry = Arc::new(Entry { meta, data });
-        // Dropped after the lock is released, so freeing memory does not block other threads.
-        let mut dropped: Vec<Arc<Entry>> = Vec::new();
+    /// Stores `slot[range]` under `key`; the slot was taken for it (or claimed) already.
+    fn insert(&self, key: &CacheKey, meta: ChunkMeta, slot: Arc<FilledSlot>, range: Range<usize>) {
+        slot.claim();
+        let entry = Entry { meta, slot, range };
         let mut inner = self.inner.lock();
-        if let Some(old) = inner.index.remove(key) {
-            inner.bytes -= old.data.len() as u64;
-            dropped.push(old);
+        inner.bytes += entry.len();
+        let old = inner.index.insert(key.clone(), entry);
+        if let Some(old) = &old {
+            inner.bytes -= old.len();
         }
-        let over = (inner.bytes + size).saturating_sub(self.budget);
-        if over > 0 {
-            let mut victims = Vec::new();
-            let (mut freed, mut in_use) = (0u64, 0u64);
-            for (k, e) in inner.index.iter_lru() {
-                if freed >= over {
-                    break;
-                }
-                let len = e.data.len() as u64;
-                // Under the lock no new lease can appear, so a count of one stays one.
-                if Arc::strong_count(e) == 1 {
-                    victims.push(k.clone());
-                    freed += len;
-                } else {
-                    in_use += len;
-                }
-            }
-            if freed < over {
-                return Err(StoreError::BudgetExhausted {
-                    needed: size,
-                    budget: self.budget,
-                    in_use,
-                });
-            }
-            for k in victims {
-                if let Some(e) = inner.index.remove(&k) {
-                    inner.bytes -= e.data.len() as u64;
-                    inner.evictions += 1;
-                    dropped.push(e);
-                }
-            }
-        }
-        inner.bytes += size;
-        inner.index.insert(key.clone(), entry);
-        Ok(())
+        drop(inner);
+        // The replaced entry's slot, unless a reader holds it, returns to the free list here.
+        drop(old);
     }
 }
 
@@ -208,37 +228,52 @@ mod tests {
         num_tokens: 256,
     };
 
+    /// Slots of one page, so `n` of them make a budget of `n` pages.
+    const SLOT: usize = 4096;
+
+    fn tier(slots: u64) -> CpuTier {
+        CpuTier::new(slots * SLOT as u64, SLOT).unwrap()
+    }
+
     fn keys_in(tier: &CpuTier, n: u64) -> Vec<u64> {
         (0..n).filter(|&i| tier.contains(&key(i))).collect()
     }
 
     #[test]
-    fn put_shared_keeps_a_reference_not_a_copy_under_the_same_budget() {
-        let tier = CpuTier::new(300);
-        let shared = Bytes::from(vec![5u8; 200]);
-        tier.put_shared(&key(0), META, &shared).unwrap();
+    fn bytes_read_into_a_slot_are_kept_by_reference_other_bytes_are_copied() {
+        let tier = tier(2);
+        // What a disk tier reading into this tier does: fill a reserved slot, share it.
+        let mut slot = tier.reserve(300).unwrap();
+        slot.fill(5);
+        let read = slot.freeze().bytes(100..300);
+        tier.put_shared(&key(0), META, &read).unwrap();
         let held = tier.get(&key(0), 7).unwrap().unwrap();
-        assert_eq!(held.data.as_ptr(), shared.as_ptr());
+        assert_eq!(held.data.as_ptr(), read.as_ptr());
         assert_eq!(&held.data[..], &[5; 200][..]);
         assert_eq!(tier.stats().bytes, 200);
-        // The held entry is not evicted, so a second one over budget is refused.
-        let second = Bytes::from(vec![6u8; 200]);
+        // The same bytes under a second key are copied: one slot backs one entry.
+        tier.put_shared(&key(1), META, &read).unwrap();
+        let copy = tier.get(&key(1), 7).unwrap().unwrap();
+        assert_ne!(copy.data.as_ptr(), read.as_ptr());
+        assert_eq!(copy.data, read);
+        let foreign = Bytes::from(vec![6u8; 200]);
+        // Both slots are held by readers: nothing can be evicted.
         assert!(matches!(
-            tier.put_shared(&key(1), META, &second),
+            tier.put_shared(&key(2), META, &foreign),
             Err(StoreError::BudgetExhausted { .. })
         ));
-        assert!(matches!(
-            tier.put_shared(&key(2), META, &Bytes::from(vec![0u8; 301])),
-            Err(StoreError::TooLarge { .. })
-        ));
-        drop(held);
-        tier.put_shared(&key(1), META, &second).unwrap();
-        assert_eq!(keys_in(&tier, 3), vec![1]);
+        drop((held, read));
+        tier.put_shared(&key(2), META, &foreign).unwrap();
+        assert_eq!(keys_in(&tier, 3), vec![1, 2]);
+        assert_eq!(
+            &tier.get(&key(2), 7).unwrap().unwrap().data[..],
+            &foreign[..]
+        );
     }
 
     #[test]
     fn evicts_least_recently_used_first() {
-        let tier = CpuTier::new(300);
+        let tier = tier(3);
         for i in 0..3 {
             tier.put(&key(i), META, &[i as u8; 100]).unwrap();
         }
@@ -247,15 +282,19 @@ mod tests {
         tier.put(&key(3), META, &[3; 100]).unwrap();
         assert_eq!(keys_in(&tier, 4), [0, 2, 3]);
         tier.put(&key(4), META, &[4; 150]).unwrap();
-        assert_eq!(keys_in(&tier, 5), [3, 4]);
+        assert_eq!(keys_in(&tier, 5), [0, 3, 4]);
         let stats = tier.stats();
-        assert_eq!((stats.entries, stats.bytes, stats.evictions), (2, 250, 3));
+        assert_eq!((stats.entries, stats.bytes, stats.evictions), (3, 350, 2));
         assert!(stats.bytes <= stats.budget);
+        for i in [0, 3, 4] {
+            let chunk = tier.get(&key(i), 7).unwrap().unwrap();
+            assert!(chunk.data.iter().all(|&b| b == i as u8));
+        }
     }
 
     #[test]
     fn never_evicts_a_chunk_in_use() {
-        let tier = CpuTier::new(200);
+        let tier = tier(2);
         tier.put(&key(0), META, &[0; 100]).unwrap();
         tier.put(&key(1), META, &[1; 100]).unwrap();
         let held = tier.get(&key(0), 7).unwrap().unwrap();
@@ -272,7 +311,7 @@ mod tests {
                 err,
                 StoreError::BudgetExhausted {
                     needed: 100,
-                    budget: 200,
+                    budget: 8192,
                     in_use: 200
                 }
             ),
@@ -287,25 +326,48 @@ mod tests {
     }
 
     #[test]
-    fn rejects_a_chunk_larger_than_the_budget() {
-        let tier = CpuTier::new(64);
-        let err = tier.put(&key(0), META, &[0; 65]).unwrap_err();
+    fn a_replaced_chunk_keeps_its_slot_until_its_reader_lets_go() {
+        let tier = tier(2);
+        tier.put(&key(0), META, &[1; 100]).unwrap();
+        let old = tier.get(&key(0), 7).unwrap().unwrap();
+        tier.put(&key(0), META, &[2; 100]).unwrap();
+        // The reader's bytes are unchanged, and their slot still counts against the arena.
+        assert_eq!(&old.data[..], &[1; 100][..]);
+        let held = tier.get(&key(0), 7).unwrap().unwrap();
+        assert!(matches!(
+            tier.put(&key(1), META, &[3; 100]),
+            Err(StoreError::BudgetExhausted { .. })
+        ));
+        drop(old);
+        tier.put(&key(1), META, &[3; 100]).unwrap();
+        assert_eq!(&held.data[..], &[2; 100][..]);
+    }
+
+    #[test]
+    fn rejects_a_chunk_larger_than_a_slot_and_a_budget_below_one_slot() {
+        let tier = tier(4);
+        let err = tier.put(&key(0), META, &[0; SLOT + 1]).unwrap_err();
         assert!(
             matches!(
                 err,
-                StoreError::TooLarge {
-                    size: 65,
-                    budget: 64
+                StoreError::LargerThanSlot {
+                    size: 4097,
+                    slot: 4096
                 }
             ),
             "{err:?}"
         );
         assert_eq!(tier.stats().entries, 0);
+        tier.put(&key(0), META, &[0; SLOT]).unwrap();
+        assert!(matches!(
+            CpuTier::new(SLOT as u64 - 1, SLOT),
+            Err(StoreError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn replacing_a_key_keeps_the_accounting_exact() {
-        let tier = CpuTier::new(100);
+        let tier = tier(1);
         tier.put(&key(0), META, &[0; 80]).unwrap();
         tier.put(&key(0), META, &[9; 60]).unwrap();
         assert_eq!(tier.stats().bytes, 60);
@@ -316,11 +378,13 @@ mod tests {
         assert!(tier.remove(&key(0)).unwrap());
         assert!(!tier.remove(&key(0)).unwrap());
         assert_eq!(tier.stats().bytes, 0);
+        // The removed entry's slot is free again.
+        tier.put(&key(1), META, &[1; 60]).unwrap();
     }
 
     #[test]
     fn fingerprint_mismatch_is_a_typed_error() {
-        let tier = CpuTier::new(100);
+        let tier = tier(1);
         tier.put(&key(0), META, &[0; 10]).unwrap();
         let err = tier.get(&key(0), 8).unwrap_err();
         assert!(

@@ -45,8 +45,9 @@ use parking_lot::Mutex;
 use twox_hash::XxHash3_64;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 
+use super::arena::SlotMut;
 use super::lru::LruIndex;
-use super::{Chunk, ChunkMeta, StoreError, Tier, TierStats};
+use super::{Chunk, ChunkMeta, CpuTier, StoreError, Tier, TierStats};
 use crate::device::{HostBuffer, StagingPool};
 use crate::keys::CacheKey;
 use crate::process::process_alive;
@@ -185,40 +186,67 @@ pub struct DiskTier {
     inner: Mutex<Inner>,
     /// Buffers that gets read chunk files into, reused once their chunk is dropped.
     reads: Arc<StagingPool<HostBuffer>>,
+    /// The CPU tier above, whose slots `get` reads into (see [`DiskTier::reading_into`]).
+    read_into: Option<Arc<CpuTier>>,
 }
 
-/// A chunk file's bytes, read by `get` into a pooled buffer; handed out as the chunk's
-/// `Bytes`, and back in the pool once the last of them drops.
-struct ReadBuffer {
+/// A pooled buffer that a chunk file was read into; back in the pool once dropped.
+struct PooledRead {
     /// `Some` until the drop gives it back.
     buffer: Option<HostBuffer>,
     pool: Arc<StagingPool<HostBuffer>>,
+}
+
+impl AsRef<[u8]> for PooledRead {
+    fn as_ref(&self) -> &[u8] {
+        self.buffer.as_deref().unwrap_or_default()
+    }
+}
+
+impl Drop for PooledRead {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.pool.give_back(buffer);
+        }
+    }
+}
+
+/// Where `get` reads a chunk file: a slot of the CPU tier above, which then keeps the
+/// chunk without a copy, or else a pooled buffer.
+enum ReadBuffer {
+    Pooled(PooledRead),
+    Slot(SlotMut),
+}
+
+impl ReadBuffer {
+    /// The bytes from `start` on, as a chunk's data; they keep the memory while they live.
+    fn into_bytes(self, start: usize) -> Bytes {
+        match self {
+            ReadBuffer::Pooled(pooled) => Bytes::from_owner(pooled).slice(start..),
+            ReadBuffer::Slot(slot) => {
+                let len = slot.len();
+                slot.freeze().bytes(start..len)
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for ReadBuffer {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        self.buffer.as_deref().unwrap_or_default()
+        match self {
+            ReadBuffer::Pooled(pooled) => pooled.as_ref(),
+            ReadBuffer::Slot(slot) => slot,
+        }
     }
 }
 
 impl std::ops::DerefMut for ReadBuffer {
     fn deref_mut(&mut self) -> &mut [u8] {
-        self.buffer.as_deref_mut().unwrap_or_default()
-    }
-}
-
-impl AsRef<[u8]> for ReadBuffer {
-    fn as_ref(&self) -> &[u8] {
-        self
-    }
-}
-
-impl Drop for ReadBuffer {
-    fn drop(&mut self) {
-        if let Some(buffer) = self.buffer.take() {
-            self.pool.give_back(buffer);
+        match self {
+            ReadBuffer::Pooled(pooled) => pooled.buffer.as_deref_mut().unwrap_or_default(),
+            ReadBuffer::Slot(slot) => slot,
         }
     }
 }
@@ -254,6 +282,7 @@ impl DiskTier {
             dir,
             opts,
             reads: Arc::new(StagingPool::keeping(READ_BUFFERS_KEPT)),
+            read_into: None,
             inner: Mutex::new(Inner {
                 index: LruIndex::new(),
                 bytes: 0,
@@ -505,10 +534,40 @@ impl DiskTier {
             .reads
             .take_exact(len, HostBuffer::zeroed)
             .map_err(|e| StoreError::io(path, io::Error::new(io::ErrorKind::OutOfMemory, e)))?;
-        Ok(ReadBuffer {
+        Ok(ReadBuffer::Pooled(PooledRead {
             buffer: Some(buffer),
             pool: Arc::clone(&self.reads),
-        })
+        }))
+    }
+
+    /// Makes `get` read chunk files into slots of `cpu`, the CPU tier above this one in a
+    /// stack, so the promotion that follows keeps them without a copy, in memory that is
+    /// already faulted in. Its slots must hold [`DiskTier::file_bytes`] of a chunk; a file
+    /// larger than a slot, or a CPU tier whose slots are all held by readers, is read into
+    /// a pooled buffer as without it.
+    pub fn reading_into(mut self, cpu: Arc<CpuTier>) -> Self {
+        self.read_into = Some(cpu);
+        self
+    }
+
+    /// The largest chunk file of `payload_bytes`: payload plus the longest header.
+    pub const fn file_bytes(payload_bytes: usize) -> usize {
+        payload_bytes + MAX_HEADER
+    }
+
+    /// The buffer `get` reads a chunk file into: a slot of the CPU tier it reads into, if
+    /// one is free or can be freed, else a pooled buffer.
+    fn get_buffer(&self, path: &Path, file_len: u64) -> Result<ReadBuffer, StoreError> {
+        let slot = self.read_into.as_ref().and_then(|cpu| {
+            let len = usize::try_from(file_len).ok()?;
+            cpu.reserve(len)
+                .inspect_err(|err| tracing::debug!(%err, "reading a chunk beside the CPU tier"))
+                .ok()
+        });
+        match slot {
+            Some(slot) => Ok(ReadBuffer::Slot(slot)),
+            None => self.read_buffer(path, file_len),
+        }
     }
 
     /// Runs every check on a chunk file, as `get` would.
@@ -591,7 +650,7 @@ impl Tier for DiskTier {
         };
         let expect = Some((key_str.as_str(), expected_fingerprint));
         let file_len = file_meta.len();
-        let mut contents = self.read_buffer(&path, file_len)?;
+        let mut contents = self.get_buffer(&path, file_len)?;
         let header = match read_and_check(&path, &file, &mut contents, expect) {
             Ok(header) => header,
             Err(err) => {
@@ -615,9 +674,9 @@ impl Tier for DiskTier {
             layout_fingerprint: header.layout_fingerprint,
             num_tokens: header.num_tokens,
         };
-        // The chunk owns a copy of the verified bytes, in a pooled buffer that returns to the
-        // pool when the last `Bytes` of it drops; the file may go at any time.
-        let data = Bytes::from_owner(contents).slice(header.header_len..);
+        // The chunk owns a copy of the verified bytes, in a CPU tier slot or a pooled buffer,
+        // either free again when the last `Bytes` of it drops; the file may go at any time.
+        let data = contents.into_bytes(header.header_len);
         Ok(Some(Chunk {
             meta,
             data,

@@ -21,6 +21,7 @@ use bytes::Bytes;
 
 use crate::keys::CacheKey;
 
+mod arena;
 pub mod cpu;
 pub mod disk;
 mod lru;
@@ -87,6 +88,11 @@ pub enum StoreError {
     },
     #[error("chunk of {size} bytes is larger than the tier's whole budget of {budget} bytes")]
     TooLarge { size: u64, budget: u64 },
+    /// A chunk larger than the CPU tier's slots, which are sized for a whole chunk.
+    #[error("chunk of {size} bytes is larger than the CPU tier's slots of {slot} bytes")]
+    LargerThanSlot { size: u64, slot: u64 },
+    #[error("could not allocate the CPU tier's {bytes} bytes: {reason}")]
+    ArenaAlloc { bytes: u64, reason: String },
     #[error("no room for {needed} bytes: budget {budget} bytes, {in_use} bytes held by readers cannot be evicted")]
     BudgetExhausted {
         needed: u64,
@@ -134,6 +140,8 @@ impl StoreError {
             StoreError::NotRegularFile { .. } => "not_regular_file",
             StoreError::FingerprintMismatch { .. } => "fingerprint_mismatch",
             StoreError::TooLarge { .. } => "too_large",
+            StoreError::LargerThanSlot { .. } => "larger_than_slot",
+            StoreError::ArenaAlloc { .. } => "arena_alloc",
             StoreError::BudgetExhausted { .. } => "budget_exhausted",
             StoreError::BadDirectory { .. } => "bad_directory",
             StoreError::KeyTooLong { .. } => "key_too_long",
