@@ -49,7 +49,7 @@ struct State {
 
 impl Arena {
     /// An arena of as many `slot_bytes` slots as fit in `budget` bytes. Maps the memory but
-    /// touches none of it; the first [`Arena::take`] faults all of it in.
+    /// touches none of it; the first [`Arena::take`] starts faulting it in.
     pub(crate) fn new(budget: u64, slot_bytes: usize) -> Result<Arc<Self>, StoreError> {
         let stride = slot_bytes.max(1).next_multiple_of(SLOT_ALIGN);
         let slots = usize::try_from(budget / stride as u64).unwrap_or(usize::MAX);
@@ -88,34 +88,40 @@ impl Arena {
         self.state.lock().owners.len() * self.stride
     }
 
-    /// Writes every page once (huge pages where the kernel grants them), so no later use
-    /// faults. Runs once, on first use: a process that builds the tier but never stores in
-    /// it (vLLM's scheduler half) never pays for it.
-    pub(crate) fn fault_in(&self) {
+    /// Starts faulting every page in (huge pages where the kernel grants them) on a
+    /// background thread, once, so later uses find resident memory. Runs on first use: a
+    /// process that builds the tier but never stores in it (vLLM's scheduler half) never
+    /// pays for it. Nothing waits for it: a slot used before the thread reaches its pages
+    /// faults them as any fresh memory would (seconds per GiB here, so a first request
+    /// must not stall behind all of it).
+    pub(crate) fn fault_in(self: &Arc<Self>) {
         self.faulted_in.get_or_init(|| {
-            let start = Instant::now();
-            let len = self.len();
-            // SAFETY: base..base + len is the mapping this arena owns. MADV_POPULATE_WRITE
-            // only faults pages in (as a write would, leaving their zeros); it fails without
-            // effect on kernels older than 5.14.
-            let populated =
-                unsafe { libc::madvise(self.base.as_ptr().cast(), len, libc::MADV_POPULATE_WRITE) }
-                    == 0;
-            if !populated {
-                for page in (0..len).step_by(SLOT_ALIGN) {
-                    // SAFETY: page < len lies inside the mapping; no slot has been handed
-                    // out yet (this runs before the first take returns), so nothing else
-                    // reads or writes it. Writing the zero it holds changes no content.
-                    unsafe { self.base.as_ptr().add(page).write_volatile(0) };
-                }
+            let arena = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("kvrelay-cpu-arena".into())
+                .spawn(move || arena.populate());
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "could not start faulting the CPU tier arena in; its pages fault on first use");
             }
-            tracing::info!(
-                bytes = len,
-                ms = start.elapsed().as_secs_f64() * 1e3,
-                populated,
-                "CPU tier arena faulted in"
-            );
         });
+    }
+
+    fn populate(&self) {
+        let start = Instant::now();
+        let len = self.len();
+        // SAFETY: base..base + len is the mapping this arena owns, alive while `self` is.
+        // MADV_POPULATE_WRITE faults pages in as a write would without changing a byte, so
+        // it is safe while slots are being filled; it fails without effect on kernels older
+        // than 5.14, where pages then fault on first use.
+        let populated =
+            unsafe { libc::madvise(self.base.as_ptr().cast(), len, libc::MADV_POPULATE_WRITE) }
+                == 0;
+        tracing::info!(
+            bytes = len,
+            ms = start.elapsed().as_secs_f64() * 1e3,
+            populated,
+            "CPU tier arena faulted in"
+        );
     }
 
     /// A free slot holding `len` bytes (at most the slot size), or `None` when every slot

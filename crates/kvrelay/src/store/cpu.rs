@@ -87,9 +87,6 @@ impl CpuTier {
                 slot: slot as u64,
             });
         }
-        // The first use faults the arena in (seconds for gigabytes): not under the lock,
-        // which lookups need.
-        self.arena.fault_in();
         let mut inner = self.inner.lock();
         loop {
             if let Some(slot) = self.arena.take(len) {
