@@ -15,6 +15,9 @@ the plain run's exactly. Prints a JSON summary with ``prefill``, ``decode`` and
 ``--corrupt-chunk`` damages a chunk file between the phases: decode must then report the
 failed load, recompute, and still equal the plain run. ``--with-example-connector`` also
 runs vLLM's own ExampleConnector as producer and consumer and compares with it.
+``--async-loading`` sets LMCache's ``enable_async_loading: true``: decode then loads in
+kvrelay's background loader while vLLM parks the request in ``WAITING_FOR_REMOTE_KVS``, and
+schedules it once ``get_finished`` reports the load (or its failed blocks).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def make_tiny_llama(directory: Path) -> None:
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(directory)
 
 
-def write_lmcache_config(path: Path, disk: Path) -> None:
+def write_lmcache_config(path: Path, disk: Path, async_loading: bool) -> None:
     """The seed's shared-disk LMCache config, with whole-block chunks for vLLM CPU."""
     path.write_text(
         f"chunk_size: {CHUNK_SIZE}\n"
@@ -86,6 +89,7 @@ def write_lmcache_config(path: Path, disk: Path) -> None:
         "pre_caching_hash_algorithm: sha256_cbor\n"
         # vLLM CPU packs KV blocks per instruction set; partial blocks cannot move.
         "save_unfull_chunk: false\n"
+        f"enable_async_loading: {str(async_loading).lower()}\n"
     )
 
 
@@ -257,7 +261,7 @@ def run_both(args: argparse.Namespace) -> dict:
         env["LMCACHE_CONFIG_FILE"] = args.lmcache_config_file
     else:
         config = work / "lmcache.yaml"
-        write_lmcache_config(config, disk)
+        write_lmcache_config(config, disk, args.async_loading)
         env["LMCACHE_CONFIG_FILE"] = str(config)
     args.engine_id = args.engine_id or f"kvrelay-disagg-{uuid.uuid4()}"
     if args.reference_json:
@@ -328,6 +332,7 @@ def main() -> int:
     parser.add_argument("--strict-lmcache", action="store_true", help="fail unless kvrelay's connector ran")
     parser.add_argument("--require-lmcache-hit", action="store_true")
     parser.add_argument("--min-lmcache-hit-tokens", type=int, default=1)
+    parser.add_argument("--async-loading", action="store_true", help="enable_async_loading: true in the generated config")
     parser.add_argument("--corrupt-chunk", action="store_true", help="damage a chunk file between the phases")
     parser.add_argument("--reference-json", default="", help="reuse the reference runs of an earlier summary (its 'references')")
     parser.add_argument("--with-example-connector", action="store_true", help="also compare with vLLM's ExampleConnector (two more phases)")
@@ -336,8 +341,8 @@ def main() -> int:
     parser.add_argument("--result-json", default="", help="where a single phase writes its result")
     args = parser.parse_args()
 
-    if args.corrupt_chunk and args.lmcache_config_file:
-        parser.error("--corrupt-chunk damages the disk tier of the generated config; drop --lmcache-config-file")
+    if (args.corrupt_chunk or args.async_loading) and args.lmcache_config_file:
+        parser.error("--corrupt-chunk and --async-loading apply to the generated config; drop --lmcache-config-file")
     if args.role == "both":
         summary = run_both(args)
         print(json.dumps(summary))

@@ -14,8 +14,10 @@ decoder is killed and the proxy must answer 502 within a bound. Prints a JSON su
 A tiny random Llama is made locally (as disagg_lmcache_smoke.py does) unless --model names
 one. vLLM's CPU build packs KV blocks per instruction set, so two settings differ from the
 seed's: the prefiller sends whole chunks only (``discard_partial_chunks: true``; the
-decoder computes the prompt's tail), and the decoder loads synchronously (the seed's
-``enable_async_loading: true`` is dropped: kvrelay.vllm refuses it so far).
+decoder computes the prompt's tail). The decoder keeps the seed's
+``enable_async_loading: true``: vLLM parks the request in ``WAITING_FOR_REMOTE_KVS`` while
+kvrelay's background loader copies the KV from the PD buffer, and schedules it once
+``get_finished`` reports the load.
 """
 
 from __future__ import annotations
@@ -49,19 +51,14 @@ KILLED_DECODER_BOUND_SEC = 30.0
 
 
 def lmcache_config(role: str, work: Path) -> Path:
-    """The seed's config for `role`, with asynchronous loading left out (see above) and
-    the PD ports moved by --port-offset."""
+    """The seed's config for `role`, with the PD ports moved by --port-offset."""
     ports = {
         "pd_peer_init_port": f"[{PD_PORTS['init']}]",
         "pd_peer_alloc_port": f"[{PD_PORTS['alloc']}]",
         "pd_proxy_port": str(PD_PORTS["notify"]),
     }
     lines = (SEED_CONFIGS / f"lmcache-{role}-config.yaml").read_text().splitlines()
-    kept = [
-        f"{line.split(':')[0]}: {ports[line.split(':')[0]]}" if line.split(":")[0] in ports else line
-        for line in lines
-        if not line.startswith("enable_async_loading") and "in the background" not in line
-    ]
+    kept = [f"{line.split(':')[0]}: {ports[line.split(':')[0]]}" if line.split(":")[0] in ports else line for line in lines]
     path = work / f"lmcache-{role}.yaml"
     path.write_text("\n".join(kept) + "\n")
     return path

@@ -294,7 +294,10 @@ impl WorkerConnector {
         // by `recognize_kv_caches`, layers checked not to overlap). vLLM allocates these
         // tensors once and never frees them while the connector lives, and the Python shell
         // holds a reference to them besides. vLLM does not touch a request's blocks while
-        // its load or save runs: both complete inside start_load_kv / wait_for_save.
+        // its load or save runs: saves and synchronous loads complete inside
+        // wait_for_save / start_load_kv, and a request loading in the background stays in
+        // WAITING_FOR_REMOTE_KVS, its blocks neither computed nor freed (even if aborted),
+        // until get_finished reports the load.
         let memory = unsafe { EngineMemory::from_raw(layout, recognized.regions) }
             .map_err(|e| connector_error(e.into()))?;
         exclusive(&mut self.worker)
