@@ -403,7 +403,11 @@ mod tests {
         let mut tp2 = engine();
         tp2.world_size = 2;
         assert!(refusal(&tp2, PRODUCER, DISK).contains("world size 2"));
-        let message = refusal(&engine(), PRODUCER, &format!("{DISK}save_decode_cache: true\n"));
+        let message = refusal(
+            &engine(),
+            PRODUCER,
+            &format!("{DISK}save_decode_cache: true\n"),
+        );
         assert!(message.contains("save_decode_cache"), "{message}");
         let redis = format!("{DISK}remote_url: redis://localhost:6379\n");
         assert!(refusal(&engine(), PRODUCER, &redis).contains("remote_url"));

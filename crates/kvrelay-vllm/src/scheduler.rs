@@ -98,8 +98,8 @@ impl SchedulerHalf {
         let matched = self
             .scheduler
             .get_num_new_matched_tokens(&request.view(id), num_computed_tokens)?;
-        request.async_lookup = matches!(matched, Some((n, true)) if n > 0)
-            .then_some(num_computed_tokens);
+        request.async_lookup =
+            matches!(matched, Some((n, true)) if n > 0).then_some(num_computed_tokens);
         Ok(matched)
     }
 
@@ -344,14 +344,19 @@ mod tests {
         assert!(load.load_async && load.saves.is_empty() && !load.flush_saves);
         assert_eq!(load.block_ids, [6, 7, 8, 9]);
         let loads: Vec<_> = load.loads.iter().map(|l| l.key.clone()).collect();
-        let keys: Vec<_> = saved.requests[0].saves.iter().map(|s| s.key.clone()).collect();
+        let keys: Vec<_> = saved.requests[0]
+            .saves
+            .iter()
+            .map(|s| s.key.clone())
+            .collect();
         assert_eq!(loads, keys);
         // Once only, and nothing more once vLLM schedules the rest of the prompt.
         assert_eq!(
             half.build_connector_meta(vec![], vec![]).unwrap(),
             ConnectorMetadata::default()
         );
-        half.update_state_after_alloc("second", vec![10], 0).unwrap();
+        half.update_state_after_alloc("second", vec![10], 0)
+            .unwrap();
         let rest = NewStep {
             id: "second".into(),
             block_ids: vec![6, 7, 8, 9, 10],
