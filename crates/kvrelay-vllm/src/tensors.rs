@@ -74,11 +74,9 @@ impl fmt::Display for TensorInfo {
 pub enum KvDevice {
     /// Host memory (`cpu`).
     Host,
-    /// An Ascend NPU (`npu`).
-    #[cfg(feature = "ascend")]
+    /// An Ascend NPU (`npu`), in a build with the `ascend` feature.
     Ascend,
-    /// An RBLN NPU (`rbln`).
-    #[cfg(feature = "rbln")]
+    /// An RBLN NPU (`rbln`), in a build with the `rbln` feature.
     Rbln,
 }
 
@@ -216,21 +214,17 @@ pub fn recognize_kv_caches(
 
 /// The device a tensor's `device.type` names, if this build can move it.
 fn device_of(tensor: &TensorInfo) -> Result<KvDevice, TensorError> {
-    let built_without = |feature| TensorError::BuiltWithout {
-        seen: tensor.to_string(),
-        device: tensor.device.clone(),
-        feature,
+    let if_built = |built: bool, feature, device| {
+        built.then_some(device).ok_or(TensorError::BuiltWithout {
+            seen: tensor.to_string(),
+            device: tensor.device.clone(),
+            feature,
+        })
     };
     match tensor.device.as_str() {
         "cpu" => Ok(KvDevice::Host),
-        #[cfg(feature = "ascend")]
-        "npu" => Ok(KvDevice::Ascend),
-        #[cfg(not(feature = "ascend"))]
-        "npu" => Err(built_without("ascend")),
-        #[cfg(feature = "rbln")]
-        "rbln" => Ok(KvDevice::Rbln),
-        #[cfg(not(feature = "rbln"))]
-        "rbln" => Err(built_without("rbln")),
+        "npu" => if_built(cfg!(feature = "ascend"), "ascend", KvDevice::Ascend),
+        "rbln" => if_built(cfg!(feature = "rbln"), "rbln", KvDevice::Rbln),
         other => Err(TensorError::UnsupportedDevice {
             seen: tensor.to_string(),
             device: other.to_string(),
