@@ -38,7 +38,7 @@ SMOKE=("$PYTHON" "$ROOT/examples/vllm/disagg_lmcache_smoke.py" --role both --str
 summarize() {
     "$PYTHON" -c 'import json, sys
 s = json.load(open(sys.argv[1]))
-print(json.dumps({k: s[k] for k in ("lmcache_hit_tokens", "loaded_tokens", "failed_load_tokens", "max_logprob_difference_to_plain", "problems")} | {k: v for k, v in s.items() if k.startswith("equal_to_")}))' "$1"
+print(json.dumps({k: s[k] for k in ("lmcache_hit_tokens", "loaded_tokens", "failed_load_tokens", "background_loader", "max_logprob_difference_to_plain", "problems")} | {k: v for k, v in s.items() if k.startswith("equal_to_")}))' "$1"
 }
 
 step "seed-000 smoke: one prompt of 315 tokens"

@@ -285,6 +285,8 @@ def run_both(args: argparse.Namespace) -> dict:
         "lmcache_hit_tokens": decode["lmcache_hit_tokens"],
         "loaded_tokens": stats.get("loaded_tokens", 0),
         "failed_load_tokens": stats.get("failed_load_tokens", 0),
+        "async_loading": args.async_loading,
+        "background_loader": stats.get("background_loader", False),
         "corrupted_chunk": corrupted,
         "max_logprob_difference_to_plain": max_logprob_difference(plain, decode),
     }
@@ -301,6 +303,8 @@ def run_both(args: argparse.Namespace) -> dict:
         problems.append(
             f"decode hit {summary['lmcache_hit_tokens']} tokens, fewer than --min-lmcache-hit-tokens {args.min_lmcache_hit_tokens}"
         )
+    if summary["background_loader"] != args.async_loading:
+        problems.append(f"enable_async_loading is {args.async_loading}, but decode's background loader ran: {summary['background_loader']}")
     if corrupted:
         # The damaged chunk must be a failed load that vLLM recomputed, not loaded KV.
         if summary["failed_load_tokens"] < CHUNK_SIZE or summary["loaded_tokens"] != 0:

@@ -363,13 +363,18 @@ impl WorkerConnector {
         exclusive(&mut self.worker).get_block_ids_with_load_errors()
     }
 
-    /// The worker's totals since it started, as a dict of numbers.
+    /// The worker's totals since it started, as a dict of numbers (and
+    /// `background_loader`: whether an asynchronous load has run).
     fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let totals = exclusive(&mut self.worker).stats().clone();
+        let worker = exclusive(&mut self.worker);
+        let totals = worker.stats().clone();
+        // Whether an asynchronous load ever ran (the loader starts on the first).
+        let background_loader = worker.loads_in_background();
         let stack = self.tiers.stats();
         let stats = figures(py, &totals, &ConnectorStats::default())?;
         stats.set_item("tier_hits", stack.hits)?;
         stats.set_item("tier_misses", stack.misses)?;
+        stats.set_item("background_loader", background_loader)?;
         // What the worker's tiers hold now (a PD decoder: its PD buffer's pages in use).
         let held: u64 = self.tiers.tiers().iter().map(|t| t.stats().bytes).sum();
         stats.set_item("tier_bytes", held)?;

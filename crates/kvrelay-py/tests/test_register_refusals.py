@@ -120,10 +120,10 @@ def test_an_npu_tensor_needs_a_build_with_the_ascend_feature() -> None:
 def test_token_addressable_host_layouts_register_as_kvrelay_layouts() -> None:
     # A FlashInfer-shaped cache [num_blocks, 2, block_size, heads, head_size] on the CPU is
     # not packed per instruction set (that is CPU_ATTN's doing): its bytes are addressable
-    # per token, so it maps to kvrelay's flashinfer_nhd layout and moves as KV_2LTD chunks.
+    # per token, so it maps to kvrelay's flash_infer_nhd layout and moves as KV_2LTD chunks.
     flashinfer = {f"model.layers.{i}.self_attn.attn": torch.zeros(8, 2, 128, 4, 32) for i in range(2)}
     layout = shared_disk_worker().register_kv_caches(describe_all(flashinfer, "FLASHINFER"), None)
-    assert layout.startswith("flashinfer_nhd over 2 buffers of 1048576 bytes"), layout
+    assert layout.startswith("flash_infer_nhd over 2 buffers of 1048576 bytes"), layout
     # FlashAttention's HND: the logical [2, NB, BS, H, D] over a [2, NB, H, BS, D] buffer.
     hnd = {f"model.layers.{i}.self_attn.attn": torch.zeros(2, 8, 4, 128, 32).transpose(2, 3) for i in range(2)}
     layout = shared_disk_worker().register_kv_caches(describe_all(hnd, "FLASH_ATTN"), None)

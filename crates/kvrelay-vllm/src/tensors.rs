@@ -9,8 +9,8 @@
 //! | `[NB, H, BS, 2D]`, contiguous | `CPU_ATTN` (vLLM CPU) | opaque blocks packed for the ISA |
 //! | `[2, NB, BS, H, D]`, contiguous | not FlashInfer / Triton | `flash_attn_nhd` |
 //! | `[2, NB, BS, H, D]`, strides of `[2, NB, H, BS, D]` | not FlashInfer / Triton | `flash_attn_hnd` |
-//! | `[NB, 2, BS, H, D]`, contiguous | not FlashAttention | `flashinfer_nhd` |
-//! | `[NB, 2, BS, H, D]`, strides of `[NB, 2, H, BS, D]` | not FlashAttention | `flashinfer_hnd` |
+//! | `[NB, 2, BS, H, D]`, contiguous | not FlashAttention | `flash_infer_nhd` |
+//! | `[NB, 2, BS, H, D]`, strides of `[NB, 2, H, BS, D]` | not FlashAttention | `flash_infer_hnd` |
 //! | `(K, V)`, each `[NB, BS, H, D]`, contiguous | any (vllm-ascend) | `ascend_separate_kv` |
 //! | `[2, NB, H, 1, BS, D]`, contiguous | any (vllm-rbln) | `rbln_kv_first` |
 //! | `[NB, 2, H, 1, BS, D]`, contiguous | any (vllm-rbln) | `rbln_blocks_first` |
