@@ -235,7 +235,8 @@ class KvrelayConnector(KVConnectorBase_V1):
             self._worked()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads complete inside start_load_kv.
+        # Synchronous loads complete inside start_load_kv; asynchronous ones fill the
+        # blocks of requests vLLM runs only once get_finished has reported them.
         return
 
     def save_kv_layer(
