@@ -44,7 +44,10 @@ SEED_CONFIGS = ROOT / "examples" / "pd_1p1d"
 SEED_PROMPT = "Explain the significance of KV cache in language models in English." * 100
 PORTS = {"plain": 7000, "prefiller": 7100, "decoder": 7200, "proxy": 9100}
 PD_PORTS = {"init": 7300, "alloc": 7400, "notify": 7500}
-# vLLM logs the connector's get_kv_connector_stats every VLLM_LOG_STATS_INTERVAL seconds.
+# vLLM logs the connector's get_kv_connector_stats every VLLM_LOG_STATS_INTERVAL seconds,
+# at debug level when the interval and the one before it generated no tokens. An
+# asynchronous load's figures arrive in a step of their own, before the request's prompt
+# is computed, so that interval can look idle: the decoder logs at debug level.
 STATS_INTERVAL_SEC = 1.0
 # A killed decoder must turn into a 502 well before the proxy's own request timeout.
 KILLED_DECODER_BOUND_SEC = 30.0
@@ -268,6 +271,8 @@ def run(args: argparse.Namespace) -> dict:
                 LMCACHE_CONFIG_FILE=str(lmcache_config(role, work)),
                 KVRELAY_STATS_FILE=str(work / f"{role}-stats.json"),
             )
+            if role == "decoder":
+                role_env["VLLM_LOGGING_LEVEL"] = "DEBUG"
             processes.start(role, server(role), role_env)
         for role in ("plain", "decoder", "prefiller"):
             processes.wait_healthy(role, PORTS[role], args.start_timeout_sec)
