@@ -7,7 +7,10 @@
 #      vLLM's own ExampleConnector run bit for bit),
 #   3. the same with a prefill batch of 3 prompts of different lengths,
 #   4. the same with a corrupted chunk between the phases (recomputed; equals the plain run),
-#   5. the seed-004 1p1d: two vLLM servers and `kvrelay proxy` (release build), PD over tcp;
+#   4b. steps 3 and 4 again with enable_async_loading (vLLM parks the request in
+#      WAITING_FOR_REMOTE_KVS; kvrelay's background loader reports it in get_finished),
+#   5. the seed-004 1p1d: two vLLM servers and `kvrelay proxy` (release build), PD over tcp,
+#      the decoder loading asynchronously as in the seed;
 #      the seed's request through the proxy equals one plain vLLM server's answer, the
 #      decoder hits the prefiller's KV (looked up through the scheduler-to-worker lookup
 #      channel), vLLM logs it from get_kv_connector_stats, and a killed decoder is a 502.
@@ -35,7 +38,7 @@ SMOKE=("$PYTHON" "$ROOT/examples/vllm/disagg_lmcache_smoke.py" --role both --str
 summarize() {
     "$PYTHON" -c 'import json, sys
 s = json.load(open(sys.argv[1]))
-print(json.dumps({k: s[k] for k in ("lmcache_hit_tokens", "loaded_tokens", "failed_load_tokens", "max_logprob_difference_to_plain", "problems")} | {k: v for k, v in s.items() if k.startswith("equal_to_")}))' "$1"
+print(json.dumps({k: s[k] for k in ("lmcache_hit_tokens", "loaded_tokens", "failed_load_tokens", "background_loader", "max_logprob_difference_to_plain", "problems")} | {k: v for k, v in s.items() if k.startswith("equal_to_")}))' "$1"
 }
 
 step "seed-000 smoke: one prompt of 315 tokens"
@@ -51,6 +54,16 @@ step "seed-000 smoke with a corrupted chunk between the phases"
 "${SMOKE[@]}" --min-lmcache-hit-tokens 256 --corrupt-chunk --reference-json "$WORK/one.json" \
     --model "$WORK/one/tiny-llama" --work-dir "$WORK/corrupt" >"$WORK/corrupt.json"
 summarize "$WORK/corrupt.json"
+step "seed-000 smoke, asynchronous loads: a prefill batch of 3 prompts"
+"${SMOKE[@]}" --min-lmcache-hit-tokens 256 --prefill-batch-size 3 --prefill-repeat-stride 2 --async-loading \
+    --reference-json "$WORK/batch.json" --model "$WORK/batch/tiny-llama" --work-dir "$WORK/async" >"$WORK/async.json"
+summarize "$WORK/async.json"
+
+step "seed-000 smoke, asynchronous loads, with a corrupted chunk between the phases"
+"${SMOKE[@]}" --min-lmcache-hit-tokens 256 --corrupt-chunk --async-loading --reference-json "$WORK/one.json" \
+    --model "$WORK/one/tiny-llama" --work-dir "$WORK/async-corrupt" >"$WORK/async-corrupt.json"
+summarize "$WORK/async-corrupt.json"
+
 step "seed-004 1p1d: prefiller + decoder vLLM servers and kvrelay proxy, PD over tcp"
 (cd "$ROOT" && cargo build --release -q -p kvrelay-cli)
 "$PYTHON" "$ROOT/examples/vllm/pd_1p1d.py" --kvrelay "${CARGO_TARGET_DIR:-$ROOT/target}/release/kvrelay" \

@@ -15,6 +15,9 @@ the plain run's exactly. Prints a JSON summary with ``prefill``, ``decode`` and
 ``--corrupt-chunk`` damages a chunk file between the phases: decode must then report the
 failed load, recompute, and still equal the plain run. ``--with-example-connector`` also
 runs vLLM's own ExampleConnector as producer and consumer and compares with it.
+``--async-loading`` sets LMCache's ``enable_async_loading: true``: decode then loads in
+kvrelay's background loader while vLLM parks the request in ``WAITING_FOR_REMOTE_KVS``, and
+schedules it once ``get_finished`` reports the load (or its failed blocks).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def make_tiny_llama(directory: Path) -> None:
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(directory)
 
 
-def write_lmcache_config(path: Path, disk: Path) -> None:
+def write_lmcache_config(path: Path, disk: Path, async_loading: bool) -> None:
     """The seed's shared-disk LMCache config, with whole-block chunks for vLLM CPU."""
     path.write_text(
         f"chunk_size: {CHUNK_SIZE}\n"
@@ -86,6 +89,7 @@ def write_lmcache_config(path: Path, disk: Path) -> None:
         "pre_caching_hash_algorithm: sha256_cbor\n"
         # vLLM CPU packs KV blocks per instruction set; partial blocks cannot move.
         "save_unfull_chunk: false\n"
+        f"enable_async_loading: {str(async_loading).lower()}\n"
     )
 
 
@@ -257,7 +261,7 @@ def run_both(args: argparse.Namespace) -> dict:
         env["LMCACHE_CONFIG_FILE"] = args.lmcache_config_file
     else:
         config = work / "lmcache.yaml"
-        write_lmcache_config(config, disk)
+        write_lmcache_config(config, disk, args.async_loading)
         env["LMCACHE_CONFIG_FILE"] = str(config)
     args.engine_id = args.engine_id or f"kvrelay-disagg-{uuid.uuid4()}"
     if args.reference_json:
@@ -281,6 +285,8 @@ def run_both(args: argparse.Namespace) -> dict:
         "lmcache_hit_tokens": decode["lmcache_hit_tokens"],
         "loaded_tokens": stats.get("loaded_tokens", 0),
         "failed_load_tokens": stats.get("failed_load_tokens", 0),
+        "async_loading": args.async_loading,
+        "background_loader": stats.get("background_loader", False),
         "corrupted_chunk": corrupted,
         "max_logprob_difference_to_plain": max_logprob_difference(plain, decode),
     }
@@ -293,10 +299,15 @@ def run_both(args: argparse.Namespace) -> dict:
         problems += mismatches
     if args.strict_lmcache and "connector_stats" not in prefill:
         problems.append("prefill: kvrelay's connector reported no statistics (was it loaded?)")
-    if args.require_lmcache_hit and summary["lmcache_hit_tokens"] < args.min_lmcache_hit_tokens:
+    # An asynchronous load that fails is reported before vLLM schedules the request, so vLLM
+    # counts the tokens it then recomputes as not cached: the failed load is the hit's trace.
+    hit_recomputed = corrupted and args.async_loading
+    if args.require_lmcache_hit and not hit_recomputed and summary["lmcache_hit_tokens"] < args.min_lmcache_hit_tokens:
         problems.append(
             f"decode hit {summary['lmcache_hit_tokens']} tokens, fewer than --min-lmcache-hit-tokens {args.min_lmcache_hit_tokens}"
         )
+    if summary["background_loader"] != args.async_loading:
+        problems.append(f"enable_async_loading is {args.async_loading}, but decode's background loader ran: {summary['background_loader']}")
     if corrupted:
         # The damaged chunk must be a failed load that vLLM recomputed, not loaded KV.
         if summary["failed_load_tokens"] < CHUNK_SIZE or summary["loaded_tokens"] != 0:
@@ -328,6 +339,7 @@ def main() -> int:
     parser.add_argument("--strict-lmcache", action="store_true", help="fail unless kvrelay's connector ran")
     parser.add_argument("--require-lmcache-hit", action="store_true")
     parser.add_argument("--min-lmcache-hit-tokens", type=int, default=1)
+    parser.add_argument("--async-loading", action="store_true", help="enable_async_loading: true in the generated config")
     parser.add_argument("--corrupt-chunk", action="store_true", help="damage a chunk file between the phases")
     parser.add_argument("--reference-json", default="", help="reuse the reference runs of an earlier summary (its 'references')")
     parser.add_argument("--with-example-connector", action="store_true", help="also compare with vLLM's ExampleConnector (two more phases)")
@@ -336,8 +348,8 @@ def main() -> int:
     parser.add_argument("--result-json", default="", help="where a single phase writes its result")
     args = parser.parse_args()
 
-    if args.corrupt_chunk and args.lmcache_config_file:
-        parser.error("--corrupt-chunk damages the disk tier of the generated config; drop --lmcache-config-file")
+    if (args.corrupt_chunk or args.async_loading) and args.lmcache_config_file:
+        parser.error("--corrupt-chunk and --async-loading apply to the generated config; drop --lmcache-config-file")
     if args.role == "both":
         summary = run_both(args)
         print(json.dumps(summary))

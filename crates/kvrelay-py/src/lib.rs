@@ -11,8 +11,8 @@ use kvrelay::device::EngineMemory;
 use kvrelay::store::TierStack;
 use kvrelay_vllm::lookup::LookupServer;
 use kvrelay_vllm::{
-    build_half, metadata, recognize_kv_caches, AdapterError, BuiltHalf, CachedStep, Half, NewStep,
-    SchedulerHalf, TensorInfo, VllmEngine,
+    build_half, metadata, recognize_kv_caches, AdapterError, BuiltHalf, CachedStep, Half, KvDevice,
+    NewStep, SchedulerHalf, TensorInfo, VllmEngine,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -96,6 +96,7 @@ impl From<EngineArgs> for VllmEngine {
 #[pyo3(from_item_all)]
 struct TensorArgs {
     name: String,
+    part: Option<usize>,
     device: String,
     dtype: String,
     element_size: usize,
@@ -109,6 +110,7 @@ impl From<TensorArgs> for TensorInfo {
     fn from(a: TensorArgs) -> Self {
         TensorInfo {
             name: a.name,
+            part: a.part,
             device: a.device,
             dtype: a.dtype,
             element_size: a.element_size,
@@ -289,19 +291,30 @@ impl WorkerConnector {
         let spec = self.engine.spec().map_err(to_py)?;
         let recognized = recognize_kv_caches(&tensors, isa, &spec).map_err(|e| to_py(e.into()))?;
         let layout = recognized.layout;
-        // SAFETY: each region is one layer's KV cache tensor of vLLM's CPU build: host
-        // memory of `layout.buffer_bytes()` bytes (shape, strides, dtype and device checked
-        // by `recognize_kv_caches`, layers checked not to overlap). vLLM allocates these
+        if recognized.device != KvDevice::Host {
+            return Err(to_py(AdapterError::NotYetSupported(format!(
+                "KV caches on {:?} ({layout_kind}): the vLLM worker half moves host memory only so far",
+                recognized.device,
+                layout_kind = layout.kind()
+            ))));
+        }
+        // SAFETY: each region is one buffer (a layer, or a layer's K or V) of vLLM's KV
+        // cache in host memory (device checked just above), of `layout.buffer_bytes()`
+        // bytes (shape, strides, dtype and device checked by `recognize_kv_caches`,
+        // buffers checked not to overlap). vLLM allocates these
         // tensors once and never frees them while the connector lives, and the Python shell
         // holds a reference to them besides. vLLM does not touch a request's blocks while
-        // its load or save runs: both complete inside start_load_kv / wait_for_save.
+        // its load or save runs: saves and synchronous loads complete inside
+        // wait_for_save / start_load_kv, and a request loading in the background stays in
+        // WAITING_FOR_REMOTE_KVS, its blocks neither computed nor freed (even if aborted),
+        // until get_finished reports the load.
         let memory = unsafe { EngineMemory::from_raw(layout, recognized.regions) }
             .map_err(|e| connector_error(e.into()))?;
         exclusive(&mut self.worker)
             .register_kv_caches(memory)
             .map_err(connector_error)?;
         Ok(format!(
-            "{} over {} layers of {} bytes (chunk fingerprint {:#018x})",
+            "{} over {} buffers of {} bytes (chunk fingerprint {:#018x})",
             layout.kind(),
             layout.num_buffers(),
             layout.buffer_bytes(),
@@ -350,13 +363,18 @@ impl WorkerConnector {
         exclusive(&mut self.worker).get_block_ids_with_load_errors()
     }
 
-    /// The worker's totals since it started, as a dict of numbers.
+    /// The worker's totals since it started, as a dict of numbers (and
+    /// `background_loader`: whether an asynchronous load has run).
     fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let totals = exclusive(&mut self.worker).stats().clone();
+        let worker = exclusive(&mut self.worker);
+        let totals = worker.stats().clone();
+        // Whether an asynchronous load ever ran (the loader starts on the first).
+        let background_loader = worker.loads_in_background();
         let stack = self.tiers.stats();
         let stats = figures(py, &totals, &ConnectorStats::default())?;
         stats.set_item("tier_hits", stack.hits)?;
         stats.set_item("tier_misses", stack.misses)?;
+        stats.set_item("background_loader", background_loader)?;
         // What the worker's tiers hold now (a PD decoder: its PD buffer's pages in use).
         let held: u64 = self.tiers.tiers().iter().map(|t| t.stats().bytes).sum();
         stats.set_item("tier_bytes", held)?;

@@ -1,6 +1,9 @@
-"""The worker half's refusals, through the installed wheel: KV caches kvrelay cannot move
-(a CUDA tensor, an unknown layout) and configs vLLM's two processes cannot share fail at
-once with an error that says what was seen. Runs with pytest or as a plain script.
+"""The worker half's register_kv_caches and refusals, through the installed wheel: the
+layouts it maps (vLLM CPU's CPU_ATTN, and on host memory the GPU FlashAttention /
+FlashInfer shapes and vllm-ascend's (K, V) tuples), and KV caches kvrelay cannot move (a
+CUDA tensor, an NPU tensor in a build without the ascend feature, an unknown layout) and
+configs vLLM's two processes cannot share, which fail at once with an error that says
+what was seen. Runs with pytest or as a plain script.
 
     python crates/kvrelay-py/tests/test_register_refusals.py
 """
@@ -16,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from kvrelay import KvrelayConfigError, KvrelayUnsupportedError, _native
-from kvrelay.vllm import describe_tensor
+from kvrelay.vllm import describe_kv_caches, describe_tensor
 
 ENGINE = {
     "model": "/models/tiny-llama",
@@ -63,7 +66,7 @@ def describe_all(caches: dict, backend: str = "CPU_ATTN") -> list[dict]:
 
 def test_cpu_attn_caches_register_as_opaque_blocks() -> None:
     layout = shared_disk_worker().register_kv_caches(describe_all(cpu_attn_caches()), "vec")
-    assert layout.startswith("opaque_blocks(cpu_attn_vec) over 2 layers of 1048576 bytes"), layout
+    assert layout.startswith("opaque_blocks(cpu_attn_vec) over 2 buffers of 1048576 bytes"), layout
 
 
 def test_a_cuda_tensor_is_refused_saying_what_it_saw() -> None:
@@ -87,15 +90,60 @@ def test_a_cuda_tensor_is_refused_saying_what_it_saw() -> None:
         raise AssertionError("a CUDA tensor was registered")
 
 
-def test_an_unknown_layout_is_refused_saying_what_it_saw() -> None:
-    # vLLM's GPU FlashAttention layout [2, num_blocks, block_size, heads, head_size], on CPU.
-    flash = {f"model.layers.{i}.self_attn.attn": torch.zeros(2, 8, 128, 4, 32) for i in range(2)}
+def fake_tensor(device: str, shape: tuple, stride: tuple) -> SimpleNamespace:
+    """A tensor-like object on a device this machine has not, answering the calls the
+    shell makes."""
+    return SimpleNamespace(
+        device=SimpleNamespace(type=device),
+        dtype=torch.float32,
+        element_size=lambda: 4,
+        shape=shape,
+        stride=lambda: stride,
+        data_ptr=lambda: 0x7F0000000000,
+    )
+
+
+def test_an_npu_tensor_needs_a_build_with_the_ascend_feature() -> None:
+    # vllm-ascend's per-layer (K, V) tuple, each [num_blocks, block_size, heads, head_size].
+    shape, stride = (8, 128, 4, 32), (16384, 128, 32, 1)
+    caches = {"model.layers.0.self_attn.attn": (fake_tensor("npu", shape, stride), fake_tensor("npu", shape, stride))}
     try:
-        shared_disk_worker().register_kv_caches(describe_all(flash, "FLASH_ATTN"), None)
+        shared_disk_worker().register_kv_caches(describe_kv_caches(caches, {}), None)
+    except KvrelayUnsupportedError as error:
+        message = str(error)
+        assert "device 'npu'" in message and "built without the ascend feature" in message, message
+        assert "model.layers.0.self_attn.attn[0]: shape [8, 128, 4, 32]" in message, message
+    else:
+        raise AssertionError("an NPU tensor was registered by a build without the ascend feature")
+
+
+def test_token_addressable_host_layouts_register_as_kvrelay_layouts() -> None:
+    # A FlashInfer-shaped cache [num_blocks, 2, block_size, heads, head_size] on the CPU is
+    # not packed per instruction set (that is CPU_ATTN's doing): its bytes are addressable
+    # per token, so it maps to kvrelay's flash_infer_nhd layout and moves as KV_2LTD chunks.
+    flashinfer = {f"model.layers.{i}.self_attn.attn": torch.zeros(8, 2, 128, 4, 32) for i in range(2)}
+    layout = shared_disk_worker().register_kv_caches(describe_all(flashinfer, "FLASHINFER"), None)
+    assert layout.startswith("flash_infer_nhd over 2 buffers of 1048576 bytes"), layout
+    # FlashAttention's HND: the logical [2, NB, BS, H, D] over a [2, NB, H, BS, D] buffer.
+    hnd = {f"model.layers.{i}.self_attn.attn": torch.zeros(2, 8, 4, 128, 32).transpose(2, 3) for i in range(2)}
+    layout = shared_disk_worker().register_kv_caches(describe_all(hnd, "FLASH_ATTN"), None)
+    assert layout.startswith("flash_attn_hnd over 2 buffers"), layout
+    # vllm-ascend's (K, V) tuples, in host memory: two buffers per layer.
+    ascend = {f"model.layers.{i}.self_attn.attn": (torch.zeros(8, 128, 4, 32), torch.zeros(8, 128, 4, 32)) for i in range(2)}
+    layout = shared_disk_worker().register_kv_caches(describe_kv_caches(ascend, {}), None)
+    assert layout.startswith("ascend_separate_kv over 4 buffers of 524288 bytes"), layout
+
+
+def test_an_unknown_layout_is_refused_saying_what_it_saw() -> None:
+    # Blocks innermost: no vLLM backend lays KV out like this.
+    odd = {f"model.layers.{i}.self_attn.attn": torch.zeros(2, 128, 4, 32, 8) for i in range(2)}
+    try:
+        shared_disk_worker().register_kv_caches(describe_all(odd, "FLASH_ATTN"), None)
     except KvrelayUnsupportedError as error:
         message = str(error)
         assert "not a layout kvrelay knows" in message, message
-        assert "shape [2, 8, 128, 4, 32]" in message and "backend FLASH_ATTN" in message, message
+        assert "shape [2, 128, 4, 32, 8]" in message and "backend FLASH_ATTN" in message, message
+        assert "flash_attn_nhd shape [2, 8, 128, 4, 32]" in message, message
     else:
         raise AssertionError("an unknown layout was registered")
     # The right shape, transposed: not contiguous, so not CPU_ATTN's bytes.

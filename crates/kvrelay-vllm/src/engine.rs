@@ -229,12 +229,6 @@ fn check_supported(
             "no shared tier is configured (set local_disk, which every process can open). {NEEDS_LOOKUP_CHANNEL}"
         ));
     }
-    if effective.enable_async_loading {
-        return not_yet(
-            "enable_async_loading: asynchronous loads are not wired to vLLM's WAITING_FOR_REMOTE_KVS state yet"
-                .into(),
-        );
-    }
     if effective.save_decode_cache {
         return not_yet(
             "save_decode_cache: the scheduler half is handed prompt tokens only, not generated ones"
@@ -409,10 +403,12 @@ mod tests {
         let mut tp2 = engine();
         tp2.world_size = 2;
         assert!(refusal(&tp2, PRODUCER, DISK).contains("world size 2"));
-        for key in ["enable_async_loading", "save_decode_cache"] {
-            let message = refusal(&engine(), PRODUCER, &format!("{DISK}{key}: true\n"));
-            assert!(message.contains(key), "{message}");
-        }
+        let message = refusal(
+            &engine(),
+            PRODUCER,
+            &format!("{DISK}save_decode_cache: true\n"),
+        );
+        assert!(message.contains("save_decode_cache"), "{message}");
         let redis = format!("{DISK}remote_url: redis://localhost:6379\n");
         assert!(refusal(&engine(), PRODUCER, &redis).contains("remote_url"));
         let mut bad_dtype = engine();

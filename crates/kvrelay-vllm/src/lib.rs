@@ -17,7 +17,7 @@ pub mod tensors;
 
 pub use engine::{build_half, AdapterError, BuiltHalf, Half, VllmEngine};
 pub use scheduler::{CachedStep, NewStep, SchedulerHalf};
-pub use tensors::{recognize_kv_caches, RecognizedKv, TensorError, TensorInfo};
+pub use tensors::{recognize_kv_caches, KvDevice, RecognizedKv, TensorError, TensorInfo};
 
 #[cfg(test)]
 mod test_support {

@@ -117,10 +117,12 @@ def _kv_transfer_config_json(vllm_config: VllmConfig) -> str:
     return json.dumps({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
 
-def describe_tensor(name: str, tensor: torch.Tensor, backend: str) -> dict[str, Any]:
-    """A KV cache tensor as plain values; Rust decides whether it can be moved."""
+def describe_tensor(name: str, tensor: torch.Tensor, backend: str, part: int | None = None) -> dict[str, Any]:
+    """A KV cache tensor as plain values; Rust decides whether it can be moved. ``part``:
+    its place in the layer's ``(K, V)`` tuple (vllm-ascend registers one per layer)."""
     return {
         "name": name,
+        "part": part,
         "device": tensor.device.type,
         "dtype": str(tensor.dtype).removeprefix("torch."),
         "element_size": tensor.element_size(),
@@ -129,6 +131,21 @@ def describe_tensor(name: str, tensor: torch.Tensor, backend: str) -> dict[str, 
         "data_ptr": tensor.data_ptr(),
         "backend": backend,
     }
+
+
+def describe_kv_caches(
+    kv_caches: dict[str, torch.Tensor | tuple[torch.Tensor, ...]], backends: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Every registered tensor as plain values: one per layer, or each of a layer's
+    ``(K, V)`` tuple."""
+    described = []
+    for name, cache in kv_caches.items():
+        backend = backends.get(name, "unknown")
+        if isinstance(cache, (tuple, list)):
+            described += [describe_tensor(name, part, backend, i) for i, part in enumerate(cache)]
+        else:
+            described.append(describe_tensor(name, cache, backend))
+    return described
 
 
 def _attention_backends(vllm_config: VllmConfig, layer_names: list[str]) -> dict[str, str]:
@@ -174,7 +191,7 @@ class KvrelayConnector(KVConnectorBase_V1):
         else:
             self._worker = _native.WorkerConnector(engine, config_json)
         # The registered tensors: kept referenced while Rust holds their addresses.
-        self._kv_caches: dict[str, torch.Tensor] | None = None
+        self._kv_caches: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] | None = None
         self._stats_file = os.environ.get(STATS_FILE_ENV)
         self._last_stats: dict[str, Any] | None = None
         # Whether Rust holds this step's metadata (a step with KV to move), and whether it
@@ -186,20 +203,14 @@ class KvrelayConnector(KVConnectorBase_V1):
 
     # ---- worker half ----
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> None:
         assert self._worker is not None
         names = list(kv_caches)
         backends = _attention_backends(self._vllm_config, names)
-        tensors = [
-            describe_tensor(name, kv_caches[name], backends.get(name, "unknown"))
-            for name in names
-        ]
-        # vLLM is asked for the CPU attention ISA only for tensors that can be CPU_ATTN's;
-        # Rust refuses the others saying what it saw.
-        first = kv_caches[names[0]] if names else None
-        isa = None
-        if first is not None and all(t["device"] == "cpu" for t in tensors) and first.dim() == 4:
-            isa = self._cpu_attn_isa
+        tensors = describe_kv_caches(kv_caches, backends)
+        # The CPU attention ISA matters only for vLLM CPU's CPU_ATTN cache; Rust refuses
+        # everything else it cannot move, saying what it saw.
+        isa = self._cpu_attn_isa if any(t["backend"] == "CPU_ATTN" for t in tensors) else None
         self._worker.register_kv_caches(tensors, isa)
         self._kv_caches = kv_caches
 
@@ -224,7 +235,8 @@ class KvrelayConnector(KVConnectorBase_V1):
             self._worked()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads complete inside start_load_kv.
+        # Synchronous loads complete inside start_load_kv; asynchronous ones fill the
+        # blocks of requests vLLM runs only once get_finished has reported them.
         return
 
     def save_kv_layer(
