@@ -67,7 +67,11 @@ fn store(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let disk = DiskTier::open(dir.path(), DiskTierOptions::new(2 * TOTAL as u64)).unwrap();
     bench_tier(c, "store_disk", &disk);
-    bench_tier(c, "store_cpu", &CpuTier::new(2 * TOTAL as u64, CHUNK).unwrap());
+    bench_tier(
+        c,
+        "store_cpu",
+        &CpuTier::new(2 * TOTAL as u64, CHUNK).unwrap(),
+    );
 }
 
 criterion_group!(benches, store);
