@@ -7,12 +7,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use kvrelay::connector::{ConnectorError, ConnectorStats, KvWorker};
-use kvrelay::device::EngineMemory;
 use kvrelay::store::TierStack;
 use kvrelay_vllm::lookup::LookupServer;
 use kvrelay_vllm::{
-    build_half, metadata, recognize_kv_caches, AdapterError, BuiltHalf, CachedStep, Half, KvDevice,
-    NewStep, SchedulerHalf, TensorInfo, VllmEngine,
+    build_half, build_worker_half, check_half, metadata, AdapterError, BuiltHalf, CachedStep, Half,
+    NewStep, RegisteredWorker, SchedulerHalf, TensorInfo, VllmEngine,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -104,6 +103,8 @@ struct TensorArgs {
     strides: Vec<usize>,
     data_ptr: u64,
     backend: String,
+    #[pyo3(default)]
+    device_index: Option<u32>,
 }
 
 impl From<TensorArgs> for TensorInfo {
@@ -112,6 +113,7 @@ impl From<TensorArgs> for TensorInfo {
             name: a.name,
             part: a.part,
             device: a.device,
+            device_index: a.device_index,
             dtype: a.dtype,
             element_size: a.element_size,
             shape: a.shape,
@@ -249,18 +251,37 @@ impl SchedulerConnector {
     }
 }
 
-/// vLLM's worker-role connector (Worker process).
+/// vLLM's worker-role connector (Worker process). Its config is checked when it is made;
+/// the half itself is built by `register_kv_caches`, on the device the tensors are on.
 #[pyclass(module = "kvrelay._native")]
 struct WorkerConnector {
-    worker: Mutex<KvWorker>,
     engine: VllmEngine,
+    kv_transfer_config_json: String,
+    registered: Mutex<Option<Registered>>,
+    /// The totals `interval_stats` last reported.
+    reported: ConnectorStats,
+}
+
+/// The worker half, built over the registered KV cache.
+struct Registered {
+    worker: KvWorker,
     /// The tiers the worker writes through; kept for their statistics.
     tiers: Arc<TierStack>,
     /// A PD decoder's lookup channel, serving its PD buffer to the scheduler half; closed
     /// when the connector goes.
     _lookup_server: Option<LookupServer>,
-    /// The totals `interval_stats` last reported.
-    reported: ConnectorStats,
+}
+
+impl WorkerConnector {
+    fn registered(&mut self) -> PyResult<&mut Registered> {
+        exclusive(&mut self.registered)
+            .as_mut()
+            .ok_or_else(|| KvrelayError::new_err("vLLM has not called register_kv_caches yet"))
+    }
+
+    fn worker(&mut self) -> PyResult<&mut KvWorker> {
+        self.registered().map(|r| &mut r.worker)
+    }
 }
 
 #[pymethods]
@@ -268,51 +289,51 @@ impl WorkerConnector {
     #[new]
     fn new(py: Python<'_>, engine: EngineArgs, kv_transfer_config_json: &str) -> PyResult<Self> {
         let engine = VllmEngine::from(engine);
-        let built = build(py, &engine, kv_transfer_config_json, Half::Worker)?;
+        py.allow_threads(|| check_half(&engine, kv_transfer_config_json, environment()))
+            .map_err(to_py)?;
         Ok(WorkerConnector {
-            worker: Mutex::new(built.connector.worker),
             engine,
-            tiers: built.connector.tiers,
-            _lookup_server: built.lookup_server,
+            kv_transfer_config_json: kv_transfer_config_json.to_string(),
+            registered: Mutex::new(None),
             reported: ConnectorStats::default(),
         })
     }
 
-    /// Registers vLLM's KV cache tensors (described as dicts of plain values) and returns
-    /// the layout kvrelay moves them with. The caller keeps the tensors alive for as long
-    /// as this connector lives.
+    /// Registers vLLM's KV cache tensors (described as dicts of plain values), building
+    /// the worker half on their device, and returns the layout kvrelay moves them with.
+    /// The caller keeps the tensors alive for as long as this connector lives.
     #[pyo3(signature = (tensors, isa))]
     fn register_kv_caches(
         &mut self,
+        py: Python<'_>,
         tensors: Vec<TensorArgs>,
         isa: Option<&str>,
     ) -> PyResult<String> {
-        let tensors: Vec<TensorInfo> = tensors.into_iter().map(TensorInfo::from).collect();
-        let spec = self.engine.spec().map_err(to_py)?;
-        let recognized = recognize_kv_caches(&tensors, isa, &spec).map_err(|e| to_py(e.into()))?;
-        let layout = recognized.layout;
-        if recognized.device != KvDevice::Host {
-            return Err(to_py(AdapterError::NotYetSupported(format!(
-                "KV caches on {:?} ({layout_kind}): the vLLM worker half moves host memory only so far",
-                recognized.device,
-                layout_kind = layout.kind()
-            ))));
+        if exclusive(&mut self.registered).is_some() {
+            return Err(KvrelayError::new_err(
+                "register_kv_caches was called twice; vLLM registers its KV cache once",
+            ));
         }
-        // SAFETY: each region is one buffer (a layer, or a layer's K or V) of vLLM's KV
-        // cache in host memory (device checked just above), of `layout.buffer_bytes()`
-        // bytes (shape, strides, dtype and device checked by `recognize_kv_caches`,
-        // buffers checked not to overlap). vLLM allocates these
-        // tensors once and never frees them while the connector lives, and the Python shell
-        // holds a reference to them besides. vLLM does not touch a request's blocks while
-        // its load or save runs: saves and synchronous loads complete inside
-        // wait_for_save / start_load_kv, and a request loading in the background stays in
+        let tensors: Vec<TensorInfo> = tensors.into_iter().map(TensorInfo::from).collect();
+        let (engine, json) = (&self.engine, self.kv_transfer_config_json.as_str());
+        // SAFETY: the tensors are vLLM's KV cache, described by the Python shell from the
+        // live tensors (data_ptr, shape, strides, dtype, device). vLLM allocates them once
+        // and never frees them while the connector lives, and the Python shell holds a
+        // reference to them besides. vLLM does not touch a request's blocks while its
+        // load or save runs: saves and synchronous loads complete inside wait_for_save /
+        // start_load_kv, and a request loading in the background stays in
         // WAITING_FOR_REMOTE_KVS, its blocks neither computed nor freed (even if aborted),
         // until get_finished reports the load.
-        let memory = unsafe { EngineMemory::from_raw(layout, recognized.regions) }
-            .map_err(|e| connector_error(e.into()))?;
-        exclusive(&mut self.worker)
-            .register_kv_caches(memory)
-            .map_err(connector_error)?;
+        let RegisteredWorker { built, layout } = py
+            .allow_threads(|| unsafe {
+                build_worker_half(engine, json, environment(), &tensors, isa)
+            })
+            .map_err(to_py)?;
+        *exclusive(&mut self.registered) = Some(Registered {
+            worker: built.connector.worker,
+            tiers: built.connector.tiers,
+            _lookup_server: built.lookup_server,
+        });
         Ok(format!(
             "{} over {} buffers of {} bytes (chunk fingerprint {:#018x})",
             layout.kind(),
@@ -324,19 +345,20 @@ impl WorkerConnector {
 
     fn bind_connector_metadata(&mut self, encoded: &[u8]) -> PyResult<()> {
         let metadata = metadata::decode(encoded).map_err(|e| to_py(e.into()))?;
-        exclusive(&mut self.worker).bind_connector_metadata(metadata);
+        self.worker()?.bind_connector_metadata(metadata);
         Ok(())
     }
 
-    fn clear_connector_metadata(&mut self) {
-        exclusive(&mut self.worker).clear_connector_metadata();
+    fn clear_connector_metadata(&mut self) -> PyResult<()> {
+        self.worker()?.clear_connector_metadata();
+        Ok(())
     }
 
     /// Loads this step's chunks into the paged cache; returns when they have landed, or,
     /// for asynchronous loads, once queued. Returns whether loads run in the background,
     /// whose ends `get_finished` reports.
     fn start_load_kv(&mut self, py: Python<'_>) -> PyResult<bool> {
-        let worker = exclusive(&mut self.worker);
+        let worker = self.worker()?;
         py.allow_threads(|| worker.start_load_kv())
             .map_err(connector_error)?;
         Ok(worker.loads_in_background())
@@ -344,7 +366,7 @@ impl WorkerConnector {
 
     /// Saves this step's chunks into every tier before vLLM may reuse the blocks.
     fn wait_for_save(&mut self, py: Python<'_>) -> PyResult<()> {
-        let worker = exclusive(&mut self.worker);
+        let worker = self.worker()?;
         py.allow_threads(|| worker.wait_for_save())
             .map_err(connector_error)
     }
@@ -354,37 +376,41 @@ impl WorkerConnector {
         &mut self,
         py: Python<'_>,
         finished_req_ids: HashSet<String>,
-    ) -> (HashSet<String>, HashSet<String>) {
-        let worker = exclusive(&mut self.worker);
-        py.allow_threads(|| worker.get_finished(&finished_req_ids))
+    ) -> PyResult<(HashSet<String>, HashSet<String>)> {
+        let worker = self.worker()?;
+        Ok(py.allow_threads(|| worker.get_finished(&finished_req_ids)))
     }
 
-    fn get_block_ids_with_load_errors(&mut self) -> HashSet<u32> {
-        exclusive(&mut self.worker).get_block_ids_with_load_errors()
+    fn get_block_ids_with_load_errors(&mut self) -> PyResult<HashSet<u32>> {
+        Ok(self.worker()?.get_block_ids_with_load_errors())
     }
 
     /// The worker's totals since it started, as a dict of numbers (and
     /// `background_loader`: whether an asynchronous load has run).
     fn stats<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let worker = exclusive(&mut self.worker);
+        let Registered { worker, tiers, .. } = self.registered()?;
         let totals = worker.stats().clone();
         // Whether an asynchronous load ever ran (the loader starts on the first).
         let background_loader = worker.loads_in_background();
-        let stack = self.tiers.stats();
+        let stack = tiers.stats();
         let stats = figures(py, &totals, &ConnectorStats::default())?;
         stats.set_item("tier_hits", stack.hits)?;
         stats.set_item("tier_misses", stack.misses)?;
         stats.set_item("background_loader", background_loader)?;
         // What the worker's tiers hold now (a PD decoder: its PD buffer's pages in use).
-        let held: u64 = self.tiers.tiers().iter().map(|t| t.stats().bytes).sum();
+        let held: u64 = tiers.tiers().iter().map(|t| t.stats().bytes).sum();
         stats.set_item("tier_bytes", held)?;
         Ok(stats)
     }
 
     /// What changed since the last call (vLLM's `get_kv_connector_stats`, asked once a
-    /// step): `None` when nothing moved, so an idle step costs one comparison.
+    /// step): `None` when nothing moved (or nothing is registered yet), so an idle step
+    /// costs one comparison.
     fn interval_stats<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let totals = exclusive(&mut self.worker).stats();
+        let Some(registered) = exclusive(&mut self.registered).as_ref() else {
+            return Ok(None);
+        };
+        let totals = registered.worker.stats();
         if *totals == self.reported {
             return Ok(None);
         }

@@ -8,7 +8,7 @@ use kvrelay::config::{ConfigError, ConnectorKind, KvTransferConfig, LmcacheConfi
 use kvrelay::connector::{
     build_connector_with, BuildOptions, Connector, ConnectorError, EngineIdentity,
 };
-use kvrelay::device::HostDevice;
+use kvrelay::device::{Device, HostDevice};
 use kvrelay::layout::{AttentionKind, BlockPacking, CpuAttnIsa, KvCacheSpec};
 use kvrelay::store::Tier;
 use kvrelay::KvDtype;
@@ -76,8 +76,19 @@ pub struct BuiltHalf {
     pub lookup_server: Option<LookupServer>,
 }
 
-/// The device whose KV cache vLLM's CPU build hands over; the only one moved so far.
+/// The device whose KV cache vLLM's CPU build hands over.
 const CPU_DEVICE: &str = "cpu";
+
+/// The vLLM platforms (`current_platform.device_type`) this build serves: CPU, and
+/// vllm-ascend (`npu`) / vllm-rbln (`rbln`) with the `ascend` / `rbln` feature.
+fn platform_built(device_type: &str) -> bool {
+    match device_type {
+        CPU_DEVICE => true,
+        "npu" => cfg!(feature = "ascend"),
+        "rbln" => cfg!(feature = "rbln"),
+        _ => false,
+    }
+}
 
 /// Why process-local tiers other than the PD buffer are refused: vLLM asks the scheduler
 /// process for hits while the data would sit in a worker process.
@@ -111,11 +122,46 @@ impl VllmEngine {
 /// `KVRELAY_LOOKUP_DIR` names the lookup channel's directory. A PD receiver's worker half
 /// binds the PD buffer and serves it on the lookup channel; its scheduler half binds
 /// nothing and looks the buffer up through that channel.
+/// The worker half moves host memory; [`crate::worker::build_worker_half`] builds one over
+/// the registered tensors' device instead.
 pub fn build_half(
     engine: &VllmEngine,
     kv_transfer_config_json: &str,
     env: impl IntoIterator<Item = (String, String)>,
     half: Half,
+) -> Result<BuiltHalf, AdapterError> {
+    build_half_on(
+        engine,
+        kv_transfer_config_json,
+        env,
+        half,
+        Arc::new(HostDevice),
+    )
+}
+
+/// Refuses what [`build_half`] would refuse from the configs alone, binding nothing: a
+/// worker half built only once vLLM registers its KV cache checks its config up front.
+pub fn check_half(
+    engine: &VllmEngine,
+    kv_transfer_config_json: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), AdapterError> {
+    let transfer = KvTransferConfig::from_json_str(kv_transfer_config_json)?;
+    let lmcache = LmcacheConfig::load_with_env(env)?;
+    if check_supported(engine, &transfer, &lmcache)? {
+        lookup_name(&transfer)?;
+    }
+    engine.spec()?;
+    Ok(())
+}
+
+/// [`build_half`] moving KV with `device`.
+pub(crate) fn build_half_on(
+    engine: &VllmEngine,
+    kv_transfer_config_json: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    half: Half,
+    device: Arc<dyn Device>,
 ) -> Result<BuiltHalf, AdapterError> {
     let env: Vec<(String, String)> = env.into_iter().collect();
     let transfer = KvTransferConfig::from_json_str(kv_transfer_config_json)?;
@@ -159,7 +205,7 @@ pub fn build_half(
         &lmcache,
         &identity,
         engine.spec()?,
-        Arc::new(HostDevice),
+        device,
         BuildOptions {
             remote_pd_buffer,
             block_packing,
@@ -201,9 +247,9 @@ fn check_supported(
     lmcache: &LmcacheConfig,
 ) -> Result<bool, AdapterError> {
     let not_yet = |what: String| Err(AdapterError::NotYetSupported(what));
-    if engine.device_type != CPU_DEVICE {
+    if !platform_built(&engine.device_type) {
         return not_yet(format!(
-            "vLLM on device '{}': only vLLM's CPU build (device 'cpu') is supported so far",
+            "vLLM on device '{}': kvrelay serves vLLM's CPU build (device 'cpu'), and vllm-ascend ('npu') / vllm-rbln ('rbln') when built with the ascend / rbln feature",
             engine.device_type
         ));
     }
@@ -235,8 +281,11 @@ fn check_supported(
                 .into(),
         );
     }
-    // The only device so far, vLLM CPU, packs each block for its attention ISA: chunks
-    // must be whole blocks.
+    let pd_receiver = effective.enable_pd && effective.pd_role == Some(PdRole::Receiver);
+    if engine.device_type != CPU_DEVICE {
+        return Ok(pd_receiver);
+    }
+    // vLLM CPU packs each block for its attention ISA: chunks must be whole blocks.
     let why = "vLLM CPU packs each KV block for its attention kernel's instruction set, so kvrelay moves whole blocks only";
     if !effective.chunk_size.is_multiple_of(engine.block_size) {
         return Err(ConfigError::Invalid {
@@ -257,7 +306,7 @@ fn check_supported(
         }
         .into());
     }
-    Ok(effective.enable_pd && effective.pd_role == Some(PdRole::Receiver))
+    Ok(pd_receiver)
 }
 
 #[cfg(test)]

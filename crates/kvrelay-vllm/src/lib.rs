@@ -7,17 +7,20 @@
 //! half needs between vLLM's hooks; [`lookup`] lets the scheduler half see a PD decoder's
 //! PD buffer, which the worker half holds; [`metadata`] carries each step's
 //! [`kvrelay::connector::ConnectorMetadata`] across the process boundary as bytes;
-//! [`tensors`] recognizes the KV cache tensors vLLM registers.
+//! [`tensors`] recognizes the KV cache tensors vLLM registers, and [`worker`] builds the
+//! worker half over them on their device.
 
 pub mod engine;
 pub mod lookup;
 pub mod metadata;
 pub mod scheduler;
 pub mod tensors;
+pub mod worker;
 
-pub use engine::{build_half, AdapterError, BuiltHalf, Half, VllmEngine};
+pub use engine::{build_half, check_half, AdapterError, BuiltHalf, Half, VllmEngine};
 pub use scheduler::{CachedStep, NewStep, SchedulerHalf};
 pub use tensors::{recognize_kv_caches, KvDevice, RecognizedKv, TensorError, TensorInfo};
+pub use worker::{build_worker_half, RegisteredWorker};
 
 #[cfg(test)]
 mod test_support {

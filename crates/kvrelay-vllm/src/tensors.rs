@@ -42,6 +42,8 @@ pub struct TensorInfo {
     pub part: Option<usize>,
     /// `tensor.device.type`: `cpu`, `cuda`, `npu`, ...
     pub device: String,
+    /// `tensor.device.index`: which NPU (`npu:1` → 1); `None` for host memory.
+    pub device_index: Option<u32>,
     /// `str(tensor.dtype)` without the `torch.` prefix: `float32`, `bfloat16`, ...
     pub dtype: String,
     pub element_size: usize,
@@ -62,9 +64,13 @@ impl fmt::Display for TensorInfo {
         }
         write!(
             f,
-            ": shape {:?}, strides {:?}, dtype {}, device {}, backend {}",
-            self.shape, self.strides, self.dtype, self.device, self.backend
-        )
+            ": shape {:?}, strides {:?}, dtype {}, device {}",
+            self.shape, self.strides, self.dtype, self.device
+        )?;
+        if let Some(index) = self.device_index {
+            write!(f, ":{index}")?;
+        }
+        write!(f, ", backend {}", self.backend)
     }
 }
 
@@ -74,10 +80,10 @@ impl fmt::Display for TensorInfo {
 pub enum KvDevice {
     /// Host memory (`cpu`).
     Host,
-    /// An Ascend NPU (`npu`), in a build with the `ascend` feature.
-    Ascend,
-    /// An RBLN NPU (`rbln`), in a build with the `rbln` feature.
-    Rbln,
+    /// Ascend NPU `n` (`npu:n`), in a build with the `ascend` feature.
+    Ascend(u32),
+    /// RBLN NPU `n` (`rbln:n`), in a build with the `rbln` feature.
+    Rbln(u32),
 }
 
 /// KV cache tensors kvrelay cannot move.
@@ -212,7 +218,8 @@ pub fn recognize_kv_caches(
     })
 }
 
-/// The device a tensor's `device.type` names, if this build can move it.
+/// The device a tensor's `device.type` and `device.index` name, if this build can move
+/// it. An NPU tensor without an index is on NPU 0 (torch gives NPU tensors an index).
 fn device_of(tensor: &TensorInfo) -> Result<KvDevice, TensorError> {
     let if_built = |built: bool, feature, device| {
         built.then_some(device).ok_or(TensorError::BuiltWithout {
@@ -221,10 +228,11 @@ fn device_of(tensor: &TensorInfo) -> Result<KvDevice, TensorError> {
             feature,
         })
     };
+    let index = tensor.device_index.unwrap_or(0);
     match tensor.device.as_str() {
         "cpu" => Ok(KvDevice::Host),
-        "npu" => if_built(cfg!(feature = "ascend"), "ascend", KvDevice::Ascend),
-        "rbln" => if_built(cfg!(feature = "rbln"), "rbln", KvDevice::Rbln),
+        "npu" => if_built(cfg!(feature = "ascend"), "ascend", KvDevice::Ascend(index)),
+        "rbln" => if_built(cfg!(feature = "rbln"), "rbln", KvDevice::Rbln(index)),
         other => Err(TensorError::UnsupportedDevice {
             seen: tensor.to_string(),
             device: other.to_string(),
@@ -493,6 +501,7 @@ mod tests {
                 name: format!("model.layers.{layer}.self_attn.attn"),
                 part: None,
                 device: "cpu".into(),
+                device_index: None,
                 dtype: "float32".into(),
                 element_size: 4,
                 shape: vec![nb, h, bs, c],
@@ -608,6 +617,7 @@ mod tests {
                 name: format!("model.layers.{layer}.self_attn.attn"),
                 part: (parts > 1).then_some(part),
                 device: device.into(),
+                device_index: (device != "cpu").then_some(0),
                 dtype: "float32".into(),
                 element_size: 4,
                 shape: shape.to_vec(),
@@ -758,7 +768,7 @@ mod tests {
             assert!(message.contains("shape [2, 16, 128, 4, 32]"), "{message}");
         }
         #[cfg(feature = "ascend")]
-        assert_eq!(npu.unwrap().device, KvDevice::Ascend);
+        assert_eq!(npu.unwrap().device, KvDevice::Ascend(0));
         let rbln = recognize_kv_caches(&flash("rbln"), None, &spec);
         #[cfg(not(feature = "rbln"))]
         assert!(rbln
@@ -766,7 +776,7 @@ mod tests {
             .to_string()
             .contains("without the rbln feature"));
         #[cfg(feature = "rbln")]
-        assert_eq!(rbln.unwrap().device, KvDevice::Rbln);
+        assert_eq!(rbln.unwrap().device, KvDevice::Rbln(0));
         for device in ["cuda", "xpu", "meta"] {
             let message = refusal(&flash(device), None);
             assert!(message.contains(&format!("device '{device}'")), "{message}");
@@ -778,5 +788,18 @@ mod tests {
         assert!(refusal(&mixed, None).contains("another device"));
         #[cfg(not(feature = "ascend"))]
         assert!(refusal(&mixed, None).contains("without the ascend feature"));
+        // Two NPUs: refused, naming both.
+        let mut two = flash("npu");
+        two[1].device_index = Some(1);
+        #[cfg(feature = "ascend")]
+        {
+            let message = refusal(&two, None);
+            assert!(
+                message.contains("device npu:1") && message.contains("device npu:0"),
+                "{message}"
+            );
+        }
+        #[cfg(not(feature = "ascend"))]
+        assert!(refusal(&two, None).contains("without the ascend feature"));
     }
 }

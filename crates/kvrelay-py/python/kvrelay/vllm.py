@@ -124,6 +124,7 @@ def describe_tensor(name: str, tensor: torch.Tensor, backend: str, part: int | N
         "name": name,
         "part": part,
         "device": tensor.device.type,
+        "device_index": tensor.device.index,
         "dtype": str(tensor.dtype).removeprefix("torch."),
         "element_size": tensor.element_size(),
         "shape": list(tensor.shape),
