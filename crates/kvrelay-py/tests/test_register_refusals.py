@@ -1,7 +1,8 @@
 """The worker half's register_kv_caches and refusals, through the installed wheel: the
 layouts it maps (vLLM CPU's CPU_ATTN, and on host memory the GPU FlashAttention /
 FlashInfer shapes and vllm-ascend's (K, V) tuples), and KV caches kvrelay cannot move (a
-CUDA tensor, an NPU tensor in a build without the ascend feature, an unknown layout) and
+CUDA tensor, an NPU tensor in a build without the ascend feature or on a machine without
+CANN, an unknown layout) and
 configs vLLM's two processes cannot share, which fail at once with an error that says
 what was seen. Runs with pytest or as a plain script.
 
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kvrelay import KvrelayConfigError, KvrelayUnsupportedError, _native
+from kvrelay import KvrelayConfigError, KvrelayError, KvrelayUnsupportedError, _native
 from kvrelay.vllm import describe_kv_caches, describe_tensor
 
 ENGINE = {
@@ -72,7 +73,7 @@ def test_cpu_attn_caches_register_as_opaque_blocks() -> None:
 def test_a_cuda_tensor_is_refused_saying_what_it_saw() -> None:
     # No CUDA device here: a tensor-like object answering the calls the shell makes.
     fake = SimpleNamespace(
-        device=SimpleNamespace(type="cuda"),
+        device=SimpleNamespace(type="cuda", index=0),
         dtype=torch.bfloat16,
         element_size=lambda: 2,
         shape=(2, 8, 128, 4, 32),
@@ -94,7 +95,7 @@ def fake_tensor(device: str, shape: tuple, stride: tuple) -> SimpleNamespace:
     """A tensor-like object on a device this machine has not, answering the calls the
     shell makes."""
     return SimpleNamespace(
-        device=SimpleNamespace(type=device),
+        device=SimpleNamespace(type=device, index=0),
         dtype=torch.float32,
         element_size=lambda: 4,
         shape=shape,
@@ -103,18 +104,36 @@ def fake_tensor(device: str, shape: tuple, stride: tuple) -> SimpleNamespace:
     )
 
 
-def test_an_npu_tensor_needs_a_build_with_the_ascend_feature() -> None:
+def test_an_npu_tensor_needs_the_ascend_feature_and_the_ascend_runtime() -> None:
     # vllm-ascend's per-layer (K, V) tuple, each [num_blocks, block_size, heads, head_size].
     shape, stride = (8, 128, 4, 32), (16384, 128, 32, 1)
-    caches = {"model.layers.0.self_attn.attn": (fake_tensor("npu", shape, stride), fake_tensor("npu", shape, stride))}
+    caches = {
+        f"model.layers.{i}.self_attn.attn": (fake_tensor("npu", shape, stride), fake_tensor("npu", shape, stride))
+        for i in range(2)
+    }
+    tensors = describe_kv_caches(caches, {})
+    for i, tensor in enumerate(tensors):
+        tensor["data_ptr"] += i * 524288
+    if "npu" not in _native.NPU_DEVICES:
+        try:
+            shared_disk_worker().register_kv_caches(tensors, None)
+        except KvrelayUnsupportedError as error:
+            message = str(error)
+            assert "device 'npu'" in message and "built without the ascend feature" in message, message
+            assert "model.layers.0.self_attn.attn[0]: shape [8, 128, 4, 32]" in message, message
+        else:
+            raise AssertionError("an NPU tensor was registered by a build without the ascend feature")
+        return
+    # Built with the ascend feature: the worker half opens the NPU the tensors are on,
+    # which needs CANN's runtime (loaded only now; this machine has none).
+    use_lmcache_config(f'chunk_size: 256\nlocal_cpu: false\nlocal_disk: "file://{WORK}/disk-npu/"\nmax_local_disk_size: 1\n')
+    worker = _native.WorkerConnector({**ENGINE, "device_type": "npu", "cpu_attn_isa": None}, PRODUCER)
     try:
-        shared_disk_worker().register_kv_caches(describe_kv_caches(caches, {}), None)
-    except KvrelayUnsupportedError as error:
-        message = str(error)
-        assert "device 'npu'" in message and "built without the ascend feature" in message, message
-        assert "model.layers.0.self_attn.attn[0]: shape [8, 128, 4, 32]" in message, message
+        worker.register_kv_caches(tensors, None)
+    except KvrelayError as error:
+        assert "ascend:0" in str(error) and "libascendcl.so" in str(error), error
     else:
-        raise AssertionError("an NPU tensor was registered by a build without the ascend feature")
+        raise AssertionError("an NPU tensor was registered on a machine without CANN")
 
 
 def test_token_addressable_host_layouts_register_as_kvrelay_layouts() -> None:
@@ -154,6 +173,17 @@ def test_an_unknown_layout_is_refused_saying_what_it_saw() -> None:
         assert "strides" in str(error), error
     else:
         raise AssertionError("a non-contiguous cache was registered")
+
+
+def test_a_worker_before_register_kv_caches_says_so() -> None:
+    worker = shared_disk_worker()
+    assert worker.interval_stats() is None
+    try:
+        worker.wait_for_save()
+    except KvrelayError as error:
+        assert "register_kv_caches" in str(error), error
+    else:
+        raise AssertionError("a worker saved before vLLM registered its KV cache")
 
 
 def test_process_local_configs_are_refused() -> None:

@@ -38,6 +38,17 @@ pub unsafe fn build_worker_half(
     let spec = engine.spec()?;
     let recognized = recognize_kv_caches(tensors, isa, &spec)?;
     let layout = recognized.layout;
+    let on = match recognized.device {
+        KvDevice::Host => "cpu",
+        KvDevice::Ascend(_) => "npu",
+        KvDevice::Rbln(_) => "rbln",
+    };
+    if on != engine.device_type {
+        return Err(AdapterError::BadEngine(format!(
+            "the KV cache tensors are on '{on}', but vLLM's platform is '{}'",
+            engine.device_type
+        )));
+    }
     // SAFETY: each region is one buffer (a layer, or a layer's K or V) of `layout`'s
     // size, checked against the tensors' shape, strides and dtype and not to overlap by
     // `recognize_kv_caches`; the caller guarantees the memory is live and on the device
