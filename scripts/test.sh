@@ -61,9 +61,10 @@ scripts/check_rbln_bindings.sh
 cargo build -p ascend-emu
 cargo clippy --workspace --all-targets --features kvrelay/ascend,kvrelay-cli/ascend,kvrelay-examples/ascend -- -D warnings
 cargo test -p kvrelay --features ascend --lib --test device_ascend --test transfer_hccl --test transfer_hcomm_onesided --test transfer_hixl
-# vLLM's register_kv_caches takes `npu` / `rbln` tensors only in builds with those features.
+# vLLM's register_kv_caches takes `npu` / `rbln` tensors only in builds with those
+# features; the worker half then moves them on the ascend-emu / rbln-emu double.
 cargo clippy -p kvrelay-vllm --all-targets --features ascend,rbln -- -D warnings
-cargo test -p kvrelay-vllm --lib --features ascend,rbln tensors
+cargo test -p kvrelay-vllm --features ascend,rbln --lib --test worker_ascend --test worker_rbln
 cargo test -p kvrelay-cli --features ascend --test doctor --test bench_copy_ascend --test serve_ascend
 cargo build -p kvrelay-examples --examples --features ascend
 cargo test -p kvrelay-examples --features ascend --test smoke_ascend
