@@ -463,10 +463,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<KvrelayUnsupportedError>(),
     )?;
     // The NPUs whose KV caches this build moves (vendor runtimes load when one registers).
-    let devices: Vec<&str> = [("npu", cfg!(feature = "ascend")), ("rbln", cfg!(feature = "rbln"))]
-        .into_iter()
-        .filter_map(|(device, built)| built.then_some(device))
-        .collect();
+    let devices: Vec<&str> = [
+        ("npu", cfg!(feature = "ascend")),
+        ("rbln", cfg!(feature = "rbln")),
+    ]
+    .into_iter()
+    .filter_map(|(device, built)| built.then_some(device))
+    .collect();
     m.add("NPU_DEVICES", devices)?;
     Ok(())
 }

@@ -82,12 +82,9 @@ const CPU_DEVICE: &str = "cpu";
 /// The vLLM platforms (`current_platform.device_type`) this build serves: CPU, and
 /// vllm-ascend (`npu`) / vllm-rbln (`rbln`) with the `ascend` / `rbln` feature.
 fn platform_built(device_type: &str) -> bool {
-    match device_type {
-        CPU_DEVICE => true,
-        "npu" => cfg!(feature = "ascend"),
-        "rbln" => cfg!(feature = "rbln"),
-        _ => false,
-    }
+    device_type == CPU_DEVICE
+        || (device_type == "npu" && cfg!(feature = "ascend"))
+        || (device_type == "rbln" && cfg!(feature = "rbln"))
 }
 
 /// Why process-local tiers other than the PD buffer are refused: vLLM asks the scheduler

@@ -70,9 +70,9 @@ fn open_device(
     let opened: Arc<dyn Device> = match device {
         KvDevice::Host => Arc::new(HostDevice),
         #[cfg(feature = "ascend")]
-        KvDevice::Ascend(index) => Arc::new(
-            kvrelay::device::AscendDevice::open(index).map_err(ConnectorError::from)?,
-        ),
+        KvDevice::Ascend(index) => {
+            Arc::new(kvrelay::device::AscendDevice::open(index).map_err(ConnectorError::from)?)
+        }
         #[cfg(feature = "rbln")]
         KvDevice::Rbln(index) => {
             let rbln = kvrelay::device::RblnDevice::open(index).map_err(ConnectorError::from)?;

@@ -69,7 +69,11 @@ pub struct NpuCache<'a> {
 }
 
 impl<'a> NpuCache<'a> {
-    pub fn new(platform: &'a Platform, alloc: &dyn Fn(usize) -> Box<dyn NpuBuffer>, seed: u8) -> Self {
+    pub fn new(
+        platform: &'a Platform,
+        alloc: &dyn Fn(usize) -> Box<dyn NpuBuffer>,
+        seed: u8,
+    ) -> Self {
         let len = platform.tensor_bytes();
         let buffers = (0..LAYERS * platform.per_layer)
             .map(|i| {
@@ -114,7 +118,11 @@ impl<'a> NpuCache<'a> {
     fn gather(&self, i: usize, blocks: &[u32]) -> Vec<u8> {
         let all = self.buffers[i].read();
         (0..self.platform.outer)
-            .flat_map(|o| blocks.iter().map(move |&b| (o * BLOCKS + b as usize) * BLOCK_BYTES))
+            .flat_map(|o| {
+                blocks
+                    .iter()
+                    .map(move |&b| (o * BLOCKS + b as usize) * BLOCK_BYTES)
+            })
             .flat_map(|at| all[at..at + BLOCK_BYTES].to_vec())
             .collect()
     }
@@ -132,7 +140,9 @@ fn env(dir: &std::path::Path) -> Vec<(String, String)> {
 }
 
 fn transfer(role: &str) -> String {
-    format!(r#"{{"kv_connector":"KvrelayConnector","kv_connector_module_path":"kvrelay.vllm","kv_role":"{role}"}}"#)
+    format!(
+        r#"{{"kv_connector":"KvrelayConnector","kv_connector_module_path":"kvrelay.vllm","kv_role":"{role}"}}"#
+    )
 }
 
 /// Runs one vLLM step of request `id` over `blocks` through both halves: lookup,
@@ -177,7 +187,11 @@ fn worker_half(
     unsafe { build_worker_half(engine, &transfer(role), env(dir), tensors, None) }
 }
 
-fn halves(dir: &std::path::Path, role: &str, cache: &NpuCache) -> (SchedulerHalf, RegisteredWorker) {
+fn halves(
+    dir: &std::path::Path,
+    role: &str,
+    cache: &NpuCache,
+) -> (SchedulerHalf, RegisteredWorker) {
     let engine = cache.platform.engine();
     let scheduler = build_half(&engine, &transfer(role), env(dir), Half::Scheduler).unwrap();
     let worker = worker_half(&engine, dir, role, &cache.tensors()).unwrap();
@@ -196,7 +210,10 @@ pub fn save_load_and_refusals(platform: &Platform, alloc: &dyn Fn(usize) -> Box<
     let (mut scheduler, mut worker) = halves(dir.path(), "kv_producer", &producer);
     assert_eq!(worker.layout.kind().to_string(), platform.layout);
     let produced = [3, 7, 1, 9, 12];
-    assert_eq!(step(&mut scheduler, &mut worker, "p", &prompt, &produced), 0);
+    assert_eq!(
+        step(&mut scheduler, &mut worker, "p", &prompt, &produced),
+        0
+    );
     assert_eq!(worker.built.connector.worker.stats().saved_chunks, 2);
     drop(worker);
 
@@ -204,7 +221,10 @@ pub fn save_load_and_refusals(platform: &Platform, alloc: &dyn Fn(usize) -> Box<
     let (mut scheduler, mut worker) = halves(dir.path(), "kv_consumer", &consumer);
     let consumed = [10, 2, 5, 0, 14];
     let untouched = consumer.gather(0, &[15]);
-    assert_eq!(step(&mut scheduler, &mut worker, "c", &prompt, &consumed), 512);
+    assert_eq!(
+        step(&mut scheduler, &mut worker, "c", &prompt, &consumed),
+        512
+    );
     for i in 0..consumer.buffers.len() {
         assert!(
             producer.gather(i, &produced[..4]) == consumer.gather(i, &consumed[..4]),
@@ -230,10 +250,19 @@ pub fn save_load_and_refusals(platform: &Platform, alloc: &dyn Fn(usize) -> Box<
         .err()
         .unwrap();
     assert!(
-        matches!(error, AdapterError::Tensors(TensorError::MixedDevices { .. })),
+        matches!(
+            error,
+            AdapterError::Tensors(TensorError::MixedDevices { .. })
+        ),
         "{error}"
     );
     let message = error.to_string();
-    let (one, zero) = (format!("device {}:1", platform.device), format!("device {}:0", platform.device));
-    assert!(message.contains(&one) && message.contains(&zero), "{message}");
+    let (one, zero) = (
+        format!("device {}:1", platform.device),
+        format!("device {}:0", platform.device),
+    );
+    assert!(
+        message.contains(&one) && message.contains(&zero),
+        "{message}"
+    );
 }
