@@ -1,7 +1,8 @@
 //! The lookup channel between vLLM's two processes. vLLM asks the connector's scheduler
-//! half (EngineCore process) how many tokens it can load, but a PD decoder's PD buffer lives
-//! in the worker half (Worker process), where the prefiller's KV arrives and from where it
-//! is loaded. The worker half serves its tiers' `contains`, `why_absent` and
+//! half (EngineCore process) how many tokens it can load, but the process-local tiers live
+//! in the worker half (Worker process): a PD decoder's PD buffer, where the prefiller's KV
+//! arrives, and a CPU tier that is the only tier, where the worker saves; the worker loads
+//! from both. The worker half serves its tiers' `contains`, `why_absent` and
 //! `release_request` on a Unix socket; the scheduler half's [`LookupClient`] is a
 //! [`Tier`] that asks it. The design (private directory, token, frame and time limits) is
 //! in `crates/kvrelay/src/connector/CONTRACT.md`, "Two processes".
@@ -500,14 +501,14 @@ impl LookupClient {
     fn lookup_only(&self) -> StoreError {
         StoreError::Remote {
             endpoint: self.endpoint.socket.display().to_string(),
-            reason: "the scheduler process only looks the worker's PD buffer up; the worker process loads from it".into(),
+            reason: "the scheduler process only looks the worker's tiers up; the worker process loads from them".into(),
         }
     }
 }
 
 impl Tier for LookupClient {
     fn name(&self) -> &str {
-        "pd_buffer (worker lookup)"
+        "worker tiers (lookup channel)"
     }
 
     fn contains(&self, key: &CacheKey) -> bool {
@@ -579,7 +580,7 @@ impl Tier for LookupClient {
         }) {
             Ok(Response::WhyAbsent(why)) => why,
             Ok(other) => Some(format!("the worker answered {other:?}")),
-            Err(e) => Some(format!("the worker's PD buffer could not be asked: {e}")),
+            Err(e) => Some(format!("the worker's tiers could not be asked: {e}")),
         }
     }
 }
