@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -232,6 +233,9 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
 pub struct LookupServer {
     endpoint: LookupEndpoint,
     stop: Arc<AtomicBool>,
+    /// A duplicate of the served listener, shut down to wake its accept loop even when the
+    /// socket file is gone (a temporary-file cleaner) and nothing can connect to it.
+    wake: UnixListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -266,6 +270,9 @@ impl LookupServer {
         let listener = UnixListener::bind(&socket).map_err(io_error(&socket, "binding"))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_error(&socket, "restricting the socket"))?;
+        let wake = listener
+            .try_clone()
+            .map_err(io_error(&socket, "duplicating the listener"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
@@ -277,6 +284,7 @@ impl LookupServer {
         Ok(LookupServer {
             endpoint,
             stop,
+            wake,
             thread: Some(thread),
         })
     }
@@ -289,8 +297,11 @@ impl LookupServer {
 impl Drop for LookupServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept loop, which then sees `stop`.
-        drop(UnixStream::connect(&self.endpoint.socket));
+        // Wakes the accept loop, which then sees `stop`: a blocked accept on a listening
+        // socket that is shut down returns an error.
+        // SAFETY: `wake` is a descriptor this server owns and keeps open until after this
+        // call; shutdown reads and writes no memory of ours.
+        unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -757,5 +768,23 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(again, LookupError::InUse(_)), "{again}");
+    }
+
+    /// A socket file removed under a running server (a temporary-file cleaner) must not
+    /// leave dropping the server waiting forever for an accept nobody can wake by
+    /// connecting.
+    #[test]
+    fn a_server_whose_socket_file_is_gone_still_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, _) = serving(dir.path(), &[]);
+        std::fs::remove_file(server.endpoint().socket()).unwrap();
+        let (done, stopped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(server);
+            done.send(()).unwrap();
+        });
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("dropping the server hung");
     }
 }
