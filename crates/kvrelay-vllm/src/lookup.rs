@@ -8,11 +8,11 @@
 //! in `crates/kvrelay/src/connector/CONTRACT.md`, "Two processes".
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -236,6 +236,9 @@ pub struct LookupServer {
     /// A duplicate of the served listener, shut down to wake its accept loop even when the
     /// socket file is gone (a temporary-file cleaner) and nothing can connect to it.
     wake: UnixListener,
+    /// The connections being served, shut down when the server stops so that no client
+    /// is answered from tiers the worker has let go.
+    connections: Arc<Connections>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -274,17 +277,20 @@ impl LookupServer {
             .try_clone()
             .map_err(io_error(&socket, "duplicating the listener"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Connections::default());
         let thread = {
             let stop = Arc::clone(&stop);
+            let connections = Arc::clone(&connections);
             std::thread::Builder::new()
                 .name("kvrelay-lookup".into())
-                .spawn(move || serve(listener, token, tiers, stop))
+                .spawn(move || serve(listener, token, tiers, stop, connections))
                 .map_err(io_error(&socket, "starting the server thread"))?
         };
         Ok(LookupServer {
             endpoint,
             stop,
             wake,
+            connections,
             thread: Some(thread),
         })
     }
@@ -305,17 +311,33 @@ impl Drop for LookupServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        for stream in self.connections.open().values() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
         let _ = std::fs::remove_file(&self.endpoint.socket);
         let _ = std::fs::remove_file(&self.endpoint.token);
     }
 }
 
-/// Decrements the open-connection count when a connection's thread ends.
-struct Slot(Arc<AtomicUsize>);
+/// The connections a server has open, by number.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<std::collections::HashMap<u64, UnixStream>>,
+    next: AtomicU64,
+}
+
+impl Connections {
+    fn open(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, UnixStream>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Forgets a connection when its thread ends.
+struct Slot(Arc<Connections>, u64);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.open().remove(&self.1);
     }
 }
 
@@ -324,19 +346,26 @@ fn serve(
     token: [u8; TOKEN_LEN],
     tiers: Arc<TierStack>,
     stop: Arc<AtomicBool>,
+    connections: Arc<Connections>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(stream) = stream else { continue };
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            open.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!("kvrelay lookup channel: {MAX_CONNECTIONS} connections are open already; closing a new one");
+        let Ok(kept) = stream.try_clone() else {
             continue;
+        };
+        let id = connections.next.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut open = connections.open();
+            if open.len() >= MAX_CONNECTIONS {
+                tracing::warn!("kvrelay lookup channel: {MAX_CONNECTIONS} connections are open already; closing a new one");
+                continue;
+            }
+            open.insert(id, kept);
         }
-        let slot = Slot(Arc::clone(&open));
+        let slot = Slot(Arc::clone(&connections), id);
         let tiers = Arc::clone(&tiers);
         let spawned = std::thread::Builder::new()
             .name("kvrelay-lookup-conn".into())

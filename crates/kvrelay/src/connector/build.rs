@@ -240,16 +240,16 @@ fn lmcache_tiers(
             None
         }
         _ if local_cpu => {
-        // One slot per chunk, with room for a chunk file's header so the disk tier can
-        // read whole files into it.
-        let slot = DiskTier::file_bytes(spec.chunk_bytes(config.chunk_size));
-        let budget = (config.max_local_cpu_size * GIB) as u64;
-        let cpu = CpuTier::new(budget, slot).map_err(|e| ConfigError::Invalid {
-            reason: format!("max_local_cpu_size {} GiB: {e}", config.max_local_cpu_size),
-        })?;
-        let cpu = Arc::new(cpu);
-        tiers.push(Arc::clone(&cpu) as Arc<dyn Tier>);
-        Some(cpu)
+            // One slot per chunk, with room for a chunk file's header so the disk tier can
+            // read whole files into it.
+            let slot = DiskTier::file_bytes(spec.chunk_bytes(config.chunk_size));
+            let budget = (config.max_local_cpu_size * GIB) as u64;
+            let cpu = CpuTier::new(budget, slot).map_err(|e| ConfigError::Invalid {
+                reason: format!("max_local_cpu_size {} GiB: {e}", config.max_local_cpu_size),
+            })?;
+            let cpu = Arc::new(cpu);
+            tiers.push(Arc::clone(&cpu) as Arc<dyn Tier>);
+            Some(cpu)
         }
         _ => None,
     };
