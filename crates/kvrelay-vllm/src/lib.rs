@@ -15,6 +15,9 @@ pub mod metadata;
 pub mod scheduler;
 pub mod tensors;
 
+#[cfg(test)]
+mod cpu_tier_tests;
+
 pub use engine::{build_half, AdapterError, BuiltHalf, Half, VllmEngine};
 pub use scheduler::{CachedStep, NewStep, SchedulerHalf};
 pub use tensors::{recognize_kv_caches, KvDevice, RecognizedKv, TensorError, TensorInfo};

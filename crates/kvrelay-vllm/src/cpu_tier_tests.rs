@@ -3,26 +3,10 @@
 //! scheduler half, which has no CPU tier of its own, sees the hit through the lookup
 //! channel; the worker loads it bit for bit; once the worker is gone, lookups are misses.
 
+use crate::test_support::engine;
+use crate::{build_half, Half, NewStep, SchedulerHalf};
 use kvrelay::device::HostKvCache;
 use kvrelay::layout::{BlockPacking, CpuAttnIsa, KvLayout, LayoutKind};
-use kvrelay_vllm::{build_half, Half, NewStep, SchedulerHalf, VllmEngine};
-
-/// The smoke's tiny Llama on vLLM CPU: 2 layers, 4 KV heads of 32, blocks of 128.
-fn engine() -> VllmEngine {
-    VllmEngine {
-        model: "/models/tiny-llama".into(),
-        num_layers: 2,
-        num_kv_heads: 4,
-        head_size: 32,
-        kv_dtype: "float32".into(),
-        block_size: 128,
-        num_blocks: 16,
-        world_size: 1,
-        rank: 0,
-        device_type: "cpu".into(),
-        cpu_attn_isa: Some("vec".into()),
-    }
-}
 
 /// The bytes of `block` in each of the cache's buffers (vLLM CPU: one buffer per layer,
 /// blocks outermost).
@@ -54,7 +38,7 @@ fn the_scheduler_half_sees_the_workers_cpu_tier_and_the_load_is_bit_exact() {
                 config.display().to_string(),
             ),
             (
-                kvrelay_vllm::lookup::DIR_ENV.to_string(),
+                crate::lookup::DIR_ENV.to_string(),
                 dir.path().join("lookup").display().to_string(),
             ),
         ]
