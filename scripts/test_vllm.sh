@@ -5,6 +5,9 @@
 #   2. the seed-000 smoke: prefill and decode as two vLLM processes through kvrelay's
 #      disk tier (decode hits >= 256 tokens; token ids equal a plain run, logprobs equal
 #      vLLM's own ExampleConnector run bit for bit),
+#   2b. a CPU tier alone in one vLLM engine (prefix caching off): the same prompt twice, the
+#      second hits >= 256 tokens in the Worker's CPU tier, looked up by the EngineCore
+#      through the lookup channel, and equals the first run's tokens and logprobs exactly,
 #   3. the same with a prefill batch of 3 prompts of different lengths,
 #   4. the same with a corrupted chunk between the phases (recomputed; equals the plain run),
 #   4b. steps 3 and 4 again with enable_async_loading (vLLM parks the request in
@@ -44,6 +47,9 @@ print(json.dumps({k: s[k] for k in ("lmcache_hit_tokens", "loaded_tokens", "fail
 step "seed-000 smoke: one prompt of 315 tokens"
 "${SMOKE[@]}" --min-lmcache-hit-tokens 256 --work-dir "$WORK/one" >"$WORK/one.json"
 summarize "$WORK/one.json"
+
+step "a CPU tier alone in one vLLM engine: the same prompt twice"
+"$PYTHON" "$ROOT/examples/vllm/cpu_tier_smoke.py" --min-hit-tokens 256 --model "$WORK/one/tiny-llama" --work-dir "$WORK/cpu"
 
 step "seed-000 smoke: a prefill batch of 3 prompts (315, 357, 399 tokens)"
 "${SMOKE[@]}" --min-lmcache-hit-tokens 256 --prefill-batch-size 3 --prefill-repeat-stride 2 \

@@ -267,8 +267,8 @@ struct Registered {
     worker: KvWorker,
     /// The tiers the worker writes through; kept for their statistics.
     tiers: Arc<TierStack>,
-    /// A PD decoder's lookup channel, serving its PD buffer to the scheduler half; closed
-    /// when the connector goes.
+    /// The lookup channel serving process-local tiers (a PD buffer, a CPU tier alone) to
+    /// the scheduler half; closed when the connector goes.
     _lookup_server: Option<LookupServer>,
 }
 

@@ -69,8 +69,9 @@ pub enum Half {
     Worker,
 }
 
-/// A built half: the connector and, for a PD receiver's worker half, the lookup channel
-/// it serves its PD buffer on (dropping it closes the channel).
+/// A built half: the connector and, for the worker half of a config whose tiers are all
+/// process-local (a PD receiver, a CPU tier alone), the lookup channel it serves them on
+/// (dropping it closes the channel).
 pub struct BuiltHalf {
     pub connector: Connector,
     pub lookup_server: Option<LookupServer>,
@@ -86,10 +87,6 @@ fn platform_built(device_type: &str) -> bool {
         || (device_type == "npu" && cfg!(feature = "ascend"))
         || (device_type == "rbln" && cfg!(feature = "rbln"))
 }
-
-/// Why process-local tiers other than the PD buffer are refused: vLLM asks the scheduler
-/// process for hits while the data would sit in a worker process.
-const NEEDS_LOOKUP_CHANNEL: &str = "vLLM runs the connector's scheduler half (which answers lookups) in the EngineCore process and its worker half (which holds process-local tiers) in a Worker process; the scheduler-to-worker lookup channel serves a PD decoder's PD buffer only so far";
 
 impl VllmEngine {
     /// The cache geometry vLLM's config describes.
@@ -116,9 +113,10 @@ impl VllmEngine {
 /// Builds the connector for one process of `engine`. `kv_transfer_config_json` is vLLM's
 /// `kv_transfer_config` as a JSON object; `env` is the process environment, of which
 /// `LMCACHE_CONFIG_FILE` and the `LMCACHE_*` variables are read as LMCache reads them, and
-/// `KVRELAY_LOOKUP_DIR` names the lookup channel's directory. A PD receiver's worker half
-/// binds the PD buffer and serves it on the lookup channel; its scheduler half binds
-/// nothing and looks the buffer up through that channel.
+/// `KVRELAY_LOOKUP_DIR` names the lookup channel's directory. When every tier is
+/// process-local (a PD receiver's PD buffer, a CPU tier alone), the worker half holds them
+/// and serves them on the lookup channel; the scheduler half binds and allocates nothing
+/// and looks them up through that channel. Shared tiers (disk) are read by both directly.
 /// The worker half moves host memory; [`crate::worker::build_worker_half`] builds one over
 /// the registered tensors' device instead.
 pub fn build_half(
@@ -163,8 +161,8 @@ pub(crate) fn build_half_on(
     let env: Vec<(String, String)> = env.into_iter().collect();
     let transfer = KvTransferConfig::from_json_str(kv_transfer_config_json)?;
     let lmcache = LmcacheConfig::load_with_env(env.iter().cloned())?;
-    let pd_receiver = check_supported(engine, &transfer, &lmcache)?;
-    let lookup = if pd_receiver {
+    let worker_tiers_only = check_supported(engine, &transfer, &lmcache)?;
+    let lookup = if worker_tiers_only {
         let dir = env
             .iter()
             .find(|(name, _)| name == DIR_ENV)
@@ -177,7 +175,7 @@ pub(crate) fn build_half_on(
     } else {
         None
     };
-    let remote_pd_buffer = match (half, &lookup) {
+    let remote_local_tiers = match (half, &lookup) {
         (Half::Scheduler, Some(endpoint)) => {
             Some(Arc::new(LookupClient::new(endpoint.clone())) as Arc<dyn Tier>)
         }
@@ -204,7 +202,7 @@ pub(crate) fn build_half_on(
         engine.spec()?,
         device,
         BuildOptions {
-            remote_pd_buffer,
+            remote_local_tiers,
             block_packing,
         },
     )?;
@@ -231,13 +229,14 @@ fn lookup_name(transfer: &KvTransferConfig) -> Result<String, AdapterError> {
         .or_else(|| transfer.engine_id.clone())
         .ok_or_else(|| {
             AdapterError::BadEngine(
-                "a PD receiver needs lmcache_rpc_port or engine_id in kv_transfer_config to name its lookup channel".into(),
+                "a PD receiver or a CPU tier alone lives in the worker process and needs lmcache_rpc_port or engine_id in kv_transfer_config to name the lookup channel the scheduler process asks it on".into(),
             )
         })
 }
 
 /// Refuses configurations this slice of the vLLM adapter cannot run correctly. Returns
-/// whether the engine is a PD receiver (whose halves need the lookup channel).
+/// whether every tier is process-local (a PD receiver's buffer, or a CPU tier with no
+/// shared tier), so that the halves need the lookup channel.
 fn check_supported(
     engine: &VllmEngine,
     transfer: &KvTransferConfig,
@@ -267,20 +266,21 @@ fn check_supported(
                 .into(),
         );
     }
-    if !effective.enable_pd && effective.local_disk_path().is_none() {
-        return not_yet(format!(
-            "no shared tier is configured (set local_disk, which every process can open). {NEEDS_LOOKUP_CHANNEL}"
-        ));
-    }
     if effective.save_decode_cache {
         return not_yet(
             "save_decode_cache: the scheduler half is handed prompt tokens only, not generated ones"
                 .into(),
         );
     }
-    let pd_receiver = effective.enable_pd && effective.pd_role == Some(PdRole::Receiver);
+    let process_local_only = if effective.enable_pd {
+        effective.pd_role == Some(PdRole::Receiver)
+    } else {
+        effective.local_disk_path().is_none()
+            && effective.local_cpu
+            && effective.max_local_cpu_size > 0.0
+    };
     if engine.device_type != CPU_DEVICE {
-        return Ok(pd_receiver);
+        return Ok(process_local_only);
     }
     // vLLM CPU packs each block for its attention ISA: chunks must be whole blocks.
     let why = "vLLM CPU packs each KV block for its attention kernel's instruction set, so kvrelay moves whole blocks only";
@@ -303,7 +303,7 @@ fn check_supported(
         }
         .into());
     }
-    Ok(pd_receiver)
+    Ok(process_local_only)
 }
 
 #[cfg(test)]
@@ -374,14 +374,29 @@ mod tests {
 
     const PD: &str = "chunk_size: 256\nlocal_cpu: false\nenable_pd: true\npd_role: ROLE\npd_buffer_size: 1000000\npd_buffer_device: cpu\npd_peer_host: localhost\npd_peer_init_port: [PORT]\npd_peer_alloc_port: [PORT]\npd_proxy_host: localhost\npd_proxy_port: 7500\ntransfer_channel: tcp\n";
 
+    /// A CPU tier alone lives in the worker: its worker half serves it on the lookup
+    /// channel, its scheduler half allocates no CPU tier and asks through the channel,
+    /// whose name comes from lmcache_rpc_port or engine_id.
     #[test]
-    fn process_local_configs_other_than_pd_are_refused_naming_the_lookup_channel() {
+    fn a_cpu_tier_alone_is_served_to_the_scheduler_on_the_lookup_channel() {
         let cpu_only = "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n";
+        let named = PRODUCER.replace(r#""kv_role""#, r#""engine_id":"e1","kv_role""#);
+        let worker = build_half_with(&engine(), &named, cpu_only, Half::Worker).unwrap();
+        assert!(worker.lookup_server.is_some());
+        assert_eq!(worker.connector.tiers.tiers()[0].name(), "cpu");
+        let scheduler = build_half_with(&engine(), &named, cpu_only, Half::Scheduler).unwrap();
+        assert!(scheduler.lookup_server.is_none());
+        let tiers = scheduler.connector.tiers.tiers();
+        assert_eq!(tiers.len(), 1);
+        assert_eq!(tiers[0].name(), "worker tiers (lookup channel)");
         let message = refusal(&engine(), PRODUCER, cpu_only);
         assert!(
-            message.contains("no shared tier") && message.contains("lookup channel"),
+            message.contains("CPU tier alone") && message.contains("engine_id"),
             "{message}"
         );
+        // No tier at all is still the config's error, not the channel's.
+        let message = refusal(&engine(), PRODUCER, "chunk_size: 256\nlocal_cpu: false\n");
+        assert!(message.contains("no storage tier"), "{message}");
     }
 
     /// A PD sender builds in both processes (it sends from the worker); a receiver's
@@ -408,7 +423,7 @@ mod tests {
         assert!(built.lookup_server.is_none() && built.connector.pd_receiver.is_none());
         let tiers = built.connector.tiers.tiers();
         assert_eq!(tiers.len(), 1);
-        assert_eq!(tiers[0].name(), "pd_buffer (worker lookup)");
+        assert_eq!(tiers[0].name(), "worker tiers (lookup channel)");
         // Its worker half does bind, and so fails on the taken port.
         let error = build_half_with(&engine(), consumer, &receiver, Half::Worker)
             .err()

@@ -4,8 +4,8 @@
 //! vLLM runs a connector's scheduler half in its EngineCore process and its worker half in
 //! each Worker process. [`engine`] builds either half from vLLM's configs and refuses what
 //! two processes cannot share yet; [`scheduler`] keeps the per-request state the scheduler
-//! half needs between vLLM's hooks; [`lookup`] lets the scheduler half see a PD decoder's
-//! PD buffer, which the worker half holds; [`metadata`] carries each step's
+//! half needs between vLLM's hooks; [`lookup`] lets the scheduler half see the tiers only
+//! the worker half holds (a PD decoder's PD buffer, a CPU tier alone); [`metadata`] carries each step's
 //! [`kvrelay::connector::ConnectorMetadata`] across the process boundary as bytes;
 //! [`tensors`] recognizes the KV cache tensors vLLM registers, and [`worker`] builds the
 //! worker half over them on their device.
@@ -16,6 +16,9 @@ pub mod metadata;
 pub mod scheduler;
 pub mod tensors;
 pub mod worker;
+
+#[cfg(test)]
+mod cpu_tier_tests;
 
 pub use engine::{build_half, check_half, AdapterError, BuiltHalf, Half, VllmEngine};
 pub use scheduler::{CachedStep, NewStep, SchedulerHalf};

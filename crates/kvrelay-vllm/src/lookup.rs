@@ -1,16 +1,18 @@
 //! The lookup channel between vLLM's two processes. vLLM asks the connector's scheduler
-//! half (EngineCore process) how many tokens it can load, but a PD decoder's PD buffer lives
-//! in the worker half (Worker process), where the prefiller's KV arrives and from where it
-//! is loaded. The worker half serves its tiers' `contains`, `why_absent` and
+//! half (EngineCore process) how many tokens it can load, but the process-local tiers live
+//! in the worker half (Worker process): a PD decoder's PD buffer, where the prefiller's KV
+//! arrives, and a CPU tier that is the only tier, where the worker saves; the worker loads
+//! from both. The worker half serves its tiers' `contains`, `why_absent` and
 //! `release_request` on a Unix socket; the scheduler half's [`LookupClient`] is a
 //! [`Tier`] that asks it. The design (private directory, token, frame and time limits) is
 //! in `crates/kvrelay/src/connector/CONTRACT.md`, "Two processes".
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -231,6 +233,12 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
 pub struct LookupServer {
     endpoint: LookupEndpoint,
     stop: Arc<AtomicBool>,
+    /// A duplicate of the served listener, shut down to wake its accept loop even when the
+    /// socket file is gone (a temporary-file cleaner) and nothing can connect to it.
+    wake: UnixListener,
+    /// The connections being served, shut down when the server stops so that no client
+    /// is answered from tiers the worker has let go.
+    connections: Arc<Connections>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -265,17 +273,24 @@ impl LookupServer {
         let listener = UnixListener::bind(&socket).map_err(io_error(&socket, "binding"))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_error(&socket, "restricting the socket"))?;
+        let wake = listener
+            .try_clone()
+            .map_err(io_error(&socket, "duplicating the listener"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Connections::default());
         let thread = {
             let stop = Arc::clone(&stop);
+            let connections = Arc::clone(&connections);
             std::thread::Builder::new()
                 .name("kvrelay-lookup".into())
-                .spawn(move || serve(listener, token, tiers, stop))
+                .spawn(move || serve(listener, token, tiers, stop, connections))
                 .map_err(io_error(&socket, "starting the server thread"))?
         };
         Ok(LookupServer {
             endpoint,
             stop,
+            wake,
+            connections,
             thread: Some(thread),
         })
     }
@@ -288,22 +303,41 @@ impl LookupServer {
 impl Drop for LookupServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept loop, which then sees `stop`.
-        drop(UnixStream::connect(&self.endpoint.socket));
+        // Wakes the accept loop, which then sees `stop`: a blocked accept on a listening
+        // socket that is shut down returns an error.
+        // SAFETY: `wake` is a descriptor this server owns and keeps open until after this
+        // call; shutdown reads and writes no memory of ours.
+        unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        for stream in self.connections.open().values() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.endpoint.socket);
         let _ = std::fs::remove_file(&self.endpoint.token);
     }
 }
 
-/// Decrements the open-connection count when a connection's thread ends.
-struct Slot(Arc<AtomicUsize>);
+/// The connections a server has open, by number.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<std::collections::HashMap<u64, UnixStream>>,
+    next: AtomicU64,
+}
+
+impl Connections {
+    fn open(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, UnixStream>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Forgets a connection when its thread ends.
+struct Slot(Arc<Connections>, u64);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.open().remove(&self.1);
     }
 }
 
@@ -312,19 +346,26 @@ fn serve(
     token: [u8; TOKEN_LEN],
     tiers: Arc<TierStack>,
     stop: Arc<AtomicBool>,
+    connections: Arc<Connections>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(stream) = stream else { continue };
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            open.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!("kvrelay lookup channel: {MAX_CONNECTIONS} connections are open already; closing a new one");
+        let Ok(kept) = stream.try_clone() else {
             continue;
+        };
+        let id = connections.next.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut open = connections.open();
+            if open.len() >= MAX_CONNECTIONS {
+                tracing::warn!("kvrelay lookup channel: {MAX_CONNECTIONS} connections are open already; closing a new one");
+                continue;
+            }
+            open.insert(id, kept);
         }
-        let slot = Slot(Arc::clone(&open));
+        let slot = Slot(Arc::clone(&connections), id);
         let tiers = Arc::clone(&tiers);
         let spawned = std::thread::Builder::new()
             .name("kvrelay-lookup-conn".into())
@@ -500,14 +541,14 @@ impl LookupClient {
     fn lookup_only(&self) -> StoreError {
         StoreError::Remote {
             endpoint: self.endpoint.socket.display().to_string(),
-            reason: "the scheduler process only looks the worker's PD buffer up; the worker process loads from it".into(),
+            reason: "the scheduler process only looks the worker's tiers up; the worker process loads from them".into(),
         }
     }
 }
 
 impl Tier for LookupClient {
     fn name(&self) -> &str {
-        "pd_buffer (worker lookup)"
+        "worker tiers (lookup channel)"
     }
 
     fn contains(&self, key: &CacheKey) -> bool {
@@ -579,7 +620,7 @@ impl Tier for LookupClient {
         }) {
             Ok(Response::WhyAbsent(why)) => why,
             Ok(other) => Some(format!("the worker answered {other:?}")),
-            Err(e) => Some(format!("the worker's PD buffer could not be asked: {e}")),
+            Err(e) => Some(format!("the worker's tiers could not be asked: {e}")),
         }
     }
 }
@@ -756,5 +797,23 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(again, LookupError::InUse(_)), "{again}");
+    }
+
+    /// A socket file removed under a running server (a temporary-file cleaner) must not
+    /// leave dropping the server waiting forever for an accept nobody can wake by
+    /// connecting.
+    #[test]
+    fn a_server_whose_socket_file_is_gone_still_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, _) = serving(dir.path(), &[]);
+        std::fs::remove_file(server.endpoint().socket()).unwrap();
+        let (done, stopped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(server);
+            done.send(()).unwrap();
+        });
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("dropping the server hung");
     }
 }

@@ -55,11 +55,12 @@ pub fn build_connector(
 /// What an engine that is not kvrelay's own may need to say when a connector is built.
 #[derive(Default)]
 pub struct BuildOptions {
-    /// A PD receiver (`pd_role: receiver`) given this binds no PD buffer of its own and
-    /// looks this tier up instead: an engine whose scheduler runs in another process than
-    /// the worker that holds the PD buffer (vLLM's EngineCore) passes a tier that asks that
-    /// worker. Other configurations ignore it.
-    pub remote_pd_buffer: Option<Arc<dyn Tier>>,
+    /// The process-local tiers (a PD receiver's PD buffer, the local CPU tier) live in
+    /// another process: given this, the connector binds no PD buffer and allocates no CPU
+    /// tier of its own and looks this tier up in their place. An engine whose scheduler
+    /// runs in another process than the worker that holds them (vLLM's EngineCore) passes
+    /// a tier that asks that worker. Configurations with neither ignore it.
+    pub remote_local_tiers: Option<Arc<dyn Tier>>,
     /// The engine's cache moves as opaque blocks packed this way (vLLM CPU): PD chunks then
     /// carry that layout's fingerprint ([`crate::layout::opaque_blocks_fingerprint`]).
     pub block_packing: Option<BlockPacking>,
@@ -120,12 +121,12 @@ pub fn build_connector_with(
                 // An Ascend channel runs on the NPU that holds this rank's KV.
                 config.device = device.ordinal();
                 let (tiers, sink, receiver) =
-                    pd_tiers(config, &lmcache, role, identity, options.remote_pd_buffer)?;
+                    pd_tiers(config, &lmcache, role, identity, options.remote_local_tiers)?;
                 pd_sink = sink;
                 pd_receiver = receiver;
                 Arc::new(tiers)
             } else {
-                Arc::new(lmcache_tiers(&lmcache, spec)?)
+                Arc::new(lmcache_tiers(&lmcache, spec, options.remote_local_tiers)?)
             };
             // LMCache's MLA rule: every rank's KV is the same, so keys name world size 1
             // (and rank 0), rank 0 alone saves and every rank loads. PD keeps per-rank
@@ -181,7 +182,7 @@ pub fn build_connector_with(
 type PdSetup = (TierStack, Option<PdSink>, Option<Arc<PdReceiver>>);
 
 /// LMCache PD (`enable_pd`): a receiver's only tier is its PD buffer, bound on
-/// `pd_peer_host:pd_peer_*_port[rank]` (or `remote_pd_buffer`, another process's buffer,
+/// `pd_peer_host:pd_peer_*_port[rank]` (or `remote_local_tiers`, another process's buffer,
 /// when given); a sender stores nothing locally and pushes each request's chunks to its
 /// decoder.
 fn pd_tiers(
@@ -189,7 +190,7 @@ fn pd_tiers(
     lmcache: &LmcacheConfig,
     role: KvRole,
     identity: &EngineIdentity,
-    remote_pd_buffer: Option<Arc<dyn Tier>>,
+    remote_local_tiers: Option<Arc<dyn Tier>>,
 ) -> Result<PdSetup, ConnectorError> {
     let rank = identity.worker_id;
     let mismatch = |pd_role: &str, kv_role: &str| ConfigError::Invalid {
@@ -200,7 +201,7 @@ fn pd_tiers(
             if !role.is_consumer() || role.is_producer() {
                 return Err(mismatch("receiver", "kv_consumer").into());
             }
-            if let Some(remote) = remote_pd_buffer {
+            if let Some(remote) = remote_local_tiers {
                 return Ok((TierStack::new(vec![remote]), None, None));
             }
             let receiver = Arc::new(PdReceiver::bind(&config, rank)?);
@@ -224,22 +225,33 @@ fn pd_tiers(
     }
 }
 
-/// LMCache's tier order: local CPU, then local disk, then the remote tier.
-fn lmcache_tiers(config: &LmcacheConfig, spec: KvCacheSpec) -> Result<TierStack, ConnectorError> {
+/// LMCache's tier order: local CPU (or `remote_local_tiers` in its place), then local
+/// disk, then the remote tier.
+fn lmcache_tiers(
+    config: &LmcacheConfig,
+    spec: KvCacheSpec,
+    remote_local_tiers: Option<Arc<dyn Tier>>,
+) -> Result<TierStack, ConnectorError> {
     let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
-    let cpu = if config.local_cpu && config.max_local_cpu_size > 0.0 {
-        // One slot per chunk, with room for a chunk file's header so the disk tier can
-        // read whole files into it.
-        let slot = DiskTier::file_bytes(spec.chunk_bytes(config.chunk_size));
-        let budget = (config.max_local_cpu_size * GIB) as u64;
-        let cpu = CpuTier::new(budget, slot).map_err(|e| ConfigError::Invalid {
-            reason: format!("max_local_cpu_size {} GiB: {e}", config.max_local_cpu_size),
-        })?;
-        let cpu = Arc::new(cpu);
-        tiers.push(Arc::clone(&cpu) as Arc<dyn Tier>);
-        Some(cpu)
-    } else {
-        None
+    let local_cpu = config.local_cpu && config.max_local_cpu_size > 0.0;
+    let cpu = match remote_local_tiers {
+        Some(remote) if local_cpu => {
+            tiers.push(remote);
+            None
+        }
+        _ if local_cpu => {
+            // One slot per chunk, with room for a chunk file's header so the disk tier can
+            // read whole files into it.
+            let slot = DiskTier::file_bytes(spec.chunk_bytes(config.chunk_size));
+            let budget = (config.max_local_cpu_size * GIB) as u64;
+            let cpu = CpuTier::new(budget, slot).map_err(|e| ConfigError::Invalid {
+                reason: format!("max_local_cpu_size {} GiB: {e}", config.max_local_cpu_size),
+            })?;
+            let cpu = Arc::new(cpu);
+            tiers.push(Arc::clone(&cpu) as Arc<dyn Tier>);
+            Some(cpu)
+        }
+        _ => None,
     };
     if let Some(dir) = config.local_disk_path() {
         let budget = (config.max_local_disk_size * GIB) as u64;
