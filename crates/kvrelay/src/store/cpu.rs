@@ -151,7 +151,10 @@ impl Tier for CpuTier {
         let mut slot = self.reserve(data.len())?;
         // Copy without the lock: other threads keep working meanwhile.
         slot.copy_from_slice(data);
-        self.insert(key, meta, slot.freeze(), 0..data.len());
+        let slot = slot.freeze();
+        // A slot just taken is held by no entry yet.
+        slot.claim();
+        self.insert(key, meta, slot, 0..data.len());
         Ok(())
     }
 
@@ -195,9 +198,8 @@ impl Tier for CpuTier {
 }
 
 impl CpuTier {
-    /// Stores `slot[range]` under `key`; the slot was taken for it (or claimed) already.
+    /// Stores `slot[range]` under `key`; the caller has claimed the slot for this entry.
     fn insert(&self, key: &CacheKey, meta: ChunkMeta, slot: Arc<FilledSlot>, range: Range<usize>) {
-        slot.claim();
         let entry = Entry { meta, slot, range };
         let mut inner = self.inner.lock();
         inner.bytes += entry.len();
