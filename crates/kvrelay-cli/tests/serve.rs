@@ -1661,8 +1661,15 @@ fn wait_for_metric(server: &Proc, name: &str, wanted: impl Fn(u64) -> bool) -> u
 /// frees its pages at once (not after the buffer's 300 s TTL).
 #[test]
 fn an_abandoned_pd_request_frees_engine_time_and_pd_pages() {
+    // Decodes this long outlast the proxy's 2 s on any machine (700 tokens took 1.6 s on an
+    // idle one), so only an abort can end them early.
+    const LONG_DECODE: u64 = 15_000;
+    let max_model_len = (LONG_DECODE + 1_024).to_string();
     // Sync sends: the KV is in the decoder's buffer when the prefiller answers.
-    let pd = Disagg::start(Sharing::Pd("tcp", 50_000_000, "sync"));
+    let pd = Disagg::start_with(
+        Sharing::Pd("tcp", 50_000_000, "sync"),
+        &["--max-model-len", &max_model_len],
+    );
     let [init, alloc] = &pd.pd_ports;
     let short_proxy = |notifications: Option<&str>| {
         let mut flags = vec![
@@ -1696,13 +1703,13 @@ fn an_abandoned_pd_request_frees_engine_time_and_pd_pages() {
     let impatient = short_proxy(None);
     let (status, body) = post(
         &format!("{}/v1/completions", impatient.url),
-        &json!({"prompt": prompt, "max_tokens": 700, "ignore_eos": true}),
+        &json!({"prompt": prompt, "max_tokens": LONG_DECODE, "ignore_eos": true}),
     );
     assert_eq!(status, 504, "{body}");
     wait_for_metric(&pd.decoder, "kvrelay_requests_in_flight", |n| n == 0);
     let generated = wait_for_metric(&pd.decoder, "kvrelay_generation_tokens_total", |_| true);
     assert!(
-        generated < 700,
+        generated < LONG_DECODE,
         "the decode ran to the end: {generated} tokens"
     );
     assert_eq!(wait_for_metric(&pd.decoder, used_pages, |_| true), 0);
@@ -1711,7 +1718,7 @@ fn an_abandoned_pd_request_frees_engine_time_and_pd_pages() {
     let response = agent()
         .post(&format!("{}/v1/completions", pd.proxy.url))
         .send_string(
-            &json!({"prompt": prompt, "max_tokens": 700, "ignore_eos": true, "stream": true})
+            &json!({"prompt": prompt, "max_tokens": LONG_DECODE, "ignore_eos": true, "stream": true})
                 .to_string(),
         )
         .expect("the stream");
@@ -1723,7 +1730,7 @@ fn an_abandoned_pd_request_frees_engine_time_and_pd_pages() {
     wait_for_metric(&pd.decoder, "kvrelay_requests_in_flight", |n| n == 0);
     let streamed = wait_for_metric(&pd.decoder, "kvrelay_generation_tokens_total", |_| true);
     assert!(
-        streamed - generated < 700,
+        streamed - generated < LONG_DECODE,
         "the stream ran to the end: {} tokens",
         streamed - generated
     );
