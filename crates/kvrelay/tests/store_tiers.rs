@@ -260,9 +260,10 @@ fn damaged_chunks_are_misses_that_verify_names() {
     assert_eq!(disk.stats().entries, 2);
 }
 
-/// Chunks larger than a read piece: each get verifies the whole payload (damage in a late
-/// piece is caught), and a get that reuses the buffer of a dropped chunk returns only its
-/// own bytes, while chunks still held keep theirs.
+/// Chunks larger than a read piece, below and above the size from which two threads read
+/// a chunk in turns: each get verifies the whole payload (damage in a late piece, read by
+/// either thread, is caught, and so is a file cut short), and a get that reuses the buffer
+/// of a dropped chunk returns only its own bytes, while chunks still held keep theirs.
 #[test]
 fn large_chunks_are_verified_whole_and_reused_buffers_hold_only_their_chunk() {
     if is_child() {
@@ -270,39 +271,49 @@ fn large_chunks_are_verified_whole_and_reused_buffers_hold_only_their_chunk() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = open(dir.path(), 1 << 30);
-    let len = (3 << 20) + 77;
-    let keys: Vec<CacheKey> = (100..104).map(key).collect();
-    for k in &keys {
-        put(&disk, k, len);
-    }
-    for round in 0..3 {
-        // Two held at once, then dropped: the next round reads into their buffers.
-        let held: Vec<_> = keys[..2]
-            .iter()
-            .map(|k| disk.get(k, FP).unwrap().expect("chunk present"))
-            .collect();
-        for (k, chunk) in keys.iter().zip(&held) {
-            assert!(chunk.data[..] == content(k, len)[..], "round {round}: {k}");
+    for (first_key, len) in [(100, (3 << 20) + 77), (200, (9 << 20) + 77)] {
+        let keys: Vec<CacheKey> = (first_key..first_key + 6).map(key).collect();
+        for k in &keys {
+            put(&disk, k, len);
         }
-        drop(held);
-        for k in &keys[2..] {
-            assert_chunk(&disk, k, len);
+        for round in 0..3 {
+            // Two held at once, then dropped: the next round reads into their buffers.
+            let held: Vec<_> = keys[..2]
+                .iter()
+                .map(|k| disk.get(k, FP).unwrap().expect("chunk present"))
+                .collect();
+            for (k, chunk) in keys.iter().zip(&held) {
+                assert!(chunk.data[..] == content(k, len)[..], "round {round}: {k}");
+            }
+            drop(held);
+            for k in &keys[2..] {
+                assert_chunk(&disk, k, len);
+            }
         }
+        // One flipped byte in the payload's 9th and in its 6th 256 KiB piece (read by
+        // different threads when two read), and a file cut short.
+        for (k, at) in [(&keys[3], (2 << 20) + 5), (&keys[4], (5 << 18) + 100)] {
+            let path = disk.chunk_path(k);
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[at] ^= 1;
+            let tmp = path.with_extension("flip");
+            fs::write(&tmp, bytes).unwrap();
+            fs::rename(tmp, &path).unwrap();
+            let err = disk.get(k, FP).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("payload checksum")),
+                "{len} bytes, flipped at {at}: {err:?}"
+            );
+            assert!(!path.exists());
+        }
+        cut_tail(&disk.chunk_path(&keys[5]), (1 << 20) + 3);
+        let err = disk.get(&keys[5], FP).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("truncated") || reason.contains("length")),
+            "{len} bytes, cut short: {err:?}"
+        );
+        assert_chunk(&disk, &keys[2], len);
     }
-    // One flipped byte two pieces into the payload.
-    let path = disk.chunk_path(&keys[3]);
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[(2 << 20) + 5] ^= 1;
-    let tmp = path.with_extension("flip");
-    fs::write(&tmp, bytes).unwrap();
-    fs::rename(tmp, &path).unwrap();
-    let err = disk.get(&keys[3], FP).unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("payload checksum")),
-        "{err:?}"
-    );
-    assert!(!path.exists());
-    assert_chunk(&disk, &keys[2], len);
 }
 
 /// `gc` removes damaged chunks that no reader has met.
