@@ -28,6 +28,12 @@ use crate::store::Chunk;
 /// bytes go to the [`Verifier`] right away, to be hashed while they are still in cache.
 const RECEIVE_READ: usize = 1 << 20;
 
+/// tcp: requests of this many bytes on are hashed on a thread of their own. Starting it
+/// costs ~55 µs here, what hashing 2 MiB in cache costs in line; a smaller request is hashed
+/// on the connection's thread. (For 1 GiB `kvrelay bench transfer` moved 4.2–4.4 GB/s hashing
+/// in line, 3.4–4.7 beside: the same within this VM's noise.)
+const VERIFY_BESIDE_FROM: u64 = 4 << 20;
+
 /// One TP rank's PD receiver. Dropping it stops the listeners, closes every connection and
 /// frees the buffer (and removes the shm file).
 pub struct PdReceiver {
@@ -625,9 +631,14 @@ impl Inner {
         );
         let deadline = Instant::now() + cfg.ttl;
         std::thread::scope(|scope| {
-            // tcp: the chunks' bytes are hashed on their own thread as they land.
+            // tcp: the chunks' bytes are hashed as they land, large requests on a thread of
+            // their own.
             let verifier = match landing {
-                Landed::InFrames => Some(Verifier::spawn(scope, request_id, chunks.len())?),
+                Landed::InFrames => {
+                    let bytes: u64 = chunks.iter().map(|c| c.len).sum();
+                    let beside = bytes >= VERIFY_BESIDE_FROM;
+                    Some(Verifier::new(scope, request_id, chunks.len(), beside)?)
+                }
                 Landed::InPage => None,
             };
             let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
