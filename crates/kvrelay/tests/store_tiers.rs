@@ -178,6 +178,16 @@ fn cut_tail(path: &Path, bytes: u64) {
         .unwrap();
 }
 
+/// Flips a bit of the byte at `at` of the file at `path`, rewriting it through a new file,
+/// as a reader must never see a file change in place.
+fn flip(path: &Path, at: usize) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[at] ^= 0x40;
+    let tmp = path.with_extension("flip");
+    fs::write(&tmp, bytes).unwrap();
+    fs::rename(tmp, path).unwrap();
+}
+
 #[test]
 fn damaged_chunks_are_misses_that_verify_names() {
     if is_child() {
@@ -190,21 +200,9 @@ fn damaged_chunks_are_misses_that_verify_names() {
         put(&*disk, k, small_len(k));
     }
     let path = |i: usize| disk.chunk_path(&keys[i]);
-    let flip = |p: &Path, at: u64| {
-        let mut bytes = fs::read(p).unwrap();
-        let at = if at == u64::MAX {
-            bytes.len() - 1
-        } else {
-            at as usize
-        };
-        bytes[at] ^= 0x40;
-        // Rewritten through a new file, as a reader must never see a file change in place.
-        let tmp = p.with_extension("flip");
-        fs::write(&tmp, bytes).unwrap();
-        fs::rename(tmp, p).unwrap();
-    };
     cut_tail(&path(0), 100);
-    flip(&path(1), u64::MAX); // last payload byte
+    let last = fs::metadata(path(1)).unwrap().len() as usize - 1;
+    flip(&path(1), last); // last payload byte
     flip(&path(2), 21); // num_tokens, in the fixed header
     flip(&path(3), 60); // the key string, in the header
     let bad: Vec<PathBuf> = (0..4).map(path).collect();
@@ -294,11 +292,7 @@ fn large_chunks_are_verified_whole_and_reused_buffers_hold_only_their_chunk() {
         // different threads when two read), and a file cut short.
         for (k, at) in [(&keys[3], (2 << 20) + 5), (&keys[4], (5 << 18) + 100)] {
             let path = disk.chunk_path(k);
-            let mut bytes = fs::read(&path).unwrap();
-            bytes[at] ^= 1;
-            let tmp = path.with_extension("flip");
-            fs::write(&tmp, bytes).unwrap();
-            fs::rename(tmp, &path).unwrap();
+            flip(&path, at);
             let err = disk.get(k, FP).unwrap_err();
             assert!(
                 matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("payload checksum")),
