@@ -188,13 +188,13 @@ def test_a_worker_before_register_kv_caches_says_so() -> None:
 
 def test_a_cpu_tier_alone_needs_a_lookup_channel_name() -> None:
     """The CPU tier lives in the worker; the scheduler half asks it on a lookup channel
-    named by lmcache_rpc_port or engine_id."""
+    named by lmcache_rpc_port or engine_id, whose absence is a config error."""
     use_lmcache_config("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 1\n")
     os.environ["KVRELAY_LOOKUP_DIR"] = str(WORK / "lookup")
     for half in (_native.WorkerConnector, _native.SchedulerConnector):
         try:
             half(ENGINE, PRODUCER)
-        except KvrelayError as error:
+        except KvrelayConfigError as error:
             assert "lookup channel" in str(error) and "engine_id" in str(error), error
         else:
             raise AssertionError(f"{half.__name__} accepted a CPU-only tier with no channel name")

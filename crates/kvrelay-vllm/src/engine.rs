@@ -228,9 +228,9 @@ fn lookup_name(transfer: &KvTransferConfig) -> Result<String, AdapterError> {
         .clone()
         .or_else(|| transfer.engine_id.clone())
         .ok_or_else(|| {
-            AdapterError::BadEngine(
-                "a PD receiver or a CPU tier alone lives in the worker process and needs lmcache_rpc_port or engine_id in kv_transfer_config to name the lookup channel the scheduler process asks it on".into(),
-            )
+            AdapterError::Config(ConfigError::Invalid {
+                reason: "a PD receiver or a CPU tier alone lives in the worker process and needs lmcache_rpc_port or engine_id in kv_transfer_config to name the lookup channel the scheduler process asks it on".into(),
+            })
         })
 }
 
@@ -433,7 +433,11 @@ mod tests {
         let error = build_half_with(&engine(), &anonymous, &receiver, Half::Scheduler)
             .err()
             .unwrap();
-        assert!(error.to_string().contains("engine_id"), "{error}");
+        // A config error, which Python gets as KvrelayConfigError.
+        assert!(
+            matches!(&error, AdapterError::Config(_)) && error.to_string().contains("engine_id"),
+            "{error}"
+        );
     }
 
     #[test]
