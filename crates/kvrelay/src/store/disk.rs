@@ -1161,9 +1161,7 @@ fn read_and_hash(
             if !turns.wait(&turns.next_hash, i) {
                 return;
             }
-            if let Some(hasher) = turns.hasher.lock().as_mut() {
-                hasher.write(piece);
-            }
+            turns.hasher.lock().write(piece);
             turns.advance(&turns.next_hash, i + 1);
         }
     };
@@ -1176,12 +1174,12 @@ fn read_and_hash(
         helper
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        if let Some(err) = turns.error.lock().take() {
-            return Err(err);
-        }
-        let hasher = turns.hasher.lock().take();
-        Ok(hasher.map_or(0, |h| h.finish()))
-    })
+        Ok(())
+    })?;
+    match turns.error.into_inner() {
+        Some(err) => Err(err),
+        None => Ok(turns.hasher.into_inner().finish()),
+    }
 }
 
 /// Whose turn it is to read and to hash, for the two readers of [`read_and_hash`]. A turn
@@ -1195,7 +1193,7 @@ struct Turns {
     failed: AtomicBool,
     error: Mutex<Option<StoreError>>,
     /// Only the thread whose turn it is to hash locks it.
-    hasher: Mutex<Option<XxHash3_64>>,
+    hasher: Mutex<XxHash3_64>,
     sleeping: Mutex<()>,
     wake: Condvar,
 }
@@ -1209,7 +1207,7 @@ impl Turns {
             next_hash: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
-            hasher: Mutex::new(Some(hasher)),
+            hasher: Mutex::new(hasher),
             sleeping: Mutex::new(()),
             wake: Condvar::new(),
         }
