@@ -2,14 +2,20 @@
 //! by a real sender to a real receiver (alloc, data, per-chunk checksums verified by the
 //! receiver, proxy notification), against the physical baseline of the transport: for `tcp`,
 //! the fastest of several plain single-stream loopback configurations moving the same bytes
-//! (socket buffer sizes × write sizes up to 16 MiB, each on its own warm connection, one
-//! calibration run each; the winner and every configuration's figure are printed), timed
-//! in as many rounds as kvrelay, interleaved with them, after one untimed request warmed
-//! kvrelay's connection (`baseline_best_any_run_gbps` is the best of every run, calibration
-//! included, a maximum over more samples than kvrelay's); for `shm`, one memcpy of them into
-//! a `/dev/shm` mapping (the same kind of memory the PD buffer is, which this kernel backs
+//! (socket buffer sizes × write sizes up to 16 MiB, each on its own warm connection; the
+//! winner is the one with the best median of [`CALIBRATION_RUNS`] calibration runs, and
+//! every configuration's figure is printed); for `shm`, one memcpy of them into a
+//! `/dev/shm` mapping (the same kind of memory the PD buffer is, which this kernel backs
 //! with 4 KiB pages only; a memcpy between private huge-page buffers is reported too, as
 //! `memcpy_private_gbps`).
+//!
+//! Each timed round runs kvrelay and the baseline back to back, alternating which goes
+//! first, after one untimed request warmed kvrelay's connection. The figures are medians
+//! over the rounds, so both sides are the same statistic over the same number of samples:
+//! on this kind of machine one configuration's runs spread by 2× from one to the next, and
+//! a best-of-N rewards whichever side drew more samples. Each round's own ratio is printed
+//! too (`round_ratios`), with the bests (`best_gbps`, `baseline_best_gbps`) and the best of
+//! every baseline run, calibration included (`baseline_best_any_run_gbps`).
 //!
 //! The sender's checksums are taken when its staging buffers are filled, as the connector
 //! takes them when it gathers each chunk during chunked prefill; that cost is reported on
@@ -48,12 +54,17 @@ pub struct TransferArgs {
     /// Bytes of KV in the request, MiB (128 KiB per token for this model shape).
     #[arg(long, default_value_t = 1024)]
     size_mib: usize,
-    /// Timed rounds per path; the fastest counts.
-    #[arg(long, default_value_t = 5)]
+    /// Timed rounds, each timing kvrelay and the baseline back to back; the figures are
+    /// the medians.
+    #[arg(long, default_value_t = 9)]
     rounds: usize,
 }
 
 const CHUNK_TOKENS: usize = 256;
+
+/// Runs of each tcp baseline configuration before the timed rounds; the winner has the
+/// best median of them.
+const CALIBRATION_RUNS: usize = 3;
 
 pub fn run(args: TransferArgs) -> Result<(), String> {
     let transport = args.transport.as_str();
@@ -67,6 +78,9 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
             "--transport {transport:?}: expected one of {}",
             channels.join(", ")
         ));
+    }
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
     }
     let buffer_device = if matches!(transport, "hccl" | "hixl") {
         "npu"
@@ -145,45 +159,56 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     let sources: Vec<&[u8]> = chunks.iter().map(|c| &c.2[..]).collect();
     let mut baseline = Baseline::new(transport, bytes, &sources)?;
 
-    let mut best = [Duration::MAX; 3];
+    let rounds = args.rounds;
+    let (mut ours, mut theirs) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    let mut private_best = Duration::MAX;
     let mut alloc_ms = f64::MAX;
     let mut calls_per_request: Option<u64> = None;
     let on_npu = buffer_device == "npu";
-    // tcp: every configuration once before the timed rounds, so the rounds race the winner;
-    // kvrelay's connection gets one untimed request too, so both sides start warm.
+    // tcp: every configuration a few times before the timed rounds, which then race the
+    // winner; kvrelay's connection gets one untimed request too, so both sides start warm.
     baseline.calibrate()?;
     sender
         .send_request("bench-warm", &refs)
         .map_err(|e| e.to_string())?;
     consume(&receiver, &refs)?;
-    for round in 0..args.rounds.max(1) {
+    for round in 0..rounds {
+        // Alternating which side goes first cancels whatever the first of a pair gains or
+        // loses (a cooler cache, a frequency step).
+        if round % 2 == 1 {
+            theirs.push(baseline.run()?);
+        }
         let id = format!("bench-{round}");
         let calls_before = on_npu.then(emulator_calls).flatten();
         let started = Instant::now();
         let stats = sender.send_request(&id, &refs).map_err(|e| e.to_string())?;
-        best[0] = best[0].min(started.elapsed());
+        ours.push(started.elapsed());
         if let Some((before, after)) = calls_before.zip(on_npu.then(emulator_calls).flatten()) {
             let calls = after - before;
             calls_per_request = Some(calls_per_request.map_or(calls, |c| c.min(calls)));
         }
         alloc_ms = alloc_ms.min(stats.alloc_wait.as_secs_f64() * 1e3);
         consume(&receiver, &refs)?;
-        best[1] = best[1].min(baseline.run()?);
+        if round % 2 == 0 {
+            theirs.push(baseline.run()?);
+        }
         if let Some(private) = baseline.run_private_memcpy() {
-            best[2] = best[2].min(private);
+            private_best = private_best.min(private);
         }
     }
+    let round_ratios: Vec<f64> = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(ours, theirs)| super::round3(theirs.as_secs_f64() / ours.as_secs_f64()))
+        .collect();
     let baseline_kind = match transport {
         "tcp" => {
-            "the fastest of several plain single-stream loopback TCP configurations of the same bytes (one calibration run each), best of as many timed rounds as kvrelay, interleaved with them"
+            "the fastest of several plain single-stream loopback TCP configurations of the same bytes (best median of 3 calibration runs each), timed in the same rounds as kvrelay; both figures are medians over the rounds"
         }
         "hccl" => "the best of several plain single-stream loopback TCP configurations of the same bytes (what the emulator's HCCL moves them over)",
         "hixl" => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping (the emulator's HIXL put is a memcpy into the server's mapped memory, acknowledged per MiB)",
         _ => "one memcpy of the same bytes into a pre-faulted /dev/shm mapping",
     };
-    // tcp: the baseline is the winner's best timed round, as many rounds as kvrelay had
-    // (the best of every configuration's calibration run, a maximum over more samples, is
-    // printed too).
     let (baseline_config, configs) = baseline.configs(bytes);
     let calibration_best = (transport == "tcp").then(|| gbps(bytes, baseline.best_stream()));
     let extra = serde_json::json!({
@@ -196,7 +221,11 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         "chunks": num_chunks,
         "includes": "alloc round trip, data, the receiver's xxh3 of every chunk, commit, proxy notify",
         "sender_checksum_gbps": gbps(bytes, checksum_time),
-        "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, best[2])),
+        "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, private_best)),
+        "rounds": rounds,
+        "round_ratios": round_ratios,
+        "best_gbps": super::round3(gbps(bytes, min(&ours))),
+        "baseline_best_gbps": super::round3(gbps(bytes, min(&theirs))),
         "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
         // NPU channels: whether the runtime is the test double, and (on the double,
         // both sides in this process) every ACL/HCCL/HIXL call either side made during
@@ -207,11 +236,22 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
     print_result(
         "transfer",
         "gbps",
-        gbps(bytes, best[0]),
-        gbps(bytes, best[1]),
+        gbps(bytes, median(&ours)),
+        gbps(bytes, median(&theirs)),
         extra,
     );
     Ok(())
+}
+
+/// The median of `times` (the upper one of an even count); `times` is not empty.
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
+fn min(times: &[Duration]) -> Duration {
+    times.iter().copied().min().unwrap_or(Duration::MAX)
 }
 
 /// Whether the ACL runtime the Ascend channel ran on is the `ascend-emu` test double.
@@ -308,7 +348,10 @@ struct Stream {
     writer: TcpStream,
     /// The reading end; away while a run is in flight.
     reader: Option<TcpStream>,
-    best: Duration,
+    /// Every run's time, calibration included.
+    runs: Vec<Duration>,
+    /// The median of the calibration runs.
+    calibrated: Duration,
 }
 
 impl Stream {
@@ -328,7 +371,8 @@ impl Stream {
             config,
             writer,
             reader: Some(reader),
-            best: Duration::MAX,
+            runs: Vec::new(),
+            calibrated: Duration::MAX,
         })
     }
 
@@ -355,7 +399,7 @@ impl Stream {
         let elapsed = started.elapsed();
         self.reader = Some(stream);
         *sink = Some(dst);
-        self.best = self.best.min(elapsed);
+        self.runs.push(elapsed);
         Ok(elapsed)
     }
 }
@@ -411,7 +455,8 @@ impl<'a> Baseline<'a> {
         })
     }
 
-    /// tcp: runs every configuration once.
+    /// tcp: runs every configuration [`CALIBRATION_RUNS`] times, round-robin, so a slow
+    /// stretch of the machine does not fall on one configuration's runs only.
     fn calibrate(&mut self) -> Result<(), String> {
         if let Baseline::Tcp {
             streams,
@@ -419,8 +464,13 @@ impl<'a> Baseline<'a> {
             sink,
         } = self
         {
+            for _ in 0..CALIBRATION_RUNS {
+                for stream in streams.iter_mut() {
+                    stream.run(sources, sink)?;
+                }
+            }
             for stream in streams.iter_mut() {
-                stream.run(sources, sink)?;
+                stream.calibrated = median(&stream.runs);
             }
         }
         Ok(())
@@ -429,21 +479,22 @@ impl<'a> Baseline<'a> {
     /// tcp: the fastest run of any configuration (`Duration::MAX` for `shm`).
     fn best_stream(&self) -> Duration {
         match self {
-            Baseline::Tcp { streams, .. } => streams.iter().map(|s| s.best).min(),
+            Baseline::Tcp { streams, .. } => streams.iter().map(|s| min(&s.runs)).min(),
             Baseline::Memcpy { .. } => None,
         }
         .unwrap_or(Duration::MAX)
     }
 
-    /// tcp: the winning configuration, and every configuration with its best figure.
+    /// tcp: the winning configuration, and every configuration with its calibration
+    /// median.
     fn configs(&self, bytes: usize) -> (Option<String>, Option<serde_json::Value>) {
         let Baseline::Tcp { streams, .. } = self else {
             return (None, None);
         };
-        let winner = streams.iter().min_by_key(|s| s.best);
+        let winner = streams.iter().min_by_key(|s| s.calibrated);
         let all = streams
             .iter()
-            .map(|s| serde_json::json!({"config": s.config.to_string(), "gbps": super::round3(gbps(bytes, s.best))}))
+            .map(|s| serde_json::json!({"config": s.config.to_string(), "gbps": super::round3(gbps(bytes, s.calibrated))}))
             .collect();
         (winner.map(|s| s.config.to_string()), Some(all))
     }
@@ -456,7 +507,7 @@ impl<'a> Baseline<'a> {
         }
     }
 
-    /// One run of the baseline: the memcpy, or the fastest tcp configuration so far.
+    /// One run of the baseline: the memcpy, or the calibration's winning tcp configuration.
     fn run(&mut self) -> Result<Duration, String> {
         match self {
             Baseline::Memcpy { src, shared, .. } => Ok(timed_memcpy(shared, src)),
@@ -466,7 +517,7 @@ impl<'a> Baseline<'a> {
                 sink,
             } => streams
                 .iter_mut()
-                .min_by_key(|s| s.best)
+                .min_by_key(|s| s.calibrated)
                 .ok_or("no baseline configuration")?
                 .run(sources, sink),
         }
