@@ -18,6 +18,12 @@ decoder computes the prompt's tail). The decoder keeps the seed's
 ``enable_async_loading: true``: vLLM parks the request in ``WAITING_FOR_REMOTE_KVS`` while
 kvrelay's background loader copies the KV from the PD buffer, and schedules it once
 ``get_finished`` reports the load.
+
+The prefiller runs chunked prefill of one chunk a step (``--max-num-batched-tokens 256``),
+so its sender reserves the decoder's pages at the prompt's first step and sends each chunk
+in the step that computed it; its stats must count that request (``pd_reserved_sends``).
+The plain server runs the same steps, so "equal to one engine" compares the same
+arithmetic.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from disagg_lmcache_smoke import BLOCK_SIZE, CHUNK_SIZE, RESERVED_CPUS, make_tin
 ROOT = Path(__file__).resolve().parents[2]
 SEED_CONFIGS = ROOT / "examples" / "pd_1p1d"
 SEED_PROMPT = "Explain the significance of KV cache in language models in English." * 100
+# Tokens a prefill step computes on the prefiller and the plain server: one chunk.
+PREFILL_STEP_TOKENS = 256
 PORTS = {"plain": 7000, "prefiller": 7100, "decoder": 7200, "proxy": 9100}
 PD_PORTS = {"init": 7300, "alloc": 7400, "notify": 7500}
 # vLLM logs the connector's get_kv_connector_stats every VLLM_LOG_STATS_INTERVAL seconds,
@@ -194,7 +202,6 @@ def check_release(args: argparse.Namespace, work: Path) -> dict:
         }},
     }  # fmt: skip
     answer(*post(PORTS["prefiller"], prefill, args.request_timeout_sec))
-    stats_file = work / "decoder-stats.json"
     other = {
         "model": args.model, "prompt": "the quick brown fox " * 100, "max_tokens": 1,
         "temperature": 0, "kv_transfer_params": {"disagg_spec": {"req_id": req_id}},
@@ -203,7 +210,7 @@ def check_release(args: argparse.Namespace, work: Path) -> dict:
 
     def held_after_a_step() -> int:
         answer(*post(PORTS["decoder"], plain_step, args.request_timeout_sec))
-        return json.loads(stats_file.read_text()).get("tier_bytes", 0)
+        return read_stats(work, "decoder").get("tier_bytes", 0)
 
     # The prefiller's KV lands in the decoder's buffer shortly after its answer.
     deadline = time.monotonic() + 30
@@ -263,6 +270,8 @@ def run(args: argparse.Namespace) -> dict:
             "--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--seed", "0",
             "--distributed-executor-backend", "mp", "--enable-prompt-tokens-details",
         ]  # fmt: skip
+        if role != "decoder":
+            command += ["--max-num-batched-tokens", str(PREFILL_STEP_TOKENS)]
         if role != "plain":
             command += ["--kv-transfer-config", json.dumps(kv_transfer_config(role))]
         return command
@@ -310,8 +319,7 @@ def run(args: argparse.Namespace) -> dict:
         plain = answer(*post(PORTS["plain"], request, args.request_timeout_sec))
         processes.kill("plain")
         pd = answer(*post(PORTS["proxy"], request, args.request_timeout_sec))
-        stats_file = work / "decoder-stats.json"
-        decoder_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        decoder_stats, prefiller_stats = (read_stats(work, role) for role in ("decoder", "prefiller"))
         logged = logged_loaded_tokens(processes, "decoder", 10 * STATS_INTERVAL_SEC + 5)
 
         release = check_release(args, work)
@@ -335,6 +343,7 @@ def run(args: argparse.Namespace) -> dict:
         "decoder_loaded_tokens": decoder_stats.get("loaded_tokens", 0),
         "decoder_loaded_bytes": decoder_stats.get("loaded_bytes", 0),
         "decoder_logged_loaded_tokens": logged,
+        "prefiller_reserved_sends": prefiller_stats.get("pd_reserved_sends", 0),
         "release": release,
         "killed_decoder": {"status": killed_status, "seconds": round(killed_sec, 2), "body": killed_body},
     }
@@ -351,6 +360,10 @@ def run(args: argparse.Namespace) -> dict:
         )
     if release["held_bytes_before"] <= 0 or release["held_bytes_after"] != 0 or release["miss_cached_tokens"] != 0:
         problems.append(f"the PD buffer was not released when the request finished: {release}")
+    if summary["prefiller_reserved_sends"] < 1:
+        problems.append(
+            f"the prefiller sent no request on a reservation (pd_reserved_sends {summary['prefiller_reserved_sends']}); its {pd['prompt_tokens']}-token prompt took several steps"
+        )
     if logged != expected_hit:
         problems.append(f"vLLM's KV Transfer metrics (get_kv_connector_stats) logged {logged} loaded tokens; expected {expected_hit}")
     if killed_status != 502 or killed_sec > KILLED_DECODER_BOUND_SEC:
@@ -359,6 +372,12 @@ def run(args: argparse.Namespace) -> dict:
         )
     summary["problems"] = problems
     return summary
+
+
+def read_stats(work: Path, role: str) -> dict:
+    """The worker totals `role`'s connector last wrote (KVRELAY_STATS_FILE)."""
+    stats_file = work / f"{role}-stats.json"
+    return json.loads(stats_file.read_text()) if stats_file.exists() else {}
 
 
 def main() -> int:

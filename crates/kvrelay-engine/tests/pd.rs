@@ -478,6 +478,17 @@ fn chunked_prefill_reserves_the_decoders_pages_at_its_first_step() {
         assert_eq!(prefill[0].transfer.failed_sends, 0, "{mode}");
         let ready = notifications.recv_timeout(Duration::from_secs(30)).unwrap();
         assert_eq!((ready.request_id.as_str(), ready.failure), ("long", None));
+        // Counted once the commit returned, which is after the proxy heard of it.
+        let reserved_sends = || prefiller.connector().unwrap().worker.pd_reserved_sends();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while reserved_sends() != Some(1) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            reserved_sends(),
+            Some(1),
+            "{mode}: not sent on its reservation"
+        );
         let ps = [prompt];
         let decode = decoder.generate(&ps, SamplingParams::greedy(5)).unwrap();
         assert_same(&decode, &colocated(&ps));

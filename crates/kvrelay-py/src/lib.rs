@@ -397,6 +397,9 @@ impl WorkerConnector {
         stats.set_item("tier_hits", stack.hits)?;
         stats.set_item("tier_misses", stack.misses)?;
         stats.set_item("background_loader", background_loader)?;
+        if let Some(sends) = worker.pd_reserved_sends() {
+            stats.set_item("pd_reserved_sends", sends)?;
+        }
         // What the worker's tiers hold now (a PD decoder: its PD buffer's pages in use).
         let held: u64 = tiers.tiers().iter().map(|t| t.stats().bytes).sum();
         stats.set_item("tier_bytes", held)?;

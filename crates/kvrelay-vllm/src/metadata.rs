@@ -8,8 +8,8 @@ use kvrelay::keys::CacheKey;
 use kvrelay::plan::ChunkWindow;
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever the encoding changes.
-const VERSION: u32 = 2;
+/// Bumped whenever the encoding changes. 3: requests carry `pd_plan`.
+const VERSION: u32 = 3;
 
 /// Bytes that are not metadata of this kvrelay.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,7 @@ struct WireRequest {
     load_async: bool,
     saves: Vec<WireChunk>,
     flush_saves: bool,
+    pd_plan: Vec<WireChunk>,
     prompt_tokens: usize,
     kv_transfer_params: Option<serde_json::Value>,
 }
@@ -88,6 +89,7 @@ pub fn encode(metadata: &ConnectorMetadata) -> Vec<u8> {
                 load_async: r.load_async,
                 saves: to_wire(&r.saves),
                 flush_saves: r.flush_saves,
+                pd_plan: to_wire(&r.pd_plan),
                 prompt_tokens: r.prompt_tokens,
                 kv_transfer_params: r.kv_transfer_params.clone(),
             })
@@ -116,7 +118,7 @@ pub fn decode(bytes: &[u8]) -> Result<ConnectorMetadata, MetadataError> {
                 load_async: r.load_async,
                 saves: from_wire(r.saves)?,
                 flush_saves: r.flush_saves,
-                pd_plan: Vec::new(),
+                pd_plan: from_wire(r.pd_plan)?,
                 prompt_tokens: r.prompt_tokens,
                 kv_transfer_params: r.kv_transfer_params,
             })
@@ -162,8 +164,8 @@ mod tests {
                     loads: vec![],
                     load_async: true,
                     saves: vec![chunk(7, 0, 0)],
-                    flush_saves: true,
-                    pd_plan: vec![],
+                    flush_saves: false,
+                    pd_plan: vec![chunk(7, 0, 0), chunk(8, 256, 0)],
                     prompt_tokens: 17,
                     kv_transfer_params: Some(serde_json::json!({"ret_first_tok": true})),
                 },
@@ -181,14 +183,14 @@ mod tests {
             Err(MetadataError::Malformed(_))
         ));
         assert!(matches!(
-            decode(br#"{"version":1,"requests":[]}"#),
-            Err(MetadataError::Version { found: 1 })
+            decode(br#"{"version":2,"requests":[]}"#),
+            Err(MetadataError::Version { found: 2 })
         ));
-        let bad_key = br#"{"version":2,"requests":[{"id":"r","block_ids":[],"loads":[["not a key",0,1,0]],"load_async":false,"saves":[],"flush_saves":false,"prompt_tokens":3,"kv_transfer_params":null}]}"#;
+        let bad_key = br#"{"version":3,"requests":[{"id":"r","block_ids":[],"loads":[],"load_async":false,"saves":[],"flush_saves":false,"pd_plan":[["not a key",0,1,0]],"prompt_tokens":3,"kv_transfer_params":null}]}"#;
         let message = decode(bad_key).unwrap_err().to_string();
         assert!(message.contains("not a key"), "{message}");
         assert!(matches!(
-            decode(br#"{"version":2,"requests":[],"extra":0}"#),
+            decode(br#"{"version":3,"requests":[],"extra":0}"#),
             Err(MetadataError::Malformed(_))
         ));
     }

@@ -401,6 +401,13 @@ impl KvWorker {
         self.pd_sink.as_ref().map(PdSink::skipped_chunks)
     }
 
+    /// A PD prefiller's requests whose KV went to the decoder while their prompt was
+    /// computed (chunked prefill: pages reserved at the first step, each chunk sent in the
+    /// step that computed it); `None` when this worker sends no PD KV.
+    pub fn pd_reserved_sends(&self) -> Option<u64> {
+        self.pd_sink.as_ref().map(PdSink::reserved_sends)
+    }
+
     /// One request's transfers so far; the engine takes them when the request finishes.
     pub fn take_request_stats(&mut self, request_id: &str) -> ConnectorStats {
         if let Some(sink) = self.pd_sink.as_mut() {

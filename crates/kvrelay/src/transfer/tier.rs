@@ -141,8 +141,17 @@ pub struct PdSink {
     sending: Sending,
     /// Staging buffers of sent (or forgotten) chunks, for the next gathers.
     staging: Arc<StagingPool<HostBuffer>>,
+    counters: Arc<SinkCounters>,
+}
+
+/// What a sink's sends did, counted where they happen (on the sender thread in `async`).
+#[derive(Default)]
+struct SinkCounters {
     /// Chunks left out of sends because the decoder never looks them up, in either mode.
-    skipped_chunks: Arc<AtomicU64>,
+    skipped_chunks: AtomicU64,
+    /// Requests committed on their reservation: every chunk went over in the step that
+    /// computed it, and the prompt's end only committed.
+    reserved_sends: AtomicU64,
 }
 
 enum Sending {
@@ -215,7 +224,7 @@ struct GatheredChunk {
 impl PdSink {
     pub fn new(config: PdConfig, rank: u32) -> Result<Self, TransferError> {
         let mode = config.backend_mode;
-        let skipped_chunks = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(SinkCounters::default());
         // As many idle chunk buffers as the decoder's buffer has pages: one request's worth
         // at most (a larger one could never be admitted whole).
         let pages = (config.buffer_size / config.page_size().max(1) as u64).max(1);
@@ -227,7 +236,7 @@ impl PdSink {
             links: HashMap::new(),
             sends: 0,
             open: HashMap::new(),
-            skipped_chunks: Arc::clone(&skipped_chunks),
+            counters: Arc::clone(&counters),
         };
         let sending = match mode {
             PdBackendMode::Sync => Sending::Inline(Box::new(links)),
@@ -256,7 +265,7 @@ impl PdSink {
             reserved: HashSet::new(),
             sending,
             staging,
-            skipped_chunks,
+            counters,
         })
     }
 
@@ -388,7 +397,13 @@ impl PdSink {
     /// Chunks gathered but left out of sends so far because the decoder would never look
     /// them up (both modes; a `sync` send also reports its own in [`SendStats`]).
     pub fn skipped_chunks(&self) -> u64 {
-        self.skipped_chunks.load(Ordering::Relaxed)
+        self.counters.skipped_chunks.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent while their prompt was computed: reserved at the first step, each
+    /// chunk put in the step that computed it, committed at the prompt's end.
+    pub fn reserved_sends(&self) -> u64 {
+        self.counters.reserved_sends.load(Ordering::Relaxed)
     }
 }
 
@@ -416,7 +431,7 @@ struct Links {
     sends: u64,
     /// Reserved requests not yet flushed or forgotten.
     open: HashMap<String, Open>,
-    skipped_chunks: Arc<AtomicU64>,
+    counters: Arc<SinkCounters>,
 }
 
 impl Links {
@@ -514,8 +529,10 @@ impl Links {
         let sender = self.link(self.peer(&job.request_id, job.target.as_ref())?)?;
         let mut stats = transfer.commit(sender)?;
         stats.skipped_chunks = job.chunks.len() - stats.chunks;
-        self.skipped_chunks
+        self.counters
+            .skipped_chunks
             .fetch_add(stats.skipped_chunks as u64, Ordering::Relaxed);
+        self.counters.reserved_sends.fetch_add(1, Ordering::Relaxed);
         Ok(stats)
     }
 
@@ -589,7 +606,8 @@ impl Links {
             sender.send_request(&job.request_id, &views)?
         };
         stats.skipped_chunks = skipped;
-        self.skipped_chunks
+        self.counters
+            .skipped_chunks
             .fetch_add(skipped as u64, Ordering::Relaxed);
         Ok(stats)
     }
