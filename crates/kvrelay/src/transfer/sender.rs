@@ -352,11 +352,17 @@ impl PdTransfer {
         let request_id = self.request_id.clone();
         let link = self.link()?;
         let channel = link.channel.kind();
-        let result = link.commit(grant, &request_id);
+        let config = &sender.config;
+        let result = link.send_commit(grant).and_then(|()| {
+            // The proxy connection is made while the receiver verifies the last chunks,
+            // so the notification leaves as soon as the verdict is in.
+            let proxy = connect_proxy(config);
+            link.await_committed(grant, &request_id).map(|()| proxy)
+        });
         if (result.is_ok() || result.as_ref().is_err_and(keeps_link)) && sender.link.is_none() {
             sender.link = self.link.take();
         }
-        result?;
+        let proxy = result??;
         let Granted {
             started,
             alloc_wait,
@@ -371,7 +377,10 @@ impl PdTransfer {
             notified: false,
             skipped_chunks: 0,
         };
-        stats.notified = notify_proxy(&sender.config, &request_id, sender.rank, None)?;
+        if let Some(proxy) = proxy {
+            write_notification(proxy, &sender.config, &request_id, sender.rank, None)?;
+            stats.notified = true;
+        }
         Ok(stats)
     }
 
@@ -634,9 +643,14 @@ impl Link {
         write(&mut self.stream, &seal.encode())
     }
 
-    /// Commits a grant whose chunks were all sealed and waits for the receiver's verdict.
-    fn commit(&mut self, grant: u32, request_id: &str) -> Result<(), TransferError> {
-        write(&mut self.stream, &Message::Commit { grant }.encode())?;
+    /// Commits a grant whose chunks were all sealed; [`Link::await_committed`] then waits
+    /// for the receiver's verdict.
+    fn send_commit(&mut self, grant: u32) -> Result<(), TransferError> {
+        write(&mut self.stream, &Message::Commit { grant }.encode())
+    }
+
+    /// The receiver's verdict on a committed grant: every chunk verified, or why not.
+    fn await_committed(&mut self, grant: u32, request_id: &str) -> Result<(), TransferError> {
         let reply = read_message(&mut self.stream, MAX_CONTROL_BODY)?;
         let Message::Committed {
             grant: g, rejected, ..
@@ -667,10 +681,29 @@ pub(crate) fn notify_proxy(
     rank: u32,
     failure: Option<&str>,
 ) -> Result<bool, TransferError> {
-    let Some((host, port)) = &cfg.proxy else {
+    let Some(stream) = connect_proxy(cfg)? else {
         return Ok(false);
     };
-    let mut stream = connect(host, *port, cfg.handshake_timeout)?;
+    write_notification(stream, cfg, request_id, rank, failure)?;
+    Ok(true)
+}
+
+/// A new connection to the configured proxy, for one notification; `None` without a proxy.
+fn connect_proxy(cfg: &PdConfig) -> Result<Option<TcpStream>, TransferError> {
+    cfg.proxy
+        .as_ref()
+        .map(|(host, port)| connect(host, *port, cfg.handshake_timeout))
+        .transpose()
+}
+
+/// Sends one notification (see [`notify_proxy`]) over `stream`, from [`connect_proxy`].
+fn write_notification(
+    mut stream: TcpStream,
+    cfg: &PdConfig,
+    request_id: &str,
+    rank: u32,
+    failure: Option<&str>,
+) -> Result<(), TransferError> {
     // Clipped before the MAC, which must cover exactly the text that travels.
     let failure = failure.map(clip_message).unwrap_or_default();
     let message = Message::Notify {
@@ -679,10 +712,10 @@ pub(crate) fn notify_proxy(
         mac: notification_mac(cfg.secret(), request_id, rank, failure),
         failure: failure.to_string(),
     };
-    stream
-        .write_all(&message.encode())
-        .map_err(|e| TransferError::io(format!("notifying the proxy at {host}:{port}"), e))?;
-    Ok(true)
+    stream.write_all(&message.encode()).map_err(|e| {
+        let proxy = stream.peer_addr().map_or("?".into(), |a| a.to_string());
+        TransferError::io(format!("notifying the proxy at {proxy}"), e)
+    })
 }
 
 /// Reads one KV-ready notification, as a proxy does on each accepted connection. With a
