@@ -224,8 +224,8 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, private_best)),
         "rounds": rounds,
         "round_ratios": round_ratios,
-        "best_gbps": super::round3(gbps(bytes, min(&ours))),
-        "baseline_best_gbps": super::round3(gbps(bytes, min(&theirs))),
+        "best_gbps": super::round3(gbps(bytes, fastest(&ours))),
+        "baseline_best_gbps": super::round3(gbps(bytes, fastest(&theirs))),
         "alloc_ms": (alloc_ms * 1000.0).round() / 1000.0,
         // NPU channels: whether the runtime is the test double, and (on the double,
         // both sides in this process) every ACL/HCCL/HIXL call either side made during
@@ -250,7 +250,8 @@ fn median(times: &[Duration]) -> Duration {
     sorted[sorted.len() / 2]
 }
 
-fn min(times: &[Duration]) -> Duration {
+/// The shortest of `times` (`Duration::MAX` for none).
+fn fastest(times: &[Duration]) -> Duration {
     times.iter().copied().min().unwrap_or(Duration::MAX)
 }
 
@@ -479,7 +480,7 @@ impl<'a> Baseline<'a> {
     /// tcp: the fastest run of any configuration (`Duration::MAX` for `shm`).
     fn best_stream(&self) -> Duration {
         match self {
-            Baseline::Tcp { streams, .. } => streams.iter().map(|s| min(&s.runs)).min(),
+            Baseline::Tcp { streams, .. } => streams.iter().map(|s| fastest(&s.runs)).min(),
             Baseline::Memcpy { .. } => None,
         }
         .unwrap_or(Duration::MAX)
