@@ -152,7 +152,12 @@ proptest! {
         page_size in 1u64..10_000,
         grants in proptest::collection::vec((0u32..64, 0u64..10_000), 1..6),
         frames in proptest::collection::vec(
-            (0u32..3, 0u32..8, prop_oneof![0u64..20_000, any::<u64>()], 0u64..20_000),
+            (
+                0u32..3,
+                0u32..8,
+                prop_oneof![0u64..10_000, 0u64..20_000, any::<u64>()],
+                prop_oneof![0u64..2_000, 0u64..20_000],
+            ),
             1..64,
         ),
     ) {
@@ -161,23 +166,48 @@ proptest! {
             .map(|&(page, len)| (page, len.min(page_size)))
             .collect();
         let mut check = GrantCheck::new(1, page_size, chunks.clone());
-        let mut landed = vec![0u64; chunks.len()];
+        // Per chunk: which bytes were admitted, and how many of them in a row were handed
+        // to the hasher (in-order payloads, then what they joined).
+        let mut landed: Vec<Vec<bool>> = chunks.iter().map(|c| vec![false; c.1 as usize]).collect();
+        let mut hashed = vec![0u64; chunks.len()];
         for (grant, chunk, offset, len) in frames {
             let d = DataHeader { grant, chunk, offset };
-            let Ok(range) = check.admit(&d, len) else { continue };
-            // Accepted: the right grant, a granted chunk, the next bytes of it, and all
-            // inside the chunk's page and declared length.
-            prop_assert_eq!(grant, 1);
-            let (page, chunk_len) = chunks[chunk as usize];
-            let page_start = u64::from(page) * page_size;
-            prop_assert_eq!(range.start, page_start + landed[chunk as usize]);
-            prop_assert!(range.end <= page_start + chunk_len);
-            prop_assert!(range.end > range.start);
-            prop_assert_eq!(range.end - range.start, len);
-            landed[chunk as usize] += len;
+            let fits = grant == 1
+                && len > 0
+                && chunks.get(chunk as usize).is_some_and(|c| offset.checked_add(len).is_some_and(|e| e <= c.1));
+            let free = fits
+                && landed[chunk as usize][offset as usize..(offset + len) as usize]
+                    .iter()
+                    .all(|b| !b);
+            let Ok(admitted) = check.admit(&d, len) else {
+                // Refused: outside the grant, or over bytes already admitted.
+                prop_assert!(!free, "{:?}+{} refused", d, len);
+                continue;
+            };
+            // Accepted: the right grant, a granted chunk, bytes of it not admitted before,
+            // all inside the chunk's page and declared length.
+            prop_assert!(free);
+            let i = chunk as usize;
+            let page_start = u64::from(chunks[i].0) * page_size;
+            prop_assert_eq!(admitted.range.clone(), page_start + offset..page_start + offset + len);
+            landed[i][offset as usize..(offset + len) as usize].fill(true);
+            // The hasher gets each chunk's bytes once, in order, and only bytes that landed.
+            prop_assert_eq!(admitted.in_order, offset == hashed[i]);
+            if admitted.in_order {
+                hashed[i] = offset + len;
+                if let Some(joined) = admitted.then_hash {
+                    prop_assert_eq!(joined.start, page_start + hashed[i]);
+                    hashed[i] = joined.end - page_start;
+                }
+                prop_assert!(landed[i][..hashed[i] as usize].iter().all(|b| *b));
+                prop_assert!(landed[i].get(hashed[i] as usize) != Some(&true), "a landed byte is left unhashed");
+            } else {
+                prop_assert_eq!(admitted.then_hash, None);
+            }
         }
         for (i, &(_, len)) in chunks.iter().enumerate() {
-            prop_assert_eq!(check.complete(i), landed[i] == len);
+            prop_assert_eq!(check.complete(i), hashed[i] == len);
+            prop_assert_eq!(check.complete(i), landed[i].iter().all(|b| *b));
         }
     }
 }

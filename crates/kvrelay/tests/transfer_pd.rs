@@ -1242,15 +1242,6 @@ fn out_of_bounds_data_is_rejected_and_nothing_lands_outside_the_grant() {
             },
             16,
         ),
-        // A gap: not the next byte of the chunk.
-        (
-            DataHeader {
-                grant: 0,
-                chunk: 0,
-                offset: 8,
-            },
-            16,
-        ),
         // Someone else's grant.
         (
             DataHeader {
@@ -1343,6 +1334,168 @@ fn a_checksum_mismatch_is_a_miss_never_loaded() {
         rx.wait_ready("corrupt", Duration::from_secs(1)),
         Err(TransferError::RequestEnded { .. })
     ));
+}
+
+/// Writes one `Data` frame: `bytes` at `offset` of chunk `chunk`.
+fn send_piece(alloc: &mut TcpStream, grant: u32, chunk: u32, offset: usize, bytes: &[u8]) {
+    let d = DataHeader {
+        grant,
+        chunk,
+        offset: offset as u64,
+    };
+    alloc
+        .write_all(&data_prefix(&d, bytes.len() as u32))
+        .unwrap();
+    alloc.write_all(bytes).unwrap();
+}
+
+/// Where layer `layer`'s K and V slices of a `KV_2LTD` chunk of `len` bytes lie: the chunk
+/// is [2 planes, layers, tokens, hidden].
+fn layer_slices(len: usize, layer: usize) -> [std::ops::Range<usize>; 2] {
+    let layers = spec().num_layers;
+    let slice = len / (2 * layers);
+    let k = layer * slice;
+    let v = (layers + layer) * slice;
+    [k..k + slice, v..v + slice]
+}
+
+/// Sends every chunk of `r` layer by layer, as a prefiller does that sends each layer as
+/// soon as it is computed: per layer, the V slice of one chunk, then the K slice of
+/// another, across all chunks; then seals them, last chunk first, with
+/// `checksum(chunk, data)`, and commits.
+fn send_by_layer(
+    alloc: &mut TcpStream,
+    grant: u32,
+    r: &Request,
+    checksum: impl Fn(usize, &[u8]) -> u64,
+) {
+    let n = r.chunks.len();
+    for layer in 0..spec().num_layers {
+        for i in (0..n).rev() {
+            let (v_chunk, k_chunk) = (i, n - 1 - i);
+            let v = &r.chunks[v_chunk].2;
+            let [_, v_slice] = layer_slices(v.len(), layer);
+            send_piece(alloc, grant, v_chunk as u32, v_slice.start, &v[v_slice]);
+            let k = &r.chunks[k_chunk].2;
+            let [k_slice, _] = layer_slices(k.len(), layer);
+            send_piece(alloc, grant, k_chunk as u32, k_slice.start, &k[k_slice]);
+        }
+    }
+    for (i, (_, _, data)) in r.chunks.iter().enumerate().rev() {
+        let checksum = checksum(i, data);
+        send(
+            alloc,
+            &Message::Seal {
+                grant,
+                chunk: i as u32,
+                checksum,
+            },
+        );
+    }
+    send(alloc, &Message::Commit { grant });
+}
+
+#[test]
+fn tcp_chunks_arriving_layer_by_layer_interleaved_land_bit_exact() {
+    // Two chunks hash in line; 2100 (over 4 MiB) on the verify thread.
+    for n in [2, 2100] {
+        let cfg = config("tcp", n, "", None);
+        let rx = PdReceiver::bind(&cfg, 0).unwrap();
+        let r = request(&format!("by-layer-{n}"), n, true);
+        let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+        let (grant, _) = raw_alloc(&mut alloc, &r);
+        send_by_layer(&mut alloc, grant, &r, |_, data| frame::checksum(data));
+        match recv(&mut alloc) {
+            Message::Committed {
+                verified, rejected, ..
+            } => assert_eq!((verified, rejected), (n as u32, 0), "{n} chunks"),
+            other => panic!("expected Committed, got {other:?}"),
+        }
+        r.consume_and_check(&rx);
+    }
+}
+
+#[test]
+fn tcp_a_wrong_checksum_of_a_chunk_sent_by_layer_is_a_miss() {
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let r = request("by-layer-corrupt", 2, false);
+    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+    let (grant, _) = raw_alloc(&mut alloc, &r);
+    send_by_layer(&mut alloc, grant, &r, |i, data| {
+        frame::checksum(data) ^ u64::from(i == 0)
+    });
+    assert!(matches!(
+        recv(&mut alloc),
+        Message::Committed {
+            verified: 1,
+            rejected: 1,
+            ..
+        }
+    ));
+    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert_eq!(rx.occupancy().used_pages, 0);
+}
+
+#[test]
+fn tcp_overlapping_pieces_and_a_seal_before_the_gaps_fill_end_the_grant() {
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let r = request("by-layer-hostile", 2, false);
+    let data = &r.chunks[0].2;
+    let [k, v] = layer_slices(data.len(), 0);
+    let half = k.len() / 2;
+    let overlapping = [
+        // Into the gapless prefix.
+        (k.start + half, k.len()),
+        // Into a slice that arrived early.
+        (v.start - half, k.len()),
+        (v.start + half, 1),
+    ];
+    for (offset, len) in overlapping {
+        let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+        let (grant, _) = raw_alloc(&mut alloc, &r);
+        send_piece(&mut alloc, grant, 1, v.start, &data[v.clone()]);
+        send_piece(&mut alloc, grant, 0, v.start, &data[v.clone()]);
+        send_piece(&mut alloc, grant, 0, k.start, &data[k.clone()]);
+        // The receiver may close before it read the payload: writes are best effort.
+        let d = DataHeader {
+            grant,
+            chunk: 0,
+            offset: offset as u64,
+        };
+        let _ = alloc.write_all(&data_prefix(&d, len as u32));
+        let _ = alloc.write_all(&data[offset..offset + len]);
+        assert_eq!(
+            closed_with(&mut alloc),
+            Some(ErrorCode::Protocol),
+            "{len} bytes at {offset} accepted"
+        );
+        eventually("the grant is freed", || rx.occupancy().used_pages == 0);
+    }
+    // Every byte but one layer's K slice: the chunk cannot be sealed yet.
+    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
+    let (grant, _) = raw_alloc(&mut alloc, &r);
+    for layer in 1..spec().num_layers {
+        for slice in layer_slices(data.len(), layer) {
+            send_piece(&mut alloc, grant, 0, slice.start, &data[slice]);
+        }
+    }
+    send_piece(&mut alloc, grant, 0, v.start, &data[v.clone()]);
+    send(
+        &mut alloc,
+        &Message::Seal {
+            grant,
+            chunk: 0,
+            checksum: frame::checksum(data),
+        },
+    );
+    assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
+    eventually("the grant is freed", || rx.occupancy().used_pages == 0);
+    // The receiver still serves a well-behaved sender.
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    r.send(&mut tx).unwrap();
+    r.consume_and_check(&rx);
 }
 
 #[test]

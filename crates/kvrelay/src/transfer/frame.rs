@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic "KVRL"
-//!      4    1 version (3)
+//!      4    1 version (4)
 //!      5    1 message type (MsgType)
 //!      6    2 flags, must be 0
 //!      8    4 body length in bytes (u32), bounded per message type and connection state
@@ -13,9 +13,12 @@
 //! All integers are little-endian. Strings are a u16 byte length then UTF-8 bytes, each with
 //! its own bound. A `Data` body is a 16-byte [`DataHeader`] followed by the payload, which
 //! the receiver reads straight into the granted page after [`GrantCheck::admit`] accepted
-//! the header. Decoding never panics and never allocates more than the bounded body.
+//! the header. A chunk's segments may come in any order, interleaved with other chunks of
+//! the grant (a prefiller sends each layer's slice as soon as the layer is computed), but
+//! never overlap. Decoding never panics and never allocates more than the bounded body.
 
 use std::io::{self, IoSlice, Read, Write};
+use std::ops::Range;
 
 use crate::keys::{CacheKey, KeyDerivation};
 use crate::store::ChunkMeta;
@@ -23,7 +26,8 @@ use crate::store::ChunkMeta;
 pub const MAGIC: [u8; 4] = *b"KVRL";
 /// 2: `Hello` carries the sender's [`KeyDerivation`], `Welcome` the receiver's lookup rule.
 /// 3: `Welcome` carries the channel's opaque, versioned parameters instead of shm fields.
-pub const VERSION: u8 = 3;
+/// 4: a chunk's `Data` may arrive in any order and interleaved with other chunks of its grant.
+pub const VERSION: u8 = 4;
 pub const HEADER_LEN: usize = 12;
 
 /// Bound on handshake frames (init port, and the first frame on the alloc port): room for
@@ -714,13 +718,37 @@ pub struct GrantCheck {
     pub page_size: u64,
     /// Per chunk: its page and declared length (<= page_size).
     pub chunks: Vec<(u32, u64)>,
-    /// Per chunk: bytes received so far; data must arrive in order, without gaps or overlap.
-    pub received: Vec<u64>,
+    /// Per chunk: which of its bytes were admitted. Segments may come in any order but never
+    /// overlap, so each byte of a page is written once.
+    pub received: Vec<Received>,
+}
+
+/// Which bytes of one chunk were admitted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes `[0, prefix)` were admitted without a gap: the receiver hashes them in order.
+    pub prefix: u64,
+    /// Chunk-relative ranges admitted beyond `prefix`: sorted, disjoint, none touching
+    /// another (adjacent ones are merged) nor the prefix (it absorbs them).
+    pub later: Vec<Range<u64>>,
+}
+
+/// A `Data` segment [`GrantCheck::admit`] accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    /// The PD-buffer bytes to read the payload into.
+    pub range: Range<u64>,
+    /// Whether the payload extends the chunk's gapless prefix: its bytes can be hashed as
+    /// they are read.
+    pub in_order: bool,
+    /// The PD-buffer range of segments that arrived early and join the prefix once this
+    /// payload has landed (adjacent early segments are one range): hashed right after it.
+    pub then_hash: Option<Range<u64>>,
 }
 
 impl GrantCheck {
     pub fn new(grant: u32, page_size: u64, chunks: Vec<(u32, u64)>) -> Self {
-        let received = vec![0; chunks.len()];
+        let received = vec![Received::default(); chunks.len()];
         GrantCheck {
             grant,
             page_size,
@@ -729,10 +757,13 @@ impl GrantCheck {
         }
     }
 
-    /// Accepts a data segment of `len` bytes and returns the byte range of the PD buffer it
-    /// may be written to: inside the chunk's granted page and its declared length, at the
-    /// next unwritten offset. Anything else is refused before a byte is read.
-    pub fn admit(&mut self, d: &DataHeader, len: u64) -> Result<std::ops::Range<u64>, String> {
+    /// Accepts a data segment of `len` bytes and says where in the PD buffer it may be
+    /// written: inside the chunk's granted page and its declared length, over no byte an
+    /// earlier segment was admitted for. Anything else is refused before a byte is read.
+    ///
+    /// The bytes count as received from here on: a payload that then fails to arrive fails
+    /// the connection, and with it the whole grant, so nothing reads this state again.
+    pub fn admit(&mut self, d: &DataHeader, len: u64) -> Result<Admitted, String> {
         if len == 0 {
             return Err("empty data segment".into());
         }
@@ -752,12 +783,6 @@ impl GrantCheck {
                 self.chunks.len()
             ));
         };
-        if d.offset != *received {
-            return Err(format!(
-                "chunk {} data at offset {}; expected the next byte {}",
-                d.chunk, d.offset, received
-            ));
-        }
         let end = d.offset.checked_add(len).filter(|e| *e <= chunk_len);
         let Some(end) = end else {
             return Err(format!(
@@ -765,16 +790,60 @@ impl GrantCheck {
                 d.chunk, len, d.offset, chunk_len
             ));
         };
-        *received = end;
+        let (in_order, joined) = received.insert(d.offset..end).map_err(|overlapped| {
+            format!(
+                "chunk {}: {} bytes at offset {} overlap its bytes {overlapped:?}, already received",
+                d.chunk, len, d.offset
+            )
+        })?;
         // chunk_len <= page_size was checked when the grant was made, so this stays in the
         // page; page < num_pages bounds it in the buffer.
         let base = u64::from(page) * self.page_size;
-        Ok(base + d.offset..base + end)
+        let in_buffer = |r: Range<u64>| base + r.start..base + r.end;
+        Ok(Admitted {
+            range: in_buffer(d.offset..end),
+            in_order,
+            then_hash: joined.map(in_buffer),
+        })
     }
 
     /// Whether chunk `i` received all its declared bytes.
     pub fn complete(&self, i: usize) -> bool {
-        matches!((self.chunks.get(i), self.received.get(i)), (Some((_, l)), Some(r)) if l == r)
+        matches!((self.chunks.get(i), self.received.get(i)), (Some((_, l)), Some(r)) if *l == r.prefix)
+    }
+}
+
+impl Received {
+    /// Records the non-empty `segment`. Returns whether it extends the prefix, and the early
+    /// range the prefix then absorbs; or the received range it overlaps.
+    fn insert(&mut self, segment: Range<u64>) -> Result<(bool, Option<Range<u64>>), Range<u64>> {
+        if segment.start < self.prefix {
+            return Err(0..self.prefix);
+        }
+        // Sorted and disjoint: only the first range ending after the segment starts can
+        // overlap it, and it is where the segment goes.
+        let at = self.later.partition_point(|r| r.end <= segment.start);
+        if let Some(next) = self.later.get(at).filter(|r| r.start < segment.end) {
+            return Err(next.clone());
+        }
+        let joins_next = self.later.get(at).is_some_and(|r| r.start == segment.end);
+        if segment.start == self.prefix {
+            // Early ranges never touch one another, so at most the first one joins.
+            let joined = joins_next.then(|| self.later.remove(0));
+            self.prefix = joined.as_ref().map_or(segment.end, |r| r.end);
+            return Ok((true, joined));
+        }
+        let joins_previous = at > 0 && self.later[at - 1].end == segment.start;
+        match (joins_previous, joins_next) {
+            (true, true) => {
+                let next = self.later.remove(at);
+                self.later[at - 1].end = next.end;
+            }
+            (true, false) => self.later[at - 1].end = segment.end,
+            (false, true) => self.later[at].start = segment.start,
+            (false, false) => self.later.insert(at, segment),
+        }
+        Ok((false, None))
     }
 }
 
@@ -1078,6 +1147,138 @@ mod tests {
         let mut bytes = data_prefix(&d, 4).to_vec();
         bytes.extend_from_slice(b"abcd");
         assert_eq!(decode(&bytes, 0), Ok(Frame::Data(d, &b"abcd"[..])));
+    }
+
+    /// A grant of two 100-byte chunks in pages 2 and 0 of 128 bytes.
+    fn two_chunk_grant() -> GrantCheck {
+        GrantCheck::new(5, 128, vec![(2, 100), (0, 100)])
+    }
+
+    fn data(chunk: u32, offset: u64) -> DataHeader {
+        DataHeader {
+            grant: 5,
+            chunk,
+            offset,
+        }
+    }
+
+    #[test]
+    fn early_segments_are_hashed_once_the_gap_before_them_fills() {
+        let mut check = two_chunk_grant();
+        let base = 256;
+        let early = |range: Range<u64>| Admitted {
+            range,
+            in_order: false,
+            then_hash: None,
+        };
+        // The second half as two pieces, the later one first, then a piece after a gap.
+        assert_eq!(
+            check.admit(&data(0, 75), 10),
+            Ok(early(base + 75..base + 85))
+        );
+        assert_eq!(
+            check.admit(&data(0, 50), 25),
+            Ok(early(base + 50..base + 75))
+        );
+        assert_eq!(
+            check.admit(&data(0, 90), 10),
+            Ok(early(base + 90..base + 100))
+        );
+        assert_eq!(check.received[0].later, vec![50..85, 90..100]);
+        assert!(!check.complete(0));
+        // The first half joins the prefix to the early pieces after it, in chunk order.
+        assert_eq!(
+            check.admit(&data(0, 0), 50),
+            Ok(Admitted {
+                range: base..base + 50,
+                in_order: true,
+                then_hash: Some(base + 50..base + 85),
+            })
+        );
+        assert!(!check.complete(0));
+        assert_eq!(
+            check.admit(&data(0, 85), 5),
+            Ok(Admitted {
+                range: base + 85..base + 90,
+                in_order: true,
+                then_hash: Some(base + 90..base + 100),
+            })
+        );
+        assert!(check.complete(0));
+        assert_eq!(check.received[0].later, vec![]);
+    }
+
+    #[test]
+    fn a_segment_between_two_early_ones_merges_them() {
+        let mut check = two_chunk_grant();
+        for (offset, len) in [(10, 10), (40, 10), (20, 20)] {
+            assert!(!check.admit(&data(1, offset), len).unwrap().in_order);
+        }
+        assert_eq!(check.received[1].later, vec![10..50]);
+        assert_eq!(
+            check.admit(&data(1, 0), 10).unwrap().then_hash,
+            Some(10..50)
+        );
+        assert_eq!(check.received[1].prefix, 50);
+    }
+
+    #[test]
+    fn chunks_of_a_grant_interleave() {
+        let mut check = two_chunk_grant();
+        // Each "layer" sends its K slice (first half) and V slice (second half) of both
+        // chunks, V first.
+        for layer in 0..5u64 {
+            for chunk in [1, 0] {
+                let v = check.admit(&data(chunk, 50 + layer * 10), 10).unwrap();
+                assert!(!v.in_order);
+                let k = check.admit(&data(chunk, layer * 10), 10).unwrap();
+                assert!(k.in_order);
+                let joined = (layer == 4).then(|| {
+                    let base = u64::from(check.chunks[chunk as usize].0) * 128;
+                    base + 50..base + 100
+                });
+                assert_eq!(k.then_hash, joined, "chunk {chunk} layer {layer}");
+            }
+        }
+        assert!(check.complete(0) && check.complete(1));
+    }
+
+    #[test]
+    fn overlapping_and_out_of_bounds_segments_are_refused_by_name() {
+        let mut check = two_chunk_grant();
+        check.admit(&data(0, 0), 20).unwrap();
+        check.admit(&data(0, 40), 20).unwrap();
+        let before = check.received.clone();
+        for (d, len, error) in [
+            (data(0, 19), 2, "overlap its bytes 0..20"),
+            (data(0, 0), 1, "overlap its bytes 0..20"),
+            (data(0, 30), 11, "overlap its bytes 40..60"),
+            (data(0, 59), 30, "overlap its bytes 40..60"),
+            (data(0, 45), 5, "overlap its bytes 40..60"),
+            (data(0, 20), 80, "overlap its bytes 40..60"),
+            (data(0, 90), 11, "pass its declared length 100"),
+            (data(0, u64::MAX), 1, "pass its declared length 100"),
+            (data(2, 0), 1, "outside the grant's 2 chunks"),
+            (data(0, 20), 0, "empty data segment"),
+            (
+                DataHeader {
+                    grant: 6,
+                    ..data(0, 20)
+                },
+                1,
+                "grant 6 on a connection holding grant 5",
+            ),
+        ] {
+            let refused = check.admit(&d, len).unwrap_err();
+            assert!(refused.contains(error), "{d:?}+{len}: {refused}");
+        }
+        assert_eq!(check.received, before, "a refusal changes nothing");
+        // The gap between them is still free, exactly.
+        assert_eq!(
+            check.admit(&data(0, 20), 20).unwrap().then_hash,
+            Some(296..316)
+        );
+        assert!(!check.complete(0));
     }
 
     #[test]

@@ -642,8 +642,6 @@ impl Inner {
                 Landed::InPage => None,
             };
             let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
-            // tcp: the chunk whose data is arriving.
-            let mut open: Option<u32> = None;
             loop {
                 if Instant::now() > deadline {
                     return Err(TransferError::Protocol(format!(
@@ -655,24 +653,17 @@ impl Inner {
                         let Some(verifier) = &verifier else {
                             return Err(FrameError::Unexpected(MsgType::Data).into());
                         };
-                        let range = check
+                        let admitted = check
                             .admit(&d, u64::from(len))
                             .map_err(TransferError::Protocol)?;
-                        match open {
-                            Some(chunk) if chunk != d.chunk => {
-                                return Err(TransferError::Protocol(format!(
-                                    "data for chunk {} before chunk {chunk} was sealed",
-                                    d.chunk
-                                )))
-                            }
-                            _ => open = Some(d.chunk),
-                        }
-                        let (mut at, end) = (range.start as usize, range.end as usize);
+                        let (mut at, end) =
+                            (admitted.range.start as usize, admitted.range.end as usize);
                         while at < end {
                             // SAFETY: `admit` bounded the range to the declared length of a chunk
-                            // inside its granted page, and the grant gives this connection sole
-                            // use of that page until commit or abort; the verifier reads only
-                            // the bytes before `at`.
+                            // inside its granted page and to bytes no earlier segment was
+                            // admitted for; the grant gives this connection sole use of that page
+                            // until commit or abort. The verifier reads only bytes of earlier
+                            // segments and of this one before `at`.
                             let piece = unsafe {
                                 std::slice::from_raw_parts_mut(
                                     self.buffer.ptr_at(at),
@@ -690,11 +681,27 @@ impl Inner {
                                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                                 Err(e) => return Err(TransferError::io("reading chunk data", e)),
                             };
-                            // SAFETY: these bytes of the granted page are final: this thread
-                            // writes each byte of a chunk once, and the pages stay granted until
-                            // `receive`'s scope, which the verifier's thread runs in, has ended.
-                            unsafe { verifier.landed(d.chunk, piece.as_ptr(), n) };
+                            if admitted.in_order {
+                                // SAFETY: these bytes of the granted page are final: `admit`
+                                // lets each byte of a chunk be written once, and the pages stay
+                                // granted until `receive`'s scope, which the verifier's thread
+                                // runs in, has ended. They follow the chunk's bytes hashed so
+                                // far, as the payload extends the chunk's gapless prefix.
+                                unsafe { verifier.landed(d.chunk, piece.as_ptr(), n) };
+                            }
                             at += n;
+                        }
+                        if let Some(early) = admitted.then_hash {
+                            // SAFETY: segments that landed in earlier, completely read frames:
+                            // final for the same reasons, inside the granted page, and next in
+                            // the chunk after the payload just read.
+                            unsafe {
+                                verifier.landed(
+                                    d.chunk,
+                                    self.buffer.ptr_at(early.start as usize),
+                                    (early.end - early.start) as usize,
+                                )
+                            };
                         }
                     }
                     Ok(Incoming::Message(Message::Seal {
@@ -711,7 +718,7 @@ impl Inner {
                         }
                         verified[i] = Some(match &verifier {
                             Some(verifier) => {
-                                if open.take() != Some(chunk) || !check.complete(i) {
+                                if !check.complete(i) {
                                     return Err(TransferError::Protocol(format!(
                                         "Seal of chunk {chunk} before all its bytes arrived"
                                     )));

@@ -3,15 +3,20 @@
 //! verifying overlap instead of taking turns on one core; a small one is hashed in line, as
 //! starting the thread would cost more than it saves.
 //!
-//! The connection's thread reads a `Data` payload straight into the granted page and, after
-//! each `read`, hands the range that landed to the [`Verifier`]; at the chunk's `Seal` it
-//! hands over the sender's checksum. The ranges are hashed in order (still in the
-//! last-level cache: they landed microseconds ago) and compared at each seal;
-//! [`Verifier::finish`] returns every chunk's verdict at `Commit`, the only point where the
-//! receiver answers. Nothing is shown to the engine before then, so a verdict that arrives
-//! later than the seal changes nothing the sender or the engine sees.
+//! The connection's thread reads a `Data` payload straight into the granted page. While the
+//! payload extends its chunk's gapless prefix it hands each `read`'s range to the
+//! [`Verifier`] as it lands; a segment that arrived early (a prefiller sends each layer's
+//! slice of a chunk as soon as the layer is computed) waits in the page and is handed over
+//! once the bytes before it have been. So each chunk's ranges reach the verifier in chunk
+//! order, while the chunks of a request interleave: one hasher per chunk is open until its
+//! `Seal`, which hands over the sender's checksum. The ranges are hashed in order (those
+//! that extend the prefix still in the last-level cache: they landed microseconds ago) and
+//! compared at each seal; [`Verifier::finish`] returns every chunk's verdict at `Commit`, the
+//! only point where the receiver answers. Nothing is shown to the engine before then, so a
+//! verdict that arrives later than the seal changes nothing the sender or the engine sees.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::thread::{Scope, ScopedJoinHandle};
@@ -83,12 +88,13 @@ impl<'scope> Verifier<'scope> {
         }
     }
 
-    /// Queues `len` bytes at `start`, the next bytes of chunk `chunk`, for hashing.
+    /// Queues `len` bytes at `start`, the next bytes of chunk `chunk`, for hashing. Calls
+    /// for different chunks may interleave.
     ///
     /// # Safety
     /// The bytes must be valid for reads, written by no one from this call until the end of
     /// the scope the verifier was made in, and follow the previous bytes queued for `chunk`
-    /// in the chunk.
+    /// in the chunk (the first ones queued for it start the chunk).
     pub(crate) unsafe fn landed(&self, chunk: u32, start: *const u8, len: usize) {
         if let Some(start) = NonNull::new(start.cast_mut()) {
             self.submit(Job::Bytes {
@@ -122,7 +128,8 @@ impl<'scope> Verifier<'scope> {
 pub(crate) struct Hashing {
     request: String,
     verdicts: Vec<Option<bool>>,
-    open: Option<(u32, ChunkHasher)>,
+    /// The chunks with bytes queued and no seal yet: as many as the sender interleaves.
+    open: HashMap<u32, ChunkHasher>,
 }
 
 impl Hashing {
@@ -130,28 +137,24 @@ impl Hashing {
         Hashing {
             request: request.to_string(),
             verdicts: vec![None; chunks],
-            open: None,
+            open: HashMap::new(),
         }
     }
 
     fn apply(&mut self, job: Job) {
         match job {
             Job::Bytes { chunk, bytes } => {
-                let hasher = match &mut self.open {
-                    Some((c, hasher)) if *c == chunk => hasher,
-                    open => &mut open.insert((chunk, ChunkHasher::new())).1,
-                };
                 // SAFETY: `Verifier::landed`'s contract: valid, and written by no one until
                 // the scope, which outlives this hashing, ends.
-                hasher
-                    .update(unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) });
+                let bytes = unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) };
+                self.open.entry(chunk).or_default().update(bytes);
             }
             Job::Seal { chunk, checksum } => {
-                // The connection's thread seals only the chunk whose bytes it queued last.
+                // The connection's thread seals a chunk only once all its bytes were queued.
                 let matched = self
                     .open
-                    .take()
-                    .is_some_and(|(c, hasher)| c == chunk && hasher.digest() == checksum);
+                    .remove(&chunk)
+                    .is_some_and(|hasher| hasher.digest() == checksum);
                 if !matched {
                     tracing::warn!(request = self.request, chunk, "PD chunk checksum mismatch");
                 }
@@ -175,7 +178,7 @@ mod tests {
         bad[123_456] ^= 1;
         for beside in [true, false] {
             let verdicts = std::thread::scope(|scope| {
-                let verifier = Verifier::new(scope, "r", 3, beside).unwrap();
+                let verifier = Verifier::new(scope, "r", 4, beside).unwrap();
                 for (chunk, bytes) in [(0u32, &good), (1, &bad)] {
                     for piece in bytes.chunks(70_001) {
                         // SAFETY: `good` and `bad` outlive the scope and are not written in it.
@@ -183,13 +186,37 @@ mod tests {
                     }
                     verifier.seal(chunk, checksum(&good));
                 }
+                // Chunks 2 (good) and 3 (bad) interleave, piece by piece, as when a
+                // prefiller sends each layer's slice of both as the layer is done.
+                for (g, b) in good.chunks(50_000).zip(bad.chunks(50_000)) {
+                    // SAFETY: as above.
+                    unsafe {
+                        verifier.landed(2, g.as_ptr(), g.len());
+                        verifier.landed(3, b.as_ptr(), b.len());
+                    }
+                }
+                verifier.seal(3, checksum(&good));
+                verifier.seal(2, checksum(&good));
                 verifier.finish().unwrap()
             });
             assert_eq!(
                 verdicts,
-                vec![Some(true), Some(false), None],
+                vec![Some(true), Some(false), Some(true), Some(false)],
                 "beside: {beside}"
             );
         }
+    }
+
+    #[test]
+    fn a_chunk_sealed_without_bytes_or_unsealed_is_not_verified() {
+        let data = [1u8; 64];
+        let verdicts = std::thread::scope(|scope| {
+            let verifier = Verifier::new(scope, "r", 3, false).unwrap();
+            // SAFETY: `data` outlives the scope and is not written in it.
+            unsafe { verifier.landed(1, data.as_ptr(), data.len()) };
+            verifier.seal(0, checksum(&[]));
+            verifier.finish().unwrap()
+        });
+        assert_eq!(verdicts, vec![Some(false), None, None]);
     }
 }
