@@ -90,6 +90,13 @@ pub(crate) trait KvBacking: Send {
 
     /// Copies `blocks` from the host copy into the cache (after the forward wrote them).
     fn flush(&self, host: &PagedKv, blocks: &[u32]) -> Result<(), EngineError>;
+
+    /// Whether the cache holds a layer's KV as soon as the forward computed it (the host
+    /// copy is the cache), so a connector may save it layer by layer; otherwise it holds it
+    /// only after the forward's [`KvBacking::flush`].
+    fn current_during_forward(&self) -> bool {
+        false
+    }
 }
 
 /// Host placement: the working copy is the cache, so there is nothing to keep in step.
@@ -110,6 +117,10 @@ impl KvBacking for HostBacking {
 
     fn flush(&self, _host: &PagedKv, _blocks: &[u32]) -> Result<(), EngineError> {
         Ok(())
+    }
+
+    fn current_during_forward(&self) -> bool {
+        true
     }
 }
 

@@ -211,14 +211,23 @@ pub struct Engine {
 }
 
 /// The connector hooks inside the forward pass, for every rank's worker.
-struct WorkerHooks<'a>(Vec<&'a mut kvrelay::connector::KvWorker>);
+struct WorkerHooks<'a> {
+    workers: Vec<&'a mut kvrelay::connector::KvWorker>,
+    /// Whether the caches hold each layer's KV when its hook runs (else the workers save
+    /// it all after the forward, from the flushed caches).
+    layers_current: bool,
+}
 
 impl LayerHooks for WorkerHooks<'_> {
     fn wait_for_layer_load(&mut self, layer: usize) {
-        self.0.iter_mut().for_each(|w| w.wait_for_layer_load(layer));
+        self.workers
+            .iter_mut()
+            .for_each(|w| w.wait_for_layer_load(layer));
     }
     fn save_kv_layer(&mut self, layer: usize) {
-        self.0.iter_mut().for_each(|w| w.save_kv_layer(layer));
+        if self.layers_current {
+            self.workers.iter_mut().for_each(|w| w.save_kv_layer(layer));
+        }
     }
 }
 
@@ -705,7 +714,11 @@ impl Engine {
             for (backing, kv) in backings.iter().zip(&kvs) {
                 backing.fetch(kv, &to_fetch)?;
             }
-            let mut hooks = WorkerHooks(workers);
+            let layers_current = backings.iter().all(|b| b.current_during_forward());
+            let mut hooks = WorkerHooks {
+                workers,
+                layers_current,
+            };
             let logits = if inputs.is_empty() {
                 Vec::new()
             } else {
@@ -718,7 +731,7 @@ impl Engine {
                 .try_for_each(|(backing, kv)| backing.flush(kv, &written));
             let mut invalid = HashSet::new();
             let mut saved = Ok(());
-            for worker in hooks.0 {
+            for worker in hooks.workers {
                 let rank_saved = if inputs.is_empty() || flushed.is_err() {
                     Ok(())
                 } else {

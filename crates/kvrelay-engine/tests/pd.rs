@@ -434,18 +434,22 @@ fn pd_with_two_tp_ranks_decodes_like_a_one_rank_colocated_run() {
 /// a colocated run.
 #[test]
 fn chunked_prefill_reserves_the_decoders_pages_at_its_first_step() {
-    for mode in ["sync", "async"] {
+    for (mode, channel) in [("sync", "tcp"), ("async", "tcp"), ("async", "shm")] {
+        let mode = format!("{mode} over {channel}");
         let (init, alloc) = (free_port(), free_port());
         let (proxy, notifications) = fake_proxy();
         let mut decoder = engine(
             "kv_consumer",
-            &pd_yaml("receiver", "tcp", init, alloc, proxy),
+            &pd_yaml("receiver", channel, init, alloc, proxy),
             config(),
         );
-        let sender_yaml = pd_yaml("sender", "tcp", init, alloc, proxy);
+        let sender_yaml = pd_yaml("sender", channel, init, alloc, proxy);
         let mut prefiller = engine(
             "kv_producer",
-            &format!("{sender_yaml}pd_backend_mode: {mode}\n"),
+            &format!(
+                "{sender_yaml}pd_backend_mode: {}\n",
+                mode.split(' ').next().unwrap()
+            ),
             config(),
         );
         // 100 tokens at 48 a step: three steps, the first saving one 32-token chunk.
@@ -489,6 +493,11 @@ fn chunked_prefill_reserves_the_decoders_pages_at_its_first_step() {
             Some(1),
             "{mode}: not sent on its reservation"
         );
+        // Each chunk the decoder looks up (three of 32 tokens, and tokens 96..99: its lookup
+        // leaves out the last token) went over layer by layer during the forward that
+        // computed it.
+        let layered = prefiller.connector().unwrap().worker.pd_layered_chunks();
+        assert_eq!(layered, Some(4), "{mode}");
         let ps = [prompt];
         let decode = decoder.generate(&ps, SamplingParams::greedy(5)).unwrap();
         assert_same(&decode, &colocated(&ps));

@@ -109,6 +109,29 @@ impl KvCacheSpec {
         self.kv_planes() * self.num_layers * tokens * self.row_bytes()
     }
 
+    /// Bytes of layers `layers` of `tokens` tokens in the chunk format: their slice of
+    /// each plane, as a piece of a chunk saved layer by layer holds them (see
+    /// [`KvCacheSpec::chunk_layer_ranges`]).
+    pub fn chunk_layers_bytes(&self, tokens: usize, layers: std::ops::Range<usize>) -> usize {
+        self.kv_planes() * layers.len() * tokens * self.row_bytes()
+    }
+
+    /// Where layers `layers` lie in a chunk of `tokens` tokens: one byte range per plane,
+    /// in plane order. A piece of a chunk gathered for those layers alone holds the same
+    /// planes back to back, so the piece's `p`-th range of this length is plane `p`'s.
+    pub fn chunk_layer_ranges(
+        &self,
+        tokens: usize,
+        layers: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let plane_bytes = tokens * self.row_bytes();
+        let num_layers = self.num_layers;
+        (0..self.kv_planes()).map(move |plane| {
+            let first = plane * num_layers;
+            (first + layers.start) * plane_bytes..(first + layers.end) * plane_bytes
+        })
+    }
+
     /// Names what makes chunk bytes differ: element type, layer count, heads, head size and
     /// attention kind. Chunks are stored in the layout-independent chunk format, so engines
     /// with different paged layouts or block sizes can share them; engines whose

@@ -171,6 +171,11 @@ pub enum PlanError {
     },
     #[error("chunk window {index} is invalid: {reason}")]
     BadWindow { index: usize, reason: String },
+    #[error("layers {layers:?} are not a non-empty range of the cache's {num_layers} layers")]
+    BadLayers {
+        layers: Range<usize>,
+        num_layers: usize,
+    },
     #[error("layouts hold different KV geometry (layers, heads, head size, dtype or attention kind): {src:?} vs {dst:?}")]
     GeometryMismatch {
         src: Box<KvCacheSpec>,
@@ -476,7 +481,26 @@ pub fn paged_to_chunks(
     block_ids: &[u32],
     windows: &[ChunkWindow],
 ) -> Result<CopyPlan, PlanError> {
+    paged_to_chunk_layers(layout, block_ids, windows, 0..layout.spec().num_layers)
+}
+
+/// Like [`paged_to_chunks`] for the layers in `layers` only: one buffer per window holding
+/// each plane's rows of those layers back to back (for all layers, the chunk itself; for
+/// one layer, the piece a layer-by-layer save sends as soon as the layer is computed, see
+/// [`KvCacheSpec::chunk_layer_ranges`](crate::layout::KvCacheSpec::chunk_layer_ranges)).
+pub fn paged_to_chunk_layers(
+    layout: &KvLayout,
+    block_ids: &[u32],
+    windows: &[ChunkWindow],
+    layers: Range<usize>,
+) -> Result<CopyPlan, PlanError> {
     let spec = layout.spec();
+    if layers.is_empty() || layers.end > spec.num_layers {
+        return Err(PlanError::BadLayers {
+            layers,
+            num_layers: spec.num_layers,
+        });
+    }
     let mut last_token = 0;
     for (index, w) in windows.iter().enumerate() {
         let bad = |reason: String| PlanError::BadWindow { index, reason };
@@ -504,12 +528,12 @@ pub fn paged_to_chunks(
         .iter()
         .map(|w| (w.tokens - w.skip_leading).div_ceil(spec.block_size) + 1)
         .sum();
-    let planes_layers = spec.kv_planes() * spec.num_layers;
+    let planes_layers = spec.kv_planes() * layers.len();
     let mut plan = PlanBuilder::new(layout.num_buffers(), windows.len(), pieces * planes_layers);
     for (chunk, w) in windows.iter().enumerate() {
         for plane in 0..spec.kv_planes() {
-            for layer in 0..spec.num_layers {
-                let first_row = (plane * spec.num_layers + layer) * w.tokens;
+            for layer in layers.clone() {
+                let first_row = (plane * layers.len() + layer - layers.start) * w.tokens;
                 let tokens = w.start + w.skip_leading..w.start + w.tokens;
                 for (t, rows) in block_pieces(&[&table], tokens) {
                     let (block, slot) = table.slot(t);
@@ -801,6 +825,76 @@ pub(crate) mod tests {
         // Blocks 3 then 1 are not: two runs per (plane, layer).
         let plan = paged_to_chunks(&layout, &[3, 1], &[window(0, 8, 0)]).unwrap();
         assert_eq!(plan.runs().len(), 8);
+    }
+
+    /// Gathering a request in runs of layers, each piece's planes put where
+    /// `chunk_layer_ranges` says, makes the same chunks as gathering it whole.
+    #[test]
+    fn layer_pieces_make_the_whole_chunks() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11);
+        for case in 0..300 {
+            let (layout, blocks, windows) = random_request(&mut rng);
+            let spec = *layout.spec();
+            let whole = paged_to_chunks(&layout, &blocks, &windows).unwrap();
+            let paged: Vec<Vec<u8>> = (0..layout.num_buffers())
+                .map(|b| {
+                    (0..layout.buffer_bytes())
+                        .map(|i| (i * 31 + b) as u8)
+                        .collect()
+                })
+                .collect();
+            let src: Vec<&[u8]> = paged.iter().map(|b| &b[..]).collect();
+            let mut expected: Vec<Vec<u8>> = windows
+                .iter()
+                .map(|w| vec![0; spec.chunk_bytes(w.tokens)])
+                .collect();
+            let mut dst: Vec<&mut [u8]> = expected.iter_mut().map(|b| &mut b[..]).collect();
+            whole.execute(&src, &mut dst).unwrap();
+            let mut assembled: Vec<Vec<u8>> = windows
+                .iter()
+                .map(|w| vec![0; spec.chunk_bytes(w.tokens)])
+                .collect();
+            // The layers in runs cut at random, as a save does that sends each layer it saw
+            // computed and the rest at the end.
+            let mut cuts: Vec<usize> = (1..spec.num_layers).filter(|_| rng.gen_bool(0.5)).collect();
+            cuts.push(spec.num_layers);
+            let mut first = 0;
+            for end in cuts {
+                let layers = first..end;
+                first = end;
+                let plan = paged_to_chunk_layers(&layout, &blocks, &windows, layers.clone());
+                let plan = plan.unwrap();
+                let mut pieces: Vec<Vec<u8>> = windows
+                    .iter()
+                    .map(|w| vec![0; spec.chunk_layers_bytes(w.tokens, layers.clone())])
+                    .collect();
+                let mut dst: Vec<&mut [u8]> = pieces.iter_mut().map(|b| &mut b[..]).collect();
+                plan.execute(&src, &mut dst).unwrap();
+                for ((chunk, piece), w) in assembled.iter_mut().zip(&pieces).zip(&windows) {
+                    let ranges = spec.chunk_layer_ranges(w.tokens, layers.clone());
+                    let mut at = 0;
+                    for range in ranges {
+                        let len = range.len();
+                        chunk[range].copy_from_slice(&piece[at..at + len]);
+                        at += len;
+                    }
+                    assert_eq!(at, piece.len());
+                }
+            }
+            assert_eq!(
+                assembled,
+                expected,
+                "case {case}: {} {spec:?} {windows:?}",
+                layout.kind()
+            );
+        }
+        let layout = layout(LayoutKind::FlashAttnNhd);
+        for layers in [0..0, 1..3, 2..3] {
+            assert!(matches!(
+                paged_to_chunk_layers(&layout, &[0], &[window(0, 4, 0)], layers),
+                Err(PlanError::BadLayers { num_layers: 2, .. })
+            ));
+        }
     }
 
     #[test]

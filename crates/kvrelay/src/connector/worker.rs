@@ -2,6 +2,7 @@
 //! forward and saves them after it.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::{ChunkTransfer, ConnectorError, ConnectorMetadata, RequestTransfer};
 use crate::device::{Device, DevicePage, EngineMemory, HostBuffer};
 use crate::layout::KvCacheSpec;
-use crate::plan::{paged_to_chunks, ChunkWindow};
+use crate::plan::{paged_to_chunk_layers, paged_to_chunks, ChunkWindow};
 use crate::store::{Chunk, ChunkMeta, TierStack};
 use crate::transfer::{PdSink, PdTarget};
 
@@ -131,6 +132,9 @@ pub struct KvWorker {
     loader: Option<Loader>,
     /// Where a PD prefiller's saves go instead of the tiers.
     pd_sink: Option<PdSink>,
+    /// Per request saved layer by layer in this step: the layers sent so far, from the
+    /// first (see [`KvWorker::save_kv_layer`]).
+    layers_sent: HashMap<String, usize>,
 }
 
 impl KvWorker {
@@ -147,6 +151,7 @@ impl KvWorker {
             per_request: HashMap::new(),
             loader: None,
             pd_sink: None,
+            layers_sent: HashMap::new(),
         }
     }
 
@@ -171,6 +176,7 @@ impl KvWorker {
 
     pub fn bind_connector_metadata(&mut self, metadata: ConnectorMetadata) {
         self.metadata = Some(metadata);
+        self.layers_sent.clear();
     }
 
     pub fn clear_connector_metadata(&mut self) {
@@ -194,8 +200,41 @@ impl KvWorker {
     /// nothing left to wait for; asynchronous ones are handed to the loader thread and
     /// reported by `get_finished`. A chunk that is missing or unusable ends its request's
     /// load: the blocks from there on are reported by `get_block_ids_with_load_errors`.
+    ///
+    /// A PD prefiller also reserves the decoder's pages here for a request whose chunked
+    /// prefill starts in this step, so its chunks can go over from this forward on.
     pub fn start_load_kv(&mut self) -> Result<(), ConnectorError> {
+        self.for_each_request(|r| !r.pd_plan.is_empty(), Self::reserve_pd)?;
         self.for_each_request(|r| !r.loads.is_empty(), Self::start_load)
+    }
+
+    /// Holds the decoder's pages for every chunk of `request` from its first step on, so
+    /// each chunk goes over in the step that computed it. A failed reserve is logged: the
+    /// request's chunks then go over at the prompt's end.
+    fn reserve_pd(&mut self, request: &RequestTransfer) -> Result<(), ConnectorError> {
+        let fingerprint = self.memory()?.layout().chunk_fingerprint();
+        let Some(sink) = self.pd_sink.as_mut() else {
+            return Ok(());
+        };
+        let chunks = request
+            .pd_plan
+            .iter()
+            .map(|c| {
+                let meta = ChunkMeta {
+                    layout_fingerprint: fingerprint,
+                    num_tokens: c.window.tokens as u32,
+                };
+                (c.key.clone(), meta, c.window.start + c.window.tokens)
+            })
+            .collect();
+        let reserved = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref())
+            .and_then(|t| {
+                sink.reserve(request.pd_request_id(), chunks, t, request.decoder_tokens())
+            });
+        if let Err(error) = reserved {
+            tracing::warn!(request = %request.request_id, %error, "reserving the decoder's pages failed; sending at the prompt's end");
+        }
+        Ok(())
     }
 
     /// Runs `work` on each selected request of the bound metadata, stopping at an error.
@@ -254,9 +293,65 @@ impl KvWorker {
     /// Blocks until `layer`'s KV is in the paged cache. Loads finish in `start_load_kv`.
     pub fn wait_for_layer_load(&mut self, _layer: usize) {}
 
-    /// Called after each layer's attention. Saves run for all layers in `wait_for_save`,
-    /// once the whole forward has written its KV.
-    pub fn save_kv_layer(&mut self, _layer: usize) {}
+    /// Called after each layer's attention, in layer order, once the layer's KV is in the
+    /// paged cache. A PD prefiller sends that layer of each reserved request's chunks now
+    /// (over a channel that moves pieces: tcp, shm), so that when the forward ends only the
+    /// last layers are left to go; `wait_for_save` sends what was not sent here (all of
+    /// it for an engine that never calls this hook) and seals. Other saves run in
+    /// `wait_for_save`.
+    pub fn save_kv_layer(&mut self, layer: usize) {
+        if self.pd_sink.is_none() {
+            return;
+        }
+        let sent = self.for_each_request(
+            |r| !r.saves.is_empty(),
+            |worker, request| {
+                let sink = worker.pd_sink.as_ref().expect("checked above");
+                let from = worker
+                    .layers_sent
+                    .get(&request.request_id)
+                    .copied()
+                    .unwrap_or(0);
+                if from != layer || !sink.takes_layers(request.pd_request_id()) {
+                    return Ok(());
+                }
+                worker.send_layers(request, layer..layer + 1)
+            },
+        );
+        if let Err(error) = sent {
+            tracing::warn!(layer, %error, "gathering a layer of PD KV failed; it goes with the forward's end");
+        }
+    }
+
+    /// Gathers layers `layers` of `request`'s chunks saved in this step and hands them to
+    /// the PD sink; counts them sent.
+    fn send_layers(
+        &mut self,
+        request: &RequestTransfer,
+        layers: Range<usize>,
+    ) -> Result<(), ConnectorError> {
+        let started = Instant::now();
+        let saves: Vec<&ChunkTransfer> = request.saves.iter().collect();
+        let pieces = self.gather(request, &saves, layers.clone())?;
+        let keys = saves.iter().map(|s| s.key.clone());
+        let sink = self
+            .pd_sink
+            .as_mut()
+            .expect("only a PD prefiller sends layers");
+        sink.add_layers(
+            request.pd_request_id(),
+            layers.clone(),
+            keys.zip(pieces).collect(),
+        );
+        self.layers_sent
+            .insert(request.request_id.clone(), layers.end);
+        let stats = ConnectorStats {
+            save_time: started.elapsed(),
+            ..ConnectorStats::default()
+        };
+        self.record(&request.request_id, &stats);
+        Ok(())
+    }
 
     /// Saves this step's chunks into every tier before the paged cache can be reused.
     pub fn wait_for_save(&mut self) -> Result<(), ConnectorError> {
@@ -282,24 +377,37 @@ impl KvWorker {
             layout_fingerprint: fingerprint,
             num_tokens: c.window.tokens as u32,
         };
-        if let (false, Some(sink)) = (request.pd_plan.is_empty(), self.pd_sink.as_mut()) {
-            // Chunked prefill's first step: hold the decoder's pages from now on, so each
-            // chunk goes over in the step that computed it.
-            let chunks = request
-                .pd_plan
-                .iter()
-                .map(|c| (c.key.clone(), meta(c), c.window.start + c.window.tokens))
-                .collect();
-            let reserved = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref())
-                .and_then(|t| {
-                    sink.reserve(request.pd_request_id(), chunks, t, request.decoder_tokens())
-                });
-            if let Err(error) = reserved {
-                tracing::warn!(request = %request.request_id, %error, "reserving the decoder's pages failed; sending at the prompt's end");
+        let num_layers = self.spec.num_layers;
+        let layers_sent = self
+            .layers_sent
+            .get(&request.request_id)
+            .copied()
+            .unwrap_or(0);
+        if layers_sent > 0 {
+            // Saved layer by layer: the layers the forward's hooks did not send go now, and
+            // each chunk is sealed.
+            if layers_sent < num_layers {
+                self.send_layers(request, layers_sent..num_layers)?;
+            }
+            let sink = self
+                .pd_sink
+                .as_mut()
+                .expect("only a PD prefiller sends layers");
+            for save in &saves {
+                stats.saved_chunks += 1;
+                stats.saved_bytes += self.spec.chunk_bytes(save.window.tokens);
+                let window_end = save.window.start + save.window.tokens;
+                sink.seal_layers(
+                    request.pd_request_id(),
+                    save.key.clone(),
+                    meta(save),
+                    window_end,
+                );
             }
         }
-        let staged = self.gather(request, &saves)?;
-        for (save, buffer) in saves.iter().zip(staged) {
+        let whole = if layers_sent > 0 { &[][..] } else { &saves[..] };
+        let staged = self.gather(request, whole, 0..num_layers)?;
+        for (save, buffer) in whole.iter().zip(staged) {
             let meta = meta(save);
             stats.saved_chunks += 1;
             stats.saved_bytes += buffer.len();
@@ -333,24 +441,31 @@ impl KvWorker {
         Ok(())
     }
 
-    /// Copies the chunks of `saves` out of the paged cache into staging buffers.
+    /// Copies layers `layers` of the chunks of `saves` out of the paged cache into staging
+    /// buffers (for all layers, the chunks themselves).
     fn gather(
         &self,
         request: &RequestTransfer,
         saves: &[&ChunkTransfer],
+        layers: Range<usize>,
     ) -> Result<Vec<HostBuffer>, ConnectorError> {
         if saves.is_empty() {
             return Ok(Vec::new());
         }
         let windows: Vec<ChunkWindow> = saves.iter().map(|s| s.window).collect();
         let memory = self.memory()?;
-        let plan = paged_to_chunks(memory.layout(), &request.block_ids, &windows)?;
+        let plan = paged_to_chunk_layers(
+            memory.layout(),
+            &request.block_ids,
+            &windows,
+            layers.clone(),
+        )?;
         // A PD prefiller gathers into the staging buffers of chunks it has already sent.
         let alloc = |len| self.device.alloc_staging(len);
         let mut staging = windows
             .iter()
             .map(|w| {
-                let len = self.spec.chunk_bytes(w.tokens);
+                let len = self.spec.chunk_layers_bytes(w.tokens, layers.clone());
                 match &self.pd_sink {
                     Some(sink) => sink.staging_buffer(len, alloc),
                     None => alloc(len),
@@ -406,6 +521,12 @@ impl KvWorker {
     /// step that computed it); `None` when this worker sends no PD KV.
     pub fn pd_reserved_sends(&self) -> Option<u64> {
         self.pd_sink.as_ref().map(PdSink::reserved_sends)
+    }
+
+    /// A PD prefiller's chunks that went to the decoder layer by layer, each layer as soon
+    /// as the forward computed it; `None` when this worker sends no PD KV.
+    pub fn pd_layered_chunks(&self) -> Option<u64> {
+        self.pd_sink.as_ref().map(PdSink::layered_chunks)
     }
 
     /// One request's transfers so far; the engine takes them when the request finishes.

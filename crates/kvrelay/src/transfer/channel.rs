@@ -77,8 +77,8 @@ pub trait Channel: Send {
     /// then.
     fn put(&mut self, dst: Put, src: &[u8]) -> Result<(), TransferError>;
 
-    /// Moves a whole chunk, starting at `dst` (offset 0 of the chunk), in puts of at most
-    /// [`MAX_PUT`] bytes.
+    /// Moves `src`, a chunk's bytes from `dst` on (the whole chunk from its offset 0, or a
+    /// piece of it), in puts of at most [`MAX_PUT`] bytes.
     fn put_chunk(&mut self, dst: Put, src: &[u8]) -> Result<(), TransferError> {
         for (k, piece) in src.chunks(MAX_PUT).enumerate() {
             let offset = (k * MAX_PUT) as u64;

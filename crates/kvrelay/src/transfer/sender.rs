@@ -195,6 +195,7 @@ impl PdSender {
                 Ok(PdTransfer {
                     request_id: request_id.to_string(),
                     link: Some(link),
+                    put_bytes: vec![0; chunks.len()],
                     sealed: vec![false; chunks.len()],
                     chunks,
                     granted,
@@ -280,15 +281,18 @@ pub struct ChunkPlan<'a> {
 }
 
 /// A request whose pages the receiver reserved (see [`PdSender::reserve`]): its chunks go
-/// over one by one, in any order, each exactly once, then [`PdTransfer::commit`]. Dropping
-/// it uncommitted closes its connection, and the receiver frees the pages and loads none
-/// of what arrived.
+/// over one by one, in any order, each exactly once, whole ([`PdTransfer::put`]) or in
+/// pieces sealed at the end ([`PdTransfer::put_piece`], [`PdTransfer::seal`]), then
+/// [`PdTransfer::commit`]. Dropping it uncommitted closes its connection, and the receiver
+/// frees the pages and loads none of what arrived.
 pub struct PdTransfer {
     request_id: String,
     /// `None` once a put failed on the wire: the connection is gone, and with it the
     /// receiver's reservation.
     link: Option<Link>,
     chunks: Vec<ChunkDecl>,
+    /// Per chunk: bytes put so far (pieces never overlap; the receiver refuses overlaps).
+    put_bytes: Vec<u64>,
     sealed: Vec<bool>,
     granted: Granted,
     bytes: u64,
@@ -304,37 +308,105 @@ impl PdTransfer {
         self.chunks.len()
     }
 
+    /// Tokens of chunk `index` as declared at reserve (0 past the declared chunks).
+    pub fn chunk_tokens(&self, index: usize) -> usize {
+        self.chunks
+            .get(index)
+            .map_or(0, |c| c.meta.num_tokens as usize)
+    }
+
+    /// Whether this transfer's channel moves a chunk in pieces put in any order, chunks
+    /// interleaved ([`PdTransfer::put_piece`]): tcp and shm. The NPU channels stage one
+    /// chunk at a time, in order, between fences, so they take whole chunks only.
+    pub fn takes_pieces(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| matches!(l.channel.kind(), ChannelKind::Tcp | ChannelKind::Shm))
+    }
+
     /// Moves chunk `index` into its reserved page and seals it. The chunk must be the one
     /// declared at that index (key, tokens, layout, and the bytes they take); a mismatch is
     /// [`TransferError::BadChunk`] and moves nothing, leaving the transfer usable. A
     /// failure on the wire ends the transfer (see [`TransferError::TransferBroken`]).
     pub fn put(&mut self, index: usize, chunk: &OutgoingChunk<'_>) -> Result<(), TransferError> {
-        let bad = |reason: String| bad_chunk(&self.request_id, index, reason);
-        let Some(decl) = self.chunks.get(index) else {
-            return Err(bad(format!(
-                "the request declared {} chunks",
-                self.chunks.len()
-            )));
-        };
-        if self.sealed[index] {
-            return Err(bad("already sent".into()));
-        }
+        let decl = self.open_chunk(index)?;
         if decl.key != *chunk.key || decl.meta != chunk.meta {
-            return Err(bad(format!(
+            let reason = format!(
                 "{} ({} tokens) is not the declared {} ({} tokens)",
                 chunk.key, chunk.meta.num_tokens, decl.key, decl.meta.num_tokens
-            )));
+            );
+            return Err(bad_chunk(&self.request_id, index, reason));
         }
         check_len(&self.request_id, index, chunk, decl.len as usize)?;
+        self.put_piece(index, 0, chunk.data)?;
+        self.seal(index, chunk.checksum)
+    }
+
+    /// Moves `bytes`, the chunk's bytes from `offset` on, into chunk `index`'s reserved
+    /// page, before the rest of the chunk exists (a layer's slice as soon as the layer is
+    /// computed). Pieces go in any order, each byte once; [`PdTransfer::seal`] follows the
+    /// last. A piece outside the declared length, or for a sealed chunk, is
+    /// [`TransferError::BadChunk`] and moves nothing; a channel that does not
+    /// [`take pieces`](PdTransfer::takes_pieces) refuses all but a whole chunk.
+    pub fn put_piece(
+        &mut self,
+        index: usize,
+        offset: usize,
+        bytes: &[u8],
+    ) -> Result<(), TransferError> {
+        let decl_len = self.open_chunk(index)?.len;
+        let end = offset as u64 + bytes.len() as u64;
+        if bytes.is_empty() || end > decl_len {
+            let reason = format!(
+                "{} bytes at offset {offset} do not fit its {decl_len} bytes",
+                bytes.len()
+            );
+            return Err(bad_chunk(&self.request_id, index, reason));
+        }
+        if !self.takes_pieces() && (offset != 0 || end != decl_len) {
+            let reason = "this channel moves whole chunks only".to_string();
+            return Err(bad_chunk(&self.request_id, index, reason));
+        }
         let (grant, page) = (self.granted.grant, self.granted.pages[index]);
-        let result = self.link()?.put(grant, index, page, chunk);
+        let result = self.link()?.put_piece(grant, index, page, offset, bytes);
+        if result.is_err() {
+            self.link = None;
+        }
+        result?;
+        self.put_bytes[index] += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Seals chunk `index` once all its bytes were put, with the `checksum` of the whole
+    /// chunk; the receiver verifies it against what landed.
+    pub fn seal(&mut self, index: usize, checksum: u64) -> Result<(), TransferError> {
+        let decl_len = self.open_chunk(index)?.len;
+        if self.put_bytes[index] != decl_len {
+            let reason = format!("{} of its {decl_len} bytes were put", self.put_bytes[index]);
+            return Err(bad_chunk(&self.request_id, index, reason));
+        }
+        let grant = self.granted.grant;
+        let result = self.link()?.seal(grant, index, checksum);
         if result.is_err() {
             self.link = None;
         }
         result?;
         self.sealed[index] = true;
-        self.bytes += chunk.data.len() as u64;
+        self.bytes += decl_len;
         Ok(())
+    }
+
+    /// The declaration of chunk `index`, unless there is none or it is sealed already.
+    fn open_chunk(&self, index: usize) -> Result<&ChunkDecl, TransferError> {
+        let bad = |reason: String| bad_chunk(&self.request_id, index, reason);
+        match (self.chunks.get(index), self.sealed.get(index)) {
+            (Some(_), Some(true)) => Err(bad("already sent".into())),
+            (Some(decl), _) => Ok(decl),
+            (None, _) => Err(bad(format!(
+                "the request declared {} chunks",
+                self.chunks.len()
+            ))),
+        }
     }
 
     /// Ends the request once every chunk was put: waits until the receiver verified them
@@ -616,29 +688,34 @@ impl Link {
             .map_err(|e| TransferError::io("setting socket timeouts", e))
     }
 
-    /// Moves chunk `index` into `page` and seals it. The receiver verifies the chunk
-    /// while the caller computes or moves the next one; it answers only at `Commit`.
-    fn put(
+    /// Moves `bytes`, chunk `index`'s bytes from `offset` on, into `page`. Nothing is
+    /// hashed here: the checksum comes with the seal, so moving bytes is all the sending
+    /// thread does.
+    fn put_piece(
         &mut self,
         grant: u32,
         index: usize,
         page: u32,
-        chunk: &OutgoingChunk<'_>,
+        offset: usize,
+        bytes: &[u8],
     ) -> Result<(), TransferError> {
-        // Nothing is hashed here: the checksum came with the chunk, so moving the bytes
-        // is all the sending thread does.
         let dst = Put {
             grant,
             chunk: index as u32,
-            chunk_offset: 0,
-            remote_offset: u64::from(page) * self.page_size as u64,
+            chunk_offset: offset as u64,
+            remote_offset: u64::from(page) * self.page_size as u64 + offset as u64,
         };
-        self.channel.put_chunk(dst, chunk.data)?;
+        self.channel.put_chunk(dst, bytes)
+    }
+
+    /// Waits until chunk `index`'s pieces landed and seals it. The receiver verifies the
+    /// chunk while the caller computes or moves the next one; it answers only at `Commit`.
+    fn seal(&mut self, grant: u32, index: usize, checksum: u64) -> Result<(), TransferError> {
         self.channel.fence()?;
         let seal = Message::Seal {
             grant,
             chunk: index as u32,
-            checksum: chunk.checksum,
+            checksum,
         };
         write(&mut self.stream, &seal.encode())
     }

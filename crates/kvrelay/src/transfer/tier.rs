@@ -3,13 +3,14 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::frame::checksum;
+use super::frame::{checksum, ChannelKind, ChunkHasher};
 use super::sender::notify_proxy;
 use super::{
     ChunkPlan, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, PdTransfer,
@@ -18,6 +19,7 @@ use super::{
 use crate::config::PdBackendMode;
 use crate::device::{DeviceError, HostBuffer, StagingPool};
 use crate::keys::CacheKey;
+use crate::layout::KvCacheSpec;
 use crate::store::{Chunk, ChunkMeta, RequestIdScope, StoreError, Tier, TierStats};
 
 /// The decoder's PD buffer in its tier list. A hit consumes the chunk: its page returns to
@@ -138,6 +140,9 @@ pub struct PdSink {
     /// Requests reserved and not yet flushed or forgotten: their chunks go to the sender
     /// as they are added.
     reserved: HashSet<String>,
+    /// Whether the channel moves a chunk in pieces (tcp, shm): reserved requests may then
+    /// be saved layer by layer.
+    takes_pieces: bool,
     sending: Sending,
     /// Staging buffers of sent (or forgotten) chunks, for the next gathers.
     staging: Arc<StagingPool<HostBuffer>>,
@@ -152,6 +157,8 @@ struct SinkCounters {
     /// Requests committed on their reservation: every chunk went over in the step that
     /// computed it, and the prompt's end only committed.
     reserved_sends: AtomicU64,
+    /// Chunks sealed after going over layer by layer, each layer as the forward computed it.
+    layered_chunks: AtomicU64,
 }
 
 enum Sending {
@@ -168,6 +175,16 @@ enum Job {
     Put {
         request_id: String,
         chunk: GatheredChunk,
+    },
+    /// One run of layers of a reserved request's chunks saved in this step.
+    Layers {
+        request_id: String,
+        pieces: Vec<(CacheKey, LayerPiece)>,
+    },
+    /// A chunk saved layer by layer whose every layer was added.
+    Seal {
+        request_id: String,
+        chunk: SealedChunk,
     },
     Flush(SendJob),
     Forget(String),
@@ -190,6 +207,8 @@ struct Open {
     index: HashMap<CacheKey, usize>,
     /// Chunks added so far (put or not), held for a fallback send and then recycled.
     chunks: Vec<GatheredChunk>,
+    /// Pieces of chunks saved layer by layer, until their seal.
+    layers: HashMap<CacheKey, Vec<LayerPiece>>,
     put: usize,
 }
 
@@ -206,24 +225,125 @@ impl SendJob {
     /// Hands the job's staging buffers back for the next gathers.
     fn recycle(self, staging: &StagingPool<HostBuffer>) {
         for chunk in self.chunks {
-            staging.give_back(chunk.data);
+            chunk.data.recycle(staging);
         }
     }
 }
 
-/// A chunk waiting to be sent, with the checksum taken when it was gathered.
+/// A chunk waiting to be sent, with the checksum of its bytes.
 struct GatheredChunk {
     key: CacheKey,
     meta: ChunkMeta,
-    data: HostBuffer,
+    data: ChunkBytes,
     checksum: u64,
     /// The token after the chunk's last: what decides whether the decoder looks it up.
     window_end: usize,
 }
 
+/// A chunk saved layer by layer, at its seal: what [`GatheredChunk`] holds besides bytes.
+struct SealedChunk {
+    key: CacheKey,
+    meta: ChunkMeta,
+    window_end: usize,
+}
+
+/// A gathered chunk's bytes: whole, or, saved layer by layer, in pieces.
+enum ChunkBytes {
+    Whole(HostBuffer),
+    /// Pieces whose layer runs tile all layers, in layer order.
+    Layers(Vec<LayerPiece>),
+}
+
+/// Layers `layers` of one chunk: their slice of each plane, back to back (see
+/// [`KvCacheSpec::chunk_layer_ranges`]).
+pub struct LayerPiece {
+    pub layers: Range<usize>,
+    pub data: HostBuffer,
+}
+
+impl LayerPiece {
+    /// Each of the piece's plane slices with its place in a chunk of `tokens` tokens.
+    fn in_chunk<'a>(
+        &'a self,
+        spec: &KvCacheSpec,
+        tokens: usize,
+    ) -> impl Iterator<Item = (Range<usize>, &'a [u8])> + 'a {
+        let mut at = 0;
+        spec.chunk_layer_ranges(tokens, self.layers.clone())
+            .map(move |range| {
+                let bytes = &self.data[at..at + range.len()];
+                at += range.len();
+                (range, bytes)
+            })
+    }
+}
+
+impl ChunkBytes {
+    /// The checksum of the chunk the pieces make (`tokens` tokens), hashed in chunk order;
+    /// `None` when their layer runs do not tile the chunk's layers or their lengths are
+    /// not those runs' (a bug in the save: such a chunk is never sealed).
+    fn layered_checksum(pieces: &[LayerPiece], spec: &KvCacheSpec, tokens: usize) -> Option<u64> {
+        let mut next = 0;
+        for piece in pieces {
+            let fits = piece.data.len() == spec.chunk_layers_bytes(tokens, piece.layers.clone());
+            if piece.layers.start != next || piece.layers.is_empty() || !fits {
+                return None;
+            }
+            next = piece.layers.end;
+        }
+        if next != spec.num_layers {
+            return None;
+        }
+        let mut hasher = ChunkHasher::new();
+        for plane in 0..spec.kv_planes() {
+            for piece in pieces {
+                let (_, bytes) = piece.in_chunk(spec, tokens).nth(plane)?;
+                hasher.update(bytes);
+            }
+        }
+        Some(hasher.digest())
+    }
+
+    /// The chunk's bytes in one buffer, putting pieces together (only a fallback send of
+    /// a chunk saved layer by layer needs this).
+    fn whole(
+        &mut self,
+        spec: &KvCacheSpec,
+        tokens: usize,
+        staging: &StagingPool<HostBuffer>,
+    ) -> Result<&HostBuffer, DeviceError> {
+        if let ChunkBytes::Layers(pieces) = self {
+            let mut whole = staging.take_exact(spec.chunk_bytes(tokens), HostBuffer::zeroed)?;
+            for piece in pieces.iter() {
+                for (range, bytes) in piece.in_chunk(spec, tokens) {
+                    whole[range].copy_from_slice(bytes);
+                }
+            }
+            for piece in std::mem::take(pieces) {
+                staging.give_back(piece.data);
+            }
+            *self = ChunkBytes::Whole(whole);
+        }
+        match self {
+            ChunkBytes::Whole(whole) => Ok(whole),
+            ChunkBytes::Layers(_) => unreachable!("pieces were put together above"),
+        }
+    }
+
+    fn recycle(self, staging: &StagingPool<HostBuffer>) {
+        match self {
+            ChunkBytes::Whole(data) => staging.give_back(data),
+            ChunkBytes::Layers(pieces) => {
+                pieces.into_iter().for_each(|p| staging.give_back(p.data))
+            }
+        }
+    }
+}
+
 impl PdSink {
     pub fn new(config: PdConfig, rank: u32) -> Result<Self, TransferError> {
         let mode = config.backend_mode;
+        let takes_pieces = matches!(config.channel, ChannelKind::Tcp | ChannelKind::Shm);
         let counters = Arc::new(SinkCounters::default());
         // As many idle chunk buffers as the decoder's buffer has pages: one request's worth
         // at most (a larger one could never be admitted whole).
@@ -263,6 +383,7 @@ impl PdSink {
         Ok(PdSink {
             pending: HashMap::new(),
             reserved: HashSet::new(),
+            takes_pieces,
             sending,
             staging,
             counters,
@@ -337,7 +458,7 @@ impl PdSink {
             checksum: checksum(&data),
             key,
             meta,
-            data,
+            data: ChunkBytes::Whole(data),
             window_end,
         };
         if self.reserved.contains(request_id) {
@@ -354,6 +475,62 @@ impl PdSink {
             .entry(request_id.to_string())
             .or_default()
             .push(chunk);
+    }
+
+    /// Whether `request_id`'s chunks may be saved layer by layer ([`PdSink::add_layers`],
+    /// [`PdSink::seal_layers`]): it is reserved, and the channel moves chunks in pieces.
+    pub fn takes_layers(&self, request_id: &str) -> bool {
+        self.takes_pieces && self.reserved.contains(request_id)
+    }
+
+    /// Takes layers `layers` of the chunks of `request_id` saved in this step, one piece
+    /// per chunk (each plane's slice of those layers, back to back, as
+    /// [`paged_to_chunk_layers`](crate::plan::paged_to_chunk_layers) gathers them), as soon
+    /// as the forward computed them: they go to the decoder while the next layers compute.
+    /// Only for requests that [`take layers`](PdSink::takes_layers).
+    pub fn add_layers(
+        &mut self,
+        request_id: &str,
+        layers: Range<usize>,
+        pieces: Vec<(CacheKey, HostBuffer)>,
+    ) {
+        let pieces = pieces
+            .into_iter()
+            .map(|(key, data)| {
+                let layers = layers.clone();
+                (key, LayerPiece { layers, data })
+            })
+            .collect();
+        let job = Job::Layers {
+            request_id: request_id.to_string(),
+            pieces,
+        };
+        if let Err(error) = self.dispatch(job) {
+            tracing::warn!(request = request_id, %error, "handing PD layers to the sender failed");
+        }
+    }
+
+    /// Ends the layer-by-layer save of chunk `key` of `request_id` (window ending at
+    /// `window_end`), whose every layer was added: the sender seals it with the checksum of
+    /// the whole chunk.
+    pub fn seal_layers(
+        &mut self,
+        request_id: &str,
+        key: CacheKey,
+        meta: ChunkMeta,
+        window_end: usize,
+    ) {
+        let job = Job::Seal {
+            request_id: request_id.to_string(),
+            chunk: SealedChunk {
+                key,
+                meta,
+                window_end,
+            },
+        };
+        if let Err(error) = self.dispatch(job) {
+            tracing::warn!(request = request_id, %error, "handing a PD seal to the sender failed");
+        }
     }
 
     /// Sends what is held for `request_id` to `target`'s receiver of this rank, or to the
@@ -385,7 +562,7 @@ impl PdSink {
     /// reservation is given up, and the decoder frees its pages.
     pub fn forget(&mut self, request_id: &str) {
         for chunk in self.pending.remove(request_id).unwrap_or_default() {
-            self.staging.give_back(chunk.data);
+            chunk.data.recycle(&self.staging);
         }
         if self.reserved.remove(request_id) {
             if let Err(error) = self.dispatch(Job::Forget(request_id.to_string())) {
@@ -404,6 +581,12 @@ impl PdSink {
     /// chunk put in the step that computed it, committed at the prompt's end.
     pub fn reserved_sends(&self) -> u64 {
         self.counters.reserved_sends.load(Ordering::Relaxed)
+    }
+
+    /// Chunks that went to their reserved pages layer by layer, each layer as soon as the
+    /// forward computed it (see [`PdSink::add_layers`]).
+    pub fn layered_chunks(&self) -> u64 {
+        self.counters.layered_chunks.load(Ordering::Relaxed)
     }
 }
 
@@ -446,12 +629,7 @@ impl Links {
             Job::Reserve(r) => {
                 let open = self.reserve(&r).unwrap_or_else(|error| {
                     tracing::warn!(request = r.request_id, %error, "reserving the decoder's pages failed; sending at the prompt's end");
-                    Open {
-                        transfer: None,
-                        index: HashMap::new(),
-                        chunks: Vec::new(),
-                        put: 0,
-                    }
+                    Open::new(None, HashMap::new())
                 });
                 self.open.insert(r.request_id, open);
                 None
@@ -459,19 +637,31 @@ impl Links {
             Job::Put { request_id, chunk } => {
                 match self.open.get_mut(&request_id) {
                     Some(open) => open.put(&request_id, chunk),
-                    None => staging.give_back(chunk.data),
+                    None => chunk.data.recycle(staging),
+                }
+                None
+            }
+            Job::Layers { request_id, pieces } => {
+                match self.open.get_mut(&request_id) {
+                    Some(open) => open.put_layers(&request_id, pieces, &self.config.spec),
+                    None => pieces
+                        .into_iter()
+                        .for_each(|(_, p)| staging.give_back(p.data)),
+                }
+                None
+            }
+            Job::Seal { request_id, chunk } => {
+                if let Some(open) = self.open.get_mut(&request_id) {
+                    if open.seal(&request_id, chunk, &self.config.spec, staging) {
+                        self.counters.layered_chunks.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 None
             }
             Job::Forget(request_id) => {
                 // Dropping the transfer closes its connection: the decoder frees the pages.
-                for chunk in self
-                    .open
-                    .remove(&request_id)
-                    .into_iter()
-                    .flat_map(|o| o.chunks)
-                {
-                    staging.give_back(chunk.data);
+                if let Some(open) = self.open.remove(&request_id) {
+                    open.recycle(staging);
                 }
                 None
             }
@@ -479,16 +669,18 @@ impl Links {
                 let mut transfer = None;
                 if let Some(mut open) = self.open.remove(&job.request_id) {
                     open.chunks.append(&mut job.chunks);
-                    job.chunks = open.chunks;
+                    job.chunks = std::mem::take(&mut open.chunks);
                     let wanted = self.looked_up(&job).unwrap_or(usize::MAX);
                     // Every chunk the decoder looks up was reserved and put: commit.
                     transfer = open
                         .transfer
+                        .take()
                         .filter(|t| open.put == t.num_chunks() && open.put == wanted);
+                    open.recycle(staging);
                 }
                 let sent = match transfer {
                     Some(transfer) => self.commit(&job, transfer),
-                    None => self.send(&job),
+                    None => self.send(&mut job, staging),
                 };
                 let request = std::mem::take(&mut job.request_id);
                 job.recycle(staging);
@@ -512,16 +704,12 @@ impl Links {
             .map(|(key, meta, _)| ChunkPlan { key, meta: *meta })
             .collect();
         let transfer = sender.reserve(&r.request_id, &plans)?;
-        Ok(Open {
-            transfer: Some(transfer),
-            index: wanted
-                .iter()
-                .enumerate()
-                .map(|(i, (key, _, _))| (key.clone(), i))
-                .collect(),
-            chunks: Vec::new(),
-            put: 0,
-        })
+        let index = wanted
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _, _))| (key.clone(), i))
+            .collect();
+        Ok(Open::new(Some(transfer), index))
     }
 
     /// Commits a reserved request whose every chunk went over.
@@ -574,22 +762,41 @@ impl Links {
         Ok(wanted)
     }
 
-    fn send(&mut self, job: &SendJob) -> Result<SendStats, TransferError> {
-        let chunk_size = self.config.chunk_size;
+    fn send(
+        &mut self,
+        job: &mut SendJob,
+        staging: &StagingPool<HostBuffer>,
+    ) -> Result<SendStats, TransferError> {
+        let (chunk_size, spec) = (self.config.chunk_size, self.config.spec);
         let (sender, lookup_len) =
             self.link_and_lookup(&job.request_id, job.target.as_ref(), job.decoder_tokens)?;
-        let views: Vec<OutgoingChunk<'_>> = job
-            .chunks
-            .iter()
-            .filter(|c| decoder_looks_up(c.window_end, lookup_len, chunk_size))
-            .map(|c| OutgoingChunk {
-                key: &c.key,
-                meta: c.meta,
-                data: &c.data,
-                checksum: c.checksum,
-            })
-            .collect();
-        let skipped = job.chunks.len() - views.len();
+        let total = job.chunks.len();
+        let mut views = Vec::with_capacity(total);
+        for chunk in &mut job.chunks {
+            if !decoder_looks_up(chunk.window_end, lookup_len, chunk_size) {
+                continue;
+            }
+            let GatheredChunk {
+                key,
+                meta,
+                data,
+                checksum,
+                ..
+            } = chunk;
+            let data = data
+                .whole(&spec, meta.num_tokens as usize, staging)
+                .map_err(|e| {
+                    let error = std::io::Error::new(std::io::ErrorKind::OutOfMemory, e.to_string());
+                    TransferError::io("putting a chunk saved layer by layer together", error)
+                })?;
+            views.push(OutgoingChunk {
+                key,
+                meta: *meta,
+                data,
+                checksum: *checksum,
+            });
+        }
+        let skipped = total - views.len();
         let mut stats = if views.is_empty() {
             // Nothing the decoder would load: no pages to ask for, but the proxy still
             // waits to hear that this rank is done.
@@ -649,26 +856,112 @@ impl Links {
 }
 
 impl Open {
+    fn new(transfer: Option<PdTransfer>, index: HashMap<CacheKey, usize>) -> Self {
+        Open {
+            transfer,
+            index,
+            chunks: Vec::new(),
+            layers: HashMap::new(),
+            put: 0,
+        }
+    }
+
     /// Sends `chunk` into its reserved page when it is one the decoder looks up; holds it
     /// either way. A failed put gives up the reservation (the flush then sends whole).
     fn put(&mut self, request_id: &str, chunk: GatheredChunk) {
         if let (Some(transfer), Some(&index)) = (self.transfer.as_mut(), self.index.get(&chunk.key))
         {
-            let view = OutgoingChunk {
-                key: &chunk.key,
-                meta: chunk.meta,
-                data: &chunk.data,
-                checksum: chunk.checksum,
-            };
-            match transfer.put(index, &view) {
-                Ok(()) => self.put += 1,
-                Err(error) => {
-                    tracing::warn!(request = request_id, %error, "sending a PD chunk early failed; sending the request at the prompt's end");
-                    self.transfer = None;
+            if let ChunkBytes::Whole(data) = &chunk.data {
+                let view = OutgoingChunk {
+                    key: &chunk.key,
+                    meta: chunk.meta,
+                    data,
+                    checksum: chunk.checksum,
+                };
+                match transfer.put(index, &view) {
+                    Ok(()) => self.put += 1,
+                    Err(error) => self.give_up(request_id, &error),
                 }
             }
         }
         self.chunks.push(chunk);
+    }
+
+    /// Sends each piece of a run of layers into its chunk's reserved page when it is a
+    /// chunk the decoder looks up, and holds it until the chunk's seal either way.
+    fn put_layers(
+        &mut self,
+        request_id: &str,
+        pieces: Vec<(CacheKey, LayerPiece)>,
+        spec: &KvCacheSpec,
+    ) {
+        for (key, piece) in pieces {
+            if let (Some(transfer), Some(&index)) = (self.transfer.as_mut(), self.index.get(&key)) {
+                let tokens = transfer.chunk_tokens(index);
+                let sent = piece
+                    .in_chunk(spec, tokens)
+                    .try_for_each(|(range, bytes)| transfer.put_piece(index, range.start, bytes));
+                if let Err(error) = sent {
+                    self.give_up(request_id, &error);
+                }
+            }
+            self.layers.entry(key).or_default().push(piece);
+        }
+    }
+
+    /// Seals a chunk saved layer by layer with the checksum of its pieces, and holds them
+    /// for a fallback send; returns whether it was sealed in its reserved page. Pieces that
+    /// do not make the chunk are a bug in the save: the chunk is dropped (the decoder
+    /// recomputes it) and the reservation given up.
+    fn seal(
+        &mut self,
+        request_id: &str,
+        chunk: SealedChunk,
+        spec: &KvCacheSpec,
+        staging: &StagingPool<HostBuffer>,
+    ) -> bool {
+        let pieces = self.layers.remove(&chunk.key).unwrap_or_default();
+        let tokens = chunk.meta.num_tokens as usize;
+        let Some(checksum) = ChunkBytes::layered_checksum(&pieces, spec, tokens) else {
+            tracing::error!(request = request_id, key = %chunk.key, "the layers saved for a PD chunk do not make the chunk; it is not sent");
+            self.transfer = None;
+            ChunkBytes::Layers(pieces).recycle(staging);
+            return false;
+        };
+        let mut sealed = false;
+        if let (Some(transfer), Some(&index)) = (self.transfer.as_mut(), self.index.get(&chunk.key))
+        {
+            match transfer.seal(index, checksum) {
+                Ok(()) => sealed = true,
+                Err(error) => self.give_up(request_id, &error),
+            }
+        }
+        self.put += usize::from(sealed);
+        self.chunks.push(GatheredChunk {
+            key: chunk.key,
+            meta: chunk.meta,
+            data: ChunkBytes::Layers(pieces),
+            checksum,
+            window_end: chunk.window_end,
+        });
+        sealed
+    }
+
+    /// Drops the reservation after a failed put or seal: the flush then sends the held
+    /// chunks whole.
+    fn give_up(&mut self, request_id: &str, error: &TransferError) {
+        tracing::warn!(request = request_id, %error, "sending a PD chunk early failed; sending the request at the prompt's end");
+        self.transfer = None;
+    }
+
+    /// Hands every held buffer back for the next gathers.
+    fn recycle(self, staging: &StagingPool<HostBuffer>) {
+        for chunk in self.chunks {
+            chunk.data.recycle(staging);
+        }
+        for piece in self.layers.into_values().flatten() {
+            staging.give_back(piece.data);
+        }
     }
 }
 
