@@ -295,10 +295,11 @@ impl KvWorker {
 
     /// Called after each layer's attention, in layer order, once the layer's KV is in the
     /// paged cache. A PD prefiller sends that layer of each reserved request's chunks now
-    /// (over a channel that moves pieces: tcp, shm), so that when the forward ends only the
-    /// last layers are left to go; `wait_for_save` sends what was not sent here (all of
-    /// it for an engine that never calls this hook) and seals. Other saves run in
-    /// `wait_for_save`.
+    /// (over a channel that moves pieces: tcp, shm); after the last layer it seals them,
+    /// and at the prompt's end commits, so the decoder can have the whole KV before the
+    /// step's own tail (final norm, logits, sampling) is done. `wait_for_save` sends what
+    /// was not sent here (all of it for an engine that never calls this hook). Other saves
+    /// run in `wait_for_save`.
     pub fn save_kv_layer(&mut self, layer: usize) {
         if self.pd_sink.is_none() {
             return;
@@ -315,7 +316,11 @@ impl KvWorker {
                 if from != layer || !sink.takes_layers(request.pd_request_id()) {
                     return Ok(());
                 }
-                worker.send_layers(request, layer..layer + 1)
+                worker.send_layers(request, layer..layer + 1)?;
+                if layer + 1 == worker.spec.num_layers {
+                    worker.seal_layers(request)?;
+                }
+                Ok(())
             },
         );
         if let Err(error) = sent {
@@ -353,6 +358,49 @@ impl KvWorker {
         Ok(())
     }
 
+    /// Seals `request`'s chunks saved in this step once every layer of them went to the PD
+    /// sink, and at the prompt's end commits the request.
+    fn seal_layers(&mut self, request: &RequestTransfer) -> Result<(), ConnectorError> {
+        let fingerprint = self.memory()?.layout().chunk_fingerprint();
+        let sink = self
+            .pd_sink
+            .as_mut()
+            .expect("only a PD prefiller sends layers");
+        for save in &request.saves {
+            let meta = ChunkMeta {
+                layout_fingerprint: fingerprint,
+                num_tokens: save.window.tokens as u32,
+            };
+            let window_end = save.window.start + save.window.tokens;
+            sink.seal_layers(request.pd_request_id(), save.key.clone(), meta, window_end);
+        }
+        if request.flush_saves {
+            let stats = self.flush_pd(request);
+            self.record(&request.request_id, &stats);
+        }
+        Ok(())
+    }
+
+    /// Sends (`sync`) or queues (`async`) what a PD prefiller holds for `request` at its
+    /// prompt's end; returns the send's figures.
+    fn flush_pd(&mut self, request: &RequestTransfer) -> ConnectorStats {
+        let mut stats = ConnectorStats::default();
+        let Some(sink) = self.pd_sink.as_mut() else {
+            return stats;
+        };
+        let target = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref());
+        let sent =
+            target.and_then(|t| sink.flush(request.pd_request_id(), t, request.decoder_tokens()));
+        match sent {
+            Ok(sent) => stats.pd_skipped_chunks = sent.map_or(0, |s| s.skipped_chunks),
+            Err(error) => {
+                tracing::warn!(request = %request.request_id, %error, "sending KV to the decoder failed; it will recompute");
+                stats.failed_sends += 1;
+            }
+        }
+        stats
+    }
+
     /// Saves this step's chunks into every tier before the paged cache can be reused.
     pub fn wait_for_save(&mut self) -> Result<(), ConnectorError> {
         self.for_each_request(|r| !r.saves.is_empty() || r.flush_saves, Self::save_request)
@@ -383,29 +431,21 @@ impl KvWorker {
             .get(&request.request_id)
             .copied()
             .unwrap_or(0);
-        if layers_sent > 0 {
-            // Saved layer by layer: the layers the forward's hooks did not send go now, and
-            // each chunk is sealed.
+        let whole: &[&ChunkTransfer] = if layers_sent > 0 {
+            // Saved layer by layer: the layers the forward's hooks did not send go now, then
+            // the seal (and commit) the last layer's hook would have made.
             if layers_sent < num_layers {
                 self.send_layers(request, layers_sent..num_layers)?;
+                self.seal_layers(request)?;
             }
-            let sink = self
-                .pd_sink
-                .as_mut()
-                .expect("only a PD prefiller sends layers");
             for save in &saves {
                 stats.saved_chunks += 1;
                 stats.saved_bytes += self.spec.chunk_bytes(save.window.tokens);
-                let window_end = save.window.start + save.window.tokens;
-                sink.seal_layers(
-                    request.pd_request_id(),
-                    save.key.clone(),
-                    meta(save),
-                    window_end,
-                );
             }
-        }
-        let whole = if layers_sent > 0 { &[][..] } else { &saves[..] };
+            &[]
+        } else {
+            &saves
+        };
         let staged = self.gather(request, whole, 0..num_layers)?;
         for (save, buffer) in whole.iter().zip(staged) {
             let meta = meta(save);
@@ -422,19 +462,8 @@ impl KvWorker {
                 None => self.tiers.put(&save.key, meta, &buffer)?,
             }
         }
-        if let (true, Some(sink)) = (request.flush_saves, self.pd_sink.as_mut()) {
-            let target = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref());
-            let sent = target
-                .and_then(|t| sink.flush(request.pd_request_id(), t, request.decoder_tokens()));
-            match sent {
-                Ok(sent) => {
-                    stats.pd_skipped_chunks = sent.map_or(0, |s| s.skipped_chunks);
-                }
-                Err(error) => {
-                    tracing::warn!(request = %request.request_id, %error, "sending KV to the decoder failed; it will recompute");
-                    stats.failed_sends += 1;
-                }
-            }
+        if request.flush_saves && layers_sent == 0 {
+            stats.add(&self.flush_pd(request));
         }
         stats.save_time = started.elapsed();
         self.record(&request.request_id, &stats);
