@@ -1683,3 +1683,146 @@ fn several_senders_share_one_receiver() {
     }
     assert_eq!(rx.occupancy().used_pages, 0);
 }
+
+impl Request {
+    /// Layers `layers` of chunk `i` as a layer-by-layer save gathers them: each plane's
+    /// slice of those layers, back to back.
+    fn layer_piece(&self, i: usize, layers: std::ops::Range<usize>) -> Vec<u8> {
+        let (_, meta, data) = &self.chunks[i];
+        spec()
+            .chunk_layer_ranges(meta.num_tokens as usize, layers)
+            .flat_map(|range| data[range].iter().copied())
+            .collect()
+    }
+}
+
+/// A reserved request whose chunks go over in pieces (each layer's slice of each plane,
+/// chunks interleaved, out of order) and are sealed with the whole chunk's checksum lands
+/// bit for bit; pieces that do not fit, a seal before every byte, and a piece after the
+/// seal are typed errors that leave the transfer usable.
+fn pieces_in_any_order(channel: &str) {
+    let rx = PdReceiver::bind(&config(channel, 8, "", None), 0).unwrap();
+    let mut tx = PdSender::connect(&config(channel, 8, "", None), peer(&rx), 0).unwrap();
+    let r = request("pieces", 3, true);
+    let mut transfer = r.reserve(&mut tx).unwrap();
+    assert!(transfer.takes_pieces());
+    let bad_index = |res: Result<(), TransferError>| match res {
+        Err(TransferError::BadChunk { index, .. }) => index,
+        other => panic!("expected BadChunk, got {other:?}"),
+    };
+    let len = |i: usize| r.chunks[i].2.len();
+    assert_eq!(bad_index(transfer.put_piece(1, len(1) - 4, &[0; 8])), 1);
+    assert_eq!(bad_index(transfer.put_piece(3, 0, &[0; 8])), 3);
+    assert_eq!(bad_index(transfer.seal(0, 0)), 0);
+    // The last layer first, the chunks interleaved: every plane's ranges go separately.
+    for layer in (0..spec().num_layers).rev() {
+        for i in [2, 0, 1] {
+            let tokens = r.chunks[i].1.num_tokens as usize;
+            for range in spec().chunk_layer_ranges(tokens, layer..layer + 1) {
+                transfer
+                    .put_piece(i, range.start, &r.chunks[i].2[range])
+                    .unwrap();
+            }
+        }
+    }
+    for (i, (_, _, data)) in r.chunks.iter().enumerate() {
+        transfer.seal(i, frame::checksum(data)).unwrap();
+    }
+    assert_eq!(bad_index(transfer.put_piece(0, 0, &[0; 8])), 0);
+    transfer.commit(&mut tx).unwrap();
+    r.consume_and_check(&rx);
+}
+
+#[test]
+fn tcp_pieces_of_chunks_land_in_any_order() {
+    pieces_in_any_order("tcp");
+}
+
+#[test]
+fn shm_pieces_of_chunks_land_in_any_order() {
+    pieces_in_any_order("shm");
+}
+
+/// A sink saving a reserved request layer by layer sends each layer as it is added and
+/// seals each chunk with the checksum of its pieces; the flush only commits, and the
+/// decoder loads exactly the request's bytes.
+#[test]
+fn a_sink_sends_a_reserved_request_layer_by_layer() {
+    let (proxy, notes) = fake_proxy(None);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let r = request("layers", 4, false);
+    assert!(!sink.takes_layers(&r.id), "not reserved yet");
+    sink.reserve(&r.id, plan(&r), Some(target.clone()), r.tokens())
+        .unwrap();
+    assert!(sink.takes_layers(&r.id));
+    add_layer_by_layer(&r, &mut sink);
+    let stats = sink
+        .flush(&r.id, Some(target), r.tokens())
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.skipped_chunks), (3, 1));
+    assert_eq!((sink.layered_chunks(), sink.reserved_sends()), (3, 1));
+    let note = notes.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(note.unwrap().failure, None);
+    let looked_up = Request {
+        id: r.id.clone(),
+        chunks: r.chunks[..3].to_vec(),
+    };
+    looked_up.consume_and_check(&rx);
+}
+
+/// Hands `r`'s chunks to `sink` a layer at a time, then seals them.
+fn add_layer_by_layer(r: &Request, sink: &mut PdSink) {
+    for layer in 0..spec().num_layers {
+        let pieces = (0..r.chunks.len())
+            .map(|i| {
+                let piece = r.layer_piece(i, layer..layer + 1);
+                let mut staged = HostBuffer::zeroed(piece.len()).unwrap();
+                staged.copy_from_slice(&piece);
+                (r.chunks[i].0.clone(), staged)
+            })
+            .collect();
+        sink.add_layers(&r.id, layer..layer + 1, pieces);
+    }
+    let mut window_end = 0;
+    for (key, meta, _) in &r.chunks {
+        window_end += meta.num_tokens as usize;
+        sink.seal_layers(&r.id, key.clone(), *meta, window_end);
+    }
+}
+
+/// When the decoder could not reserve the pages at the first step, the chunks saved layer
+/// by layer are put together and sent whole at the flush, bit for bit.
+#[test]
+fn layers_of_a_request_whose_reserve_failed_go_whole_at_the_flush() {
+    let (proxy, notes) = fake_proxy(None);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    // Another request holds all 8 pages, so the reserve waits out its timeout.
+    let filler = request("filler", 8, false);
+    let mut other = PdSender::connect(&config("tcp", 8, "", None), peer(&rx), 0).unwrap();
+    filler.send(&mut other).unwrap();
+    let r = request("late", 4, true);
+    sink.reserve(&r.id, plan(&r), Some(target.clone()), r.tokens())
+        .unwrap();
+    add_layer_by_layer(&r, &mut sink);
+    filler.consume_and_check(&rx);
+    let stats = sink
+        .flush(&r.id, Some(target), r.tokens())
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.skipped_chunks), (3, 1));
+    assert_eq!((sink.layered_chunks(), sink.reserved_sends()), (0, 0));
+    assert_eq!(
+        notes
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .unwrap()
+            .failure,
+        None
+    );
+    let looked_up = Request {
+        id: r.id.clone(),
+        chunks: r.chunks[..3].to_vec(),
+    };
+    looked_up.consume_and_check(&rx);
+}

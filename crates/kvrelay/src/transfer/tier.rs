@@ -256,9 +256,9 @@ enum ChunkBytes {
 
 /// Layers `layers` of one chunk: their slice of each plane, back to back (see
 /// [`KvCacheSpec::chunk_layer_ranges`]).
-pub struct LayerPiece {
-    pub layers: Range<usize>,
-    pub data: HostBuffer,
+struct LayerPiece {
+    layers: Range<usize>,
+    data: HostBuffer,
 }
 
 impl LayerPiece {
