@@ -25,6 +25,9 @@ fn bench_pd_prints_its_figures_for_a_chunked_prefill() {
     }
     assert!(line["kv_ready_delay_ms"].is_number(), "{line}");
     assert!(line["goal_met"].is_boolean(), "{line}");
+    // The decoder looks up 1,023 tokens: three whole chunks and 255 tokens, each sent
+    // layer by layer in the step that computed it.
+    assert_eq!(line["layered_chunks"], 4, "{line}");
 
     let refused = Command::new(env!("CARGO_BIN_EXE_kvrelay"))
         .args(["bench", "pd", "--rounds", "0"])

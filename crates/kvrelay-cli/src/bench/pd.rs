@@ -6,7 +6,9 @@
 //! the same process gives the scale: the same prompt in one step, all of its KV sent after
 //! the step, whose delay is the whole transfer's time; one chunk's transfer time is that
 //! divided by the chunks (a one-chunk prompt's delay is lost in the step's own tail on the
-//! tiny model). The goal is an overlapped delay ≤ one chunk's transfer.
+//! tiny model). The goal is an overlapped delay ≤ one chunk's transfer. The prefiller
+//! sends each layer of a step's chunks as the forward computes it and commits after the
+//! last layer of the last step (`layered_chunks` counts the chunks that went so).
 //! Each pair first moves a one-chunk warm-up request, so no figure holds a handshake.
 //! After each run the decoder decodes the prompt and must load all of it but the last
 //! token and agree with the prefiller's first token.
@@ -63,8 +65,8 @@ pub fn run(args: PdArgs) -> Result<(), String> {
         return Err("--rounds and --prompt-tokens must be at least 1".into());
     }
     let n = args.prompt_tokens;
-    let overlapped = prefill(&args, n, args.max_num_batched_tokens)?;
-    let whole = prefill(&args, n, n)?;
+    let (overlapped, layered_chunks) = prefill(&args, n, args.max_num_batched_tokens)?;
+    let (whole, _) = prefill(&args, n, n)?;
     let round3 = |ms: f64| (ms * 1e3).round() / 1e3;
     let delay = |runs: &[Run]| round3(median(runs, |r| r.delay_ms));
     let (overlapped_ms, total_ms) = (delay(&overlapped), delay(&whole));
@@ -83,6 +85,7 @@ pub fn run(args: PdArgs) -> Result<(), String> {
             "prefill_steps": overlapped[0].steps,
             "prefill_compute_ms": round3(median(&overlapped, |r| r.compute.as_secs_f64() * 1e3)),
             "total_transfer_ms": total_ms,
+            "layered_chunks": layered_chunks,
             "one_chunk_transfer_ms": one_chunk_ms,
             "baseline_is": "one_chunk_transfer_ms = total_transfer_ms / chunks; total_transfer_ms: the KV-ready delay of the same prompt prefilled in one step (all its KV sent after that step)",
             "goal_met": overlapped_ms <= one_chunk_ms,
@@ -100,7 +103,8 @@ fn free_port() -> Result<u16, String> {
 
 /// A prefiller and a decoder of `tokens`-long prompts over fresh ports; `args.rounds`
 /// prompts prefilled with `budget` tokens per step, each timed, then decoded and checked.
-fn prefill(args: &PdArgs, tokens: usize, budget: usize) -> Result<Vec<Run>, String> {
+/// Also returns the prefiller's chunks that went over layer by layer.
+fn prefill(args: &PdArgs, tokens: usize, budget: usize) -> Result<(Vec<Run>, u64), String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("binding the proxy: {e}"))?;
     let proxy = listener.local_addr().map_err(|e| e.to_string())?.port();
@@ -164,9 +168,14 @@ fn prefill(args: &PdArgs, tokens: usize, budget: usize) -> Result<Vec<Run>, Stri
     decoder
         .generate(&[warm], SamplingParams::greedy(1))
         .map_err(|e| e.to_string())?;
-    (0..args.rounds)
+    let runs = (0..args.rounds)
         .map(|round| timed(&mut prefiller, &mut decoder, &notes, tokens, round))
-        .collect()
+        .collect::<Result<Vec<Run>, String>>()?;
+    let layered = prefiller
+        .connector()
+        .and_then(|c| c.worker.pd_layered_chunks())
+        .unwrap_or(0);
+    Ok((runs, layered))
 }
 
 /// One prompt prefilled, timed to its KV-ready notification, then decoded and checked.
