@@ -76,5 +76,5 @@ step "seed-004 1p1d: prefiller + decoder vLLM servers and kvrelay proxy, PD over
     --model "$WORK/one/tiny-llama" --work-dir "$WORK/pd" --port-offset "${KVRELAY_PD_PORT_OFFSET:-0}" >"$WORK/pd.json"
 "$PYTHON" -c 'import json, sys
 s = json.load(open(sys.argv[1]))
-print(json.dumps({k: s[k] for k in ("prompt_tokens", "equal_token_ids", "equal_text", "decoder_hit_tokens", "decoder_loaded_tokens", "decoder_logged_loaded_tokens", "prefiller_reserved_sends", "release", "problems")} | {"killed_decoder": {k: s["killed_decoder"][k] for k in ("status", "seconds")}}))' "$WORK/pd.json"
+print(json.dumps({k: s[k] for k in ("prompt_tokens", "equal_token_ids", "equal_text", "decoder_hit_tokens", "decoder_loaded_tokens", "decoder_logged_loaded_tokens", "prefiller_reserved_sends", "prefiller_layered_chunks", "release", "problems")} | {"killed_decoder": {k: s["killed_decoder"][k] for k in ("status", "seconds")}}))' "$WORK/pd.json"
 step "all vLLM tests passed"

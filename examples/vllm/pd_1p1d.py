@@ -22,6 +22,8 @@ kvrelay's background loader copies the KV from the PD buffer, and schedules it o
 The prefiller runs chunked prefill of one chunk a step (``--max-num-batched-tokens 256``),
 so its sender reserves the decoder's pages at the prompt's first step and sends each chunk
 in the step that computed it; its stats must count that request (``pd_reserved_sends``).
+From the second step on, vLLM's ``save_kv_layer`` hook sends each layer of the step's chunk
+as soon as the layer's attention wrote it (``pd_layered_chunks`` must count them).
 The plain server runs the same steps, so "equal to one engine" compares the same
 arithmetic.
 """
@@ -344,6 +346,7 @@ def run(args: argparse.Namespace) -> dict:
         "decoder_loaded_bytes": decoder_stats.get("loaded_bytes", 0),
         "decoder_logged_loaded_tokens": logged,
         "prefiller_reserved_sends": prefiller_stats.get("pd_reserved_sends", 0),
+        "prefiller_layered_chunks": prefiller_stats.get("pd_layered_chunks", 0),
         "release": release,
         "killed_decoder": {"status": killed_status, "seconds": round(killed_sec, 2), "body": killed_body},
     }
@@ -363,6 +366,13 @@ def run(args: argparse.Namespace) -> dict:
     if summary["prefiller_reserved_sends"] < 1:
         problems.append(
             f"the prefiller sent no request on a reservation (pd_reserved_sends {summary['prefiller_reserved_sends']}); its {pd['prompt_tokens']}-token prompt took several steps"
+        )
+    # The first step's chunk goes whole: vLLM runs start_load_kv, where the pages are
+    # reserved, after that step's layers. Later steps' whole chunks go layer by layer.
+    expected_layered = expected_hit // CHUNK_SIZE - 1
+    if summary["prefiller_layered_chunks"] != expected_layered:
+        problems.append(
+            f"the prefiller sent {summary['prefiller_layered_chunks']} chunks layer by layer (pd_layered_chunks); expected {expected_layered}"
         )
     if logged != expected_hit:
         problems.append(f"vLLM's KV Transfer metrics (get_kv_connector_stats) logged {logged} loaded tokens; expected {expected_hit}")

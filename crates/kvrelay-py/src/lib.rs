@@ -364,6 +364,14 @@ impl WorkerConnector {
         Ok(worker.loads_in_background())
     }
 
+    /// After layer `layer`'s attention wrote its KV: a PD prefiller sends that layer of a
+    /// reserved request's chunks now (see `KvWorker::save_kv_layer`).
+    fn save_kv_layer(&mut self, py: Python<'_>, layer: usize) -> PyResult<()> {
+        let worker = self.worker()?;
+        py.allow_threads(|| worker.save_kv_layer(layer));
+        Ok(())
+    }
+
     /// Saves this step's chunks into every tier before vLLM may reuse the blocks.
     fn wait_for_save(&mut self, py: Python<'_>) -> PyResult<()> {
         let worker = self.worker()?;
@@ -399,6 +407,9 @@ impl WorkerConnector {
         stats.set_item("background_loader", background_loader)?;
         if let Some(sends) = worker.pd_reserved_sends() {
             stats.set_item("pd_reserved_sends", sends)?;
+        }
+        if let Some(chunks) = worker.pd_layered_chunks() {
+            stats.set_item("pd_layered_chunks", chunks)?;
         }
         // What the worker's tiers hold now (a PD decoder: its PD buffer's pages in use).
         let held: u64 = tiers.tiers().iter().map(|t| t.stats().bytes).sum();

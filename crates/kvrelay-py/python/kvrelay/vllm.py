@@ -193,6 +193,8 @@ class KvrelayConnector(KVConnectorBase_V1):
             self._worker = _native.WorkerConnector(engine, config_json)
         # The registered tensors: kept referenced while Rust holds their addresses.
         self._kv_caches: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] | None = None
+        # Each registered layer's index, in the order Rust registered the tensors.
+        self._layer_index: dict[str, int] = {}
         self._stats_file = os.environ.get(STATS_FILE_ENV)
         self._last_stats: dict[str, Any] | None = None
         # Whether Rust holds this step's metadata (a step with KV to move), and whether it
@@ -214,6 +216,7 @@ class KvrelayConnector(KVConnectorBase_V1):
         isa = self._cpu_attn_isa if any(t["backend"] == "CPU_ATTN" for t in tensors) else None
         self._worker.register_kv_caches(tensors, isa)
         self._kv_caches = kv_caches
+        self._layer_index = {name: i for i, name in enumerate(names)}
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -247,8 +250,12 @@ class KvrelayConnector(KVConnectorBase_V1):
         attn_metadata: Any,
         **kwargs: Any,
     ) -> None:
-        # Saves run for all layers in wait_for_save, once the forward wrote its KV.
-        return
+        # vLLM calls this after the layer's attention wrote its KV into the cache. A PD
+        # prefiller sends that layer of a reserved request's chunks now; other saves run
+        # for all layers in wait_for_save.
+        if self._bound:
+            assert self._worker is not None
+            self._worker.save_kv_layer(self._layer_index[layer_name])
 
     def wait_for_save(self) -> None:
         if self._bound:

@@ -15,7 +15,7 @@
 //! only point where the receiver answers. Nothing is shown to the engine before then, so a
 //! verdict that arrives later than the seal changes nothing the sender or the engine sees.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::mpsc;
@@ -42,10 +42,14 @@ pub(crate) enum Job {
 
 /// The hashing side of one request's chunks (see the module documentation).
 pub(crate) enum Verifier<'scope> {
-    /// Hashes on its own thread.
+    /// Hashes on its own thread, which reports each seal's verdict as it decides it.
     Beside {
         jobs: mpsc::Sender<Job>,
-        thread: ScopedJoinHandle<'scope, Vec<Option<bool>>>,
+        verdicts: mpsc::Receiver<(u32, bool)>,
+        /// Seals queued so far: the verdicts `finish` waits for.
+        sealed: Cell<usize>,
+        chunks: usize,
+        thread: ScopedJoinHandle<'scope, ()>,
     },
     /// Hashes on the connection's thread, as each range lands.
     InLine(Box<RefCell<Hashing>>),
@@ -65,26 +69,38 @@ impl<'scope> Verifier<'scope> {
             return Ok(Verifier::InLine(Box::new(RefCell::new(hashing))));
         }
         let (jobs, queue) = mpsc::channel::<Job>();
+        let (decided, verdicts) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("kvrelay-pd-verify".into())
             .spawn_scoped(scope, move || {
                 let mut hashing = hashing;
                 for job in queue {
-                    hashing.apply(job);
+                    if let Some(verdict) = hashing.apply(job) {
+                        // The receiving side stops listening only when it gave up.
+                        let _ = decided.send(verdict);
+                    }
                 }
-                hashing.verdicts
             })
             .map_err(|e| TransferError::io("spawning a PD verify thread", e))?;
-        Ok(Verifier::Beside { jobs, thread })
+        Ok(Verifier::Beside {
+            jobs,
+            verdicts,
+            sealed: Cell::new(0),
+            chunks,
+            thread,
+        })
     }
 
     fn submit(&self, job: Job) {
         match self {
             // A send fails only when the thread is gone (it panicked); `finish` reports it.
-            Verifier::Beside { jobs, .. } => {
+            Verifier::Beside { jobs, sealed, .. } => {
+                sealed.set(sealed.get() + usize::from(matches!(job, Job::Seal { .. })));
                 let _ = jobs.send(job);
             }
-            Verifier::InLine(hashing) => hashing.borrow_mut().apply(job),
+            Verifier::InLine(hashing) => {
+                hashing.borrow_mut().apply(job);
+            }
         }
     }
 
@@ -109,15 +125,35 @@ impl<'scope> Verifier<'scope> {
         self.submit(Job::Seal { chunk, checksum });
     }
 
-    /// Waits for every queued hash; returns, per chunk, whether it matched its seal's
-    /// checksum (`None` for a chunk never sealed).
+    /// Waits for every sealed chunk's verdict; returns, per chunk, whether it matched its
+    /// seal's checksum (`None` for a chunk never sealed). A verify thread is not waited for
+    /// beyond its last verdict: it ends on its own, and the scope it runs in joins it after
+    /// the receiver has answered.
     pub(crate) fn finish(self) -> Result<Vec<Option<bool>>, TransferError> {
         match self {
-            Verifier::Beside { jobs, thread } => {
+            Verifier::Beside {
+                jobs,
+                verdicts,
+                sealed,
+                chunks,
+                thread,
+            } => {
                 drop(jobs);
-                thread
-                    .join()
-                    .map_err(|_| TransferError::Protocol("the PD verify thread panicked".into()))
+                let mut out = vec![None; chunks];
+                for _ in 0..sealed.get() {
+                    let Ok((chunk, matched)) = verdicts.recv() else {
+                        // It stopped early: only a panic does; joined here so the scope
+                        // does not panic in turn.
+                        let _ = thread.join();
+                        return Err(TransferError::Protocol(
+                            "the PD verify thread panicked".into(),
+                        ));
+                    };
+                    if let Some(verdict) = out.get_mut(chunk as usize) {
+                        *verdict = Some(matched);
+                    }
+                }
+                Ok(out)
             }
             Verifier::InLine(hashing) => Ok(hashing.into_inner().verdicts),
         }
@@ -141,13 +177,15 @@ impl Hashing {
         }
     }
 
-    fn apply(&mut self, job: Job) {
+    /// Hashes landed bytes, or decides a seal's verdict and returns it.
+    fn apply(&mut self, job: Job) -> Option<(u32, bool)> {
         match job {
             Job::Bytes { chunk, bytes } => {
                 // SAFETY: `Verifier::landed`'s contract: valid, and written by no one until
                 // the scope, which outlives this hashing, ends.
                 let bytes = unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) };
                 self.open.entry(chunk).or_default().update(bytes);
+                None
             }
             Job::Seal { chunk, checksum } => {
                 // The connection's thread seals a chunk only once all its bytes were queued.
@@ -161,6 +199,7 @@ impl Hashing {
                 if let Some(verdict) = self.verdicts.get_mut(chunk as usize) {
                     *verdict = Some(matched);
                 }
+                Some((chunk, matched))
             }
         }
     }
