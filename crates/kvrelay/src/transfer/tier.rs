@@ -123,9 +123,11 @@ fn checked_fingerprint(
 /// sane deployment, but a stream of distinct targets must not pile up sockets).
 const MAX_LINKS: usize = 64;
 
-/// Requests an `async` sink may have queued for its sender thread; one more makes the
-/// save step wait, which bounds the staging memory held for sends.
-const SEND_QUEUE: usize = 8;
+/// Jobs an `async` sink may have queued for its sender thread, in steps' worth: a step
+/// hands over at most one job per layer (saved layer by layer) and a seal and a flush per
+/// request; one more job makes the save wait, which bounds the staging memory held for
+/// sends while leaving the sender several steps of slack.
+const SEND_QUEUE_STEPS: usize = 8;
 
 /// The prefiller's PD side, towards the receiver its proxy named or the configured peer,
 /// from the save step itself (`pd_backend_mode: sync`) or from a sender thread (`async`).
@@ -361,7 +363,8 @@ impl PdSink {
         let sending = match mode {
             PdBackendMode::Sync => Sending::Inline(Box::new(links)),
             PdBackendMode::Async => {
-                let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(SEND_QUEUE);
+                let queued = SEND_QUEUE_STEPS * (links.config.spec.num_layers + 2);
+                let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(queued);
                 let thread = std::thread::Builder::new()
                     .name(format!("kvrelay-pd-send-{rank}"))
                     .spawn(move || {
@@ -540,7 +543,7 @@ impl PdSink {
     /// to send, the proxy is told the KV is ready at once.
     ///
     /// `sync`: returns what the send did, or why it failed. `async`: queues the request
-    /// (waiting while [`SEND_QUEUE`] requests are ahead of it) and returns `None`; the
+    /// (waiting while [`SEND_QUEUE_STEPS`] steps' jobs are ahead of it) and returns `None`; the
     /// sender thread tells the proxy whether the KV arrived.
     pub fn flush(
         &mut self,
