@@ -220,11 +220,11 @@ impl KvWorker {
             .pd_plan
             .iter()
             .map(|c| {
-                let meta = ChunkMeta {
-                    layout_fingerprint: fingerprint,
-                    num_tokens: c.window.tokens as u32,
-                };
-                (c.key.clone(), meta, c.window.start + c.window.tokens)
+                (
+                    c.key.clone(),
+                    chunk_meta(fingerprint, c),
+                    c.window.start + c.window.tokens,
+                )
             })
             .collect();
         let reserved = PdTarget::from_kv_transfer_params(request.kv_transfer_params.as_ref())
@@ -316,10 +316,16 @@ impl KvWorker {
                 if from != layer || !sink.takes_layers(request.pd_request_id()) {
                     return Ok(());
                 }
+                let started = Instant::now();
                 worker.send_layers(request, layer..layer + 1)?;
                 if layer + 1 == worker.spec.num_layers {
                     worker.seal_layers(request)?;
                 }
+                let stats = ConnectorStats {
+                    save_time: started.elapsed(),
+                    ..ConnectorStats::default()
+                };
+                worker.record(&request.request_id, &stats);
                 Ok(())
             },
         );
@@ -335,7 +341,6 @@ impl KvWorker {
         request: &RequestTransfer,
         layers: Range<usize>,
     ) -> Result<(), ConnectorError> {
-        let started = Instant::now();
         let saves: Vec<&ChunkTransfer> = request.saves.iter().collect();
         let pieces = self.gather(request, &saves, layers.clone())?;
         let keys = saves.iter().map(|s| s.key.clone());
@@ -350,11 +355,6 @@ impl KvWorker {
         );
         self.layers_sent
             .insert(request.request_id.clone(), layers.end);
-        let stats = ConnectorStats {
-            save_time: started.elapsed(),
-            ..ConnectorStats::default()
-        };
-        self.record(&request.request_id, &stats);
         Ok(())
     }
 
@@ -367,11 +367,10 @@ impl KvWorker {
             .as_mut()
             .expect("only a PD prefiller sends layers");
         for save in &request.saves {
-            let meta = ChunkMeta {
-                layout_fingerprint: fingerprint,
-                num_tokens: save.window.tokens as u32,
-            };
-            let window_end = save.window.start + save.window.tokens;
+            let (meta, window_end) = (
+                chunk_meta(fingerprint, save),
+                save.window.start + save.window.tokens,
+            );
             sink.seal_layers(request.pd_request_id(), save.key.clone(), meta, window_end);
         }
         if request.flush_saves {
@@ -421,10 +420,7 @@ impl KvWorker {
             ..ConnectorStats::default()
         };
         let fingerprint = self.memory()?.layout().chunk_fingerprint();
-        let meta = |c: &ChunkTransfer| ChunkMeta {
-            layout_fingerprint: fingerprint,
-            num_tokens: c.window.tokens as u32,
-        };
+        let meta = |c: &ChunkTransfer| chunk_meta(fingerprint, c);
         let num_layers = self.spec.num_layers;
         let layers_sent = self
             .layers_sent
@@ -564,6 +560,14 @@ impl KvWorker {
             sink.forget(request_id);
         }
         self.per_request.remove(request_id).unwrap_or_default()
+    }
+}
+
+/// What a chunk saved from the paged cache of layout fingerprint `fingerprint` says of itself.
+fn chunk_meta(fingerprint: u64, chunk: &ChunkTransfer) -> ChunkMeta {
+    ChunkMeta {
+        layout_fingerprint: fingerprint,
+        num_tokens: chunk.window.tokens as u32,
     }
 }
 

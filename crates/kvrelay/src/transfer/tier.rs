@@ -429,6 +429,14 @@ impl PdSink {
         .map(drop)
     }
 
+    /// Hands `request_id`'s `job` to the sender, logging a sender that stopped: the
+    /// request's KV then never arrives, and the decoder recomputes it.
+    fn hand_over(&mut self, request_id: &str, job: Job) {
+        if let Err(error) = self.dispatch(job) {
+            tracing::warn!(request = request_id, %error, "the PD sender did not take a job");
+        }
+    }
+
     /// Hands the sender (inline or its thread) one job; a flush run inline returns what
     /// its send did.
     fn dispatch(&mut self, job: Job) -> Result<Option<SendStats>, TransferError> {
@@ -469,9 +477,7 @@ impl PdSink {
                 request_id: request_id.to_string(),
                 chunk,
             };
-            if let Err(error) = self.dispatch(put) {
-                tracing::warn!(request = request_id, %error, "handing a PD chunk to the sender failed");
-            }
+            self.hand_over(request_id, put);
             return;
         }
         self.pending
@@ -508,9 +514,7 @@ impl PdSink {
             request_id: request_id.to_string(),
             pieces,
         };
-        if let Err(error) = self.dispatch(job) {
-            tracing::warn!(request = request_id, %error, "handing PD layers to the sender failed");
-        }
+        self.hand_over(request_id, job);
     }
 
     /// Ends the layer-by-layer save of chunk `key` of `request_id` (window ending at
@@ -531,9 +535,7 @@ impl PdSink {
                 window_end,
             },
         };
-        if let Err(error) = self.dispatch(job) {
-            tracing::warn!(request = request_id, %error, "handing a PD seal to the sender failed");
-        }
+        self.hand_over(request_id, job);
     }
 
     /// Sends what is held for `request_id` to `target`'s receiver of this rank, or to the
@@ -568,9 +570,7 @@ impl PdSink {
             chunk.data.recycle(&self.staging);
         }
         if self.reserved.remove(request_id) {
-            if let Err(error) = self.dispatch(Job::Forget(request_id.to_string())) {
-                tracing::warn!(request = request_id, %error, "the PD sender could not drop a reservation");
-            }
+            self.hand_over(request_id, Job::Forget(request_id.to_string()));
         }
     }
 
