@@ -22,8 +22,8 @@ kvrelay's background loader copies the KV from the PD buffer, and schedules it o
 The prefiller runs chunked prefill of one chunk a step (``--max-num-batched-tokens 256``),
 so its sender reserves the decoder's pages at the prompt's first step and sends each chunk
 in the step that computed it; its stats must count that request (``pd_reserved_sends``).
-From the second step on, vLLM's ``save_kv_layer`` hook sends each layer of the step's chunk
-as soon as the layer's attention wrote it (``pd_layered_chunks`` must count them).
+vLLM's ``save_kv_layer`` hook sends each layer of the step's chunk as soon as the layer's
+attention wrote it (``pd_layered_chunks`` must count every chunk the decoder looks up).
 The plain server runs the same steps, so "equal to one engine" compares the same
 arithmetic.
 """
@@ -367,9 +367,8 @@ def run(args: argparse.Namespace) -> dict:
         problems.append(
             f"the prefiller sent no request on a reservation (pd_reserved_sends {summary['prefiller_reserved_sends']}); its {pd['prompt_tokens']}-token prompt took several steps"
         )
-    # The first step's chunk goes whole: vLLM runs start_load_kv, where the pages are
-    # reserved, after that step's layers. Later steps' whole chunks go layer by layer.
-    expected_layered = expected_hit // CHUNK_SIZE - 1
+    # The pages are reserved when the first step's metadata is bound, before its layers.
+    expected_layered = expected_hit // CHUNK_SIZE
     if summary["prefiller_layered_chunks"] != expected_layered:
         problems.append(
             f"the prefiller sent {summary['prefiller_layered_chunks']} chunks layer by layer (pd_layered_chunks); expected {expected_layered}"

@@ -174,9 +174,18 @@ impl KvWorker {
         Ok(())
     }
 
+    /// Takes this step's metadata. A PD prefiller reserves the decoder's pages here for a
+    /// request whose chunked prefill starts in this step, before the forward, so even its
+    /// first chunk can go over layer by layer (vLLM runs `start_load_kv` after the layers
+    /// on steps without synchronous loads).
     pub fn bind_connector_metadata(&mut self, metadata: ConnectorMetadata) {
         self.metadata = Some(metadata);
         self.layers_sent.clear();
+        if self.pd_sink.is_some() {
+            // reserve_pd logs its own failures; it errs only before registration, where no
+            // chunk can be saved either.
+            let _ = self.for_each_request(|r| !r.pd_plan.is_empty(), Self::reserve_pd);
+        }
     }
 
     pub fn clear_connector_metadata(&mut self) {
@@ -200,11 +209,7 @@ impl KvWorker {
     /// nothing left to wait for; asynchronous ones are handed to the loader thread and
     /// reported by `get_finished`. A chunk that is missing or unusable ends its request's
     /// load: the blocks from there on are reported by `get_block_ids_with_load_errors`.
-    ///
-    /// A PD prefiller also reserves the decoder's pages here for a request whose chunked
-    /// prefill starts in this step, so its chunks can go over from this forward on.
     pub fn start_load_kv(&mut self) -> Result<(), ConnectorError> {
-        self.for_each_request(|r| !r.pd_plan.is_empty(), Self::reserve_pd)?;
         self.for_each_request(|r| !r.loads.is_empty(), Self::start_load)
     }
 
