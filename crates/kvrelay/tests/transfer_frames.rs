@@ -6,8 +6,9 @@ use std::io::Cursor;
 use kvrelay::keys::{CacheKey, ChunkHasher, HashAlgorithm, KeyDerivation};
 use kvrelay::store::ChunkMeta;
 use kvrelay::transfer::frame::{
-    self, data_prefix, decode, read_frame, ChannelKind, ChunkDecl, DataHeader, ErrorCode, Frame,
-    FrameError, GrantCheck, Message, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY,
+    self, data_prefix, decode, num_segments, read_frame, ChannelKind, ChunkDecl, DataHeader,
+    ErrorCode, Frame, FrameError, GrantCheck, Message, CHECKSUM_SEGMENT, MAX_CONTROL_BODY,
+    MAX_HANDSHAKE_BODY,
 };
 use kvrelay::KvDtype;
 use proptest::prelude::*;
@@ -166,10 +167,10 @@ proptest! {
             .map(|&(page, len)| (page, len.min(page_size)))
             .collect();
         let mut check = GrantCheck::new(1, page_size, chunks.clone());
-        // Per chunk: which bytes were admitted, and how many of them in a row were handed
-        // to the hasher (in-order payloads, then what they joined).
+        // Per chunk: which bytes were admitted (and landed), and the checksum segments
+        // reported whole.
         let mut landed: Vec<Vec<bool>> = chunks.iter().map(|c| vec![false; c.1 as usize]).collect();
-        let mut hashed = vec![0u64; chunks.len()];
+        let mut whole: Vec<Vec<u32>> = vec![Vec::new(); chunks.len()];
         for (grant, chunk, offset, len) in frames {
             let d = DataHeader { grant, chunk, offset };
             let fits = grant == 1
@@ -189,25 +190,24 @@ proptest! {
             prop_assert!(free);
             let i = chunk as usize;
             let page_start = u64::from(chunks[i].0) * page_size;
-            prop_assert_eq!(admitted.range.clone(), page_start + offset..page_start + offset + len);
+            prop_assert_eq!(admitted, page_start + offset..page_start + offset + len);
             landed[i][offset as usize..(offset + len) as usize].fill(true);
-            // The hasher gets each chunk's bytes once, in order, and only bytes that landed.
-            prop_assert_eq!(admitted.in_order, offset == hashed[i]);
-            if admitted.in_order {
-                hashed[i] = offset + len;
-                if let Some(joined) = admitted.then_hash {
-                    prop_assert_eq!(joined.start, page_start + hashed[i]);
-                    hashed[i] = joined.end - page_start;
-                }
-                prop_assert!(landed[i][..hashed[i] as usize].iter().all(|b| *b));
-                prop_assert!(landed[i].get(hashed[i] as usize) != Some(&true), "a landed byte is left unhashed");
-            } else {
-                prop_assert_eq!(admitted.then_hash, None);
+            // A segment is reported once, when its last byte lands, with its own bytes.
+            let mut reported = Vec::new();
+            check.landed(chunk, offset..offset + len, |index, r| reported.push((index, r)));
+            for (index, r) in reported {
+                let start = u64::from(index) * CHECKSUM_SEGMENT as u64;
+                let end = (start + CHECKSUM_SEGMENT as u64).min(chunks[i].1);
+                prop_assert_eq!(r, page_start + start..page_start + end);
+                prop_assert!(landed[i][start as usize..end as usize].iter().all(|b| *b));
+                prop_assert!(!whole[i].contains(&index), "segment {} reported twice", index);
+                whole[i].push(index);
             }
         }
         for (i, &(_, len)) in chunks.iter().enumerate() {
-            prop_assert_eq!(check.complete(i), hashed[i] == len);
-            prop_assert_eq!(check.complete(i), landed[i].iter().all(|b| *b));
+            let all_landed = landed[i].iter().all(|b| *b);
+            prop_assert_eq!(check.complete(i), all_landed);
+            prop_assert_eq!(whole[i].len() == num_segments(len as usize), all_landed);
         }
     }
 }

@@ -1779,7 +1779,8 @@ fn add_layer_by_layer(r: &Request, sink: &mut PdSink) {
                 let piece = r.layer_piece(i, layer..layer + 1);
                 let mut staged = HostBuffer::zeroed(piece.len()).unwrap();
                 staged.copy_from_slice(&piece);
-                (r.chunks[i].0.clone(), staged)
+                let tokens = r.chunks[i].1.num_tokens as usize;
+                (r.chunks[i].0.clone(), tokens, staged)
             })
             .collect();
         sink.add_layers(&r.id, layer..layer + 1, pieces);

@@ -348,7 +348,7 @@ impl KvWorker {
     ) -> Result<(), ConnectorError> {
         let saves: Vec<&ChunkTransfer> = request.saves.iter().collect();
         let pieces = self.gather(request, &saves, layers.clone())?;
-        let keys = saves.iter().map(|s| s.key.clone());
+        let keys = saves.iter().map(|s| (s.key.clone(), s.window.tokens));
         let sink = self
             .pd_sink
             .as_mut()
@@ -356,7 +356,9 @@ impl KvWorker {
         sink.add_layers(
             request.pd_request_id(),
             layers.clone(),
-            keys.zip(pieces).collect(),
+            keys.zip(pieces)
+                .map(|((key, tokens), piece)| (key, tokens, piece))
+                .collect(),
         );
         self.layers_sent
             .insert(request.request_id.clone(), layers.end);

@@ -469,36 +469,34 @@ pub(crate) fn clip_message(text: &str) -> &str {
     &text[..end]
 }
 
-/// The checksum a `Seal` carries: xxh3-64 of the chunk's bytes. A sender computes it once,
-/// when it gathers the chunk out of its paged cache, so sending does not read the bytes
-/// twice; the receiver recomputes it over what landed.
+/// Bytes of one checksum segment. A chunk's checksum is made from its segments' digests,
+/// so a segment can be hashed as soon as all its bytes are there, in any order: a chunk
+/// sent layer by layer is hashed while it arrives, not after its last layer.
+pub const CHECKSUM_SEGMENT: usize = 64 << 10;
+
+/// Checksum segments of a chunk of `len` bytes (the last one may be shorter).
+pub fn num_segments(len: usize) -> usize {
+    len.div_ceil(CHECKSUM_SEGMENT)
+}
+
+/// The checksum a `Seal` carries: xxh3-64 of the little-endian xxh3-64 digests of the
+/// chunk's [`CHECKSUM_SEGMENT`]-byte segments, in order. A sender computes it once, when it
+/// gathers the chunk out of its paged cache (or as its layers are gathered), so sending
+/// does not read the bytes twice; the receiver recomputes it over what landed.
 pub fn checksum(data: &[u8]) -> u64 {
-    super::xxh3::checksum_uncached(data)
+    let digests: Vec<u64> = data.chunks(CHECKSUM_SEGMENT).map(segment_digest).collect();
+    combine_segments(&digests)
 }
 
-/// [`checksum`] of a chunk fed in pieces, e.g. each piece of a `Data` frame right after it
-/// is read, while it is still in cache.
-pub struct ChunkHasher(twox_hash::XxHash3_64);
-
-impl ChunkHasher {
-    pub fn new() -> Self {
-        ChunkHasher(twox_hash::XxHash3_64::new())
-    }
-
-    pub fn update(&mut self, bytes: &[u8]) {
-        std::hash::Hasher::write(&mut self.0, bytes);
-    }
-
-    /// The checksum of every byte passed to [`ChunkHasher::update`], in order.
-    pub fn digest(&self) -> u64 {
-        std::hash::Hasher::finish(&self.0)
-    }
+/// The digest of one checksum segment.
+pub fn segment_digest(bytes: &[u8]) -> u64 {
+    super::xxh3::checksum_uncached(bytes)
 }
 
-impl Default for ChunkHasher {
-    fn default() -> Self {
-        Self::new()
-    }
+/// The [`checksum`] of a chunk whose segments' digests are `digests`, in chunk order.
+pub fn combine_segments(digests: &[u64]) -> u64 {
+    let bytes: Vec<u8> = digests.iter().flat_map(|d| d.to_le_bytes()).collect();
+    super::xxh3::checksum_uncached(&bytes)
 }
 
 /// The 12 header bytes of a frame.
@@ -710,45 +708,85 @@ pub fn decode(bytes: &[u8], max_body: u32) -> Result<Frame<'_>, FrameError> {
     decode_body(kind, body).map(Frame::Message)
 }
 
-/// The receiver's view of one grant: where each chunk may land. [`GrantCheck::admit`] is the
-/// only way a `Data` frame reaches memory.
+/// The receiver's view of one grant: where each chunk may land, and which of its checksum
+/// segments landed whole. [`GrantCheck::admit`] is the only way a `Data` frame reaches
+/// memory.
 #[derive(Clone, Debug)]
 pub struct GrantCheck {
     pub grant: u32,
     pub page_size: u64,
     /// Per chunk: its page and declared length (<= page_size).
     pub chunks: Vec<(u32, u64)>,
-    /// Per chunk: which of its bytes were admitted. Segments may come in any order but never
-    /// overlap, so each byte of a page is written once.
+    /// Per chunk: which of its bytes were admitted and landed. Segments may come in any
+    /// order but never overlap, so each byte of a page is written once.
     pub received: Vec<Received>,
 }
 
-/// Which bytes of one chunk were admitted.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Which bytes of one chunk were admitted, and which of its checksum segments landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Received {
-    /// Bytes `[0, prefix)` were admitted without a gap: the receiver hashes them in order.
-    pub prefix: u64,
-    /// Chunk-relative ranges admitted beyond `prefix`: sorted, disjoint, none touching
-    /// another (adjacent ones are merged) nor the prefix (it absorbs them).
-    pub later: Vec<Range<u64>>,
+    /// Chunk-relative ranges admitted: sorted, disjoint, adjacent ones merged.
+    pub admitted: Vec<Range<u64>>,
+    pub segments: SegmentTally,
 }
 
-/// A `Data` segment [`GrantCheck::admit`] accepted.
+/// How many bytes of each [`CHECKSUM_SEGMENT`] of a chunk are there, as its pieces come in
+/// any order, each byte once: a segment can be hashed once it is whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Admitted {
-    /// The PD-buffer bytes to read the payload into.
-    pub range: Range<u64>,
-    /// Whether the payload extends the chunk's gapless prefix: its bytes can be hashed as
-    /// they are read.
-    pub in_order: bool,
-    /// The PD-buffer range of segments that arrived early and join the prefix once this
-    /// payload has landed (adjacent early segments are one range): hashed right after it.
-    pub then_hash: Option<Range<u64>>,
+pub struct SegmentTally {
+    len: u64,
+    /// Per segment: its bytes there so far.
+    present: Vec<u64>,
+    /// Segments whose every byte is there.
+    whole: usize,
+}
+
+impl SegmentTally {
+    /// The tally of a chunk of `len` bytes, none there yet.
+    pub fn new(len: u64) -> Self {
+        SegmentTally {
+            len,
+            present: vec![0; num_segments(len as usize)],
+            whole: 0,
+        }
+    }
+
+    /// Counts `bytes` (chunk-relative, within the chunk, none counted before) as there, and
+    /// calls `whole` with the index and chunk-relative range of each segment they complete.
+    pub fn add(&mut self, bytes: Range<u64>, mut whole: impl FnMut(u32, Range<u64>)) {
+        let segment = CHECKSUM_SEGMENT as u64;
+        let mut at = bytes.start;
+        while at < bytes.end.min(self.len) {
+            let index = (at / segment) as usize;
+            let (start, end) = (
+                index as u64 * segment,
+                ((index as u64 + 1) * segment).min(self.len),
+            );
+            let upto = end.min(bytes.end);
+            self.present[index] += upto - at;
+            if self.present[index] == end - start {
+                self.whole += 1;
+                whole(index as u32, start..end);
+            }
+            at = upto;
+        }
+    }
+
+    /// Whether every segment is whole.
+    pub fn complete(&self) -> bool {
+        self.whole == self.present.len()
+    }
 }
 
 impl GrantCheck {
     pub fn new(grant: u32, page_size: u64, chunks: Vec<(u32, u64)>) -> Self {
-        let received = vec![Received::default(); chunks.len()];
+        let received = chunks
+            .iter()
+            .map(|&(_, len)| Received {
+                admitted: Vec::new(),
+                segments: SegmentTally::new(len),
+            })
+            .collect();
         GrantCheck {
             grant,
             page_size,
@@ -757,13 +795,14 @@ impl GrantCheck {
         }
     }
 
-    /// Accepts a data segment of `len` bytes and says where in the PD buffer it may be
-    /// written: inside the chunk's granted page and its declared length, over no byte an
-    /// earlier segment was admitted for. Anything else is refused before a byte is read.
+    /// Accepts a data segment of `len` bytes and returns the byte range of the PD buffer it
+    /// may be written to: inside the chunk's granted page and its declared length, over no
+    /// byte an earlier segment was admitted for. Anything else is refused before a byte is
+    /// read.
     ///
-    /// The bytes count as received from here on: a payload that then fails to arrive fails
+    /// The bytes count as admitted from here on: a payload that then fails to arrive fails
     /// the connection, and with it the whole grant, so nothing reads this state again.
-    pub fn admit(&mut self, d: &DataHeader, len: u64) -> Result<Admitted, String> {
+    pub fn admit(&mut self, d: &DataHeader, len: u64) -> Result<Range<u64>, String> {
         if len == 0 {
             return Err("empty data segment".into());
         }
@@ -774,7 +813,7 @@ impl GrantCheck {
             ));
         }
         let i = d.chunk as usize;
-        let (Some(&(page, chunk_len)), Some(received)) =
+        let (Some(&(_, chunk_len)), Some(received)) =
             (self.chunks.get(i), self.received.get_mut(i))
         else {
             return Err(format!(
@@ -790,7 +829,7 @@ impl GrantCheck {
                 d.chunk, len, d.offset, chunk_len
             ));
         };
-        let (in_order, joined) = received.insert(d.offset..end).map_err(|overlapped| {
+        received.admit(d.offset..end).map_err(|overlapped| {
             format!(
                 "chunk {}: {} bytes at offset {} overlap its bytes {overlapped:?}, already received",
                 d.chunk, len, d.offset
@@ -798,52 +837,62 @@ impl GrantCheck {
         })?;
         // chunk_len <= page_size was checked when the grant was made, so this stays in the
         // page; page < num_pages bounds it in the buffer.
-        let base = u64::from(page) * self.page_size;
-        let in_buffer = |r: Range<u64>| base + r.start..base + r.end;
-        Ok(Admitted {
-            range: in_buffer(d.offset..end),
-            in_order,
-            then_hash: joined.map(in_buffer),
-        })
+        Ok(self.in_buffer(i, d.offset..end))
     }
 
-    /// Whether chunk `i` received all its declared bytes.
+    /// Counts `bytes` (chunk-relative, admitted for chunk `chunk`) as landed and calls
+    /// `whole` with the index and PD-buffer range of each checksum segment they complete.
+    pub fn landed(
+        &mut self,
+        chunk: u32,
+        bytes: Range<u64>,
+        mut whole: impl FnMut(u32, Range<u64>),
+    ) {
+        let i = chunk as usize;
+        let Some(received) = self.received.get_mut(i) else {
+            return;
+        };
+        let base = u64::from(self.chunks[i].0) * self.page_size;
+        received
+            .segments
+            .add(bytes, |index, r| whole(index, base + r.start..base + r.end));
+    }
+
+    /// Whether every byte chunk `i` declared landed.
     pub fn complete(&self, i: usize) -> bool {
-        matches!((self.chunks.get(i), self.received.get(i)), (Some((_, l)), Some(r)) if *l == r.prefix)
+        self.received.get(i).is_some_and(|r| r.segments.complete())
+    }
+
+    fn in_buffer(&self, i: usize, chunk_bytes: Range<u64>) -> Range<u64> {
+        let base = u64::from(self.chunks[i].0) * self.page_size;
+        base + chunk_bytes.start..base + chunk_bytes.end
     }
 }
 
 impl Received {
-    /// Records the non-empty `segment`. Returns whether it extends the prefix, and the early
-    /// range the prefix then absorbs; or the received range it overlaps.
-    fn insert(&mut self, segment: Range<u64>) -> Result<(bool, Option<Range<u64>>), Range<u64>> {
-        if segment.start < self.prefix {
-            return Err(0..self.prefix);
-        }
+    /// Records the non-empty `segment`, or returns the admitted range it overlaps.
+    fn admit(&mut self, segment: Range<u64>) -> Result<(), Range<u64>> {
         // Sorted and disjoint: only the first range ending after the segment starts can
         // overlap it, and it is where the segment goes.
-        let at = self.later.partition_point(|r| r.end <= segment.start);
-        if let Some(next) = self.later.get(at).filter(|r| r.start < segment.end) {
+        let at = self.admitted.partition_point(|r| r.end <= segment.start);
+        if let Some(next) = self.admitted.get(at).filter(|r| r.start < segment.end) {
             return Err(next.clone());
         }
-        let joins_next = self.later.get(at).is_some_and(|r| r.start == segment.end);
-        if segment.start == self.prefix {
-            // Early ranges never touch one another, so at most the first one joins.
-            let joined = joins_next.then(|| self.later.remove(0));
-            self.prefix = joined.as_ref().map_or(segment.end, |r| r.end);
-            return Ok((true, joined));
-        }
-        let joins_previous = at > 0 && self.later[at - 1].end == segment.start;
+        let joins_next = self
+            .admitted
+            .get(at)
+            .is_some_and(|r| r.start == segment.end);
+        let joins_previous = at > 0 && self.admitted[at - 1].end == segment.start;
         match (joins_previous, joins_next) {
             (true, true) => {
-                let next = self.later.remove(at);
-                self.later[at - 1].end = next.end;
+                let next = self.admitted.remove(at);
+                self.admitted[at - 1].end = next.end;
             }
-            (true, false) => self.later[at - 1].end = segment.end,
-            (false, true) => self.later[at].start = segment.start,
-            (false, false) => self.later.insert(at, segment),
+            (true, false) => self.admitted[at - 1].end = segment.end,
+            (false, true) => self.admitted[at].start = segment.start,
+            (false, false) => self.admitted.insert(at, segment),
         }
-        Ok((false, None))
+        Ok(())
     }
 }
 
@@ -1149,9 +1198,13 @@ mod tests {
         assert_eq!(decode(&bytes, 0), Ok(Frame::Data(d, &b"abcd"[..])));
     }
 
-    /// A grant of two 100-byte chunks in pages 2 and 0 of 128 bytes.
+    const SEGMENT: u64 = CHECKSUM_SEGMENT as u64;
+    /// Pages of four checksum segments.
+    const PAGE: u64 = 4 * SEGMENT;
+
+    /// A grant of two chunks of 2.5 checksum segments, in pages 2 and 0.
     fn two_chunk_grant() -> GrantCheck {
-        GrantCheck::new(5, 128, vec![(2, 100), (0, 100)])
+        GrantCheck::new(5, PAGE, vec![(2, 5 * SEGMENT / 2), (0, 5 * SEGMENT / 2)])
     }
 
     fn data(chunk: u32, offset: u64) -> DataHeader {
@@ -1162,84 +1215,60 @@ mod tests {
         }
     }
 
-    #[test]
-    fn early_segments_are_hashed_once_the_gap_before_them_fills() {
-        let mut check = two_chunk_grant();
-        let base = 256;
-        let early = |range: Range<u64>| Admitted {
-            range,
-            in_order: false,
-            then_hash: None,
-        };
-        // The second half as two pieces, the later one first, then a piece after a gap.
-        assert_eq!(
-            check.admit(&data(0, 75), 10),
-            Ok(early(base + 75..base + 85))
-        );
-        assert_eq!(
-            check.admit(&data(0, 50), 25),
-            Ok(early(base + 50..base + 75))
-        );
-        assert_eq!(
-            check.admit(&data(0, 90), 10),
-            Ok(early(base + 90..base + 100))
-        );
-        assert_eq!(check.received[0].later, vec![50..85, 90..100]);
-        assert!(!check.complete(0));
-        // The first half joins the prefix to the early pieces after it, in chunk order.
-        assert_eq!(
-            check.admit(&data(0, 0), 50),
-            Ok(Admitted {
-                range: base..base + 50,
-                in_order: true,
-                then_hash: Some(base + 50..base + 85),
-            })
-        );
-        assert!(!check.complete(0));
-        assert_eq!(
-            check.admit(&data(0, 85), 5),
-            Ok(Admitted {
-                range: base + 85..base + 90,
-                in_order: true,
-                then_hash: Some(base + 90..base + 100),
-            })
-        );
-        assert!(check.complete(0));
-        assert_eq!(check.received[0].later, vec![]);
+    /// Admits and lands `len` bytes of `chunk` at `offset`; returns the whole segments
+    /// reported, as (index, PD-buffer range).
+    fn land(check: &mut GrantCheck, chunk: u32, offset: u64, len: u64) -> Vec<(u32, Range<u64>)> {
+        let range = check.admit(&data(chunk, offset), len).unwrap();
+        let base = u64::from(check.chunks[chunk as usize].0) * PAGE;
+        assert_eq!(range, base + offset..base + offset + len);
+        let mut whole = Vec::new();
+        check.landed(chunk, offset..offset + len, |i, r| whole.push((i, r)));
+        whole
     }
 
     #[test]
-    fn a_segment_between_two_early_ones_merges_them() {
+    fn a_segment_is_whole_once_its_bytes_landed_in_any_order() {
         let mut check = two_chunk_grant();
-        for (offset, len) in [(10, 10), (40, 10), (20, 20)] {
-            assert!(!check.admit(&data(1, offset), len).unwrap().in_order);
-        }
-        assert_eq!(check.received[1].later, vec![10..50]);
+        let base = 2 * PAGE;
+        // The short last segment first, then the first one's second half, which completes
+        // nothing, then a piece straddling segments 0 and 1.
         assert_eq!(
-            check.admit(&data(1, 0), 10).unwrap().then_hash,
-            Some(10..50)
+            land(&mut check, 0, 2 * SEGMENT, SEGMENT / 2),
+            vec![(2, base + 2 * SEGMENT..base + 5 * SEGMENT / 2)]
         );
-        assert_eq!(check.received[1].prefix, 50);
+        assert_eq!(
+            land(&mut check, 0, SEGMENT / 2 + 10, SEGMENT / 2 - 10),
+            vec![]
+        );
+        assert_eq!(
+            land(&mut check, 0, SEGMENT, SEGMENT),
+            vec![(1, base + SEGMENT..base + 2 * SEGMENT)]
+        );
+        assert!(!check.complete(0));
+        assert_eq!(land(&mut check, 0, 0, SEGMENT / 2), vec![]);
+        assert_eq!(
+            land(&mut check, 0, SEGMENT / 2, 10),
+            vec![(0, base..base + SEGMENT)]
+        );
+        assert!(check.complete(0) && !check.complete(1));
+        assert_eq!(check.received[0].admitted, vec![0..5 * SEGMENT / 2]);
     }
 
     #[test]
     fn chunks_of_a_grant_interleave() {
         let mut check = two_chunk_grant();
         // Each "layer" sends its K slice (first half) and V slice (second half) of both
-        // chunks, V first.
-        for layer in 0..5u64 {
+        // chunks, V first; five layers of a quarter segment each.
+        let slice = SEGMENT / 4;
+        let mut whole = [0, 0];
+        for layer in 0..5 {
             for chunk in [1, 0] {
-                let v = check.admit(&data(chunk, 50 + layer * 10), 10).unwrap();
-                assert!(!v.in_order);
-                let k = check.admit(&data(chunk, layer * 10), 10).unwrap();
-                assert!(k.in_order);
-                let joined = (layer == 4).then(|| {
-                    let base = u64::from(check.chunks[chunk as usize].0) * 128;
-                    base + 50..base + 100
-                });
-                assert_eq!(k.then_hash, joined, "chunk {chunk} layer {layer}");
+                for offset in [5 * slice + layer * slice, layer * slice] {
+                    whole[chunk as usize] += land(&mut check, chunk, offset, slice).len();
+                }
             }
         }
+        assert_eq!(whole, [3, 3]);
         assert!(check.complete(0) && check.complete(1));
     }
 
@@ -1248,6 +1277,7 @@ mod tests {
         let mut check = two_chunk_grant();
         check.admit(&data(0, 0), 20).unwrap();
         check.admit(&data(0, 40), 20).unwrap();
+        let end = 5 * SEGMENT / 2;
         let before = check.received.clone();
         for (d, len, error) in [
             (data(0, 19), 2, "overlap its bytes 0..20"),
@@ -1256,8 +1286,16 @@ mod tests {
             (data(0, 59), 30, "overlap its bytes 40..60"),
             (data(0, 45), 5, "overlap its bytes 40..60"),
             (data(0, 20), 80, "overlap its bytes 40..60"),
-            (data(0, 90), 11, "pass its declared length 100"),
-            (data(0, u64::MAX), 1, "pass its declared length 100"),
+            (
+                data(0, end - 10),
+                11,
+                &format!("pass its declared length {end}"),
+            ),
+            (
+                data(0, u64::MAX),
+                1,
+                &format!("pass its declared length {end}"),
+            ),
             (data(2, 0), 1, "outside the grant's 2 chunks"),
             (data(0, 20), 0, "empty data segment"),
             (
@@ -1273,12 +1311,29 @@ mod tests {
             assert!(refused.contains(error), "{d:?}+{len}: {refused}");
         }
         assert_eq!(check.received, before, "a refusal changes nothing");
-        // The gap between them is still free, exactly.
-        assert_eq!(
-            check.admit(&data(0, 20), 20).unwrap().then_hash,
-            Some(296..316)
-        );
+        // The gap between them is still free, exactly, and merges the three.
+        check.admit(&data(0, 20), 20).unwrap();
+        assert_eq!(check.received[0].admitted, vec![0..60]);
         assert!(!check.complete(0));
+    }
+
+    #[test]
+    fn the_checksum_is_made_of_segment_digests_and_sees_every_byte() {
+        let data: Vec<u8> = (0..3 * CHECKSUM_SEGMENT + 7)
+            .map(|i| (i * 13 + (i >> 11)) as u8)
+            .collect();
+        let digests: Vec<u64> = data.chunks(CHECKSUM_SEGMENT).map(segment_digest).collect();
+        assert_eq!(digests.len(), num_segments(data.len()));
+        assert_eq!(checksum(&data), combine_segments(&digests));
+        for at in [0, CHECKSUM_SEGMENT - 1, CHECKSUM_SEGMENT, data.len() - 1] {
+            let mut flipped = data.clone();
+            flipped[at] ^= 0x40;
+            assert_ne!(checksum(&flipped), checksum(&data), "byte {at}");
+        }
+        // Segments in another order are another chunk.
+        let swapped = [digests[1], digests[0], digests[2], digests[3]];
+        assert_ne!(combine_segments(&swapped), checksum(&data));
+        assert_ne!(checksum(&data[..data.len() - 1]), checksum(&data));
     }
 
     #[test]

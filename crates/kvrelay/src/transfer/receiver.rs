@@ -15,8 +15,8 @@ use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
 use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
 use super::frame::{
-    self, read_frame, ChunkDecl, ErrorCode, FrameError, GrantCheck, Incoming, Message, MsgType,
-    ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    self, num_segments, read_frame, ChunkDecl, ErrorCode, FrameError, GrantCheck, Incoming,
+    Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
 use super::tcp::tune_socket;
 use super::verify::Verifier;
@@ -631,13 +631,17 @@ impl Inner {
         );
         let deadline = Instant::now() + cfg.ttl;
         std::thread::scope(|scope| {
-            // tcp: the chunks' bytes are hashed as they land, large requests on a thread of
-            // their own.
+            // tcp: each checksum segment is hashed as soon as its bytes landed, large
+            // requests on a thread of their own.
             let verifier = match landing {
                 Landed::InFrames => {
                     let bytes: u64 = chunks.iter().map(|c| c.len).sum();
                     let beside = bytes >= VERIFY_BESIDE_FROM;
-                    Some(Verifier::new(scope, request_id, chunks.len(), beside)?)
+                    let segments = chunks
+                        .iter()
+                        .map(|c| num_segments(c.len as usize))
+                        .collect();
+                    Some(Verifier::new(scope, request_id, segments, beside)?)
                 }
                 Landed::InPage => None,
             };
@@ -656,14 +660,14 @@ impl Inner {
                         let admitted = check
                             .admit(&d, u64::from(len))
                             .map_err(TransferError::Protocol)?;
-                        let (mut at, end) =
-                            (admitted.range.start as usize, admitted.range.end as usize);
+                        let (mut at, end) = (admitted.start as usize, admitted.end as usize);
+                        let chunk_start = admitted.start - d.offset;
                         while at < end {
                             // SAFETY: `admit` bounded the range to the declared length of a chunk
                             // inside its granted page and to bytes no earlier segment was
                             // admitted for; the grant gives this connection sole use of that page
-                            // until commit or abort. The verifier reads only bytes of earlier
-                            // segments and of this one before `at`.
+                            // until commit or abort. The verifier reads only checksum segments
+                            // whose bytes all landed before `at`.
                             let piece = unsafe {
                                 std::slice::from_raw_parts_mut(
                                     self.buffer.ptr_at(at),
@@ -681,27 +685,22 @@ impl Inner {
                                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                                 Err(e) => return Err(TransferError::io("reading chunk data", e)),
                             };
-                            if admitted.in_order {
-                                // SAFETY: these bytes of the granted page are final: `admit`
+                            let landed = at as u64 - chunk_start..(at + n) as u64 - chunk_start;
+                            check.landed(d.chunk, landed, |index, segment| {
+                                // SAFETY: the segment's bytes all landed and are final: `admit`
                                 // lets each byte of a chunk be written once, and the pages stay
                                 // granted until `receive`'s scope, which the verifier's thread
-                                // runs in, has ended. They follow the chunk's bytes hashed so
-                                // far, as the payload extends the chunk's gapless prefix.
-                                unsafe { verifier.landed(d.chunk, piece.as_ptr(), n) };
-                            }
+                                // runs in, has ended.
+                                unsafe {
+                                    verifier.segment(
+                                        d.chunk,
+                                        index,
+                                        self.buffer.ptr_at(segment.start as usize),
+                                        (segment.end - segment.start) as usize,
+                                    )
+                                };
+                            });
                             at += n;
-                        }
-                        if let Some(early) = admitted.then_hash {
-                            // SAFETY: segments that landed in earlier, completely read frames:
-                            // final for the same reasons, inside the granted page, and next in
-                            // the chunk after the payload just read.
-                            unsafe {
-                                verifier.landed(
-                                    d.chunk,
-                                    self.buffer.ptr_at(early.start as usize),
-                                    (early.end - early.start) as usize,
-                                )
-                            };
                         }
                     }
                     Ok(Incoming::Message(Message::Seal {

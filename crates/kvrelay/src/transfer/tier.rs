@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::frame::{checksum, ChannelKind, ChunkHasher};
+use super::frame::{
+    checksum, combine_segments, num_segments, segment_digest, ChannelKind, SegmentTally,
+};
 use super::sender::notify_proxy;
 use super::{
     ChunkPlan, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, PdTransfer,
@@ -209,8 +211,8 @@ struct Open {
     index: HashMap<CacheKey, usize>,
     /// Chunks added so far (put or not), held for a fallback send and then recycled.
     chunks: Vec<GatheredChunk>,
-    /// Pieces of chunks saved layer by layer, until their seal.
-    layers: HashMap<CacheKey, Vec<LayerPiece>>,
+    /// Chunks saved layer by layer, until their seal.
+    layers: HashMap<CacheKey, Layered>,
     put: usize,
 }
 
@@ -252,26 +254,38 @@ struct SealedChunk {
 /// A gathered chunk's bytes: whole, or, saved layer by layer, in pieces.
 enum ChunkBytes {
     Whole(HostBuffer),
-    /// Pieces whose layer runs tile all layers, in layer order.
+    /// Pieces whose layer runs tile all layers.
     Layers(Vec<LayerPiece>),
 }
 
-/// Layers `layers` of one chunk: their slice of each plane, back to back (see
-/// [`KvCacheSpec::chunk_layer_ranges`]).
+/// Layers `layers` of one chunk of `tokens` tokens: their slice of each plane, back to
+/// back (see [`KvCacheSpec::chunk_layer_ranges`]).
 struct LayerPiece {
     layers: Range<usize>,
+    tokens: usize,
     data: HostBuffer,
 }
 
+/// A chunk being saved layer by layer, until its seal: its pieces so far, and the digest
+/// of each checksum segment they completed, taken as each piece comes (so the seal after
+/// the last layer only combines digests).
+struct Layered {
+    tokens: usize,
+    pieces: Vec<LayerPiece>,
+    segments: SegmentTally,
+    digests: Vec<Option<u64>>,
+    /// A piece that did not fit came: the chunk is never sealed.
+    broken: bool,
+}
+
 impl LayerPiece {
-    /// Each of the piece's plane slices with its place in a chunk of `tokens` tokens.
+    /// Each of the piece's plane slices with its place in the chunk.
     fn in_chunk<'a>(
         &'a self,
         spec: &KvCacheSpec,
-        tokens: usize,
     ) -> impl Iterator<Item = (Range<usize>, &'a [u8])> + 'a {
         let mut at = 0;
-        spec.chunk_layer_ranges(tokens, self.layers.clone())
+        spec.chunk_layer_ranges(self.tokens, self.layers.clone())
             .map(move |range| {
                 let bytes = &self.data[at..at + range.len()];
                 at += range.len();
@@ -280,32 +294,79 @@ impl LayerPiece {
     }
 }
 
-impl ChunkBytes {
-    /// The checksum of the chunk the pieces make (`tokens` tokens), hashed in chunk order;
-    /// `None` when their layer runs do not tile the chunk's layers or their lengths are
-    /// not those runs' (a bug in the save: such a chunk is never sealed).
-    fn layered_checksum(pieces: &[LayerPiece], spec: &KvCacheSpec, tokens: usize) -> Option<u64> {
-        let mut next = 0;
-        for piece in pieces {
-            let fits = piece.data.len() == spec.chunk_layers_bytes(tokens, piece.layers.clone());
-            if piece.layers.start != next || piece.layers.is_empty() || !fits {
-                return None;
-            }
-            next = piece.layers.end;
+impl Layered {
+    fn new(spec: &KvCacheSpec, tokens: usize) -> Self {
+        let len = spec.chunk_bytes(tokens);
+        Layered {
+            tokens,
+            pieces: Vec::new(),
+            segments: SegmentTally::new(len as u64),
+            digests: vec![None; num_segments(len)],
+            broken: false,
         }
-        if next != spec.num_layers {
-            return None;
-        }
-        let mut hasher = ChunkHasher::new();
-        for plane in 0..spec.kv_planes() {
-            for piece in pieces {
-                let (_, bytes) = piece.in_chunk(spec, tokens).nth(plane)?;
-                hasher.update(bytes);
-            }
-        }
-        Some(hasher.digest())
     }
 
+    /// Takes `piece` and hashes each checksum segment it completes. A piece of other
+    /// tokens, of layers outside the chunk's or already added, or of the wrong length
+    /// breaks the chunk (a bug in the save).
+    fn add(&mut self, piece: LayerPiece, spec: &KvCacheSpec) {
+        let layers = &piece.layers;
+        let fits = piece.tokens == self.tokens
+            && !layers.is_empty()
+            && layers.end <= spec.num_layers
+            && piece.data.len() == spec.chunk_layers_bytes(self.tokens, layers.clone())
+            && !self
+                .pieces
+                .iter()
+                .any(|p| p.layers.start < layers.end && layers.start < p.layers.end);
+        self.broken |= !fits;
+        if !fits {
+            self.pieces.push(piece);
+            return;
+        }
+        let mut whole = Vec::new();
+        for (range, _) in piece.in_chunk(spec) {
+            let bytes = range.start as u64..range.end as u64;
+            self.segments.add(bytes, |index, r| {
+                whole.push((index, r.start as usize..r.end as usize))
+            });
+        }
+        self.pieces.push(piece);
+        for (index, range) in whole {
+            self.digests[index as usize] = Some(segment_digest(&self.bytes(range, spec)));
+        }
+    }
+
+    /// Chunk bytes `range`, from the pieces that hold them (copied only when it spans
+    /// several).
+    fn bytes(&self, range: Range<usize>, spec: &KvCacheSpec) -> std::borrow::Cow<'_, [u8]> {
+        let held = || self.pieces.iter().flat_map(|p| p.in_chunk(spec));
+        if let Some((r, bytes)) = held().find(|(r, _)| r.start <= range.start && range.end <= r.end)
+        {
+            return bytes[range.start - r.start..range.end - r.start].into();
+        }
+        let mut out = vec![0; range.len()];
+        for (r, bytes) in held() {
+            let (start, end) = (r.start.max(range.start), r.end.min(range.end));
+            if start < end {
+                out[start - range.start..end - range.start]
+                    .copy_from_slice(&bytes[start - r.start..end - r.start]);
+            }
+        }
+        out.into()
+    }
+
+    /// The chunk's checksum, once every byte came in pieces that fit.
+    fn checksum(&self) -> Option<u64> {
+        if self.broken || !self.segments.complete() {
+            return None;
+        }
+        let digests: Option<Vec<u64>> = self.digests.iter().copied().collect();
+        digests.map(|d| combine_segments(&d))
+    }
+}
+
+impl ChunkBytes {
     /// The chunk's bytes in one buffer, putting pieces together (only a fallback send of
     /// a chunk saved layer by layer needs this).
     fn whole(
@@ -317,7 +378,7 @@ impl ChunkBytes {
         if let ChunkBytes::Layers(pieces) = self {
             let mut whole = staging.take_exact(spec.chunk_bytes(tokens), HostBuffer::zeroed)?;
             for piece in pieces.iter() {
-                for (range, bytes) in piece.in_chunk(spec, tokens) {
+                for (range, bytes) in piece.in_chunk(spec) {
                     whole[range].copy_from_slice(bytes);
                 }
             }
@@ -497,17 +558,25 @@ impl PdSink {
     /// [`paged_to_chunk_layers`](crate::plan::paged_to_chunk_layers) gathers them), as soon
     /// as the forward computed them: they go to the decoder while the next layers compute.
     /// Only for requests that [`take layers`](PdSink::takes_layers).
+    /// `pieces` are each chunk's key, tokens and piece.
     pub fn add_layers(
         &mut self,
         request_id: &str,
         layers: Range<usize>,
-        pieces: Vec<(CacheKey, HostBuffer)>,
+        pieces: Vec<(CacheKey, usize, HostBuffer)>,
     ) {
         let pieces = pieces
             .into_iter()
-            .map(|(key, data)| {
+            .map(|(key, tokens, data)| {
                 let layers = layers.clone();
-                (key, LayerPiece { layers, data })
+                (
+                    key,
+                    LayerPiece {
+                        layers,
+                        tokens,
+                        data,
+                    },
+                )
             })
             .collect();
         let job = Job::Layers {
@@ -655,7 +724,7 @@ impl Links {
             }
             Job::Seal { request_id, chunk } => {
                 if let Some(open) = self.open.get_mut(&request_id) {
-                    if open.seal(&request_id, chunk, &self.config.spec, staging) {
+                    if open.seal(&request_id, chunk, staging) {
                         self.counters.layered_chunks.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -900,15 +969,17 @@ impl Open {
     ) {
         for (key, piece) in pieces {
             if let (Some(transfer), Some(&index)) = (self.transfer.as_mut(), self.index.get(&key)) {
-                let tokens = transfer.chunk_tokens(index);
                 let sent = piece
-                    .in_chunk(spec, tokens)
+                    .in_chunk(spec)
                     .try_for_each(|(range, bytes)| transfer.put_piece(index, range.start, bytes));
                 if let Err(error) = sent {
                     self.give_up(request_id, &error);
                 }
             }
-            self.layers.entry(key).or_default().push(piece);
+            self.layers
+                .entry(key)
+                .or_insert_with(|| Layered::new(spec, piece.tokens))
+                .add(piece, spec);
         }
     }
 
@@ -920,12 +991,15 @@ impl Open {
         &mut self,
         request_id: &str,
         chunk: SealedChunk,
-        spec: &KvCacheSpec,
         staging: &StagingPool<HostBuffer>,
     ) -> bool {
-        let pieces = self.layers.remove(&chunk.key).unwrap_or_default();
-        let tokens = chunk.meta.num_tokens as usize;
-        let Some(checksum) = ChunkBytes::layered_checksum(&pieces, spec, tokens) else {
+        let layered = self.layers.remove(&chunk.key);
+        let checksum = layered
+            .as_ref()
+            .filter(|l| l.tokens == chunk.meta.num_tokens as usize)
+            .and_then(Layered::checksum);
+        let pieces = layered.map(|l| l.pieces).unwrap_or_default();
+        let Some(checksum) = checksum else {
             tracing::error!(request = request_id, key = %chunk.key, "the layers saved for a PD chunk do not make the chunk; it is not sent");
             self.transfer = None;
             ChunkBytes::Layers(pieces).recycle(staging);
@@ -962,7 +1036,7 @@ impl Open {
         for chunk in self.chunks {
             chunk.data.recycle(staging);
         }
-        for piece in self.layers.into_values().flatten() {
+        for piece in self.layers.into_values().flat_map(|l| l.pieces) {
             staging.give_back(piece.data);
         }
     }
@@ -972,6 +1046,58 @@ impl Open {
 mod tests {
     use super::*;
     use crate::connector::windows_from;
+    use crate::layout::AttentionKind;
+    use crate::KvDtype;
+
+    /// A chunk saved layer by layer, its pieces in any order, has the checksum of the
+    /// whole chunk, though its planes' slices straddle checksum segments; a piece that
+    /// does not fit leaves it without one.
+    #[test]
+    fn layer_pieces_in_any_order_make_the_chunks_checksum() {
+        // 3 layers of 2 planes, 200 tokens of 96 bytes: slices of 19,200 bytes.
+        let spec = KvCacheSpec {
+            num_layers: 3,
+            num_kv_heads: 3,
+            head_size: 16,
+            dtype: KvDtype::Bf16,
+            block_size: 16,
+            num_blocks: 16,
+            attention: AttentionKind::Mha,
+        };
+        let tokens = 200;
+        let chunk: Vec<u8> = (0..spec.chunk_bytes(tokens))
+            .map(|i| (i * 31 + (i >> 10)) as u8)
+            .collect();
+        let piece = |layers: Range<usize>| {
+            let bytes: Vec<u8> = spec
+                .chunk_layer_ranges(tokens, layers.clone())
+                .flat_map(|r| chunk[r].to_vec())
+                .collect();
+            let mut data = HostBuffer::zeroed(bytes.len()).unwrap();
+            data.copy_from_slice(&bytes);
+            LayerPiece {
+                layers,
+                tokens,
+                data,
+            }
+        };
+        for order in [[0..1, 1..2, 2..3], [2..3, 0..1, 1..2]] {
+            let mut layered = Layered::new(&spec, tokens);
+            for (i, layers) in order.iter().enumerate() {
+                assert_eq!(layered.checksum(), None, "{order:?}: {i} pieces");
+                layered.add(piece(layers.clone()), &spec);
+            }
+            assert_eq!(layered.checksum(), Some(checksum(&chunk)), "{order:?}");
+            let pool = StagingPool::keeping(4);
+            let mut bytes = ChunkBytes::Layers(layered.pieces);
+            assert!(bytes.whole(&spec, tokens, &pool).unwrap()[..] == chunk[..]);
+        }
+        let mut overlapping = Layered::new(&spec, tokens);
+        for layers in [0..2, 1..3] {
+            overlapping.add(piece(layers), &spec);
+        }
+        assert_eq!(overlapping.checksum(), None);
+    }
 
     /// The rule the sender applies is exactly the decoder's chunking of its lookup.
     #[test]

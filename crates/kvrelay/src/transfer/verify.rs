@@ -3,17 +3,16 @@
 //! verifying overlap instead of taking turns on one core; a small one is hashed in line, as
 //! starting the thread would cost more than it saves.
 //!
-//! The connection's thread reads a `Data` payload straight into the granted page. While the
-//! payload extends its chunk's gapless prefix it hands each `read`'s range to the
-//! [`Verifier`] as it lands; a segment that arrived early (a prefiller sends each layer's
-//! slice of a chunk as soon as the layer is computed) waits in the page and is handed over
-//! once the bytes before it have been. So each chunk's ranges reach the verifier in chunk
-//! order, while the chunks of a request interleave: one hasher per chunk is open until its
-//! `Seal`, which hands over the sender's checksum. The ranges are hashed in order (those
-//! that extend the prefix still in the last-level cache: they landed microseconds ago) and
-//! compared at each seal; [`Verifier::finish`] returns every chunk's verdict at `Commit`, the
-//! only point where the receiver answers. Nothing is shown to the engine before then, so a
-//! verdict that arrives later than the seal changes nothing the sender or the engine sees.
+//! The connection's thread reads a `Data` payload straight into the granted page and counts
+//! each `read`'s bytes against the chunk's checksum segments (see `frame::CHECKSUM_SEGMENT`);
+//! each segment whose bytes all landed goes to the [`Verifier`] at once, whatever order the
+//! sender put the chunk's pieces in (a prefiller sends each layer's slice of a chunk as soon
+//! as the layer is computed, chunks interleaved). So segments are hashed while still in the
+//! last-level cache, and a chunk's `Seal` only combines its segments' digests and compares
+//! them with the sender's checksum. [`Verifier::finish`] returns every chunk's verdict at
+//! `Commit`, the only point where the receiver answers. Nothing is shown to the engine
+//! before then, so a verdict decided later than the seal changes nothing the sender or the
+//! engine sees.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -21,11 +20,11 @@ use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::thread::{Scope, ScopedJoinHandle};
 
-use super::frame::ChunkHasher;
+use super::frame::{combine_segments, segment_digest};
 use super::TransferError;
 
-/// Bytes of a granted page that the connection's thread wrote and will not write again
-/// while the request lasts.
+/// Bytes of a granted page (one checksum segment) that the connection's thread wrote and will
+/// not write again while the request lasts.
 pub(crate) struct Landed {
     start: NonNull<u8>,
     len: usize,
@@ -36,8 +35,16 @@ pub(crate) struct Landed {
 unsafe impl Send for Landed {}
 
 pub(crate) enum Job {
-    Bytes { chunk: u32, bytes: Landed },
-    Seal { chunk: u32, checksum: u64 },
+    /// Checksum segment `index` of `chunk`, all its bytes landed.
+    Segment {
+        chunk: u32,
+        index: u32,
+        bytes: Landed,
+    },
+    Seal {
+        chunk: u32,
+        checksum: u64,
+    },
 }
 
 /// The hashing side of one request's chunks (see the module documentation).
@@ -56,15 +63,17 @@ pub(crate) enum Verifier<'scope> {
 }
 
 impl<'scope> Verifier<'scope> {
-    /// A verifier for a request of `chunks` chunks: one hashing on its own thread, started
-    /// in `scope`, when `beside`, else one hashing in line.
+    /// A verifier for a request whose chunks have `segments[i]` checksum segments each: one
+    /// hashing on its own thread, started in `scope`, when `beside`, else one hashing in
+    /// line.
     pub(crate) fn new<'env>(
         scope: &'scope Scope<'scope, 'env>,
         request_id: &str,
-        chunks: usize,
+        segments: Vec<usize>,
         beside: bool,
     ) -> Result<Self, TransferError> {
-        let hashing = Hashing::new(request_id, chunks);
+        let chunks = segments.len();
+        let hashing = Hashing::new(request_id, segments);
         if !beside {
             return Ok(Verifier::InLine(Box::new(RefCell::new(hashing))));
         }
@@ -104,17 +113,17 @@ impl<'scope> Verifier<'scope> {
         }
     }
 
-    /// Queues `len` bytes at `start`, the next bytes of chunk `chunk`, for hashing. Calls
-    /// for different chunks may interleave.
+    /// Queues checksum segment `index` of chunk `chunk`, `len` bytes at `start`, for
+    /// hashing. Segments of a chunk, and of different chunks, may come in any order.
     ///
     /// # Safety
-    /// The bytes must be valid for reads, written by no one from this call until the end of
-    /// the scope the verifier was made in, and follow the previous bytes queued for `chunk`
-    /// in the chunk (the first ones queued for it start the chunk).
-    pub(crate) unsafe fn landed(&self, chunk: u32, start: *const u8, len: usize) {
+    /// The bytes must be valid for reads and written by no one from this call until the end
+    /// of the scope the verifier was made in.
+    pub(crate) unsafe fn segment(&self, chunk: u32, index: u32, start: *const u8, len: usize) {
         if let Some(start) = NonNull::new(start.cast_mut()) {
-            self.submit(Job::Bytes {
+            self.submit(Job::Segment {
                 chunk,
+                index,
                 bytes: Landed { start, len },
             });
         }
@@ -160,39 +169,51 @@ impl<'scope> Verifier<'scope> {
     }
 }
 
-/// Hashes each chunk's ranges in order until its seal.
+/// Hashes each chunk's segments as they come, and decides its verdict at its seal.
 pub(crate) struct Hashing {
     request: String,
     verdicts: Vec<Option<bool>>,
-    /// The chunks with bytes queued and no seal yet: as many as the sender interleaves.
-    open: HashMap<u32, ChunkHasher>,
+    /// Per chunk: its checksum segments.
+    segments: Vec<usize>,
+    /// Digests of the segments of chunks not sealed yet: as many as the sender interleaves.
+    open: HashMap<u32, Vec<Option<u64>>>,
 }
 
 impl Hashing {
-    fn new(request: &str, chunks: usize) -> Self {
+    fn new(request: &str, segments: Vec<usize>) -> Self {
         Hashing {
             request: request.to_string(),
-            verdicts: vec![None; chunks],
+            verdicts: vec![None; segments.len()],
+            segments,
             open: HashMap::new(),
         }
     }
 
-    /// Hashes landed bytes, or decides a seal's verdict and returns it.
+    /// Hashes a landed segment, or decides a seal's verdict and returns it.
     fn apply(&mut self, job: Job) -> Option<(u32, bool)> {
         match job {
-            Job::Bytes { chunk, bytes } => {
-                // SAFETY: `Verifier::landed`'s contract: valid, and written by no one until
+            Job::Segment {
+                chunk,
+                index,
+                bytes,
+            } => {
+                // SAFETY: `Verifier::segment`'s contract: valid, and written by no one until
                 // the scope, which outlives this hashing, ends.
                 let bytes = unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) };
-                self.open.entry(chunk).or_default().update(bytes);
+                let count = self.segments.get(chunk as usize).copied().unwrap_or(0);
+                let digests = self.open.entry(chunk).or_insert_with(|| vec![None; count]);
+                if let Some(digest) = digests.get_mut(index as usize) {
+                    *digest = Some(segment_digest(bytes));
+                }
                 None
             }
             Job::Seal { chunk, checksum } => {
-                // The connection's thread seals a chunk only once all its bytes were queued.
-                let matched = self
+                // The connection's thread seals a chunk only once all its segments landed.
+                let digests: Option<Vec<u64>> = self
                     .open
                     .remove(&chunk)
-                    .is_some_and(|hasher| hasher.digest() == checksum);
+                    .and_then(|digests| digests.into_iter().collect());
+                let matched = digests.is_some_and(|d| combine_segments(&d) == checksum);
                 if !matched {
                     tracing::warn!(request = self.request, chunk, "PD chunk checksum mismatch");
                 }
@@ -210,37 +231,63 @@ mod tests {
     use super::*;
     use crate::transfer::frame::checksum;
 
+    use crate::transfer::frame::{num_segments, CHECKSUM_SEGMENT};
+
+    /// Hands `bytes`, chunk `chunk`, to `verifier` segment by segment, in `order`.
+    ///
+    /// # Safety
+    /// `bytes` must outlive the verifier's scope and not be written in it.
+    unsafe fn land(verifier: &Verifier<'_>, chunk: u32, bytes: &[u8], order: &[usize]) {
+        for &index in order {
+            let segment = bytes.chunks(CHECKSUM_SEGMENT).nth(index).unwrap();
+            // SAFETY: the caller's contract.
+            unsafe { verifier.segment(chunk, index as u32, segment.as_ptr(), segment.len()) };
+        }
+    }
+
     #[test]
     fn verdicts_follow_the_bytes_that_landed() {
         let good: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + (i >> 9)) as u8).collect();
         let mut bad = good.clone();
         bad[123_456] ^= 1;
+        let n = num_segments(good.len());
+        let in_order: Vec<usize> = (0..n).collect();
+        let backwards: Vec<usize> = (0..n).rev().collect();
         for beside in [true, false] {
             let verdicts = std::thread::scope(|scope| {
-                let verifier = Verifier::new(scope, "r", 4, beside).unwrap();
-                for (chunk, bytes) in [(0u32, &good), (1, &bad)] {
-                    for piece in bytes.chunks(70_001) {
-                        // SAFETY: `good` and `bad` outlive the scope and are not written in it.
-                        unsafe { verifier.landed(chunk, piece.as_ptr(), piece.len()) };
-                    }
-                    verifier.seal(chunk, checksum(&good));
+                let verifier = Verifier::new(scope, "r", vec![n; 5], beside).unwrap();
+                // SAFETY (all `land` calls): `good` and `bad` outlive the scope and are not
+                // written in it.
+                unsafe {
+                    land(&verifier, 0, &good, &in_order);
+                    land(&verifier, 1, &bad, &in_order);
                 }
-                // Chunks 2 (good) and 3 (bad) interleave, piece by piece, as when a
-                // prefiller sends each layer's slice of both as the layer is done.
-                for (g, b) in good.chunks(50_000).zip(bad.chunks(50_000)) {
-                    // SAFETY: as above.
+                verifier.seal(0, checksum(&good));
+                verifier.seal(1, checksum(&good));
+                // Chunks 2 (good, last segment first) and 3 (bad) interleave, segment by
+                // segment, as when a prefiller sends each layer's slice of both.
+                for (g, b) in backwards.iter().zip(&in_order) {
                     unsafe {
-                        verifier.landed(2, g.as_ptr(), g.len());
-                        verifier.landed(3, b.as_ptr(), b.len());
+                        land(&verifier, 2, &good, &[*g]);
+                        land(&verifier, 3, &bad, &[*b]);
                     }
                 }
                 verifier.seal(3, checksum(&good));
                 verifier.seal(2, checksum(&good));
+                // Chunk 4 misses a segment.
+                unsafe { land(&verifier, 4, &good, &in_order[1..]) };
+                verifier.seal(4, checksum(&good));
                 verifier.finish().unwrap()
             });
             assert_eq!(
                 verdicts,
-                vec![Some(true), Some(false), Some(true), Some(false)],
+                vec![
+                    Some(true),
+                    Some(false),
+                    Some(true),
+                    Some(false),
+                    Some(false)
+                ],
                 "beside: {beside}"
             );
         }
@@ -250,9 +297,9 @@ mod tests {
     fn a_chunk_sealed_without_bytes_or_unsealed_is_not_verified() {
         let data = [1u8; 64];
         let verdicts = std::thread::scope(|scope| {
-            let verifier = Verifier::new(scope, "r", 3, false).unwrap();
+            let verifier = Verifier::new(scope, "r", vec![1; 3], false).unwrap();
             // SAFETY: `data` outlives the scope and is not written in it.
-            unsafe { verifier.landed(1, data.as_ptr(), data.len()) };
+            unsafe { verifier.segment(1, 0, data.as_ptr(), data.len()) };
             verifier.seal(0, checksum(&[]));
             verifier.finish().unwrap()
         });

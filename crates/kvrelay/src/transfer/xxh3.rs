@@ -179,10 +179,6 @@ mod tests {
                     expected,
                     "len {len} shift {shift}"
                 );
-                assert_eq!(super::super::frame::checksum(bytes), expected, "len {len}");
-                let mut pieces = super::super::frame::ChunkHasher::new();
-                bytes.chunks(7000).for_each(|p| pieces.update(p));
-                assert_eq!(pieces.digest(), expected, "len {len} in pieces");
             }
         }
     }
