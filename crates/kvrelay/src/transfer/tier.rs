@@ -274,7 +274,7 @@ struct Layered {
     pieces: Vec<LayerPiece>,
     segments: SegmentTally,
     digests: Vec<Option<u64>>,
-    /// A piece that did not fit came: the chunk is never sealed.
+    /// A piece that did not [fit](Layered::fits) came: the chunk is never sealed.
     broken: bool,
 }
 
@@ -306,24 +306,24 @@ impl Layered {
         }
     }
 
-    /// Takes `piece` and hashes each checksum segment it completes. A piece of other
-    /// tokens, of layers outside the chunk's or already added, or of the wrong length
-    /// breaks the chunk (a bug in the save).
-    fn add(&mut self, piece: LayerPiece, spec: &KvCacheSpec) {
+    /// Whether `piece` belongs in this chunk: its tokens, layers inside the chunk's and
+    /// none added before, and the length those take. One that does not is a bug in the
+    /// save, and breaks the chunk.
+    fn fits(&self, piece: &LayerPiece, spec: &KvCacheSpec) -> bool {
         let layers = &piece.layers;
-        let fits = piece.tokens == self.tokens
+        piece.tokens == self.tokens
             && !layers.is_empty()
             && layers.end <= spec.num_layers
             && piece.data.len() == spec.chunk_layers_bytes(self.tokens, layers.clone())
             && !self
                 .pieces
                 .iter()
-                .any(|p| p.layers.start < layers.end && layers.start < p.layers.end);
-        self.broken |= !fits;
-        if !fits {
-            self.pieces.push(piece);
-            return;
-        }
+                .any(|p| p.layers.start < layers.end && layers.start < p.layers.end)
+    }
+
+    /// Takes `piece`, which [`fits`](Layered::fits), and hashes each checksum segment it
+    /// completes.
+    fn add(&mut self, piece: LayerPiece, spec: &KvCacheSpec) {
         let mut whole = Vec::new();
         for (range, _) in piece.in_chunk(spec) {
             let bytes = range.start as u64..range.end as u64;
@@ -715,7 +715,7 @@ impl Links {
             }
             Job::Layers { request_id, pieces } => {
                 match self.open.get_mut(&request_id) {
-                    Some(open) => open.put_layers(&request_id, pieces, &self.config.spec),
+                    Some(open) => open.put_layers(&request_id, pieces, &self.config.spec, staging),
                     None => pieces
                         .into_iter()
                         .for_each(|(_, p)| staging.give_back(p.data)),
@@ -961,25 +961,36 @@ impl Open {
 
     /// Sends each piece of a run of layers into its chunk's reserved page when it is a
     /// chunk the decoder looks up, and holds it until the chunk's seal either way.
+    /// A piece that does not fit its chunk is dropped and breaks the chunk.
     fn put_layers(
         &mut self,
         request_id: &str,
         pieces: Vec<(CacheKey, LayerPiece)>,
         spec: &KvCacheSpec,
+        staging: &StagingPool<HostBuffer>,
     ) {
         for (key, piece) in pieces {
-            if let (Some(transfer), Some(&index)) = (self.transfer.as_mut(), self.index.get(&key)) {
-                let sent = piece
-                    .in_chunk(spec)
-                    .try_for_each(|(range, bytes)| transfer.put_piece(index, range.start, bytes));
-                if let Err(error) = sent {
-                    self.give_up(request_id, &error);
-                }
+            let layered = self
+                .layers
+                .entry(key.clone())
+                .or_insert_with(|| Layered::new(spec, piece.tokens));
+            if !layered.fits(&piece, spec) {
+                tracing::error!(request = request_id, %key, layers = ?piece.layers, "a PD layer piece does not fit its chunk; the chunk is not sent");
+                layered.broken = true;
+                staging.give_back(piece.data);
+                continue;
             }
-            self.layers
-                .entry(key)
-                .or_insert_with(|| Layered::new(spec, piece.tokens))
-                .add(piece, spec);
+            let mut failed = None;
+            if let (Some(transfer), Some(&index)) = (self.transfer.as_mut(), self.index.get(&key)) {
+                failed = piece
+                    .in_chunk(spec)
+                    .try_for_each(|(range, bytes)| transfer.put_piece(index, range.start, bytes))
+                    .err();
+            }
+            layered.add(piece, spec);
+            if let Some(error) = failed {
+                self.give_up(request_id, &error);
+            }
         }
     }
 
@@ -1050,8 +1061,8 @@ mod tests {
     use crate::KvDtype;
 
     /// A chunk saved layer by layer, its pieces in any order, has the checksum of the
-    /// whole chunk, though its planes' slices straddle checksum segments; a piece that
-    /// does not fit leaves it without one.
+    /// whole chunk, though its planes' slices straddle checksum segments; pieces that do
+    /// not fit are told apart.
     #[test]
     fn layer_pieces_in_any_order_make_the_chunks_checksum() {
         // 3 layers of 2 planes, 200 tokens of 96 bytes: slices of 19,200 bytes.
@@ -1092,11 +1103,22 @@ mod tests {
             let mut bytes = ChunkBytes::Layers(layered.pieces);
             assert!(bytes.whole(&spec, tokens, &pool).unwrap()[..] == chunk[..]);
         }
-        let mut overlapping = Layered::new(&spec, tokens);
-        for layers in [0..2, 1..3] {
-            overlapping.add(piece(layers), &spec);
-        }
-        assert_eq!(overlapping.checksum(), None);
+        let mut layered = Layered::new(&spec, tokens);
+        layered.add(piece(0..2), &spec);
+        assert!(!layered.fits(&piece(1..3), &spec), "overlapping layers");
+        let past_the_end = LayerPiece {
+            layers: 3..4,
+            tokens,
+            data: HostBuffer::zeroed(spec.chunk_layers_bytes(tokens, 3..4)).unwrap(),
+        };
+        assert!(!layered.fits(&past_the_end, &spec), "past the last layer");
+        let other_tokens = LayerPiece {
+            tokens: 100,
+            ..piece(2..3)
+        };
+        assert!(!layered.fits(&other_tokens, &spec), "other tokens");
+        assert!(layered.fits(&piece(2..3), &spec));
+        assert_eq!(layered.checksum(), None, "a layer missing");
     }
 
     /// The rule the sender applies is exactly the decoder's chunking of its lookup.
