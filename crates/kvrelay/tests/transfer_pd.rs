@@ -1349,16 +1349,6 @@ fn send_piece(alloc: &mut TcpStream, grant: u32, chunk: u32, offset: usize, byte
     alloc.write_all(bytes).unwrap();
 }
 
-/// Where layer `layer`'s K and V slices of a `KV_2LTD` chunk of `len` bytes lie: the chunk
-/// is [2 planes, layers, tokens, hidden].
-fn layer_slices(len: usize, layer: usize) -> [std::ops::Range<usize>; 2] {
-    let layers = spec().num_layers;
-    let slice = len / (2 * layers);
-    let k = layer * slice;
-    let v = (layers + layer) * slice;
-    [k..k + slice, v..v + slice]
-}
-
 /// Sends every chunk of `r` layer by layer, as a prefiller does that sends each layer as
 /// soon as it is computed: per layer, the V slice of one chunk, then the K slice of
 /// another, across all chunks; then seals them, last chunk first, with
@@ -1373,11 +1363,11 @@ fn send_by_layer(
     for layer in 0..spec().num_layers {
         for i in (0..n).rev() {
             let (v_chunk, k_chunk) = (i, n - 1 - i);
+            let [_, v_slice] = r.layer_slices(v_chunk, layer);
             let v = &r.chunks[v_chunk].2;
-            let [_, v_slice] = layer_slices(v.len(), layer);
             send_piece(alloc, grant, v_chunk as u32, v_slice.start, &v[v_slice]);
+            let [k_slice, _] = r.layer_slices(k_chunk, layer);
             let k = &r.chunks[k_chunk].2;
-            let [k_slice, _] = layer_slices(k.len(), layer);
             send_piece(alloc, grant, k_chunk as u32, k_slice.start, &k[k_slice]);
         }
     }
@@ -1443,10 +1433,10 @@ fn tcp_overlapping_pieces_and_a_seal_before_the_gaps_fill_end_the_grant() {
     let rx = PdReceiver::bind(&cfg, 0).unwrap();
     let r = request("by-layer-hostile", 2, false);
     let data = &r.chunks[0].2;
-    let [k, v] = layer_slices(data.len(), 0);
+    let [k, v] = r.layer_slices(0, 0);
     let half = k.len() / 2;
     let overlapping = [
-        // Into the gapless prefix.
+        // Into bytes that arrived in order.
         (k.start + half, k.len()),
         // Into a slice that arrived early.
         (v.start - half, k.len()),
@@ -1477,7 +1467,7 @@ fn tcp_overlapping_pieces_and_a_seal_before_the_gaps_fill_end_the_grant() {
     let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
     let (grant, _) = raw_alloc(&mut alloc, &r);
     for layer in 1..spec().num_layers {
-        for slice in layer_slices(data.len(), layer) {
+        for slice in r.layer_slices(0, layer) {
             send_piece(&mut alloc, grant, 0, slice.start, &data[slice]);
         }
     }
@@ -1693,6 +1683,14 @@ impl Request {
             .chunk_layer_ranges(meta.num_tokens as usize, layers)
             .flat_map(|range| data[range].iter().copied())
             .collect()
+    }
+
+    /// Where layer `layer`'s K and V slices of chunk `i` lie in the chunk.
+    fn layer_slices(&self, i: usize, layer: usize) -> [std::ops::Range<usize>; 2] {
+        let tokens = self.chunks[i].1.num_tokens as usize;
+        let mut slices = spec().chunk_layer_ranges(tokens, layer..layer + 1);
+        let (k, v) = (slices.next().unwrap(), slices.next().unwrap());
+        [k, v]
     }
 }
 
