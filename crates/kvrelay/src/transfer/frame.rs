@@ -219,6 +219,13 @@ pub enum ChannelKind {
 }
 
 impl ChannelKind {
+    /// Whether the channel moves a chunk in pieces put in any order, chunks interleaved:
+    /// tcp and shm. The NPU channels stage one chunk at a time, in order, between fences,
+    /// so they move whole chunks only.
+    pub fn moves_pieces(self) -> bool {
+        matches!(self, ChannelKind::Tcp | ChannelKind::Shm)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ChannelKind::Tcp => "tcp",

@@ -308,20 +308,12 @@ impl PdTransfer {
         self.chunks.len()
     }
 
-    /// Tokens of chunk `index` as declared at reserve (0 past the declared chunks).
-    pub fn chunk_tokens(&self, index: usize) -> usize {
-        self.chunks
-            .get(index)
-            .map_or(0, |c| c.meta.num_tokens as usize)
-    }
-
-    /// Whether this transfer's channel moves a chunk in pieces put in any order, chunks
-    /// interleaved ([`PdTransfer::put_piece`]): tcp and shm. The NPU channels stage one
-    /// chunk at a time, in order, between fences, so they take whole chunks only.
+    /// Whether this transfer's channel moves a chunk in pieces
+    /// ([`PdTransfer::put_piece`]; see [`ChannelKind::moves_pieces`]).
     pub fn takes_pieces(&self) -> bool {
         self.link
             .as_ref()
-            .is_some_and(|l| matches!(l.channel.kind(), ChannelKind::Tcp | ChannelKind::Shm))
+            .is_some_and(|l| l.channel.kind().moves_pieces())
     }
 
     /// Moves chunk `index` into its reserved page and seals it. The chunk must be the one

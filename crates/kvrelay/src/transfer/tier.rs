@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::frame::{
-    checksum, combine_segments, num_segments, segment_digest, ChannelKind, SegmentTally,
-};
+use super::frame::{checksum, combine_segments, num_segments, segment_digest, SegmentTally};
 use super::sender::notify_proxy;
 use super::{
     ChunkPlan, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, PdTransfer,
@@ -406,7 +404,7 @@ impl ChunkBytes {
 impl PdSink {
     pub fn new(config: PdConfig, rank: u32) -> Result<Self, TransferError> {
         let mode = config.backend_mode;
-        let takes_pieces = matches!(config.channel, ChannelKind::Tcp | ChannelKind::Shm);
+        let takes_pieces = config.channel.moves_pieces();
         let counters = Arc::new(SinkCounters::default());
         // As many idle chunk buffers as the decoder's buffer has pages: one request's worth
         // at most (a larger one could never be admitted whole).
