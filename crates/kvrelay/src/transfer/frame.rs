@@ -495,15 +495,17 @@ pub fn checksum(data: &[u8]) -> u64 {
     combine_segments(&digests)
 }
 
-/// The digest of one checksum segment.
+/// The digest of one checksum segment: twox-hash's xxh3-64, which picks its vector loop at
+/// run time and on 64 KiB segments hashes as fast as hand-written AVX2 and AVX-512 loops,
+/// in cache and out of it (measured on this project's 2-core Zen 5 VM).
 pub fn segment_digest(bytes: &[u8]) -> u64 {
-    super::xxh3::checksum_uncached(bytes)
+    twox_hash::XxHash3_64::oneshot(bytes)
 }
 
 /// The [`checksum`] of a chunk whose segments' digests are `digests`, in chunk order.
 pub fn combine_segments(digests: &[u64]) -> u64 {
     let bytes: Vec<u8> = digests.iter().flat_map(|d| d.to_le_bytes()).collect();
-    super::xxh3::checksum_uncached(&bytes)
+    twox_hash::XxHash3_64::oneshot(&bytes)
 }
 
 /// The 12 header bytes of a frame.

@@ -93,7 +93,6 @@ mod shm;
 mod tcp;
 mod tier;
 mod verify;
-mod xxh3;
 
 use std::time::Duration;
 
