@@ -104,6 +104,11 @@ fn request(id: &str, n: usize, partial_tail: bool) -> Request {
 }
 
 impl Request {
+    /// Whether no chunk of this request can be loaded from `rx`.
+    fn none_loaded(&self, rx: &PdReceiver) -> bool {
+        self.chunks.iter().all(|(k, _, _)| rx.get(k).is_none())
+    }
+
     /// The chunks as a connector hands them to the sender, checksums taken at gather time.
     fn refs(&self) -> Vec<OutgoingChunk<'_>> {
         self.chunks
@@ -309,7 +314,7 @@ fn stale_checksum(channel: &str) {
         matches!(err, TransferError::ChunksRejected { rejected: 1, .. }),
         "{err}"
     );
-    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert!(r.none_loaded(&rx));
     assert_eq!(rx.occupancy().used_pages, 0);
     let again = request("fresh", 3, true);
     again.send(&mut tx).unwrap();
@@ -407,7 +412,7 @@ fn aborted_mid_prefill(channel: &str) {
         let occ = rx.occupancy();
         (occ.used_pages, occ.requests) == (0, 0)
     });
-    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert!(r.none_loaded(&rx));
     assert!(rx.wait_ready(&r.id, Duration::from_secs(1)).is_err());
     // The sender's idle connection was untouched; the next request goes through.
     let next = request("after-abort", 5, false);
@@ -483,7 +488,7 @@ fn mismatched_puts_and_an_early_commit_are_refused() {
     eventually("an unfinished commit frees the pages", || {
         rx.occupancy().used_pages == 0
     });
-    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert!(r.none_loaded(&rx));
 }
 
 /// `pd_backend_mode: async`: `flush` only queues; the sender thread delivers the KV and
@@ -773,7 +778,7 @@ fn a_reserved_sink_sends_chunks_as_added_and_commits_at_the_flush() {
     eventually("a forgotten reservation frees its pages", || {
         rx.occupancy().used_pages == 0
     });
-    assert!(gone.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert!(gone.none_loaded(&rx));
 }
 
 /// A sink gathers later requests into the staging buffers of chunks it sent or forgot, and
@@ -1087,18 +1092,53 @@ fn raw_attach(rx: &PdReceiver, channel: ChannelKind) -> TcpStream {
     alloc
 }
 
-/// Sends an AllocRequest and returns the grant id and pages.
-fn raw_alloc(alloc: &mut TcpStream, r: &Request) -> (u32, Vec<u32>) {
+/// Attaches over `channel` (see [`raw_attach`]), asks for `r`'s pages, and returns the
+/// alloc connection and the grant id.
+fn raw_grant(rx: &PdReceiver, channel: ChannelKind, r: &Request) -> (TcpStream, u32) {
+    let mut alloc = raw_attach(rx, channel);
     send(
-        alloc,
+        &mut alloc,
         &Message::AllocRequest {
             request_id: r.id.clone(),
             chunks: r.decls(),
         },
     );
-    match recv(alloc) {
-        Message::AllocGrant { grant, pages } => (grant, pages),
+    match recv(&mut alloc) {
+        Message::AllocGrant { grant, .. } => (alloc, grant),
         other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// Writes one `Data` frame: `bytes` at `offset` of chunk `chunk`.
+fn send_piece(alloc: &mut TcpStream, grant: u32, chunk: u32, offset: usize, bytes: &[u8]) {
+    let d = DataHeader {
+        grant,
+        chunk,
+        offset: offset as u64,
+    };
+    alloc
+        .write_all(&data_prefix(&d, bytes.len() as u32))
+        .unwrap();
+    alloc.write_all(bytes).unwrap();
+}
+
+/// Sends the `Seal` of chunk `chunk` with `checksum`.
+fn seal(alloc: &mut TcpStream, grant: u32, chunk: u32, checksum: u64) {
+    let seal = Message::Seal {
+        grant,
+        chunk,
+        checksum,
+    };
+    send(alloc, &seal);
+}
+
+/// Reads the reply to a `Commit`: the chunks verified and rejected.
+fn committed(alloc: &mut TcpStream) -> (u32, u32) {
+    match recv(alloc) {
+        Message::Committed {
+            verified, rejected, ..
+        } => (verified, rejected),
+        other => panic!("expected Committed, got {other:?}"),
     }
 }
 
@@ -1122,21 +1162,11 @@ fn sender_dropped_mid_transfer_frees_its_pages_and_the_receiver_keeps_serving() 
         let cfg = config(channel.as_str(), 8, "", None);
         let rx = PdReceiver::bind(&cfg, 0).unwrap();
         let r = request("dies", 3, false);
-        let mut alloc = raw_attach(&rx, channel);
-        let (grant, _) = raw_alloc(&mut alloc, &r);
+        let (mut alloc, grant) = raw_grant(&rx, channel, &r);
         assert_eq!(rx.occupancy().used_pages, 3);
         if channel == ChannelKind::Tcp {
             // Half of the first chunk, then the sender vanishes.
-            let d = DataHeader {
-                grant,
-                chunk: 0,
-                offset: 0,
-            };
-            let half = &r.chunks[0].2[..page() / 2];
-            alloc
-                .write_all(&data_prefix(&d, half.len() as u32))
-                .unwrap();
-            alloc.write_all(half).unwrap();
+            send_piece(&mut alloc, grant, 0, 0, &r.chunks[0].2[..page() / 2]);
         }
         drop(alloc);
         eventually("pages of the dead sender are freed", || {
@@ -1253,8 +1283,7 @@ fn out_of_bounds_data_is_rejected_and_nothing_lands_outside_the_grant() {
         ),
     ];
     for (mut d, n) in hostile {
-        let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-        let (grant, _) = raw_alloc(&mut alloc, &r);
+        let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
         if d.grant == 0 {
             d.grant = grant;
         }
@@ -1268,20 +1297,11 @@ fn out_of_bounds_data_is_rejected_and_nothing_lands_outside_the_grant() {
         eventually("hostile grant freed", || rx.occupancy().used_pages == 4);
     }
     // Sealing a chunk whose bytes never came, and committing early, are refused too.
-    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-    let (grant, _) = raw_alloc(&mut alloc, &r);
+    let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
     send(&mut alloc, &Message::Commit { grant });
     assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
-    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-    let (grant, _) = raw_alloc(&mut alloc, &r);
-    send(
-        &mut alloc,
-        &Message::Seal {
-            grant,
-            chunk: 0,
-            checksum: 0,
-        },
-    );
+    let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
+    seal(&mut alloc, grant, 0, 0);
     assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
 
     eventually("hostile grants freed", || rx.occupancy().used_pages == 4);
@@ -1293,60 +1313,24 @@ fn a_checksum_mismatch_is_a_miss_never_loaded() {
     let cfg = config("tcp", 8, "", None);
     let rx = PdReceiver::bind(&cfg, 0).unwrap();
     let r = request("corrupt", 2, false);
-    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-    let (grant, _) = raw_alloc(&mut alloc, &r);
+    let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
     for (i, (_, _, data)) in r.chunks.iter().enumerate() {
-        let d = DataHeader {
-            grant,
-            chunk: i as u32,
-            offset: 0,
-        };
-        alloc
-            .write_all(&data_prefix(&d, data.len() as u32))
-            .unwrap();
-        alloc.write_all(data).unwrap();
+        send_piece(&mut alloc, grant, i as u32, 0, data);
         let mut checksum = frame::checksum(data);
         if i == 1 {
             checksum ^= 1;
         }
-        send(
-            &mut alloc,
-            &Message::Seal {
-                grant,
-                chunk: i as u32,
-                checksum,
-            },
-        );
+        seal(&mut alloc, grant, i as u32, checksum);
     }
     send(&mut alloc, &Message::Commit { grant });
-    assert!(matches!(
-        recv(&mut alloc),
-        Message::Committed {
-            verified: 1,
-            rejected: 1,
-            ..
-        }
-    ));
+    assert_eq!(committed(&mut alloc), (1, 1));
     // The whole request is dropped: no chunk of it is ever loaded.
-    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert!(r.none_loaded(&rx));
     assert_eq!(rx.occupancy().used_pages, 0);
     assert!(matches!(
         rx.wait_ready("corrupt", Duration::from_secs(1)),
         Err(TransferError::RequestEnded { .. })
     ));
-}
-
-/// Writes one `Data` frame: `bytes` at `offset` of chunk `chunk`.
-fn send_piece(alloc: &mut TcpStream, grant: u32, chunk: u32, offset: usize, bytes: &[u8]) {
-    let d = DataHeader {
-        grant,
-        chunk,
-        offset: offset as u64,
-    };
-    alloc
-        .write_all(&data_prefix(&d, bytes.len() as u32))
-        .unwrap();
-    alloc.write_all(bytes).unwrap();
 }
 
 /// Sends every chunk of `r` layer by layer, as a prefiller does that sends each layer as
@@ -1373,14 +1357,7 @@ fn send_by_layer(
     }
     for (i, (_, _, data)) in r.chunks.iter().enumerate().rev() {
         let checksum = checksum(i, data);
-        send(
-            alloc,
-            &Message::Seal {
-                grant,
-                chunk: i as u32,
-                checksum,
-            },
-        );
+        seal(alloc, grant, i as u32, checksum);
     }
     send(alloc, &Message::Commit { grant });
 }
@@ -1392,15 +1369,9 @@ fn tcp_chunks_arriving_layer_by_layer_interleaved_land_bit_exact() {
         let cfg = config("tcp", n, "", None);
         let rx = PdReceiver::bind(&cfg, 0).unwrap();
         let r = request(&format!("by-layer-{n}"), n, true);
-        let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-        let (grant, _) = raw_alloc(&mut alloc, &r);
+        let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
         send_by_layer(&mut alloc, grant, &r, |_, data| frame::checksum(data));
-        match recv(&mut alloc) {
-            Message::Committed {
-                verified, rejected, ..
-            } => assert_eq!((verified, rejected), (n as u32, 0), "{n} chunks"),
-            other => panic!("expected Committed, got {other:?}"),
-        }
+        assert_eq!(committed(&mut alloc), (n as u32, 0), "{n} chunks");
         r.consume_and_check(&rx);
     }
 }
@@ -1410,20 +1381,12 @@ fn tcp_a_wrong_checksum_of_a_chunk_sent_by_layer_is_a_miss() {
     let cfg = config("tcp", 4, "", None);
     let rx = PdReceiver::bind(&cfg, 0).unwrap();
     let r = request("by-layer-corrupt", 2, false);
-    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-    let (grant, _) = raw_alloc(&mut alloc, &r);
+    let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
     send_by_layer(&mut alloc, grant, &r, |i, data| {
         frame::checksum(data) ^ u64::from(i == 0)
     });
-    assert!(matches!(
-        recv(&mut alloc),
-        Message::Committed {
-            verified: 1,
-            rejected: 1,
-            ..
-        }
-    ));
-    assert!(r.chunks.iter().all(|(k, _, _)| rx.get(k).is_none()));
+    assert_eq!(committed(&mut alloc), (1, 1));
+    assert!(r.none_loaded(&rx));
     assert_eq!(rx.occupancy().used_pages, 0);
 }
 
@@ -1443,8 +1406,7 @@ fn tcp_overlapping_pieces_and_a_seal_before_the_gaps_fill_end_the_grant() {
         (v.start + half, 1),
     ];
     for (offset, len) in overlapping {
-        let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-        let (grant, _) = raw_alloc(&mut alloc, &r);
+        let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
         send_piece(&mut alloc, grant, 1, v.start, &data[v.clone()]);
         send_piece(&mut alloc, grant, 0, v.start, &data[v.clone()]);
         send_piece(&mut alloc, grant, 0, k.start, &data[k.clone()]);
@@ -1464,22 +1426,14 @@ fn tcp_overlapping_pieces_and_a_seal_before_the_gaps_fill_end_the_grant() {
         eventually("the grant is freed", || rx.occupancy().used_pages == 0);
     }
     // Every byte but one layer's K slice: the chunk cannot be sealed yet.
-    let mut alloc = raw_attach(&rx, ChannelKind::Tcp);
-    let (grant, _) = raw_alloc(&mut alloc, &r);
+    let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
     for layer in 1..spec().num_layers {
         for slice in r.layer_slices(0, layer) {
             send_piece(&mut alloc, grant, 0, slice.start, &data[slice]);
         }
     }
     send_piece(&mut alloc, grant, 0, v.start, &data[v.clone()]);
-    send(
-        &mut alloc,
-        &Message::Seal {
-            grant,
-            chunk: 0,
-            checksum: frame::checksum(data),
-        },
-    );
+    seal(&mut alloc, grant, 0, frame::checksum(data));
     assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
     eventually("the grant is freed", || rx.occupancy().used_pages == 0);
     // The receiver still serves a well-behaved sender.
