@@ -1390,6 +1390,62 @@ fn tcp_a_wrong_checksum_of_a_chunk_sent_by_layer_is_a_miss() {
     assert_eq!(rx.occupancy().used_pages, 0);
 }
 
+/// Sends a `Landed` frame: `len` bytes at `offset` of chunk `chunk` are in the page.
+fn announce(alloc: &mut TcpStream, grant: u32, chunk: u32, offset: usize, len: usize) {
+    let landed = Message::Landed {
+        grant,
+        chunk,
+        offset: offset as u64,
+        len: len as u32,
+    };
+    send(alloc, &landed);
+}
+
+/// An shm receiver counts a chunk's bytes only once the sender announced them, once each:
+/// a seal before the announcements, an announcement past the chunk or over bytes already
+/// announced, and a tcp `Data` frame all end the grant; a tcp receiver refuses `Landed`.
+#[test]
+fn shm_bytes_count_once_announced_and_tcp_refuses_announcements() {
+    let r = request("announced", 2, false);
+    let len = r.chunks[0].2.len();
+    let cfg = config("shm", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    type Hostile = fn(&mut TcpStream, u32, usize);
+    let hostile: [(&str, Hostile); 4] = [
+        ("a seal before any announcement", |a, g, _| seal(a, g, 0, 0)),
+        ("an announcement past the chunk", |a, g, len| {
+            announce(a, g, 0, 1, len)
+        }),
+        ("bytes announced twice", |a, g, len| {
+            announce(a, g, 0, 0, len / 2 + 1);
+            announce(a, g, 0, len / 2, len / 2);
+        }),
+        ("a tcp Data frame", |a, g, _| {
+            send_piece(a, g, 0, 0, &[0; 64])
+        }),
+    ];
+    for (what, send_hostile) in hostile {
+        let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Shm, &r);
+        send_hostile(&mut alloc, grant, len);
+        assert_eq!(
+            closed_with(&mut alloc),
+            Some(ErrorCode::Protocol),
+            "{what} accepted"
+        );
+        eventually("the grant is freed", || rx.occupancy().used_pages == 0);
+    }
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    r.send(&mut tx).unwrap();
+    r.consume_and_check(&rx);
+
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
+    announce(&mut alloc, grant, 0, 0, len);
+    assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
+    eventually("the grant is freed", || rx.occupancy().used_pages == 0);
+}
+
 #[test]
 fn tcp_overlapping_pieces_and_a_seal_before_the_gaps_fill_end_the_grant() {
     let cfg = config("tcp", 4, "", None);

@@ -19,8 +19,10 @@
 //!   checks the header against the grant and `read`s the payload straight into the page.
 //!   `fence` has nothing to do: the stream is ordered.
 //! - **shm** (one-sided, same host): the receiver's PD buffer is a shared mapping the sender
-//!   mapped at handshake; `put` is a memcpy to `base + remote_offset`, `fence` a release
-//!   fence before the `Seal` frame.
+//!   mapped at handshake; `put` is a streaming copy to `base + remote_offset`, a release
+//!   fence, and a `Landed` frame naming the bytes on the control connection, so the
+//!   receiver hashes them while the sender copies the next put; `fence` has nothing left
+//!   to do.
 //! - **HCCL one-sided (`HcclBatchPut`, hcomm_onesided, built)**: `Welcome` carries a
 //!   2-rank rank table, a comm name and the registered PD buffer's device address; `put`
 //!   stages the piece in registered device memory and appends an `HcclOneSideOpDesc{local
@@ -104,8 +106,12 @@ pub(crate) enum Landed {
     /// reads them into the page and its verify thread hashes each read's bytes right after
     /// (see `verify.rs`).
     InFrames,
-    /// The channel writes the page itself (shm, HCCL, HIXL): once
-    /// [`ServerSession::landed`] returns, the receiver hashes the page.
+    /// The channel writes the page itself and says so in `Landed` frames (shm): the
+    /// receiver's verify thread hashes each announced range's bytes, as for `InFrames`.
+    Announced,
+    /// The channel writes the page itself (HCCL, HIXL): once [`ServerSession::landed`]
+    /// returns, the receiver hashes the page.
+    #[cfg(feature = "ascend")]
     InPage,
 }
 
@@ -207,7 +213,7 @@ pub(crate) fn connect(
             ChannelParams::read(kind, params)?.end()?;
             Box::new(TcpChannel::new(control)?)
         }
-        ChannelKind::Shm => Box::new(ShmChannel::from_params(params, buffer_len)?),
+        ChannelKind::Shm => Box::new(ShmChannel::from_params(params, buffer_len, control)?),
         #[cfg(feature = "ascend")]
         ChannelKind::Hccl => Box::new(super::hccl::HcclChannel::connect(config, params)?),
         #[cfg(feature = "ascend")]

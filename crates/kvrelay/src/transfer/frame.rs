@@ -27,7 +27,9 @@ pub const MAGIC: [u8; 4] = *b"KVRL";
 /// 2: `Hello` carries the sender's [`KeyDerivation`], `Welcome` the receiver's lookup rule.
 /// 3: `Welcome` carries the channel's opaque, versioned parameters instead of shm fields.
 /// 4: a chunk's `Data` may arrive in any order and interleaved with other chunks of its grant.
-pub const VERSION: u8 = 4;
+/// 5: an shm sender announces each put's bytes with `Landed`, so the receiver hashes them as
+/// they land instead of whole chunks at `Seal`.
+pub const VERSION: u8 = 5;
 pub const HEADER_LEN: usize = 12;
 
 /// Bound on handshake frames (init port, and the first frame on the alloc port): room for
@@ -123,6 +125,8 @@ pub enum MsgType {
     /// S→P: a request's KV is ready in receiver rank `rank`, or (with a failure reason)
     /// will never be.
     Notify = 13,
+    /// S→R (shm): bytes of one chunk are in the receiver's page.
+    Landed = 14,
 }
 
 impl MsgType {
@@ -142,6 +146,7 @@ impl MsgType {
             11 => Commit,
             12 => Committed,
             13 => Notify,
+            14 => Landed,
             _ => return None,
         })
     }
@@ -327,6 +332,13 @@ pub enum Message {
         chunk: u32,
         checksum: u64,
     },
+    /// `len` bytes from `offset` of chunk `chunk` were written into the granted page.
+    Landed {
+        grant: u32,
+        chunk: u32,
+        offset: u64,
+        len: u32,
+    },
     Commit {
         grant: u32,
     },
@@ -356,6 +368,7 @@ impl Message {
             Message::AllocRequest { .. } => MsgType::AllocRequest,
             Message::AllocGrant { .. } => MsgType::AllocGrant,
             Message::Seal { .. } => MsgType::Seal,
+            Message::Landed { .. } => MsgType::Landed,
             Message::Commit { .. } => MsgType::Commit,
             Message::Committed { .. } => MsgType::Committed,
             Message::Notify { .. } => MsgType::Notify,
@@ -437,6 +450,17 @@ impl Message {
                 w.u32(*grant);
                 w.u32(*chunk);
                 w.u64(*checksum);
+            }
+            Message::Landed {
+                grant,
+                chunk,
+                offset,
+                len,
+            } => {
+                w.u32(*grant);
+                w.u32(*chunk);
+                w.u64(*offset);
+                w.u32(*len);
             }
             Message::Commit { grant } => w.u32(*grant),
             Message::Committed {
@@ -647,6 +671,12 @@ pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
             grant: r.u32("grant")?,
             chunk: r.u32("chunk")?,
             checksum: r.u64("checksum")?,
+        },
+        MsgType::Landed => Message::Landed {
+            grant: r.u32("grant")?,
+            chunk: r.u32("chunk")?,
+            offset: r.u64("offset")?,
+            len: r.u32("length")?,
         },
         MsgType::Commit => Message::Commit {
             grant: r.u32("grant")?,
@@ -1173,6 +1203,12 @@ mod tests {
                 grant: 3,
                 chunk: 1,
                 checksum: 42,
+            },
+            Message::Landed {
+                grant: 3,
+                chunk: 1,
+                offset: 1 << 33,
+                len: 4096,
             },
             Message::Commit { grant: 3 },
             Message::Committed {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,8 +16,8 @@ use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
 use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
 use super::frame::{
-    self, num_segments, read_frame, ChunkDecl, ErrorCode, FrameError, GrantCheck, Incoming,
-    Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    self, num_segments, read_frame, ChunkDecl, DataHeader, ErrorCode, FrameError, GrantCheck,
+    Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
 };
 use super::tcp::tune_socket;
 use super::verify::Verifier;
@@ -588,6 +589,30 @@ impl Inner {
         result
     }
 
+    /// Counts `landed` (bytes of chunk `chunk`, as offsets in the chunk, that `check`
+    /// admitted) as in place, and hands each checksum segment they complete to `verifier`.
+    fn verify_landed(
+        &self,
+        check: &mut GrantCheck,
+        verifier: &Verifier<'_>,
+        chunk: u32,
+        landed: Range<u64>,
+    ) {
+        check.landed(chunk, landed, |index, segment| {
+            // SAFETY: the segment's bytes all landed and are final: `admit` lets each byte of
+            // a chunk be written once, and the pages stay granted until `receive`'s scope,
+            // which the verifier's thread runs in, has ended.
+            unsafe {
+                verifier.segment(
+                    chunk,
+                    index,
+                    self.buffer.ptr_at(segment.start as usize),
+                    (segment.end - segment.start) as usize,
+                )
+            };
+        });
+    }
+
     /// Posts the grant, takes the chunks' data and seals, and answers the commit.
     fn receive(
         &self,
@@ -631,10 +656,10 @@ impl Inner {
         );
         let deadline = Instant::now() + cfg.ttl;
         std::thread::scope(|scope| {
-            // tcp: each checksum segment is hashed as soon as its bytes landed, large
-            // requests on a thread of their own.
+            // tcp and shm: each checksum segment is hashed as soon as its bytes landed,
+            // large requests on a thread of their own.
             let verifier = match landing {
-                Landed::InFrames => {
+                Landed::InFrames | Landed::Announced => {
                     let bytes: u64 = chunks.iter().map(|c| c.len).sum();
                     let beside = bytes >= VERIFY_BESIDE_FROM;
                     let segments = chunks
@@ -643,6 +668,7 @@ impl Inner {
                         .collect();
                     Some(Verifier::new(scope, request_id, segments, beside)?)
                 }
+                #[cfg(feature = "ascend")]
                 Landed::InPage => None,
             };
             let mut verified: Vec<Option<bool>> = vec![None; chunks.len()];
@@ -654,7 +680,7 @@ impl Inner {
                 }
                 match read_frame(stream, MAX_CONTROL_BODY) {
                     Ok(Incoming::Data(d, len)) => {
-                        let Some(verifier) = &verifier else {
+                        let (Some(verifier), Landed::InFrames) = (&verifier, landing) else {
                             return Err(FrameError::Unexpected(MsgType::Data).into());
                         };
                         let admitted = check
@@ -686,22 +712,29 @@ impl Inner {
                                 Err(e) => return Err(TransferError::io("reading chunk data", e)),
                             };
                             let landed = at as u64 - chunk_start..(at + n) as u64 - chunk_start;
-                            check.landed(d.chunk, landed, |index, segment| {
-                                // SAFETY: the segment's bytes all landed and are final: `admit`
-                                // lets each byte of a chunk be written once, and the pages stay
-                                // granted until `receive`'s scope, which the verifier's thread
-                                // runs in, has ended.
-                                unsafe {
-                                    verifier.segment(
-                                        d.chunk,
-                                        index,
-                                        self.buffer.ptr_at(segment.start as usize),
-                                        (segment.end - segment.start) as usize,
-                                    )
-                                };
-                            });
+                            self.verify_landed(&mut check, verifier, d.chunk, landed);
                             at += n;
                         }
+                    }
+                    Ok(Incoming::Message(Message::Landed {
+                        grant: g,
+                        chunk,
+                        offset,
+                        len,
+                    })) => {
+                        let (Some(verifier), Landed::Announced) = (&verifier, landing) else {
+                            return Err(FrameError::Unexpected(MsgType::Landed).into());
+                        };
+                        let d = DataHeader {
+                            grant: g,
+                            chunk,
+                            offset,
+                        };
+                        let admitted = check
+                            .admit(&d, u64::from(len))
+                            .map_err(TransferError::Protocol)?;
+                        let landed = offset..offset + (admitted.end - admitted.start);
+                        self.verify_landed(&mut check, verifier, chunk, landed);
                     }
                     Ok(Incoming::Message(Message::Seal {
                         grant: g,

@@ -2,6 +2,8 @@
 //! the sender copies chunk bytes straight into the granted pages.
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -11,7 +13,7 @@ use memmap2::{MmapMut, MmapOptions};
 use super::auth::random;
 use super::buffer::PageMemory;
 use super::channel::{Channel, ChannelParams, ChannelServer, Landed, Passive, Put, ServerSession};
-use super::frame::ChannelKind;
+use super::frame::{ChannelKind, Message};
 use super::TransferError;
 use crate::device::stream::{stream_copy, stream_fence};
 use crate::process::process_alive;
@@ -148,7 +150,7 @@ impl ShmServer {
 
 impl ChannelServer for ShmServer {
     fn landing(&self) -> Landed {
-        Landed::InPage
+        Landed::Announced
     }
 
     fn memory(&mut self, len: usize) -> Result<Box<dyn PageMemory>, TransferError> {
@@ -170,14 +172,20 @@ impl ChannelServer for ShmServer {
     }
 }
 
-/// The sender's mapping of a receiver's shared PD buffer.
+/// The sender's mapping of a receiver's shared PD buffer, and its own handle on the control
+/// connection for the `Landed` frames.
 pub(crate) struct ShmChannel {
     map: MmapMut,
+    control: TcpStream,
 }
 
 impl ShmChannel {
     /// Opens the buffer `Welcome`'s parameters name, which must hold `buffer_len` bytes.
-    pub(crate) fn from_params(params: &[u8], buffer_len: u64) -> Result<Self, TransferError> {
+    pub(crate) fn from_params(
+        params: &[u8],
+        buffer_len: u64,
+        control: &TcpStream,
+    ) -> Result<Self, TransferError> {
         let mut p = ChannelParams::read(ChannelKind::Shm, params)?;
         let path = p.bytes("path")?;
         let len = p.u64("length")?;
@@ -189,13 +197,17 @@ impl ShmChannel {
                 "shm buffer of {len} bytes cannot hold the announced {buffer_len}"
             )));
         }
-        Self::open(path, len)
+        let map = Self::open(path, len)?;
+        let control = control
+            .try_clone()
+            .map_err(|e| TransferError::io("cloning the PD control connection", e))?;
+        Ok(ShmChannel { map, control })
     }
 
     /// Maps the buffer a receiver named in `Welcome`, after checking that the name is a
     /// kvrelay PD file in `/dev/shm` (a receiver must not make us write elsewhere), that it
     /// is a regular file of this user, and that it has the announced size.
-    fn open(path: &str, len: u64) -> Result<Self, TransferError> {
+    fn open(path: &str, len: u64) -> Result<MmapMut, TransferError> {
         let name = path
             .strip_prefix(SHM_DIR)
             .and_then(|p| p.strip_prefix('/'))
@@ -223,9 +235,7 @@ impl ShmChannel {
         }
         // SAFETY: the mapping is shared with the receiver, which does not write pages it
         // granted to us until we commit or disconnect; we write only granted ranges.
-        let map = unsafe { MmapOptions::new().populate().map_mut(&file) }
-            .map_err(|e| io("mapping", e))?;
-        Ok(ShmChannel { map })
+        unsafe { MmapOptions::new().populate().map_mut(&file) }.map_err(|e| io("mapping", e))
     }
 }
 
@@ -235,19 +245,31 @@ impl Channel for ShmChannel {
     }
 
     fn put(&mut self, dst: Put, src: &[u8]) -> Result<(), TransferError> {
+        let len = u32::try_from(src.len()).map_err(|_| {
+            TransferError::Config(format!("a put of {} bytes passes MAX_PUT", src.len()))
+        })?;
         let target = self.target(dst, src.len())?;
         // Streaming stores: the destination is read by another process, so filling this
         // cache with it (and reading each line before overwriting it) would only cost.
         // SAFETY: `target` and `src` are valid for src.len() bytes and cannot overlap: one
         // is our shared mapping, the other the caller's slice of its own memory.
         unsafe { stream_copy(target.as_mut_ptr(), src.as_ptr(), src.len()) };
-        Ok(())
+        // Streaming stores are weakly ordered: drain them before the frame tells the
+        // receiver to read these bytes.
+        stream_fence();
+        let landed = Message::Landed {
+            grant: dst.grant,
+            chunk: dst.chunk,
+            offset: dst.chunk_offset,
+            len,
+        };
+        self.control
+            .write_all(&landed.encode())
+            .map_err(|e| TransferError::io("announcing landed chunk bytes", e))
     }
 
     fn fence(&mut self) -> Result<(), TransferError> {
-        // Streaming stores are weakly ordered: drain them before the Seal frame tells the
-        // receiver to read the page.
-        stream_fence();
+        // Each put fenced its stores before announcing them.
         Ok(())
     }
 }
