@@ -43,8 +43,8 @@
 //!    fingerprint, length) → `AllocGrant` (one page per chunk, all reserved at once) or
 //!    `Error{RequestTooLarge | AllocationTimeout | ...}`. Then per chunk the data (tcp:
 //!    `Data` frames on this connection, read straight into the page; shm: written by the
-//!    sender into the shared mapping), then `Seal{xxh3-64}`; finally `Commit` →
-//!    `Committed{verified, rejected}`.
+//!    sender into the shared mapping, each put announced by a `Landed` frame), then
+//!    `Seal{xxh3-64}`; finally `Commit` → `Committed{verified, rejected}`.
 //! 3. **Proxy** (`pd_proxy_host:pd_proxy_port`): `Notify{request id, rank, failure, mac}`
 //!    once the receiver verified every chunk (`failure` empty), or when an `async`
 //!    sender ([`PdSink`]) gave up on the request (`failure` says why, so the proxy fails
@@ -56,7 +56,8 @@
 //!   `pd_allocation_timeout_sec` (then [`ErrorCode::AllocationTimeout`]), and a request
 //!   larger than the whole buffer is refused at once ([`ErrorCode::RequestTooLarge`]).
 //! - Every `Data` frame is checked against the grant (chunk, offset, length) before a byte
-//!   is read into memory; a malformed frame closes that connection only.
+//!   is read into memory, and every `Landed` frame before its bytes are hashed; a
+//!   malformed frame closes that connection only.
 //! - Every chunk is verified (fingerprint and length at alloc, xxh3-64 at seal). A request
 //!   with any bad chunk is dropped whole: it is a miss, never loaded.
 //! - A sender sends only the chunks the decoder's lookup will ask for (its prompt, plus
@@ -71,7 +72,7 @@
 //!
 //! Trust model of `shm`: the sender maps the whole PD buffer (a 0600 file in `/dev/shm`, so
 //! only the same user can), so a hostile same-host peer could write outside its grant; the
-//! receiver still verifies every chunk's checksum when it is sealed. Over `tcp` the
+//! receiver still verifies every chunk's checksum over what its page holds. Over `tcp` the
 //! receiver alone writes its memory.
 
 pub mod frame;
