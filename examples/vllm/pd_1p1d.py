@@ -1,4 +1,5 @@
-"""The seed-004 1p1d on real vLLM: two vLLM servers and ``kvrelay proxy``, PD over tcp.
+"""The seed-004 1p1d on real vLLM: two vLLM servers and ``kvrelay proxy``, PD over tcp
+(the seed's channel; ``--channel shm`` moves the KV through a shared /dev/shm buffer).
 
 A prefiller (``kv_producer``, port 7100) and a decoder (``kv_consumer``, port 7200), each
 ``python -m vllm.entrypoints.openai.api_server`` loading ``kvrelay.vllm.KvrelayConnector``
@@ -66,12 +67,14 @@ RELEASE_BOUND_SEC = 20.0
 KILLED_DECODER_BOUND_SEC = 30.0
 
 
-def lmcache_config(role: str, work: Path) -> Path:
-    """The seed's config for `role`, with the PD ports moved by --port-offset."""
+def lmcache_config(role: str, work: Path, channel: str) -> Path:
+    """The seed's config for `role`, with the PD ports moved by --port-offset and the
+    transfer channel set to `channel`."""
     ports = {
         "pd_peer_init_port": f"[{PD_PORTS['init']}]",
         "pd_peer_alloc_port": f"[{PD_PORTS['alloc']}]",
         "pd_proxy_port": str(PD_PORTS["notify"]),
+        "transfer_channel": channel,
     }
     lines = (SEED_CONFIGS / f"lmcache-{role}-config.yaml").read_text().splitlines()
     kept = [f"{line.split(':')[0]}: {ports[line.split(':')[0]]}" if line.split(":")[0] in ports else line for line in lines]
@@ -293,7 +296,7 @@ def run(args: argparse.Namespace) -> dict:
         for role in ("decoder", "prefiller"):
             role_env = dict(
                 env,
-                LMCACHE_CONFIG_FILE=str(lmcache_config(role, work)),
+                LMCACHE_CONFIG_FILE=str(lmcache_config(role, work, args.channel)),
                 KVRELAY_STATS_FILE=str(work / f"{role}-stats.json"),
             )
             if role == "decoder":
@@ -394,6 +397,7 @@ def main() -> int:
     parser.add_argument("--kvrelay", default=str(ROOT / "target" / "release" / "kvrelay"), help="the kvrelay binary (for `kvrelay proxy`)")
     parser.add_argument("--model", default="", help="model directory; a tiny random Llama is made when empty")
     parser.add_argument("--work-dir", default="", help="model, configs, logs (a new temp dir when empty)")
+    parser.add_argument("--channel", choices=("tcp", "shm"), default="tcp", help="the PD transfer channel (the seed's is tcp)")
     parser.add_argument("--port-offset", type=int, default=0, help="added to every port (the seed's: 7100, 7200, 7300, 7400, 7500, 9100; plain 7000)")
     parser.add_argument("--start-timeout-sec", type=float, default=300)
     parser.add_argument("--request-timeout-sec", type=int, default=120)
