@@ -17,6 +17,7 @@
 //! the grant (a prefiller sends each layer's slice as soon as the layer is computed), but
 //! never overlap. Decoding never panics and never allocates more than the bounded body.
 
+use std::hash::Hasher;
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 
@@ -524,6 +525,22 @@ pub fn checksum(data: &[u8]) -> u64 {
 /// in cache and out of it (measured on this project's 2-core Zen 5 VM).
 pub fn segment_digest(bytes: &[u8]) -> u64 {
     twox_hash::XxHash3_64::oneshot(bytes)
+}
+
+/// The [`segment_digest`] of a segment whose bytes are `parts`, in order, without putting
+/// them together (one part is hashed in one pass).
+pub fn segment_digest_of_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    let mut parts = parts.into_iter().peekable();
+    let Some(first) = parts.next() else {
+        return segment_digest(&[]);
+    };
+    if parts.peek().is_none() {
+        return segment_digest(first);
+    }
+    let mut hasher = twox_hash::XxHash3_64::new();
+    hasher.write(first);
+    parts.for_each(|part| hasher.write(part));
+    hasher.finish()
 }
 
 /// The [`checksum`] of a chunk whose segments' digests are `digests`, in chunk order.
@@ -1379,6 +1396,27 @@ mod tests {
         let swapped = [digests[1], digests[0], digests[2], digests[3]];
         assert_ne!(combine_segments(&swapped), checksum(&data));
         assert_ne!(checksum(&data[..data.len() - 1]), checksum(&data));
+    }
+
+    #[test]
+    fn a_segment_hashed_in_parts_has_the_digest_of_its_bytes_together() {
+        let segment: Vec<u8> = (0..CHECKSUM_SEGMENT)
+            .map(|i| (i * 7 + (i >> 9)) as u8)
+            .collect();
+        let whole = segment_digest(&segment);
+        let cuts: [&[usize]; 5] = [&[], &[1], &[300, 301, 4096], &[2048, 40_000], &[65_535]];
+        for cut in cuts {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for &end in cut.iter().chain([&segment.len()]) {
+                parts.push(&segment[at..end]);
+                at = end;
+            }
+            assert_eq!(segment_digest_of_parts(parts), whole, "cut at {cut:?}");
+        }
+        assert_eq!(segment_digest_of_parts([]), segment_digest(&[]));
+        let (a, b) = segment.split_at(1000);
+        assert_ne!(segment_digest_of_parts([b, a]), whole, "parts out of order");
     }
 
     #[test]

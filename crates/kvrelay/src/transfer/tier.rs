@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::frame::{checksum, combine_segments, num_segments, segment_digest, SegmentTally};
+use super::frame::{
+    checksum, combine_segments, num_segments, segment_digest_of_parts, SegmentTally,
+};
 use super::sender::notify_proxy;
 use super::{
     ChunkPlan, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, PdTransfer,
@@ -331,27 +333,25 @@ impl Layered {
         }
         self.pieces.push(piece);
         for (index, range) in whole {
-            self.digests[index as usize] = Some(segment_digest(&self.bytes(range, spec)));
+            self.digests[index as usize] = Some(self.digest(range, spec));
         }
     }
 
-    /// Chunk bytes `range`, from the pieces that hold them (copied only when it spans
-    /// several).
-    fn bytes(&self, range: Range<usize>, spec: &KvCacheSpec) -> std::borrow::Cow<'_, [u8]> {
-        let held = || self.pieces.iter().flat_map(|p| p.in_chunk(spec));
-        if let Some((r, bytes)) = held().find(|(r, _)| r.start <= range.start && range.end <= r.end)
-        {
-            return bytes[range.start - r.start..range.end - r.start].into();
-        }
-        let mut out = vec![0; range.len()];
-        for (r, bytes) in held() {
-            let (start, end) = (r.start.max(range.start), r.end.min(range.end));
-            if start < end {
-                out[start - range.start..end - range.start]
-                    .copy_from_slice(&bytes[start - r.start..end - r.start]);
-            }
-        }
-        out.into()
+    /// The digest of checksum segment `range`, all of whose bytes are held, hashed where
+    /// the pieces hold them: a segment that spans several pieces is streamed through the
+    /// hash part by part, not put together first.
+    fn digest(&self, range: Range<usize>, spec: &KvCacheSpec) -> u64 {
+        let mut parts: Vec<(usize, &[u8])> = self
+            .pieces
+            .iter()
+            .flat_map(|p| p.in_chunk(spec))
+            .filter_map(|(r, bytes)| {
+                let (start, end) = (r.start.max(range.start), r.end.min(range.end));
+                (start < end).then(|| (start, &bytes[start - r.start..end - r.start]))
+            })
+            .collect();
+        parts.sort_unstable_by_key(|&(start, _)| start);
+        segment_digest_of_parts(parts.into_iter().map(|(_, bytes)| bytes))
     }
 
     /// The chunk's checksum, once every byte came in pieces that fit.
