@@ -15,7 +15,7 @@ use kvrelay::transfer::frame::{
 };
 use kvrelay::transfer::{
     read_notification, ChannelKind, ChunkPlan, ErrorCode, KvReady, OutgoingChunk, PdConfig, PdPeer,
-    PdReceiver, PdSender, PdSink, PdTarget, PdTransfer, ReceivedKv, TransferError,
+    PdReceiver, PdSender, PdSink, PdTarget, PdTransfer, ReceivedKv, SharedStaging, TransferError,
 };
 use kvrelay::KvDtype;
 use rand::{Rng, SeedableRng};
@@ -1444,6 +1444,140 @@ fn shm_bytes_count_once_announced_and_tcp_refuses_announcements() {
     announce(&mut alloc, grant, 0, 0, len);
     assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
     eventually("the grant is freed", || rx.occupancy().used_pages == 0);
+}
+
+fn pull(
+    alloc: &mut TcpStream,
+    grant: u32,
+    chunk: u32,
+    offset: usize,
+    len: usize,
+    source: (&str, usize),
+) {
+    let pull = Message::Pull {
+        grant,
+        chunk,
+        offset: offset as u64,
+        len: len as u32,
+        source: source.0.into(),
+        source_offset: source.1 as u64,
+    };
+    send(alloc, &pull);
+}
+
+/// Chunks staged in a `SharedStaging` file are pulled by an shm receiver, which copies and
+/// hashes them in one pass: the bytes arrive whole, and a chunk whose staging does not match
+/// its checksum is rejected. A pull naming anything but a staging file, or bytes past its
+/// end, ends the grant; a tcp receiver refuses pulls.
+#[test]
+fn shm_receivers_pull_from_shared_staging_and_refuse_other_sources() {
+    // A partial tail: its last segment is shorter than a stripe multiple.
+    let r = request("pulled", 3, true);
+    let total: usize = r.chunks.iter().map(|c| c.2.len()).sum();
+    // One byte in: no chunk starts aligned in the file.
+    let mut staging = SharedStaging::new(total + 1).unwrap();
+    let mut at = 1;
+    let mut placed = Vec::new();
+    for (_, _, data) in &r.chunks {
+        staging[at..at + data.len()].copy_from_slice(data);
+        placed.push(at..at + data.len());
+        at += data.len();
+    }
+    let cfg = config("shm", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    let refs: Vec<OutgoingChunk<'_>> = r
+        .refs()
+        .into_iter()
+        .zip(&placed)
+        .map(|(c, range)| OutgoingChunk {
+            data: &staging[range.clone()],
+            ..c
+        })
+        .collect();
+    tx.send_request(&r.id, &refs).unwrap();
+    r.consume_and_check(&rx);
+
+    // By hand, so the test knows the bytes were pulled rather than copied by the sender:
+    // chunk 0 in two pulls cut inside a checksum segment, then, in a second grant, chunk 1
+    // pulled from chunk 0's bytes, which do not match chunk 1's checksum.
+    let path = staging_path(&staging);
+    let len = r.chunks[0].2.len();
+    let cut = len / 2 + 3;
+    for wrong_source in [false, true] {
+        let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Shm, &r);
+        pull(&mut alloc, grant, 0, 0, cut, (&path, placed[0].start));
+        let rest = (&path[..], placed[0].start + cut);
+        pull(&mut alloc, grant, 0, cut, len - cut, rest);
+        let chunk1 = placed[usize::from(!wrong_source)].start;
+        pull(&mut alloc, grant, 1, 0, len, (&path, chunk1));
+        let tail = r.chunks[2].2.len();
+        pull(&mut alloc, grant, 2, 0, tail, (&path, placed[2].start));
+        for (i, (_, _, data)) in r.chunks.iter().enumerate() {
+            seal(&mut alloc, grant, i as u32, frame::checksum(data));
+        }
+        send(&mut alloc, &Message::Commit { grant });
+        if wrong_source {
+            assert_eq!(committed(&mut alloc), (2, 1));
+            assert!(
+                rx.get(&r.chunks[0].0).is_none(),
+                "a rejected request loaded"
+            );
+        } else {
+            assert_eq!(committed(&mut alloc), (3, 0));
+            r.consume_and_check(&rx);
+        }
+        eventually("the pages are freed", || rx.occupancy().used_pages == 0);
+    }
+
+    let pd_file = format!("/dev/shm/kvrelay-pd-{}-0-00", std::process::id());
+    let hostile: [(&str, (&str, usize)); 4] = [
+        ("a path outside /dev/shm", ("/etc/passwd", 0)),
+        ("a PD buffer instead of staging", (&pd_file, 0)),
+        (
+            "a staging file that does not exist",
+            ("/dev/shm/kvrelay-stage-1-00", 0),
+        ),
+        (
+            "bytes past the staging file's end",
+            (&path, total + 1 - len / 2),
+        ),
+    ];
+    for (what, source) in hostile {
+        let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Shm, &r);
+        pull(&mut alloc, grant, 0, 0, len, source);
+        assert_eq!(
+            closed_with(&mut alloc),
+            Some(ErrorCode::Protocol),
+            "{what} accepted"
+        );
+        eventually("the grant is freed", || rx.occupancy().used_pages == 0);
+    }
+
+    let cfg = config("tcp", 4, "", None);
+    let rx = PdReceiver::bind(&cfg, 0).unwrap();
+    let (mut alloc, grant) = raw_grant(&rx, ChannelKind::Tcp, &r);
+    pull(&mut alloc, grant, 0, 0, len, (&path, placed[0].start));
+    assert_eq!(closed_with(&mut alloc), Some(ErrorCode::Protocol));
+    eventually("the grant is freed", || rx.occupancy().used_pages == 0);
+}
+
+/// The file behind `staging`, found by its mapping in /proc/self/maps.
+fn staging_path(staging: &SharedStaging) -> String {
+    let at = staging.as_ptr() as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .find_map(|line| {
+            let (range, rest) = line.split_once(' ')?;
+            let (start, end) = range.split_once('-')?;
+            let (start, end) = (
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            );
+            let path = rest.split_whitespace().nth(4)?;
+            (start <= at && at < end).then(|| path.to_string())
+        })
+        .expect("the staging file is mapped")
 }
 
 #[test]

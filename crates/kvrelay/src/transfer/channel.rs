@@ -155,6 +155,14 @@ pub(crate) trait ServerSession: Send {
         Ok(())
     }
 
+    /// `len` bytes at `offset` of the staging file `path` a sender named in a `Pull` (shm
+    /// only: other channels refuse it).
+    fn source(&mut self, path: &str, _offset: u64, _len: usize) -> Result<&[u8], TransferError> {
+        Err(TransferError::Protocol(format!(
+            "this channel does not pull from sender staging ({path:?})"
+        )))
+    }
+
     /// The current request failed after its grant: stop every pending write into its
     /// pages, which are freed right after this returns.
     fn abandon(&mut self) {}

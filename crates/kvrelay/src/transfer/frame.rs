@@ -30,7 +30,9 @@ pub const MAGIC: [u8; 4] = *b"KVRL";
 /// 4: a chunk's `Data` may arrive in any order and interleaved with other chunks of its grant.
 /// 5: an shm sender announces each put's bytes with `Landed`, so the receiver hashes them as
 /// they land instead of whole chunks at `Seal`.
-pub const VERSION: u8 = 5;
+/// 6: an shm sender whose staging is itself a shared file names the bytes with `Pull`, and
+/// the receiver copies them into the page, hashing them in the same pass.
+pub const VERSION: u8 = 6;
 pub const HEADER_LEN: usize = 12;
 
 /// Bound on handshake frames (init port, and the first frame on the alloc port): room for
@@ -43,6 +45,8 @@ pub const MAX_DATA_PAYLOAD: u32 = 16 << 20;
 /// Bound on the chunks of one request.
 pub const MAX_CHUNKS: u32 = 1 << 16;
 pub const MAX_REQUEST_ID: usize = 256;
+/// Bound on the staging file path a `Pull` names.
+pub const MAX_SOURCE_PATH: usize = 256;
 pub const MAX_KEY: usize = 512;
 pub const MAX_MESSAGE: usize = 1024;
 /// Bound on `Welcome`'s channel parameters (an HCCL root info is 4108 bytes).
@@ -128,6 +132,9 @@ pub enum MsgType {
     Notify = 13,
     /// S→R (shm): bytes of one chunk are in the receiver's page.
     Landed = 14,
+    /// S→R (shm): bytes of one chunk are in the sender's shared staging file, for the
+    /// receiver to copy into its page.
+    Pull = 15,
 }
 
 impl MsgType {
@@ -148,6 +155,7 @@ impl MsgType {
             12 => Committed,
             13 => Notify,
             14 => Landed,
+            15 => Pull,
             _ => return None,
         })
     }
@@ -340,6 +348,17 @@ pub enum Message {
         offset: u64,
         len: u32,
     },
+    /// `len` bytes from `offset` of chunk `chunk` are at `source_offset` in the sender's
+    /// staging file `source` (a kvrelay staging file in `/dev/shm`), unchanged until the
+    /// grant is committed or abandoned.
+    Pull {
+        grant: u32,
+        chunk: u32,
+        offset: u64,
+        len: u32,
+        source: String,
+        source_offset: u64,
+    },
     Commit {
         grant: u32,
     },
@@ -370,6 +389,7 @@ impl Message {
             Message::AllocGrant { .. } => MsgType::AllocGrant,
             Message::Seal { .. } => MsgType::Seal,
             Message::Landed { .. } => MsgType::Landed,
+            Message::Pull { .. } => MsgType::Pull,
             Message::Commit { .. } => MsgType::Commit,
             Message::Committed { .. } => MsgType::Committed,
             Message::Notify { .. } => MsgType::Notify,
@@ -462,6 +482,21 @@ impl Message {
                 w.u32(*chunk);
                 w.u64(*offset);
                 w.u32(*len);
+            }
+            Message::Pull {
+                grant,
+                chunk,
+                offset,
+                len,
+                source,
+                source_offset,
+            } => {
+                w.u32(*grant);
+                w.u32(*chunk);
+                w.u64(*offset);
+                w.u32(*len);
+                w.str(source);
+                w.u64(*source_offset);
             }
             Message::Commit { grant } => w.u32(*grant),
             Message::Committed {
@@ -694,6 +729,14 @@ pub fn decode_body(kind: MsgType, body: &[u8]) -> Result<Message, FrameError> {
             chunk: r.u32("chunk")?,
             offset: r.u64("offset")?,
             len: r.u32("length")?,
+        },
+        MsgType::Pull => Message::Pull {
+            grant: r.u32("grant")?,
+            chunk: r.u32("chunk")?,
+            offset: r.u64("offset")?,
+            len: r.u32("length")?,
+            source: r.str("source", MAX_SOURCE_PATH)?,
+            source_offset: r.u64("source_offset")?,
         },
         MsgType::Commit => Message::Commit {
             grant: r.u32("grant")?,
@@ -1226,6 +1269,14 @@ mod tests {
                 chunk: 1,
                 offset: 1 << 33,
                 len: 4096,
+            },
+            Message::Pull {
+                grant: 3,
+                chunk: 1,
+                offset: 1 << 33,
+                len: 4096,
+                source: "/dev/shm/kvrelay-stage-1-ab".into(),
+                source_offset: 1 << 34,
             },
             Message::Commit { grant: 3 },
             Message::Committed {

@@ -80,6 +80,7 @@ pub mod frame;
 mod auth;
 mod buffer;
 mod channel;
+mod copy_digest;
 #[cfg(feature = "ascend")]
 mod hccl;
 #[cfg(feature = "ascend")]
@@ -104,6 +105,7 @@ pub use receiver::PdReceiver;
 pub use sender::{
     read_notification, ChunkPlan, KvReady, OutgoingChunk, PdSender, PdTransfer, SendStats,
 };
+pub use shm::SharedStaging;
 pub use tcp::set_socket_buffers;
 pub use tier::{PdSink, ReceivedKv};
 

@@ -15,13 +15,16 @@ use parking_lot::Mutex;
 use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
 use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
+use super::copy_digest::copy_and_digest;
 use super::frame::{
     self, num_segments, read_frame, ChunkDecl, DataHeader, ErrorCode, FrameError, GrantCheck,
-    Incoming, Message, MsgType, ReadError, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY, TOKEN_LEN,
+    Incoming, Message, MsgType, ReadError, CHECKSUM_SEGMENT, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY,
+    TOKEN_LEN,
 };
 use super::tcp::tune_socket;
 use super::verify::Verifier;
 use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
+use crate::device::stream::{stream_copy, stream_fence};
 use crate::keys::CacheKey;
 use crate::store::Chunk;
 
@@ -590,27 +593,72 @@ impl Inner {
     }
 
     /// Counts `landed` (bytes of chunk `chunk`, as offsets in the chunk, that `check`
-    /// admitted) as in place, and hands each checksum segment they complete to `verifier`.
+    /// admitted) as in place, and hands each checksum segment they complete to `verifier`:
+    /// as its `digest` when that was taken as `landed`, exactly one whole segment, was
+    /// copied in, else as bytes to hash.
     fn verify_landed(
         &self,
         check: &mut GrantCheck,
         verifier: &Verifier<'_>,
         chunk: u32,
         landed: Range<u64>,
+        digest: Option<u64>,
     ) {
-        check.landed(chunk, landed, |index, segment| {
+        check.landed(chunk, landed, |index, segment| match digest {
+            // A whole segment's bytes land once, so the segment this completes is `landed`.
+            Some(digest) => verifier.digest(chunk, index, digest),
             // SAFETY: the segment's bytes all landed and are final: `admit` lets each byte of
             // a chunk be written once, and the pages stay granted until `receive`'s scope,
             // which the verifier's thread runs in, has ended.
-            unsafe {
+            None => unsafe {
                 verifier.segment(
                     chunk,
                     index,
                     self.buffer.ptr_at(segment.start as usize),
                     (segment.end - segment.start) as usize,
                 )
-            };
+            },
         });
+    }
+
+    /// Copies `src`, bytes `offset..` of chunk `chunk` (`chunk_len` bytes) that `check`
+    /// admitted at `at` in the PD buffer, from a sender's staging file into the page, one
+    /// checksum segment at a time; a whole segment is hashed in the same pass.
+    #[allow(clippy::too_many_arguments)]
+    fn pull(
+        &self,
+        check: &mut GrantCheck,
+        verifier: &Verifier<'_>,
+        chunk: u32,
+        chunk_len: u64,
+        offset: u64,
+        at: u64,
+        src: &[u8],
+    ) {
+        let segment = CHECKSUM_SEGMENT as u64;
+        let end = offset + src.len() as u64;
+        let mut from = offset;
+        while from < end {
+            let upto = ((from / segment + 1) * segment).min(end);
+            let piece = &src[(from - offset) as usize..(upto - offset) as usize];
+            let dst = self.buffer.ptr_at((at + from - offset) as usize);
+            let whole =
+                from.is_multiple_of(segment) && (upto - from == segment || upto == chunk_len);
+            // SAFETY: `admit` bounded the range to the chunk's granted page, which this
+            // connection alone writes until commit or abort; `src` is the sender's mapped
+            // staging, another mapping than the PD buffer.
+            let digest = unsafe {
+                if whole {
+                    Some(copy_and_digest(dst, piece.as_ptr(), piece.len()))
+                } else {
+                    stream_copy(dst, piece.as_ptr(), piece.len());
+                    stream_fence();
+                    None
+                }
+            };
+            self.verify_landed(check, verifier, chunk, from..upto, digest);
+            from = upto;
+        }
     }
 
     /// Posts the grant, takes the chunks' data and seals, and answers the commit.
@@ -712,7 +760,7 @@ impl Inner {
                                 Err(e) => return Err(TransferError::io("reading chunk data", e)),
                             };
                             let landed = at as u64 - chunk_start..(at + n) as u64 - chunk_start;
-                            self.verify_landed(&mut check, verifier, d.chunk, landed);
+                            self.verify_landed(&mut check, verifier, d.chunk, landed, None);
                             at += n;
                         }
                     }
@@ -725,16 +773,33 @@ impl Inner {
                         let (Some(verifier), Landed::Announced) = (&verifier, landing) else {
                             return Err(FrameError::Unexpected(MsgType::Landed).into());
                         };
-                        let d = DataHeader {
-                            grant: g,
-                            chunk,
-                            offset,
-                        };
-                        let admitted = check
-                            .admit(&d, u64::from(len))
-                            .map_err(TransferError::Protocol)?;
+                        let admitted = admit_announced(&mut check, g, chunk, offset, len)?;
                         let landed = offset..offset + (admitted.end - admitted.start);
-                        self.verify_landed(&mut check, verifier, chunk, landed);
+                        self.verify_landed(&mut check, verifier, chunk, landed, None);
+                    }
+                    Ok(Incoming::Message(Message::Pull {
+                        grant: g,
+                        chunk,
+                        offset,
+                        len,
+                        source,
+                        source_offset,
+                    })) => {
+                        let (Some(verifier), Landed::Announced) = (&verifier, landing) else {
+                            return Err(FrameError::Unexpected(MsgType::Pull).into());
+                        };
+                        let admitted = admit_announced(&mut check, g, chunk, offset, len)?;
+                        let src = session.source(&source, source_offset, len as usize)?;
+                        let chunk_len = chunks[chunk as usize].len;
+                        self.pull(
+                            &mut check,
+                            verifier,
+                            chunk,
+                            chunk_len,
+                            offset,
+                            admitted.start,
+                            src,
+                        );
                     }
                     Ok(Incoming::Message(Message::Seal {
                         grant: g,
@@ -818,4 +883,23 @@ impl Inner {
             }
         })
     }
+}
+
+/// Checks an shm sender's `Landed` or `Pull` of `len` bytes at `offset` of chunk `chunk`
+/// against the grant, as for a tcp `Data` frame: the PD buffer range the bytes fill.
+fn admit_announced(
+    check: &mut GrantCheck,
+    grant: u32,
+    chunk: u32,
+    offset: u64,
+    len: u32,
+) -> Result<Range<u64>, TransferError> {
+    let d = DataHeader {
+        grant,
+        chunk,
+        offset,
+    };
+    check
+        .admit(&d, u64::from(len))
+        .map_err(TransferError::Protocol)
 }

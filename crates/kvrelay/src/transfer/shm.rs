@@ -1,18 +1,28 @@
 //! The `shm` channel: the receiver's PD buffer is a file in `/dev/shm` that both sides map;
 //! the sender copies chunk bytes straight into the granted pages.
+//!
+//! A sender whose staging is a [`SharedStaging`] file does not copy: it names the bytes in a
+//! `Pull` frame and the receiver copies them from its read-only mapping of that file into the
+//! page, hashing them in the same pass (`copy_digest.rs`). Each byte is then read from
+//! memory once, as in a plain memcpy, instead of once by the sender's copy and again by the
+//! receiver's hash, which on a host whose memory reads are the limit is half the rate.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::TcpStream;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapMut, MmapOptions};
+use parking_lot::Mutex;
 
 use super::auth::random;
 use super::buffer::PageMemory;
-use super::channel::{Channel, ChannelParams, ChannelServer, Landed, Passive, Put, ServerSession};
+use super::channel::{Channel, ChannelParams, ChannelServer, Landed, Put, ServerSession};
 use super::frame::{ChannelKind, Message};
 use super::TransferError;
 use crate::device::stream::{stream_copy, stream_fence};
@@ -20,6 +30,7 @@ use crate::process::process_alive;
 
 const SHM_DIR: &str = "/dev/shm";
 const PREFIX: &str = "kvrelay-pd-";
+const STAGE_PREFIX: &str = "kvrelay-stage-";
 
 /// The receiver's shared PD buffer. The file is removed when this drops.
 pub(crate) struct ShmPages {
@@ -36,12 +47,14 @@ unsafe impl Send for ShmPages {}
 unsafe impl Sync for ShmPages {}
 
 impl ShmPages {
-    /// A fresh, zeroed, pre-faulted shared buffer of `len` bytes, readable only by this user.
-    pub(crate) fn create(rank: u32, len: usize) -> Result<Self, TransferError> {
-        remove_orphans(Path::new(SHM_DIR));
+    /// A fresh, zeroed, pre-faulted shared buffer of `len` bytes, readable only by this user,
+    /// named `<prefix><pid>-<label><random hex>`.
+    fn create(prefix: &str, label: &str, len: usize) -> Result<Self, TransferError> {
+        remove_orphans(Path::new(SHM_DIR), prefix);
         let tag: [u8; 8] = random()?;
         let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        let path = Path::new(SHM_DIR).join(format!("{PREFIX}{}-{rank}-{hex}", std::process::id()));
+        let name = format!("{prefix}{}-{label}{hex}", std::process::id());
+        let path = Path::new(SHM_DIR).join(name);
         let io = |what: &str, e| TransferError::io(format!("{what} {}", path.display()), e);
         let file = OpenOptions::new()
             .read(true)
@@ -81,10 +94,10 @@ impl ShmPages {
     }
 }
 
-/// Removes the PD buffers that receivers which died without cleaning up (killed, crashed)
-/// left in `dir`: files named `kvrelay-pd-<pid>-...`, owned by this user, whose process is
-/// gone. A file whose process still runs is kept, even if that pid was reused.
-fn remove_orphans(dir: &Path) {
+/// Removes the files that processes which died without cleaning up (killed, crashed) left
+/// in `dir`: files named `<prefix><pid>-...` (PD buffers, staging), owned by this user, whose
+/// process is gone. A file whose process still runs is kept, even if that pid was reused.
+fn remove_orphans(dir: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -94,7 +107,7 @@ fn remove_orphans(dir: &Path) {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.strip_prefix(prefix))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<libc::pid_t>().ok())
             .filter(|&pid| pid > 0)
@@ -109,10 +122,10 @@ fn remove_orphans(dir: &Path) {
         }
         match std::fs::remove_file(entry.path()) {
             Ok(()) => {
-                tracing::info!(path = %entry.path().display(), pid, "removed a PD shm buffer its dead receiver left")
+                tracing::info!(path = %entry.path().display(), pid, "removed an shm file its dead process left")
             }
             Err(error) => {
-                tracing::debug!(path = %entry.path().display(), %error, "could not remove an orphaned PD shm buffer")
+                tracing::debug!(path = %entry.path().display(), %error, "could not remove an orphaned shm file")
             }
         }
     }
@@ -154,7 +167,7 @@ impl ChannelServer for ShmServer {
     }
 
     fn memory(&mut self, len: usize) -> Result<Box<dyn PageMemory>, TransferError> {
-        let pages = ShmPages::create(self.rank, len)?;
+        let pages = ShmPages::create(PREFIX, &format!("{}-", self.rank), len)?;
         self.file = Some((pages.path().to_string_lossy().into_owned(), len as u64));
         Ok(Box::new(pages))
     }
@@ -168,7 +181,10 @@ impl ChannelServer for ShmServer {
             ChannelParams::put_bytes(out, path.as_bytes());
             ChannelParams::put_u64(out, *len);
         });
-        Ok((params, Box::new(Passive)))
+        // Staging files a sender names are mapped once per session and kept; a sender whose
+        // staging exceeds this much (a few times the PD buffer) is refused.
+        let mapped_limit = (*len as usize).saturating_mul(4).max(1 << 30);
+        Ok((params, Box::new(ShmSession::new(mapped_limit))))
     }
 }
 
@@ -204,39 +220,52 @@ impl ShmChannel {
         Ok(ShmChannel { map, control })
     }
 
-    /// Maps the buffer a receiver named in `Welcome`, after checking that the name is a
-    /// kvrelay PD file in `/dev/shm` (a receiver must not make us write elsewhere), that it
-    /// is a regular file of this user, and that it has the announced size.
+    /// Maps the buffer a receiver named in `Welcome` (a receiver must not make us write
+    /// anywhere else), which must have the announced size.
     fn open(path: &str, len: u64) -> Result<MmapMut, TransferError> {
-        let name = path
-            .strip_prefix(SHM_DIR)
-            .and_then(|p| p.strip_prefix('/'))
-            .filter(|n| n.starts_with(PREFIX))
-            .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
-        if name.is_none() {
+        let file = open_checked(path, PREFIX, true)?;
+        let found = file.metadata().map(|m| m.len());
+        if found.as_ref().ok() != Some(&len) {
             return Err(TransferError::Protocol(format!(
-                "receiver named shm file {path:?}, which is not {SHM_DIR}/{PREFIX}*"
-            )));
-        }
-        let io = |what: &str, e| TransferError::io(format!("{what} {path}"), e);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| io("opening", e))?;
-        let meta = file.metadata().map_err(|e| io("inspecting", e))?;
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
-        if !meta.file_type().is_file() || meta.uid() != uid || meta.len() != len {
-            return Err(TransferError::Protocol(format!(
-                "shm file {path} is not a regular file of uid {uid} with {len} bytes"
+                "shm file {path} holds {found:?} bytes, not the announced {len}"
             )));
         }
         // SAFETY: the mapping is shared with the receiver, which does not write pages it
         // granted to us until we commit or disconnect; we write only granted ranges.
-        unsafe { MmapOptions::new().populate().map_mut(&file) }.map_err(|e| io("mapping", e))
+        unsafe { MmapOptions::new().populate().map_mut(&file) }
+            .map_err(|e| TransferError::io(format!("mapping {path}"), e))
     }
+}
+
+/// Opens `path` after checking that it names a kvrelay file `<prefix>*` in `/dev/shm` and,
+/// once open (without following a link), that it is a regular file of this user.
+fn open_checked(path: &str, prefix: &str, write: bool) -> Result<File, TransferError> {
+    let name = path
+        .strip_prefix(SHM_DIR)
+        .and_then(|p| p.strip_prefix('/'))
+        .filter(|n| n.starts_with(prefix))
+        .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if name.is_none() {
+        return Err(TransferError::Protocol(format!(
+            "the peer named shm file {path:?}, which is not {SHM_DIR}/{prefix}*"
+        )));
+    }
+    let io = |what: &str, e| TransferError::io(format!("{what} {path}"), e);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io("opening", e))?;
+    let meta = file.metadata().map_err(|e| io("inspecting", e))?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() || meta.uid() != uid {
+        return Err(TransferError::Protocol(format!(
+            "shm file {path} is not a regular file of uid {uid}"
+        )));
+    }
+    Ok(file)
 }
 
 impl Channel for ShmChannel {
@@ -248,6 +277,22 @@ impl Channel for ShmChannel {
         let len = u32::try_from(src.len()).map_err(|_| {
             TransferError::Config(format!("a put of {} bytes passes MAX_PUT", src.len()))
         })?;
+        if let Some((source, source_offset)) = staged_source(src) {
+            // The bound a copy would have: the receiver checks the grant again.
+            self.target(dst, src.len())?;
+            let pull = Message::Pull {
+                grant: dst.grant,
+                chunk: dst.chunk,
+                offset: dst.chunk_offset,
+                len,
+                source: source.to_string(),
+                source_offset,
+            };
+            return self
+                .control
+                .write_all(&pull.encode())
+                .map_err(|e| TransferError::io("naming staged chunk bytes", e));
+        }
         let target = self.target(dst, src.len())?;
         // Streaming stores: the destination is read by another process, so filling this
         // cache with it (and reading each line before overwriting it) would only cost.
@@ -291,6 +336,122 @@ impl ShmChannel {
     }
 }
 
+/// Sender staging memory that a receiver on this host can read: a file in `/dev/shm`, mapped
+/// shared. Chunk bytes put from it over the shm channel are pulled by the receiver (see the
+/// module documentation); from any other memory they are copied by the sender. The bytes a
+/// put names must not change until that request's send returned. The file is removed when
+/// this drops (a receiver's mapping of it stays valid).
+pub struct SharedStaging {
+    pages: ShmPages,
+    len: usize,
+}
+
+impl SharedStaging {
+    /// `len` zeroed, pre-faulted bytes.
+    pub fn new(len: usize) -> Result<Self, TransferError> {
+        let pages = ShmPages::create(STAGE_PREFIX, "", len.max(1))?;
+        let path: Arc<str> = pages.path().to_string_lossy().into();
+        STAGED
+            .lock()
+            .insert(pages.base.as_ptr() as usize, (len, path));
+        Ok(SharedStaging { pages, len })
+    }
+}
+
+impl Deref for SharedStaging {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the mapping holds at least `len` bytes and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.pages.base.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for SharedStaging {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for deref; &mut self makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.base.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for SharedStaging {
+    fn drop(&mut self) {
+        STAGED.lock().remove(&(self.pages.base.as_ptr() as usize));
+    }
+}
+
+/// This process's live [`SharedStaging`] files: start address → (length, path).
+static STAGED: Mutex<BTreeMap<usize, (usize, Arc<str>)>> = Mutex::new(BTreeMap::new());
+
+/// The staging file holding all of `bytes`, and their offset in it.
+fn staged_source(bytes: &[u8]) -> Option<(Arc<str>, u64)> {
+    let at = bytes.as_ptr() as usize;
+    let staged = STAGED.lock();
+    let (&start, (len, path)) = staged.range(..=at).next_back()?;
+    let offset = at - start;
+    (offset + bytes.len() <= *len).then(|| (path.clone(), offset as u64))
+}
+
+/// One sender's session on the receiving side: the staging files it pulled from, mapped
+/// read-only and kept for its next requests.
+struct ShmSession {
+    sources: HashMap<String, Mmap>,
+    mapped: usize,
+    mapped_limit: usize,
+}
+
+impl ShmSession {
+    fn new(mapped_limit: usize) -> Self {
+        ShmSession {
+            sources: HashMap::new(),
+            mapped: 0,
+            mapped_limit,
+        }
+    }
+
+    fn map_source(&mut self, path: &str) -> Result<&Mmap, TransferError> {
+        if !self.sources.contains_key(path) {
+            let file = open_checked(path, STAGE_PREFIX, false)?;
+            let len = file
+                .metadata()
+                .map_err(|e| TransferError::io(format!("inspecting {path}"), e))?
+                .len() as usize;
+            if len > self.mapped_limit {
+                return Err(TransferError::Protocol(format!(
+                    "staging file {path} of {len} bytes is over the {} this receiver maps",
+                    self.mapped_limit
+                )));
+            }
+            if self.mapped + len > self.mapped_limit {
+                // The sender's staging changed: drop the old mappings.
+                self.sources.clear();
+                self.mapped = 0;
+            }
+            // SAFETY: a read-only mapping; the sender may write the file meanwhile, which
+            // only changes the bytes copied, and the copy is hashed as it is made.
+            let map = unsafe { MmapOptions::new().populate().map(&file) }
+                .map_err(|e| TransferError::io(format!("mapping {path}"), e))?;
+            self.mapped += len;
+            self.sources.insert(path.to_string(), map);
+        }
+        Ok(&self.sources[path])
+    }
+}
+
+impl ServerSession for ShmSession {
+    fn source(&mut self, path: &str, offset: u64, len: usize) -> Result<&[u8], TransferError> {
+        let map = self.map_source(path)?;
+        usize::try_from(offset)
+            .ok()
+            .and_then(|start| map.get(start..start.checked_add(len)?))
+            .ok_or_else(|| {
+                TransferError::Protocol(format!(
+                    "{len} bytes at offset {offset} pass staging file {path} ({} bytes)",
+                    map.len()
+                ))
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,7 +469,7 @@ mod tests {
         for path in [&orphan, &kept, &foreign] {
             std::fs::write(path, b"x").unwrap();
         }
-        remove_orphans(dir.path());
+        remove_orphans(dir.path(), PREFIX);
         assert!(!orphan.exists());
         assert!(kept.exists());
         assert!(foreign.exists());

@@ -41,6 +41,12 @@ pub(crate) enum Job {
         index: u32,
         bytes: Landed,
     },
+    /// Checksum segment `index` of `chunk`, already hashed where it was copied in.
+    Digest {
+        chunk: u32,
+        index: u32,
+        digest: u64,
+    },
     Seal {
         chunk: u32,
         checksum: u64,
@@ -129,6 +135,16 @@ impl<'scope> Verifier<'scope> {
         }
     }
 
+    /// Checksum segment `index` of chunk `chunk` landed with `digest`, taken from exactly
+    /// the bytes written (see `copy_digest.rs`).
+    pub(crate) fn digest(&self, chunk: u32, index: u32, digest: u64) {
+        self.submit(Job::Digest {
+            chunk,
+            index,
+            digest,
+        });
+    }
+
     /// Chunk `chunk` is complete: its hash is compared with the sender's `checksum`.
     pub(crate) fn seal(&self, chunk: u32, checksum: u64) {
         self.submit(Job::Seal { chunk, checksum });
@@ -189,6 +205,14 @@ impl Hashing {
         }
     }
 
+    fn record(&mut self, chunk: u32, index: u32, digest: u64) {
+        let count = self.segments.get(chunk as usize).copied().unwrap_or(0);
+        let digests = self.open.entry(chunk).or_insert_with(|| vec![None; count]);
+        if let Some(slot) = digests.get_mut(index as usize) {
+            *slot = Some(digest);
+        }
+    }
+
     /// Hashes a landed segment, or decides a seal's verdict and returns it.
     fn apply(&mut self, job: Job) -> Option<(u32, bool)> {
         match job {
@@ -200,11 +224,15 @@ impl Hashing {
                 // SAFETY: `Verifier::segment`'s contract: valid, and written by no one until
                 // the scope, which outlives this hashing, ends.
                 let bytes = unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) };
-                let count = self.segments.get(chunk as usize).copied().unwrap_or(0);
-                let digests = self.open.entry(chunk).or_insert_with(|| vec![None; count]);
-                if let Some(digest) = digests.get_mut(index as usize) {
-                    *digest = Some(segment_digest(bytes));
-                }
+                self.record(chunk, index, segment_digest(bytes));
+                None
+            }
+            Job::Digest {
+                chunk,
+                index,
+                digest,
+            } => {
+                self.record(chunk, index, digest);
                 None
             }
             Job::Seal { chunk, checksum } => {
