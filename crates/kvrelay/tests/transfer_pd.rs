@@ -1,5 +1,6 @@
 //! PD transfer over loopback: a real receiver, real and hand-rolled senders, a fake proxy.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{mpsc, Arc};
@@ -165,6 +166,13 @@ impl Request {
                     HostBuffer::zeroed(len)
                 })
                 .unwrap();
+            // A shared staging file the sink made itself: new when never seen before.
+            let file = mapped_file(staged.as_ptr());
+            if file.starts_with("/dev/shm/kvrelay-stage-")
+                && SEEN_STAGING.lock().unwrap().insert(file)
+            {
+                allocated += 1;
+            }
             staged.copy_from_slice(data);
             window_end += meta.num_tokens as usize;
             sink.add(&self.id, key.clone(), *meta, staged, window_end);
@@ -705,11 +713,11 @@ fn cancel_and_ttl_free_unconsumed_pages() {
 }
 
 /// A `sync` sink towards a decoder that announced `skip_last_n_tokens: 1`.
-fn skipping_receiver_and_sink(proxy: u16) -> (PdReceiver, PdSink, PdTarget) {
-    let mut rx_cfg = config("tcp", 8, "", None);
+fn skipping_receiver_and_sink(proxy: u16, channel: &str) -> (PdReceiver, PdSink, PdTarget) {
+    let mut rx_cfg = config(channel, 8, "", None);
     rx_cfg.skip_last_n_tokens = 1;
     let rx = PdReceiver::bind(&rx_cfg, 0).unwrap();
-    let mut tx_cfg = config("tcp", 8, "", Some(proxy));
+    let mut tx_cfg = config(channel, 8, "", Some(proxy));
     tx_cfg.backend_mode = PdBackendMode::Sync;
     let sink = PdSink::new(tx_cfg, 0).unwrap();
     let target = PdTarget {
@@ -738,7 +746,7 @@ fn plan(r: &Request) -> Vec<(CacheKey, ChunkMeta, usize)> {
 #[test]
 fn a_reserved_sink_sends_chunks_as_added_and_commits_at_the_flush() {
     let (proxy, notes) = fake_proxy(None);
-    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy, "tcp");
     let r = request("overlap", 4, false);
     sink.reserve(&r.id, plan(&r), Some(target.clone()), r.tokens())
         .unwrap();
@@ -782,11 +790,23 @@ fn a_reserved_sink_sends_chunks_as_added_and_commits_at_the_flush() {
 }
 
 /// A sink gathers later requests into the staging buffers of chunks it sent or forgot, and
-/// what arrives is still exactly each request's own bytes.
+/// what arrives is still exactly each request's own bytes. Over shm those buffers are
+/// shared staging files, which the receiver pulls from.
 #[test]
 fn a_sink_reuses_the_staging_of_sent_chunks() {
+    for channel in ["tcp", "shm"] {
+        sink_reuses_staging(channel);
+    }
+}
+
+fn sink_reuses_staging(channel: &str) {
     let (proxy, notes) = fake_proxy(None);
-    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy, channel);
+    let probe = sink.staging_buffer(4096, HostBuffer::zeroed).unwrap();
+    let file = mapped_file(probe.as_ptr());
+    let shared = file.starts_with("/dev/shm/kvrelay-stage-");
+    assert_eq!(shared, channel == "shm", "{channel} staging in {file:?}");
+    drop(probe);
     let first = request("first", 3, false);
     assert_eq!(first.stage(&mut sink), 3);
     sink.flush(&first.id, Some(target.clone()), first.tokens() + 1)
@@ -822,7 +842,7 @@ fn a_sink_reuses_the_staging_of_sent_chunks() {
 #[test]
 fn a_sink_sends_only_the_chunks_the_decoders_lookup_asks_for() {
     let (proxy, notes) = fake_proxy(None);
-    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy, "tcp");
     let heard = |id: &str| {
         let note = notes
             .recv_timeout(Duration::from_secs(20))
@@ -1564,7 +1584,17 @@ fn shm_receivers_pull_from_shared_staging_and_refuse_other_sources() {
 
 /// The file behind `staging`, found by its mapping in /proc/self/maps.
 fn staging_path(staging: &SharedStaging) -> String {
-    let at = staging.as_ptr() as usize;
+    let path = mapped_file(staging.as_ptr());
+    assert!(!path.is_empty(), "the staging file is mapped");
+    path
+}
+
+/// Shared staging files `Request::stage` was handed so far.
+static SEEN_STAGING: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// The file mapped at `at` (empty for anonymous memory), from /proc/self/maps.
+fn mapped_file(at: *const u8) -> String {
+    let at = at as usize;
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     maps.lines()
         .find_map(|line| {
@@ -1574,10 +1604,10 @@ fn staging_path(staging: &SharedStaging) -> String {
                 usize::from_str_radix(start, 16).ok()?,
                 usize::from_str_radix(end, 16).ok()?,
             );
-            let path = rest.split_whitespace().nth(4)?;
+            let path = rest.split_whitespace().nth(4).unwrap_or("");
             (start <= at && at < end).then(|| path.to_string())
         })
-        .expect("the staging file is mapped")
+        .expect("the address is mapped")
 }
 
 #[test]
@@ -1891,7 +1921,7 @@ fn shm_pieces_of_chunks_land_in_any_order() {
 #[test]
 fn a_sink_sends_a_reserved_request_layer_by_layer() {
     let (proxy, notes) = fake_proxy(None);
-    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy, "tcp");
     let r = request("layers", 4, false);
     assert!(!sink.takes_layers(&r.id), "not reserved yet");
     sink.reserve(&r.id, plan(&r), Some(target.clone()), r.tokens())
@@ -1939,7 +1969,7 @@ fn add_layer_by_layer(r: &Request, sink: &mut PdSink) {
 #[test]
 fn layers_of_a_request_whose_reserve_failed_go_whole_at_the_flush() {
     let (proxy, notes) = fake_proxy(None);
-    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy);
+    let (rx, mut sink, target) = skipping_receiver_and_sink(proxy, "tcp");
     // Another request holds all 8 pages, so the reserve waits out its timeout.
     let filler = request("filler", 8, false);
     let mut other = PdSender::connect(&config("tcp", 8, "", None), peer(&rx), 0).unwrap();

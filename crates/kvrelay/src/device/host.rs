@@ -1,6 +1,7 @@
 //! The host device: engine KV memory in ordinary process memory, copied with memcpy.
 
 use std::alloc::Layout as AllocLayout;
+use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -18,6 +19,9 @@ pub struct HostBuffer {
     /// Size and alignment of what `ptr` points at: a heap allocation for small buffers, a
     /// private anonymous mapping (size rounded up to 2 MiB) for huge ones.
     alloc: AllocLayout,
+    /// What keeps memory this buffer did not allocate itself alive (a shared staging
+    /// file's mapping); `alloc` only records its alignment then.
+    owner: Option<Box<dyn Any + Send + Sync>>,
 }
 
 // SAFETY: HostBuffer owns its allocation exclusively, like a Vec<u8>.
@@ -43,7 +47,38 @@ impl HostBuffer {
         // SAFETY: `alloc` has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(alloc) };
         let ptr = NonNull::new(ptr).ok_or(oom)?;
-        Ok(HostBuffer { ptr, len, alloc })
+        Ok(HostBuffer {
+            ptr,
+            len,
+            alloc,
+            owner: None,
+        })
+    }
+
+    /// A buffer over `len` bytes at `ptr`, memory that `owner` keeps mapped (a shared
+    /// staging file); dropping the buffer drops `owner`.
+    ///
+    /// # Safety
+    /// `ptr` must be 4 KiB aligned, valid for reads and writes of `len` initialized bytes,
+    /// reached through nothing but this buffer, and stay so until `owner` drops; moving
+    /// `owner` must not move that memory.
+    pub(crate) unsafe fn from_owned_mapping(
+        ptr: NonNull<u8>,
+        len: usize,
+        owner: Box<dyn Any + Send + Sync>,
+    ) -> Result<Self, DeviceError> {
+        let alloc = AllocLayout::from_size_align(len.max(1), Self::SMALL_ALIGN).map_err(|_| {
+            DeviceError::OutOfHostMemory {
+                len,
+                align: Self::SMALL_ALIGN,
+            }
+        })?;
+        Ok(HostBuffer {
+            ptr,
+            len,
+            alloc,
+            owner: Some(owner),
+        })
     }
 
     /// A 2 MiB aligned anonymous mapping advised for huge pages before any page is touched.
@@ -98,7 +133,12 @@ impl HostBuffer {
         unsafe { libc::madvise(start.cast(), size, libc::MADV_HUGEPAGE) };
         let ptr = NonNull::new(start).ok_or(oom)?;
         // Anonymous mappings read as zeros, so the buffer is zeroed without touching it.
-        Ok(HostBuffer { ptr, len, alloc })
+        Ok(HostBuffer {
+            ptr,
+            len,
+            alloc,
+            owner: None,
+        })
     }
 
     pub fn alignment(&self) -> usize {
@@ -124,7 +164,9 @@ impl std::ops::DerefMut for HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        if self.alloc.align() == Self::HUGE_ALIGN {
+        if self.owner.is_some() {
+            // The owner, dropped with this buffer's fields, releases the memory.
+        } else if self.alloc.align() == Self::HUGE_ALIGN {
             // SAFETY: `mapped` left exactly alloc.size() bytes mapped at ptr; unmapped once.
             unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.alloc.size()) };
         } else {

@@ -26,6 +26,7 @@ use super::channel::{Channel, ChannelParams, ChannelServer, Landed, Put, ServerS
 use super::frame::{ChannelKind, Message};
 use super::TransferError;
 use crate::device::stream::{stream_copy, stream_fence};
+use crate::device::{DeviceError, HostBuffer};
 use crate::process::process_alive;
 
 const SHM_DIR: &str = "/dev/shm";
@@ -355,6 +356,18 @@ impl SharedStaging {
             .lock()
             .insert(pages.base.as_ptr() as usize, (len, path));
         Ok(SharedStaging { pages, len })
+    }
+}
+
+impl SharedStaging {
+    /// This staging as a [`HostBuffer`], for users that pool and gather into those (the PD
+    /// sink); puts from it are still pulled.
+    pub fn into_host_buffer(self) -> Result<HostBuffer, DeviceError> {
+        let (ptr, len) = (self.pages.base, self.len);
+        // SAFETY: the mapping is page aligned, `len` bytes long and zero-filled at
+        // creation; this staging is moved into the buffer as its owner, so nothing else
+        // reaches the memory, and moving it does not move the mapping.
+        unsafe { HostBuffer::from_owned_mapping(ptr, len, Box::new(self)) }
     }
 }
 

@@ -15,8 +15,8 @@ use super::frame::{
 };
 use super::sender::notify_proxy;
 use super::{
-    ChunkPlan, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget, PdTransfer,
-    SendStats, TransferError,
+    ChannelKind, ChunkPlan, OutgoingChunk, PdConfig, PdPeer, PdReceiver, PdSender, PdTarget,
+    PdTransfer, SendStats, SharedStaging, TransferError,
 };
 use crate::config::PdBackendMode;
 use crate::device::{DeviceError, HostBuffer, StagingPool};
@@ -147,6 +147,8 @@ pub struct PdSink {
     /// Whether the channel moves a chunk in pieces (tcp, shm): reserved requests may then
     /// be saved layer by layer.
     takes_pieces: bool,
+    /// Whether new staging buffers are shared files the decoder pulls from (shm).
+    shared_staging: bool,
     sending: Sending,
     /// Staging buffers of sent (or forgotten) chunks, for the next gathers.
     staging: Arc<StagingPool<HostBuffer>>,
@@ -405,6 +407,7 @@ impl PdSink {
     pub fn new(config: PdConfig, rank: u32) -> Result<Self, TransferError> {
         let mode = config.backend_mode;
         let takes_pieces = config.channel.moves_pieces();
+        let shared_staging = config.channel == ChannelKind::Shm;
         let counters = Arc::new(SinkCounters::default());
         // As many idle chunk buffers as the decoder's buffer has pages: one request's worth
         // at most (a larger one could never be admitted whole).
@@ -446,6 +449,7 @@ impl PdSink {
             pending: HashMap::new(),
             reserved: HashSet::new(),
             takes_pieces,
+            shared_staging,
             sending,
             staging,
             counters,
@@ -455,13 +459,26 @@ impl PdSink {
     /// A staging buffer of `len` bytes to gather a chunk into before [`PdSink::add`]: the
     /// buffer of a chunk already sent when one of that length is idle, else a new one from
     /// `alloc` (the device's staging allocator). So a steady stream of requests gathers into
-    /// the same, already faulted-in memory instead of allocating per request.
+    /// the same, already faulted-in memory instead of allocating per request. Over shm a
+    /// new buffer is a [`SharedStaging`] file, which the decoder pulls from (`alloc` only
+    /// when that file cannot be made).
     pub fn staging_buffer(
         &self,
         len: usize,
         alloc: impl FnOnce(usize) -> Result<HostBuffer, DeviceError>,
     ) -> Result<HostBuffer, DeviceError> {
-        self.staging.take_exact(len, alloc)
+        if !self.shared_staging {
+            return self.staging.take_exact(len, alloc);
+        }
+        self.staging.take_exact(len, |len| {
+            match SharedStaging::new(len).map(SharedStaging::into_host_buffer) {
+                Ok(buffer) => buffer,
+                Err(error) => {
+                    tracing::warn!(%error, len, "no shared PD staging file: the sender copies instead");
+                    alloc(len)
+                }
+            }
+        })
     }
 
     /// Reserves the decoder's pages for every chunk of `request_id` at its first step:
