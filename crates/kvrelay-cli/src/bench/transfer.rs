@@ -166,6 +166,27 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         .collect();
     let sources: Vec<&[u8]> = chunks.iter().map(|c| &c.2[..]).collect();
     let mut baseline = Baseline::new(transport, bytes, &sources)?;
+    // shm: the same chunks from private memory too, which the sender copies into the
+    // pages itself (the push path), timed in the same rounds.
+    let private: Vec<HostBuffer> = if transport == "shm" {
+        sources
+            .iter()
+            .map(|src| {
+                let mut copy = HostBuffer::zeroed(src.len())?;
+                copy.copy_from_slice(src);
+                Ok(copy)
+            })
+            .collect::<Result<_, kvrelay::device::DeviceError>>()
+            .map_err(|e| e.to_string())?
+    } else {
+        Vec::new()
+    };
+    let pushed_refs: Vec<OutgoingChunk<'_>> = refs
+        .iter()
+        .zip(&private)
+        .map(|(chunk, data)| OutgoingChunk { data, ..*chunk })
+        .collect();
+    let mut pushed = Vec::with_capacity(args.rounds);
 
     let rounds = args.rounds;
     let (mut ours, mut theirs) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
@@ -197,6 +218,14 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         }
         alloc_ms = alloc_ms.min(stats.alloc_wait.as_secs_f64() * 1e3);
         consume(&receiver, &refs)?;
+        if !pushed_refs.is_empty() {
+            let started = Instant::now();
+            sender
+                .send_request(&format!("bench-push-{round}"), &pushed_refs)
+                .map_err(|e| e.to_string())?;
+            pushed.push(started.elapsed());
+            consume(&receiver, &pushed_refs)?;
+        }
         if round % 2 == 0 {
             theirs.push(baseline.run()?);
         }
@@ -231,6 +260,10 @@ pub fn run(args: TransferArgs) -> Result<(), String> {
         "staging": if transport == "shm" { "shared /dev/shm files: the receiver copies each chunk from them into its page, hashing in the same pass" } else { "private host memory" },
         "sender_checksum_gbps": gbps(bytes, checksum_time),
         "memcpy_private_gbps": (transport == "shm").then(|| gbps(bytes, private_best)),
+        // shm: the same chunks sent from private memory (the sender copies, the receiver
+        // hashes the page), its median and its ratio to the baseline's median.
+        "push_gbps": (!pushed.is_empty()).then(|| super::round3(gbps(bytes, median(&pushed)))),
+        "push_ratio": (!pushed.is_empty()).then(|| super::round3(median(&theirs).as_secs_f64() / median(&pushed).as_secs_f64())),
         "rounds": rounds,
         "round_ratios": round_ratios,
         "best_gbps": super::round3(gbps(bytes, fastest(&ours))),

@@ -593,37 +593,33 @@ impl Inner {
     }
 
     /// Counts `landed` (bytes of chunk `chunk`, as offsets in the chunk, that `check`
-    /// admitted) as in place, and hands each checksum segment they complete to `verifier`:
-    /// as its `digest` when that was taken as `landed`, exactly one whole segment, was
-    /// copied in, else as bytes to hash.
+    /// admitted) as in place, and hands each checksum segment they complete to `verifier`.
     fn verify_landed(
         &self,
         check: &mut GrantCheck,
         verifier: &Verifier<'_>,
         chunk: u32,
         landed: Range<u64>,
-        digest: Option<u64>,
     ) {
-        check.landed(chunk, landed, |index, segment| match digest {
-            // A whole segment's bytes land once, so the segment this completes is `landed`.
-            Some(digest) => verifier.digest(chunk, index, digest),
+        check.landed(chunk, landed, |index, segment| {
             // SAFETY: the segment's bytes all landed and are final: `admit` lets each byte of
             // a chunk be written once, and the pages stay granted until `receive`'s scope,
             // which the verifier's thread runs in, has ended.
-            None => unsafe {
+            unsafe {
                 verifier.segment(
                     chunk,
                     index,
                     self.buffer.ptr_at(segment.start as usize),
                     (segment.end - segment.start) as usize,
                 )
-            },
+            };
         });
     }
 
     /// Copies `src`, bytes `offset..` of chunk `chunk` (`chunk_len` bytes) that `check`
     /// admitted at `at` in the PD buffer, from a sender's staging file into the page, one
-    /// checksum segment at a time; a whole segment is hashed in the same pass.
+    /// checksum segment at a time; a whole segment is hashed in the same pass, and their
+    /// digests go to `verifier` together at the end.
     #[allow(clippy::too_many_arguments)]
     fn pull(
         &self,
@@ -637,6 +633,7 @@ impl Inner {
     ) {
         let segment = CHECKSUM_SEGMENT as u64;
         let end = offset + src.len() as u64;
+        let mut digests = Vec::with_capacity(src.len() / CHECKSUM_SEGMENT + 1);
         let mut from = offset;
         while from < end {
             let upto = ((from / segment + 1) * segment).min(end);
@@ -644,21 +641,21 @@ impl Inner {
             let dst = self.buffer.ptr_at((at + from - offset) as usize);
             let whole =
                 from.is_multiple_of(segment) && (upto - from == segment || upto == chunk_len);
-            // SAFETY: `admit` bounded the range to the chunk's granted page, which this
-            // connection alone writes until commit or abort; `src` is the sender's mapped
-            // staging, another mapping than the PD buffer.
-            let digest = unsafe {
-                if whole {
-                    Some(copy_and_digest(dst, piece.as_ptr(), piece.len()))
-                } else {
-                    stream_copy(dst, piece.as_ptr(), piece.len());
-                    stream_fence();
-                    None
-                }
-            };
-            self.verify_landed(check, verifier, chunk, from..upto, digest);
+            // SAFETY (both copies): `admit` bounded the range to the chunk's granted page,
+            // which this connection alone writes until commit or abort; `src` is the
+            // sender's mapped staging, another mapping than the PD buffer.
+            if whole {
+                let digest = unsafe { copy_and_digest(dst, piece.as_ptr(), piece.len()) };
+                // A whole segment's bytes land once: the segment this completes is this one.
+                check.landed(chunk, from..upto, |index, _| digests.push((index, digest)));
+            } else {
+                unsafe { stream_copy(dst, piece.as_ptr(), piece.len()) };
+                stream_fence();
+                self.verify_landed(check, verifier, chunk, from..upto);
+            }
             from = upto;
         }
+        verifier.digests(chunk, digests);
     }
 
     /// Posts the grant, takes the chunks' data and seals, and answers the commit.
@@ -760,7 +757,7 @@ impl Inner {
                                 Err(e) => return Err(TransferError::io("reading chunk data", e)),
                             };
                             let landed = at as u64 - chunk_start..(at + n) as u64 - chunk_start;
-                            self.verify_landed(&mut check, verifier, d.chunk, landed, None);
+                            self.verify_landed(&mut check, verifier, d.chunk, landed);
                             at += n;
                         }
                     }
@@ -775,7 +772,7 @@ impl Inner {
                         };
                         let admitted = admit_announced(&mut check, g, chunk, offset, len)?;
                         let landed = offset..offset + (admitted.end - admitted.start);
-                        self.verify_landed(&mut check, verifier, chunk, landed, None);
+                        self.verify_landed(&mut check, verifier, chunk, landed);
                     }
                     Ok(Incoming::Message(Message::Pull {
                         grant: g,

@@ -41,11 +41,11 @@ pub(crate) enum Job {
         index: u32,
         bytes: Landed,
     },
-    /// Checksum segment `index` of `chunk`, already hashed where it was copied in.
-    Digest {
+    /// Checksum segments of `chunk`, each (index, digest), already hashed where they were
+    /// copied in.
+    Digests {
         chunk: u32,
-        index: u32,
-        digest: u64,
+        digests: Vec<(u32, u64)>,
     },
     Seal {
         chunk: u32,
@@ -135,14 +135,11 @@ impl<'scope> Verifier<'scope> {
         }
     }
 
-    /// Checksum segment `index` of chunk `chunk` landed with `digest`, taken from exactly
-    /// the bytes written (see `copy_digest.rs`).
-    pub(crate) fn digest(&self, chunk: u32, index: u32, digest: u64) {
-        self.submit(Job::Digest {
-            chunk,
-            index,
-            digest,
-        });
+    /// Checksum segments of chunk `chunk` landed with these (index, digest), each taken
+    /// from exactly the bytes written (see `copy_digest.rs`). One job for many segments:
+    /// waking the verify thread per 64 KiB would cost more than the digests.
+    pub(crate) fn digests(&self, chunk: u32, digests: Vec<(u32, u64)>) {
+        self.submit(Job::Digests { chunk, digests });
     }
 
     /// Chunk `chunk` is complete: its hash is compared with the sender's `checksum`.
@@ -227,12 +224,10 @@ impl Hashing {
                 self.record(chunk, index, segment_digest(bytes));
                 None
             }
-            Job::Digest {
-                chunk,
-                index,
-                digest,
-            } => {
-                self.record(chunk, index, digest);
+            Job::Digests { chunk, digests } => {
+                for (index, digest) in digests {
+                    self.record(chunk, index, digest);
+                }
                 None
             }
             Job::Seal { chunk, checksum } => {
