@@ -271,7 +271,8 @@ fn shm_delivers_chunks_bit_exact_and_notifies_the_proxy() {
 }
 
 /// A chunk longer than one put (a tcp `Data` frame holds at most 16 MiB) arrives whole.
-fn one_chunk_in_several_puts(channel: &str) {
+/// A receiver whose one page holds a chunk of more than one put (16 MiB), and a sender.
+fn big_chunk_link(channel: &str) -> (PdConfig, PdReceiver, PdSender) {
     let mut cfg = config(channel, 1, "", None);
     cfg.spec.num_layers = 4;
     cfg.spec.num_kv_heads = 8;
@@ -280,22 +281,63 @@ fn one_chunk_in_several_puts(channel: &str) {
     cfg.buffer_size = cfg.page_size() as u64;
     assert!(cfg.page_size() > 16 << 20);
     let rx = PdReceiver::bind(&cfg, 0).unwrap();
-    let mut tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
-    let mut data = vec![0u8; cfg.page_size()];
-    rand::rngs::StdRng::seed_from_u64(5).fill(&mut data[..]);
-    let key = CacheKey::new("m", 1, 0, 77, KvDtype::Bf16).unwrap();
-    let chunk = OutgoingChunk {
-        key: &key,
+    let tx = PdSender::connect(&cfg, peer(&rx), 0).unwrap();
+    (cfg, rx, tx)
+}
+
+/// The one full chunk of `cfg`, its bytes `data`, as a sender hands it over.
+fn big_chunk<'a>(cfg: &PdConfig, key: &'a CacheKey, data: &'a [u8]) -> OutgoingChunk<'a> {
+    OutgoingChunk {
+        key,
         meta: ChunkMeta {
             layout_fingerprint: cfg.spec.chunk_fingerprint(),
             num_tokens: cfg.chunk_size as u32,
         },
-        data: &data,
-        checksum: frame::checksum(&data),
-    };
-    tx.send_request("big", &[chunk]).unwrap();
+        data,
+        checksum: frame::checksum(data),
+    }
+}
+
+fn one_chunk_in_several_puts(channel: &str) {
+    let (cfg, rx, mut tx) = big_chunk_link(channel);
+    let mut data = vec![0u8; cfg.page_size()];
+    rand::rngs::StdRng::seed_from_u64(5).fill(&mut data[..]);
+    let key = CacheKey::new("m", 1, 0, 77, KvDtype::Bf16).unwrap();
+    tx.send_request("big", &[big_chunk(&cfg, &key, &data)])
+        .unwrap();
     let landed = rx.get(&key).unwrap();
     assert!(landed.data[..] == data[..], "chunk bytes differ");
+}
+
+/// A large chunk pulled from shared staging: the receiver copies half of each put's
+/// segments on its verify thread and half on its connection thread. It lands whole, and
+/// a byte that changed in either half after the checksum was taken fails the send.
+#[test]
+fn shm_pulls_a_chunk_larger_than_one_put_on_two_threads() {
+    let (cfg, rx, mut tx) = big_chunk_link("shm");
+    let mut staging = SharedStaging::new(cfg.page_size()).unwrap();
+    rand::rngs::StdRng::seed_from_u64(6).fill(&mut staging[..]);
+    let key = CacheKey::new("m", 1, 0, 78, KvDtype::Bf16).unwrap();
+    let sum = frame::checksum(&staging);
+    // The first segment goes to the verify thread, the last stays on the connection's.
+    for changed in [0, cfg.page_size() - 1] {
+        staging[changed] ^= 1;
+        let chunk = OutgoingChunk {
+            checksum: sum,
+            ..big_chunk(&cfg, &key, &staging)
+        };
+        let err = tx.send_request("changed", &[chunk]).err().unwrap();
+        assert!(
+            matches!(err, TransferError::ChunksRejected { rejected: 1, .. }),
+            "byte {changed}: {err}"
+        );
+        staging[changed] ^= 1;
+        assert!(rx.get(&key).is_none());
+    }
+    tx.send_request("big", &[big_chunk(&cfg, &key, &staging)])
+        .unwrap();
+    let landed = rx.get(&key).unwrap();
+    assert!(landed.data[..] == staging[..], "chunk bytes differ");
 }
 
 #[test]

@@ -49,7 +49,7 @@ use std::ptr::NonNull;
 
 use super::buffer::PageMemory;
 use super::frame::{ChannelKind, MAX_DATA_PAYLOAD};
-use super::shm::{ShmChannel, ShmServer};
+use super::shm::{PulledBytes, ShmChannel, ShmServer};
 use super::tcp::{TcpChannel, TcpServer};
 use super::{PdConfig, TransferError};
 
@@ -157,7 +157,12 @@ pub(crate) trait ServerSession: Send {
 
     /// `len` bytes at `offset` of the staging file `path` a sender named in a `Pull` (shm
     /// only: other channels refuse it).
-    fn source(&mut self, path: &str, _offset: u64, _len: usize) -> Result<&[u8], TransferError> {
+    fn source(
+        &mut self,
+        path: &str,
+        _offset: u64,
+        _len: usize,
+    ) -> Result<PulledBytes, TransferError> {
         Err(TransferError::Protocol(format!(
             "this channel does not pull from sender staging ({path:?})"
         )))

@@ -15,14 +15,14 @@ use parking_lot::Mutex;
 use super::auth::{proof, random, verify_proof, Role};
 use super::buffer::{Grant, Occupancy, PdBuffer, ReadyRequest};
 use super::channel::{self, ChannelServer, GrantedChunk, Landed, ServerSession};
-use super::copy_digest::copy_and_digest;
 use super::frame::{
     self, num_segments, read_frame, ChunkDecl, DataHeader, ErrorCode, FrameError, GrantCheck,
     Incoming, Message, MsgType, ReadError, CHECKSUM_SEGMENT, MAX_CONTROL_BODY, MAX_HANDSHAKE_BODY,
     TOKEN_LEN,
 };
+use super::shm::PulledBytes;
 use super::tcp::tune_socket;
-use super::verify::Verifier;
+use super::verify::{SegmentCopy, Verifier};
 use super::{is_loopback_host, PdConfig, PdPeer, TransferError};
 use crate::device::stream::{stream_copy, stream_fence};
 use crate::keys::CacheKey;
@@ -616,10 +616,11 @@ impl Inner {
         });
     }
 
-    /// Copies `src`, bytes `offset..` of chunk `chunk` (`chunk_len` bytes) that `check`
+    /// Copies `source`, bytes `offset..` of chunk `chunk` (`chunk_len` bytes) that `check`
     /// admitted at `at` in the PD buffer, from a sender's staging file into the page, one
-    /// checksum segment at a time; a whole segment is hashed in the same pass, and their
-    /// digests go to `verifier` together at the end.
+    /// checksum segment at a time. Whole segments are hashed in the same pass, half of
+    /// them on the verify thread (one core alone does not reach the memory's rate with the
+    /// hashing); a piece of a segment is copied here and hashed once its segment is whole.
     #[allow(clippy::too_many_arguments)]
     fn pull(
         &self,
@@ -629,32 +630,40 @@ impl Inner {
         chunk_len: u64,
         offset: u64,
         at: u64,
-        src: &[u8],
+        source: PulledBytes,
     ) {
         let segment = CHECKSUM_SEGMENT as u64;
+        let src = source.bytes();
         let end = offset + src.len() as u64;
-        let mut digests = Vec::with_capacity(src.len() / CHECKSUM_SEGMENT + 1);
+        let mut whole = Vec::with_capacity(src.len() / CHECKSUM_SEGMENT + 1);
         let mut from = offset;
         while from < end {
             let upto = ((from / segment + 1) * segment).min(end);
-            let piece = &src[(from - offset) as usize..(upto - offset) as usize];
+            let (piece, len) = ((from - offset) as usize, (upto - from) as usize);
             let dst = self.buffer.ptr_at((at + from - offset) as usize);
-            let whole =
-                from.is_multiple_of(segment) && (upto - from == segment || upto == chunk_len);
-            // SAFETY (both copies): `admit` bounded the range to the chunk's granted page,
-            // which this connection alone writes until commit or abort; `src` is the
-            // sender's mapped staging, another mapping than the PD buffer.
-            if whole {
-                let digest = unsafe { copy_and_digest(dst, piece.as_ptr(), piece.len()) };
+            if from.is_multiple_of(segment) && (upto - from == segment || upto == chunk_len) {
                 // A whole segment's bytes land once: the segment this completes is this one.
-                check.landed(chunk, from..upto, |index, _| digests.push((index, digest)));
+                check.landed(chunk, from..upto, |index, _| {
+                    // SAFETY: `admit` bounded the range to the chunk's granted page, which
+                    // this connection alone writes until commit or abort, and only this
+                    // copy writes these bytes (each is admitted once).
+                    whole.extend(unsafe { SegmentCopy::new(index, piece, dst, len) });
+                });
             } else {
-                unsafe { stream_copy(dst, piece.as_ptr(), piece.len()) };
+                // SAFETY: as above; `src` is the sender's mapped staging, another mapping.
+                unsafe { stream_copy(dst, src[piece..].as_ptr(), len) };
                 stream_fence();
                 self.verify_landed(check, verifier, chunk, from..upto);
             }
             from = upto;
         }
+        // The verify thread starts on its half before this thread copies the other.
+        let here = whole.split_off(whole.len() / 2);
+        verifier.pull(chunk, source.clone(), whole);
+        let digests = here
+            .iter()
+            .map(|copy| (copy.index, copy.run(src)))
+            .collect();
         verifier.digests(chunk, digests);
     }
 
@@ -786,7 +795,7 @@ impl Inner {
                             return Err(FrameError::Unexpected(MsgType::Pull).into());
                         };
                         let admitted = admit_announced(&mut check, g, chunk, offset, len)?;
-                        let src = session.source(&source, source_offset, len as usize)?;
+                        let pulled = session.source(&source, source_offset, len as usize)?;
                         let chunk_len = chunks[chunk as usize].len;
                         self.pull(
                             &mut check,
@@ -795,7 +804,7 @@ impl Inner {
                             chunk_len,
                             offset,
                             admitted.start,
-                            src,
+                            pulled,
                         );
                     }
                     Ok(Incoming::Message(Message::Seal {

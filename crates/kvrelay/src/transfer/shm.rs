@@ -404,10 +404,26 @@ fn staged_source(bytes: &[u8]) -> Option<(Arc<str>, u64)> {
     (offset + bytes.len() <= *len).then(|| (path.clone(), offset as u64))
 }
 
+/// Bytes a sender named in a `Pull`: `len` of them from `start` of a read-only mapping of
+/// its staging file, which stays mapped while this is held (the session may drop its own
+/// handle meanwhile).
+#[derive(Clone)]
+pub(crate) struct PulledBytes {
+    mapping: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl PulledBytes {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.mapping[self.start..self.start + self.len]
+    }
+}
+
 /// One sender's session on the receiving side: the staging files it pulled from, mapped
 /// read-only and kept for its next requests.
 struct ShmSession {
-    sources: HashMap<String, Mmap>,
+    sources: HashMap<String, Arc<Mmap>>,
     mapped: usize,
     mapped_limit: usize,
 }
@@ -421,7 +437,7 @@ impl ShmSession {
         }
     }
 
-    fn map_source(&mut self, path: &str) -> Result<&Mmap, TransferError> {
+    fn map_source(&mut self, path: &str) -> Result<&Arc<Mmap>, TransferError> {
         if !self.sources.contains_key(path) {
             let file = open_checked(path, STAGE_PREFIX, false)?;
             let len = file
@@ -444,24 +460,34 @@ impl ShmSession {
             let map = unsafe { MmapOptions::new().populate().map(&file) }
                 .map_err(|e| TransferError::io(format!("mapping {path}"), e))?;
             self.mapped += len;
-            self.sources.insert(path.to_string(), map);
+            self.sources.insert(path.to_string(), Arc::new(map));
         }
         Ok(&self.sources[path])
     }
 }
 
 impl ServerSession for ShmSession {
-    fn source(&mut self, path: &str, offset: u64, len: usize) -> Result<&[u8], TransferError> {
+    fn source(
+        &mut self,
+        path: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<PulledBytes, TransferError> {
         let map = self.map_source(path)?;
-        usize::try_from(offset)
+        let start = usize::try_from(offset)
             .ok()
-            .and_then(|start| map.get(start..start.checked_add(len)?))
+            .filter(|start| start.checked_add(len).is_some_and(|end| end <= map.len()))
             .ok_or_else(|| {
                 TransferError::Protocol(format!(
                     "{len} bytes at offset {offset} pass staging file {path} ({} bytes)",
                     map.len()
                 ))
-            })
+            })?;
+        Ok(PulledBytes {
+            mapping: Arc::clone(map),
+            start,
+            len,
+        })
     }
 }
 

@@ -20,26 +20,67 @@ use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::thread::{Scope, ScopedJoinHandle};
 
+use super::copy_digest::copy_and_digest;
 use super::frame::{combine_segments, segment_digest};
+use super::shm::PulledBytes;
 use super::TransferError;
 
-/// Bytes of a granted page (one checksum segment) that the connection's thread wrote and will
-/// not write again while the request lasts.
-pub(crate) struct Landed {
+/// One checksum segment's bytes in a granted page: ones the connection's thread wrote and
+/// will not write again while the request lasts, for the verifier to hash, or (in a
+/// [`SegmentCopy`]) ones only the verifier writes.
+pub(crate) struct PageBytes {
     start: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the bytes stay valid and unwritten until the verifier's scope ends (the contract
-// of `Verifier::landed`), and the verifier's thread only reads them.
-unsafe impl Send for Landed {}
+// SAFETY: the bytes stay valid until the verifier's scope ends, and while they are in a
+// job only the verifier's thread reaches them (the contracts of `Verifier::segment` and
+// `Verifier::pull`).
+unsafe impl Send for PageBytes {}
+
+/// Checksum segment `index` of a chunk: copy `to.len` bytes from `from` in the pulled bytes
+/// into the page at `to`, and take their digest.
+pub(crate) struct SegmentCopy {
+    pub index: u32,
+    pub from: usize,
+    pub to: PageBytes,
+}
+
+impl SegmentCopy {
+    /// # Safety
+    /// `to` must be valid for writes of `len` bytes, inside a granted page, and written by
+    /// no one else until the verifier's scope ends.
+    pub(crate) unsafe fn new(index: u32, from: usize, to: *mut u8, len: usize) -> Option<Self> {
+        Some(SegmentCopy {
+            index,
+            from,
+            to: PageBytes {
+                start: NonNull::new(to)?,
+                len,
+            },
+        })
+    }
+
+    /// Copies the segment from `source` and returns its digest.
+    pub(crate) fn run(&self, source: &[u8]) -> u64 {
+        let from = &source[self.from..self.from + self.to.len];
+        // SAFETY: `new`'s contract makes `to` ours to write; `from` is another mapping.
+        unsafe { copy_and_digest(self.to.start.as_ptr(), from.as_ptr(), from.len()) }
+    }
+}
 
 pub(crate) enum Job {
     /// Checksum segment `index` of `chunk`, all its bytes landed.
     Segment {
         chunk: u32,
         index: u32,
-        bytes: Landed,
+        bytes: PageBytes,
+    },
+    /// Segments of `chunk` to copy from a sender's staging and hash in the same pass.
+    Pull {
+        chunk: u32,
+        source: PulledBytes,
+        copies: Vec<SegmentCopy>,
     },
     /// Checksum segments of `chunk`, each (index, digest), already hashed where they were
     /// copied in.
@@ -130,9 +171,19 @@ impl<'scope> Verifier<'scope> {
             self.submit(Job::Segment {
                 chunk,
                 index,
-                bytes: Landed { start, len },
+                bytes: PageBytes { start, len },
             });
         }
+    }
+
+    /// Copies segments of chunk `chunk` from `source` into the page and takes their digests:
+    /// on the verify thread when there is one, so a pull's copy runs on two cores.
+    pub(crate) fn pull(&self, chunk: u32, source: PulledBytes, copies: Vec<SegmentCopy>) {
+        self.submit(Job::Pull {
+            chunk,
+            source,
+            copies,
+        });
     }
 
     /// Checksum segments of chunk `chunk` landed with these (index, digest), each taken
@@ -222,6 +273,17 @@ impl Hashing {
                 // the scope, which outlives this hashing, ends.
                 let bytes = unsafe { std::slice::from_raw_parts(bytes.start.as_ptr(), bytes.len) };
                 self.record(chunk, index, segment_digest(bytes));
+                None
+            }
+            Job::Pull {
+                chunk,
+                source,
+                copies,
+            } => {
+                for copy in copies {
+                    let digest = copy.run(source.bytes());
+                    self.record(chunk, copy.index, digest);
+                }
                 None
             }
             Job::Digests { chunk, digests } => {
