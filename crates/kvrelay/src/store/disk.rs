@@ -1116,10 +1116,11 @@ fn read_and_check(
     Ok(header)
 }
 
-/// Payloads from this size on are read by two threads taking turns (see [`read_and_hash`]).
-/// Starting the helper costs ~55 µs on this VM, a sixth of an 8 MiB page-cache read; 4 MiB
-/// chunks read no faster with it (0.56 against 0.60–0.62 of a plain read).
-const TWO_READERS_FROM: usize = 8 << 20;
+/// Payloads from this size on are read by two threads at once (see [`read_and_hash`]).
+/// Starting the helper costs ~55 µs on this VM; measured on 2026-12-03 (`bench store`,
+/// two runs each, ratio to a plain read), 2 MiB chunks read at 0.92–0.98 with it against
+/// 0.76–0.77 in line, 4 MiB chunks at 1.08–1.09 against 0.79.
+const TWO_READERS_FROM: usize = 2 << 20;
 
 /// Payloads from this size on are hashed by a helper thread while the caller writes them.
 /// Hashing in line cost a page-cache write a quarter of its speed (`kvrelay bench store`,
@@ -1149,14 +1150,15 @@ fn write_payload(
 /// thread that read it, while it is still in that core's cache, so verifying costs no
 /// second pass over memory.
 ///
-/// From [`TWO_READERS_FROM`] bytes on, a helper thread and the caller take turns: one
-/// hashes its piece while the other reads the next. Reads still happen one at a time and in
-/// order, as a plain reader's would, and so do hashes; only a hash and a read overlap.
-/// Measured with 32 MiB chunk files (`kvrelay bench store`, 2 cores): hashing in line cost
-/// a page-cache read ~30% of its speed (12.4–13.1 against 17.3–17.9 GB/s); a helper that
-/// hashed the pieces the caller read was slower still (10.0–11.2), as every line crossed
-/// between cores; taking turns reached 14.6–14.8 against 14.9–16.3, once the turns were
-/// handed over by spinning ([`Turns`]), not by waking a sleeping thread (6 GB/s).
+/// From [`TWO_READERS_FROM`] bytes on, a helper thread reads the odd pieces and the caller
+/// the even ones, both at once, and each hashes its own pieces in turn (the hash is one
+/// stream, so hashes go in file order). Measured with 32 MiB chunk files (`kvrelay bench
+/// store`, 2 cores): hashing in line cost a page-cache read ~30% of its speed (12.4–13.1
+/// against 17.3–17.9 GB/s); a helper that hashed the pieces the caller read was slower
+/// still (10.0–11.2), as every line crossed between cores; reads one at a time in turn,
+/// each overlapping the other thread's hash, reached 0.84–0.88 of a plain read (the hash
+/// turn handed over by spinning ([`HashTurn`]), not by waking a sleeping thread); reading
+/// at once, 1.39–1.41 of it on 2026-12-03, as the kernel copies on both cores.
 fn read_and_hash(
     path: &Path,
     hashed_first: &[u8],
@@ -1173,7 +1175,7 @@ fn read_and_hash(
         }
         return Ok(hasher.finish());
     }
-    let turns = Turns::new(hasher);
+    let turns = HashTurn::new(hasher);
     let (mut caller_pieces, mut helper_pieces) = (Vec::new(), Vec::new());
     for (i, piece) in rest.chunks_mut(READ_PIECE).enumerate() {
         let pieces = if i % 2 == 0 {
@@ -1185,19 +1187,15 @@ fn read_and_hash(
     }
     let work = |pieces: Vec<(usize, &mut [u8])>| {
         for (i, piece) in pieces {
-            if !turns.wait(&turns.next_read, i) {
-                return;
-            }
             let read = read_at(piece, at + i * READ_PIECE);
             if let Err(err) = read {
                 return turns.fail(err);
             }
-            turns.advance(&turns.next_read, i + 1);
-            if !turns.wait(&turns.next_hash, i) {
+            if !turns.wait(i) {
                 return;
             }
             turns.hasher.lock().write(piece);
-            turns.advance(&turns.next_hash, i + 1);
+            turns.advance(i + 1);
         }
     };
     std::thread::scope(|scope| {
@@ -1217,12 +1215,11 @@ fn read_and_hash(
     }
 }
 
-/// Whose turn it is to read and to hash, for the two readers of [`read_and_hash`]. A turn
-/// passes every ~10 µs; a sleeping thread takes longer than that to wake (on this VM), so a
-/// waiter spins for up to [`Turns::SPIN`] before it sleeps.
-struct Turns {
-    /// The piece to read next, and to hash next.
-    next_read: AtomicUsize,
+/// Whose turn it is to hash, for the two readers of [`read_and_hash`]. A turn passes every
+/// ~10 µs; a sleeping thread takes longer than that to wake (on this VM), so a waiter spins
+/// for up to [`HashTurn::SPIN`] before it sleeps.
+struct HashTurn {
+    /// The piece to hash next.
     next_hash: AtomicUsize,
     /// Set by the first read that fails; every waiter then gives up.
     failed: AtomicBool,
@@ -1233,12 +1230,11 @@ struct Turns {
     wake: Condvar,
 }
 
-impl Turns {
+impl HashTurn {
     const SPIN: Duration = Duration::from_micros(50);
 
     fn new(hasher: XxHash3_64) -> Self {
-        Turns {
-            next_read: AtomicUsize::new(0),
+        HashTurn {
             next_hash: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
@@ -1248,9 +1244,10 @@ impl Turns {
         }
     }
 
-    /// Waits until `turn` reaches `i`; false if a read failed instead.
-    fn wait(&self, turn: &AtomicUsize, i: usize) -> bool {
-        let ready = || self.failed.load(Ordering::Acquire) || turn.load(Ordering::Acquire) == i;
+    /// Waits until piece `i` is the one to hash; false if a read failed instead.
+    fn wait(&self, i: usize) -> bool {
+        let ready =
+            || self.failed.load(Ordering::Acquire) || self.next_hash.load(Ordering::Acquire) == i;
         let spin_until = std::time::Instant::now() + Self::SPIN;
         while !ready() && std::time::Instant::now() < spin_until {
             std::hint::spin_loop();
@@ -1262,8 +1259,8 @@ impl Turns {
         !self.failed.load(Ordering::Acquire)
     }
 
-    fn advance(&self, turn: &AtomicUsize, to: usize) {
-        turn.store(to, Ordering::Release);
+    fn advance(&self, to: usize) {
+        self.next_hash.store(to, Ordering::Release);
         // Under the lock, so a waiter between its last check and its sleep hears it.
         let _sleeping = self.sleeping.lock();
         self.wake.notify_all();
