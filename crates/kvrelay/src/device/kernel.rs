@@ -27,9 +27,6 @@ pub(crate) enum Kernel {
     /// 32-byte loads and non-temporal stores.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// One 64-byte load and one non-temporal store per line.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
 }
 
 impl Kernel {
@@ -37,9 +34,7 @@ impl Kernel {
     pub(crate) fn for_plan(bytes: usize) -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if bytes >= STREAMING_THRESHOLD {
-            return if std::is_x86_feature_detected!("avx512f") {
-                Kernel::Avx512
-            } else if std::is_x86_feature_detected!("avx2") {
+            return if std::is_x86_feature_detected!("avx2") {
                 Kernel::Avx2
             } else {
                 Kernel::Sse2
@@ -60,9 +55,6 @@ impl Kernel {
             kernels.push(Kernel::Sse2);
             if std::is_x86_feature_detected!("avx2") {
                 kernels.push(Kernel::Avx2);
-            }
-            if std::is_x86_feature_detected!("avx512f") {
-                kernels.push(Kernel::Avx512);
             }
         }
         kernels
@@ -93,10 +85,6 @@ pub(crate) unsafe fn copy_tiles(
         // SAFETY: forwarded from the caller, who picked Avx2 only where the CPU has AVX2.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => unsafe { x86::walk_avx2(tiles, src, dst) },
-        // SAFETY: forwarded from the caller, who picked Avx512 only where the CPU has
-        // AVX-512F.
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => unsafe { x86::walk_avx512(tiles, src, dst) },
     }
 }
 
@@ -161,8 +149,7 @@ unsafe fn walk<U: UnitCopy>(tiles: &[CopyTile], src: &[*const u8], dst: &[*mut u
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m256i, __m512i, _mm256_loadu_si256, _mm256_stream_si256, _mm512_loadu_si512,
-        _mm512_stream_si512, _mm_prefetch, _MM_HINT_T0,
+        __m256i, _mm256_loadu_si256, _mm256_stream_si256, _mm_prefetch, _MM_HINT_T0,
     };
     use std::marker::PhantomData;
 
@@ -201,20 +188,6 @@ mod x86 {
                 let (a, b) = (_mm256_loadu_si256(s), _mm256_loadu_si256(s.add(1)));
                 _mm256_stream_si256(d, a);
                 _mm256_stream_si256(d.add(1), b);
-            }
-        }
-    }
-
-    pub(super) struct Avx512;
-
-    impl Line for Avx512 {
-        #[inline(always)]
-        unsafe fn line(dst: *mut u8, src: *const u8) {
-            // SAFETY: the caller guarantees 64 bytes at each side, dst 64-byte aligned (as
-            // the streaming store requires), and AVX-512F.
-            unsafe {
-                let line = _mm512_loadu_si512(src as *const __m512i);
-                _mm512_stream_si512(dst as *mut __m512i, line);
             }
         }
     }
@@ -258,16 +231,6 @@ mod x86 {
     pub(super) unsafe fn walk_avx2(tiles: &[CopyTile], src: &[*const u8], dst: &[*mut u8]) {
         // SAFETY: forwarded from the caller, who checked for AVX2.
         unsafe { walk::<Streamed<Avx2>>(tiles, src, dst) }
-    }
-
-    /// [`walk`] compiled with AVX-512F enabled, so the AVX-512 lines inline into it.
-    ///
-    /// # Safety
-    /// As for [`super::copy_tiles`], on a CPU with AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn walk_avx512(tiles: &[CopyTile], src: &[*const u8], dst: &[*mut u8]) {
-        // SAFETY: forwarded from the caller, who checked for AVX-512F.
-        unsafe { walk::<Streamed<Avx512>>(tiles, src, dst) }
     }
 }
 

@@ -596,16 +596,13 @@ impl DiskTier {
                 write_payload(file, data, at, |piece| hasher.write(piece))?;
                 hasher.finish()
             } else {
-                std::thread::scope(|scope| -> io::Result<u64> {
-                    let helper = std::thread::Builder::new()
-                        .name("kvrelay-disk-hash".into())
-                        .spawn_scoped(scope, || XxHash3_64::oneshot(data))?;
-                    let written = write_payload(file, data, at, |_| {});
-                    let checksum = helper
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                    written.map(|()| checksum)
-                })?
+                let (checksum, written) = beside(
+                    "kvrelay-disk-hash",
+                    || XxHash3_64::oneshot(data),
+                    || write_payload(file, data, at, |_| {}),
+                )?;
+                written?;
+                checksum
             };
             file.write_all_at(&encode_header(key, meta, data.len(), checksum), 0)
         })
@@ -1198,21 +1195,36 @@ fn read_and_hash(
             turns.advance(i + 1);
         }
     };
-    std::thread::scope(|scope| {
-        let helper = std::thread::Builder::new()
-            .name("kvrelay-disk-read".into())
-            .spawn_scoped(scope, || work(helper_pieces))
-            .map_err(|e| StoreError::io(path, e))?;
-        work(caller_pieces);
-        helper
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        Ok(())
-    })?;
+    beside(
+        "kvrelay-disk-read",
+        || work(helper_pieces),
+        || work(caller_pieces),
+    )
+    .map_err(|e| StoreError::io(path, e))?;
     match turns.error.into_inner() {
         Some(err) => Err(err),
         None => Ok(turns.hasher.into_inner().finish()),
     }
+}
+
+/// Runs `helper` on a thread named `name` while the calling thread runs `caller`, and
+/// returns both results (the helper's first) once both are done; a panic on the helper is
+/// raised again here. Fails only if the thread cannot be started.
+fn beside<H: Send, C>(
+    name: &str,
+    helper: impl FnOnce() -> H + Send,
+    caller: impl FnOnce() -> C,
+) -> io::Result<(H, C)> {
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(scope, helper)?;
+        let ours = caller();
+        let theirs = helper
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok((theirs, ours))
+    })
 }
 
 /// Whose turn it is to hash, for the two readers of [`read_and_hash`]. A turn passes every
