@@ -8,7 +8,7 @@
 #![cfg(feature = "rbln")]
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use kvrelay::device::rbln::{
     test_double_for, AbiCheck, AllocKind, DeviceMemory, LoadError, Runtime, Staging,
@@ -37,6 +37,16 @@ fn device() -> RblnDevice {
 }
 
 const POLICIES: [Staging; 2] = [Staging::Auto, Staging::Never];
+
+/// The emulator's queue of async copies is per device and process-wide, as the runtime's
+/// is: a test that synchronizes device 0 performs every copy queued on it, another test's
+/// too. Tests that queue copies in this process hold this while they run.
+fn device_queue() -> MutexGuard<'static, ()> {
+    static QUEUE: Mutex<()> = Mutex::new(());
+    QUEUE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn run_child(name: &str, env: &[(&str, &str)], remove: &[&str]) -> String {
     support::run_child(name, ("RBLN_EMU_LIB", &emulator_path()), env, remove)
@@ -92,6 +102,7 @@ fn the_test_double_exports_every_bound_symbol_and_says_so() {
 
 #[test]
 fn gather_then_scatter_round_trips_and_matches_the_host_device() {
+    let _queue = device_queue();
     for kind in [LayoutKind::RblnKvFirst, LayoutKind::RblnBlocksFirst] {
         for (block_size, heads) in [(4, 2), (16, 1), (8, 4)] {
             let layout = KvLayout::new(spec(block_size, heads), kind).unwrap();
@@ -170,6 +181,7 @@ fn gather_then_scatter_round_trips_and_matches_the_host_device() {
 
 #[test]
 fn async_copies_land_only_at_synchronize_and_dropping_a_pending_copy_waits() {
+    let _queue = device_queue();
     let rt = runtime();
     let mem = DeviceMemory::new(&rt, 0, 8192, AllocKind::Eager).unwrap();
     mem.write(0, &[7u8; 8192]).unwrap();
@@ -221,6 +233,7 @@ fn async_copies_land_only_at_synchronize_and_dropping_a_pending_copy_waits() {
 
 #[test]
 fn an_out_of_range_copy_is_a_runtime_error_and_writes_nothing_out_of_range() {
+    let _queue = device_queue();
     for staging in POLICIES {
         out_of_range_copy(staging);
     }
